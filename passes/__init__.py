@@ -1,0 +1,1 @@
+"""graphopt's passes, one module per family. Importing this package registers them all."""
