@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -298,11 +299,15 @@ def _without_payload(attr: onnx.AttributeProto) -> onnx.AttributeProto:
 # export
 
 
-def to_proto(model: Model) -> onnx.ModelProto:
-    """The IR as a ModelProto: deterministic, nodes in topological order."""
+def to_proto(model: Model, *, weights: bool = True) -> onnx.ModelProto:
+    """The IR as a ModelProto: deterministic, nodes in topological order.
+
+    ``weights=False`` writes large floating-point initializers as dims-and-type stubs without data:
+    enough for shape inference, and no copy of the weights (not a runnable model).
+    """
     proto = onnx.ModelProto()
     _copy_fields(model.extras, proto, skip=set())
-    proto.graph.CopyFrom(_graph_to_proto(model.graph))
+    proto.graph.CopyFrom(_graph_to_proto(model.graph, weights))
     for fn in model.functions:
         proto.functions.append(_function_to_proto(fn))
     return proto
@@ -317,15 +322,28 @@ def _value_info(value: Value, with_type: bool = True) -> onnx.ValueInfoProto:
     return vi
 
 
-def _graph_to_proto(graph: Graph) -> onnx.GraphProto:
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+_STUB_MIN_ELEMENTS = 1024  # small tensors stay: shape inference reads e.g. Resize scales
+
+
+def _weight_stub(value: Value) -> onnx.TensorProto | None:
+    """A data-less TensorProto for a large float initializer, or None when the tensor must stay whole."""
+    shape = value.shape or ()
+    if value.dtype not in _FLOAT_TYPES or int(np.prod(shape, dtype=np.int64)) < _STUB_MIN_ELEMENTS:
+        return None
+    return onnx.TensorProto(name=value.name, dims=list(shape), data_type=value.dtype)
+
+
+def _graph_to_proto(graph: Graph, weights: bool = True) -> onnx.GraphProto:
     gp = onnx.GraphProto()
     _copy_fields(graph.extras, gp, skip=set())
     order = graph.toposort()
-    gp.node.extend(_node_to_proto(n) for n in order)
+    gp.node.extend(_node_to_proto(n, weights) for n in order)
     gp.input.extend(_value_info(v) for v in graph.inputs)
     gp.output.extend(_value_info(v) for v in graph.outputs)
     for value in graph.initializers.values():
-        gp.initializer.append(value.tensor_proto())
+        stub = None if weights else _weight_stub(value)
+        gp.initializer.append(stub if stub is not None else value.tensor_proto())
     for value in graph.sparse_initializers.values():
         sp = onnx.SparseTensorProto()
         sp.CopyFrom(value.sparse_const)
@@ -348,7 +366,7 @@ def _intermediate_values(graph: Graph, order: list[Node]) -> list[Value]:
     return listed + new
 
 
-def _node_to_proto(node: Node) -> onnx.NodeProto:
+def _node_to_proto(node: Node, weights: bool = True) -> onnx.NodeProto:
     np_ = onnx.NodeProto()
     np_.input.extend(v.name if v is not None else "" for v in node.inputs)
     np_.output.extend(v.name if v is not None else "" for v in node.outputs)
@@ -365,9 +383,9 @@ def _node_to_proto(node: Node) -> onnx.NodeProto:
         full = np_.attribute.add()
         full.CopyFrom(attr)
         if isinstance(sub, Graph):
-            full.g.CopyFrom(_graph_to_proto(sub))
+            full.g.CopyFrom(_graph_to_proto(sub, weights))
         else:
-            full.graphs.extend(_graph_to_proto(g) for g in sub)
+            full.graphs.extend(_graph_to_proto(g, weights) for g in sub)
     if node.extras is not None:
         _copy_fields(node.extras, np_, skip=set())
     return np_
