@@ -1,0 +1,137 @@
+"""The pass manager: registry, options, sequences, fixed points, records, debug checks, dumps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from graphopt import onnx_io
+from graphopt.errors import OptionError
+from graphopt.ir import Model
+from graphopt.manager import (FixedPoint, Option, Pass, PassContext, PassError, PassResult, Sequential,
+                              build_pipeline, get_pass, parse_options, registered, run_pipeline)
+from tests.util import make_model, tensor
+
+
+def relu_chain(n: int = 3) -> Model:
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(n)]
+    proto = make_model(nodes, [tensor("x0", [1, 4])], [tensor(f"x{n}", [1, 4])])
+    return onnx_io.from_proto(proto)
+
+
+class Counting(Pass):
+    """Claims a change for its first ``budget`` runs."""
+
+    name = "counting"
+    summary = "test pass"
+    options = {"budget": Option(2, "runs that claim a change", int), "label": Option("a", "x", str, ("a", "b"))}
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, model, ctx):
+        self.calls += 1
+        return PassResult(self.calls <= self.opt(ctx, "budget"), {"call": self.calls})
+
+
+class Exploding(Pass):
+    name = "exploding"
+    summary = "raises"
+
+    def run(self, model, ctx):
+        raise ValueError("boom")
+
+
+class Corrupting(Pass):
+    name = "corrupting"
+    summary = "breaks an invariant"
+
+    def run(self, model, ctx):
+        node = model.graph.toposort()[0]
+        node.inputs.append(node.inputs[0])  # a list entry without its edge
+        return PassResult(True)
+
+
+def test_registry_has_cleanup_passes_and_lossless_preset():
+    assert {"dead_code", "identity"} <= set(registered())
+    names = [p.name for p in build_pipeline("lossless").leaves()]
+    assert names[:2] == ["identity", "dead_code"]
+
+
+def test_unknown_pass_and_preset_are_option_errors():
+    with pytest.raises(OptionError, match="unknown pass 'nope'"):
+        get_pass("nope")
+    with pytest.raises(OptionError, match="unknown preset"):
+        build_pipeline("nope")
+    with pytest.raises(OptionError, match="not both"):
+        build_pipeline("lossless", ["dead_code"])
+
+
+def test_parse_options_types_and_errors():
+    pipeline = Sequential([Counting()])
+    assert parse_options(["counting.budget=5", "counting.label=b"], pipeline) == {"counting": {"budget": 5, "label": "b"}}
+    for bad, message in [("counting.budget=x", "expected int"), ("counting.label=c", "not one of"),
+                         ("counting.nope=1", "has no option 'nope'"), ("ghost.k=1", "unknown pass 'ghost'"),
+                         ("dead_code.k=1", "not in this pipeline"), ("budget=1", "expected pass.key=value")]:
+        with pytest.raises(OptionError, match=message):
+            parse_options([bad], pipeline)
+
+
+def test_bool_options_parse_strictly():
+    opt = Option(False, "flag", bool)
+    assert opt.parse("yes", "p.k") is True and opt.parse("0", "p.k") is False
+    with pytest.raises(OptionError):
+        opt.parse("maybe", "p.k")
+
+
+def test_fixed_point_stops_when_a_round_changes_nothing():
+    counting = Counting()
+    ctx = PassContext(options={"counting": {"budget": 2}})
+    changed, records = run_pipeline(FixedPoint([counting], max_steps=10), relu_chain(), ctx)
+    assert changed and counting.calls == 3
+    leaf = [r for r in records if not r.group]
+    assert [r.changed for r in leaf] == [True, True, False]
+    group = [r for r in records if r.group]
+    assert group[0].stats == {"rounds": 3, "converged": True}
+
+
+def test_fixed_point_step_limit_is_reported():
+    counting = Counting()
+    ctx = PassContext(options={"counting": {"budget": 100}})
+    _, records = run_pipeline(FixedPoint([counting], max_steps=4, name="loop"), relu_chain(), ctx)
+    assert counting.calls == 4
+    group = next(r for r in records if r.group)
+    assert group.name == "loop" and group.stats["converged"] is False and "step limit" in group.stats["note"]
+
+
+def test_records_have_timing_and_stats():
+    _, records = run_pipeline(Sequential([Counting(), get_pass("dead_code")]), relu_chain(), PassContext())
+    assert [r.name for r in records] == ["counting", "dead_code"]
+    assert all(r.seconds >= 0 for r in records)
+    assert records[0].to_dict()["stats"] == {"call": 1}
+
+
+def test_pass_error_names_the_pass_and_its_predecessors():
+    with pytest.raises(PassError, match=r"pass exploding failed: ValueError: boom \(passes run before it: counting\)"):
+        run_pipeline(Sequential([Counting(), Exploding()]), relu_chain(), PassContext())
+
+
+def test_debug_mode_catches_a_broken_invariant():
+    with pytest.raises(PassError, match="after pass corrupting"):
+        run_pipeline(Sequential([Corrupting()]), relu_chain(), PassContext(debug=True))
+    # without debug the corruption goes unnoticed by the manager
+    run_pipeline(Sequential([Corrupting()]), relu_chain(), PassContext(debug=False))
+
+
+def test_dump_dir_gets_one_model_per_pass(tmp_path):
+    run_pipeline(Sequential([Counting(), get_pass("dead_code")]), relu_chain(), PassContext(dump_dir=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["001_counting.onnx", "002_dead_code.onnx"]
+    assert len(onnx_io.load(tmp_path / "002_dead_code.onnx").graph) == 3
+
+
+def test_rng_is_per_pass_and_seeded():
+    a, b = PassContext(seed=7), PassContext(seed=7)
+    assert np.array_equal(a.rng("x").random(4), b.rng("x").random(4))
+    assert not np.array_equal(a.rng("x").random(4), a.rng("y").random(4))
+    assert not np.array_equal(a.rng("x").random(4), PassContext(seed=8).rng("x").random(4))

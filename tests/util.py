@@ -1,0 +1,38 @@
+"""Helpers shared by the test modules: build small models, run them in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+IR_VERSION = 8  # onnx 1.23 stamps 14 by default; onnxruntime 1.31 reads at most 13
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17, **graph_kwargs) -> onnx.ModelProto:
+    """A checker-valid ModelProto with an IR version onnxruntime reads."""
+    graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers), **graph_kwargs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name: str, shape, dtype=onnx.TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def init(name: str, array) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(array), name)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ``model`` in onnxruntime with graph optimizations off."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
