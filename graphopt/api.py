@@ -82,8 +82,8 @@ def sample_data(model: Model, data: DataLike, *, samples: int | None = None, see
 
 def _cost(model: Model, input_shapes: Mapping[str, Sequence[int]] | None, file_bytes: int | None) -> dict[str, Any]:
     cost = analysis.analyze(model, input_shapes=dict(input_shapes or {}) or None)
-    return {"params": cost.params, "macs": cost.macs, "bytes": cost.param_bytes, "nodes": cost.nodes,
-            "file_bytes": file_bytes}
+    cost.file_bytes = file_bytes
+    return cost.summary()
 
 
 def _file_bytes(source: ModelLike) -> int | None:

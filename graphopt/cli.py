@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from . import __version__, api, calibration, manager, report
+from . import __version__, analysis, api, calibration, manager, report
 from .errors import GraphoptError
 from .verify import Tolerance
 
@@ -155,8 +155,40 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.json:
         out.print_json(json.dumps(cost.to_dict()))
     elif not args.quiet:
-        report.print_inspection(cost, out)
+        print_inspection(cost, out)
     return EXIT_OK
+
+
+def print_inspection(cost: analysis.ModelCost, console: Console) -> None:
+    """Totals, inputs/outputs, the op histogram and the per-layer table of ``graphopt inspect``."""
+    from rich.table import Table
+    from rich.text import Text
+    totals = Table(title="Model", title_justify="left", show_header=False)
+    totals.add_row("params", report.format_count(cost.params))
+    totals.add_row("MACs", report.format_count(cost.macs) if cost.macs is not None
+                   else f">= {report.format_count(cost.macs_known)} (some unknown)")
+    totals.add_row("weight bytes", report.format_bytes(cost.param_bytes))
+    if cost.file_bytes is not None:
+        totals.add_row("file size", report.format_bytes(cost.file_bytes))
+    totals.add_row("nodes", str(cost.nodes))
+    for kind, tensors in (("input", cost.inputs), ("output", cost.outputs)):
+        for t in tensors:
+            totals.add_row(kind, Text(f"{t.name}: {t.dtype} {list(t.shape) if t.shape is not None else '?'}"))
+    console.print(totals)
+    ops = Table(title="Ops", title_justify="left")
+    for col in ("op", "count", "params", "MACs"):
+        ops.add_column(col, justify="left" if col == "op" else "right")
+    for row in analysis.summarize_ops(cost):
+        ops.add_row(Text(row.op_type), str(row.count), report.format_count(row.params),
+                    report.format_count(row.macs) if row.macs is not None
+                    else f">= {report.format_count(row.macs_known)}")
+    console.print(ops)
+    layers = Table(title="Layers", title_justify="left")
+    for col in analysis.LAYER_COLUMNS:
+        layers.add_column(col)
+    for row in analysis.layer_rows(cost):
+        layers.add_row(*(Text(c) for c in row))
+    console.print(layers)
 
 
 def cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
