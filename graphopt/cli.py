@@ -216,7 +216,10 @@ COMMANDS = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors, --help, --version: argparse has printed what it had to
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     out = Console()
     err = Console(stderr=True)
     try:

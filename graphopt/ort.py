@@ -55,7 +55,7 @@ def describe(model: ModelLike) -> str:
 
 
 def ort_message(exc: BaseException) -> str:
-    """The first informative line of an onnxruntime exception, without the ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
+    """The first line of an onnxruntime exception, without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0]
     if line.startswith("[ONNXRuntimeError]"):
