@@ -1,0 +1,212 @@
+"""The command line: results, exit codes, and bad input (one line on stderr, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphopt import cli, manager
+from graphopt.manager import Pass, PassResult, register
+from tests.util import init, make_model, tensor
+
+RNG = np.random.default_rng(0)
+
+
+def small_cnn() -> onnx.ModelProto:
+    """Conv -> Identity -> Relu -> GlobalAveragePool -> Flatten -> Gemm, dynamic batch."""
+    return make_model(
+        [helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Identity", ["c"], ["c_id"]),
+         helper.make_node("Relu", ["c_id"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1)],
+        [tensor("input", ["N", 1, 8, 8])], [tensor("logits", ["N", 3])],
+        [init("w", RNG.standard_normal((4, 1, 3, 3)).astype(np.float32)),
+         init("b", RNG.standard_normal(4).astype(np.float32)),
+         init("fc_w", RNG.standard_normal((3, 4)).astype(np.float32)),
+         init("fc_b", np.zeros(3, np.float32))])
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), path)
+    return path
+
+
+def run_cli(*args, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_optimize_writes_default_output_and_reports(model_path, tmp_path, capsys):
+    report_json, report_md = tmp_path / "r.json", tmp_path / "r.md"
+    code, out, err = run_cli("optimize", model_path, "--report", report_json, "--report", report_md, capsys=capsys)
+    assert code == 0, err
+    optimized = onnx.load(tmp_path / "cnn.opt.onnx")
+    onnx.checker.check_model(optimized, full_check=True)
+    assert "Identity" not in [n.op_type for n in optimized.graph.node]
+    report = json.loads(report_json.read_text())
+    assert report["before"]["nodes"] == 6 and report["after"]["nodes"] == 5
+    assert report["verify"]["passed"] is True and report["verify"]["mode"] == "equivalence"
+    assert [p["name"] for p in report["passes"] if not p.get("group")][:2] == ["identity", "dead_code"]
+    assert "PASS" in out
+    assert "PASS" in report_md.read_text()
+
+
+def test_optimize_is_deterministic(model_path, tmp_path, capsys):
+    for name in ("a.onnx", "b.onnx"):
+        assert run_cli("optimize", model_path, "-o", tmp_path / name, "-q", capsys=capsys)[0] == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_quiet_prints_nothing(model_path, tmp_path, capsys):
+    code, out, err = run_cli("optimize", model_path, "-o", tmp_path / "o.onnx", "-q", capsys=capsys)
+    assert code == 0 and out == "" and err == ""
+
+
+def test_optimize_with_data_file(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, input=RNG.standard_normal((10, 1, 8, 8)).astype(np.float32), labels=np.arange(10) % 3)
+    report = tmp_path / "r.json"
+    code, _, err = run_cli("optimize", model_path, "--data", data, "--report", report, "-q", capsys=capsys)
+    assert code == 0, err
+    verdict = json.loads(report.read_text())["verify"]
+    assert verdict["accuracy_reference"] == verdict["accuracy_candidate"]
+
+
+BAD_CASES = {
+    "missing": lambda d: (["optimize", d / "nope.onnx"], "no such file"),
+    "directory": lambda d: (["optimize", d], "is a directory"),
+    "not_onnx": lambda d: (["optimize", _write(d / "x.onnx", b"hello, world" * 10)], "not"),
+    "unknown_pass": lambda d: (["optimize", d / "cnn.onnx", "--passes", "nope"], "unknown pass 'nope'"),
+    "unknown_preset": lambda d: (["optimize", d / "cnn.onnx", "--preset", "nope"], "unknown preset"),
+    "unknown_option": lambda d: (["optimize", d / "cnn.onnx", "--option", "dead_code.x=1"], "has no option"),
+    "bad_option_syntax": lambda d: (["optimize", d / "cnn.onnx", "--option", "garbage"], "pass.key=value"),
+    "bad_data_file": lambda d: (["optimize", d / "cnn.onnx", "--data", _write(d / "d.npz", b"junk")], "d.npz"),
+    "data_wrong_name": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", x=np.zeros((2, 1, 8, 8),
+                                                                                                 np.float32))],
+                                  "input"),
+    "data_wrong_shape": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", input=np.zeros(
+        (2, 3, 8, 8), np.float32))], "input"),
+    "bad_input_shape": lambda d: (["optimize", d / "cnn.onnx", "--input-shape", "input=1,2"], "input"),
+    "target_out_of_range": lambda d: (["optimize", d / "cnn.onnx", "--target-macs", "2"], "fraction"),
+    "bad_report_suffix": lambda d: (["optimize", d / "cnn.onnx", "--report", d / "r.txt"], "r.txt"),
+    "output_is_input": lambda d: (["optimize", d / "cnn.onnx", "-o", d / "cnn.onnx"], "refusing to overwrite"),
+    "usage": lambda d: (["optimize"], "required"),
+}
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, model_path, tmp_path, capsys):
+    original = model_path.read_bytes()
+    args, needle = BAD_CASES[case](tmp_path)
+    before = files_in(tmp_path)
+    code, out, err = run_cli(*args, capsys=capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error:"), err
+    assert needle in lines[0]
+    assert "Traceback" not in err
+    assert files_in(tmp_path) == before  # no output, no temp file
+    assert model_path.read_bytes() == original
+
+
+def test_truncated_model_and_missing_external_data(model_path, tmp_path, capsys):
+    data = model_path.read_bytes()
+    truncated = _write(tmp_path / "t.onnx", data[: len(data) // 2])
+    code, _, err = run_cli("optimize", truncated, capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    onnx.save(small_cnn(), ext_dir / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    os.remove(ext_dir / "m.data")
+    code, _, err = run_cli("optimize", ext_dir / "m.onnx", capsys=capsys)
+    assert code == 2 and "external data" in err and len(err.strip().splitlines()) == 1
+    assert files_in(ext_dir) == {"m.onnx"}
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graphopt", "optimize", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"graphopt: error: {tmp_path / 'missing.onnx'}: no such file"
+
+
+def test_verify_exit_codes(model_path, tmp_path, capsys):
+    assert run_cli("verify", model_path, model_path, "-q", capsys=capsys)[0] == 0
+    broken = small_cnn()
+    broken.graph.initializer[1].CopyFrom(init("b", np.full(4, 5.0, np.float32)))  # a real bug: wrong bias
+    onnx.save(broken, tmp_path / "broken.onnx")
+    code, out, _ = run_cli("verify", model_path, tmp_path / "broken.onnx", capsys=capsys)
+    assert code == 1 and "FAIL" in out
+    assert run_cli("verify", model_path, tmp_path / "missing.onnx", capsys=capsys)[0] == 2
+
+
+class BiasBug(Pass):
+    """A 'lossless' pass with a real bug: it shifts the conv bias."""
+
+    name = "test_bias_bug"
+    summary = "test only"
+
+    def run(self, model, ctx):
+        conv = next(n for n in model.graph.toposort() if n.op_type == "Conv")
+        bias = model.graph.add_initializer(conv.inputs[2].array + 1.0, "b_shifted")
+        model.graph.set_input(conv, 2, bias)
+        return PassResult(True)
+
+
+@pytest.fixture
+def bias_bug():
+    register(BiasBug)
+    yield
+    manager._REGISTRY.pop(BiasBug.name)
+
+
+def test_failed_verification_exits_1_and_writes_no_model(model_path, tmp_path, capsys, bias_bug):
+    report = tmp_path / "r.json"
+    code, out, err = run_cli("optimize", model_path, "-o", tmp_path / "o.onnx", "--passes", "test_bias_bug",
+                             "--report", report, capsys=capsys)
+    assert code == 1 and "not written" in err and "FAIL" in out
+    assert not (tmp_path / "o.onnx").exists()
+    verdict = json.loads(report.read_text())["verify"]
+    assert verdict["passed"] is False and verdict["first_divergence"]
+    code, _, _ = run_cli("optimize", model_path, "-o", tmp_path / "o.onnx", "--passes", "test_bias_bug",
+                         "--write-failed", "-q", capsys=capsys)
+    assert code == 1 and (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_and_passes(model_path, capsys):
+    code, out, _ = run_cli("inspect", model_path, "--json", capsys=capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["params"] == 4 * 9 + 4 + 12 + 3 and info["nodes"] == 6
+    code, out, _ = run_cli("inspect", model_path, capsys=capsys)
+    assert code == 0 and "Conv" in out
+    code, out, _ = run_cli("passes", capsys=capsys)
+    assert code == 0 and "dead_code" in out and "lossless" in out
