@@ -1,0 +1,174 @@
+"""A small rule engine for local rewrites (fusions, folds, cancellations).
+
+A :class:`Rule` is anchored on a node of given op types and has three steps:
+
+``match(graph, node) -> Match | str``
+    Collect the nodes, values and constants the rewrite needs, or return the reason it does not apply
+    (a short string such as ``"weight is not constant"``). Reasons are counted in the stats, so a user
+    can see why something was left alone.
+``rewrite(graph, match) -> None``
+    Perform the change through the IR's helpers only.
+
+:func:`apply_rules` walks the graph in topological order, re-reading the graph for every candidate,
+so a match never refers to a node an earlier rewrite removed (a classic pitfall of rule engines that
+compute every match up front). It loops until no rule applies (bounded), and returns a
+:class:`RuleStats` with the count per rule and the refusal reasons per rule.
+
+Helpers at the bottom answer the questions most rules ask: is this node a standard op of that type,
+what is the single consumer of a value, which inputs are constant.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .ir import Graph, Model, Node, Value
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class Match:
+    """What a rule found: the anchor node plus named nodes, values and arrays."""
+
+    node: Node
+    nodes: dict[str, Node] = field(default_factory=dict)
+    values: dict[str, Value] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def all_nodes(self) -> list[Node]:
+        return [self.node, *self.nodes.values()]
+
+
+class Rule:
+    """Base class of a local rewrite. Subclasses set ``name`` and ``root_ops`` and implement the two steps."""
+
+    name: ClassVar[str] = ""
+    root_ops: ClassVar[tuple[str, ...]] = ()
+
+    def match(self, graph: Graph, node: Node) -> Match | str:
+        raise NotImplementedError
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class RuleStats:
+    """How often each rule applied, and why it was refused where it was (with a few examples)."""
+
+    applied: Counter[str] = field(default_factory=Counter)
+    refused: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    examples: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def refuse(self, rule: Rule, reason: str, node: Node) -> None:
+        self.refused[rule.name][reason] += 1
+        examples = self.examples[(rule.name, reason)]
+        if len(examples) < 3:
+            examples.append(node.name or node.op_type)
+
+    @property
+    def total(self) -> int:
+        return sum(self.applied.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"applied": {rule: n}, "left_alone": [{rule, reason, count, examples}]}``."""
+        left = [{"rule": rule, "reason": reason, "count": count, "examples": self.examples[(rule, reason)]}
+                for rule, reasons in sorted(self.refused.items()) for reason, count in sorted(reasons.items())]
+        out: dict[str, Any] = {"applied": dict(sorted(self.applied.items()))}
+        if left:
+            out["left_alone"] = left
+        return out
+
+
+def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
+                graphs: Iterable[Graph] | None = None) -> RuleStats:
+    """Apply ``rules`` everywhere they match, until none does (at most ``max_rounds`` sweeps).
+
+    Refusals are recorded from the last sweep only, so a node that one rule refused and a later
+    rewrite then made eligible is not reported as left alone.
+    """
+    stats = RuleStats()
+    by_op: dict[str, list[Rule]] = defaultdict(list)
+    for rule in rules:
+        for op in rule.root_ops:
+            by_op[op].append(rule)
+    for graph in list(graphs if graphs is not None else model.graphs()):
+        for _ in range(max_rounds):
+            round_refusals = RuleStats()
+            changed = False
+            for node in graph.toposort():
+                if node not in graph.nx or node.domain not in STANDARD_DOMAINS:
+                    continue  # removed by an earlier rewrite in this sweep, or not an op we know
+                for rule in by_op.get(node.op_type, ()):
+                    found = rule.match(graph, node)
+                    if isinstance(found, str):
+                        round_refusals.refuse(rule, found, node)
+                        continue
+                    rule.rewrite(graph, found)
+                    stats.applied[rule.name] += 1
+                    changed = True
+                    break
+            if not changed:
+                for rule_name, reasons in round_refusals.refused.items():
+                    for reason, count in reasons.items():
+                        stats.refused[rule_name][reason] += count
+                        stats.examples[(rule_name, reason)].extend(round_refusals.examples[(rule_name, reason)])
+                break
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# questions rules ask
+
+
+def is_op(node: Node | None, *op_types: str) -> bool:
+    """``node`` is a standard-domain op of one of ``op_types``."""
+    return node is not None and node.domain in STANDARD_DOMAINS and node.op_type in op_types
+
+
+def sole_consumer(graph: Graph, value: Value | None) -> Node | None:
+    """The only node reading ``value`` (once, through a data edge), when ``value`` is not a graph output."""
+    if value is None or graph.is_graph_output(value):
+        return None
+    uses = graph.uses(value)
+    if len(uses) != 1 or isinstance(uses[0][1], tuple):
+        return None
+    return uses[0][0]
+
+
+def producer_op(graph: Graph, value: Value | None, *op_types: str) -> Node | None:
+    """The producer of ``value`` if it is one of ``op_types`` (standard domain), else None."""
+    if value is None:
+        return None
+    node = graph.producer(value)
+    return node if is_op(node, *op_types) else None
+
+
+def const_input(graph: Graph, node: Node, slot: int) -> np.ndarray | None:
+    """The constant array at input ``slot`` of ``node`` (None when absent or not constant)."""
+    if slot >= len(node.inputs):
+        return None
+    return graph.constant_array(node.inputs[slot])
+
+
+def is_float(value: Value | None) -> bool:
+    from onnx import TensorProto
+    return value is not None and value.dtype in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                                                 TensorProto.BFLOAT16)
+
+
+def remove_dead(graph: Graph, nodes: Iterable[Node]) -> None:
+    """Remove nodes whose outputs nothing reads any more (consumers first)."""
+    candidates = set(nodes)
+    for node in reversed(graph.toposort()):
+        if node not in candidates:
+            continue
+        if not any(graph.uses(v) or graph.is_graph_output(v) for v in node.outputs if v is not None):
+            graph.remove_node(node)

@@ -1,0 +1,85 @@
+"""The rule engine: application to a fixed point, refusal reasons, no stale matches."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphopt import onnx_io
+from graphopt.rewrite import Match, Rule, apply_rules, const_input, is_op, producer_op, remove_dead, sole_consumer
+from tests.util import init, make_model, run, tensor
+
+
+class DoubleNeg(Rule):
+    """Neg(Neg(x)) -> x, refused when the inner Neg has other readers."""
+
+    name = "double_neg"
+    root_ops = ("Neg",)
+
+    def match(self, graph, node):
+        inner = producer_op(graph, node.inputs[0], "Neg")
+        if inner is None:
+            return "input is not a Neg"
+        if sole_consumer(graph, inner.outputs[0]) is not node:
+            return "inner Neg has other readers"
+        if not graph.can_replace(node.outputs[0], inner.inputs[0]):
+            return "would rename a model output"
+        return Match(node, nodes={"inner": inner})
+
+    def rewrite(self, graph, match):
+        inner = match.nodes["inner"]
+        graph.replace_all_uses(match.node.outputs[0], inner.inputs[0])
+        remove_dead(graph, match.all_nodes())
+
+
+def test_rule_applies_repeatedly_and_keeps_output_names():
+    # Neg^4 collapses in two rewrites; the final output keeps its name.
+    nodes = [helper.make_node("Relu", ["x"], ["r"])]
+    nodes += [helper.make_node("Neg", [f"n{i}" if i else "r"], [f"n{i + 1}"]) for i in range(4)]
+    nodes += [helper.make_node("Exp", ["n4"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [3])], [tensor("y", [3])])
+    model = onnx_io.from_proto(proto)
+    stats = apply_rules(model, [DoubleNeg()])
+    out = onnx_io.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    assert stats.applied == {"double_neg": 2} and stats.total == 2
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Exp"]
+    x = np.array([-1.0, 0.5, 2.0], np.float32)
+    np.testing.assert_array_equal(run(proto, {"x": x})[0], run(out, {"x": x})[0])
+
+
+def test_refusals_are_reported_with_reasons_and_examples():
+    proto = make_model([helper.make_node("Neg", ["x"], ["a"], name="first"),
+                        helper.make_node("Neg", ["a"], ["b"], name="second"),
+                        helper.make_node("Add", ["a", "b"], ["y"])],
+                       [tensor("x", [3])], [tensor("y", [3])])
+    model = onnx_io.from_proto(proto)
+    stats = apply_rules(model, [DoubleNeg()])
+    assert stats.total == 0
+    assert stats.to_dict() == {"applied": {}, "left_alone": [
+        {"rule": "double_neg", "reason": "inner Neg has other readers", "count": 1, "examples": ["second"]},
+        {"rule": "double_neg", "reason": "input is not a Neg", "count": 1, "examples": ["first"]}]}
+    assert onnx_io.to_proto(model) == proto  # negative case: untouched
+
+
+def test_output_name_refusal_when_input_feeds_output():
+    proto = make_model([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])],
+                       [tensor("x", [3])], [tensor("y", [3])])
+    stats = apply_rules(onnx_io.from_proto(proto), [DoubleNeg()])
+    assert stats.total == 0 and stats.refused["double_neg"]["would rename a model output"] == 1
+
+
+def test_helpers():
+    proto = make_model([helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"]),
+                        helper.make_node("Relu", ["m"], ["z"])],
+                       [tensor("x", [3])], [tensor("y", [3]), tensor("z", [3])], [init("w", np.ones(3, np.float32))])
+    model = onnx_io.from_proto(proto)
+    g = model.graph
+    mul, relu, _ = g.toposort()
+    assert is_op(mul, "Mul", "Add") and not is_op(mul, "Add")
+    assert np.array_equal(const_input(g, mul, 1), np.ones(3)) and const_input(g, mul, 0) is None
+    assert const_input(g, mul, 5) is None
+    assert sole_consumer(g, mul.outputs[0]) is None  # two readers
+    assert sole_consumer(g, relu.outputs[0]) is None  # a graph output
+    assert producer_op(g, relu.inputs[0], "Mul") is mul and producer_op(g, relu.inputs[0], "Add") is None
