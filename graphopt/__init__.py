@@ -1,24 +1,17 @@
 """graphopt: a graph-level optimizer for ONNX models, verified with onnxruntime.
 
-``graphopt.optimize``, ``graphopt.verify`` and ``graphopt.inspect`` (see :mod:`graphopt.api`) mirror
-the command line. They are imported on first use, so ``import graphopt.ir`` stays light.
+``graphopt.optimize``, ``graphopt.verify`` and ``graphopt.inspect`` mirror the command line (see
+:mod:`graphopt.api`).
+
+Note: ``graphopt.verify`` is the function. The module of the same name is reached with
+``from graphopt.verify import ...``; ``import graphopt.verify as v`` would give the function.
 """
 
 from __future__ import annotations
 
-from typing import Any
+__version__ = "0.1.0"  # before the imports: api.py reads it
 
-from .errors import GraphoptError, IRError
+from .api import OptimizeResult, inspect, optimize, verify  # noqa: E402
+from .errors import GraphoptError, IRError  # noqa: E402
 
-__version__ = "0.1.0"
-
-__all__ = ["GraphoptError", "IRError", "__version__", "inspect", "optimize", "verify"]
-
-_API = ("optimize", "verify", "inspect", "OptimizeResult")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        from . import api
-        return getattr(api, name)
-    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")
+__all__ = ["GraphoptError", "IRError", "OptimizeResult", "__version__", "inspect", "optimize", "verify"]

@@ -26,7 +26,8 @@ from typing import Any
 import onnx
 
 from . import __version__, analysis, calibration, onnx_io
-from . import verify as verify_mod
+from .verify import Tolerance, VerifyReport
+from .verify import verify as run_verification
 from .errors import GraphoptError, OptionError
 from .ir import Model
 from .manager import PassContext, build_pipeline, parse_options, run_pipeline
@@ -115,7 +116,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              passes: Sequence[str] | None = None, options: Sequence[str] | Mapping[str, Any] = (),
              data: DataLike = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
              target_macs: float | None = None, target_params: float | None = None, max_drop: float | None = None,
-             tolerance: verify_mod.Tolerance | None = None, samples: int | None = None, seed: int = 0,
+             tolerance: Tolerance | None = None, samples: int | None = None, seed: int = 0,
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
@@ -176,8 +177,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         ctx_progress("verifying with onnxruntime")
         tol = tolerance
         if max_drop is not None:
-            tol = dataclasses.replace(tol or verify_mod.Tolerance(), max_drop=max_drop)
-        verdict = verify_mod.verify(reference, proto, sample, tolerance=tol, mode=mode)
+            tol = dataclasses.replace(tol or Tolerance(), max_drop=max_drop)
+        verdict = run_verification(reference, proto, sample, tolerance=tol, mode=mode)
         verify_dict, passed = verdict.to_dict(), verdict.passed
     else:
         verify_dict, passed = {"passed": True, "mode": mode, "skipped": True, "reasons": []}, True
@@ -208,15 +209,15 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
 
 def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None, mode: str = "equivalence",
-           tolerance: verify_mod.Tolerance | None = None, samples: int | None = None,
-           seed: int = 0) -> verify_mod.VerifyReport:
-    """Compare two models with onnxruntime (graph optimizations off); see :func:`graphopt.verify.verify`."""
+           tolerance: Tolerance | None = None, samples: int | None = None,
+           seed: int = 0) -> VerifyReport:
+    """Compare two models with onnxruntime (graph optimizations off); see ``graphopt.verify.verify``."""
     if mode not in ("equivalence", "accuracy"):
         raise OptionError(f"unknown verification mode {mode!r} (equivalence or accuracy)")
     ref_ir, ref = load_model(reference)
     _, cand = load_model(candidate)
     sample = sample_data(ref_ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
-    return verify_mod.verify(ref, cand, sample, tolerance=tolerance, mode=mode)
+    return run_verification(ref, cand, sample, tolerance=tolerance, mode=mode)
 
 
 def inspect(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> analysis.ModelCost:

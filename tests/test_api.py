@@ -1,0 +1,63 @@
+"""The Python API mirrors the CLI: optimize / verify / inspect on paths, ModelProtos and IR models."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+import graphopt
+from graphopt import onnx_io
+from graphopt.calibration import SampleData
+from graphopt.errors import GraphoptError, OptionError
+from tests.test_cli import small_cnn
+
+
+def test_top_level_names_are_the_api_functions():
+    assert callable(graphopt.verify) and callable(graphopt.optimize) and callable(graphopt.inspect)
+
+
+def test_optimize_a_modelproto_leaves_it_untouched():
+    proto = small_cnn()
+    snapshot = proto.SerializeToString()
+    result = graphopt.optimize(proto)
+    assert result.passed and result.report["output"] is None
+    assert [n.op_type for n in result.model.graph.node].count("Identity") == 0
+    assert proto.SerializeToString() == snapshot
+    assert result.report["model"] == "<in memory>" and result.report["before"]["nodes"] == 6
+
+
+def test_optimize_an_ir_model_and_write(tmp_path):
+    model = onnx_io.from_proto(small_cnn())
+    out = tmp_path / "o.onnx"
+    result = graphopt.optimize(model, output=out)
+    assert out.exists() and result.report["output"] == str(out)
+    assert result.report["after"]["file_bytes"] == out.stat().st_size
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_optimize_with_sample_data_object_and_samples_cap():
+    proto = small_cnn()
+    data = graphopt.api.sample_data(onnx_io.from_proto(proto), None, samples=10, seed=3)
+    assert isinstance(data, SampleData) and data.n_samples == 10
+    result = graphopt.optimize(proto, data=data, samples=4)
+    assert result.report["samples"] == 4
+
+
+def test_optimize_rejects_bad_options_before_work():
+    with pytest.raises(OptionError, match="has no option"):
+        graphopt.optimize(small_cnn(), options=["identity.bogus=1"])
+    with pytest.raises(OptionError, match="fraction"):
+        graphopt.optimize(small_cnn(), target_params=0)
+    with pytest.raises(GraphoptError, match="expected a path"):
+        graphopt.optimize(42)
+
+
+def test_verify_and_inspect(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_cnn(), path)
+    verdict = graphopt.verify(path, small_cnn())
+    assert verdict.passed and verdict.to_dict()["passed"] is True
+    with pytest.raises(OptionError, match="mode"):
+        graphopt.verify(path, path, mode="approximately")
+    cost = graphopt.inspect(path)
+    assert cost.nodes == 6 and cost.file_bytes == path.stat().st_size
