@@ -54,10 +54,12 @@ def test_optimize_rejects_bad_options_before_work():
 
 def test_verify_and_inspect(tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save(small_cnn(), path)
-    verdict = graphopt.verify(path, small_cnn())
+    proto = small_cnn()
+    onnx.save(proto, path)
+    verdict = graphopt.verify(path, proto)
     assert verdict.passed and verdict.to_dict()["passed"] is True
     with pytest.raises(OptionError, match="mode"):
         graphopt.verify(path, path, mode="approximately")
     cost = graphopt.inspect(path)
     assert cost.nodes == 6 and cost.file_bytes == path.stat().st_size
+    assert not graphopt.verify(path, small_cnn()).passed  # fresh random weights: a different model
