@@ -16,8 +16,10 @@ Invariants (checked by :meth:`Graph.check_invariants`):
 1. ``node.inputs[i] is v`` iff there is an edge ``v -> node`` with key ``i``; the same for outputs.
 2. A value has at most one producer, and a value with a producer is neither a graph input nor an
    initializer.
-3. Names are unique within a scope: the main graph and all its subgraphs share one :class:`Namer`
-   (ONNX forbids shadowing), each local function has its own.
+3. A value name is defined once along every chain of enclosing scopes (ONNX forbids shadowing; sibling
+   subgraphs read from a file may reuse a local name). The main graph and all its subgraphs share one
+   :class:`Namer`, so every name the IR hands out is unique across all of them; each local function has
+   its own.
 4. The graph is acyclic.
 
 Value objects are shared between a graph and the subgraphs that capture them: a subgraph's networkx
@@ -279,6 +281,7 @@ class Graph:
         self.extras = onnx.GraphProto()  # name, doc_string, quantization_annotation, metadata_props
         self._seq = itertools.count(1)
         self._minor = itertools.count(1)
+        self._depth: dict[Node, int] | None = None  # see _depths()
 
     # ===== queries ==============================================================================
     @property
@@ -335,16 +338,26 @@ class Graph:
     def constant_array(self, value: Value | None) -> np.ndarray | None:
         """The array of an initializer or a ``Constant`` node's output, else ``None``.
 
-        An initializer that is also a graph input is *not* constant (the caller may override it).
+        An initializer that is also a graph input is *not* constant (the caller may override it), also when
+        a subgraph reads it from an enclosing scope.
         """
         if value is None:
             return None
-        if value.is_initializer and not self.is_graph_input(value):
+        if value.is_initializer and not self._is_overridable(value):
             return value.array
         node = self.producer(value)
         if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             return _constant_node_array(node)
         return None
+
+    def _is_overridable(self, value: Value) -> bool:
+        """Whether ``value`` is a graph input of this graph or of an enclosing one."""
+        graph: Graph | None = self
+        while graph is not None:
+            if graph.is_graph_input(value):
+                return True
+            graph = graph.parent.graph if graph.parent is not None else None
+        return False
 
     def walk(self) -> Iterator[Graph]:
         """This graph and every nested subgraph, outermost first."""
@@ -416,6 +429,8 @@ class Graph:
             node.inputs.append(None)
             if value is not None:
                 self.set_input(node, slot, value)
+        if self._depth is not None:
+            self._depth[node] = 1 + max((self._depth[p] for p in self._readers_of(node)), default=0)
         specs: Sequence[Value | None | str] = [node.name] * outputs if isinstance(outputs, int) else outputs
         for slot, spec in enumerate(specs):
             if isinstance(spec, str):
@@ -432,6 +447,9 @@ class Graph:
             raise IRError(f"value {value.name!r} already has a producer")
         node.outputs[slot] = value
         self.nx.add_edge(node, value, key=slot)
+        if self._depth is not None:
+            for reader in self.consumers(value):
+                self._note_edge(node, reader)
 
     def set_input(self, node: Node, slot: int, value: Value | None) -> None:
         """Make ``node`` read ``value`` at input ``slot`` (``None`` omits that optional input)."""
@@ -444,13 +462,57 @@ class Graph:
         if value is not None:
             self._attach_value(value)
             self.nx.add_edge(value, node, key=slot)
+            if self._depth is not None:
+                self._note_edge(self.producer(value), node)
 
     def add_capture(self, node: Node, value: Value) -> None:
         """Record that a subgraph of ``node`` reads ``value`` of this (or an enclosing) scope."""
         self._attach_value(value)
-        key = (CAPTURE, value.name)
-        if not self.nx.has_edge(value, node, key=key):
-            self.nx.add_edge(value, node, key=key)
+        if not self._capture_keys(value, node):
+            self.nx.add_edge(value, node, key=(CAPTURE, value.name))
+            if self._depth is not None:
+                self._note_edge(self.producer(value), node)
+
+    def _capture_keys(self, value: Value, node: Node) -> list[tuple[str, str]]:
+        # Keys carry the value's name at capture time; a later rename must not hide the edge.
+        if value not in self.nx:
+            return []
+        return [k for k in (self.nx.get_edge_data(value, node) or {}) if isinstance(k, tuple)]
+
+    # ===== depths (cheap cycle checks) ==========================================================
+    def _readers_of(self, node: Node) -> Iterator[Node]:
+        """The nodes whose outputs ``node`` reads (directly or through its subgraphs' captures)."""
+        for value in self.nx.predecessors(node):
+            yield from self.nx.predecessors(value)
+
+    def _depths(self) -> dict[Node, int]:
+        """Each node's depth: one more than the deepest node it reads from.
+
+        Only a path from a deeper node to a shallower one is impossible, so a new edge ``u -> v`` with
+        ``depth[u] < depth[v]`` cannot close a cycle, and :meth:`replace_all_uses` searches the graph only
+        when that test fails. The map is a cache: :meth:`add_node` extends it, removals keep it valid, and
+        an edge that breaks ``depth[u] < depth[v]`` drops it (recomputed on the next call). Mutating
+        ``self.nx`` behind the IR's back leaves it stale.
+        """
+        if self._depth is None:
+            depth: dict[Node, int] = {}
+            try:
+                order = list(nx.topological_sort(self.nx))
+            except nx.NetworkXUnfeasible as exc:
+                raise IRError(f"graph {self.name!r} has a cycle") from exc
+            for item in order:
+                if isinstance(item, Node):
+                    depth[item] = 1 + max((depth[p] for p in self._readers_of(item)), default=0)
+            self._depth = depth
+        return self._depth
+
+    def _note_edge(self, producer: Node | None, reader: Node) -> None:
+        """Keep :meth:`_depths` valid after ``reader`` started to read an output of ``producer``."""
+        depth = self._depth
+        if depth is None or producer is None or reader not in depth:  # add_node sets a new node's depth
+            return
+        if depth.get(producer, depth[reader]) >= depth[reader]:
+            self._depth = None
 
     # ===== mutation =============================================================================
     def replace_all_uses(self, old: Value, new: Value) -> None:
@@ -463,12 +525,22 @@ class Graph:
         Raises
         ------
         IRError
-            If the replacement would rename the model's interface or create a cycle.
+            If the replacement would rename the model's interface, make a subgraph output an outer value,
+            or create a cycle.
         """
         if old is new:
             return
         if not self.can_replace(old, new):
             raise IRError(f"cannot replace {old.name!r} by {new.name!r}: {new.name!r} cannot take over the output name")
+        new_producer = self.producer(new)
+        readers = self.consumers(old)
+        if new_producer is not None and readers:
+            depth = self._depths()
+            shallow = [r for r in readers if depth[r] <= depth[new_producer]]  # the only ones that may reach it
+            for reader in shallow:
+                if reader is new_producer or nx.has_path(self.nx, reader, new_producer):
+                    raise IRError(f"cannot replace {old.name!r} by {new.name!r}: {new.name!r} is computed from "
+                                  f"{reader!r}, which reads {old.name!r} (the graph would have a cycle)")
         for node, slot in list(self.uses(old)):
             if isinstance(slot, tuple):
                 self.nx.remove_edge(old, node, key=slot)
@@ -482,12 +554,20 @@ class Graph:
             self.outputs = [new if v is old else v for v in self.outputs]
             if self.parent is None and not self._is_function_body():
                 self._swap_names(old, new)
-        if self.parent is not None and old in self.nx and not self.uses(old) and self.is_captured(old):
-            self.nx.remove_node(old)
+        self._release_capture(old)
 
     def can_replace(self, old: Value, new: Value) -> bool:
-        """Whether :meth:`replace_all_uses` can keep the main graph's output names."""
-        if not self.is_graph_output(old) or self.parent is not None or self._is_function_body():
+        """Whether :meth:`replace_all_uses` can keep the graph's outputs valid.
+
+        The main graph keeps its output names, so ``new`` must be free to take one over. A subgraph's
+        outputs are positional, but must be defined in the subgraph itself (the ONNX checker refuses an
+        outer value as a subgraph output), unless ``old`` already was an outer value.
+        """
+        if not self.is_graph_output(old):
+            return True
+        if self.parent is not None:
+            return (new in self.nx and not self.is_captured(new)) or self.is_captured(old)
+        if self._is_function_body():
             return True
         return not (self.is_graph_input(new) or new.is_initializer or self.is_graph_output(new)
                     or self.is_captured(new))
@@ -497,7 +577,7 @@ class Graph:
 
     def _swap_names(self, old: Value, new: Value) -> None:
         interface_name = old.name
-        old.name = self.namer.value_name(interface_name + "_replaced")
+        self.rename_value(old, interface_name + "_replaced")  # old may be an initializer: keep the table keyed
         new.name, interface_name = interface_name, new.name
         # ``new``'s previous name is free again only if nothing else holds it; names are cheap, keep it reserved.
         if old.info is not None and new.info is None:
@@ -514,19 +594,29 @@ class Graph:
                 if self.uses(value) or self.is_graph_output(value):
                     raise IRError(f"removing {node!r} would orphan {value.name!r}, still used")
                 self.nx.remove_node(value)
-        for value in set(v for v in node.inputs if v is not None):
-            self._drop_if_dangling(value, node)
-        captured = [u for u, _, k in self.nx.in_edges(node, keys=True) if isinstance(k, tuple)]
+        read = list(dict.fromkeys(u for u, _ in self.nx.in_edges(node)))
         self.nx.remove_node(node)
-        for value in captured:
-            self._drop_if_dangling(value, None)
+        if self._depth is not None:
+            self._depth.pop(node, None)
+        for value in read:
+            self._release_capture(value)
 
-    def _drop_if_dangling(self, value: Value, removing: Node | None) -> None:
-        """Forget a captured value that nothing here reads any more (outer values are not ours to keep)."""
-        if value in self.nx and self.is_captured(value):
-            readers = [n for n in self.nx.successors(value) if n is not removing]
-            if not readers and not self.is_graph_output(value):
-                self.nx.remove_node(value)
+    def _release_capture(self, value: Value) -> None:
+        """Forget a captured value that nothing here reads any more (outer values are not ours to keep).
+
+        The enclosing graph then drops its capture edge when no other subgraph of that node reads the value,
+        and so on outwards, so no scope keeps a dependency that no longer exists.
+        """
+        if value not in self.nx or not self.is_captured(value) or self.uses(value) or self.is_graph_output(value):
+            return
+        self.nx.remove_node(value)
+        owner = self.parent
+        if owner is None or owner.graph is None or any(value in sub.nx for sub in owner.iter_subgraphs()):
+            return
+        outer = owner.graph
+        for key in outer._capture_keys(value, owner):
+            outer.nx.remove_edge(value, owner, key=key)
+        outer._release_capture(value)
 
     def remove_initializer(self, value: Value) -> None:
         if self.uses(value) or self.is_graph_output(value):
@@ -538,17 +628,28 @@ class Graph:
             self.nx.remove_node(value)
 
     def set_initializer_array(self, value: Value, array: np.ndarray) -> None:
-        """Change an initializer's data in place — allowed only when this graph is its sole reader."""
+        """Change an initializer's data in place — allowed only when one node of this graph is its sole reader.
+
+        A weight of an enclosing scope (captured here) is refused: other scopes may read it. A sparse
+        initializer becomes a dense one.
+        """
+        if self.initializers.get(value.name) is not value and self.sparse_initializers.get(value.name) is not value:
+            raise IRError(f"value {value.name!r} is not an initializer of graph {self.name!r}")
         if len(self.consumers(value)) > 1 or self.is_graph_output(value) or self.is_graph_input(value):
             raise IRError(f"initializer {value.name!r} is shared; make a new one instead of rewriting it")
         value.set_array(array)
+        if self.sparse_initializers.pop(value.name, None) is not None:
+            self.initializers[value.name] = value
 
     def rename_value(self, value: Value, hint: str) -> str:
         """Give ``value`` a fresh unique name derived from ``hint``; returns it."""
         was_init = self.initializers.pop(value.name, None)
+        was_sparse = self.sparse_initializers.pop(value.name, None)
         value.name = self.namer.value_name(hint)
         if was_init is not None:
             self.initializers[value.name] = value
+        if was_sparse is not None:
+            self.sparse_initializers[value.name] = value
         return value.name
 
     # ===== invariants ===========================================================================
@@ -578,7 +679,7 @@ class Graph:
                     if sub.parent is not item:
                         raise IRError(f"subgraph of {item!r} has the wrong parent")
                     for outer in sub.captured_values():
-                        if not self.nx.has_edge(outer, item, key=(CAPTURE, outer.name)) and outer not in self.nx:
+                        if not self._capture_keys(outer, item):
                             raise IRError(f"{item!r}: subgraph reads {outer.name!r} without a capture edge")
                     sub.check_invariants()
             else:
@@ -612,11 +713,15 @@ def _constant_node_array(node: Node) -> np.ndarray | None:
             return np.array(value, dtype=np.float32 if attr_name == "value_float" else np.int64)
         if attr_name in ("value_floats", "value_ints"):
             return np.array(value, dtype=np.float32 if attr_name == "value_floats" else np.int64)
-        if attr_name == "value_string":
-            return np.array(value, dtype=object)
-        if attr_name == "value_strings":
-            return np.array(value, dtype=object)
+        if attr_name in ("value_string", "value_strings"):  # str, like numpy_helper.to_array of a string tensor
+            return np.array(_decode(value), dtype=object)
     return None
+
+
+def _decode(value: bytes | list[bytes]) -> str | list[str]:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return [v.decode("utf-8") for v in value]
 
 
 class Function:
