@@ -132,7 +132,7 @@ def measure(path: Path, mode: str, repeat: int, folder: Path) -> dict:
     return {**best, "peak": max(r["peak"] for r in runs), "exact": all(r["exact"] for r in runs)}
 
 
-def render(rows: list[dict]) -> bool:
+def render(rows: list[dict], markdown: bool = False) -> bool:
     ok_all = True
     header = ["model", "file MB", "nodes", "export", "load s", "export s", "total s", "peak MB", "peak/size",
               "exact", "target", "verdict"]
@@ -150,6 +150,12 @@ def render(rows: list[dict]) -> bool:
         table_rows.append([r["name"], f"{r['size'] / 1e6:.1f}", str(r["nodes"]), r["mode"], f"{r['load']:.2f}",
                            f"{r['export']:.2f}", f"{r['total']:.2f}", f"{r['peak'] / 1e6:.0f}", f"{ratio:.2f}x",
                            "yes" if r["exact"] else "NO", target_text, verdict])
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in table_rows:
+            print("| " + " | ".join(row) + " |")
+        return ok_all
     try:
         from rich.console import Console
         from rich.table import Table
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=10000, help="node count of the chain model")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best time, worst memory)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (for BENCHMARKS.md)")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -188,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode in MODES:
                 rows.append({"kind": kind, "name": name, "mode": mode, "size": os.path.getsize(path),
                              **measure(path, mode, args.repeat, folder)})
-    ok = render(rows)
-    print("targets met" if ok else "TARGET MISSED")
+    ok = render(rows, markdown=args.markdown)
+    print(("\n" if args.markdown else "") + ("targets met" if ok else "TARGET MISSED"))
     return 0 if ok or not args.check else 1
 
 
