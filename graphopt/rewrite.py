@@ -2,10 +2,11 @@
 
 A :class:`Rule` is anchored on a node of given op types and has three steps:
 
-``match(graph, node) -> Match | str``
-    Collect the nodes, values and constants the rewrite needs, or return the reason it does not apply
-    (a short string such as ``"weight is not constant"``). Reasons are counted in the stats, so a user
-    can see why something was left alone.
+``match(graph, node) -> Match | str | None``
+    Collect the nodes, values and constants the rewrite needs; or return the reason it does not apply
+    (a short string such as ``"weight is not constant"``) — reasons are counted in the stats, so a user
+    can see why something was left alone; or ``None`` when the node is simply not an instance of the
+    pattern (a Conv with no sibling to fuse with): nothing to report.
 ``rewrite(graph, match) -> None``
     Perform the change through the IR's helpers only.
 
@@ -52,7 +53,7 @@ class Rule:
     name: ClassVar[str] = ""
     root_ops: ClassVar[tuple[str, ...]] = ()
 
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> Match | str | None:
         raise NotImplementedError
 
     def rewrite(self, graph: Graph, match: Match) -> None:
@@ -108,6 +109,8 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                     continue  # removed by an earlier rewrite in this sweep, or not an op we know
                 for rule in by_op.get(node.op_type, ()):
                     found = rule.match(graph, node)
+                    if found is None:
+                        continue
                     if isinstance(found, str):
                         round_refusals.refuse(rule, found, node)
                         continue
