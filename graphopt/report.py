@@ -196,6 +196,27 @@ def _pass_rows(report: Mapping[str, Any]) -> list[_PassRow]:
             for i, p in enumerate(report.get("passes") or [], 1)]
 
 
+def _folded_pass_rows(report: Mapping[str, Any]) -> list[_PassRow]:
+    """One row per pass name for the terminal: a fixed point runs each pass several times.
+
+    ``changed`` is true when any run changed the model; the time is the sum; the digest is that of
+    the runs that changed something (joined), or of the last run. The JSON report keeps every run.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in report.get("passes") or []:
+        groups.setdefault(str(record.get("name", "?")), []).append(record)
+    rows = []
+    for index, (name, records) in enumerate(groups.items(), 1):
+        changed = [r for r in records if r.get("changed")]
+        digest = "; ".join(filter(None, (stats_digest(r.get("stats")) for r in changed))) or \
+            stats_digest(records[-1].get("stats"))
+        runs = f" ×{len(records)}" if len(records) > 1 else ""
+        seconds = sum(float(r.get("seconds") or 0.0) for r in records)
+        rows.append(_PassRow(index, name + runs, bool(changed) if records[0].get("changed") is not None else None,
+                             format_seconds(seconds), _clip(digest, 60), records[-1].get("stats")))
+    return rows
+
+
 def stats_digest(stats: Any, width: int = 60) -> str:
     """One short line summing up a pass's stats: ``folded=3, removed=12, 4 skipped``.
 
@@ -700,7 +721,7 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
     sizes = _size_rows(report)
     if sizes:
         console.print(_rich_sizes(sizes))
-    passes = _pass_rows(report)
+    passes = _folded_pass_rows(report)
     if passes:
         console.print(_rich_passes(passes))
     console.print(_rich_verdict(_verdict(report)))

@@ -240,3 +240,20 @@ def test_print_summary_fail(failed):
 
 def test_docstring_examples_run():
     assert doctest.testmod(graphopt.report).failed == 0
+
+
+def test_terminal_summary_folds_fixed_point_rounds_into_one_row_per_pass():
+    from rich.console import Console
+    from graphopt.report import format_seconds, print_summary
+    report = {"model": "m.onnx", "passes": [
+        {"name": "fold", "changed": True, "seconds": 0.5, "stats": {"folded": 3}},
+        {"name": "dce", "changed": False, "seconds": 0.25, "stats": {"removed": 0}},
+        {"name": "fold", "changed": False, "seconds": 0.5, "stats": {"folded": 0}},
+        {"name": "dce", "changed": False, "seconds": 0.25, "stats": {"removed": 0}}],
+        "verify": {"passed": True, "mode": "equivalence"}}
+    console = Console(record=True, width=120)
+    print_summary(report, console)
+    text = console.export_text()
+    assert "fold ×2" in text and "dce ×2" in text
+    assert "folded=3" in text and "folded=0" not in text  # the digest of the run that changed
+    assert format_seconds(1.0) in text  # the two runs of fold (0.5 s each) are summed
