@@ -565,6 +565,10 @@ class Graph:
         """
         if not self.is_graph_output(old):
             return True
+        if self.is_graph_output(new):
+            # Two outputs would become one name; the checker accepts that, but onnxruntime 1.31 then
+            # returns wrong values for one of them.
+            return False
         if self.parent is not None:
             return (new in self.nx and not self.is_captured(new)) or self.is_captured(old)
         if self._is_function_body():
@@ -702,8 +706,13 @@ class Graph:
 
 
 def _constant_node_array(node: Node) -> np.ndarray | None:
-    """The tensor a ``Constant`` node produces, for any of its attribute forms."""
+    """The tensor a ``Constant`` node produces, for any of its attribute forms.
+
+    ``None`` when the value comes from a function attribute (``ref_attr_name``): it is only known per call.
+    """
     for attr_name, proto in node.attrs.items():
+        if proto.ref_attr_name:
+            return None
         if attr_name == "value":
             return numpy_helper.to_array(proto.t)
         if attr_name == "sparse_value":

@@ -278,6 +278,30 @@ def test_replace_subgraph_output_is_positional_but_must_stay_local():
     np.testing.assert_array_equal(got, -x_in)
 
 
+def test_two_outputs_of_a_subgraph_never_merge_into_one_value():
+    # A Loop body whose two scan-like outputs are distinct values: making one read the other would
+    # list one name twice among the outputs, which onnxruntime then computes wrongly.
+    g = Graph()
+    body = Graph(g.namer, parent=Node("Loop"))
+    a, b = Value("a"), Value("b")
+    for v in (a, b):
+        body.add_input(v)
+    n1 = body.add_node("Identity", [a], name="id_a")
+    n2 = body.add_node("Identity", [b], name="id_b")
+    body.outputs = [n1.outputs[0], n2.outputs[0]]
+    assert not body.can_replace(n1.outputs[0], n2.outputs[0])
+    with pytest.raises(IRError):
+        body.replace_all_uses(n1.outputs[0], n2.outputs[0])
+
+
+def test_constant_array_of_a_function_attribute_reference_is_unknown():
+    g = Graph()
+    const = g.add_node("Constant", [], name="c")
+    attr = onnx.AttributeProto(name="value", ref_attr_name="alpha", type=onnx.AttributeProto.TENSOR)
+    const.attrs["value"] = attr
+    assert g.constant_array(const.outputs[0]) is None
+
+
 def test_replace_all_uses_refuses_a_cycle():
     model = from_proto(parse(CHAIN))
     g = model.graph
