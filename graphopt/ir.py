@@ -557,24 +557,33 @@ class Graph:
         self._release_capture(old)
 
     def can_replace(self, old: Value, new: Value) -> bool:
-        """Whether :meth:`replace_all_uses` can keep the graph's outputs valid.
+        """Whether :meth:`replace_all_uses` can keep the graph's outputs valid (see :meth:`replace_refusal`)."""
+        return self.replace_refusal(old, new) is None
+
+    def replace_refusal(self, old: Value, new: Value) -> str | None:
+        """Why ``old`` cannot be replaced by ``new`` everywhere, or ``None`` when it can.
 
         The main graph keeps its output names, so ``new`` must be free to take one over. A subgraph's
         outputs are positional, but must be defined in the subgraph itself (the ONNX checker refuses an
-        outer value as a subgraph output), unless ``old`` already was an outer value.
+        outer value as a subgraph output), unless ``old`` already was an outer value. In no graph may
+        two outputs become one value: the checker accepts a repeated output name, but onnxruntime 1.31
+        then returns wrong values for one of them.
         """
         if not self.is_graph_output(old):
-            return True
+            return None
         if self.is_graph_output(new):
-            # Two outputs would become one name; the checker accepts that, but onnxruntime 1.31 then
-            # returns wrong values for one of them.
-            return False
+            return f"{old.name!r} and {new.name!r} are both outputs of graph {self.name!r}"
         if self.parent is not None:
-            return (new in self.nx and not self.is_captured(new)) or self.is_captured(old)
+            if (new in self.nx and not self.is_captured(new)) or self.is_captured(old):
+                return None
+            return f"subgraph {self.name!r} cannot output {new.name!r}, a value of an enclosing graph"
         if self._is_function_body():
-            return True
-        return not (self.is_graph_input(new) or new.is_initializer or self.is_graph_output(new)
-                    or self.is_captured(new))
+            return None
+        for kind, applies in (("a graph input", self.is_graph_input(new)), ("an initializer", new.is_initializer),
+                              ("a value of an enclosing graph", self.is_captured(new))):
+            if applies:
+                return f"{old.name!r} is a model output and {new.name!r} ({kind}) cannot take its name"
+        return None
 
     def _is_function_body(self) -> bool:
         return getattr(self, "function", None) is not None

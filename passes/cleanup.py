@@ -184,13 +184,9 @@ class EliminateIdentity(Pass):
                 x, y = node.inputs[0], node.outputs[0]
                 if x is None or y is None:
                     continue
-                if not graph.can_replace(y, x):
-                    refused.append({"node": node.name, "op": node.op_type,
-                                    "why": f"output {y.name!r} is a model output and {x.name!r} cannot take its name"})
-                    continue
-                if _both_outputs(graph, x, y):
-                    refused.append({"node": node.name, "op": node.op_type,
-                                    "why": f"{x.name!r} and {y.name!r} are both outputs of graph {graph.name!r}"})
+                refusal = graph.replace_refusal(y, x)
+                if refusal is not None:
+                    refused.append({"node": node.name, "op": node.op_type, "why": refusal})
                     continue
                 graph.replace_all_uses(y, x)
                 graph.remove_node(node)
@@ -288,12 +284,6 @@ class TypeTable:
         if shape is None or dtype is None:
             return None
         return int(np.prod(shape, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(dtype).itemsize
-
-
-def _both_outputs(graph: Graph, a: Value, b: Value) -> bool:
-    # Two outputs of one graph must stay two values: onnx's checker accepts a repeated output name in a
-    # subgraph, but onnxruntime 1.31 then returns wrong values (see test_identity_keeps_two_outputs_...).
-    return graph.is_graph_output(a) and graph.is_graph_output(b)
 
 
 def sorted_graphs(root: Graph) -> list[tuple[Graph, list[Node]]]:
@@ -785,7 +775,7 @@ class DedupeInitializers(Pass):
                     for dup in group:
                         if dup is keep:
                             continue
-                        if _both_outputs(graph, dup, keep) or not graph.can_replace(dup, keep):
+                        if not graph.can_replace(dup, keep):
                             left.append({"value": dup.name, "same_as": keep.name,
                                          "why": "both are graph outputs"})
                             continue
@@ -842,7 +832,7 @@ class CommonSubexpressions(Pass):
                 if first is node:
                     continue
                 pairs = [(dup, kept) for dup, kept in zip(node.outputs, first.outputs) if dup is not None]
-                if any(_both_outputs(graph, dup, kept) or not graph.can_replace(dup, kept)
+                if any(not graph.can_replace(dup, kept)
                        for dup, kept in pairs):
                     left.append({"node": node.name or node.op_type, "same_as": first.name or first.op_type,
                                  "why": "both outputs are graph outputs"})
