@@ -1,15 +1,29 @@
 """graphopt's passes, one module per family. Importing this package registers them all.
 
 Presets live here because they are the one place that knows about several pass families.
+
+Order inside ``lossless`` (repeated to a fixed point): first make constants visible (Constant nodes
+to initializers, folding), then simplify shape ops and remove no-ops so that fusion patterns become
+adjacent, then the DeepRebirth fusions, and dead code last so each round ends with a clean graph.
 """
 
-from graphopt.manager import FixedPoint, Pass, get_pass, register_preset
+from graphopt.manager import FixedPoint, Pass, Sequential, get_pass, register_preset
 
-from . import cleanup  # noqa: F401  (registers its passes)
+from . import branch, cleanup, deeprebirth, simplify  # noqa: F401  (registers their passes)
 
-LOSSLESS = ["identity", "dead_code"]
+LOSSLESS = [
+    "constant_to_initializer", "fold_constants", "simplify", "identity", "cse", "dedupe_initializers",
+    "merge_concat_convs", "merge_sum_branches", "horizontal_fusion",
+    "dead_code",
+]
 
 
 @register_preset("lossless", "every rewrite that keeps the model's function within float noise, to a fixed point")
 def lossless() -> Pass:
     return FixedPoint([get_pass(name) for name in LOSSLESS], name="lossless", max_steps=10)
+
+
+@register_preset("deeprebirth", "lossless, then merge conv + pool/LRN blocks into one conv fitted on the data "
+                                "(lossy, within --max-drop)")
+def deeprebirth_preset() -> Pass:
+    return Sequential([lossless(), get_pass("deeprebirth_approx"), lossless()], name="deeprebirth")
