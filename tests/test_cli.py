@@ -63,7 +63,8 @@ def test_optimize_writes_default_output_and_reports(model_path, tmp_path, capsys
     report = json.loads(report_json.read_text())
     assert report["before"]["nodes"] == 6 and report["after"]["nodes"] == 5
     assert report["verify"]["passed"] is True and report["verify"]["mode"] == "equivalence"
-    assert [p["name"] for p in report["passes"] if not p.get("group")][:2] == ["identity", "dead_code"]
+    ran = {p["name"] for p in report["passes"] if not p.get("group")}
+    assert {"identity", "dead_code"} <= ran
     assert "PASS" in out
     assert "PASS" in report_md.read_text()
 

@@ -54,9 +54,11 @@ class Corrupting(Pass):
 
 
 def test_registry_has_cleanup_passes_and_lossless_preset():
+    from graphopt.passes import LOSSLESS
     assert {"dead_code", "identity"} <= set(registered())
-    names = [p.name for p in build_pipeline("lossless").leaves()]
-    assert names[:2] == ["identity", "dead_code"]
+    pipeline = build_pipeline("lossless")
+    assert [p.name for p in pipeline.leaves()] == LOSSLESS and pipeline.lossless
+    assert LOSSLESS[-1] == "dead_code"  # every round ends with a clean graph
 
 
 def test_unknown_pass_and_preset_are_option_errors():
