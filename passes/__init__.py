@@ -9,10 +9,11 @@ adjacent, then the DeepRebirth fusions, and dead code last so each round ends wi
 
 from graphopt.manager import FixedPoint, Pass, Sequential, get_pass, register_preset
 
-from . import branch, cleanup, deeprebirth, simplify  # noqa: F401  (registers their passes)
+from . import branch, cleanup, deeprebirth, simplify, streamline  # noqa: F401  (registers their passes)
 
 LOSSLESS = [
     "constant_to_initializer", "fold_constants", "simplify", "identity", "cse", "dedupe_initializers",
+    "fold_batchnorm", "fold_affine", "fuse_pad", "merge_linear",
     "merge_concat_convs", "merge_sum_branches", "horizontal_fusion",
     "dead_code",
 ]
