@@ -222,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     out = Console()
     err = Console(stderr=True)
+    # onnxruntime's graph optimizers warn through its process-wide logger, not the session's (whose level
+    # ort.py sets). The command line owns its process, so it silences them; a library user keeps control.
+    import onnxruntime
+    onnxruntime.set_default_logger_severity(3)
     try:
         return COMMANDS[args.command](args, out, err)
     except GraphoptError as exc:

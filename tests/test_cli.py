@@ -211,3 +211,14 @@ def test_inspect_and_passes(model_path, capsys):
     assert code == 0 and "Conv" in out
     code, out, _ = run_cli("passes", capsys=capsys)
     assert code == 0 and "dead_code" in out and "lossless" in out
+
+
+def test_quiet_silences_onnxruntime_optimizer_warnings(tmp_path, capfd):
+    # ShuffleNet's exported Unsqueeze nodes make onnxruntime's optimizer warn (through its global
+    # logger, straight to file descriptor 2) when verification measures ORT_ENABLE_ALL's own noise.
+    model = Path(__file__).resolve().parents[1] / "models" / "shufflenet.onnx"
+    if not model.exists():
+        pytest.skip("zoo model not generated")
+    code = cli.main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--samples", "8", "-q"])
+    captured = capfd.readouterr()
+    assert code == 0 and captured.out == "" and captured.err == ""
