@@ -144,14 +144,8 @@ def _imported_domains(opset_import) -> frozenset[str]:
 
 def _copy_fields(src: google.protobuf.message.Message, dst: google.protobuf.message.Message, skip: set[str]) -> None:
     for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        if field.is_repeated:
-            getattr(dst, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(dst, field.name).CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
+        if field.name not in skip:
+            _copy_fields_of(src, dst, field, value)
 
 
 def _function_from_proto(fp: onnx.FunctionProto, source: str, model_domains: frozenset[str]) -> Function:

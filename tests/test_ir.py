@@ -13,21 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.errors import IRError
 from graphopt.ir import CAPTURE, Graph, Namer, Node, Value
 from graphopt.onnx_io import from_proto, to_proto
+from tests.util import parse, run
 
-ort = pytest.importorskip("onnxruntime")
-
-
-def parse(text: str) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(text)
-    model.ir_version = 10  # onnx 1.23 would stamp 14, which onnxruntime 1.31 cannot read
-    return model
-
-
-def run(model: onnx.ModelProto, feeds: dict) -> list:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def value(graph: Graph, name: str) -> Value:

@@ -15,6 +15,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from graphopt.errors import ModelLoadError
 from graphopt.onnx_io import from_proto, load, round_trip, save, to_proto
+from tests.util import parse, run
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -25,19 +26,6 @@ def make_model(graph: onnx.GraphProto, **kwargs) -> onnx.ModelProto:
     kwargs.setdefault("opset_imports", OPSET)
     kwargs.setdefault("ir_version", 10)  # onnx 1.23 would stamp 14, which onnxruntime 1.31 cannot read
     return helper.make_model(graph, **kwargs)
-
-
-def parse(text: str) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(text)
-    model.ir_version = 10
-    return model
-
-
-def run(model: onnx.ModelProto, feeds: dict) -> list:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def assert_exact(proto: onnx.ModelProto, tmp_path: Path | None = None) -> onnx.ModelProto:

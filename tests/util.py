@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime as ort
 from onnx import helper
 
@@ -15,6 +16,13 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17, **graph
     graph = helper.make_graph(nodes, "test", inputs, outputs, list(initializers), **graph_kwargs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
+    return model
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """A model from ONNX text format, with an IR version onnxruntime reads."""
+    model = onnx.parser.parse_model(text)
+    model.ir_version = 10
     return model
 
 
