@@ -48,7 +48,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper, version_converter
+from onnx import version_converter
 from torch import nn
 
 # --------------------------------------------------------------------------
@@ -577,16 +577,18 @@ ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in (
              notes="stride-2 stem, inverted residuals (t=1/4), depthwise 3x3, ReLU6 (Clip), GAP"),
     ArchSpec("inception", "Inception-style", Inception, epochs=5, lr=0.1,
              variants=ALL_VARIANTS,
-             notes="3 modules of 1x1 | 1x1-3x3 | 1x1-5x5 | pool-1x1 branches, Concat"),
+             notes="3 modules, branches 1x1 / 1x1->3x3 / 1x1->5x5 / maxpool->1x1, Concat"),
     ArchSpec("shufflenet", "ShuffleNetV2-style", ShuffleNetV2, epochs=10,
-             lr=0.1, variants=(BN_FOLDED, OPSET11, STATIC_BATCH),
+             lr=0.1, variants=(BN_FOLDED, OPSET11, OPSET_NEWEST, STATIC_BATCH),
              weight_decay=4e-5,
-             notes="stem+maxpool, 2 stages x 3 units, channel split (Split), Concat, shuffle as Reshape-Transpose-Reshape"),
+             notes="stem+maxpool, 2 stages x 3 units, channel split "
+                   "(torch.chunk: Slice pairs in TorchScript exports, Split in "
+                   "dynamo), Concat, shuffle as Reshape-Transpose-Reshape"),
     ArchSpec("senet", "SE-CNN", SENet, epochs=6, lr=0.1,
-             variants=(BN_FOLDED, CONSTANT_WEIGHTS, OPSET_NEWEST),
+             variants=ALL_VARIANTS,
              notes="conv/BN/ReLU stages ending in squeeze-excite (GAP-1x1-ReLU-1x1-Sigmoid-Mul)"),
     ArchSpec("transformer", "ViT-style", ViT, epochs=12, lr=2e-3,
-             variants=(CONSTANT_WEIGHTS, OPSET11, OPSET_NEWEST),
+             variants=(CONSTANT_WEIGHTS, OPSET11, OPSET_NEWEST, STATIC_BATCH),
              optimizer="adamw", weight_decay=0.05,
              notes="7x7 patches, class token, 4 pre-norm layers, dim 64, 4 heads, GELU MLP 128"),
 )}
@@ -912,10 +914,11 @@ def build_arch(spec: ArchSpec, data: Dataset, eval_set: dict, epochs: int
     arch_has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     start = time.time()
     train(spec, model, data, epochs)
-    train_seconds = time.time() - start
-    params, macs = count_params(model), count_macs(model)
-    print(f"  [{spec.name}] torch test accuracy (10,000 images): "
+    # Wall-clock time stays out of the manifest so reruns give equal files.
+    print(f"  [{spec.name}] trained in {time.time() - start:.0f}s; torch test "
+          f"accuracy (10,000 images): "
           f"{torch_accuracy(model, data.test_x, data.test_y):.2f}%", flush=True)
+    params, macs = count_params(model), count_macs(model)
 
     check_x = eval_set["input"][:64]
     reference = torch_logits(model, check_x)
@@ -951,7 +954,6 @@ def build_arch(spec: ArchSpec, data: Dataset, eval_set: dict, epochs: int
             "nodes": len(proto.graph.node),
             "exporter": how,
             "train_epochs": epochs,
-            "train_seconds": round(train_seconds),
         })
     return entries
 
@@ -1049,6 +1051,26 @@ attention MatMuls.
 | opset11 | TorchScript exporter at opset 11 (LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div) |
 | opset_newest | dynamo (torch.export) exporter at opset 23, converted to opset 26 (the newest onnxruntime 1.31 loads) with onnx.version_converter; its optimiser folds BN |
 | static_batch | TorchScript exporter with the batch axis fixed to 1 |
+
+## Things the graphs contain (all produced by the exporters, on purpose)
+
+* TorchScript exports with a dynamic batch compute reshape targets at run
+  time: `shufflenet` (channel shuffle, chunk) and `transformer` (head split,
+  class-token Expand) carry Shape/Gather/Unsqueeze/Concat subgraphs feeding
+  their Reshapes. The static-batch and dynamo exports have (mostly) constant
+  shapes instead.
+* The TorchScript exporter de-duplicates equal initializers and re-creates
+  the copies with Identity nodes: in `resnet` the BN biases of a block's last
+  conv and of its downsample shortcut trained to identical values (they only
+  ever receive the same gradient), so two `Identity` nodes feed BN inputs.
+* ReLU6 is `Clip` with min/max from `Constant` nodes (not initializers).
+* The dynamo exporter's optimiser always folds BN and writes Flatten as
+  Reshape and global pooling as ReduceMean; asked directly for opset 26 it
+  returns an opset-18 model containing Gelu, which onnxruntime rejects, hence
+  export at 23 plus onnx.version_converter.
+* IR versions: opset 11 files are IR 6, opset 17 IR 8 (as the TorchScript
+  exporter stamps them), opset 26 files IR 13 (the lowest onnx allows for
+  opset 26; onnxruntime 1.31 reads up to 13, while onnx 1.23 stamps 14).
 
 ## Architectures
 
