@@ -1,15 +1,21 @@
 """graphopt's passes, one module per family. Importing this package registers them all.
 
-Presets live here because they are the one place that knows about several pass families.
+Presets that combine several pass families live here; a family's own presets live in its module.
 
 Order inside ``lossless`` (repeated to a fixed point): first make constants visible (Constant nodes
 to initializers, folding), then simplify shape ops and remove no-ops so that fusion patterns become
 adjacent, then the DeepRebirth fusions, and dead code last so each round ends with a clean graph.
 """
 
+import importlib
+import pkgutil
+
 from graphopt.manager import FixedPoint, Pass, Sequential, get_pass, register_preset
 
-from . import branch, cleanup, deeprebirth, simplify, streamline  # noqa: F401  (registers their passes)
+# Every module of this package is a pass family; importing it registers its passes (and presets).
+# Sorted, so registration order does not depend on the file system.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 LOSSLESS = [
     "constant_to_initializer", "fold_constants", "simplify", "identity", "cse", "dedupe_initializers",
