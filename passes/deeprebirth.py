@@ -20,12 +20,11 @@ A 3x3 conv + 2x2/2 max pool becomes one 4x4 stride-2 conv: 16/4 = 4 MACs per inp
 
 The fit
 -------
-``W'`` (and ``b'``) minimise ``‖X W' − Y‖² + λ‖W'‖²`` where the rows of ``X`` are the ``K'×K'`` patches of
-the block input (plus a 1 for the bias) on calibration data (``ctx.data``) and ``Y`` the block output of the
-*original* model, so a block also compensates the error of blocks replaced before it. ``XᵀX`` and ``XᵀY``
-are streamed batch by batch in float64 (:class:`CrossGram`; ``graphopt.calibration.Gram`` has ``XᵀX`` only
-and subsamples rows with its own generator, and both products must see the same rows). The normal
-equations ``(XᵀX + λ·tr(XᵀX)/F·I) W' = XᵀY`` are solved directly. When the chain has a ``Relu`` the block
+``W'`` and ``b'`` minimise ``‖X W' + 1b'ᵀ − Y‖² + λ‖W'‖²`` where the rows of ``X`` are the ``K'×K'`` patches
+of the block input on calibration data (``ctx.data``) and ``Y`` the block output of the *original* model, so
+a block also compensates the error of blocks replaced before it. ``XᵀX`` and ``XᵀY`` are streamed batch
+by batch in float64 over the same rows (:class:`graphopt.lstsq.CrossGram`, ``λ`` relative to the mean
+input energy, the bias unpenalised). When the chain has a ``Relu`` the block
 output is ``≥ 0`` and ``Relu(XW')`` is kept: ``|relu(a) − y| ≤ |a − y|`` for ``y ≥ 0``, so the Relu never
 increases the error of the linear fit.
 
@@ -61,6 +60,7 @@ from graphopt import cost as costs
 from graphopt.calibration import Calibrator, SampleData
 from graphopt.cost import Cost
 from graphopt.ir import Graph, Model, Node, Value
+from graphopt.lstsq import CrossGram
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.onnx_io import from_proto, to_proto
 from graphopt.passes.branch import ShapeTable, conv_info, drop_unused
@@ -206,35 +206,8 @@ def block_costs(graph: Graph, block: Block, shapes: ShapeTable) -> tuple[Cost, C
 # least squares
 
 
-class CrossGram:
-    """Streaming ``XᵀX`` and ``XᵀY`` (float64) over the *same* rows of ``X`` and ``Y``."""
-
-    def __init__(self) -> None:
-        self.xtx: np.ndarray | None = None
-        self.xty: np.ndarray | None = None
-        self.count = 0
-
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        if self.xtx is None:
-            self.xtx = np.zeros((x.shape[1], x.shape[1]))
-            self.xty = np.zeros((x.shape[1], y.shape[1]))
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
-        self.count += x.shape[0]
-
-    def solve(self, ridge: float) -> np.ndarray:
-        """``argmin ‖XW − Y‖² + λ‖W‖²`` with ``λ = ridge · tr(XᵀX) / F``."""
-        if self.xtx is None or self.count == 0:
-            raise ValueError("no rows")
-        f = self.xtx.shape[0]
-        lam = ridge * max(np.trace(self.xtx) / f, 1e-12)
-        return np.linalg.solve(self.xtx + lam * np.eye(f), self.xty)
-
-
 def patch_rows(x: np.ndarray, block: Block, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The ``[R, Cin·K'h·K'w + 1]`` patch matrix of ``x`` (a batch), for the output positions ``rows``.
+    """The ``[R, Cin·K'h·K'w]`` patch matrix of ``x`` (a batch), for the output positions ``rows``.
 
     ``rows`` indexes the flattened ``(n, oh, ow)`` grid (``None``: every position); returns ``(X, rows)``.
     """
@@ -249,7 +222,7 @@ def patch_rows(x: np.ndarray, block: Block, rows: np.ndarray | None) -> tuple[np
     b, rest = np.divmod(rows, oh * ow)
     i, j = np.divmod(rest, ow)
     patches = windows[b, :, i, j].reshape(len(rows), -1)  # [R, C, kh, kw] -> [R, C·kh·kw]
-    return np.concatenate([patches, np.ones((len(rows), 1), dtype=patches.dtype)], axis=1), rows
+    return patches, rows
 
 
 def target_rows(y: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -272,10 +245,9 @@ def fit_block(model: Model, reference: Model, block: Block, data: SampleData, rn
             rows = np.sort(rng.choice(positions, size=max_rows, replace=False))
         X, rows = patch_rows(x, block, rows)
         gram.update(X, target_rows(y, rows))
-    solution = gram.solve(ridge)
+    w, b = gram.solve(ridge)
     kh, kw = block.kernel
-    weight = solution[:-1].T.reshape(block.cout, block.cin, kh, kw)
-    return weight, solution[-1]
+    return w.T.reshape(block.cout, block.cin, kh, kw), b
 
 
 def replace_block(graph: Graph, block: Block, weight: np.ndarray, bias: np.ndarray) -> Node:
