@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.add_argument("--groups", action="store_true",
+                   help="list the channel pruning groups (members, producers, consumers, why frozen)")
     _add_common(p)
 
     p = sub.add_parser("passes", help="list the registered passes and presets")
@@ -151,6 +153,8 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
+    if args.groups:
+        return _inspect_groups(args, out)
     cost = api.inspect(args.model, input_shapes=calibration.parse_input_shapes(args.input_shape))
     if args.json:
         out.print_json(json.dumps(cost.to_dict()))
@@ -189,6 +193,46 @@ def print_inspection(cost: analysis.ModelCost, console: Console) -> None:
     for row in analysis.layer_rows(cost):
         layers.add_row(*(Text(c) for c in row))
     console.print(layers)
+
+
+def _inspect_groups(args: argparse.Namespace, out: Console) -> int:
+    from . import channels
+    ir, _ = api.load_model(args.model)
+    result = channels.analyze(ir, calibration.parse_input_shapes(args.input_shape) or None)
+    if args.json:
+        out.print_json(json.dumps(result.to_dict()))
+    elif not args.quiet:
+        print_groups(result, out)
+    return EXIT_OK
+
+
+def print_groups(result: Any, console: Console) -> None:
+    """The channel groups table of ``graphopt inspect --groups``: one row per group."""
+    from rich.table import Table
+    from rich.text import Text
+    prunable = result.prunable()
+    title = (f"Channel groups: {len(result.groups)}, prunable {len(prunable)}, "
+             f"frozen {len(result.frozen())}")
+    table = Table(title=title, title_justify="left", show_lines=True)
+    for col in ("gid", "size", "status", "producers", "consumers", "members"):
+        table.add_column(col, justify="right" if col in ("gid", "size") else "left",
+                         overflow="fold", no_wrap=col in ("gid", "size"))
+    for g in result.groups:
+        if g.frozen is not None:
+            status = Text(f"frozen: {g.frozen}", style="yellow")
+        elif g.size < 2:
+            status = Text("single channel", style="dim")
+        else:
+            status = Text("prunable", style="green")
+        producers = sorted({p.node for p in g.producers})
+        consumers = sorted({c.node for c in g.consumers})
+        # value[axes], and "xK" when a channel is K positions there (a flattened block, a shuffle's groups)
+        members = [f"{m.value}[{','.join(map(str, m.axes))}]"
+                   + (f" x{m.index_map.shape[1]}" if m.index_map.shape[1] > 1 else "")
+                   for m in g.members if not m.is_param]
+        table.add_row(str(g.gid), str(g.size), status, Text("\n".join(producers) or "-"),
+                      Text("\n".join(consumers) or "-"), Text("\n".join(members) or "-"))
+    console.print(table)
 
 
 def cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
