@@ -10,11 +10,21 @@ Two entry points:
 
 Large float weights are passed to onnx as data-less stubs: shape inference needs their dims only,
 and a 100 MB model is not copied.
+
+:func:`symbolic_dims` adds onnxruntime's symbolic shape inference
+(``onnxruntime.tools.symbolic_shape_infer``) for the main graph. onnx's own inference gives a dim it
+cannot relate to its source a fresh name (``unk__3``): ``Concat`` of ``[?, 1, 64]`` and ``[batch, 16, 64]``
+is ``[unk__1, 17, 64]``, and a shape computed through ``Shape -> Gather -> Concat -> Expand`` is lost.
+The symbolic engine evaluates shape tensors and keeps ``batch`` through all of that. It runs with
+``auto_merge=False``: two different symbols are never assumed equal (with broadcasting one of them
+could be 1), so an equal name always means an equal value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -78,6 +88,93 @@ def inferred_types(model: Model, input_shapes: InputShapes | None = None,
     out: dict[Graph, dict[str, onnx.TypeProto]] = {}
     _collect(model.graph, inferred.graph, out)
     return out
+
+
+SymbolicDims = dict[str, tuple[int | str | None, ...]]
+_ENGINE: list = []
+
+
+def _symbolic_engine() -> Any:
+    """onnxruntime's ``SymbolicShapeInference`` class, loaded from its file.
+
+    ``import onnxruntime.tools.symbolic_shape_infer`` would first run ``onnxruntime/tools/__init__.py``,
+    which imports torch when it is installed (about 9 s); the module itself needs only onnx, numpy and
+    sympy. Returns None when it cannot be loaded.
+    """
+    if not _ENGINE:
+        engine = None
+        try:
+            import importlib.util
+            import sys
+
+            import onnxruntime
+            path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+            name = "graphopt._ort_symbolic_shape_infer"
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            engine = module.SymbolicShapeInference
+        except Exception:  # noqa: BLE001 - missing file or sympy: no symbolic knowledge, nothing else changes
+            engine = None
+        _ENGINE.append(engine)
+    return _ENGINE[0]
+
+
+def symbolic_dims(model: Model) -> SymbolicDims | None:
+    """``name -> dims`` (int, symbol string, or None) of main-graph values from onnxruntime's symbolic
+    shape inference; None when it is unavailable or fails on this model (it is an extra source of
+    knowledge, never required). The IR's own stored shapes are not fed in, so nothing stale survives.
+    """
+    engine = _symbolic_engine()
+    if engine is None:
+        return None
+    proto = to_proto(model, weights=False)
+    proto.graph.ClearField("value_info")
+    # Weights written as data-less stubs become typed inputs: the engine evaluates small constant
+    # tensors (and would read a stub as empty), and it needs only the dims of a weight.
+    kept = []
+    for tensor in proto.graph.initializer:
+        stub = not tensor.raw_data and not _has_typed_data(tensor) and all(d > 0 for d in tensor.dims) \
+            and len(tensor.dims) > 0
+        if stub:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+        else:
+            kept.append(tensor)
+    if len(kept) != len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    del proto.graph.output[:]  # outputs' declared shapes are no evidence either; re-add names only
+    for value in model.graph.outputs:
+        proto.graph.output.add().name = value.name
+    import logging
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        out = engine.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - any failure there only means "no extra knowledge"
+        return None
+    finally:
+        logger.setLevel(level)
+    if out is None:
+        return None
+    dims: SymbolicDims = {}
+    for vi in list(out.graph.value_info) + list(out.graph.output) + list(out.graph.input):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.HasField("shape"):
+            continue
+        dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim)
+    return dims
+
+
+def _has_typed_data(tensor: onnx.TensorProto) -> bool:
+    return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                 "uint64_data", "string_data")) or tensor.HasField("data_location")
 
 
 def infer_shapes(model: Model, *, reset: bool = False, strict: bool = False) -> None:

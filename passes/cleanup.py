@@ -106,7 +106,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.rewrite import remove_dead
-from graphopt.shapes import inferred_types
+from graphopt.shapes import inferred_types, symbolic_dims
 
 # Domains whose ops are pure functions of their inputs: unused results can be dropped.
 PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -244,6 +244,9 @@ class TypeTable:
 
     def __init__(self, model: Model) -> None:
         self._types: dict[Value, onnx.TypeProto] = {}
+        self._model = model
+        self._symbolic: dict | None = None
+        self._main_values = set(model.graph.values())
         try:
             inferred = inferred_types(model)
         except GraphoptError:
@@ -274,6 +277,32 @@ class TypeTable:
         if tt is None or not tt.HasField("shape"):
             return None
         return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+    def symbols(self, value: Value) -> tuple[int | str | None, ...] | None:
+        """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
+
+        Two equal symbols hold the same value at run time. For values of the main graph the symbols
+        come from onnxruntime's symbolic shape inference (:func:`graphopt.shapes.symbolic_dims`, run on
+        first use), which relates dims through shape arithmetic; elsewhere, or when it fails, from onnx's
+        inference, whose fresh names (``unk__N``) are unique too. The two namespaces are never mixed.
+        """
+        if value.is_initializer:
+            return tuple(int(d) for d in value.shape)
+        dims = self.dims(value)
+        if self._symbolic is None:
+            self._symbolic = symbolic_dims(self._model) or {}
+        if self._symbolic and value in self._main_values:
+            found = self._symbolic.get(value.name)
+            if found is None or (dims is not None and len(found) != len(dims)):
+                return dims
+            dims = dims if dims is not None else (None,) * len(found)
+            return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
+                         for d, f in zip(dims, found))
+        tt = self._tensor_type(value)
+        if tt is None or not tt.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else (f"o:{d.dim_param}" if d.dim_param else None)
+                     for d in tt.shape.dim)
 
     def static_shape(self, value: Value) -> tuple[int, ...] | None:
         dims = self.dims(value)

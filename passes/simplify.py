@@ -22,7 +22,24 @@ Cancellations and chains
     ``Reshape(Reshape(x, s1), s2)`` and ``Reshape(Flatten(x), s2)`` are ``Reshape(x, s2)``: a reshape only
     reads its input's element count, which the middle tensor shares with ``x``. Needs ``s2`` constant.
     With ``allowzero = 0`` a ``0`` in ``s2`` copies the *middle* tensor's dim: it is replaced by that dim
-    when static, else the rule refuses. ``-1`` is inferred from the element count, which is unchanged.
+    when static; one dynamic copied dim becomes ``-1`` when every other entry of ``s2`` and every other dim
+    of the middle tensor is static with equal products (then ``-1`` can only be that dim); else the rule
+    refuses. ``-1`` is inferred from the element count, which is unchanged.
+
+Shape tensors computed from ``Shape``
+------------------------------------
+Exporters rebuild a dynamic batch dim at run time: ``Reshape(x, Concat(Unsqueeze(Gather(Shape(t), 0)), 17, 64))``.
+:func:`shape_entries` evaluates such an int64 vector symbolically (Shape, Gather, Slice, Unsqueeze, Squeeze,
+Concat, int64 Cast, constants): each entry is a static int or the set of names of a dynamic dim (``dim i of
+value v``, or its symbol from shape inference — onnx's, or onnxruntime's symbolic engine for main-graph values,
+see :meth:`TypeTable.symbols`).
+
+``reshape_shape_target``
+    Reshape(x, computed) -> Reshape(x, constant); see :class:`ReshapeShapeTarget` for when an entry becomes
+    ``0`` (it is x's own dim at that position) or ``-1`` (the element count proves it).
+``shape_where_equal``
+    ``Where(Equal(s, k), a, s)`` (torch's ``expand(B, -1, -1)``) -> a Concat of ``s``'s pieces and constants,
+    when every comparison is decided (a dim is never negative); see :class:`ShapeWhereEqual`.
 
 No-ops (``y = x``)
 ------------------
@@ -52,6 +69,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Pass, PassContext, PassResult, register
@@ -264,11 +282,23 @@ class ReshapeChain(_TypedRule):
         copied = [i for i, s in enumerate(target) if s == 0] if not node.attr("allowzero", 0) else []
         if copied:
             middle = self.types.dims(inner.outputs[0])
-            if middle is None or any(i >= len(middle) or middle[i] is None for i in copied):
+            if middle is None or any(i >= len(middle) for i in copied):
                 return "a 0 entry copies a non-static dim of the middle tensor"
             target = target.copy()
+            dynamic = [i for i in copied if middle[i] is None]
+            if dynamic:
+                # One copied dynamic dim m_i can be written as -1 when everything else is static and the
+                # other entries multiply to the product of the middle tensor's other dims: then
+                # -1 = |x| / prod(others) = m_i · prod(middle others) / prod(others) = m_i.
+                others = [int(t) if t != 0 else middle[i] for i, t in enumerate(target) if i != dynamic[0]]
+                middle_others = [d for i, d in enumerate(middle) if i != dynamic[0]]
+                if len(dynamic) > 1 or -1 in others or None in others or None in middle_others \
+                        or 0 in others or np.prod(others, dtype=np.int64) != np.prod(middle_others, dtype=np.int64):
+                    return "a 0 entry copies a non-static dim of the middle tensor"
+                target[dynamic[0]] = -1
             for i in copied:
-                target[i] = middle[i]
+                if middle[i] is not None:
+                    target[i] = middle[i]
         return Match(node, nodes={"inner": inner}, arrays={"shape": target}, extra={"new_shape": bool(copied)})
 
     def rewrite(self, graph: Graph, match: Match) -> None:
@@ -446,11 +476,262 @@ class NeutralElement(_TypedRule):
         _bypass(graph, match.node.outputs[0], match.values["x"], [match.node])
 
 
+# ---------------------------------------------------------------------------------------------
+# shape tensors computed from Shape: evaluated symbolically
+
+# One entry of a 1-D shape tensor: a static int, or the set of names a dynamic dim is known by
+# (``("dim", value, index)`` for "dim ``index`` of ``value``" and ``("sym", dim_param)``).
+Entry = int | frozenset
+_MAX_DEPTH = 12
+
+
+def _dim_keys(types: TypeTable, value: Value, index: int) -> Entry | None:
+    """Dim ``index`` of ``value``: its static size, or the names it is known by; None if out of range."""
+    symbols = types.symbols(value)
+    if symbols is None or not 0 <= index < len(symbols):
+        return None
+    d = symbols[index]
+    if isinstance(d, int):
+        return d
+    keys = {("dim", value, index)}
+    if isinstance(d, str):
+        keys.add(("sym", d))
+    return frozenset(keys)
+
+
+def shape_entries(graph: Graph, types: TypeTable, value: Value | None,
+                  depth: int = 0) -> tuple[list[Entry], bool] | None:
+    """Evaluate an int64 shape tensor built from ``Shape`` (Gather/Slice/Unsqueeze/Squeeze/Concat of it
+    and constants) into entries; returns ``(entries, is_scalar)`` or None when it cannot be followed.
+
+    ``Shape(t)[i]`` is dim ``i`` of ``t``: a static size, or a symbol that stands for that dim.
+    """
+    if value is None or depth > _MAX_DEPTH:
+        return None
+    const = constant_of(graph, value)
+    if const is not None:
+        if const.dtype not in (np.int64, np.int32) or const.ndim > 1:
+            return None
+        return [int(v) for v in const.reshape(-1)], const.ndim == 0
+    node = graph.producer(value)
+    if node is None or node.domain not in ("", "ai.onnx") or node.outputs[0] is not value:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        symbols = types.symbols(node.inputs[0])
+        if symbols is None:
+            return None
+        rank = len(symbols)
+
+        def clamp(i: int) -> int:
+            return min(max(i + rank if i < 0 else i, 0), rank)
+
+        start, end = clamp(node.attr("start", 0)), clamp(node.attr("end", rank))
+        entries = [_dim_keys(types, node.inputs[0], i) for i in range(start, end)]
+        return entries, False  # type: ignore[return-value]
+    if op == "Identity":
+        return shape_entries(graph, types, node.inputs[0], depth + 1)
+    if op == "Cast":
+        inner = shape_entries(graph, types, node.inputs[0], depth + 1)
+        src = types.dtype(node.inputs[0])
+        # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
+        return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
+    if op == "Gather":
+        if node.attr("axis", 0) != 0:
+            return None
+        data = shape_entries(graph, types, node.inputs[0], depth + 1)
+        idx = const_input(graph, node, 1)
+        if data is None or data[1] or idx is None or idx.ndim > 1 or not np.issubdtype(idx.dtype, np.integer):
+            return None
+        n = len(data[0])
+        picked = []
+        for i in idx.reshape(-1).tolist():
+            if not -n <= i < n:
+                return None
+            picked.append(data[0][i])
+        return picked, idx.ndim == 0
+    if op == "Slice":
+        data = shape_entries(graph, types, node.inputs[0], depth + 1)
+        bounds = slice_bounds(node, graph)
+        if data is None or data[1] or bounds is None:
+            return None
+        starts, ends, axes, steps = bounds
+        if len(starts) != 1 or axes not in (None, [0], [-1]) or steps[0] != 1:
+            return None
+        return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
+    if op in ("Unsqueeze", "Squeeze"):
+        data = shape_entries(graph, types, node.inputs[0], depth + 1)
+        axes = _axes(graph, node)
+        if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
+            return None
+        entries, scalar = data
+        if op == "Unsqueeze":
+            return (entries, False) if scalar else None
+        return (entries, True) if not scalar and len(entries) == 1 else None
+    if op == "Concat":
+        if node.attr("axis") not in (0, -1):
+            return None
+        out: list[Entry] = []
+        for x in node.inputs:
+            part = shape_entries(graph, types, x, depth + 1)
+            if part is None or part[1]:
+                return None
+            out += part[0]
+        return out, False
+    return None
+
+
+class ReshapeShapeTarget(_TypedRule):
+    """Reshape(x, Concat(Shape-derived dims, constants)) -> Reshape(x, constant).
+
+    The target is evaluated symbolically (:func:`shape_entries`). An entry that is dim ``k`` of ``x``
+    itself (the same tensor and index, or the same ``dim_param``) at position ``k`` becomes ``0``, which
+    with ``allowzero = 0`` copies exactly that dim. If one dynamic entry is left, it becomes ``-1`` when the
+    element count proves it: every other entry is static, and ``x`` has static dims whose product equals
+    theirs plus one dynamic dim known by the same name, so ``-1 = |x| / prod(others)`` is that dim
+    (even when it is 0, since the others are non-zero). Refused with ``allowzero = 1`` (0 would mean an
+    empty dim) and when an entry cannot be proved.
+    """
+
+    name = "reshape_shape_target"
+    root_ops = ("Reshape",)
+
+    def match(self, graph: Graph, node: Node) -> Match | str:
+        if len(node.inputs) < 2 or const_input(graph, node, 1) is not None:
+            return NoMatch("target shape is constant")
+        evaluated = shape_entries(graph, self.types, node.inputs[1])
+        if evaluated is None or evaluated[1]:
+            return NoMatch("target is not built from Shape and constants")
+        if node.attr("allowzero", 0):
+            return "allowzero = 1: a copied dim cannot be written as 0"
+        entries = evaluated[0]
+        x = node.inputs[0]
+        symbols = self.types.symbols(x)
+        rank = None if symbols is None else len(symbols)
+        target: list[int | None] = []
+        for k, e in enumerate(entries):
+            if isinstance(e, int):
+                target.append(e)
+                continue
+            mine = _dim_keys(self.types, x, k) if rank is not None and k < rank else None
+            target.append(0 if isinstance(mine, frozenset) and mine & e else None)
+        open_ = [k for k, t in enumerate(target) if t is None]
+        if len(open_) > 1:
+            return "more than one target dim is not a dim of the input"
+        if open_:
+            k = open_[0]
+            if -1 in target or symbols is None:
+                return "a target dim is not a dim of the input"
+            dynamic = [i for i, d in enumerate(symbols) if not isinstance(d, int)]
+            if len(dynamic) != 1 or not (_dim_keys(self.types, x, dynamic[0]) & entries[k]):  # type: ignore[operator]
+                return "a target dim is not a dim of the input"
+            others = [symbols[i] if t == 0 else t for i, t in enumerate(target) if i != k]
+            if any(not isinstance(o, int) or o <= 0 for o in others):
+                return "a target dim is not a dim of the input"
+            have = int(np.prod([d for d in symbols if isinstance(d, int)], dtype=np.int64))
+            if have != int(np.prod(others, dtype=np.int64)):
+                return "element count does not prove the inferred dim"
+            target[k] = -1
+        if target.count(-1) > 1:
+            return "more than one -1"
+        return Match(node, arrays={"shape": np.array(target, np.int64)})
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        node = match.node
+        old = node.inputs[1]
+        graph.set_input(node, 1, graph.add_initializer(match.arrays["shape"], f"{node.name or 'Reshape'}_shape"))
+        remove_dead(graph, _producers(graph, old))
+
+
+def _producers(graph: Graph, value: Value) -> list[Node]:
+    """The nodes that compute ``value`` (within :data:`_MAX_DEPTH` steps), for removal once unread."""
+    out: list[Node] = []
+    frontier = [value]
+    for _ in range(_MAX_DEPTH + 1):
+        nxt = []
+        for v in frontier:
+            p = graph.producer(v) if v is not None else None
+            if p is not None and p not in out and not p.subgraphs:
+                out.append(p)
+                nxt += list(p.inputs)
+        frontier = nxt
+    return out
+
+
+class ShapeWhereEqual(_TypedRule):
+    """``Where(Equal(s, k), a, s)`` on a shape tensor ``s = Concat(p_1, …, p_m)`` -> ``Concat`` of the pieces and
+    of constant slices of ``a``, when every comparison is decided statically.
+
+    This is how exporters write ``x.expand(B, -1, -1)``: ``s = [B, -1, -1]``, and ``-1`` entries are replaced by
+    1. An entry that is a static int compares as that int; an entry that is a dim of a tensor is ``>= 0``,
+    so it never equals a negative ``k[i]``. Each piece must be kept or replaced as a whole. The result is the
+    same int64 vector, and onnx's shape inference can follow a ``Concat`` (it cannot follow ``Where``), so
+    the shape of what reads it becomes known.
+    """
+
+    name = "shape_where_equal"
+    root_ops = ("Where",)
+
+    def match(self, graph: Graph, node: Node) -> Match | str:
+        if len(node.inputs) != 3:
+            return NoMatch("not a Where")
+        cond, a, s = node.inputs
+        eq = producer_op(graph, cond, "Equal")
+        concat = producer_op(graph, s, "Concat")
+        if eq is None or concat is None or s not in eq.inputs or node.inputs[0] is s:
+            return NoMatch("not Where(Equal(s, k), a, s) on a Concat")
+        k = const_input(graph, eq, 1 if eq.inputs[0] is s else 0)
+        a_const = constant_of(graph, a)
+        entries = shape_entries(graph, self.types, s)
+        if k is None or a_const is None or entries is None or entries[1]:
+            return NoMatch("k or a not constant, or s not a shape tensor")
+        entries = entries[0]
+        n = len(entries)
+        if k.ndim > 1 or a_const.ndim > 1 or k.size not in (1, n) or a_const.size not in (1, n) \
+                or a_const.dtype != np.int64:
+            return "k or a does not broadcast along s"
+        k_b = np.broadcast_to(k.reshape(-1), (n,))
+        a_b = np.broadcast_to(a_const.reshape(-1), (n,))
+        take: list[bool] = []
+        for e, ki in zip(entries, k_b):
+            if isinstance(e, int):
+                take.append(e == int(ki))
+            elif int(ki) < 0:
+                take.append(False)  # a dim is never negative
+            else:
+                return "a comparison depends on a dynamic dim"
+        pieces: list[Value | np.ndarray] = []
+        pos = 0
+        for piece in concat.inputs:
+            part = shape_entries(graph, self.types, piece)
+            if part is None or part[1]:
+                return "a piece of s is not a 1-D shape tensor"
+            size = len(part[0])
+            chosen = take[pos:pos + size]
+            if all(chosen):
+                pieces.append(np.array(a_b[pos:pos + size], np.int64))
+            elif not any(chosen):
+                pieces.append(piece)
+            else:
+                return "a piece of s is partly replaced"
+            pos += size
+        return Match(node, nodes={"concat": concat}, extra={"pieces": pieces})
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        node = match.node
+        hint = node.name or "Where"
+        inputs = [p if isinstance(p, Value) else graph.add_initializer(p, f"{hint}_piece") for p in match.extra["pieces"]]
+        new = graph.add_node("Concat", inputs, [f"{hint}_shape"], {"axis": 0}, name=f"{hint}_shape", anchor=node)
+        new.outputs[0].type = node.outputs[0].type
+        graph.replace_all_uses(node.outputs[0], new.outputs[0])
+        remove_dead(graph, [node, *_producers(graph, node.inputs[0])])
+
+
 def rules(types: TypeTable) -> list[Rule]:
     """The rules of ``simplify``, no-ops before pairs on the same op."""
     return [cls(types) for cls in (NoopTranspose, TransposePair, SqueezeUnsqueeze, UnsqueezeSqueeze, NoopReshape,
                                    ReshapeChain, NoopCast, NoopSlice, NoopExpand, NoopPad, SingleConcat, SingleSplit,
-                                   NeutralElement)]
+                                   NeutralElement, ReshapeShapeTarget, ShapeWhereEqual)]
 
 
 @register

@@ -175,6 +175,125 @@ def test_reshape_chain_writes_the_resolved_target():
     assert sorted(shapes) == ["s1", "s2_1"]  # s1 is dead_code's to remove; s2 was replaced
 
 
+def test_reshape_chain_writes_a_copied_dynamic_dim_as_minus_one():
+    # [N, 6] -> [N, 2, 3] -> [0, 3, 2]: the 0 copies N; everything else is static with equal products (3·2 = 2·3)
+    proto = parse("""
+        g (float[N, 6] x) => (float[N, 3, 2] y) <int64[3] s1 = {-1, 2, 3}, int64[3] s2 = {0, 3, 2}> {
+            m = Reshape(x, s1)
+            r = Reshape(m, s2)
+            y = Relu(r)
+        }""")
+    result, out = simplify(proto)
+    assert result.stats["applied"] == {"reshape_chain": 1} and op_types(out) == ["Reshape", "Relu"]
+    shapes = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in out.graph.initializer}
+    assert shapes[out.graph.node[0].input[1]] == [-1, 3, 2]
+    assert_same(proto, out, feeds_for(proto))
+
+
+# Reshape targets computed from Shape (the shape of a batch-dynamic tensor re-assembled by the exporter).
+RESHAPE_FROM_SHAPE = {
+    # channel shuffle: [N, 4, 3, 3] -> [N, 2, 2, 3, 3]; the batch entry is x's own dim 0 -> 0
+    "own_dim": ("""
+        g (float[N, 4, 3, 3] x) => (float[N, 2, 2, 3, 3] y)
+          <int64 zero = {0}, int64[1] ax = {0}, int64[4] rest = {2, 2, 3, 3}> {
+            s = Shape(x)
+            b = Gather(s, zero)
+            u = Unsqueeze(b, ax)
+            t = Concat<axis = 0>(u, rest)
+            y = Reshape(x, t)
+        }""", [0, 2, 2, 3, 3]),
+    # the batch dim read from another tensor with the same symbol (attention heads: [N, 6, 8] -> [N, 6, 2, 4])
+    "same_symbol": ("""
+        g (float[N, 6, 8] x) => (float[N, 6, 2, 4] y)
+          <int64[1] first = {0}, int64[1] second = {1}, int64[3] heads = {6, 2, 4}> {
+            r = Relu(x)
+            s = Shape(x)
+            b = Slice(s, first, second)
+            t = Concat<axis = 0>(b, heads)
+            t2 = Concat<axis = 0>(t)
+            y = Reshape(r, t2)
+        }""", [0, 6, 2, 4]),
+    # the dynamic dim moves: [4, N] -> [N, 4]; the element count proves -1 = N
+    "moved_dim": ("""
+        g (float[4, N] x) => (float[N, 4] y) <int64 one = {1}, int64[1] ax = {0}, int64[1] four = {4}> {
+            s = Shape(x)
+            n = Gather(s, one)
+            u = Unsqueeze(n, ax)
+            t = Concat<axis = 0>(u, four)
+            y = Reshape(x, t)
+        }""", [-1, 4]),
+}
+
+
+@pytest.mark.parametrize("case", list(RESHAPE_FROM_SHAPE))
+def test_reshape_target_from_shape_becomes_constant(case):
+    body, expected = RESHAPE_FROM_SHAPE[case]
+    proto = parse(body)
+    result, out = simplify(proto)
+    assert result.stats["applied"].get("reshape_shape_target") == 1
+    assert "Shape" not in op_types(out) and "Concat" not in op_types(out)  # the shape arithmetic is gone
+    reshape = next(n for n in out.graph.node if n.op_type == "Reshape")
+    target = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in out.graph.initializer}[reshape.input[1]]
+    assert target == expected
+    for batch in (1, 3):
+        assert_same(proto, out, feeds_for(proto, batch))
+
+
+@pytest.mark.parametrize("body", [
+    # another tensor's symbolic dim, unrelated to x's
+    """g (float[N, 4] x, float[M, 2] z) => (float[M, 8] y) <int64 zero = {0}, int64[1] ax = {0}, int64[1] e = {8}> {
+            s = Shape(z)
+            m = Gather(s, zero)
+            u = Unsqueeze(m, ax)
+            t = Concat<axis = 0>(u, e)
+            y = Reshape(x, t)
+        }""",
+    # allowzero = 1: a copied dim cannot be written as 0
+    """g (float[N, 4] x) => (float[N, 4] y) <int64 zero = {0}, int64[1] ax = {0}, int64[1] e = {4}> {
+            s = Shape(x)
+            m = Gather(s, zero)
+            u = Unsqueeze(m, ax)
+            t = Concat<axis = 0>(u, e)
+            y = Reshape<allowzero = 1>(x, t)
+        }""",
+])
+def test_reshape_target_from_shape_refused(body):
+    proto = parse(body)
+    result, out = simplify(proto)
+    assert "reshape_shape_target" not in result.stats["applied"]
+    assert out == proto
+
+
+EXPAND_IDIOM = """
+        g (float[N, 4] x) => (float[N, 1, 4] y)
+          <int64 zero = {0}, int64[1] ax = {0}, int64[1] m1 = {-1}, int64[3] k = {-1, -1, -1},
+           int64[3] ones = {1, 1, 1}, float[1, 1, 4] token = {1.0, 2.0, 3.0, 4.0}> {
+            s = Shape(x)
+            b = Gather(s, zero)
+            u = Unsqueeze(b, ax)
+            c = Concat<axis = 0>(u, m1, m1)
+            e = Equal(c, k)
+            w = Where(e, ones, c)
+            y = Expand(token, w)
+        }"""
+
+
+def test_expand_shape_idiom_becomes_a_concat():
+    # torch's x.expand(B, -1, -1): Where(Equal([B, -1, -1], -1), 1, [B, -1, -1]) is [B, 1, 1] (B >= 0 is no -1)
+    proto = parse(EXPAND_IDIOM)
+    result, out = simplify(proto)
+    assert result.stats["applied"] == {"shape_where_equal": 1}
+    assert "Where" not in op_types(out) and "Equal" not in op_types(out)
+    for batch in (1, 3):
+        assert_same(proto, out, feeds_for(proto, batch))
+
+
+def test_expand_shape_idiom_with_a_possibly_equal_dim_is_refused():
+    proto = parse(EXPAND_IDIOM.replace("k = {-1, -1, -1}", "k = {2, -1, -1}"))  # B == 2 is decided at run time
+    result, out = simplify(proto)
+    assert "shape_where_equal" not in result.stats["applied"] and out == proto
+
+
 NEGATIVE = {
     "transpose_inner_read_elsewhere": """
         g (float[2, 3, 4] x) => (float[3, 4, 2] y, float[3, 2, 4] t) {
@@ -199,7 +318,7 @@ NEGATIVE = {
             y = Relu(s)
         }""",
     "reshape_zero_copies_symbolic_dim": """
-        g (float[N, 6] x) => (float[N, 6] y) <int64[3] s1 = {-1, 2, 3}, int64[2] s2 = {0, 6}> {
+        g (float[N, 6] x) => (float[N, 6] y) <int64[3] s1 = {-1, 2, 3}, int64[2] s2 = {0, -1}> {
             m = Reshape(x, s1)
             y = Reshape(m, s2)
         }""",

@@ -17,7 +17,7 @@ from graphopt.manager import PassContext
 from tests.util import init, make_model, op_types, run, tensor
 
 PASSES = {p.name: p for p in (streamline.FoldBatchNorm, streamline.FoldAffine, streamline.FusePad,
-                              streamline.MergeLinear)}
+                              streamline.MergeLinear, streamline.GemmRows)}
 
 
 def optimize(pass_name: str, proto: onnx.ModelProto):
@@ -552,6 +552,39 @@ def test_matmul_add_on_3d_input_is_left_alone():
                        [tensor("x", ["N", 2, 3])], [tensor("y", ["N", 2, 4])],
                        [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4))])
     assert_unchanged("merge_linear", proto, "the MatMul is not 2-D x 2-D")
+
+
+def test_matmul_add_on_3d_input_becomes_gemm_on_rows():
+    rng = np.random.default_rng(45)
+    proto = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["b", "m"], ["y"])],
+                       [tensor("x", ["N", 2, 3])], [tensor("y", ["N", 2, 4])],
+                       [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4))])
+    result, out = optimize("gemm_rows", proto)
+    assert applied(result) == {"matmul_add_to_gemm_rows": 1} and op_types(out) == ["Reshape", "Gemm", "Reshape"]
+    shapes = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in out.graph.initializer}
+    assert [shapes[n.input[1]] for n in out.graph.node if n.op_type == "Reshape"] == [[-1, 3], [-1, 2, 4]]
+    assert [o.name for o in out.graph.output] == ["y"]
+    for batch in (1, 3):
+        assert_same(proto, out, {"x": rand(rng, batch, 2, 3)})
+
+
+def test_gemm_rows_refusals():
+    rng = np.random.default_rng(46)
+    # two dynamic leading dims: the result's shape cannot be written as a constant
+    two = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                     [tensor("x", ["N", "T", 3])], [tensor("y", ["N", "T", 4])],
+                     [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4))])
+    assert_unchanged("gemm_rows", two, "more than one leading dim is dynamic (the result's shape cannot be "
+                                       "written back)")
+    # the biased output feeds a GELU: onnxruntime's BiasGelu takes the Add
+    gelu = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+                       helper.make_node("Div", ["h", "rt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                       helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["h", "p"], ["q"]),
+                       helper.make_node("Mul", ["q", "half"], ["y"])],
+                      [tensor("x", ["N", 2, 3])], [tensor("y", ["N", 2, 4])],
+                      [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4)), init("rt2", np.float32(np.sqrt(2))),
+                       init("one", np.float32(1)), init("half", np.float32(0.5))])
+    assert_unchanged("gemm_rows", gelu, "feeds a GELU (onnxruntime fuses the bias Add into BiasGelu)")
 
 
 def test_gemm_chain_merges():

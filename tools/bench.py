@@ -16,7 +16,7 @@ Commands::
 
     python tools/bench.py compare MODEL [--tools onnxsim,onnxslim,onnxoptimizer] [--graphopt "--preset lossless"]
     python tools/bench.py lossless [--models vgg,resnet,...]      # the zoo, lossless tools (issue 4 table)
-    python tools/bench.py write BENCHMARKS.md                       # regenerate every table
+    python tools/bench.py write BENCHMARKS.md                       # regenerate the lossless section only
 
 Comparison tools are benchmark extras: ``pip install -e '.[bench]'``.
 """
@@ -27,7 +27,6 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -154,10 +153,21 @@ def _quality(row: Row, original: onnx.ModelProto, proto: onnx.ModelProto, data: 
     reference_accuracy[0] = report.accuracy_reference
 
 
+def _timer(clock: str, threads: int | None) -> Callable[[], float]:
+    """``wall``: elapsed time. ``cpu``: this process's CPU time, for 1-thread configurations only.
+
+    With one intra-op thread onnxruntime runs every kernel on the calling thread and never spins, so the
+    process's CPU time is the work done; unlike elapsed time it does not grow while the process waits for
+    a core another process holds, which on a shared machine is most of the noise.
+    """
+    return time.process_time if clock == "cpu" and threads == 1 else time.perf_counter
+
+
 def _latency(rows: list[Row], protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray],
-             configs: Sequence[str], runs: int, warmup: int) -> None:
+             configs: Sequence[str], runs: int, warmup: int, clock: str = "wall") -> None:
     for config in configs:
         threads, optimize = CONFIGS[config]
+        timer = _timer(clock, threads)
         sessions = {}
         for row in rows:
             if row.status == "ok":
@@ -170,9 +180,9 @@ def _latency(rows: list[Row], protos: dict[str, onnx.ModelProto], feeds: dict[st
         for r in range(runs):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]  # rotate who goes first: no position bias
-                start = time.perf_counter()
+                start = timer()
                 sessions[name].run(None, feeds)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timer() - start)
         for row in rows:
             if row.name in times:
                 row.latency_ms[config] = statistics.median(times[row.name]) * 1e3
@@ -182,7 +192,8 @@ def _latency(rows: list[Row], protos: dict[str, onnx.ModelProto], feeds: dict[st
 
 
 def measure(model: Path, candidates: dict[str, Producer], *, data: SampleData | None, batch: int, runs: int,
-            warmup: int = 3, configs: Sequence[str] = tuple(CONFIGS)) -> tuple[list[Row], float | None]:
+            warmup: int = 3, configs: Sequence[str] = tuple(CONFIGS),
+            clock: str = "wall") -> tuple[list[Row], float | None]:
     """Make every candidate from ``model`` and measure them all in one run. Row 0 is the original."""
     original = onnx.load(model)
     ir = onnx_io.from_proto(original)
@@ -212,7 +223,7 @@ def measure(model: Path, candidates: dict[str, Producer], *, data: SampleData | 
             _quality(row, original, protos[row.name], data, reference_accuracy)
         except Exception as exc:
             row.status = f"cannot compare: {str(exc)[:160]}"
-    _latency(rows, protos, feeds, configs, runs, warmup)
+    _latency(rows, protos, feeds, configs, runs, warmup, clock)
     return rows, reference_accuracy[0]
 
 
@@ -278,7 +289,7 @@ def suite_lossless(args: argparse.Namespace) -> list[str]:
     for arch, path in zoo_models(args.models.split(",") if args.models else None):
         candidates = {"graphopt": graphopt_producer("--preset lossless"), **LOSSLESS_TOOLS}
         rows, _ = measure(path, candidates, data=data.head(args.samples) if data else None, batch=args.batch,
-                          runs=args.runs, configs=configs)
+                          runs=args.runs, configs=configs, clock=args.clock)
         table = markdown(arch, rows, configs)
         lines += table if not lines else table[2:]
         if not args.quiet:
@@ -304,7 +315,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     model = Path(args.model)
     data = load_data(args.data, onnx_io.load(model)) if args.data else None
     rows, _ = measure(model, candidates, data=data.head(args.samples) if data else None, batch=args.batch,
-                      runs=args.runs, configs=list(CONFIGS))
+                      runs=args.runs, configs=list(CONFIGS), clock=args.clock)
     print_table(model.stem, rows, list(CONFIGS))
     if args.json:
         Path(args.json).write_text(json.dumps([row.__dict__ for row in rows], indent=2))
@@ -314,39 +325,53 @@ def cmd_lossless(args: argparse.Namespace) -> None:
     suite_lossless(args)
 
 
+BEGIN, END = "<!-- lossless:begin -->", "<!-- lossless:end -->"
+LOSSLESS_TITLE = "## Lossless preset on the model zoo (issue 4)"
+
+
+def lossless_section(args: argparse.Namespace, lines: list[str] | None = None) -> str:
+    """The marked block this script owns in BENCHMARKS.md: title, command, machine, table."""
+    command = (f"python tools/bench.py lossless --runs {args.runs} --batch {args.batch} --samples {args.samples} "
+               f"--clock {args.clock}")
+    clock = ("process CPU time per run (`--clock cpu`: with one intra-op thread onnxruntime computes on the calling "
+             "thread, and CPU time does not count the waits for a core that other processes cause)"
+             if args.clock == "cpu" else "elapsed time per run")
+    body = [BEGIN, LOSSLESS_TITLE, "",
+            f"Latency: median of timed runs, {clock}; candidates interleaved round-robin in one process, onnxruntime "
+            "with `allow_spinning = 0`; `all` = ORT_ENABLE_ALL, `off` = ORT_DISABLE_ALL, `1t` = one intra-op thread. "
+            "Speedup = original latency / candidate latency in the same run. Errors are against the original "
+            "with onnxruntime's optimizations off.", "",
+            f"Command: `{command}`", "", f"Machine: {_machine()}", ""]
+    body += lines if lines is not None else suite_lossless(args)
+    body.append(END)
+    return "\n".join(body)
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with the marked block replaced by ``section``; everything outside the markers is kept.
+
+    Without markers, an unmarked section with the same title (up to the next ``## `` heading) is replaced,
+    so an older file is converted once; otherwise the block is appended.
+    """
+    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+        head, rest = text.split(BEGIN, 1)
+        return head + section + rest.split(END, 1)[1]
+    lines = text.splitlines()
+    if LOSSLESS_TITLE in lines:
+        i = lines.index(LOSSLESS_TITLE)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        tail = lines[j:]
+        return "\n".join(lines[:i] + section.splitlines() + ([""] + tail if tail else [])) + "\n"
+    sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+    return text + sep + section + "\n"
+
+
 def cmd_write(args: argparse.Namespace) -> None:
-    """Regenerate BENCHMARKS.md: every section with the exact command that produced it."""
-    sections = [
-        ("Lossless preset on the model zoo (issue 4)",
-         f"python tools/bench.py lossless --runs {args.runs} --batch {args.batch} --samples {args.samples}",
-         lambda: suite_lossless(args)),
-        ("IR round trip: load + export time and peak memory (issue 2)",
-         "python tools/bench_roundtrip.py --markdown",
-         lambda: _run_script(["tools/bench_roundtrip.py", "--markdown"])),
-    ]
-    out = ["# Benchmarks", "",
-           "Every table below is regenerated by `python tools/bench.py write BENCHMARKS.md`; each section names the "
-           "command that produced it. Latency: median of timed runs, candidates interleaved round-robin in one "
-           "process, onnxruntime with `allow_spinning = 0`; `all` = ORT_ENABLE_ALL, `off` = ORT_DISABLE_ALL, "
-           "`1t` = one intra-op thread, `mt` = all threads. Speedup = original latency / candidate latency in "
-           "the same run.", ""]
-    machine = f"Machine: {_machine()}"
-    out += [machine, ""]
-    for title, command, run in sections:
-        if args.only and args.only not in title.lower():
-            continue
-        out += [f"## {title}", "", f"Command: `{command}`", ""]
-        out += run()
-        out.append("")
-    Path(args.path).write_text("\n".join(out))
-    print(f"wrote {args.path}")
-
-
-def _run_script(argv: list[str]) -> list[str]:
-    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return [f"(failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode})"]
-    return proc.stdout.rstrip().splitlines()
+    """Regenerate this script's section of BENCHMARKS.md (between its markers); the rest stays as it is."""
+    path = Path(args.path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    path.write_text(replace_section(text, lossless_section(args)))
+    print(f"wrote the lossless section of {args.path}")
 
 
 def _machine() -> str:
@@ -365,6 +390,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     common.add_argument("--batch", type=int, default=64, help="batch size for latency")
     common.add_argument("--samples", type=int, default=2000, help="evaluation samples for accuracy/error")
     common.add_argument("-q", "--quiet", action="store_true")
+    common.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: process CPU time for 1-thread configurations (robust on a "
+                             "shared machine; multi-thread configurations always use elapsed time)")
     p = sub.add_parser("compare", parents=[common], help="one model: the original vs candidates")
     p.add_argument("model")
     p.add_argument("--graphopt", metavar="ARGS", help='graphopt optimize arguments, e.g. "--preset lossless"')
@@ -378,10 +406,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("lossless", parents=[common], help="zoo: graphopt lossless vs onnxsim/onnxslim/onnxoptimizer")
     p.add_argument("--models", help="comma-separated architectures (default: all canonical zoo models)")
     p.set_defaults(func=cmd_lossless)
-    p = sub.add_parser("write", parents=[common], help="regenerate BENCHMARKS.md")
+    p = sub.add_parser("write", parents=[common], help="regenerate the lossless section of BENCHMARKS.md (between "
+                                                       "<!-- lossless:begin --> and <!-- lossless:end -->)")
     p.add_argument("path")
-    p.add_argument("--only", help="regenerate only sections whose title contains this word")
-    p.add_argument("--models", help=argparse.SUPPRESS)
+    p.add_argument("--models", help="comma-separated architectures (default: all canonical zoo models)")
     p.set_defaults(func=cmd_write)
     args = parser.parse_args(argv)
     args.func(args)
