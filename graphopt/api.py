@@ -118,7 +118,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              target_macs: float | None = None, target_params: float | None = None, max_drop: float | None = None,
              tolerance: Tolerance | None = None, samples: int | None = None, seed: int = 0,
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
-             dump_dir: str | os.PathLike | None = None,
+             dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
@@ -130,6 +130,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     options : ``["pass.key=value", ...]`` or ``{"pass.key": value}``.
     data : ``.npz`` path or SampleData for calibration and verification; ``None``: seeded random inputs.
     input_shapes : concrete dims for dynamic input dims, ``{"input": (1, 3, 224, 224)}``.
+    verify_data : held-out samples to verify on instead of ``data``. Lossy passes fit weights to
+        ``data``, so verifying on the same samples overstates their accuracy; the report says which
+        data the verdict used (``verify.data`` and ``verify.held_out``).
     target_macs, target_params, max_drop : budgets for lossy passes (fractions; accuracy points).
     tolerance : verification tolerance; ``None`` derives it (see :mod:`graphopt.verify`).
     samples : cap on the number of samples used.
@@ -163,6 +166,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         _check_output(output_path, reference)
     ctx_progress("preparing sample data")
     sample = sample_data(ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
+    check = sample if verify_data is None else sample_data(ir, verify_data, samples=samples, seed=seed,
+                                                           input_shapes=input_shapes)
     before = _cost(ir, input_shapes, _file_bytes(reference))
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
@@ -178,8 +183,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         tol = tolerance
         if max_drop is not None:
             tol = dataclasses.replace(tol or Tolerance(), max_drop=max_drop)
-        verdict = run_verification(reference, proto, sample, tolerance=tol, mode=mode)
+        verdict = run_verification(reference, proto, check, tolerance=tol, mode=mode)
         verify_dict, passed = verdict.to_dict(), verdict.passed
+        verify_dict.update(data=check.source, samples=check.n_samples, held_out=verify_data is not None)
     else:
         verify_dict, passed = {"passed": True, "mode": mode, "skipped": True, "reasons": []}, True
 

@@ -282,7 +282,7 @@ def _verdict(report: Mapping[str, Any]) -> _Verdict:
         mode=verify.get("mode"),
         key_metrics=_key_metrics(verify.get("metrics")),
         reasons=[str(r) for r in verify.get("reasons") or []],
-        accuracy=_accuracy(verify.get("accuracy_reference"), verify.get("accuracy_candidate")),
+        accuracy=_on_data(_accuracy(verify.get("accuracy_reference"), verify.get("accuracy_candidate")), verify),
         first_divergence=verify.get("first_divergence"),
     )
 
@@ -294,6 +294,16 @@ def _key_metrics(metrics: Any, limit: int = 4) -> list[tuple[str, str]]:
                     if k.rsplit(".", 1)[-1] in KEY_METRICS)
     chosen = [(k, v) for _, k, v in ranked] or numeric  # unfamiliar metric names: show the first ones
     return [(k, format_value(v)) for k, v in chosen[:limit]]
+
+
+def _on_data(accuracy: str | None, verify: Mapping[str, Any]) -> str | None:
+    """Say which samples an accuracy was measured on: held-out ones, or the calibration data itself."""
+    if accuracy is None or "held_out" not in verify:
+        return accuracy
+    n = verify.get("samples", "?")
+    if verify["held_out"]:
+        return f"{accuracy} on {n} held-out samples"
+    return f"{accuracy} on the {n} calibration samples (lossy passes fit these; --verify-data holds some out)"
 
 
 def _accuracy(reference: Any, candidate: Any) -> str | None:

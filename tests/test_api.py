@@ -63,3 +63,29 @@ def test_verify_and_inspect(tmp_path):
     cost = graphopt.inspect(path)
     assert cost.nodes == 6 and cost.file_bytes == path.stat().st_size
     assert not graphopt.verify(path, small_cnn()).passed  # fresh random weights: a different model
+
+
+def test_lossy_pipeline_verifies_on_held_out_data_when_given(tmp_path, capsys):
+    from pathlib import Path
+
+    from graphopt import cli
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    model = onnx_io.load(models / "lenet300.onnx")
+    calib = graphopt.api.sample_data(model, models / "fmnist_calib.npz", samples=128)
+    held_out = graphopt.api.sample_data(model, models / "fmnist_eval.npz", samples=300)
+    kwargs = dict(passes=["lowrank"], options=["lowrank.ratio=0.3"], data=calib, max_drop=100.0)
+    on_calib = graphopt.optimize(models / "lenet300.onnx", **kwargs)
+    on_held_out = graphopt.optimize(models / "lenet300.onnx", verify_data=held_out, **kwargs)
+    assert on_calib.report["verify"]["mode"] == "accuracy"
+    assert (on_calib.report["verify"]["held_out"], on_calib.report["verify"]["samples"]) == (False, 128)
+    assert (on_held_out.report["verify"]["held_out"], on_held_out.report["verify"]["samples"]) == (True, 300)
+    # the same optimized model, judged on different samples
+    assert on_calib.model.SerializeToString() == on_held_out.model.SerializeToString()
+    assert on_calib.report["verify"]["accuracy_reference"] != on_held_out.report["verify"]["accuracy_reference"]
+    code = cli.main(["optimize", str(models / "lenet300.onnx"), "--passes", "lowrank", "--option",
+                     "lowrank.ratio=0.3", "--data", str(models / "fmnist_calib.npz"), "--samples", "128",
+                     "--verify-data", str(models / "fmnist_eval.npz"), "--max-drop", "100",
+                     "-o", str(tmp_path / "out.onnx")])
+    assert code == 0 and (tmp_path / "out.onnx").exists()
+    assert "on 128 held-out samples" in " ".join(capsys.readouterr().out.split())
