@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors, --help, --version: argparse has printed what it had to
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     out = Console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)  # stderr lines are for logs and grep: never wrapped
     # onnxruntime's graph optimizers warn through its process-wide logger, not the session's (whose level
     # ort.py sets). The command line owns its process, so it silences them; a library user keeps control.
     import onnxruntime
