@@ -1,0 +1,268 @@
+"""Filter pruning benchmark (issue 5): accuracy at half the MACs, validity on the zoo, latency.
+
+Tables (markdown on stdout; every number measured in this one run):
+
+1. ``accuracy`` — per model (default vgg, resnet, mobilenetv2) at ``--target-macs`` (0.5), accuracy on
+   ``models/fmnist_eval.npz`` (2000 samples; calibration on ``models/fmnist_calib.npz``), no fine-tuning:
+   graphopt's ``prune`` preset with the default ThiNet ranking + sensitivity allocation + least-squares
+   reconstruction; the same kept channels without reconstruction; uniform ratios per criterion with and
+   without reconstruction; ``l1`` with the sensitivity allocation; and onnxsim's
+   ``apply_structured_pruning`` on the same models (failures, e.g. models onnxruntime rejects, recorded).
+2. ``zoo`` — every zoo model through the default ``prune`` preset: valid (onnx.checker + onnxruntime runs),
+   MACs ratio (graphopt.analysis), groups pruned / prunable, accuracy drop.
+3. ``latency`` — onnxruntime ENABLE_ALL, 1 intra-op thread, original vs pruned, alternating A/B runs in
+   one process (CPU time of the process; medians), batch 64 on the zoo CNNs, and the synthetic ResNet-18
+   at 224x224 (random weights; pruned with l1 / uniform / no reconstruction, accuracy is meaningless there).
+
+Commands::
+
+    python tools/bench_prune.py accuracy [--models vgg,resnet,mobilenetv2]
+    python tools/bench_prune.py zoo
+    python tools/bench_prune.py latency [--runs 20]
+    python tools/bench_prune.py all
+"""
+
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: the machine is shared, and OpenBLAS's pool spinning against other processes slows
+# the least-squares work (must be set before numpy loads).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from graphopt import ort as gort
+from graphopt.analysis import analyze
+from graphopt.api import optimize
+from graphopt.calibration import SampleData, load_data, random_data
+from graphopt.onnx_io import from_proto, load, to_proto
+from graphopt.verify import verify
+
+MODELS = ROOT / "models"
+ZOO = ["vgg", "resnet", "mobilenetv2", "inception", "shufflenet", "senet", "lenet5", "lenet300", "transformer"]
+
+
+def _macs(model: Any) -> int | None:
+    """MACs per image (batch 1; the zoo's input is [N, 1, 28, 28], fixed so that dynamic reshapes resolve)."""
+    ir = model if not isinstance(model, onnx.ModelProto) else from_proto(model)
+    shapes = {v.name: [1, *v.shape[1:]] for v in ir.graph.inputs
+              if v.shape and all(isinstance(d, int) for d in v.shape[1:])}
+    macs = analyze(ir, input_shapes=shapes or None).macs
+    if macs is None:  # reshape targets computed at run time (shufflenet): count the cleaned-up model
+        macs = analyze(optimize(to_proto(ir), preset="lossless", run_verify=False).ir,
+                       input_shapes=shapes or None).macs
+    return macs
+
+
+def _prune(name: str, calib: SampleData, target: float, options: dict[str, Any], preset: str = "prune",
+           passes: list[str] | None = None) -> tuple[onnx.ModelProto, dict, float]:
+    start = time.perf_counter()
+    result = optimize(MODELS / f"{name}.onnx", preset=None if passes else preset, passes=passes, data=calib,
+                      target_macs=target, options=options, run_verify=False)
+    stats = next(p["stats"] for p in result.report["passes"] if p["name"] == "prune_filters")
+    return result.model, stats, time.perf_counter() - start
+
+
+def _without_reconstruction(name: str, calib: SampleData, stats: dict) -> onnx.ModelProto:
+    """The kept channels of a ``prune`` run, applied to the same cleaned model without re-fitting."""
+    from graphopt.passes.prune import apply_plan
+
+    from graphopt import channels
+    cleaned = optimize(MODELS / f"{name}.onnx", preset="lossless", run_verify=False).ir
+    analysis = channels.analyze(cleaned)
+    keep = {g["group"]: np.array(g["kept"], dtype=np.int64) for g in stats["groups"] if g["kept"] != "all"}
+    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, reconstruct=False,
+               refit_scope="consumers", max_rows=0, seed=0, batch=64)
+    return to_proto(cleaned)
+
+
+def _accuracy(name: str, proto: onnx.ModelProto, evaluation: SampleData) -> tuple[float, float]:
+    report = verify(MODELS / f"{name}.onnx", proto, evaluation, mode="accuracy")
+    if report.accuracy_candidate is None:
+        raise RuntimeError(report.reasons[0] if report.reasons else "no accuracy")
+    return report.accuracy_reference, report.accuracy_candidate
+
+
+def _row(rows: list, model: str, variant: str, make, evaluation: SampleData, macs0: int) -> Any:
+    start = time.perf_counter()
+    try:
+        out = make()
+        proto, seconds = (out[0], out[2]) if isinstance(out, tuple) else (out, time.perf_counter() - start)
+        gort.session(proto)  # onnxruntime must load it
+        ref, acc = _accuracy(model, proto, evaluation)
+        macs = _macs(proto)
+        rows.append([model, variant, f"{macs / macs0:.3f}" if macs else "?", f"{ref:.2f}", f"{acc:.2f}",
+                     f"{acc - ref:+.2f}", f"{seconds:.0f}"])
+        return out
+    except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash of the benchmark
+        rows.append([model, variant, "-", "-", "-", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}",
+                     f"{time.perf_counter() - start:.0f}"])
+        return None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy_table(models: list[str], target: float) -> str:
+    import onnxsim
+    rows: list[list[str]] = []
+    for name in models:
+        original = load(MODELS / f"{name}.onnx")
+        calib = load_data(MODELS / "fmnist_calib.npz", original)
+        evaluation = load_data(MODELS / "fmnist_eval.npz", original)
+        macs0 = _macs(original)
+        main = _row(rows, name, "thinet + sensitivity + LS (default)", partial(_prune, name, calib, target, {}),
+                    evaluation, macs0)
+        if main is not None:
+            _row(rows, name, "thinet + sensitivity, no LS", partial(_without_reconstruction, name, calib, main[1]),
+                 evaluation, macs0)
+        _row(rows, name, "l1 + sensitivity + LS", partial(_prune, name, calib, target, {"prune_filters.criterion": "l1"}),
+             evaluation, macs0)
+        for crit in ("l1", "l2", "mean", "apoz", "thinet"):
+            for rec in (False, True):
+                if crit not in ("l1", "thinet") and not rec:
+                    continue
+                opts = {"prune_filters.criterion": crit, "prune_filters.allocation": "uniform",
+                        "prune_filters.reconstruct": rec}
+                _row(rows, name, f"{crit} + uniform{' + LS' if rec else ', no LS'}",
+                     partial(_prune, name, calib, target, opts), evaluation, macs0)
+        # BN scale needs the BN nodes: prune the raw export (the prune preset folds BN first).
+        bn = {"prune_filters.criterion": "bn", "prune_filters.allocation": "uniform"}
+        _row(rows, name, "bn + uniform + LS (no cleanup first)",
+             partial(_prune, name, calib, target, bn, passes=["prune_filters"]), evaluation, macs0)
+        for sparsity in (0.3, 0.5):
+            _row(rows, name, f"onnxsim apply_structured_pruning(sparsity={sparsity})",
+                 partial(onnxsim.apply_structured_pruning, str(MODELS / f"{name}.onnx"), sparsity=sparsity),
+                 evaluation, macs0)
+        print(f"[{name} done]", file=sys.stderr, flush=True)
+    return _table(["model", "variant", "MACs ratio", "orig acc", "acc", "drop (pts)", "time (s)"], rows)
+
+
+def zoo_table(models: list[str], target: float) -> tuple[str, dict[str, onnx.ModelProto]]:
+    rows, pruned = [], {}
+    for name in models:
+        original = load(MODELS / f"{name}.onnx")
+        calib = load_data(MODELS / "fmnist_calib.npz", original)
+        evaluation = load_data(MODELS / "fmnist_eval.npz", original)
+        try:
+            proto, stats, seconds = _prune(name, calib, target, {})
+            onnx.checker.check_model(proto)
+            gort.session(proto)
+            ref, acc = _accuracy(name, proto, evaluation)
+            macs0, macs = _macs(original), _macs(proto)
+            ratio = f"{macs / macs0:.3f}" if macs and macs0 else "?"
+            within = "yes" if macs and macs0 and abs(macs / macs0 - target) <= 0.05 * target else "no"
+            rows.append([name, "yes", ratio, within, f"{stats.get('pruned_groups', 0)}/{stats.get('prunable_groups', 0)}",
+                         f"{acc - ref:+.2f}", f"{seconds:.0f}", stats.get("allocation", {}).get("not_met", "")
+                         or stats.get("skipped", "")])
+            pruned[name] = proto
+        except Exception as exc:  # noqa: BLE001 - a model that fails is a result
+            rows.append([name, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}", "", "", "", "", "", ""])
+        print(f"[{name} done]", file=sys.stderr, flush=True)
+    header = ["model", "valid", "MACs ratio", "within 5%", "groups pruned/prunable", "acc drop (pts)", "time (s)",
+              "note"]
+    return _table(header, rows), pruned
+
+
+def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
+    """Median CPU seconds of ``a`` and ``b`` (ENABLE_ALL, 1 thread), alternating which goes first."""
+    sa, sb = gort.session(a, optimize=True, threads=1), gort.session(b, optimize=True, threads=1)
+    for s in (sa, sb):
+        s.run(None, feeds)
+    ta, tb = [], []
+    for r in range(runs):
+        order = [(sa, ta), (sb, tb)] if r % 2 == 0 else [(sb, tb), (sa, ta)]
+        for s, t in order:
+            start = time.process_time()
+            s.run(None, feeds)
+            t.append(time.process_time() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> str:
+    """Default pruning (``multiple=1``) and channel counts rounded to multiples of 8 (onnxruntime's NCHWc
+    conv kernels work in blocks of 8 channels on AVX2: odd counts fall back to slower paths)."""
+    rows = []
+    for name, proto in pruned.items():
+        original = load(MODELS / f"{name}.onnx")
+        evaluation = load_data(MODELS / "fmnist_eval.npz", original)
+        feeds = evaluation.head(batch).inputs
+        variants = [("1 (default)", proto, None)]
+        try:
+            calib = load_data(MODELS / "fmnist_calib.npz", original)
+            p8 = _prune(name, calib, 0.5, {"prune_filters.multiple": 8})[0]
+            variants.append(("8", p8, _accuracy(name, p8, evaluation)))
+        except Exception as exc:  # noqa: BLE001 - recorded as a result
+            rows.append([name, "8", "-", "-", "-", "-", f"failed: {type(exc).__name__}"])
+        for label, candidate, acc in variants:
+            if acc is None:
+                acc = _accuracy(name, candidate, evaluation)
+            a, b = _ab(to_proto(original), candidate, feeds, runs)
+            rows.append([name, label, f"{_macs(candidate) / _macs(original):.3f}", f"{acc[1] - acc[0]:+.2f}",
+                         f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x"])
+        print(f"[latency {name} done]", file=sys.stderr, flush=True)
+    rows += [_resnet18_row(runs, m) for m in (1, 8)]
+    return _table(["model", "multiple", "MACs ratio", "acc drop", f"original ms (batch {batch})", "pruned ms",
+                   "speed-up"], rows)
+
+
+def _resnet18_row(runs: int, multiple: int) -> list[str]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from synthetic_models import resnet18
+    proto = resnet18(batch=1, image=224)
+    ir = from_proto(proto)
+    data = random_data(ir, 2, seed=0)
+    result = optimize(proto, preset="prune", data=data, target_macs=0.5, run_verify=False,
+                      options={"prune_filters.criterion": "l1", "prune_filters.allocation": "uniform",
+                               "prune_filters.reconstruct": False, "prune_filters.multiple": multiple})
+    feeds = random_data(ir, 1, seed=1).inputs
+    a, b = _ab(proto, result.model, feeds, max(runs // 2, 5))
+    return ["resnet18 (synthetic, 224x224, batch 1, l1/uniform)", str(multiple),
+            f"{_macs(result.model) / _macs(proto):.3f}", "n/a (random weights)", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
+            f"{a / b:.2f}x"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["accuracy", "zoo", "latency", "all"])
+    parser.add_argument("--models", default=None, help="comma-separated zoo names")
+    parser.add_argument("--target-macs", type=float, default=0.5)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.what in ("accuracy", "all"):
+        models = args.models.split(",") if args.models else ["vgg", "resnet", "mobilenetv2"]
+        print(f"## Accuracy at {args.target_macs} MACs (fmnist_eval, 2000 samples; no fine-tuning)\n")
+        print(accuracy_table(models, args.target_macs), flush=True)
+        print()
+    if args.what in ("zoo", "latency", "all"):
+        models = args.models.split(",") if args.models and args.what != "all" else ZOO
+        table, pruned = zoo_table(models, args.target_macs)
+        if args.what in ("zoo", "all"):
+            print(f"## Zoo at --target-macs {args.target_macs} (prune preset, defaults)\n")
+            print(table, flush=True)
+            print()
+        if args.what in ("latency", "all"):
+            cnns = {k: v for k, v in pruned.items() if k != "transformer"}
+            print(f"## Latency (onnxruntime ENABLE_ALL, 1 thread, CPU time, median of {args.runs} alternating runs)\n")
+            print(latency_table(cnns, args.runs, args.batch), flush=True)
+
+
+if __name__ == "__main__":
+    main()
