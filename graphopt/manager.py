@@ -116,6 +116,10 @@ class PassContext:
         choices do not depend on which other passes ran.
     data : sample data (``graphopt.calibration.SampleData``) for calibration, or ``None``.
     target_macs, target_params : global budgets as fractions of the original (``0.5`` = half).
+    baseline : ``(MACs, params)`` of the pipeline's *input* model (either may be ``None`` when shapes
+        are unknown), which the budgets are fractions of. :func:`run_pipeline` records it when a budget
+        is set, so a lossless cleanup that runs first (BN folding removes a few percent of the MACs)
+        does not count towards a lossy pass's target.
     max_drop : the accuracy drop (points) lossy passes may spend.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
@@ -127,6 +131,7 @@ class PassContext:
     target_macs: float | None = None
     target_params: float | None = None
     max_drop: float | None = None
+    baseline: tuple[int | None, int | None] | None = None
     debug: bool = False
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None
@@ -346,6 +351,11 @@ class _Runner:
 
 def run_pipeline(pipeline: Pass, model: Model, ctx: PassContext) -> tuple[bool, list[PassRecord]]:
     """Run ``pipeline`` on ``model`` in place; returns (changed, one record per pass execution)."""
+    if ctx.baseline is None and (ctx.target_macs is not None or ctx.target_params is not None):
+        from graphopt.analysis import analyze  # analysis imports the IR helpers this module also serves
+
+        cost = analyze(model)
+        ctx.baseline = (cost.macs, cost.params)
     ctx.runner = _Runner()
     try:
         result = ctx.runner.run_one(pipeline, model, ctx)

@@ -35,7 +35,7 @@ Steps
    ``allocation=uniform`` instead bisects one common ratio for all groups. With ``--max-drop`` and
    labels in the data, :func:`graphopt.budget.guarded` relaxes the target until the accuracy drop on
    the calibration data (optimistic: the fit saw those samples) is within the budget.
-   Targets are fractions of the model the ``prune`` preset received (:class:`PruneBaseline`), not of
+   Targets are fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of
    the model after the cleanup that runs first.
 4. **Removal.** :func:`graphopt.shrink.apply` slices every producer/consumer parameter and fixes shape
    constants; surviving values keep their names.
@@ -608,9 +608,9 @@ class PruneFilters(Pass):
     @staticmethod
     def _targets(ctx, macs0: int, params0: int) -> tuple[float | None, float | None]:
         """The targets as fractions of *this* model's cost. Under the ``prune`` preset the fractions the
-        user gave are of the model before the cleanup that ran first (:class:`PruneBaseline` records
-        it): BN folding already removed a few percent of the MACs, which must not be removed twice."""
-        base = getattr(ctx, "prune_baseline", None)
+        user gave are of the pipeline's input model (``ctx.baseline``): a cleanup that ran first (BN
+        folding) already removed a few percent of the MACs, which must not be counted twice."""
+        base = ctx.baseline
         tm, tp = ctx.target_macs, ctx.target_params
         if base is not None:
             if tm is not None and base[0] and macs0:
@@ -780,26 +780,10 @@ def _r(v: Any) -> Any:
     return float(f"{v:.6g}") if np.isfinite(v) else None
 
 
-@register
-class PruneBaseline(Pass):
-    """Records the MACs and params of the model as the ``prune`` preset receives it (``ctx.prune_baseline``),
-    so ``--target-macs 0.5`` means half of the *input* model's MACs even after a cleanup ran first."""
-
-    name = "prune_baseline"
-    summary = "records the model's MACs/params for prune_filters' targets (changes nothing)"
-    lossless = True
-
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from graphopt.analysis import analyze
-        cost = analyze(model)
-        ctx.prune_baseline = (cost.macs, cost.params)  # type: ignore[attr-defined]
-        return PassResult(False, {"macs": cost.macs, "params": cost.params})
-
-
 @register_preset("prune", "lossless cleanup, filter pruning to --target-macs/--target-params with least-squares "
                           "reconstruction (lossy), lossless cleanup")
 def prune_preset():
     from graphopt.passes import (
         lossless,  # the package defines it after importing this module
     )
-    return Sequential([get_pass("prune_baseline"), lossless(), get_pass("prune_filters"), lossless()], name="prune")
+    return Sequential([lossless(), get_pass("prune_filters"), lossless()], name="prune")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graphopt import onnx_io
 from graphopt.errors import OptionError
@@ -137,3 +137,33 @@ def test_rng_is_per_pass_and_seeded():
     assert np.array_equal(a.rng("x").random(4), b.rng("x").random(4))
     assert not np.array_equal(a.rng("x").random(4), a.rng("y").random(4))
     assert not np.array_equal(a.rng("x").random(4), PassContext(seed=8).rng("x").random(4))
+
+
+class DropsAHalfLayer(Pass):
+    """Stands in for a cleanup that changes the cost before a lossy pass reads the budget."""
+
+    name = "drops_a_layer"
+    summary = "test pass"
+
+    def run(self, model, ctx):
+        graph = model.graph
+        gemm = next(n for n in graph.nodes if n.op_type == "Gemm")
+        graph.set_input(gemm, 1, graph.add_initializer(np.ones((4, 2), np.float32), "narrow"))
+        return PassResult(True)
+
+
+def _gemm_model() -> Model:
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [1, 4])], [tensor("y", [1, 8])],
+                       [numpy_helper.from_array(np.ones((4, 8), np.float32), "w")])
+    return onnx_io.from_proto(proto)
+
+
+def test_budgets_are_fractions_of_the_pipelines_input_model():
+    model = _gemm_model()
+    ctx = PassContext(target_macs=0.5)
+    run_pipeline(Sequential([DropsAHalfLayer()]), model, ctx)
+    assert ctx.baseline == (32, 32)  # recorded before the first pass changed the cost
+    untouched = PassContext()
+    run_pipeline(Sequential([DropsAHalfLayer()]), _gemm_model(), untouched)
+    assert untouched.baseline is None  # no budget, no analysis
