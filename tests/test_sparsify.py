@@ -203,3 +203,73 @@ def test_downstream_weight_follows_relu_to_the_next_gemm():
     expect = (w2.astype(np.float64) ** 2).sum(axis=0)
     np.testing.assert_allclose(weight, expect / expect.mean(), rtol=1e-6)
     assert sp.downstream_weight(model.graph, LinearLayer.of(model.graph, fc2)) is None   # a graph output
+
+
+# ---------------------------------------------------------------------------------------------
+# the accuracy guard
+
+
+def _labelled(proto, n=400, seed=3):
+    """Correlated inputs labelled by the unpruned model itself (its accuracy is 100 %)."""
+    x = _data(n, seed).inputs["x"]
+    return SampleData({"x": x}, run(proto, {"x": x})[0].argmax(1))
+
+
+def _held_drop(proto, pruned, data, holdout):
+    n_hold = int(round(data.n_samples * holdout))
+    x, labels = data.inputs["x"][-n_hold:], data.labels[-n_hold:]
+    acc = lambda p: 100.0 * float((run(p, {"x": x})[0].argmax(1) == labels).mean())  # noqa: E731
+    return acc(proto) - acc(pruned)
+
+
+def _guarded_run(proto, data, max_drop, **options):
+    model = onnx_io.from_proto(proto)
+    opts = {"density": 0.05, "min_weights": 16, "splice_rounds": 0, "guard_steps": 4, **options}
+    result = sp.Sparsify().run(model, PassContext(options={"sparsify": opts}, data=data, max_drop=max_drop))
+    return onnx_io.to_proto(model), result
+
+
+def test_guard_keeps_the_drop_on_held_out_samples_and_stricter_budgets_prune_less():
+    proto = _mlp()
+    data = _labelled(proto)
+    densities = {}
+    for max_drop in (3.0, 30.0):
+        out, result = _guarded_run(proto, data, max_drop)
+        onnx.checker.check_model(out)
+        guard = result.stats["guard"]
+        assert guard["held_out_samples"] == 160 and guard["fit_samples"] == 240
+        # the returned model is the one measured, and it meets the budget on the held-out rows
+        assert _held_drop(proto, out, data, 0.4) <= max_drop
+        for e in guard["trace"]:
+            assert e["ok"] == (e["upper"] <= max_drop) and e["upper"] >= e["drop"]
+        ok = [e for e in guard["trace"] if e["ok"]]
+        assert guard["chosen"]["density"] == min(e["density"] for e in ok)
+        kept = np.concatenate([_weights(out, n).ravel() != 0 for n in ("fc1", "fc2")]).mean()
+        assert kept == pytest.approx(guard["chosen"]["density"], abs=0.01)
+        densities[max_drop] = kept
+    assert guard["trace"][0]["density"] == pytest.approx(0.05, abs=0.01)
+    assert all(e["splice_rounds"] == 0 for e in guard["trace"][1:])   # bisection tries: no splicing
+    assert densities[3.0] > densities[30.0]
+
+
+def test_guard_off_without_labels_or_when_disabled_and_target_params_sets_the_density():
+    proto = _mlp()
+    _, result = _guarded_run(proto, _data(), 1.0)                 # no labels: plain run at the density
+    assert result.stats["guard"] == {"off": "calibration data has no labels"}
+    assert result.stats["density"] == pytest.approx(0.05, abs=0.01)
+    model = onnx_io.from_proto(proto)
+    ctx = PassContext(options={"sparsify": {"min_weights": 16, "splice_rounds": 0, "guard": False}},
+                      data=_labelled(proto), target_params=0.4)
+    result = sp.Sparsify().run(model, ctx)
+    assert result.stats["guard"] == {"off": "option guard=False"}
+    assert result.stats["density"] == pytest.approx(0.4, abs=0.01)
+
+
+def test_guard_leaves_the_model_alone_when_no_density_meets_the_budget():
+    proto = _mlp()
+    data = _labelled(proto)
+    # a negative budget: no pruned model can meet it (the unpruned model has 100 %), so nothing is pruned
+    out, result = _guarded_run(proto, data, -0.5, guard_steps=2)
+    assert not result.changed and result.stats["guard"]["chosen"] is None
+    assert len(result.stats["guard"]["trace"]) == 3
+    assert out.SerializeToString() == onnx_io.to_proto(onnx_io.from_proto(proto)).SerializeToString()

@@ -129,7 +129,7 @@ def test_refit_lowers_the_output_error():
 def test_compact_decodes_to_the_snapped_weights_exactly():
     proto = _model(zeros=True)
     snapped, _ = _apply(proto, bits=4)
-    compact, result = _apply(proto, bits=4, encoding="compact")
+    compact, result = _apply(proto, bits=4, encoding="compact", short_names=False)
     assert "Gather" in op_types(compact) and result.stats["shared"] == 2
     x = _data().inputs["x"]
     import onnxruntime as ort
@@ -195,3 +195,26 @@ def test_onnxruntime_folds_the_decoders_when_the_session_loads(tmp_path):
     ort.InferenceSession(compact.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     folded = onnx.load(str(tmp_path / "optimized.onnx"))
     assert sorted(op_types(folded)) == sorted(op_types(_model()))   # only the model's own nodes remain
+
+
+def test_compact_short_names_keep_the_interface_and_shrink_the_file():
+    proto = _model(zeros=True)
+    kept, _ = _apply(proto, bits=4, encoding="compact", short_names=False)
+    short, result = _apply(proto, bits=4, encoding="compact")
+    assert result.stats["renamed"]["nodes"] == len(short.graph.node)
+    assert [i.name for i in short.graph.input] == [i.name for i in proto.graph.input]
+    assert [o.name for o in short.graph.output] == [o.name for o in proto.graph.output]
+    interface = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output}
+    internal = {v for n in short.graph.node for v in list(n.input) + list(n.output)} - interface
+    assert internal and all(v.startswith("t") and len(v) <= 4 for v in internal)
+    assert op_types(short) == op_types(kept)
+    assert short.ByteSize() < kept.ByteSize()
+    x = _data().inputs["x"]
+    assert np.array_equal(run(short, {"x": x})[0], run(kept, {"x": x})[0])
+
+
+def test_one_decoder_serves_every_layer():
+    compact, result = _apply(_model(zeros=True), bits=3, encoding="compact")
+    types = op_types(compact)
+    assert types.count("Cast") == 1 and types.count("Split") == 1 and types.count("Gather") == 2
+    assert {rec["container_bits"] for rec in result.stats["layers"]} == {4}

@@ -5,6 +5,7 @@ Usage::
     python tools/bench_compress.py lenet  [--models lenet300,lenet5] [--augment]
     python tools/bench_compress.py zoo    [--models vgg,resnet,...] [--bits 4] [--rounds 30]
     python tools/bench_compress.py inits  [--models lenet300,lenet5] [--bits 2,3]
+    python tools/bench_compress.py bytes  [--models mobilenetv2,inception,shufflenet] [--bits 4]
 
 ``lenet``: for each density configuration, ``sparsify`` (SparseGPT/OBS masks, splicing, LS re-fit)
 then ``weight_sharing`` (snap, LS centroid re-fit) at several bit widths, on the calibration set
@@ -18,6 +19,10 @@ Prints every row and the best ratio within 0.5 and 1.0 point.
 LS re-fit on calibration data), against onnxsim's ``quantize_weight_only_kmeans`` at the same bits:
 file size, accuracy, and onnxruntime latency (``ORT_ENABLE_ALL``, 1 thread, batch 1, A and B
 alternated, median of per-round ratios).
+
+``bytes``: where the bytes of the compact file go (codes, codebooks, decoder, the model's own node
+names / value names / attributes, biases...), with the model's names kept and with short names
+(k-means without re-fit: the sizes do not depend on it).
 """
 
 from __future__ import annotations
@@ -97,7 +102,9 @@ def lenet(args) -> None:
             plain = copy(original)
             run_pass(plain, "sparsify", {"densities": config, "refit": False, "min_weights": 0}, None)
             pruned = copy(original)
+            # guard off: the table sweeps the densities itself (the guard would move them towards dense)
             res = run_pass(pruned, "sparsify", {"densities": config, "min_weights": 0, "ridge": args.ridge,
+                                                "guard": False,
                                                 "splice_rounds": args.splice, "samples": fit.n_samples,
                                                 "max_rows": 8 * fit.n_samples}, fit, seed=args.seed)
             density = res.stats["density"]
@@ -202,6 +209,74 @@ def zoo(args) -> None:
               flush=True)
 
 
+def byte_parts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Serialized bytes of a model by role: packed codes, codebooks, the decoder's nodes (every node
+    computing from constants only) and small constants, the model's nodes split into names (node names,
+    input/output strings) and the rest (op types, attributes), float initializers (biases, float weights),
+    other initializers and value_info."""
+    g = proto.graph
+    const = {t.name for t in g.initializer}
+    decoder_nodes = []
+    for n in g.node:       # nodes are in topological order in files graphopt writes
+        if all(i in const for i in n.input if i):
+            decoder_nodes.append(n)
+            const.update(n.output)
+    gather_books = {n.input[0] for n in decoder_nodes if n.op_type == "Gather"}
+    decoder_inits = {i for n in decoder_nodes for i in n.input}
+    parts = dict.fromkeys(["packed codes", "codebooks", "decoder nodes + constants", "model node names",
+                           "model node value names", "model node ops + attributes", "float 1-D (biases)",
+                           "float weights", "other initializers", "value_info"], 0)
+    for t in g.initializer:
+        size = t.ByteSize()
+        if t.data_type == onnx.TensorProto.UINT8 and t.name in decoder_inits:
+            parts["packed codes"] += size
+        elif t.name in gather_books:
+            parts["codebooks"] += size
+        elif t.name in decoder_inits and t.data_type == onnx.TensorProto.INT64:
+            parts["decoder nodes + constants"] += size
+        elif t.data_type == onnx.TensorProto.FLOAT:
+            parts["float 1-D (biases)" if len(t.dims) == 1 else "float weights"] += size
+        else:
+            parts["other initializers"] += size
+    for n in g.node:
+        if n in decoder_nodes:
+            parts["decoder nodes + constants"] += n.ByteSize()
+            continue
+        names = len(n.name.encode()) + 2
+        strings = sum(len(v.encode()) + 2 for v in list(n.input) + list(n.output))
+        parts["model node names"] += names
+        parts["model node value names"] += strings
+        parts["model node ops + attributes"] += n.ByteSize() - names - strings
+    parts["value_info"] = sum(v.ByteSize() for v in g.value_info)
+    parts["total"] = file_size(proto)
+    return parts
+
+
+def bytes_table(args) -> None:
+    """Where the bytes of the compact files go (``--names keep`` and ``short``), per model."""
+    rows = {}
+    for name in args.models.split(","):
+        original = load(MODELS / f"{name}.onnx")
+        data = load_data(MODELS / "fmnist_calib.npz", original).head(64)
+        for short in (False, True):
+            model = copy(original)
+            run_pipeline(build_pipeline("lossless"), model, PassContext(data=data))
+            run_pass(model, "weight_sharing", {"bits": args.bits, "encoding": "compact", "refit": False,
+                                               "short_names": short}, None)
+            run_pass(model, "dedupe_initializers", {}, None)
+            rows[(name, short)] = byte_parts(to_proto(model))
+        rows[(name, "float")] = {"total": file_size(onnx.load(str(MODELS / f"{name}.onnx")))}
+    keys = list(next(iter(v for k, v in rows.items() if k[1] is True)).keys())
+    models = args.models.split(",")
+    print("| part (bytes) | " + " | ".join(f"{m} names kept | {m} short names" for m in models) + " |")
+    print("|---|" + "---|---|" * len(models))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{rows[(m, False)][key]} | {rows[(m, True)][key]}" for m in models) + " |")
+    print("| size ratio vs float file | " + " | ".join(
+        f"{rows[(m, 'float')]['total'] / rows[(m, False)]['total']:.2f}x | "
+        f"{rows[(m, 'float')]['total'] / rows[(m, True)]['total']:.2f}x" for m in models) + " |")
+
+
 def inits(args) -> None:
     """k-means variants on the dense model: initialisation x activation weighting x LS re-fit."""
     print("| model | bits | init | weighted | LS re-fit | accuracy | drop |")
@@ -246,6 +321,10 @@ def main() -> None:
     z.add_argument("--samples", type=int, default=256)
     z.add_argument("--rounds", type=int, default=30)
     z.set_defaults(run=zoo)
+    b = sub.add_parser("bytes")
+    b.add_argument("--models", default="mobilenetv2,inception,shufflenet")
+    b.add_argument("--bits", type=int, default=4)
+    b.set_defaults(run=bytes_table)
     args = parser.parse_args()
     args.run(args)
 
