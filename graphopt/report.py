@@ -303,6 +303,8 @@ def _on_data(accuracy: str | None, verify: Mapping[str, Any]) -> str | None:
     n = verify.get("samples", "?")
     if verify["held_out"]:
         return f"{accuracy} on {n} held-out samples"
+    if verify.get("mode") != "accuracy":  # lossless: nothing was fitted to the samples
+        return f"{accuracy} on {n} samples"
     return f"{accuracy} on the {n} calibration samples (lossy passes fit these; --verify-data holds some out)"
 
 

@@ -257,3 +257,18 @@ def test_terminal_summary_folds_fixed_point_rounds_into_one_row_per_pass():
     assert "fold ×2" in text and "dce ×2" in text
     assert "folded=3" in text and "folded=0" not in text  # the digest of the run that changed
     assert format_seconds(1.0) in text  # the two runs of fold (0.5 s each) are summed
+
+
+@pytest.mark.parametrize("mode,held_out,expected", [
+    ("accuracy", True, "on 300 held-out samples"),
+    ("accuracy", False, "on the 300 calibration samples (lossy passes fit these"),
+    ("equivalence", False, "on 300 samples"),
+])
+def test_verdict_says_which_samples_the_accuracy_was_measured_on(mode, held_out, expected):
+    console = Console(record=True, width=400)
+    verify = {"passed": True, "mode": mode, "metrics": {}, "reasons": [], "accuracy_reference": 90.0,
+              "accuracy_candidate": 89.5, "samples": 300, "held_out": held_out}
+    graphopt.report.print_verdict(verify, console)
+    text = console.export_text()
+    assert expected in text
+    assert ("calibration" in text) == (mode == "accuracy" and not held_out)
