@@ -77,6 +77,28 @@ class CrossGram:
         self.y_sq += np.einsum("ij,ij->j", y, y)
         self.count += x.shape[0]
 
+    def merge(self, other: CrossGram) -> CrossGram:
+        """The statistics of both row sets (e.g. a fitting split and its held-out split, refit on all)."""
+        if self.bias != other.bias:
+            raise ValueError("cannot merge statistics with and without a bias column")
+        if other.xtx is None:
+            return self._copy()
+        if self.xtx is None:
+            return other._copy()
+        if self.xtx.shape != other.xtx.shape or self.xty.shape != other.xty.shape:
+            raise ValueError(f"cannot merge statistics of shapes {self.xty.shape} and {other.xty.shape}")
+        out = CrossGram(bias=self.bias)
+        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
+        out.y_sum, out.y_sq, out.count = self.y_sum + other.y_sum, self.y_sq + other.y_sq, self.count + other.count
+        return out
+
+    def _copy(self) -> CrossGram:
+        out = CrossGram(bias=self.bias)
+        if self.xtx is not None:
+            out.xtx, out.xty, out.y_sum, out.y_sq = (a.copy() for a in (self.xtx, self.xty, self.y_sum, self.y_sq))
+        out.count = self.count
+        return out
+
     # -----------------------------------------------------------------------------------------
 
     @property

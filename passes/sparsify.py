@@ -332,14 +332,6 @@ def layer_key(layer: LinearLayer) -> list[str]:
     return [layer.node.name, w, w.removesuffix(".weight")]
 
 
-def merged(a: CrossGram, b: CrossGram) -> CrossGram:
-    """The statistics of both row sets."""
-    out = CrossGram(bias=a.bias)
-    out.xtx, out.xty = a.xtx + b.xtx, a.xty + b.xty
-    out.y_sum, out.y_sq, out.count = a.y_sum + b.y_sum, a.y_sq + b.y_sq, a.count + b.count
-    return out
-
-
 def _class_scores(model: Model, data: SampleData) -> np.ndarray | None:
     """The first graph output on ``data`` when it is ``[N, classes]`` scores, else ``None``."""
     out = next(iter(reference_outputs(model, data).values()))
@@ -515,7 +507,7 @@ class Sparsify(Pass):
                                             splice_rounds=0, mask=mask, block=self.opt(ctx, "block") or w0.shape[0])
                     choice[candidate] = hold.relative_error(wc, bc)
                 ridge = min(choice, key=choice.get)
-                gram = merged(gram, hold)
+                gram = gram.merge(hold)
             w, b, stats = prune_layer(gram, w0, b0, densities[key], method=method, ridge=ridge,
                                       splice_rounds=self.opt(ctx, "splice_rounds") if splice_rounds is None
                                       else splice_rounds, mask=mask,

@@ -206,3 +206,24 @@ def test_set_weights_never_rewrites_a_shared_weight_and_matmul_bias_becomes_an_a
     assert np.array_equal(onnx.numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == "w")), w)
     # 3-D input rows flatten the leading axes
     assert layer.rows(x).shape == (10, 4) and layer.positions(x.shape) == 10
+
+
+def test_merged_statistics_equal_one_pass_over_all_rows():
+    x = RNG.standard_normal((120, 4))
+    y = x @ RNG.standard_normal((4, 2)) + 0.1 * RNG.standard_normal((120, 2))
+    first, second, whole = CrossGram(), CrossGram(), CrossGram()
+    first.update(x[:70], y[:70])
+    second.update(x[70:], y[70:])
+    whole.update(x, y)
+    both = first.merge(second)
+    assert both.count == 120 and first.count == 70  # the inputs are left as they were
+    for a, b in zip(both.solve(1e-3), whole.solve(1e-3)):
+        np.testing.assert_allclose(a, b, rtol=1e-10)
+    np.testing.assert_allclose(both.target_ss(), whole.target_ss(), rtol=1e-10)
+    assert CrossGram().merge(first).count == 70
+    with pytest.raises(ValueError, match="bias"):
+        first.merge(CrossGram(bias=False))
+    other = CrossGram()
+    other.update(x[:, :3], y)
+    with pytest.raises(ValueError, match="shapes"):
+        first.merge(other)
