@@ -23,7 +23,9 @@ Steps
    and its consumers re-fitted from the original statistics; error = relative squared error of the
    outputs (:func:`graphopt.executor.relative_error`); levels in between are interpolated linearly.
    The greedy allocator then removes, step by step, the channels that cost the least error per MAC
-   (param) saved, until the target is met; the MACs/params of a plan come from
+   (param) saved, until the target is met (option ``latency=ops``, default: per MAC saved weighted by
+   the time onnxruntime saves with it, :func:`latency_weights` — each group's errors are divided by
+   its weight, the budget stays in MACs; ``latency=macs`` is plain MACs); the MACs/params of a plan come from
    :meth:`ChannelAnalysis.cost`, fitted once to a polynomial (:class:`graphopt.budget.PolynomialCost`,
    checked against the analysis) so the thousands of allocator calls are cheap. The additive error
    model ignores how errors compound and how well the re-fit of later layers compensates, so (option
@@ -376,6 +378,56 @@ def polynomial_cost(analysis, groups: list, which: int):
     return cost
 
 
+#: Time saved per MAC saved by onnxruntime's CPU conv kernels (NCHWc, AVX2, 1 thread), relative to a
+#: large dense conv, from per-node profiles of the original and pruned zoo models at batch 64: a dense
+#: conv with at most two output blocks of 8 channels has a large fixed part (inception's 5x5 convs,
+#: 16 -> 8 output channels: MACs / 2, time x0.88), so removing its output channels buys little time.
+#: Depthwise convs take ~0.20 ns/MAC against ~0.03-0.04 for dense ones, but weighting them x5 moved
+#: mobilenetv2's channels from the residual streams to the expand groups for no measured speed-up and
+#: 0.6 points of accuracy, so they count as dense.
+SMALL_OUTPUT_WEIGHT = 0.3
+SMALL_OUTPUT = 16
+
+
+def _node_weight(node, cout: int, produces: bool) -> float:
+    """Marginal time-per-MAC weight of one node for a group it produces (``produces``) or reads."""
+    if node.op_type == "Conv" and produces and cout <= SMALL_OUTPUT:
+        return SMALL_OUTPUT_WEIGHT
+    return 1.0
+
+
+def latency_weights(model: Model, groups: list) -> dict[int, float]:
+    """Estimated time saved per MAC saved by pruning each group: ``w_g = Σ_n ρ_n MACs_n / Σ_n MACs_n``.
+
+    ``n`` runs over the group's producers and consumers (the nodes whose MACs shrink with it) and
+    ``ρ_n`` is :func:`_node_weight` at the original channel counts (a node producing the group counts
+    as a producer); a group whose nodes have no MACs gets 1. First order: pruning a fraction of the
+    group's channels removes that fraction of each node's MACs, so the time saved per MAC saved is
+    ``w_g`` (in units of a large dense conv's time per MAC).
+    """
+    from graphopt import analysis as ana
+
+    per = {n.name: n for n in ana.analyze(model).per_node}
+    nodes = {n.name: n for n in model.graph.nodes}
+    out: dict[int, float] = {}
+    for g in groups:
+        num = den = 0.0
+        produced = {p.node for p in g.producers}
+        for name in produced | {c.node for c in g.consumers}:
+            node, cost = nodes.get(name), per.get(name)
+            if node is None or cost is None or not cost.macs:
+                continue
+            w = node.inputs[1] if len(node.inputs) > 1 else None
+            shape = w.shape if w is not None else None
+            rho = 1.0
+            if node.op_type == "Conv" and shape and len(shape) >= 2 and all(isinstance(d, int) for d in shape[:2]):
+                rho = _node_weight(node, int(shape[0]), name in produced)
+            num += rho * cost.macs
+            den += cost.macs
+        out[g.gid] = num / den if den else 1.0
+    return out
+
+
 def _round_down(k: float, multiple: int) -> int:
     return int(np.floor(k / multiple) * multiple)
 
@@ -401,6 +453,11 @@ class PruneFilters(Pass):
                              choices=("sensitivity", "uniform")),
         "blend": Option(False, "choose between the sensitivity allocation and ones blended with an even-spread "
                               "prior by the held-out error of the pruned, re-fitted model", bool),
+        "latency": Option("ops", "what the allocator buys with each channel removed: MACs (macs), or MACs "
+                                  "weighted by the time onnxruntime's CPU kernels save per MAC removed (ops: "
+                                  "output channels of convs with <= 16 of them count 0.3; see "
+                                  ":func:`latency_weights`); the MAC target is met either way", str,
+                          choices=("macs", "ops")),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
         "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int),
@@ -573,6 +630,14 @@ class PruneFilters(Pass):
         else:
             sens = self._sensitivity(units, groups, rankings, grams, layers, data, ctx, reference)
             note = "sensitivity"
+        weights, raw_sens = None, sens
+        if self.opt(ctx, "latency") == "ops" and tm is not None:
+            # Dividing a group's errors by its time-per-MAC weight makes the greedy's price (error per MAC
+            # saved) error per estimated time saved, while its budget stays in MACs. (A params target
+            # buys params: no weights.)
+            weights = latency_weights(model, groups)
+            sens = {u.key: {k: e / weights[int(u.key.split(":")[1])] for k, e in sens[u.key].items()}
+                    for u in units}
         alloc = budget.allocate(units, sens, cost, goal)
         blend_stats = None
         if data is not None and self.opt(ctx, "blend"):
@@ -593,12 +658,14 @@ class PruneFilters(Pass):
         macs, params = analysis.cost(keep)
         out = {"mode": note, "met": bool(alloc.met), "steps": alloc.steps,
                "cost_model": "polynomial fit of the channel analysis" if poly is not None else "channel analysis",
-               "predicted_error": _r(alloc.predicted_error),
+               "predicted_error": _r(budget.predicted_error(units, raw_sens, alloc.keep)),
                "target_macs": tm, "target_params": tp,
                "macs_ratio": _r(macs / macs0) if macs0 else None,
                "params_ratio": _r(params / params0) if params0 else None}
         if blend_stats is not None:
             out["blend"] = blend_stats
+        if weights is not None:
+            out["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
         if not alloc.met:
             out["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
         if trace:

@@ -280,3 +280,38 @@ def test_default_channel_counts_are_multiples_of_eight():
     assert all(g["channels_after"] % 8 == 0 for g in result.stats["groups"])
     assert _weight(model, "conv1").shape[0] % 8 == 0
     assert analyze(model).macs <= 0.5 * analyze(from_proto(proto)).macs * 1.0001  # coarse steps: may undershoot
+
+
+def test_latency_weights_discount_small_conv_outputs():
+    from graphopt.channels import analyze as channel_groups
+    from graphopt.passes.prune import SMALL_OUTPUT_WEIGHT, latency_weights
+
+    model = from_proto(_cnn(c1=16, c2=32))
+    groups = channel_groups(model).prunable()
+    weights = latency_weights(model, groups)
+    macs = {n.name: n.macs for n in analyze(model).per_node}
+    by_producer = {g.producers[0].node: g.gid for g in groups if g.producers}
+    # conv1 makes 16 channels (<= SMALL_OUTPUT: discounted), conv2 reads them at full weight
+    expected = (SMALL_OUTPUT_WEIGHT * macs["conv1"] + macs["conv2"]) / (macs["conv1"] + macs["conv2"])
+    assert weights[by_producer["conv1"]] == pytest.approx(expected)
+    assert weights[by_producer["conv2"]] == pytest.approx(1.0)  # 32 outputs, read by the Gemm
+
+
+def test_latency_option_meets_the_mac_target_and_reports_weights():
+    proto = _cnn(c1=16, c2=32)
+    before = analyze(from_proto(proto)).macs
+    model, result = _run(proto, _ctx(_data(), target_macs=0.5, latency="ops"))
+    assert result.changed
+    assert 0.45 * before <= analyze(model).macs <= 0.5 * before * 1.0001
+    weights = result.stats["allocation"]["latency_weights"]
+    assert min(weights.values()) < 1.0
+    onnx.checker.check_model(to_proto(model))
+    # latency=macs (the old behaviour) buys plain MACs and reports no weights
+    _, plain = _run(proto, _ctx(_data(), target_macs=0.5, latency="macs"))
+    assert "latency_weights" not in plain.stats["allocation"]
+
+
+def test_latency_weights_only_apply_to_a_mac_target():
+    _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(), target_params=0.6, latency="ops"))
+    assert result.changed
+    assert "latency_weights" not in result.stats["allocation"]
