@@ -171,7 +171,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     before = _cost(ir, input_shapes, _file_bytes(reference))
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
-                      target_params=target_params, max_drop=max_drop, debug=debug,
+                      target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
+                      debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
     proto = onnx_io.to_proto(ir)

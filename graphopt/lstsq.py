@@ -355,7 +355,8 @@ class LinearLayer:
         dtype = self.weight.dtype
         base = self.node.name or self.kind
         old = [v for v in self.node.inputs[1:] if v is not None]
-        weight = graph.add_initializer(self.weight_from_matrix(w).astype(dtype), f"{base}_W")
+        stored = self.weight_from_matrix(w).astype(dtype)
+        weight = graph.add_initializer(stored, f"{base}_W")
         graph.set_input(self.node, 1, weight)
         if b is not None and self.kind in ("conv", "gemm"):
             graph.set_input(self.node, 2, graph.add_initializer(np.asarray(b).reshape(-1).astype(dtype), f"{base}_B"))
@@ -368,7 +369,7 @@ class LinearLayer:
             graph.add_node("Add", [product, bias], [out], name=f"{base}_bias", anchor=self.node)
             self.node = node
         drop_unused(graph, old)
-        self.weight = self.weight_from_matrix(w).astype(dtype)
+        self.weight = stored
         if b is not None and self.kind != "matmul":
             self.bias = np.asarray(b).reshape(-1).astype(dtype)
 

@@ -117,9 +117,10 @@ class PassContext:
     data : sample data (``graphopt.calibration.SampleData``) for calibration, or ``None``.
     target_macs, target_params : global budgets as fractions of the original (``0.5`` = half).
     baseline : ``(MACs, params)`` of the pipeline's *input* model (either may be ``None`` when shapes
-        are unknown), which the budgets are fractions of. :func:`run_pipeline` records it when a budget
-        is set, so a lossless cleanup that runs first (BN folding removes a few percent of the MACs)
-        does not count towards a lossy pass's target.
+        are unknown), which the budgets are fractions of, so a lossless cleanup that runs first (BN
+        folding removes a few percent of the MACs) does not count towards a lossy pass's target.
+        ``graphopt.api.optimize`` passes the cost it reports as "before"; :func:`run_pipeline`
+        computes it when it is missing and a budget is set.
     max_drop : the accuracy drop (points) lossy passes may spend.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
