@@ -380,8 +380,9 @@ class LinearLayer:
 
 def collect(model: Model, layers: Mapping[str, LinearLayer], data: SampleData, *,
             reference: Model | None = None, targets: Mapping[str, str] | None = None,
-            max_rows: int = 8192, seed: int = 0, batch_size: int = 64, bias: bool = True,
-            threads: int | None = None) -> dict[str, CrossGram]:
+            target_batches: Sequence[Mapping[str, np.ndarray]] | None = None,
+            max_rows: int = 8192, seed: int = 0, rng: np.random.Generator | None = None,
+            batch_size: int = 64, bias: bool = True, threads: int | None = None) -> dict[str, CrossGram]:
     """Stream ``(X, Y)`` statistics for each layer over ``data``.
 
     Parameters
@@ -391,9 +392,11 @@ def collect(model: Model, layers: Mapping[str, LinearLayer], data: SampleData, *
     reference : where the targets ``Y`` are read (default ``model`` itself, e.g. the unpruned original).
     targets : key -> value name in ``reference`` holding the target output (default ``layer.y``'s name).
         The target must have the layer's output layout (``[N, O, H, W]`` for a conv).
+    target_batches : the targets already computed, one ``{name: array}`` per batch of ``batch_size``
+        samples (e.g. a reference run kept for several fits); then ``reference`` is not run.
     max_rows : rows kept per layer over the whole data (split evenly between batches, drawn uniformly
         without replacement within a batch; the same rows of ``X`` and ``Y``).
-    seed : seeds the row sampling.
+    seed, rng : the row sampling's generator (``rng``), or a new one seeded with ``seed``.
 
     Returns
     -------
@@ -404,11 +407,13 @@ def collect(model: Model, layers: Mapping[str, LinearLayer], data: SampleData, *
     grams = {key: CrossGram(bias=bias) for key in layers}
     if not layers:
         return grams
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if rng is None else rng
     per_batch = max(1, ceil(max_rows / max(1, ceil(data.n_samples / batch_size))))
     x_names = sorted({layer.x.name for layer in layers.values()})
     y_names = sorted(set(targets.values()))
-    if reference is model:
+    if target_batches is not None:
+        batches = zip(Calibrator(model, data, batch_size, threads=threads).run(x_names), target_batches)
+    elif reference is model:
         batches = ((batch, batch) for batch in Calibrator(model, data, batch_size, threads=threads).run(
             sorted(set(x_names) | set(y_names))))
     else:

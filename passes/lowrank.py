@@ -96,8 +96,8 @@ import numpy as np
 from onnx import helper
 
 from graphopt import cost as costs
-from graphopt import svd
-from graphopt.calibration import Calibrator, SampleData
+from graphopt import lstsq, svd
+from graphopt.calibration import Calibrator, Gram, SampleData
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import FixedPoint, Option, Pass, PassContext, PassResult, Sequential, get_pass, register, \
     register_preset
@@ -163,6 +163,13 @@ def _per_output(c: np.ndarray, n: int) -> np.ndarray | None:
     return None
 
 
+def _no_weight(graph: Graph, x: Value, op: str) -> str:
+    """Why a Gemm/MatMul without a constant second operand is refused."""
+    if graph.constant_array(x) is not None:
+        return f"the constant is the first {op} operand"
+    return "weight is not constant"
+
+
 def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str:
     """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
     if not is_op(node, *OPS):
@@ -182,9 +189,7 @@ def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str
             return "Gemm with transA (the activation is transposed)"
         b = graph.constant_array(node.inputs[1])
         if b is None:
-            if graph.constant_array(x) is not None:
-                return "the constant is the first Gemm operand"
-            return "weight is not constant"
+            return _no_weight(graph, x, "Gemm")
         if b.ndim != 2 or b.dtype.kind != "f":
             return "weight is not a float matrix"
         w = (b.T if node.attr("transB", 0) else b) * np.asarray(node.attr("alpha", 1.0), dtype=b.dtype)
@@ -208,9 +213,7 @@ def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str
                 if wt is not None and wt.ndim == 2 and (perm is None or list(perm) == [1, 0]):
                     w = wt.T  # weight stored transposed
         if w is None:
-            if graph.constant_array(x) is not None:
-                return "the constant is the first MatMul operand"
-            return "weight is not constant"
+            return _no_weight(graph, x, "MatMul")
         if w.ndim != 2 or w.dtype.kind != "f":
             return "MatMul weight is not a float matrix (batched weights are not factorized)"
         site = Site(node, "matmul", x, y, w, None, w.dtype)
@@ -346,7 +349,7 @@ def forms_of(site: Site, which: str) -> list[Form]:
 class Stats:
     """Input statistics of one site: moments of its rows (dense features or im2col patches, all groups)."""
 
-    moments: svd.Moments
+    moments: Gram  # over the rows of site_rows (already 2-D: the default rows view keeps them)
 
     def group(self, site: Site, g: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Σ, μ)`` of group ``g``'s features in the ``[F_full]`` layout."""
@@ -355,7 +358,7 @@ class Stats:
         cin_g = site.weight.shape[1]
         taps = site.weight.shape[2] * site.weight.shape[3]
         idx = np.arange(g * cin_g * taps, (g + 1) * cin_g * taps)
-        return self.moments.block(idx)
+        return self.moments.covariance[np.ix_(idx, idx)], self.moments.mean[idx]
 
 
 def site_rows(site: Site, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
@@ -366,18 +369,21 @@ def site_rows(site: Site, x: np.ndarray, rng: np.random.Generator, max_rows: int
             flat = flat[np.sort(rng.choice(flat.shape[0], size=max_rows, replace=False))]
         return flat
     c = site.conv
-    kernel = tuple(site.weight.shape[2:])
-    oh = svd.conv_out_size(x.shape[2], kernel[0], c.strides[0], c.dilations[0], c.pads_begin[0], c.pads_end[0])
-    ow = svd.conv_out_size(x.shape[3], kernel[1], c.strides[1], c.dilations[1], c.pads_begin[1], c.pads_end[1])
-    n = x.shape[0] * oh * ow
+    # lstsq's im2col view; built directly because LinearLayer.of refuses grouped convs, whose rows are
+    # the same patches over all input channels (each group reads its own block of features).
+    layer = lstsq.LinearLayer(site.node, "conv", site.x, site.y, site.weight, site.bias,
+                              kernel=tuple(site.weight.shape[2:]), strides=tuple(c.strides),
+                              dilations=tuple(c.dilations), pads_begin=tuple(c.pads_begin),
+                              pads_end=tuple(c.pads_end))
+    n = layer.positions(x.shape)
     positions = None if n <= max_rows else np.sort(rng.choice(n, size=max_rows, replace=False))
-    return svd.im2col(x, kernel, c.strides, c.dilations, c.pads_begin, c.pads_end, positions)
+    return layer.rows(x, positions)
 
 
 def collect_stats(model: Model, sites: list[Site], data: SampleData, rng: np.random.Generator, max_rows: int,
                   batch_size: int = 64) -> dict[int, Stats]:
     """Stream every site's input rows over ``data`` (one onnxruntime run for all); keyed by ``id(node)``."""
-    stats = {id(s.node): Stats(svd.Moments()) for s in sites}
+    stats = {id(s.node): Stats(Gram()) for s in sites}
     names = sorted({s.x.name for s in sites})
     batches = max(1, ceil(data.n_samples / batch_size))
     per_batch = max(1, ceil(max_rows / batches))
@@ -618,7 +624,7 @@ def refit_plan(plan: Plan, gram: Any, ridge: float, shrink: float = 0.0,
     if gram.count < min_rows * gram.features:
         return f"not refitted: {gram.count} rows for {gram.features} features (the refit would fit noise)"
     w_ls, b_ls = gram.solve(ridge)
-    moments = svd.Moments()
+    moments = Gram()
     moments.xtx, moments.sum, moments.count = gram.xtx[:-1, :-1], gram.xtx[:-1, -1], gram.count
     weight = w_ls if site.kind != "conv" else w_ls.T.reshape(site.weight.shape)
     refit_site = replace(site, weight=weight, bias=b_ls)
@@ -639,16 +645,9 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
     The targets (each layer's output before the pass) are computed once; layers reading the same tensor
     (attention's query/key/value) are refitted from one run. Returns one record per plan.
     """
-    from graphopt import lstsq
-
     graph = model.graph
     names = sorted({p.site.y.name for p in plans})
-    targets: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for batch in Calibrator(model, data, batch_size).run(names):
-        for n in names:
-            targets[n].append(batch[n])
-    batches = max(1, ceil(data.n_samples / batch_size))
-    per_batch = max(1, ceil(max_rows / batches))
+    targets = list(Calibrator(model, data, batch_size).run(names))  # kept: the original outputs, run once
     records: list[dict[str, Any]] = []
     i = 0
     while i < len(plans):
@@ -657,19 +656,14 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
             group.append(plans[i + len(group)])
         i += len(group)
         layers = {k: lstsq.LinearLayer.of(graph, p.site.node) for k, p in enumerate(group)}
-        grams = {k: lstsq.CrossGram(bias=True) for k, layer in layers.items() if not isinstance(layer, str)}
-        if grams:
+        fitted = {k: layer for k, layer in layers.items() if not isinstance(layer, str)}
+        grams: dict[int, lstsq.CrossGram] = {}
+        if fitted:
             if say is not None:
-                say(f"lowrank: refitting {', '.join(group[k].site.name for k in grams)}")
-            x_name = group[0].site.x.name
-            for b, batch in enumerate(Calibrator(model, data, batch_size).run([x_name])):
-                x = batch[x_name]
-                for k in grams:
-                    layer = layers[k]
-                    n = layer.positions(x.shape)
-                    select = None if n <= per_batch else np.sort(rng.choice(n, size=per_batch, replace=False))
-                    grams[k].update(layer.rows(x, select),
-                                    layer.target_rows(targets[group[k].site.y.name][b], select))
+                say(f"lowrank: refitting {', '.join(group[k].site.name for k in fitted)}")
+            grams = lstsq.collect(model, fitted, data, target_batches=targets,
+                                  targets={k: group[k].site.y.name for k in fitted}, max_rows=max_rows, rng=rng,
+                                  batch_size=batch_size)
         for k, plan in enumerate(group):
             extra: dict[str, Any] = {}
             if k not in grams:
