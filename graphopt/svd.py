@@ -18,9 +18,10 @@ so rank choices by energy or error budget read it off the spectrum.
 The factors are split symmetrically, ``P = L⁻ᵀ U_r S_r^½`` and ``Q = S_r^½ V_rᵀ``, so both layers have
 weights of similar magnitude (float32 friendly).
 
-Helpers for convolutions: :func:`im2col` (patch rows of a conv input, in the ``(c, i, j)`` order of
-``W[o, c, i, j]``), :func:`column_average` (the covariance of *vertical* patches ``(c, i)`` averaged over
-the kernel columns, for the spatial ``k×1 → 1×k`` scheme), and :class:`Moments` (streaming ``Σ xxᵀ``).
+Helpers for convolutions (the patch rows themselves come from :meth:`graphopt.lstsq.LinearLayer.rows`, in the
+``(c, i, j)`` order of ``W[o, c, i, j]``): :func:`column_average` (the covariance of *vertical* patches ``(c, i)`` averaged over
+the kernel columns, for the spatial ``k×1 → 1×k`` scheme). Streaming input moments come from
+:class:`graphopt.calibration.Gram`.
 """
 
 from __future__ import annotations
@@ -30,44 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 
-class Moments:
-    """Streaming first and second moments (float64) of the rows of ``X``: ``xtx = Σ XᵀX``, ``sum``, ``count``."""
-
-    def __init__(self) -> None:
-        self.xtx: np.ndarray | None = None
-        self.sum: np.ndarray | None = None
-        self.count = 0
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        if self.xtx is None:
-            self.xtx = np.zeros((x.shape[1], x.shape[1]))
-            self.sum = np.zeros(x.shape[1])
-        self.xtx += x.T @ x
-        self.sum += x.sum(axis=0)
-        self.count += x.shape[0]
-
-    @property
-    def mean(self) -> np.ndarray:
-        if self.count == 0:
-            raise ValueError("no rows")
-        return self.sum / self.count
-
-    @property
-    def covariance(self) -> np.ndarray:
-        """Centered (population) covariance."""
-        mean = self.mean
-        cov = self.xtx / self.count - np.outer(mean, mean)
-        return (cov + cov.T) / 2
-
-    def block(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(covariance, mean)`` restricted to the features ``index``."""
-        return self.covariance[np.ix_(index, index)], self.mean[index]
-
-
 def whitener(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Lower Cholesky factor ``L`` of ``Σ + λI`` with ``λ = ridge · tr(Σ)/F`` (``L Lᵀ = Σ + λI``)."""
     f = cov.shape[0]
+    cov = (cov + cov.T) / 2  # a streamed XᵀX/n − μμᵀ can be asymmetric by rounding
     lam = ridge * max(float(np.trace(cov)) / f, 1e-12)
     jitter = lam
     for _ in range(8):  # a numerically indefinite covariance (rounding) needs a little more ridge
@@ -145,29 +112,6 @@ def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6)
 def output_error(dw: np.ndarray, cov: np.ndarray) -> float:
     """``tr(ΔWᵀ Σ ΔW)``: the squared output error (summed over outputs) of a weight change ``ΔW [F, O]``."""
     return float(np.sum(dw * (cov @ dw)))
-
-
-def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], dilations: tuple[int, int],
-           pads_begin: tuple[int, int], pads_end: tuple[int, int], positions: np.ndarray | None = None
-           ) -> np.ndarray:
-    """Patch rows ``[R, C·kh·kw]`` (``(c, i, j)`` order) of a batch ``x [N, C, H, W]`` for a 2-D conv.
-
-    ``positions`` indexes the flattened ``(n, oh, ow)`` output grid (``None``: all of them).
-    """
-    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
-    xp = np.pad(x, ((0, 0), (0, 0), (pads_begin[0], pads_end[0]), (pads_begin[1], pads_end[1])))
-    n, c, hp, wp = xp.shape
-    oh = (hp - dh * (kh - 1) - 1) // sh + 1
-    ow = (wp - dw * (kw - 1) - 1) // sw + 1
-    if positions is None:
-        positions = np.arange(n * oh * ow)
-    b, rest = np.divmod(positions, oh * ow)
-    i0, j0 = np.divmod(rest, ow)
-    rows_h = i0[:, None] * sh + np.arange(kh)[None, :] * dh          # [R, kh]
-    cols_w = j0[:, None] * sw + np.arange(kw)[None, :] * dw          # [R, kw]
-    # xp[b, :, h, w] gathered to [R, C, kh, kw]
-    patches = xp[b[:, None, None], :, rows_h[:, :, None], cols_w[:, None, :]]  # [R, kh, kw, C]
-    return patches.transpose(0, 3, 1, 2).reshape(len(positions), c * kh * kw)
 
 
 def conv_out_size(size: int, k: int, s: int, d: int, pb: int, pe: int) -> int:

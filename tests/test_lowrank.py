@@ -9,7 +9,7 @@ from onnx import helper
 
 import graphopt.passes.lowrank as lr
 from graphopt import onnx_io, svd
-from graphopt.calibration import SampleData
+from graphopt.calibration import Gram, SampleData
 from graphopt.manager import PassContext
 from tests.util import init, make_model, op_types, run, tensor
 
@@ -256,16 +256,21 @@ def test_energy_and_error_selection():
 
 def test_latency_measurement_is_reported():
     proto = gemm_model(m=128, n=128)
-    result, _ = apply(proto, latency="measure", ratio=0.25)
-    layers = result.stats["layers"]
-    left = result.stats.get("left_alone", [])
-    assert layers and layers[0]["latency_ratio"] > 0 or any("not faster" in e["reason"] for e in left)
+    # the measured ratio decides against max_latency_ratio: a limit no ratio reaches keeps the layer
+    # (and reports its finite, positive ratio), a limit every ratio exceeds leaves it alone
+    result, _ = apply(proto, latency="measure", ratio=0.25, max_latency_ratio=1e9)
+    (layer,) = result.stats["layers"]
+    assert result.changed and 0 < layer["latency_ratio"] < 1e9
+    result, out = apply(proto, latency="measure", ratio=0.25, max_latency_ratio=1e-9)
+    assert not result.changed and result.stats["layers"] == []
+    assert [e["reason"] for e in result.stats["left_alone"]] == ["factorized layer is not faster (measure)"]
+    assert op_types(out) == ["Gemm"]
 
 
 def test_svd_whitening_is_optimal_in_output_error():
     x = RNG.standard_normal((2000, 12)) @ RNG.standard_normal((12, 12))
     w = RNG.standard_normal((12, 7))
-    m = svd.Moments()
+    m = Gram()
     m.update(x)
     cov = m.covariance
     fac = svd.factorize(w, cov, ridge=0.0)

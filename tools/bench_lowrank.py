@@ -90,15 +90,20 @@ def latency_ratio(a, b, rounds: int = 15, inner: int = 20) -> float:
     return float(np.median(times[1]) / np.median(times[0]))
 
 
+def baseline(name: str):
+    """``(reference model, eval data, calib data, reference logits on eval, its own measure)``."""
+    ref = reference(name)
+    ev, cal = load_data(EVAL, onnx_io.to_proto(ref)), load_data(CALIB, onnx_io.to_proto(ref))
+    ref_y = logits(ref, ev)
+    return ref, ev, cal, ref_y, measure(ref_y, ref, ev)
+
+
 def sweep(models: list[str], ratios: list[float]) -> None:
     print("| model | ratio | params kept | plain err | plain acc | data-aware err | data-aware acc | "
           "layers |")
     print("|---|---|---|---|---|---|---|---|")
     for name in models:
-        ref = reference(name)
-        ev, cal = load_data(EVAL, onnx_io.to_proto(ref)), load_data(CALIB, onnx_io.to_proto(ref))
-        ref_y = logits(ref, ev)
-        base = measure(ref_y, ref, ev)
+        ref, ev, cal, ref_y, base = baseline(name)
         p0 = params(ref)
         print(f"| {name} | 1.0 | 100% | 0 | {base['acc']:.2f} | 0 | {base['acc']:.2f} | 0 |", flush=True)
         for ratio in ratios:
@@ -119,10 +124,7 @@ def targets() -> None:
     print("| model | target | SVD | layers | kept (of those layers) | accuracy | drop | output err | latency ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, ops, kind in cases:
-        ref = reference(name)
-        ev, cal = load_data(EVAL, onnx_io.to_proto(ref)), load_data(CALIB, onnx_io.to_proto(ref))
-        ref_y = logits(ref, ev)
-        base = measure(ref_y, ref, ev)
+        ref, ev, cal, ref_y, base = baseline(name)
         for mode in ("off", "on"):
             opts = {"ops": ops, "select": "target", "target_scope": "layers", "latency": "off", "data_aware": mode}
             kw = {"target_params": 0.5} if kind == "params" else {"target_macs": 0.5}
@@ -138,10 +140,7 @@ def latency(models: list[str], ratio: float) -> None:
     print("| model | factorized | left alone as slower | params kept | accuracy drop | latency ratio |")
     print("|---|---|---|---|---|---|")
     for name in models:
-        ref = reference(name)
-        ev, cal = load_data(EVAL, onnx_io.to_proto(ref)), load_data(CALIB, onnx_io.to_proto(ref))
-        ref_y = logits(ref, ev)
-        base = measure(ref_y, ref, ev)
+        ref, ev, cal, ref_y, base = baseline(name)
         cand, result = lowrank(ref, cal, {"ratio": ratio})
         m = measure(ref_y, cand, ev)
         slower = sum(e["count"] for e in result.stats.get("left_alone", []) if "not faster" in e["reason"])
