@@ -99,14 +99,13 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.rewrite import remove_dead
-from graphopt.shapes import inferred_types, symbolic_dims
+from graphopt.shapes import TypeTable
 
 # Domains whose ops are pure functions of their inputs: unused results can be dropped.
 PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -231,88 +230,6 @@ def is_nondeterministic(node: Node, graph: Graph) -> bool:
     if node.domain not in STANDARD_DOMAINS:
         return False
     return node.op_type in NONDETERMINISTIC_OPS or (node.op_type == "Dropout" and dropout_may_train(node, graph))
-
-
-class TypeTable:
-    """What is known for sure about values' element types and dims.
-
-    Initializers answer from their data; other values from onnx shape inference (run once, on an
-    export of the IR, without touching it), falling back to the type the IR carries. A dim is an
-    ``int`` only when it is static: symbolic and unknown dims are ``None``. Keyed by value object, so
-    a rename (a model output taking over a name) does not confuse it.
-    """
-
-    def __init__(self, model: Model) -> None:
-        self._types: dict[Value, onnx.TypeProto] = {}
-        self._model = model
-        self._symbolic: dict | None = None
-        self._main_values = set(model.graph.values())
-        try:
-            inferred = inferred_types(model)
-        except GraphoptError:
-            inferred = {}
-        for graph, by_name in inferred.items():
-            for value in graph.values():
-                found = by_name.get(value.name)
-                if found is not None and not graph.is_captured(value):
-                    self._types.setdefault(value, found)
-
-    def _tensor_type(self, value: Value) -> onnx.TypeProto.Tensor | None:
-        t = self._types.get(value) or value.type
-        if t is None or not t.HasField("tensor_type"):
-            return None
-        return t.tensor_type
-
-    def dtype(self, value: Value) -> int | None:
-        if value.is_initializer:
-            return value.dtype
-        tt = self._tensor_type(value)
-        return (tt.elem_type or None) if tt is not None else None
-
-    def dims(self, value: Value) -> tuple[int | None, ...] | None:
-        """One entry per dim (``None`` when not static); ``None`` when the rank is unknown."""
-        if value.is_initializer:
-            return tuple(int(d) for d in value.shape)
-        tt = self._tensor_type(value)
-        if tt is None or not tt.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-
-    def symbols(self, value: Value) -> tuple[int | str | None, ...] | None:
-        """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
-
-        Two equal symbols hold the same value at run time. For values of the main graph the symbols
-        come from onnxruntime's symbolic shape inference (:func:`graphopt.shapes.symbolic_dims`, run on
-        first use), which relates dims through shape arithmetic; elsewhere, or when it fails, from onnx's
-        inference, whose fresh names (``unk__N``) are unique too. The two namespaces are never mixed.
-        """
-        if value.is_initializer:
-            return tuple(int(d) for d in value.shape)
-        dims = self.dims(value)
-        if self._symbolic is None:
-            self._symbolic = symbolic_dims(self._model) or {}
-        if self._symbolic and value in self._main_values:
-            found = self._symbolic.get(value.name)
-            if found is None or (dims is not None and len(found) != len(dims)):
-                return dims
-            dims = dims if dims is not None else (None,) * len(found)
-            return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
-                         for d, f in zip(dims, found))
-        tt = self._tensor_type(value)
-        if tt is None or not tt.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else (f"o:{d.dim_param}" if d.dim_param else None)
-                     for d in tt.shape.dim)
-
-    def static_shape(self, value: Value) -> tuple[int, ...] | None:
-        dims = self.dims(value)
-        return None if dims is None or any(d is None for d in dims) else dims  # type: ignore[return-value]
-
-    def static_bytes(self, value: Value) -> int | None:
-        shape, dtype = self.static_shape(value), self.dtype(value)
-        if shape is None or dtype is None:
-            return None
-        return int(np.prod(shape, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(dtype).itemsize
 
 
 def sorted_graphs(root: Graph) -> list[tuple[Graph, list[Node]]]:

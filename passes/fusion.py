@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from graphopt.passes.cleanup import TypeTable, constant_of
+from graphopt.passes.cleanup import constant_of
 from onnx import TensorProto, helper
 
 from graphopt.ir import Graph, Model, Node, Value
@@ -62,6 +62,7 @@ from graphopt.rewrite import (
     remove_dead,
     sole_consumer,
 )
+from graphopt.shapes import TypeTable
 
 _RTOL = 1e-6
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -336,12 +337,16 @@ def protected_role(graph: Graph, node: Node) -> str | None:
 # rules
 
 
-class GeluFusion(Rule):
-    name = "gelu"
-    root_ops = ("Mul",)
+class _TypedRule(Rule):
+    """A rule that reads dtypes and dims from the pass's :class:`TypeTable` (inferred once per run)."""
 
     def __init__(self, types: TypeTable) -> None:
         self.types = types
+
+
+class GeluFusion(_TypedRule):
+    name = "gelu"
+    root_ops = ("Mul",)
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
         g = match_gelu(graph, node)
@@ -362,12 +367,9 @@ class GeluFusion(Rule):
         remove_dead(graph, g.nodes)
 
 
-class LayerNormFusion(Rule):
+class LayerNormFusion(_TypedRule):
     name = "layer_norm"
     root_ops = ("Div",)
-
-    def __init__(self, types: TypeTable) -> None:
-        self.types = types
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
         ln = match_layer_norm(graph, node)
@@ -419,12 +421,9 @@ class LayerNormFusion(Rule):
         remove_dead(graph, ln.nodes)
 
 
-class AddThroughConcat(Rule):
+class AddThroughConcat(_TypedRule):
     name = "add_through_concat"
     root_ops = ("Add",)
-
-    def __init__(self, types: TypeTable) -> None:
-        self.types = types
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
         if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:

@@ -4,7 +4,7 @@ Every rule below either proves ``y = x`` (then readers of ``y`` read ``x`` and t
 rewrites a pair of nodes into one that computes the same tensor. A rule acts only on what is known for
 sure: constant operands (initializers or ``Constant`` nodes that are not overridable inputs) and element
 types and dims that are static, from onnx shape inference or the IR (see
-:class:`graphopt.passes.cleanup.TypeTable`). A symbolic dim is never assumed to be any value.
+:class:`graphopt.shapes.TypeTable`). A symbolic dim is never assumed to be any value.
 
 Cancellations and chains
 ------------------------
@@ -69,12 +69,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from graphopt.passes.cleanup import constant_of, slice_bounds
 from onnx import TensorProto
 
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Pass, PassContext, PassResult, register
-from graphopt.passes.cleanup import TypeTable, constant_of, slice_bounds
-from graphopt.rewrite import Match, Rule, apply_rules, producer_op, remove_dead, sole_consumer
+from graphopt.rewrite import (
+    Match,
+    Rule,
+    apply_rules,
+    producer_op,
+    remove_dead,
+    sole_consumer,
+)
+from graphopt.shapes import TypeTable
 
 INT64_MAX = 2**63 - 1
 

@@ -553,7 +553,7 @@ def _check_after(p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> st
     return None
 
 
-def _fold_after(env: _Env, graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+def _fold_after(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
     """Fold ``y = s·out + t`` into the layer; returns the value that now holds ``y``."""
     node, dtype = p.node, p.weight.dtype
     w = np.asarray(p.weight, np.float64)
@@ -651,7 +651,7 @@ class _IntoPreceding(_AffineRule):
     def rewrite(self, graph: Graph, match: Match) -> None:
         p: _Producer = match.extra["producer"]
         y = match.node.outputs[0]
-        out = _fold_after(self.env, graph, p, match.extra["s"], match.extra["t"])
+        out = _fold_after(graph, p, match.extra["s"], match.extra["t"])
         graph.replace_all_uses(y, out)
         graph.remove_node(match.node)
         if out is not p.out:

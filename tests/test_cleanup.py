@@ -9,16 +9,9 @@ from onnx import helper
 
 from graphopt import onnx_io
 from graphopt.manager import PassContext, get_pass
+from tests.util import apply_pass as apply
+from tests.util import apply_pass as apply_with
 from tests.util import init, make_model, op_types, run, tensor
-
-
-def apply(pass_name: str, proto: onnx.ModelProto):
-    model = onnx_io.from_proto(proto)
-    result = get_pass(pass_name).run(model, PassContext())
-    model.check_invariants()
-    out = onnx_io.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
 
 
 def same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds) -> None:
@@ -134,15 +127,6 @@ def test_identity_in_loop_body_reading_outer_value():
 
 # =============================================================================================
 # fold_constants
-
-def apply_with(pass_name: str, proto: onnx.ModelProto, **options):
-    model = onnx_io.from_proto(proto)
-    result = get_pass(pass_name).run(model, PassContext(options={pass_name: options}))
-    model.check_invariants()
-    out = onnx_io.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
-
 
 def parse(text: str) -> onnx.ModelProto:
     model = onnx.parser.parse_model(text)

@@ -8,8 +8,7 @@ import onnx
 import onnx.parser
 import pytest
 
-from graphopt import onnx_io
-from graphopt.manager import PassContext, get_pass
+from tests.util import apply_pass as apply
 from tests.util import op_types, run
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
@@ -20,15 +19,6 @@ def parse(body: str, opset: int) -> onnx.ModelProto:
     model = onnx.parser.parse_model(HEADER.format(opset=opset) + body)
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def apply(pass_name: str, proto: onnx.ModelProto):
-    model = onnx_io.from_proto(proto)
-    result = get_pass(pass_name).run(model, PassContext())
-    model.check_invariants()
-    out = onnx_io.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
 
 
 def assert_close(a: onnx.ModelProto, b: onnx.ModelProto, shape=(3, 5, 8)) -> None:

@@ -55,6 +55,8 @@ def test_lossless_preset_on_shape_heavy_models(path, eval_data):
     ops = [n.op_type for n in out.graph.node]
     assert "Split" not in ops
     if "transformer" in path:
+        # opset < 20 has no Gelu op: every Erf chain must survive, or the loop below checks nothing
+        assert ops.count("Erf") == sum(n.op_type == "Erf" for n in original.graph.node) > 0
         for node in out.graph.node:  # x * (1 + erf(x / sqrt 2)) keeps its * 0.5
             if node.op_type == "Erf":
                 add = next(n for n in out.graph.node if node.output[0] in n.input)

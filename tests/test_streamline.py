@@ -6,27 +6,19 @@ plus graphs it must leave alone (the exported model is then identical to the inp
 
 from __future__ import annotations
 
+import graphopt.passes.streamline as streamline
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import graphopt.passes.streamline as streamline
 from graphopt import onnx_io
 from graphopt.manager import PassContext
+from tests.util import apply_pass as optimize
 from tests.util import init, make_model, op_types, run, tensor
 
 PASSES = {p.name: p for p in (streamline.FoldBatchNorm, streamline.FoldAffine, streamline.FusePad,
                               streamline.MergeLinear, streamline.GemmRows)}
-
-
-def optimize(pass_name: str, proto: onnx.ModelProto):
-    model = onnx_io.from_proto(proto)
-    result = PASSES[pass_name]().run(model, PassContext())
-    model.check_invariants()
-    out = onnx_io.to_proto(model)
-    onnx.checker.check_model(out, full_check=True)
-    return result, out
 
 
 def assert_same(proto: onnx.ModelProto, out: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:

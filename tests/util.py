@@ -44,3 +44,17 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def apply_pass(pass_name: str, proto: onnx.ModelProto, **options):
+    """Run the registered pass ``pass_name`` (with ``options``) on a copy of ``proto``; check the IR's
+    invariants and the full onnx checker on the result. Returns ``(PassResult, ModelProto)``."""
+    from graphopt import onnx_io
+    from graphopt.manager import PassContext, get_pass
+
+    model = onnx_io.from_proto(proto)
+    result = get_pass(pass_name).run(model, PassContext(options={pass_name: options} if options else {}))
+    model.check_invariants()
+    out = onnx_io.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    return result, out
