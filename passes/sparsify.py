@@ -80,7 +80,7 @@ from graphopt.calibration import SampleData, reference_outputs
 from graphopt.ir import Model
 from graphopt.lstsq import CrossGram, LinearLayer, collect
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.onnx_io import copy_model
 
 # =============================================================================================
 # the math, on H [F+1, F+1] (bias last), R [F+1, O], W [F+1, O]
@@ -425,13 +425,13 @@ class Sparsify(Pass):
         tried: dict[float, tuple[bool, list, dict]] = {}
 
         def attempt(t: float, splice_rounds: int) -> bool:
-            trial = from_proto(to_proto(model))
+            trial = copy_model(model)
             trial_layers = [lay for lay in linear_layers(trial, self.opt(ctx, "min_weights"), [])
                             if lay.node.name in densities]
             dens = {k: v + t * (1.0 - v) for k, v in densities.items()}
             ctx.say(f"sparsify guard: t={t:.3f}")
             started = time.perf_counter()
-            records, weights = self._prune(trial, trial_layers, dens, fit, ctx, splice_rounds)
+            records, weights = self._prune(trial, trial_layers, dens, fit, ctx, splice_rounds, reference=model)
             correct = _class_scores(trial, held).argmax(1) == held.labels
             acc = 100.0 * float(correct.mean())
             drop = guard["reference"] - acc
@@ -480,20 +480,25 @@ class Sparsify(Pass):
     # ---------------------------------------------------------------------------------------
 
     def _prune(self, model: Model, layers: list[LinearLayer], densities: dict[str, float], data: SampleData,
-               ctx: PassContext, splice_rounds: int | None = None) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Prune ``layers`` of ``model`` in place, fitted on ``data``; returns (records, node -> (W, b))."""
+               ctx: PassContext, splice_rounds: int | None = None, reference: Model | None = None,
+               ) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Prune ``layers`` of ``model`` in place, fitted on ``data``; returns (records, node -> (W, b)).
+
+        ``reference`` is the unpruned model the targets are read from (default: a copy of ``model``
+        taken before pruning; the guard passes its untouched original instead of copying per try).
+        """
         method = self.opt(ctx, "method")
-        reference = from_proto(to_proto(model))
+        reference = copy_model(model) if reference is None else reference
         ref_layers = {layer.node.name: layer.y.name for layer in layers}
         records = []
         weights = {}
+        grid = [float(v) for v in self.opt(ctx, "ridge_grid").split(",") if v.strip()]
+        fit, held = split_data(data, self.opt(ctx, "holdout")) if grid else (data, None)
         for layer in layers:
             ctx.say(f"sparsify: {layer.node.name}")
             key = layer.node.name
             w0, b0 = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
             mask = magnitude_mask(w0, int(round(densities[key] * w0.size))) if method == "magnitude" else None
-            grid = [float(v) for v in self.opt(ctx, "ridge_grid").split(",") if v.strip()]
-            fit, held = split_data(data, self.opt(ctx, "holdout")) if grid else (data, None)
             gram = collect(model, {key: layer}, fit, reference=reference, targets={key: ref_layers[key]},
                            max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed)[key]
             ridge = self.opt(ctx, "ridge")

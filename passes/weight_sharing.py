@@ -56,7 +56,7 @@ from graphopt.ir import Graph, Model, Node
 from graphopt.kmeans import INITS, kmeans, refit_centroids
 from graphopt.lstsq import CrossGram, LinearLayer, collect
 from graphopt.manager import Option, Pass, PassContext, PassResult, Sequential, get_pass, register, register_preset
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.onnx_io import copy_model
 from graphopt.passes.branch import drop_unused
 from graphopt.passes.sparsify import Sparsify, penalised
 
@@ -253,7 +253,7 @@ class WeightSharing(Pass):
         data: SampleData | None = None
         if needs_data and ctx.data is not None:
             data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-        reference = from_proto(to_proto(model)) if data is not None else None
+        reference = copy_model(model) if data is not None else None
         rng = ctx.rng(self.name)
         graph = model.graph
         left: dict[str, dict[str, Any]] = {}
