@@ -906,13 +906,7 @@ def _conv(b: _Builder, node: Node, d: _Dim, side: str, slot: int) -> None:
         b.link(b.dim(x, (1,)), wd)
         b.role("consumer", node, w, wd, x)
         return
-    yd, wd = b.dim(y, (1,)), b.dim(w, (0,))
-    b.link(yd, wd)
-    b.role("producer", node, w, wd)
-    if bias is not None:
-        bd = b.dim(bias, (0,))
-        b.link(yd, bd)
-        b.role("producer", node, bias, bd)
+    yd = _conv_producer(b, node, y, w, 0, bias)
     if groups > 1:  # conv group j: input block j, output block j are one channel
         cin, cout = b.shape(x)[1], sw[0]
         per_in, per_out = cin // groups, cout // groups
@@ -924,6 +918,18 @@ def _conv(b: _Builder, node: Node, d: _Dim, side: str, slot: int) -> None:
             b.link(xd, xd, p, (p // per_in) * per_in)
         if per_out > 1:
             b.link(yd, yd, q, (q // per_out) * per_out)
+
+
+def _conv_producer(b: _Builder, node: Node, y: Value, w: Value, w_axis: int, bias: Value | None) -> _Dim:
+    """Link output channel axis 1 of ``y`` to the weight's output axis ``w_axis`` and the bias; return y's dim."""
+    yd, wd = b.dim(y, (1,)), b.dim(w, (w_axis,))
+    b.link(yd, wd)
+    b.role("producer", node, w, wd)
+    if bias is not None:
+        bd = b.dim(bias, (0,))
+        b.link(yd, bd)
+        b.role("producer", node, bias, bd)
+    return yd
 
 
 def _conv_transpose(b: _Builder, node: Node, d: _Dim, side: str, slot: int) -> None:
@@ -938,13 +944,7 @@ def _conv_transpose(b: _Builder, node: Node, d: _Dim, side: str, slot: int) -> N
         b.link(b.dim(x, (1,)), wd)
         b.role("consumer", node, w, wd, x)
     elif where in ((y, (1,)), (w, (1,)), (bias, (0,))):
-        yd, wd = b.dim(y, (1,)), b.dim(w, (1,))
-        b.link(yd, wd)
-        b.role("producer", node, w, wd)
-        if bias is not None:
-            bd = b.dim(bias, (0,))
-            b.link(yd, bd)
-            b.role("producer", node, bias, bd)
+        _conv_producer(b, node, y, w, 1, bias)
     else:
         raise _Stop(f"axes {d.axes} of {d.value.name!r}")
 
@@ -1294,18 +1294,14 @@ def _groups(b: _Builder, dims: list[_Dim], labels: np.ndarray) -> list[Group]:
 # cost
 
 
-class _CostShapes:
-    """Duck-typed ``analysis._Shapes`` over a dict of concrete shapes (for re-costing one node)."""
+class _CostShapes(_analysis._Shapes):
+    """``analysis._Shapes`` over a dict of concrete shapes (for re-costing one node with analysis's MAC rules)."""
 
     def __init__(self, node: Node, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.node = node
         self.shapes = shapes
 
-    @property
-    def n_inputs(self) -> int:
-        return sum(1 for v in self.node.inputs if v is not None)
-
-    def _get(self, value: Value | None, what: str) -> tuple[int, ...]:
+    def _concrete(self, value: Value | None, what: str) -> tuple[int, ...]:
         if value is None:
             raise _analysis._Unknown(f"{what} is missing")
         dims = self.shapes.get(shape_key(value.name, self.node.name))  # this reader's copy of a shared weight
@@ -1314,16 +1310,6 @@ class _CostShapes:
         if dims is None:
             raise _analysis._Unknown(f"shape of {value.name!r} unknown")
         return dims
-
-    def input(self, slot: int) -> tuple[int, ...]:
-        return self._get(self.node.inputs[slot] if slot < len(self.node.inputs) else None, f"input {slot}")
-
-    def output(self, slot: int = 0) -> tuple[int, ...]:
-        return self._get(self.node.outputs[slot] if slot < len(self.node.outputs) else None, f"output {slot}")
-
-    def attr(self, name: str, default: Any = None) -> Any:
-        value = self.node.attr(name, default)
-        return value.decode() if isinstance(value, bytes) else value
 
 
 def _node_macs(node: Node, shapes: Mapping[str, tuple[int, ...]]) -> int:

@@ -100,7 +100,7 @@ def filter_norms(graph: Graph, group: Any, p: int = 1) -> np.ndarray | None:
     A producer contributes when its parameter is a constant with >= 2 dims; the slice of channel
     ``c`` is ``W`` at ``index_map[c]`` along the producer's axis.
     """
-    arrays = _constants(graph)
+    arrays = _constants(graph, {prod.param for prod in group.producers})
     vectors = []
     for prod in group.producers:
         w = arrays.get(prod.param)
@@ -117,7 +117,7 @@ def filter_norms(graph: Graph, group: Any, p: int = 1) -> np.ndarray | None:
 
 def bn_scale(graph: Graph, group: Any) -> np.ndarray | None:
     """Per-channel ``|γ|`` of the group's BatchNormalization producers (``None`` if it has none)."""
-    arrays = _constants(graph)
+    arrays = _constants(graph, {prod.param for prod in group.producers})
     nodes = _nodes_by_name(graph)
     vectors = []
     for prod in group.producers:
@@ -134,12 +134,9 @@ def bn_scale(graph: Graph, group: Any) -> np.ndarray | None:
     return combine(vectors)
 
 
-def _constants(graph: Graph) -> dict[str, np.ndarray]:
-    out = {}
-    for value in graph.values():
-        if value.is_initializer:
-            out[value.name] = value.array
-    return out
+def _constants(graph: Graph, names: set[str]) -> dict[str, np.ndarray]:
+    """The initializers among ``names`` (only those are decoded)."""
+    return {v.name: v.array for v in graph.values() if v.name in names and v.is_initializer}
 
 
 # =============================================================================================

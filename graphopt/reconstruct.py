@@ -131,16 +131,6 @@ def solve_towards(gram: CrossGram, ridge: float, w0: np.ndarray, b0: np.ndarray)
     return sol[:-1], sol[-1]
 
 
-def _sum(a: CrossGram, b: CrossGram) -> CrossGram:
-    if a.count == 0 or b.count == 0:
-        return b if a.count == 0 else a
-    out = CrossGram(bias=True)
-    out.xtx, out.xty = a.xtx + b.xtx, a.xty + b.xty
-    out.y_sum, out.y_sq = a.y_sum + b.y_sum, a.y_sq + b.y_sq
-    out.count = a.count + b.count
-    return out
-
-
 def choose_ridge(folds: Sequence[CrossGram], w0: np.ndarray, b0: np.ndarray,
                  ridges: Sequence[float] = RIDGES) -> tuple[float, dict[float, float]]:
     """The ridge with the smallest two-fold held-out error (sum of squared errors over both folds)."""
@@ -306,7 +296,7 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
         folds = _layer_gram_pass(model, rows[t.node], layer, data, batch_size, kept_rows)
         w0 = layer.weight_matrix().astype(np.float64)
         b0 = layer.bias_vector().astype(np.float64)
-        full = _sum(*folds)
+        full = folds[0].merge(folds[1])
         before = full.relative_error(w0, b0)
         ridge, _ = choose_ridge(folds, w0, b0, ridges)
         w, b = solve_towards(full, ridge, w0, b0)

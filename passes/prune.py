@@ -259,7 +259,7 @@ class SensitivityContext:
 
     ev: Any                                # graphopt.executor.EvalContext (model bytes + data)
     orders: dict[int, np.ndarray]          # gid -> removal order
-    refits: dict[int, list]                # gid -> [(node, xtx, xty, blocks)]
+    refits: dict[int, list]                # gid -> [(node, CrossGram, blocks)]
     ridge: float = 1e-3
     metric: str = "rel"                    # "rel": relative squared output error; "kl": softmax KL
 
@@ -267,7 +267,7 @@ class SensitivityContext:
 def measure_level(ctx: SensitivityContext, item: tuple[str, int]) -> float:
     """Relative output error of the model with only group ``item[0]`` kept at ``item[1]`` channels."""
     from graphopt import channels, shrink
-    from graphopt.lstsq import CrossGram, LinearLayer
+    from graphopt.lstsq import LinearLayer
 
     key, k = item
     gid = int(key.split(":")[1])
@@ -277,14 +277,10 @@ def measure_level(ctx: SensitivityContext, item: tuple[str, int]) -> float:
     kept = np.sort(order[len(order) - int(k):])
     dropped = np.sort(order[:len(order) - int(k)])
     refit_plan = []
-    for node, xtx, xty, blocks in ctx.refits.get(gid, []):
+    for node, gram, blocks in ctx.refits.get(gid, []):
         removed_cols = np.concatenate([blocks[c] for c in dropped]) if len(dropped) else np.zeros(0, np.int64)
-        cols = np.setdiff1d(np.arange(xtx.shape[0] - 1), removed_cols)
-        g = CrossGram(bias=True)
-        g.xtx, g.xty, g.count = xtx, xty, 1
-        g.y_sum = np.zeros(xty.shape[1])
-        g.y_sq = np.zeros(xty.shape[1])
-        refit_plan.append((node, g.solve(ctx.ridge, cols)))
+        cols = np.setdiff1d(np.arange(gram.features), removed_cols)
+        refit_plan.append((node, gram.solve(ctx.ridge, cols)))
     shrink.apply(model, analysis, {gid: kept})
     by_name = {n.name: n for n in model.graph.nodes}
     for node, (w, b) in refit_plan:
@@ -511,8 +507,12 @@ class PruneFilters(Pass):
         ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
         grams, layers = ({}, {})
         if data is not None and (criterion == "thinet" or (ratio <= 0 and self.opt(ctx, "allocation") == "sensitivity")):
-            grams, layers = consumer_grams(reference, groups, data, max_rows=self.opt(ctx, "max_rows"), seed=seed,
-                                           batch=batch, max_features=self.opt(ctx, "max_features"))
+            # The sensitivity measurement fits its own statistics on the non-held-out samples: statistics
+            # of all samples are only needed by ThiNet or when nothing can be held out.
+            full = criterion == "thinet" or self._heldout(data, ctx) is None
+            grams, layers = consumer_grams(reference, groups, data if full else None,
+                                           max_rows=self.opt(ctx, "max_rows"), seed=seed, batch=batch,
+                                           max_features=self.opt(ctx, "max_features"))
         act = activation_stats(reference, groups, data, batch) if criterion in ("mean", "apoz") else {}
         rankings = {g.gid: rank_group(reference.graph, g, criterion, grams, layers, act,
                                       self.opt(ctx, "thinet_ridge")) for g in groups}
@@ -704,6 +704,14 @@ class PruneFilters(Pass):
             lo, hi = (lo, mid) if c(mid) <= 1.0 else (mid, hi)
         return keep_at(hi), {"mode": "uniform", "met": True, "ratio": _r(hi)}
 
+    def _heldout(self, data, ctx):
+        """``(fit, held_out)``: the last ``sens_samples`` samples (at most half) held out; ``None`` if none can be."""
+        n = data.n_samples
+        n_eval = min(int(self.opt(ctx, "sens_samples")), n // 2) if n > 1 else n
+        if 0 < n_eval < n:
+            return data.head(n - n_eval), data.take(range(n - n_eval, n))
+        return None
+
     def _sensitivity(self, units, groups, rankings, grams, layers, data, ctx, reference) -> dict[str, dict[int, float]]:
         from graphopt import budget
         from graphopt.executor import EvalContext, make_executor
@@ -726,10 +734,9 @@ class PruneFilters(Pass):
         # measured on the last ones. Measured on the fitting samples, a Gemm consumer with about as
         # many features as samples fits them almost perfectly, and its group looks far less sensitive
         # than it is (the MobileNetV2 head conv was cut to a quarter that way).
-        n = data.n_samples
-        n_eval = min(int(self.opt(ctx, "sens_samples")), n // 2) if n > 1 else n
-        if 0 < n_eval < n:
-            fit_data, sdata = data.head(n - n_eval), data.take(range(n - n_eval, n))
+        split = self._heldout(data, ctx)
+        if split is not None:
+            fit_data, sdata = split
             grams, _ = consumer_grams(reference, groups, fit_data, max_rows=self.opt(ctx, "max_rows"),
                                       seed=int(ctx.rng(self.name + ".sensitivity").integers(2 ** 31)), batch=64,
                                       max_features=self.opt(ctx, "max_features"))
@@ -740,7 +747,7 @@ class PruneFilters(Pass):
             plans = []
             for c in g.consumers:
                 if c.node in grams and c.node in layers:
-                    plans.append((c.node, grams[c.node].xtx, grams[c.node].xty, consumer_blocks(layers[c.node], c)))
+                    plans.append((c.node, grams[c.node], consumer_blocks(layers[c.node], c)))
             refits[g.gid] = plans
         ev = EvalContext(to_proto(reference).SerializeToString(), sdata, batch_size=256)
         context = SensitivityContext(ev, {gid: r.order for gid, r in rankings.items()}, refits,
@@ -773,11 +780,10 @@ class PruneFilters(Pass):
         from graphopt import budget, channels
         from graphopt.executor import relative_error
 
-        n = data.n_samples
-        n_hold = min(int(self.opt(ctx, "sens_samples")), n // 2)
-        if n_hold < 1:
+        split = self._heldout(data, ctx)
+        if split is None:
             return alloc, None
-        fit_data, hold = data.head(n - n_hold), data.take(range(n - n_hold, n))
+        fit_data, hold = split
         total_s = sum(max(sens[u.key].values()) for u in units) or 1.0
         prior = {u.key: {k: (1.0 - k / max(by_size, 1)) ** 2 for k in u.levels}
                  for u in units for by_size in [next(g.size for g in groups if f"group:{g.gid}" == u.key)]}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 import pytest
@@ -12,46 +10,18 @@ from onnx import helper
 from graphopt import importance as imp
 from graphopt import reconstruct as rec
 from graphopt.calibration import SampleData
+from graphopt.channels import Consumer as C
+from graphopt.channels import Group
+from graphopt.channels import Member as M
+from graphopt.channels import Producer as P
 from graphopt.lstsq import CrossGram
 from graphopt.onnx_io import from_proto, to_proto
 from tests.util import init, make_model, run, tensor
 
-# ---- stand-ins for graphopt.channels groups (only the fields the criteria read)
 
-@dataclass
-class P:
-    node: str
-    param: str
-    axis: int
-    index_map: np.ndarray
-
-
-@dataclass
-class C:
-    node: str
-    value: str
-    param: str
-    axis: int
-    index_map: np.ndarray
-
-
-@dataclass
-class M:
-    value: str
-    axis: int
-    index_map: np.ndarray
-
-
-@dataclass
-class G:
-    gid: int
-    size: int
-    producers: list
-    consumers: list
-    members: list
-    frozen: str | None = None
-    divisor: int = 1
-    min_keep: int = 1
+def G(gid, size, producers, consumers, members):
+    """A real graphopt.channels.Group built from positional parts (unfrozen)."""
+    return Group(gid=gid, size=size, frozen=None, members=members, producers=producers, consumers=consumers)
 
 
 def _conv_bn_conv(w1, gamma, w2):
