@@ -292,16 +292,17 @@ class PolynomialCost:
         :func:`allocate` uses a cost's ``delta`` method when it has one: the search then costs
         ``O(terms per unit)`` per candidate move instead of ``O(all terms)``.
         """
-        old, new = keep[key], level
+        if keep[key] == level:
+            return 0.0
         total = 0.0
         for index in self._by_key.get(key, ()):
             coef, keys = self.terms[index]
             before = after = coef
             for k in keys:
                 before *= keep[k] / self.full[k]
-                after *= (new if k == key else keep[k]) / self.full[k]
+                after *= (level if k == key else keep[k]) / self.full[k]
             total += after - before
-        return total if old != new else 0.0
+        return total
 
     def __call__(self, keep: Mapping[str, int]) -> float:
         total = self.constant
@@ -445,9 +446,6 @@ class _Search:
         self.keep = {u.key: u.levels[0] for u in self.units}
         self.trial = _Trial(cost, self.keep)
 
-    def error_of(self, pos: int, j: int) -> float:
-        return self.errors[pos][j]
-
     def set(self, pos: int, j: int) -> None:
         self.index[pos] = j
         self.trial.apply(self.units[pos].key, self.units[pos].levels[j])
@@ -470,28 +468,22 @@ class _Search:
 
     def best_cut(self, pos: int):
         """``(rank, j)`` of this unit's best move down, or ``None`` when no deeper level saves cost."""
-        u, i = self.units[pos], self.index[pos]
-        current = self.trial.current
-        best = None
-        tried = set()
-        for j in self.down_candidates(pos):
-            tried.add(j)
-            saved = current - self.trial.one(u.key, u.levels[j])
-            if saved > _eps(current):
-                rank = ((self.errors[pos][j] - self.errors[pos][i]) / saved, -saved, pos, j)
-                if best is None or rank < best[0]:
-                    best = (rank, j)
+        candidates = self.down_candidates(pos)
+        best = min(filter(None, (self._cut(pos, j) for j in candidates)), default=None)
         if best is None:
             # a plateau of the cost (tiles, a unit that only matters with another): the first deeper
             # level that saves anything
-            for j in range(i + 1, len(u.levels)):
-                if j in tried:
-                    continue
-                saved = current - self.trial.one(u.key, u.levels[j])
-                if saved > _eps(current):
-                    best = (((self.errors[pos][j] - self.errors[pos][i]) / saved, -saved, pos, j), j)
-                    break
+            rest = (j for j in range(self.index[pos] + 1, len(self.units[pos].levels)) if j not in candidates)
+            best = next(filter(None, (self._cut(pos, j) for j in rest)), None)
         return best
+
+    def _cut(self, pos: int, j: int):
+        """``(rank, j)`` for moving unit ``pos`` down to level ``j``, or ``None`` when that saves nothing."""
+        i, current = self.index[pos], self.trial.current
+        saved = current - self.trial.one(self.units[pos].key, self.units[pos].levels[j])
+        if saved <= _eps(current):
+            return None
+        return ((self.errors[pos][j] - self.errors[pos][i]) / saved, -saved, pos, j), j
 
     def greedy(self) -> int:
         """Lazy greedy: a heap of each unit's best move, re-costed when popped (see the module docstring)."""

@@ -196,7 +196,7 @@ class ProcessPool:
         items = list(items)
         if not items:
             return []
-        _check_picklable(fn, "fn", "it must be a module-level function, not a lambda or a closure")
+        _dumps(fn, "fn (it must be a module-level function, not a lambda or a closure)")
         payload = _dumps(context, "context")
         # pickled here, once, so an item that cannot travel fails now and with its name
         blobs = [_dumps(item, f"item {index} ({_short(item)})") for index, item in enumerate(items)]
@@ -258,13 +258,6 @@ def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
         if progress is not None:
             progress(index + 1, len(items))
     return results
-
-
-def _check_picklable(obj: Any, what: str, hint: str) -> None:
-    try:
-        pickle.dumps(obj)
-    except Exception as exc:  # noqa: BLE001 - pickling raises whatever the object's reducers raise
-        raise TypeError(f"{what} cannot be sent to a worker process ({hint}): {exc}") from None
 
 
 def _dumps(obj: Any, what: str) -> bytes:

@@ -135,7 +135,6 @@ def fake_error(ctx, item):
 def test_sensitivity_evaluates_every_level_but_the_first_once():
     units = [Unit("a", [8, 6, 4]), Unit("b", [8, 2]), Unit("c", [3])]
     seen, messages = [], []
-    units[-1] = Unit("c", [3])
     sens = sensitivity(units[:2], fake_error, executor=InProcess(), context=seen, progress=messages.append)
     assert sorted(seen) == [("a", 4), ("a", 6), ("b", 2)]
     assert sens == {"a": {8: 0.0, 6: 0.25, 4: 0.5}, "b": {8: 0.0, 2: 0.0}}  # b's negative error clamped

@@ -1,7 +1,7 @@
 """Checks of the committed model zoo (models/) and the synthetic builders.
 
-Everything here runs on onnx, onnxruntime and numpy alone: no torch, no
-training. The manifest models/zoo.json drives the parametrisation, so a new
+Everything here runs on onnx, onnxruntime and numpy alone (through graphopt's
+session helpers): no torch, no training. The manifest models/zoo.json drives the parametrisation, so a new
 zoo entry is tested without touching this file.
 """
 
@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+
+from graphopt import ort as gort
+from tests.util import run
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
@@ -42,27 +44,18 @@ def entry_id(entry: dict) -> str:
     return Path(entry["file"]).name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_npz(name: str) -> dict[str, np.ndarray]:
     with np.load(MODELS / name) as data:
         return {key: data[key] for key in data.files}
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    """A CPU session with every graph optimisation disabled, so the model
-    is tested as written rather than as onnxruntime would rewrite it."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), opts,
-                                providers=["CPUExecutionProvider"])
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eval_logits(file: str) -> np.ndarray:
     """Logits of a zoo file on the whole eval set (static-batch models are
     fed one image at a time). Cached: several tests compare them."""
     entry = next(e for e in ENTRIES if e["file"] == file)
-    session = ort_session(REPO / file)
+    session = gort.session(REPO / file)  # optimisations off: the model as written
     x = load_npz("fmnist_eval.npz")["input"]
     step = 500 if entry["dynamic_batch"] else 1
     return np.concatenate([session.run(None, {"input": x[i:i + step]})[0]
@@ -193,13 +186,9 @@ def check_and_run(model: onnx.ModelProto, input_shape: tuple[int, ...]
     """Checker-validate a built model and run one batch in onnxruntime."""
     assert model.ir_version <= 10
     onnx.checker.check_model(model, full_check=True)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal(input_shape,
                                                  dtype=np.float32)
-    out = session.run(None, {"input": x})[0]
+    out = run(model, {"input": x})[0]
     assert np.isfinite(out).all()
     return out
 

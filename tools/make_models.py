@@ -207,6 +207,22 @@ class LeNet5(nn.Sequential):
         ]))
 
 
+class Classifier(nn.Module):
+    """A conv net ending in global average pool -> flatten -> Linear(features, 10).
+
+    The three modules keep the names ``pool``, ``flatten``, ``fc`` in every net (and so in the ONNX
+    export); a subclass registers them after its body with :meth:`add_classifier`.
+    """
+
+    def add_classifier(self, features: int) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(features, 10)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(x)))
+
+
 class VGG(nn.Module):
     """VGG-style conv3x3/BN/ReLU stack whose last feature map is flattened
     straight into a Gemm, so channel pruning must map channels to FC inputs."""
@@ -248,7 +264,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.conv2(self.conv1(x)) + self.downsample(x))
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """A ResNet-8: 28x28 -> 14x14 -> 7x7 stages of basic blocks."""
 
     def __init__(self, widths=(16, 32, 64), blocks=(1, 1, 1)) -> None:
@@ -262,12 +278,10 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*stage))
             cin = width
         self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(cin, 10)
+        self.add_classifier(cin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
+        return self.classify(self.layers(self.stem(x)))
 
 
 class InvertedResidual(nn.Module):
@@ -292,7 +306,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Classifier):
     """A narrow MobileNetV2 for 28x28 inputs (28->14->7)."""
 
     # (expansion t, output channels c, repeats n, first stride s)
@@ -309,13 +323,10 @@ class MobileNetV2(nn.Module):
                 cin = c
         self.blocks = nn.Sequential(*blocks)
         self.head = conv_bn(cin, head, 1, act=nn.ReLU6)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(head, 10)
+        self.add_classifier(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.blocks(self.stem(x)))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.classify(self.head(self.blocks(self.stem(x))))
 
 
 class InceptionBlock(nn.Module):
@@ -336,7 +347,7 @@ class InceptionBlock(nn.Module):
                           self.branch_pool(x)], dim=1)
 
 
-class Inception(nn.Module):
+class Inception(Classifier):
     """A three-module GoogLeNet-style net with BN in every conv unit."""
 
     def __init__(self) -> None:
@@ -347,14 +358,12 @@ class Inception(nn.Module):
         self.block_b = InceptionBlock(56, 24, 24, 32, 8, 16, 16)   # -> 88
         self.pool2 = nn.MaxPool2d(2)
         self.block_c = InceptionBlock(88, 32, 32, 48, 8, 16, 16)   # -> 112
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(self.block_c.out_channels, 10)
+        self.add_classifier(self.block_c.out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.stem(x))
         x = self.pool2(self.block_b(self.block_a(x)))
-        return self.fc(self.flatten(self.pool(self.block_c(x))))
+        return self.classify(self.block_c(x))
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -400,7 +409,7 @@ class ShuffleUnit(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(Classifier):
     """A small ShuffleNetV2: stem + maxpool (28->14), two stages (->7->4),
     1x1 head."""
 
@@ -415,13 +424,10 @@ class ShuffleNetV2(nn.Module):
             cin = width
         self.stages = nn.Sequential(*units)
         self.head = conv_bn(cin, head, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(head, 10)
+        self.add_classifier(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(self.stages(self.stem(x)))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.classify(self.head(self.stages(self.stem(x))))
 
 
 class SqueezeExcite(nn.Module):
@@ -440,7 +446,7 @@ class SqueezeExcite(nn.Module):
         return x * scale
 
 
-class SENet(nn.Module):
+class SENet(Classifier):
     """A plain (non-residual) conv net with an SE block ending each stage."""
 
     def __init__(self) -> None:
@@ -451,13 +457,10 @@ class SENet(nn.Module):
                                     nn.MaxPool2d(2))
         self.stage3 = nn.Sequential(conv_bn(48, 64), conv_bn(64, 64),
                                     SqueezeExcite(64))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(64, 10)
+        self.add_classifier(64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage3(self.stage2(self.stage1(x)))
-        return self.fc(self.flatten(self.pool(x)))
+        return self.classify(self.stage3(self.stage2(self.stage1(x))))
 
 
 class MultiHeadAttention(nn.Module):
