@@ -114,6 +114,14 @@ class SampleData:
         """The first ``n`` samples (views)."""
         return self._derive(slice(0, n), f"{self.source}[:{n}]")
 
+    def split(self, n_held: int) -> tuple[SampleData, SampleData | None]:
+        """``(first n − n_held samples, last n_held samples)`` (views), for fitting on one part and
+        measuring on the other; ``(self, None)`` when either part would be empty."""
+        n = self.n_samples
+        if not 0 < n_held < n:
+            return self, None
+        return self.head(n - n_held), self._derive(slice(n - n_held, n), f"{self.source}[{n - n_held}:]")
+
     def take(self, indices: Sequence[int]) -> SampleData:
         """The samples at ``indices``, in that order (copies)."""
         index = np.asarray(indices, dtype=np.int64)

@@ -363,12 +363,9 @@ class DeepRebirthApprox(Pass):
         per_merge = self.opt(ctx, "max_drop_per_merge")
         max_err = self.opt(ctx, "max_block_error")
         data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-        n_eval = int(round(data.n_samples * min(max(self.opt(ctx, "holdout"), 0.0), 1.0)))
-        if 0 < n_eval < data.n_samples:
-            fit_data, eval_data = data.head(data.n_samples - n_eval), data.take(range(data.n_samples - n_eval,
-                                                                                       data.n_samples))
-        else:  # too few samples to hold any out: fit and measure on the same ones
-            fit_data = eval_data = data
+        fit_data, eval_data = data.split(int(round(data.n_samples * min(max(self.opt(ctx, "holdout"), 0.0), 1.0))))
+        if eval_data is None:  # too few samples to hold any out: fit and measure on the same ones
+            eval_data = data
         rng = ctx.rng(self.name)
         batch = 64
         reference_proto = to_proto(model)

@@ -708,9 +708,8 @@ class PruneFilters(Pass):
         """``(fit, held_out)``: the last ``sens_samples`` samples (at most half) held out; ``None`` if none can be."""
         n = data.n_samples
         n_eval = min(int(self.opt(ctx, "sens_samples")), n // 2) if n > 1 else n
-        if 0 < n_eval < n:
-            return data.head(n - n_eval), data.take(range(n - n_eval, n))
-        return None
+        fit, held = data.split(n_eval)
+        return None if held is None else (fit, held)
 
     def _sensitivity(self, units, groups, rankings, grams, layers, data, ctx, reference) -> dict[str, dict[int, float]]:
         from graphopt import budget

@@ -338,13 +338,6 @@ def _class_scores(model: Model, data: SampleData) -> np.ndarray | None:
     return out if out.ndim == 2 and out.shape[1] > 1 and out.shape[0] == data.n_samples else None
 
 
-def split_data(data: SampleData, holdout: float) -> tuple[SampleData, SampleData | None]:
-    n_hold = int(round(data.n_samples * holdout))
-    if n_hold <= 0 or n_hold >= data.n_samples:
-        return data, None
-    return data.head(data.n_samples - n_hold), data.take(range(data.n_samples - n_hold, data.n_samples))
-
-
 @register
 class Sparsify(Pass):
     name = "sparsify"
@@ -406,7 +399,7 @@ class Sparsify(Pass):
             return None, "option guard=False"
         if data.labels is None:
             return None, "calibration data has no labels"
-        fit, held = split_data(data, self.opt(ctx, "guard_holdout"))
+        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "guard_holdout"))))
         if held is None:
             return None, "guard_holdout leaves no held-out samples"
         scores = _class_scores(model, held)
@@ -493,7 +486,7 @@ class Sparsify(Pass):
         records = []
         weights = {}
         grid = [float(v) for v in self.opt(ctx, "ridge_grid").split(",") if v.strip()]
-        fit, held = split_data(data, self.opt(ctx, "holdout")) if grid else (data, None)
+        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "holdout")))) if grid else (data, None)
         for layer in layers:
             ctx.say(f"sparsify: {layer.node.name}")
             key = layer.node.name

@@ -549,3 +549,12 @@ def test_session_errors_are_one_line(tmp_path):
     with pytest.raises(GraphoptError, match="the model: onnxruntime failed to run") as info:
         gort.run(sess, {"x": np.zeros((1, 2, 5, 5), np.float32)})
     assert "\n" not in str(info.value)
+
+
+def test_split_holds_out_the_last_samples_as_views():
+    data = SampleData({"x": np.arange(10, dtype=np.float32).reshape(10, 1)}, np.arange(10), "d")
+    fit, held = data.split(3)
+    assert (fit.n_samples, held.n_samples) == (7, 3)
+    assert held.inputs["x"][:, 0].tolist() == [7, 8, 9] and held.labels.tolist() == [7, 8, 9]
+    assert np.shares_memory(held.inputs["x"], data.inputs["x"]) and held.source == "d[7:]"
+    assert data.split(0) == (data, None) and data.split(10) == (data, None)
