@@ -88,6 +88,15 @@ class RuleStats:
         return out
 
 
+class NoMatch(str):
+    """A ``match`` answer meaning "the pattern is absent here" (a Transpose that does permute), not
+    "refused for a reason worth reporting": :func:`apply_rules` treats it like ``None``.
+
+    It exists for rules whose helpers chain several checks and return the first failing one's reason:
+    the reason stays readable in code and tests, while ``left_alone`` lists only real refusals.
+    """
+
+
 def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                 graphs: Iterable[Graph] | None = None) -> RuleStats:
     """Apply ``rules`` everywhere they match, until none does (at most ``max_rounds`` sweeps).
@@ -109,7 +118,7 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                     continue  # removed by an earlier rewrite in this sweep, or not an op we know
                 for rule in by_op.get(node.op_type, ()):
                     found = rule.match(graph, node)
-                    if found is None:
+                    if found is None or isinstance(found, NoMatch):
                         continue
                     if isinstance(found, str):
                         round_refusals.refuse(rule, found, node)

@@ -76,6 +76,7 @@ from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Pass, PassContext, PassResult, register
 from graphopt.rewrite import (
     Match,
+    NoMatch,
     Rule,
     apply_rules,
     producer_op,
@@ -85,14 +86,6 @@ from graphopt.rewrite import (
 from graphopt.shapes import TypeTable
 
 INT64_MAX = 2**63 - 1
-
-
-class NoMatch(str):
-    """A reason meaning "the pattern is absent" (a Transpose that permutes), not "refused for safety".
-
-    The rule engine counts both; :class:`Simplify` reports only the refusals, so ``left_alone`` answers
-    "why was this no-op kept?" instead of listing every ordinary node.
-    """
 
 
 def const_input(graph: Graph, node: Node, slot: int) -> np.ndarray | None:
@@ -751,9 +744,4 @@ class Simplify(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         stats = apply_rules(model, rules(TypeTable(model)))
         out: dict[str, Any] = {"rewrites": stats.total, **stats.to_dict()}
-        absent = {(rule, reason) for rule, reasons in stats.refused.items() for reason in reasons
-                  if isinstance(reason, NoMatch)}
-        left = [e for e in out.pop("left_alone", []) if (e["rule"], e["reason"]) not in absent]
-        if left:
-            out["left_alone"] = left
         return PassResult(stats.total > 0, out)

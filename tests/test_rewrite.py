@@ -7,7 +7,8 @@ import onnx
 from onnx import helper
 
 from graphopt import onnx_io
-from graphopt.rewrite import Match, Rule, apply_rules, const_input, is_op, producer_op, remove_dead, sole_consumer
+from graphopt.rewrite import (Match, NoMatch, Rule, apply_rules, const_input, is_op, producer_op, remove_dead,
+                              sole_consumer)
 from tests.util import init, make_model, run, tensor
 
 
@@ -94,3 +95,23 @@ def test_copy_model_is_independent():
     apply_rules(clone, [DoubleNeg()])
     assert len(clone.graph) == 1 and len(model.graph) == 3
     assert onnx_io.to_proto(model) == proto
+
+
+class DoubleNegAbsentAsNoMatch(DoubleNeg):
+    """The same rule, answering "absent" with a reason string (NoMatch) instead of None."""
+
+    def match(self, graph, node):
+        if producer_op(graph, node.inputs[0], "Neg") is None:
+            return NoMatch("input is not a Neg")
+        return super().match(graph, node)
+
+
+def test_no_match_reasons_are_not_reported_as_left_alone():
+    proto = make_model([helper.make_node("Neg", ["x"], ["a"], name="first"),
+                        helper.make_node("Neg", ["a"], ["b"], name="second"),
+                        helper.make_node("Add", ["a", "b"], ["y"])],
+                       [tensor("x", [3])], [tensor("y", [3])])
+    stats = apply_rules(onnx_io.from_proto(proto), [DoubleNegAbsentAsNoMatch()])
+    # "first" answered NoMatch: absent, like None; "second" is a real refusal
+    assert stats.to_dict()["left_alone"] == [
+        {"rule": "double_neg", "reason": "inner Neg has other readers", "count": 1, "examples": ["second"]}]
