@@ -30,6 +30,7 @@ import numpy as np
 
 from graphopt.calibration import Calibrator, SampleData
 from graphopt.ir import Graph, Model, Node, Value
+from graphopt.rewrite import conv_info, drop_unused
 
 DEFAULT_RIDGE = 1e-6
 
@@ -215,8 +216,6 @@ class LinearLayer:
 
     @classmethod
     def _conv(cls, graph: Graph, node: Node) -> LinearLayer | str:
-        from graphopt.passes.branch import conv_info  # the passes package imports this module's users
-
         info = conv_info(graph, node)
         if isinstance(info, str):
             return info
@@ -350,8 +349,6 @@ class LinearLayer:
         The old weights are dropped when nothing else reads them. A MatMul has no bias input: a
         non-zero ``b`` adds an ``Add`` after it, the layer's output value keeping its name.
         """
-        from graphopt.passes.branch import drop_unused
-
         dtype = self.weight.dtype
         base = self.node.name or self.kind
         old = [v for v in self.node.inputs[1:] if v is not None]

@@ -184,3 +184,92 @@ def remove_dead(graph: Graph, nodes: Iterable[Node]) -> None:
             continue
         if not any(graph.uses(v) or graph.is_graph_output(v) for v in node.outputs if v is not None):
             graph.remove_node(node)
+
+
+# =============================================================================================
+# conv geometry (shared by the merges in passes/branch.py and the re-fits in graphopt/lstsq.py)
+
+
+@dataclass
+class ConvInfo:
+    """A Conv with constant weights, its geometry normalised (explicit pads, strides, dilations)."""
+
+    node: Node
+    x: Value
+    out: Value
+    weight: np.ndarray
+    bias: np.ndarray | None
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+    group: int
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def cout(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def cin(self) -> int:
+        return int(self.weight.shape[1]) * self.group
+
+    @property
+    def excess(self) -> tuple[int, ...]:
+        return tuple(pb + pe - d * (k - 1)
+                     for pb, pe, d, k in zip(self.pads_begin, self.pads_end, self.dilations, self.kernel))
+
+    def key(self) -> tuple:
+        """What must be equal for two convs to merge at all (kernels and pads may differ: alignment)."""
+        return (self.x.name, self.strides, self.dilations, self.group, self.weight.dtype.str, self.weight.ndim)
+
+
+def conv_info(graph: Graph, node: Node) -> ConvInfo | str:
+    """The conv's :class:`ConvInfo`, or why it cannot take part in a merge."""
+    if not is_op(node, "Conv"):
+        return "not a Conv"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None or node.outputs[0] is None:
+        return "Conv without input or weight"
+    w = graph.constant_array(node.inputs[1])
+    if w is None:
+        return "conv weight is not constant"
+    if w.dtype.kind != "f" or w.ndim < 3:
+        return "conv weight is not a float tensor of rank >= 3"
+    b = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b = graph.constant_array(node.inputs[2])
+        if b is None:
+            return "conv bias is not constant"
+        if b.shape != (w.shape[0],):
+            return "conv bias shape does not match the weight"
+    auto_pad = node.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad={auto_pad} (pads depend on the input size)"
+    rank = w.ndim - 2
+    kernel_attr = node.attr("kernel_shape")
+    if kernel_attr is not None and tuple(kernel_attr) != tuple(w.shape[2:]):
+        return "kernel_shape attribute disagrees with the weight"
+    strides = tuple(node.attr("strides", [1] * rank))
+    dilations = tuple(node.attr("dilations", [1] * rank))
+    pads = [0] * (2 * rank) if auto_pad == "VALID" else list(node.attr("pads", [0] * (2 * rank)))
+    if len(strides) != rank or len(dilations) != rank or len(pads) != 2 * rank:
+        return "conv attributes disagree with the weight rank"
+    return ConvInfo(node, node.inputs[0], node.outputs[0], w, b, strides, dilations, tuple(pads[:rank]),
+                    tuple(pads[rank:]), int(node.attr("group", 1)))
+
+
+def drop_unused(graph: Graph, values: Sequence[Value | None]) -> None:
+    """Remove weights (initializers or Constant outputs) that nothing reads any more."""
+    for v in dict.fromkeys(v for v in values if v is not None):
+        if v not in graph.nx or graph.uses(v) or graph.is_graph_output(v) or graph.is_graph_input(v):
+            continue
+        if graph.initializers.get(v.name) is v or graph.sparse_initializers.get(v.name) is v:
+            graph.remove_initializer(v)
+            continue
+        producer = graph.producer(v)
+        if is_op(producer, "Constant"):
+            graph.remove_node(producer)

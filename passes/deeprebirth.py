@@ -54,6 +54,7 @@ from math import prod
 from typing import Any
 
 import numpy as np
+from graphopt.passes.branch import ShapeTable
 from onnx import helper
 
 from graphopt import cost as costs
@@ -63,8 +64,7 @@ from graphopt.ir import Graph, Model, Node, Value
 from graphopt.lstsq import CrossGram
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.onnx_io import from_proto, to_proto
-from graphopt.passes.branch import ShapeTable, conv_info, drop_unused
-from graphopt.rewrite import is_op, remove_dead, sole_consumer
+from graphopt.rewrite import conv_info, drop_unused, is_op, remove_dead, sole_consumer
 from graphopt.verify import Tolerance, verify
 
 POOLS = ("MaxPool", "AveragePool")

@@ -102,8 +102,8 @@ from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import FixedPoint, Option, Pass, PassContext, PassResult, Sequential, get_pass, register, \
     register_preset
 from graphopt.onnx_io import from_proto, to_proto
-from graphopt.passes.branch import ConvInfo, ShapeTable, conv_info, drop_unused
-from graphopt.rewrite import is_op, producer_op, sole_consumer
+from graphopt.passes.branch import ShapeTable
+from graphopt.rewrite import ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
 
 OPS = ("Gemm", "MatMul", "Conv")
 

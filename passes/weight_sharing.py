@@ -57,8 +57,8 @@ from graphopt.kmeans import INITS, kmeans, refit_centroids
 from graphopt.lstsq import CrossGram, LinearLayer, collect
 from graphopt.manager import Option, Pass, PassContext, PassResult, Sequential, get_pass, register, register_preset
 from graphopt.onnx_io import copy_model
-from graphopt.passes.branch import drop_unused
 from graphopt.passes.sparsify import Sparsify, penalised
+from graphopt.rewrite import drop_unused
 
 OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
