@@ -553,8 +553,8 @@ def test_toposort_reproduces_source_order():
 def test_toposort_puts_added_nodes_at_their_anchor():
     g = from_proto(parse(CHAIN)).graph
     relu, neg = node(g, "relu"), node(g, "neg")
-    late = g.add_node("Abs", [value(g, "x")], name="late")
-    anchored = g.add_node("Abs", [value(g, "a")], name="anchored", anchor=relu)
+    g.add_node("Abs", [value(g, "x")], name="late")
+    g.add_node("Abs", [value(g, "a")], name="anchored", anchor=relu)
     order = [n.name for n in g.toposort()]
     assert order == ["relu", "anchored", "neg", "add", "mul", "late"]
     assert order.index("anchored") < order.index(neg.name)
