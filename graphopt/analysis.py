@@ -229,11 +229,8 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     >>> cost.params, cost.macs
     (12, 24)
     """
-    if batch < 1:
-        raise OptionError(f"batch must be a positive integer, got {batch}")
-    fixed, symbols = _resolve_inputs(model.graph, dict(input_shapes or {}), batch)
     warnings: list[str] = []
-    table = _ShapeTable(_types(model, fixed, warnings), fixed, symbols)
+    table = shape_table(model, input_shapes, batch, warnings)
     ledger = _ParamLedger()
     per_node = [_node_cost(site, table, ledger) for site in _walk(model.graph)]
     unused = ledger.unclaimed_initializers(model.graph)
@@ -255,6 +252,16 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         batch=batch,
         warnings=warnings,
     )
+
+
+def shape_table(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1,
+                warnings: list[str] | None = None) -> _ShapeTable:
+    """The shapes :func:`analyze` costs with: ``table.dims(graph, value)`` (``None`` or symbolic dims when
+    unknown). ``input_shapes`` and ``batch`` as in :func:`analyze`; inference warnings go to ``warnings``."""
+    if batch < 1:
+        raise OptionError(f"batch must be a positive integer, got {batch}")
+    fixed, symbols = _resolve_inputs(model.graph, dict(input_shapes or {}), batch)
+    return _ShapeTable(_types(model, fixed, [] if warnings is None else warnings), fixed, symbols)
 
 
 @dataclass

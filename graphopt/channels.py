@@ -1192,6 +1192,14 @@ class ChannelAnalysis:
     def base_cost(self) -> tuple[int, int]:
         return self._cost.base_macs, self._cost.base_params
 
+    def time(self, keep: Mapping[int, int], latency: Any, batch: int = 1) -> float:
+        """Predicted seconds (:mod:`graphopt.latency`) of the nodes the groups touch, at ``batch``, if
+        group ``gid`` kept ``keep[gid]`` channels. Only differences are meaningful: nodes no group touches
+        are left out. Each node keeps its unpruned kernel family and channels are not padded to blocks
+        (``padded=False``), so the time is a polynomial in the kept fractions; a node whose shapes are
+        unknown counts 0."""
+        return self._cost.time(keep, latency, batch)
+
     def dim_sizes(self, keep: Mapping[int, Sequence[int] | np.ndarray | int]) -> dict[tuple, int]:
         """New flat size of every dimension ``(value, axes, reader)`` the plan changes."""
         return self._cost.dim_sizes(keep)
@@ -1227,9 +1235,7 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
 
 def _shape_table(model: Model, input_shapes: Mapping[str, Sequence[int]] | None) -> tuple[Any, list[str]]:
     warnings: list[str] = []
-    fixed, symbols = _analysis._resolve_inputs(model.graph, dict(input_shapes or {}), 1)
-    types = _analysis._types(model, fixed, warnings)
-    return _analysis._ShapeTable(types, fixed, symbols), warnings
+    return _analysis.shape_table(model, input_shapes, 1, warnings), warnings
 
 
 def _groups(b: _Builder, dims: list[_Dim], labels: np.ndarray) -> list[Group]:
@@ -1381,6 +1387,7 @@ class _CostModel:
                     memberships.setdefault((m.value, m.use), []).append((m.axes, g.gid, m.index_map.tobytes()))
         self.use_signature = {key: tuple(sorted(v)) for key, v in memberships.items()}
         self.base_node_macs: dict[str, int] = {}
+        self._base_times: dict[tuple[int, int], tuple[float, dict[str, float]]] = {}
         # nodes whose shape inputs read the shape of a member (dynamic Reshape/Slice): re-check on change
         self.dynamic_readers: dict[str, list[Node]] = {}
         by_name = {n.name: n for n in graph.toposort()} if b.dynamic else {}
@@ -1423,19 +1430,52 @@ class _CostModel:
             return self.base_macs, self.base_params
         shapes = dict(self.shapes)
         shapes.update(changed)
-        nodes: dict[str, Node] = {}
-        for key in changed:
-            for n in (*self.nodes_of_key.get(key, []), *self.dynamic_readers.get(key, [])):
-                nodes[n.name] = n
+        nodes = self._changed_nodes(changed)
         macs = self.base_macs
-        for n in nodes.values():
+        for n in nodes:
             old = self.base_node_macs.get(n.name)
             if old is None:
                 old = self.base_node_macs[n.name] = _node_macs(n, self.shapes)
             macs += _node_macs(n, shapes) - old
         params = self.base_params + self.weight_delta(changed)
-        params += self._shape_constant_delta(sorted(nodes.values(), key=lambda n: n.seq), shapes)
+        params += self._shape_constant_delta(nodes, shapes)
         return macs, params
+
+    def _changed_nodes(self, changed: Mapping[str, tuple[int, ...]]) -> list[Node]:
+        nodes: dict[str, Node] = {}
+        for key in changed:
+            for n in (*self.nodes_of_key.get(key, []), *self.dynamic_readers.get(key, [])):
+                nodes[n.name] = n
+        return sorted(nodes.values(), key=lambda n: n.seq)
+
+    def time(self, keep: Mapping[int, Any], latency: Any, batch: int) -> float:
+        base = self._base_times.get((id(latency), batch))
+        if base is None:
+            touched = {n.name: n for nodes in self.nodes_of_key.values() for n in nodes}
+            per = {name: self._node_time(n, self.shapes, latency, batch) for name, n in touched.items()}
+            base = self._base_times[(id(latency), batch)] = (sum(per.values()), per)
+        changed = self.new_shapes(self.dim_sizes(keep))
+        if not changed:
+            return base[0]
+        shapes = {**self.shapes, **changed}
+        total = base[0]
+        for n in self._changed_nodes(changed):
+            old = base[1].get(n.name)
+            if old is None:
+                old = base[1][n.name] = self._node_time(n, self.shapes, latency, batch)
+            total += self._node_time(n, shapes, latency, batch) - old
+        return total
+
+    def _node_time(self, node: Node, shapes: Mapping[str, tuple[int, ...]], latency: Any, batch: int) -> float:
+        from graphopt.latency import node_work
+
+        def lookup(table: Mapping[str, tuple[int, ...]]):
+            def dims(v: Value) -> tuple[int, ...] | None:
+                return table.get(shape_key(v.name, node.name)) or table.get(v.name)
+            return dims
+
+        work = node_work(node, lookup(shapes), path=latency.path, padded=False, like=lookup(self.shapes))
+        return 0.0 if work is None else float(latency.time(work.scaled(batch)))
 
     def weight_delta(self, changed: Mapping[str, tuple[int, ...]]) -> int:
         """Params added by slicing weights (negative): see the class docstring for shared weights."""

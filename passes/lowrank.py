@@ -70,10 +70,12 @@ Rank selection (``select``)
 
 Latency
 -------
-Fewer MACs is not always faster: two small kernels may cost more than one. By default (``latency=cost``)
-a factorization is kept only when :mod:`graphopt.cost` (MACs + memory traffic + a per-node overhead, the
-model ``merge_linear`` uses to decide the opposite merge) says the pair is cheaper than the layer: it is
-deterministic, so the output stays byte-identical run to run. ``latency=measure`` times each factorization
+Fewer MACs is not always faster: two small kernels may cost more than one, and a rank whose channel
+count is not a multiple of 4 drops a conv off onnxruntime's blocked kernels. By default (``latency=cost``)
+a factorization is kept only when :mod:`graphopt.latency` (per-kernel times calibrated once with
+onnxruntime's profiler and stored, at ``latency_batch``) predicts the pair faster than the layer (with
+the global target, the allocator is only offered such ranks): it is deterministic, so the output stays
+byte-identical run to run. ``latency=measure`` times each factorization
 against the original layer alone instead (a one-layer model at the layer's shape, batch 1, onnxruntime
 with all graph optimizations and one thread, A and B alternating, fastest rounds compared); on a loaded
 machine repeats of the same layer vary by 2x, so decisions may differ between runs. Either way the ratio
@@ -95,7 +97,7 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from graphopt import cost as costs
+from graphopt import latency as lat
 from graphopt import lstsq, svd
 from graphopt.calibration import Calibrator, Gram, SampleData
 from graphopt.ir import Graph, Model, Node, Value
@@ -286,24 +288,24 @@ class Form:
         cin_g, og = s.weight.shape[1], s.weight.shape[0] // self.groups
         return int(self.groups * rank * (cin_g * kh * ho * s.x_dims[3] + og * kw * ho * wo))
 
-    def cost(self, rank: int) -> costs.Cost | None:
-        """Cost-model cost of the two layers at batch 1."""
+    def seconds(self, rank: int, latency: lat.LatencyModel, batch: int = 1) -> float | None:
+        """Predicted time (:mod:`graphopt.latency`) of the two layers at ``batch``."""
         s = self.site
         if s.kind != "conv":
             if s.x_dims is None:
                 return None
-            m = int(prod(s.x_dims[:-1]))
-            return costs.gemm_cost(m, self.f, rank) + costs.gemm_cost(m, rank, self.o)
+            m = int(prod(s.x_dims[:-1])) * batch
+            return latency.gemm(m, self.f, rank) + latency.gemm(m, rank, self.o)
         if s.y_dims is None or s.x_dims is None:
             return None
-        n, cin, h, w = s.x_dims
+        _, cin, h, w = s.x_dims
         _, cout, ho, wo = s.y_dims
         g, kh, kw = self.groups, s.weight.shape[2], s.weight.shape[3]
         if self.name == "channel":
-            return (costs.conv_cost(n, cin, g * rank, (kh, kw), (ho, wo), (h, w), g)
-                    + costs.conv_cost(n, g * rank, cout, (1, 1), (ho, wo), (ho, wo), g))
-        return (costs.conv_cost(n, cin, g * rank, (kh, 1), (ho, w), (h, w), g)
-                + costs.conv_cost(n, g * rank, cout, (1, kw), (ho, wo), (ho, w), g))
+            return (latency.conv(batch, cin, g * rank, (kh, kw), (h, w), (ho, wo), g)
+                    + latency.conv(batch, g * rank, cout, (1, 1), (ho, wo), (ho, wo), g))
+        return (latency.conv(batch, cin, g * rank, (kh, 1), (h, w), (ho, w), g)
+                + latency.conv(batch, g * rank, cout, (1, kw), (ho, w), (ho, wo), g))
 
     def reconstruct(self, g: int, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Group ``g``'s approximation ``P·Q`` in the layer's own ``[F_full, O]`` layout (patch ``(c, i, j)``)."""
@@ -806,9 +808,10 @@ class LowRank(Pass):
         "min_params": Option(1024, "leave layers with fewer weights alone", int),
         "min_rank": Option(8, "never factorize below this rank (a 10-class head squeezed to rank 4 loses classes)",
                            int),
-        "latency": Option("cost", "drop factorizations that are not faster: by the cost model (deterministic), "
-                                  "measured (onnxruntime, not deterministic), or off (keep all)", str,
-                          ("cost", "measure", "off")),
+        "latency": Option("cost", "drop factorizations that are not faster: by the calibrated latency model "
+                                  "(graphopt.latency; deterministic), measured (onnxruntime, not deterministic), "
+                                  "or off (keep all)", str, ("cost", "measure", "off")),
+        "latency_batch": Option(1, "batch size the latency model predicts at (latency=cost)", int),
         "max_latency_ratio": Option(1.0, "keep a factorization when factorized/original time is below this", float),
         "samples": Option(512, "calibration samples for the statistics", int),
         "max_rows": Option(8192, "input rows per layer for the statistics (subsampled)", int),
@@ -925,9 +928,7 @@ class LowRank(Pass):
             if mode == "measure":
                 plan.latency_ratio = measure_latency(plan)
             elif mode == "cost":
-                after = plan.form.cost(plan.rank)
-                before = _site_cost(plan.site)
-                plan.latency_ratio = None if after is None or before is None else after.total() / before.total()
+                plan.latency_ratio = predicted_ratio(plan.form, plan.rank, lat.load(), self.opt(ctx, "latency_batch"))
             if mode != "off" and plan.latency_ratio is not None and plan.latency_ratio >= limit:
                 leave(plan.site.node, f"factorized layer is not faster ({mode})")
                 continue
@@ -985,10 +986,10 @@ class LowRank(Pass):
                 leave(site.node, f"no rank >= min_rank={self.opt(ctx, 'min_rank')} saves weights")
                 continue
             if self.opt(ctx, "latency") == "cost":  # offer the allocator only ranks the cost model finds faster
-                before = _site_cost(site)
                 limit = self.opt(ctx, "max_latency_ratio")
-                fast = [lv for lv in levels[1:] if before is None or form.cost(lv) is None
-                        or form.cost(lv).total() / before.total() < limit]
+                ratios = {lv: predicted_ratio(form, lv, lat.load(), self.opt(ctx, "latency_batch"))
+                          for lv in levels[1:]}
+                fast = [lv for lv in levels[1:] if ratios[lv] is None or ratios[lv] < limit]
                 if not fast:
                     leave(site.node, "factorized layer is not faster at any rank (cost)")
                     continue
@@ -1057,15 +1058,22 @@ class LowRank(Pass):
         return chosen_plans(alloc), {"allocation": info}
 
 
-def _site_cost(site: Site) -> costs.Cost | None:
+def site_seconds(site: Site, latency: lat.LatencyModel, batch: int = 1) -> float | None:
+    """Predicted time of the layer as it is."""
     if site.kind != "conv":
         if site.x_dims is None:
             return None
-        return costs.gemm_cost(int(prod(site.x_dims[:-1])), site.weight.shape[0], site.weight.shape[1])
+        return latency.gemm(int(prod(site.x_dims[:-1])) * batch, site.weight.shape[0], site.weight.shape[1])
     if site.x_dims is None or site.y_dims is None:
         return None
     c = site.conv
-    return costs.conv_cost(site.x_dims[0], c.cin, c.cout, c.kernel, site.y_dims[2:], site.x_dims[2:], c.group)
+    return latency.conv(batch, c.cin, c.cout, c.kernel, site.x_dims[2:], site.y_dims[2:], c.group)
+
+
+def predicted_ratio(plan_form: Form, rank: int, latency: lat.LatencyModel, batch: int) -> float | None:
+    """Factorized over original predicted time (``None`` when a shape is unknown)."""
+    after, before = plan_form.seconds(rank, latency, batch), site_seconds(plan_form.site, latency, batch)
+    return None if after is None or not before else after / before
 
 
 # =============================================================================================

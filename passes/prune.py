@@ -59,6 +59,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import gcd
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -310,18 +311,16 @@ def kl_error(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -
 # the pass
 
 
-def polynomial_cost(analysis, groups: list, which: int):
-    """:class:`graphopt.budget.PolynomialCost` of MACs (``which=0``) or params (``1``), fitted by probing
-    ``analysis.cost`` — or ``None`` when the probes do not fit a polynomial of degree <= 2 per group and
-    bilinear between groups (the allocator then calls ``analysis.cost`` itself, which is slower).
+def polynomial_cost(groups: list, f: Callable[[dict[int, int]], float]):
+    """:class:`graphopt.budget.PolynomialCost` of ``f(keep)`` (MACs or params from ``analysis.cost``,
+    predicted time from ``analysis.time``), fitted by probing ``f`` — or ``None`` when the probes do not fit
+    a polynomial of degree <= 2 per group and bilinear between groups (the allocator then calls ``f``
+    itself, which is slower).
 
     With ``x_g = keep_g / size_g``: ``cost = c + Σ a_g x_g + Σ q_g x_g² + Σ b_gh x_g x_h``. One group
     at a time at three sizes gives its quadratic; two groups at once give ``b_gh``.
     """
     from graphopt import budget
-
-    def f(keep: dict[int, int]) -> float:
-        return float(analysis.cost(keep)[which])
 
     full = {f"group:{g.gid}": g.size for g in groups}
     f0 = f({})
@@ -453,7 +452,8 @@ class PruneFilters(Pass):
                                   "weighted by the time onnxruntime's CPU kernels save per MAC removed (ops: "
                                   "output channels of convs with <= 16 of them count 0.3; see "
                                   ":func:`latency_weights`); the MAC target is met either way", str,
-                          choices=("macs", "ops")),
+                          choices=("macs", "ops", "time")),
+        "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
         "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int),
@@ -605,7 +605,8 @@ class PruneFilters(Pass):
         mode = self.opt(ctx, "allocation")
         poly = None
         if mode != "uniform" and (tm is None) != (tp is None):
-            poly = polynomial_cost(analysis, groups, 0 if tm is not None else 1)
+            which = 0 if tm is not None else 1
+            poly = polynomial_cost(groups, lambda keep: float(analysis.cost(keep)[which]))
         target = (tm * macs0) if tm is not None else (tp * params0) if tp is not None else 0.0
 
         def slow_cost(keep: dict[str, int]) -> float:
@@ -638,16 +639,22 @@ class PruneFilters(Pass):
             weights = latency_weights(model, groups)
             sens = {u.key: {k: e / weights[int(u.key.split(":")[1])] for k, e in sens[u.key].items()}
                     for u in units}
-        alloc = budget.allocate(units, sens, cost, goal)
+        price, time_stats = None, None
+        if self.opt(ctx, "latency") == "time" and tm is not None:
+            price, time_stats = self._time_price(analysis, groups, ctx)
+
+        def allocate_at(t: float) -> budget.Allocation:
+            if price is None:
+                return budget.allocate(units, sens, cost, t * goal)
+            return budget.allocate_priced(units, sens, price, cost, t * goal)
+
+        alloc = allocate_at(1.0)
         blend_stats = None
         if data is not None and self.opt(ctx, "blend"):
             alloc, blend_stats = self._choose_blend(model, units, groups, sens, cost, goal, rankings, reference,
                                                     data, ctx, batch, seed, alloc)
         trace = None
         if ctx.max_drop is not None and data is not None and data.labels is not None:
-            def allocate_at(target: float):
-                return budget.allocate(units, sens, cost, target * goal)
-
             def measure_drop(a) -> float:
                 return self._measure_drop(model, analysis, rankings, a, reference, data, ctx, batch, seed)
 
@@ -666,11 +673,37 @@ class PruneFilters(Pass):
             out["blend"] = blend_stats
         if weights is not None:
             out["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
+        if time_stats is not None:
+            full_keep_units = {u.key: u.levels[0] for u in units}
+            t0 = price(full_keep_units)
+            time_stats["predicted_time_ratio"] = _r((time_stats.pop("rest") + price(alloc.keep))
+                                                    / (time_stats["rest_and_touched"] or 1.0))
+            time_stats.pop("rest_and_touched")
+            time_stats["touched_seconds"] = float(f"{t0:.4g}")
+            out["latency"] = time_stats
         if not alloc.met:
             out["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
         if trace:
             out["guard"] = trace
         return full_keep, out
+
+    def _time_price(self, analysis, groups, ctx):
+        """The allocator's price: predicted seconds (:mod:`graphopt.latency`) of the nodes the groups
+        touch at ``latency_batch``, as a polynomial of the kept fractions (or the analysis itself when
+        it does not fit one), and what the stats say about it."""
+        from graphopt import latency as lat
+
+        model = lat.load()
+        batch = int(self.opt(ctx, "latency_batch"))
+        poly = polynomial_cost(groups, lambda keep: analysis.time(keep, model, batch))
+        if poly is None:
+            def poly(keep: dict[str, int]) -> float:
+                return analysis.time({int(k.split(":")[1]): v for k, v in keep.items()}, model, batch)
+        whole, _ = lat.model_time(analysis.model, model, batch=batch)
+        touched = analysis.time({}, model, batch)
+        rest = (whole - touched) if whole is not None else 0.0
+        return poly, {"price": "predicted time", "batch": batch, "profile": model.meta.get("cpu", "?"),
+                      "rest": rest, "rest_and_touched": rest + touched}
 
     @staticmethod
     def _targets(ctx, macs0: int, params0: int) -> tuple[float | None, float | None]:

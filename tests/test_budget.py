@@ -418,3 +418,40 @@ def test_guard_falls_back_to_no_compression_and_measures_identical_allocations_o
                            1.0, 0.4, steps=6)
     assert alloc.keep == {"a": 100} and sorted(calls) == [50, 100]
     assert any(t["reused"] for t in trace)
+
+
+# ---- allocate_priced: price in one cost, stop on another
+
+
+def _priced_problem():
+    """Two units with the same errors and the same MACs per channel; unit ``slow``'s channels cost 5x the
+    time of ``fast``'s (a depthwise-heavy group against a dense one)."""
+    units = [Unit("slow", list(range(32, 0, -4))), Unit("fast", list(range(32, 0, -4)))]
+    sens = {u.key: {lv: (1 - lv / 32) ** 2 for lv in u.levels} for u in units}
+    macs = PolynomialCost({"slow": 32, "fast": 32}).add(100.0, "slow").add(100.0, "fast")
+    time = PolynomialCost({"slow": 32, "fast": 32}).add(50.0, "slow").add(10.0, "fast").add(5.0)
+    return units, sens, macs, time
+
+
+def test_priced_allocation_meets_the_cost_target_and_buys_time():
+    units, sens, macs, time = _priced_problem()
+    plain = allocate(units, sens, macs, 100.0)
+    priced = budget.allocate_priced(units, sens, time, macs, 100.0)
+    assert priced.met and priced.cost <= 100.0 and priced.cost == pytest.approx(macs(priced.keep))
+    assert priced.price == pytest.approx(time(priced.keep))
+    assert priced.cost >= 100.0 - 100.0 * 4 / 32 - 1e-9  # within one level of the target
+    # MACs alone split evenly; priced by time, the slow unit loses more
+    assert plain.keep["slow"] == plain.keep["fast"]
+    assert priced.keep["slow"] < priced.keep["fast"]
+    assert time(priced.keep) < time(plain.keep)
+    assert "price" in priced.to_dict() and "price" not in plain.to_dict()
+
+
+def test_priced_allocation_edge_cases():
+    units, sens, macs, time = _priced_problem()
+    full = budget.allocate_priced(units, sens, time, macs, macs.total)
+    assert full.met and full.keep == {"slow": 32, "fast": 32} and full.predicted_error == 0
+    impossible = budget.allocate_priced(units, sens, time, macs, 1.0)
+    assert not impossible.met and impossible.keep == {"slow": 4, "fast": 4}
+    again = budget.allocate_priced(units, sens, time, macs, 100.0)
+    assert again == budget.allocate_priced(units, sens, time, macs, 100.0)  # deterministic

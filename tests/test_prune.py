@@ -316,3 +316,17 @@ def test_latency_weights_only_apply_to_a_mac_target():
     _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(), target_params=0.6, latency="ops"))
     assert result.changed
     assert "latency_weights" not in result.stats["allocation"]
+
+
+def test_time_priced_allocation_meets_the_mac_target_and_predicts_a_speed_up():
+    proto = _cnn(c1=16, c2=32)
+    before = analyze(from_proto(proto)).macs
+    model, result = _run(proto, _ctx(_data(), target_macs=0.5, latency="time"))
+    assert result.changed
+    assert 0.45 * before <= analyze(model).macs <= 0.5 * before * 1.0001
+    info = result.stats["allocation"]["latency"]
+    assert info["price"] == "predicted time" and 0 < info["predicted_time_ratio"] < 1
+    onnx.checker.check_model(to_proto(model))
+    # a params target buys params: no time price
+    _, by_params = _run(proto, _ctx(_data(), target_params=0.6, latency="time"))
+    assert by_params.changed and "latency" not in by_params.stats["allocation"]
