@@ -22,10 +22,14 @@ Steps
    :mod:`graphopt.executor` (option ``workers``): the model with only that group pruned to that level
    and its consumers re-fitted from the original statistics; error = relative squared error of the
    outputs (:func:`graphopt.executor.relative_error`); levels in between are interpolated linearly.
-   The greedy allocator then removes, step by step, the channels that cost the least error per MAC
-   (param) saved, until the target is met (option ``latency=ops``, default: per MAC saved weighted by
-   the time onnxruntime saves with it, :func:`latency_weights` — each group's errors are divided by
-   its weight, the budget stays in MACs; ``latency=macs`` is plain MACs); the MACs/params of a plan come from
+   The greedy allocator then removes, step by step, the channels that cost the least error per unit
+   saved, until the target is met. What a unit is (option ``latency``): ``time`` (default with a MAC
+   target) — predicted seconds of the nodes the groups touch (:mod:`graphopt.latency`, calibrated
+   per-kernel times, at ``latency_batch``), with the time budget chosen by bisection so that the MACs
+   meet the target (:func:`graphopt.budget.allocate_priced`): it prunes where the time goes, e.g. the
+   expand channels feeding a depthwise conv, which cost ~6x more per MAC than a pointwise conv's;
+   ``ops`` — MACs, each group's errors divided by a hand-set time-per-MAC weight
+   (:func:`latency_weights`); ``macs`` — plain MACs. A params target always buys params. The MACs/params of a plan come from
    :meth:`ChannelAnalysis.cost`, fitted once to a polynomial (:class:`graphopt.budget.PolynomialCost`,
    checked against the analysis) so the thousands of allocator calls are cheap. The additive error
    model ignores how errors compound and how well the re-fit of later layers compensates, so (option
@@ -448,10 +452,10 @@ class PruneFilters(Pass):
                              choices=("sensitivity", "uniform")),
         "blend": Option(False, "choose between the sensitivity allocation and ones blended with an even-spread "
                               "prior by the held-out error of the pruned, re-fitted model", bool),
-        "latency": Option("ops", "what the allocator buys with each channel removed: MACs (macs), or MACs "
-                                  "weighted by the time onnxruntime's CPU kernels save per MAC removed (ops: "
-                                  "output channels of convs with <= 16 of them count 0.3; see "
-                                  ":func:`latency_weights`); the MAC target is met either way", str,
+        "latency": Option("time", "what the allocator buys with each channel removed: predicted time "
+                                   "(time: graphopt.latency's calibrated kernel times), MACs weighted by a "
+                                   "hand-set time per MAC (ops: see :func:`latency_weights`), or MACs (macs); "
+                                   "the MAC target is met either way", str,
                           choices=("macs", "ops", "time")),
         "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "

@@ -352,8 +352,32 @@ def test_rank_below_min_rank_is_left_alone():
     assert op_types(out) == ["Gemm"]
 
 
+def test_latency_model_decides_per_layer_and_records_its_prediction():
+    """A wide 1x1 conv at 14x14 factorized to rank 16 is predicted faster and factorized; the same conv at
+    4x4 is so small that the second kernel's dispatch outweighs the MACs saved: left alone."""
+    from graphopt import latency as lat
+
+    def one_by_one(hw):
+        return conv_model(cin=128, cout=128, k=(1, 1), pads=(0, 0, 0, 0), hw=(hw, hw))
+
+    ratio = 16 * 256 / (128 * 128)  # rank 16
+    result, out = apply(one_by_one(14), latency="cost", ratio=ratio)
+    assert result.changed and op_types(out) == ["Conv", "Conv"]
+    layer = result.stats["layers"][0]
+    model = lr.from_proto(one_by_one(14))
+    site = lr.find_site(model.graph, model.graph.nodes[0], lr.ShapeTable(model))
+    form = [f for f in lr.forms_of(site, "auto") if f.name == layer["form"]][0]
+    assert layer["latency_ratio"] == pytest.approx(lr.predicted_ratio(form, layer["rank"], lat.load(), 1), rel=1e-3)
+    assert layer["latency_ratio"] < 1
+    slow, out = apply(one_by_one(2), latency="cost", ratio=ratio)
+    assert not slow.changed and op_types(out) == ["Conv"]
+    assert any("not faster (cost)" in e["reason"] for e in slow.stats["left_alone"])
+    forced, out = apply(one_by_one(2), latency="off", ratio=ratio)
+    assert forced.changed and op_types(out) == ["Conv", "Conv"]
+
+
 def test_cost_model_leaves_a_slower_factorization_alone():
-    # batch-1 24x20 layer: two nodes cost more overhead than the MACs they save (graphopt.cost)
+    # batch-1 24x20 layer: two kernels cost more dispatch than the MACs they save (graphopt.latency)
     result, out = apply(gemm_model(), ratio=0.5, latency="cost")
     assert not result.changed and op_types(out) == ["Gemm"]
     assert any("not faster (cost)" in e["reason"] for e in result.stats["left_alone"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_pair import ab_seconds  # noqa: E402  (tools/ is on sys.path when run as a script)
 from graphopt import onnx_io, ort  # noqa: E402
 from graphopt.analysis import analyze  # noqa: E402
 from graphopt.calibration import load_data  # noqa: E402
@@ -72,22 +72,10 @@ def params(model) -> int:
     return int(analyze(model).params)
 
 
-def latency_ratio(a, b, rounds: int = 15, inner: int = 20) -> float:
-    """Median time of ``b`` over ``a`` at batch 1 (ORT_ENABLE_ALL, 1 thread, alternating)."""
-    sessions = [ort.session(onnx_io.to_proto(m), optimize=True, threads=1) for m in (a, b)]
-    x = np.random.default_rng(0).standard_normal((1, 1, 28, 28)).astype(np.float32)
-    name = sessions[0].get_inputs()[0].name
-    times: list[list[float]] = [[], []]
-    for s in sessions:
-        s.run(None, {name: x})
-    for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for k in order:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                sessions[k].run(None, {name: x})
-            times[k].append(time.perf_counter() - t0)
-    return float(np.median(times[1]) / np.median(times[0]))
+def latency_ratio(a, b, batch: int = 1, runs: int = 200) -> float:
+    """Median CPU time of ``b`` over ``a`` (ORT_ENABLE_ALL, 1 thread, alternating: tools/bench_pair.py)."""
+    ta, tb = ab_seconds(onnx_io.to_proto(a), onnx_io.to_proto(b), batch=batch, runs=runs)
+    return tb / ta
 
 
 def baseline(name: str):
@@ -137,15 +125,17 @@ def targets() -> None:
 
 
 def latency(models: list[str], ratio: float) -> None:
-    print("| model | factorized | left alone as slower | params kept | accuracy drop | latency ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | factorized | left alone as slower | params kept | accuracy drop | time ratio, batch 1 | "
+          "batch 64 |")
+    print("|---|---|---|---|---|---|---|")
     for name in models:
         ref, ev, cal, ref_y, base = baseline(name)
         cand, result = lowrank(ref, cal, {"ratio": ratio})
         m = measure(ref_y, cand, ev)
         slower = sum(e["count"] for e in result.stats.get("left_alone", []) if "not faster" in e["reason"])
         print(f"| {name} | {result.stats['factorized']} | {slower} | {params(cand) / params(ref) * 100:.1f}% "
-              f"| {base['acc'] - m['acc']:.2f} | {latency_ratio(ref, cand):.3f} |", flush=True)
+              f"| {base['acc'] - m['acc']:.2f} | {latency_ratio(ref, cand):.3f} | "
+              f"{latency_ratio(ref, cand, batch=64, runs=60):.3f} |", flush=True)
 
 
 def main() -> None:

@@ -16,12 +16,38 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(path: str) -> ort.InferenceSession:
+def session(model) -> ort.InferenceSession:
+    """ENABLE_ALL, one intra-op thread, no spinning; ``model`` is a path or a ModelProto."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    opts.log_severity_level = 3
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def random_feeds(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """One random float input at ``batch``; other dynamic dims set to 1."""
+    spec = sess.get_inputs()[0]
+    shape = [batch] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+    return {spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+
+def ab_seconds(a, b, batch: int = 64, runs: int = 80, feeds: dict[str, np.ndarray] | None = None
+               ) -> tuple[float, float]:
+    """Median CPU seconds per run of ``a`` and ``b`` (paths or ModelProtos), alternating which goes first."""
+    sessions = [session(a), session(b)]
+    feeds = feeds if feeds is not None else random_feeds(sessions[0], batch)
+    for s in sessions:
+        s.run(None, feeds)
+    times: list[list[float]] = [[], []]
+    for r in range(runs):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            start = time.process_time()
+            sessions[k].run(None, feeds)
+            times[k].append(time.process_time() - start)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def main() -> None:
@@ -31,19 +57,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--runs", type=int, default=80)
     args = parser.parse_args()
-    sessions = [session(args.a), session(args.b)]
-    spec = sessions[0].get_inputs()[0]
-    shape = [args.batch] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
-    feeds = {spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for s in sessions:
-        s.run(None, feeds)
-    times: list[list[float]] = [[], []]
-    for r in range(args.runs):
-        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
-            start = time.process_time()
-            sessions[k].run(None, feeds)
-            times[k].append(time.process_time() - start)
-    a, b = (float(np.median(t)) * 1e3 for t in times)
+    a, b = (t * 1e3 for t in ab_seconds(args.a, args.b, args.batch, args.runs))
     print(f"| A | B | batch | runs | A ms | B ms | speed-up A/B |\n|---|---|---|---|---|---|---|\n"
           f"| {args.a} | {args.b} | {args.batch} | {args.runs} | {a:.2f} | {b:.2f} | {a / b:.3f}x |")
 

@@ -31,7 +31,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import statistics
 import sys
 import time
 from functools import partial
@@ -44,6 +43,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_pair import ab_seconds  # noqa: E402  (tools/ is on sys.path when run as a script)
 from graphopt import ort as gort
 from graphopt.analysis import analyze
 from graphopt.api import optimize
@@ -182,17 +182,7 @@ def zoo_table(models: list[str], target: float) -> tuple[str, dict[str, onnx.Mod
 
 def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
     """Median CPU seconds of ``a`` and ``b`` (ENABLE_ALL, 1 thread), alternating which goes first."""
-    sa, sb = gort.session(a, optimize=True, threads=1), gort.session(b, optimize=True, threads=1)
-    for s in (sa, sb):
-        s.run(None, feeds)
-    ta, tb = [], []
-    for r in range(runs):
-        order = [(sa, ta), (sb, tb)] if r % 2 == 0 else [(sb, tb), (sa, ta)]
-        for s, t in order:
-            start = time.process_time()
-            s.run(None, feeds)
-            t.append(time.process_time() - start)
-    return statistics.median(ta), statistics.median(tb)
+    return ab_seconds(a, b, runs=runs, feeds=feeds)
 
 
 def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> str:
