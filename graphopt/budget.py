@@ -86,6 +86,13 @@ then measured swaps). Tried on ``models/vgg.onnx`` with zeroed filters at 0.7 of
 evaluations lowered the measured output error by 10 % (0.335 -> 0.301) but raised the accuracy drop
 (7.0 -> 8.6 points), so it is not clearly worth its evaluations.
 
+Priced allocation (:func:`allocate_priced`)
+------------------------------------------
+A target in one unit (MACs) reached by buying another (predicted time): the greedy and refinement
+run on the price, with a price budget bisected until the cost meets the target. Each candidate is the
+least-error allocation for its time budget, so at the MAC target the channels removed are those that
+cost the least error per second saved.
+
 Accuracy guard (:func:`guarded`)
 --------------------------------
 If the allocation at ``target`` loses more than ``max_drop`` accuracy (measured by the caller), bisect

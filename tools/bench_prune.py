@@ -186,8 +186,8 @@ def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], ru
 
 
 def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> str:
-    """The default ``prune`` preset (channel counts multiples of 8, allocator buying estimated time:
-    ``latency=ops``) against the same with the allocator buying plain MACs (``latency=macs``), both
+    """The default ``prune`` preset (channel counts multiples of 8, allocator buying predicted time:
+    ``latency=time``) against the same with the allocator buying plain MACs (``latency=macs``), both
     against the original. The synthetic ResNet-18 rows compare ``multiple`` 1 and 8 (onnxruntime's NCHWc
     conv kernels work in blocks of 8 channels on AVX2: other counts fall back to slower paths)."""
     rows = []
@@ -195,7 +195,7 @@ def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> 
         original = load(MODELS / f"{name}.onnx")
         evaluation = load_data(MODELS / "fmnist_eval.npz", original)
         feeds = evaluation.head(batch).inputs
-        variants = [("default (multiple=8, latency=ops)", proto, None)]
+        variants = [("default (multiple=8, latency=time)", proto, None)]
         try:
             calib = load_data(MODELS / "fmnist_calib.npz", original)
             pm = _prune(name, calib, 0.5, {"prune_filters.latency": "macs"})[0]
