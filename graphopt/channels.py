@@ -1387,7 +1387,7 @@ class _CostModel:
                     memberships.setdefault((m.value, m.use), []).append((m.axes, g.gid, m.index_map.tobytes()))
         self.use_signature = {key: tuple(sorted(v)) for key, v in memberships.items()}
         self.base_node_macs: dict[str, int] = {}
-        self._base_times: dict[tuple[int, int], tuple[float, dict[str, float]]] = {}
+        self._base_times: dict[tuple[int, int], tuple[Any, float, dict[str, float]]] = {}
         # nodes whose shape inputs read the shape of a member (dynamic Reshape/Slice): re-check on change
         self.dynamic_readers: dict[str, list[Node]] = {}
         by_name = {n.name: n for n in graph.toposort()} if b.dynamic else {}
@@ -1449,20 +1449,21 @@ class _CostModel:
         return sorted(nodes.values(), key=lambda n: n.seq)
 
     def time(self, keep: Mapping[int, Any], latency: Any, batch: int) -> float:
-        base = self._base_times.get((id(latency), batch))
-        if base is None:
+        cached = self._base_times.get((id(latency), batch))
+        if cached is None or cached[0] is not latency:  # the model object is kept, so its id is not reused
             touched = {n.name: n for nodes in self.nodes_of_key.values() for n in nodes}
             per = {name: self._node_time(n, self.shapes, latency, batch) for name, n in touched.items()}
-            base = self._base_times[(id(latency), batch)] = (sum(per.values()), per)
+            cached = self._base_times[(id(latency), batch)] = (latency, sum(per.values()), per)
+        _, base, per = cached
         changed = self.new_shapes(self.dim_sizes(keep))
         if not changed:
-            return base[0]
+            return base
         shapes = {**self.shapes, **changed}
-        total = base[0]
+        total = base
         for n in self._changed_nodes(changed):
-            old = base[1].get(n.name)
+            old = per.get(n.name)
             if old is None:
-                old = base[1][n.name] = self._node_time(n, self.shapes, latency, batch)
+                old = per[n.name] = self._node_time(n, self.shapes, latency, batch)
             total += self._node_time(n, shapes, latency, batch) - old
         return total
 

@@ -987,9 +987,9 @@ class LowRank(Pass):
                 continue
             if self.opt(ctx, "latency") == "cost":  # offer the allocator only ranks the cost model finds faster
                 limit = self.opt(ctx, "max_latency_ratio")
-                ratios = {lv: predicted_ratio(form, lv, lat.load(), self.opt(ctx, "latency_batch"))
-                          for lv in levels[1:]}
-                fast = [lv for lv in levels[1:] if ratios[lv] is None or ratios[lv] < limit]
+                fast = [lv for lv in levels[1:]
+                        if (ratio := predicted_ratio(form, lv, lat.load(), self.opt(ctx, "latency_batch"))) is None
+                        or ratio < limit]
                 if not fast:
                     leave(site.node, "factorized layer is not faster at any rank (cost)")
                     continue
@@ -1070,9 +1070,9 @@ def site_seconds(site: Site, latency: lat.LatencyModel, batch: int = 1) -> float
     return latency.conv(batch, c.cin, c.cout, c.kernel, site.x_dims[2:], site.y_dims[2:], c.group)
 
 
-def predicted_ratio(plan_form: Form, rank: int, latency: lat.LatencyModel, batch: int) -> float | None:
+def predicted_ratio(form: Form, rank: int, latency: lat.LatencyModel, batch: int) -> float | None:
     """Factorized over original predicted time (``None`` when a shape is unknown)."""
-    after, before = plan_form.seconds(rank, latency, batch), site_seconds(plan_form.site, latency, batch)
+    after, before = form.seconds(rank, latency, batch), site_seconds(form.site, latency, batch)
     return None if after is None or not before else after / before
 
 

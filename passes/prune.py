@@ -62,9 +62,9 @@ groups cannot reach is reported as ``met: false`` with the cost reached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import gcd
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -679,12 +679,9 @@ class PruneFilters(Pass):
         if weights is not None:
             out["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
         if time_stats is not None:
-            full_keep_units = {u.key: u.levels[0] for u in units}
-            t0 = price(full_keep_units)
-            time_stats["predicted_time_ratio"] = _r((time_stats.pop("rest") + price(alloc.keep))
-                                                    / (time_stats["rest_and_touched"] or 1.0))
-            time_stats.pop("rest_and_touched")
-            time_stats["touched_seconds"] = float(f"{t0:.4g}")
+            whole = time_stats.pop("whole_seconds")
+            saved = price({u.key: u.levels[0] for u in units}) - price(alloc.keep)
+            time_stats["predicted_time_ratio"] = _r(1.0 - saved / whole) if whole else None
             out["latency"] = time_stats
         if not alloc.met:
             out["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
@@ -704,11 +701,9 @@ class PruneFilters(Pass):
         if poly is None:
             def poly(keep: dict[str, int]) -> float:
                 return analysis.time({int(k.split(":")[1]): v for k, v in keep.items()}, model, batch)
-        whole, _ = lat.model_time(analysis.model, model, batch=batch)
-        touched = analysis.time({}, model, batch)
-        rest = (whole - touched) if whole is not None else 0.0
+        whole, _ = lat.model_time(analysis.model, model, batch=batch)  # None when a shape is unknown
         return poly, {"price": "predicted time", "batch": batch, "profile": model.meta.get("cpu", "?"),
-                      "rest": rest, "rest_and_touched": rest + touched}
+                      "whole_seconds": whole}
 
     @staticmethod
     def _targets(ctx, macs0: int, params0: int) -> tuple[float | None, float | None]:

@@ -298,35 +298,22 @@ def test_latency_weights_discount_small_conv_outputs():
     assert weights[by_producer["conv2"]] == pytest.approx(1.0)  # 32 outputs, read by the Gemm
 
 
-def test_latency_option_meets_the_mac_target_and_reports_weights():
+@pytest.mark.parametrize("mode,key", [("ops", "latency_weights"), ("time", "latency")])
+def test_latency_option_meets_the_mac_target_and_reports_its_price(mode, key):
     proto = _cnn(c1=16, c2=32)
     before = analyze(from_proto(proto)).macs
-    model, result = _run(proto, _ctx(_data(), target_macs=0.5, latency="ops"))
+    model, result = _run(proto, _ctx(_data(), target_macs=0.5, latency=mode))
     assert result.changed
     assert 0.45 * before <= analyze(model).macs <= 0.5 * before * 1.0001
-    weights = result.stats["allocation"]["latency_weights"]
-    assert min(weights.values()) < 1.0
+    info = result.stats["allocation"][key]
+    if mode == "ops":
+        assert min(info.values()) < 1.0
+    else:
+        assert info["price"] == "predicted time" and 0 < info["predicted_time_ratio"] < 1
     onnx.checker.check_model(to_proto(model))
-    # latency=macs (the old behaviour) buys plain MACs and reports no weights
+    # latency=macs (the old behaviour) buys plain MACs and reports no price
     _, plain = _run(proto, _ctx(_data(), target_macs=0.5, latency="macs"))
-    assert "latency_weights" not in plain.stats["allocation"]
-
-
-def test_latency_weights_only_apply_to_a_mac_target():
-    _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(), target_params=0.6, latency="ops"))
-    assert result.changed
-    assert "latency_weights" not in result.stats["allocation"]
-
-
-def test_time_priced_allocation_meets_the_mac_target_and_predicts_a_speed_up():
-    proto = _cnn(c1=16, c2=32)
-    before = analyze(from_proto(proto)).macs
-    model, result = _run(proto, _ctx(_data(), target_macs=0.5, latency="time"))
-    assert result.changed
-    assert 0.45 * before <= analyze(model).macs <= 0.5 * before * 1.0001
-    info = result.stats["allocation"]["latency"]
-    assert info["price"] == "predicted time" and 0 < info["predicted_time_ratio"] < 1
-    onnx.checker.check_model(to_proto(model))
-    # a params target buys params: no time price
-    _, by_params = _run(proto, _ctx(_data(), target_params=0.6, latency="time"))
-    assert by_params.changed and "latency" not in by_params.stats["allocation"]
+    assert key not in plain.stats["allocation"]
+    # a params target buys params: no price either
+    _, by_params = _run(proto, _ctx(_data(), target_params=0.6, latency=mode))
+    assert by_params.changed and key not in by_params.stats["allocation"]

@@ -218,24 +218,24 @@ def eltwise_configs(n: int, seed: int) -> list[tuple]:
             for i in range(n)]
 
 
-def _conv_record(cfg, sess_events) -> dict | None:
+def _conv_record(cfg, sess_events, path: lat.Nchwc) -> dict | None:
     batch, cin, cout, kernel, hw, group, stride = cfg
     ev = [e for e in sess_events if e["op"] in ("Conv", "FusedConv", "NchwcConv")]
     if len(ev) != 1:
         return None
     out_hw = (hw + stride - 1) // stride
-    work = lat.conv_work(batch, cin, cout, kernel, (hw, hw), (out_hw, out_hw), group, path=PATH)
+    work = lat.conv_work(batch, cin, cout, kernel, (hw, hw), (out_hw, out_hw), group, path=path)
     return {"kind": work.kind, "features": list(work.features), "seconds": ev[0]["seconds"], "config": list(cfg),
             "op": ev[0]["op"]}
 
 
-def measure(seed: int, n_conv: int, n_gemm: int, n_elt: int, say=print) -> list[dict]:
+def measure(path: lat.Nchwc, seed: int, n_conv: int, n_gemm: int, n_elt: int, say=print) -> list[dict]:
     """Records ``{kind, features, seconds, config}`` of the seeded kernel set."""
     records: list[dict] = []
     convs = conv_configs(n_conv, seed)
     for i, cfg in enumerate(convs):
         batch, cin, cout, kernel, hw, group, stride = cfg
-        rec = _conv_record(cfg, profile_kernels(conv_model(batch, cin, cout, kernel, hw, group, stride)))
+        rec = _conv_record(cfg, profile_kernels(conv_model(batch, cin, cout, kernel, hw, group, stride)), path)
         if rec is not None:
             records.append(rec)
         if i % 50 == 49:
@@ -282,8 +282,6 @@ def _block() -> int:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return 16 if "avx512f" in flags else 8
 
-
-PATH = lat.Nchwc()
 
 
 def profiler_overhead(n: int = 64) -> float:
@@ -340,23 +338,22 @@ def _errors(pred: np.ndarray, t: np.ndarray) -> dict:
 
 
 def cmd_fit(args) -> None:
-    global PATH
-    PATH = probe_path(_block())
-    print(f"NCHWc rule: block {PATH.block}, input channels multiple of {PATH.input_multiple}")
+    path = probe_path(_block())
+    print(f"NCHWc rule: block {path.block}, input channels multiple of {path.input_multiple}")
     t0 = time.time()
     if args.records and Path(args.records).exists():
         records = json.loads(Path(args.records).read_text())
     else:
-        records = measure(args.seed, args.conv, args.gemm, args.eltwise)
+        records = measure(path, args.seed, args.conv, args.gemm, args.eltwise)
         print(f"measured {len(records)} kernels in {time.time() - t0:.0f} s")
         if args.records:
             Path(args.records).write_text(json.dumps(records))
     overhead = profiler_overhead()
     print(f"profiler overhead per kernel: {overhead * 1e6:.2f} us (subtracted)")
     coefficients, quality = fit(records, overhead)
-    model = lat.LatencyModel(coefficients, PATH, {"profiler_overhead_us": round(overhead * 1e6, 3),
+    model = lat.LatencyModel(coefficients, path, {"profiler_overhead_us": round(overhead * 1e6, 3),
         "onnxruntime": ort.__version__, "machine": platform.machine(), "cpu": _cpu_name(),
-        "threads": 1, "block": PATH.block, "date": datetime.date.today().isoformat(),
+        "threads": 1, "block": path.block, "date": datetime.date.today().isoformat(),
         "command": "python tools/calibrate_latency.py fit", "seed": args.seed, "fit": quality})
     model.save(args.out)
     _print_quality("fit (training kernels)", quality)
@@ -377,10 +374,8 @@ def _print_quality(title: str, quality: dict[str, dict]) -> None:
 
 
 def cmd_check(args) -> None:
-    global PATH
     model = lat.load(args.profile)
-    PATH = model.path
-    records = measure(args.seed, args.conv, args.gemm, args.eltwise, say=lambda *_: None)
+    records = measure(model.path, args.seed, args.conv, args.gemm, args.eltwise, say=lambda *_: None)
     overhead = profiler_overhead()
     quality = {}
     for kind in lat.KINDS:
