@@ -15,7 +15,9 @@ Steps
    NCHWc conv kernels work in blocks of 8 channels on AVX2; measured on the zoo at half the MACs,
    arbitrary counts made most models *slower* (0.57x–1.14x) while multiples of 8 gave 1.5x–2.5x; a group
    smaller than the multiple is not pruned). Option ``ratio`` > 0 removes that fraction of every
-   prunable group. Otherwise ``--target-macs`` / ``--target-params`` are met by
+   prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts by hand (group ids of the
+   model this pass sees — under the ``prune`` preset the lossless cleanup runs first and may merge
+   layers, so take them from a run's report or from ``graphopt inspect --groups`` on the cleaned model). Otherwise ``--target-macs`` / ``--target-params`` are met by
    :func:`graphopt.budget.allocate`: each group is a unit whose levels are the kept counts that are
    multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at ``sens_levels`` evenly
    spaced kept fractions is measured on ``sens_samples`` calibration samples through
@@ -449,6 +451,10 @@ class PruneFilters(Pass):
         "multiple": Option(8, "kept channel counts are multiples of this (8: onnxruntime's CPU conv kernels work in "
                               "blocks of 8 channels; other counts ran slower than the unpruned model)", int,
                            choices=(1, 2, 4, 8, 16)),
+        "channels": Option("", "explicit kept channel counts, 'group:count,...' (ids of the groups of the model "
+                               "this pass sees: under the prune preset, after the lossless cleanup; a run's report "
+                               "lists them); groups not named keep all their channels; replaces the ratio and "
+                               "the targets' allocation", str),
         "allocation": Option("sensitivity", "how a global target is split between groups", str,
                              choices=("sensitivity", "uniform")),
         "blend": Option(False, "choose between the sensitivity allocation and ones blended with an even-spread "
@@ -490,9 +496,10 @@ class PruneFilters(Pass):
         from graphopt import channels
 
         ratio = float(self.opt(ctx, "ratio"))
-        if ratio <= 0 and ctx.target_macs is None and ctx.target_params is None:
+        explicit = str(self.opt(ctx, "channels")).strip()
+        if ratio <= 0 and not explicit and ctx.target_macs is None and ctx.target_params is None:
             return PassResult(False, {"skipped": "no budget: give --target-macs, --target-params or the option "
-                                                 "prune_filters.ratio"})
+                                                 "prune_filters.ratio or prune_filters.channels"})
         if not 0 <= ratio < 1:
             return PassResult(False, {"skipped": f"ratio {ratio} is not in [0, 1)"})
         analysis = channels.analyze(model)
@@ -525,7 +532,10 @@ class PruneFilters(Pass):
 
         # ---- budget
         allocation_stats: dict[str, Any]
-        if ratio > 0:
+        if explicit:
+            keep = self._explicit_keep(explicit, groups, analysis)
+            allocation_stats = {"mode": "explicit", "channels": explicit}
+        elif ratio > 0:
             keep = {g.gid: self._uniform_keep(g, 1.0 - ratio, ctx) for g in groups}
             allocation_stats = {"mode": "uniform", "ratio": ratio}
         else:
@@ -541,10 +551,8 @@ class PruneFilters(Pass):
         saved = {g.gid: int(macs0 - analysis.cost({g.gid: len(keep_idx[g.gid])})[0]) if g.gid in keep_idx else 0
                  for g in groups}
         ctx.say(f"prune: removing channels from {len(keep_idx)} groups")
-        applied = apply_plan(model, analysis, keep_idx, reference, data, reconstruct=self.opt(ctx, "reconstruct"),
-                             refit_scope=self.opt(ctx, "refit"), max_rows=self.opt(ctx, "max_rows"), seed=seed,
-                             batch=batch, min_ridge=self.opt(ctx, "min_ridge"),
-                             activation_aware=self.opt(ctx, "activation_aware"), progress=ctx.progress)
+        applied = apply_plan(model, analysis, keep_idx, reference, data, seed=seed, batch=batch,
+                             progress=ctx.progress, **self._refit_options(ctx))
         per_group = []
         for g in groups:
             k = len(keep_idx[g.gid]) if g.gid in keep_idx else g.size
@@ -575,6 +583,42 @@ class PruneFilters(Pass):
         return PassResult(True, stats)
 
     # -----------------------------------------------------------------------------------------
+
+    def _refit_options(self, ctx) -> dict[str, Any]:
+        """The reconstruction options :func:`apply_plan` takes, as this run set them."""
+        return {"reconstruct": self.opt(ctx, "reconstruct"), "refit_scope": self.opt(ctx, "refit"),
+                "max_rows": self.opt(ctx, "max_rows"), "min_ridge": self.opt(ctx, "min_ridge"),
+                "activation_aware": self.opt(ctx, "activation_aware")}
+
+    @staticmethod
+    def _explicit_keep(text: str, groups: list, analysis) -> dict[int, int]:
+        """Parse option ``channels`` (``"3:40,7:64"``) into kept counts per group.
+
+        Refused (:class:`~graphopt.errors.OptionError`): malformed text, a group that is frozen or does
+        not exist, a count outside ``[min_keep, size]`` or not a multiple of the group's divisor (a
+        grouped conv's group count): such a model could not be built. The option's ``multiple`` is not
+        enforced: an explicit count is the user's choice."""
+        from graphopt.errors import OptionError
+
+        prunable = {g.gid: g for g in groups}
+        keep = {g.gid: g.size for g in groups}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            gid_text, _, count_text = item.partition(":")
+            try:
+                gid, count = int(gid_text), int(count_text)
+            except ValueError:
+                raise OptionError(f"option prune_filters.channels: {item!r} is not 'group:count'") from None
+            group = prunable.get(gid)
+            if group is None:
+                why = "frozen" if any(g.gid == gid for g in analysis.groups) else "not a group of this model"
+                raise OptionError(f"option prune_filters.channels: group {gid} is {why} (see graphopt inspect --groups)")
+            divisor = max(int(getattr(group, "divisor", 1)), 1)
+            low = max(int(getattr(group, "min_keep", 1)), 1)
+            if not low <= count <= group.size or count % divisor:
+                raise OptionError(f"option prune_filters.channels: group {gid} can keep {low}..{group.size} channels"
+                                  f"{f' in multiples of {divisor}' if divisor > 1 else ''}, not {count}")
+            keep[gid] = count
+        return keep
 
     def _divisor(self, group, ctx) -> int:
         return _lcm(int(self.opt(ctx, "multiple")), max(int(getattr(group, "divisor", 1)), 1))
@@ -840,10 +884,8 @@ class PruneFilters(Pass):
             keep_idx = {int(k.split(":")[1]): rankings[int(k.split(":")[1])].kept(v) for k, v in a.keep.items()
                         if v < next(g.size for g in groups if f"group:{g.gid}" == k)}
             if keep_idx:
-                apply_plan(trial, channels.analyze(trial), keep_idx, reference, fit_data,
-                           reconstruct=self.opt(ctx, "reconstruct"), refit_scope=self.opt(ctx, "refit"),
-                           max_rows=self.opt(ctx, "max_rows"), seed=seed, batch=batch,
-                           min_ridge=self.opt(ctx, "min_ridge"), activation_aware=self.opt(ctx, "activation_aware"))
+                apply_plan(trial, channels.analyze(trial), keep_idx, reference, fit_data, seed=seed, batch=batch,
+                           **self._refit_options(ctx))
             trace.append({"prior_weight": alpha, "heldout_rel_error": _r(relative_error(ref_out,
                                                                                         _outputs(trial, hold, batch))),
                           "predicted_error": _r(a.predicted_error)})
@@ -859,9 +901,8 @@ class PruneFilters(Pass):
         if keep_idx:
             from graphopt import channels
             trial_analysis = channels.analyze(trial)  # same model, same group ids; shrink needs its own
-            apply_plan(trial, trial_analysis, keep_idx, reference, data, reconstruct=self.opt(ctx, "reconstruct"),
-                       refit_scope=self.opt(ctx, "refit"), max_rows=self.opt(ctx, "max_rows"), seed=seed, batch=batch,
-                       min_ridge=self.opt(ctx, "min_ridge"), activation_aware=self.opt(ctx, "activation_aware"))
+            apply_plan(trial, trial_analysis, keep_idx, reference, data, seed=seed, batch=batch,
+                       **self._refit_options(ctx))
         report = verify(reference, trial, data, mode="accuracy", tolerance=Tolerance(max_drop=100.0), batch_size=batch)
         return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
 

@@ -157,6 +157,45 @@ def test_nothing_prunable_comes_back_unchanged():
     assert to_proto(model).SerializeToString() == before
 
 
+def test_explicit_channels_prune_exactly_the_named_groups():
+    proto = _cnn()
+    from graphopt import channels
+    groups = {g.gid: g for g in channels.analyze(from_proto(proto)).prunable()}
+    first, second = sorted(groups)
+    model, result = _run(proto, _ctx(_data(), channels=f"{first}:3"))
+    assert result.changed
+    assert result.stats["allocation"] == {"mode": "explicit", "channels": f"{first}:3"}
+    after = {g["group"]: g["channels_after"] for g in result.stats["groups"]}
+    assert after == {first: 3, second: groups[second].size}
+    assert result.stats["pruned_groups"] == 1
+    out = to_proto(model)
+    onnx.checker.check_model(out)
+    x = _data(8, seed=5).inputs["x"]
+    assert run(out, {"x": x})[0].shape == (8, 4)
+
+
+@pytest.mark.parametrize("text, message", [("1-3", "is not 'group:count'"), ("99:2", "not a group of this model"),
+                                           ("G:0", "can keep"), ("G:9", "can keep")])
+def test_explicit_channels_refuse_bad_input_before_touching_the_model(text, message):
+    from graphopt import channels
+    from graphopt.errors import OptionError
+    proto = _cnn()
+    gid = min(g.gid for g in channels.analyze(from_proto(proto)).prunable())
+    model = from_proto(proto)
+    before = to_proto(model).SerializeToString()
+    with pytest.raises(OptionError, match=message):
+        get_pass("prune_filters").run(model, _ctx(_data(), channels=text.replace("G", str(gid))))
+    assert to_proto(model).SerializeToString() == before
+
+
+def test_explicit_channels_refuse_a_frozen_group():
+    from graphopt import channels
+    from graphopt.errors import OptionError
+    frozen = next(g.gid for g in channels.analyze(from_proto(_cnn())).groups if g.frozen)
+    with pytest.raises(OptionError, match="is frozen"):
+        _run(_cnn(), _ctx(_data(), channels=f"{frozen}:2"))
+
+
 def test_no_budget_is_refused():
     model = from_proto(_cnn())
     before = to_proto(model).SerializeToString()

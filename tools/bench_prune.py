@@ -14,11 +14,21 @@ Tables (markdown on stdout; every number measured in this one run):
    one process (CPU time of the process; medians), batch 64 on the zoo CNNs, and the synthetic ResNet-18
    at 224x224 (random weights; pruned with l1 / uniform / no reconstruction, accuracy is meaningless there).
 
+4. ``seeds`` — the default ``prune`` preset at ``--seeds`` seeds (default 4; the seed draws the rows the
+   least-squares fits sample): accuracy drop per seed, to show how far from the 1-point bar a run can land.
+5. ``frontier`` — random allocations (kept counts multiples of 8, MACs within 1% of the target) of one
+   model (default mobilenetv2), each pruned by hand (``prune_filters.channels``, L1 order, no re-fit):
+   measured speed-up (batch 64) against the speed-up the latency model predicts, and, for the fastest
+   ``--top`` and the default allocation, the accuracy drop with ThiNet + least-squares re-fit: what
+   speed is for sale at these MACs, and at what accuracy.
+
 Commands::
 
     python tools/bench_prune.py accuracy [--models vgg,resnet,mobilenetv2]
     python tools/bench_prune.py zoo
     python tools/bench_prune.py latency [--runs 20]
+    python tools/bench_prune.py seeds [--seeds 4]
+    python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4]
     python tools/bench_prune.py all
 """
 
@@ -186,8 +196,8 @@ def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], ru
 
 
 def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> str:
-    """The default ``prune`` preset (channel counts multiples of 8, allocator buying predicted time:
-    ``latency=time``) against the same with the allocator buying plain MACs (``latency=macs``), both
+    """The default ``prune`` preset (channel counts multiples of 8, allocator buying MACs weighted by a
+    time per MAC: ``latency=ops``) against the same with the allocator buying plain MACs (``latency=macs``), both
     against the original. The synthetic ResNet-18 rows compare ``multiple`` 1 and 8 (onnxruntime's NCHWc
     conv kernels work in blocks of 8 channels on AVX2: other counts fall back to slower paths)."""
     rows = []
@@ -195,7 +205,7 @@ def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> 
         original = load(MODELS / f"{name}.onnx")
         evaluation = load_data(MODELS / "fmnist_eval.npz", original)
         feeds = evaluation.head(batch).inputs
-        variants = [("default (multiple=8, latency=time)", proto, None)]
+        variants = [("default (multiple=8, latency=ops)", proto, None)]
         try:
             calib = load_data(MODELS / "fmnist_calib.npz", original)
             pm = _prune(name, calib, 0.5, {"prune_filters.latency": "macs"})[0]
@@ -230,9 +240,93 @@ def _resnet18_row(runs: int, multiple: int) -> list[str]:
             f"{a / b:.2f}x"]
 
 
+def seeds_table(models: list[str], target: float, seeds: int) -> str:
+    rows = []
+    for name in models:
+        original = load(MODELS / f"{name}.onnx")
+        calib = load_data(MODELS / "fmnist_calib.npz", original)
+        evaluation = load_data(MODELS / "fmnist_eval.npz", original)
+        drops = []
+        for seed in range(seeds):
+            result = optimize(MODELS / f"{name}.onnx", preset="prune", data=calib, target_macs=target,
+                              run_verify=False, seed=seed)
+            stats = next(p["stats"] for p in result.report["passes"] if p["name"] == "prune_filters")
+            ref, acc = _accuracy(name, result.model, evaluation)
+            drops.append(ref - acc)
+            rows.append([name, seed, f"{_macs(result.model) / _macs(original):.3f}", f"{acc - ref:+.2f}",
+                         " ".join(str(g["channels_after"]) for g in stats["groups"])])
+        rows.append([name, "worst", "", f"{-max(drops):+.2f}", f"mean {-float(np.mean(drops)):+.2f}"])
+        print(f"[seeds {name} done]", file=sys.stderr, flush=True)
+    return _table(["model", "seed", "MACs ratio", "acc drop (pts)", "kept channels per group"], rows)
+
+
+def _rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected in measured times)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int) -> str:
+    """Random allocations at ``target`` MACs: measured vs predicted speed-up, accuracy of the fastest."""
+    from graphopt import channels
+    from graphopt import latency as lat
+
+    path = MODELS / f"{name}.onnx"
+    original = load(path)
+    calib = load_data(MODELS / "fmnist_calib.npz", original)
+    evaluation = load_data(MODELS / "fmnist_eval.npz", original)
+    feeds = evaluation.head(batch).inputs
+    macs0 = _macs(original)
+    cleaned = optimize(path, preset="lossless", run_verify=False).ir
+    analysis = channels.analyze(cleaned)
+    groups = analysis.prunable()
+    latency = lat.load()
+    t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
+    rng = np.random.default_rng(0)
+    plans: list[str] = []
+    for _ in range(200 * samples):
+        if len(plans) >= samples:
+            break
+        keep = {}
+        for g in groups:
+            step = int(np.lcm(8, max(int(getattr(g, "divisor", 1)), 1)))
+            keep[g.gid] = int(rng.choice(range(step, g.size + 1, step))) if g.size >= step else g.size
+        macs = analysis.cost(keep)[0]
+        plan = ",".join(f"{gid}:{k}" for gid, k in keep.items())
+        if abs(macs / macs0 - target) <= 0.01 * target and plan not in plans:
+            plans.append(plan)
+    default = _prune(name, calib, target, {})[1]
+    default_plan = ",".join(f"{g['group']}:{g['channels_after']}" for g in default["groups"])
+    measured = []
+    for plan in [default_plan, *plans]:
+        proto = optimize(path, preset="prune", run_verify=False,
+                         options={"prune_filters.channels": plan, "prune_filters.criterion": "l1",
+                                  "prune_filters.reconstruct": False}).model
+        a, b = ab_seconds(to_proto(original), proto, runs=runs, feeds=feeds)
+        t1 = lat.model_time(from_proto(proto), latency, batch=batch)[0]
+        measured.append((plan, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"), a / b))
+    rows, fastest = [], sorted(measured[1:], key=lambda r: -r[3])
+    for i, (plan, ratio, predicted, speed) in enumerate([measured[0], *fastest]):
+        drop = ""
+        if i <= top:
+            proto = _prune(name, calib, target, {"prune_filters.channels": plan})[0]
+            ref, acc = _accuracy(name, proto, evaluation)
+            drop = f"{acc - ref:+.2f}"
+        label = "default" if i == 0 else f"random #{i}"
+        rows.append([label, " ".join(p.split(":")[1] for p in plan.split(",")), f"{ratio:.3f}", f"{predicted:.2f}x",
+                     f"{speed:.2f}x", drop])
+    rho = _rank_correlation([r[2] for r in measured], [r[3] for r in measured])
+    table = _table(["allocation", "kept channels per group", "MACs ratio", "predicted speed-up",
+                    f"measured speed-up (batch {batch})", "acc drop (ThiNet + LS)"], rows)
+    return table + f"\n\nRank correlation of predicted and measured speed-up over {len(measured)} allocations: {rho:.2f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["accuracy", "zoo", "latency", "all"])
+    parser.add_argument("what", choices=["accuracy", "zoo", "latency", "seeds", "frontier", "all"])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=40, help="random allocations (frontier)")
+    parser.add_argument("--top", type=int, default=4, help="fastest allocations re-fitted and scored (frontier)")
     parser.add_argument("--models", default=None, help="comma-separated zoo names")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=20)
@@ -243,6 +337,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"## Accuracy at {args.target_macs} MACs (fmnist_eval, 2000 samples; no fine-tuning)\n")
         print(accuracy_table(models, args.target_macs), flush=True)
         print()
+    if args.what == "seeds":
+        models = args.models.split(",") if args.models else ["vgg", "resnet", "mobilenetv2"]
+        print(f"## Accuracy at {args.target_macs} MACs over {args.seeds} seeds\n")
+        print(seeds_table(models, args.target_macs, args.seeds), flush=True)
+        return
+    if args.what == "frontier":
+        for name in (args.models.split(",") if args.models else ["mobilenetv2"]):
+            print(f"## {name}: allocations at {args.target_macs} MACs\n")
+            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch), flush=True)
+        return
     if args.what in ("zoo", "latency", "all"):
         models = args.models.split(",") if args.models and args.what != "all" else ZOO
         table, pruned = zoo_table(models, args.target_macs)
