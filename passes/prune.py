@@ -17,7 +17,8 @@ Steps
    smaller than the multiple is not pruned). Option ``ratio`` > 0 removes that fraction of every
    prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts by hand (group ids of the
    model this pass sees — under the ``prune`` preset the lossless cleanup runs first and may merge
-   layers, so take them from a run's report or from ``graphopt inspect --groups`` on the cleaned model). Otherwise ``--target-macs`` / ``--target-params`` are met by
+   layers, so take them from a run's report or from ``graphopt inspect --groups`` on the cleaned
+   model). Otherwise ``--target-macs`` / ``--target-params`` are met by
    :func:`graphopt.budget.allocate`: each group is a unit whose levels are the kept counts that are
    multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at ``sens_levels`` evenly
    spaced kept fractions is measured on ``sens_samples`` calibration samples through
