@@ -613,8 +613,8 @@ class PruneFilters(Pass):
             if group is None:
                 why = "frozen" if any(g.gid == gid for g in analysis.groups) else "not a group of this model"
                 raise OptionError(f"option prune_filters.channels: group {gid} is {why} (see graphopt inspect --groups)")
-            divisor = max(int(getattr(group, "divisor", 1)), 1)
-            low = max(int(getattr(group, "min_keep", 1)), 1)
+            divisor = max(group.divisor, 1)
+            low = max(group.min_keep, 1)
             if not low <= count <= group.size or count % divisor:
                 raise OptionError(f"option prune_filters.channels: group {gid} can keep {low}..{group.size} channels"
                                   f"{f' in multiples of {divisor}' if divisor > 1 else ''}, not {count}")
@@ -622,12 +622,12 @@ class PruneFilters(Pass):
         return keep
 
     def _divisor(self, group, ctx) -> int:
-        return _lcm(int(self.opt(ctx, "multiple")), max(int(getattr(group, "divisor", 1)), 1))
+        return _lcm(int(self.opt(ctx, "multiple")), max(group.divisor, 1))
 
     def _uniform_keep(self, group, fraction: float, ctx) -> int:
         m = self._divisor(group, ctx)
         k = _round_down(round(group.size * fraction), m) if group.size >= m else group.size
-        low = max(int(getattr(group, "min_keep", 1)), 1)
+        low = max(group.min_keep, 1)
         low = int(np.ceil(low / m) * m) if group.size >= m else low
         return int(min(max(k, low), group.size))
 
@@ -638,7 +638,7 @@ class PruneFilters(Pass):
             m = self._divisor(g, ctx)
             # Every multiple of m is a level: the allocator can then stop close to the target.
             ratios = [k / g.size for k in range(m, g.size + 1, m)] or [1.0]
-            lv = budget.levels(g.size, ratios, multiple=m, min_keep=max(int(getattr(g, "min_keep", 1)), 1))
+            lv = budget.levels(g.size, ratios, multiple=m, min_keep=max(g.min_keep, 1))
             # every_group: the first step becomes mandatory when it is a small one (at most a quarter of
             # the group); with a coarse ``multiple`` a 16-channel group's first step is half of it.
             if self.opt(ctx, "every_group") and len(lv) > 1 and lv[1] >= 0.75 * g.size:
