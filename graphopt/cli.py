@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
     p.add_argument("--groups", action="store_true",
                    help="list the channel pruning groups (members, producers, consumers, why frozen)")
+    p.add_argument("--lossless", action="store_true",
+                   help="analyze the model after the lossless preset: the group ids prune_filters sees "
+                        "under the prune preset (for its option channels)")
     _add_common(p)
 
     p = sub.add_parser("passes", help="list the registered passes and presets")
@@ -157,6 +160,9 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.groups:
         return _inspect_groups(args, out)
+    if args.lossless:
+        err.print("graphopt: error: --lossless only applies with --groups")
+        return EXIT_BAD_INPUT
     cost = api.inspect(args.model, input_shapes=calibration.parse_input_shapes(args.input_shape))
     if args.json:
         out.print_json(json.dumps(cost.to_dict()))
@@ -199,8 +205,13 @@ def print_inspection(cost: analysis.ModelCost, console: Console) -> None:
 
 def _inspect_groups(args: argparse.Namespace, out: Console) -> int:
     from . import channels
-    ir, _ = api.load_model(args.model)
-    result = channels.analyze(ir, calibration.parse_input_shapes(args.input_shape) or None)
+    shapes = calibration.parse_input_shapes(args.input_shape) or None
+    if args.lossless:
+        # The prune preset runs the lossless cleanup first, which can merge layers and so renumber groups.
+        ir = api.optimize(args.model, preset="lossless", input_shapes=shapes, run_verify=False).ir
+    else:
+        ir, _ = api.load_model(args.model)
+    result = channels.analyze(ir, shapes)
     if args.json:
         out.print_json(json.dumps(result.to_dict()))
     elif not args.quiet:

@@ -17,8 +17,7 @@ Steps
    smaller than the multiple is not pruned). Option ``ratio`` > 0 removes that fraction of every
    prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts by hand (group ids of the
    model this pass sees — under the ``prune`` preset the lossless cleanup runs first and may merge
-   layers, so take them from a run's report or from ``graphopt inspect --groups`` on the cleaned
-   model). Otherwise ``--target-macs`` / ``--target-params`` are met by
+   layers, so take them from a run's report or from ``graphopt inspect --groups --lossless``). Otherwise ``--target-macs`` / ``--target-params`` are met by
    :func:`graphopt.budget.allocate`: each group is a unit whose levels are the kept counts that are
    multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at ``sens_levels`` evenly
    spaced kept fractions is measured on ``sens_samples`` calibration samples through
@@ -612,7 +611,7 @@ class PruneFilters(Pass):
             group = prunable.get(gid)
             if group is None:
                 why = "frozen" if any(g.gid == gid for g in analysis.groups) else "not a group of this model"
-                raise OptionError(f"option prune_filters.channels: group {gid} is {why} (see graphopt inspect --groups)")
+                raise OptionError(f"option prune_filters.channels: group {gid} is {why} (see graphopt inspect --groups --lossless)")
             divisor = max(group.divisor, 1)
             low = max(group.min_keep, 1)
             if not low <= count <= group.size or count % divisor:

@@ -85,3 +85,36 @@ def test_groups_bad_input_is_exit_2(tmp_path, capsys):
     assert code == 2 and "error" in err and out == ""
     code, out, err = run_cli("inspect", ROOT / "models" / "lenet5.onnx", "--groups", "-q", capsys=capsys)
     assert code == 0 and out == ""
+
+
+def test_groups_lossless_lists_the_ids_the_prune_preset_takes(tmp_path, capsys):
+    """mobilenetv2's last block's project conv merges into the head conv under the lossless cleanup:
+    one group fewer, renumbered. ``--lossless`` lists the ids ``prune_filters.channels`` takes."""
+    path = ROOT / "models" / "mobilenetv2.onnx"
+    code, out, err = run_cli("inspect", path, "--groups", "--json", capsys=capsys)
+    raw = [g for g in json.loads(out)["groups"] if g["prunable"]]
+    code, out, err = run_cli("inspect", path, "--groups", "--lossless", "--json", capsys=capsys)
+    assert code == 0, err
+    cleaned = [g for g in json.loads(out)["groups"] if g["prunable"]]
+    assert len(cleaned) == len(raw) - 1
+    last = cleaned[-1]
+    output = tmp_path / "pruned.onnx"
+    code, out, err = run_cli("optimize", path, "--preset", "prune", "-o", output, "--no-verify", "-q",
+                             "--report", tmp_path / "r.json",
+                             "--option", f"prune_filters.channels={last['gid']}:{last['size'] // 2}",
+                             "--option", "prune_filters.reconstruct=false", capsys=capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "prune_filters")
+    after = {g["group"]: g["channels_after"] for g in stats["groups"]}
+    assert after[last["gid"]] == last["size"] // 2 and stats["pruned_groups"] == 1
+    # The raw listing's last id does not exist in the model prune_filters sees: refused, nothing written.
+    code, out, err = run_cli("optimize", path, "--preset", "prune", "-o", tmp_path / "bad.onnx", "--no-verify",
+                             "--option", f"prune_filters.channels={raw[-1]['gid']}:8", capsys=capsys)
+    assert code == 2 and "not a group of this model" in err and "inspect --groups --lossless" in err
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_lossless_without_groups_is_exit_2(capsys):
+    code, out, err = run_cli("inspect", ROOT / "models" / "lenet5.onnx", "--lossless", capsys=capsys)
+    assert code == 2 and "--lossless only applies with --groups" in err

@@ -20,7 +20,9 @@ Tables (markdown on stdout; every number measured in this one run):
    model (default mobilenetv2), each pruned by hand (``prune_filters.channels``, L1 order, no re-fit):
    measured speed-up (batch 64) against the speed-up the latency model predicts, and, for the fastest
    ``--top`` and the default allocation, the accuracy drop with ThiNet + least-squares re-fit: what
-   speed is for sale at these MACs, and at what accuracy.
+   speed is for sale at these MACs, and at what accuracy. ``--radius R`` draws them within ``R`` channels
+   of the default allocation per group instead: a local search for a faster allocation that keeps the
+   accuracy.
 
 Commands::
 
@@ -28,7 +30,7 @@ Commands::
     python tools/bench_prune.py zoo
     python tools/bench_prune.py latency [--runs 20]
     python tools/bench_prune.py seeds [--seeds 4]
-    python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4]
+    python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4] [--radius 16]
     python tools/bench_prune.py all
 """
 
@@ -260,8 +262,12 @@ def seeds_table(models: list[str], target: float, seeds: int) -> str:
     return _table(["model", "seed", "MACs ratio", "acc drop (pts)", "kept channels per group"], rows)
 
 
-def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int) -> str:
-    """Random allocations at ``target`` MACs: measured vs predicted speed-up, accuracy of the fastest."""
+def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int, radius: int = 0) -> str:
+    """Random allocations at ``target`` MACs: measured vs predicted speed-up, accuracy of the fastest.
+
+    ``radius > 0`` draws them around the default allocation instead (each group's kept count within
+    ``radius`` channels of the default's), to look for a faster allocation that keeps its accuracy.
+    """
     from graphopt import channels
     from graphopt import latency as lat
 
@@ -276,21 +282,25 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     groups = analysis.prunable()
     latency = lat.load()
     t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
+    default_model, default, _ = _prune(name, calib, target, {})
+    default_keep = {g["group"]: g["channels_after"] for g in default["groups"]}
+    default_plan = ",".join(f"{gid}:{k}" for gid, k in default_keep.items())
     rng = np.random.default_rng(0)
     plans: list[str] = []
-    for _ in range(200 * samples):
+    for _ in range(2000 * samples):
         if len(plans) >= samples:
             break
         keep = {}
         for g in groups:
             step = int(np.lcm(8, max(g.divisor, 1)))
-            keep[g.gid] = int(rng.choice(range(step, g.size + 1, step))) if g.size >= step else g.size
+            counts = range(step, g.size + 1, step)
+            if radius:
+                counts = [k for k in counts if abs(k - default_keep.get(g.gid, g.size)) <= radius]
+            keep[g.gid] = int(rng.choice(counts)) if g.size >= step and counts else g.size
         macs = analysis.cost(keep)[0]
         plan = ",".join(f"{gid}:{k}" for gid, k in keep.items())
-        if abs(macs / macs0 - target) <= 0.01 * target and plan not in plans:
+        if abs(macs / macs0 - target) <= 0.01 * target and plan not in plans and plan != default_plan:
             plans.append(plan)
-    default_model, default, _ = _prune(name, calib, target, {})
-    default_plan = ",".join(f"{g['group']}:{g['channels_after']}" for g in default["groups"])
     measured = []
     for plan in [default_plan, *plans]:
         proto = optimize(path, preset="prune", run_verify=False,
@@ -306,7 +316,7 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
             proto = default_model if i == 0 else _prune(name, calib, target, {"prune_filters.channels": plan})[0]
             ref, acc = _accuracy(name, proto, evaluation)
             drop = f"{acc - ref:+.2f}"
-        label = "default" if i == 0 else f"random #{i}"
+        label = "default" if i == 0 else f"{'nearby' if radius else 'random'} #{i}"
         rows.append([label, " ".join(p.split(":")[1] for p in plan.split(",")), f"{ratio:.3f}", f"{predicted:.2f}x",
                      f"{speed:.2f}x", drop])
     from scipy.stats import spearmanr  # the bench extra
@@ -322,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--samples", type=int, default=40, help="random allocations (frontier)")
     parser.add_argument("--top", type=int, default=4, help="fastest allocations re-fitted and scored (frontier)")
+    parser.add_argument("--radius", type=int, default=0,
+                        help="frontier: draw allocations within this many channels of the default's, per group")
     parser.add_argument("--models", default=None, help="comma-separated zoo names")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=20)
@@ -340,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "frontier":
         for name in (args.models.split(",") if args.models else ["mobilenetv2"]):
             print(f"## {name}: allocations at {args.target_macs} MACs\n")
-            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch), flush=True)
+            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch, args.radius),
+                  flush=True)
         return
     if args.what in ("zoo", "latency", "all"):
         models = args.models.split(",") if args.models and args.what != "all" else ZOO
