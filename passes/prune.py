@@ -611,7 +611,8 @@ class PruneFilters(Pass):
             group = prunable.get(gid)
             if group is None:
                 why = "frozen" if any(g.gid == gid for g in analysis.groups) else "not a group of this model"
-                raise OptionError(f"option prune_filters.channels: group {gid} is {why} (see graphopt inspect --groups --lossless)")
+                raise OptionError(f"option prune_filters.channels: group {gid} is {why} "
+                                  "(see graphopt inspect --groups --lossless)")
             divisor = max(group.divisor, 1)
             low = max(group.min_keep, 1)
             if not low <= count <= group.size or count % divisor:

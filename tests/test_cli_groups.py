@@ -108,10 +108,11 @@ def test_groups_lossless_lists_the_ids_the_prune_preset_takes(tmp_path, capsys):
     stats = next(p["stats"] for p in report["passes"] if p["name"] == "prune_filters")
     after = {g["group"]: g["channels_after"] for g in stats["groups"]}
     assert after[last["gid"]] == last["size"] // 2 and stats["pruned_groups"] == 1
-    # The raw listing's last id does not exist in the model prune_filters sees: refused, nothing written.
+    # The raw listing's last prunable id is the (frozen) logits group of the model prune_filters sees:
+    # refused with a pointer to --lossless, nothing written.
     code, out, err = run_cli("optimize", path, "--preset", "prune", "-o", tmp_path / "bad.onnx", "--no-verify",
                              "--option", f"prune_filters.channels={raw[-1]['gid']}:8", capsys=capsys)
-    assert code == 2 and "not a group of this model" in err and "inspect --groups --lossless" in err
+    assert code == 2 and "is frozen" in err and "inspect --groups --lossless" in err
     assert not (tmp_path / "bad.onnx").exists()
 
 
