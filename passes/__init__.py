@@ -18,7 +18,7 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
 LOSSLESS = [
-    "constant_to_initializer", "fold_constants", "simplify", "identity", "cse", "dedupe_initializers",
+    "constant_to_initializer", "fold_constants", "simplify", "channel_permute", "identity", "cse", "dedupe_initializers",
     "fuse_patterns", "fold_batchnorm", "fold_affine", "fuse_pad", "merge_linear",
     "merge_concat_convs", "merge_sum_branches", "horizontal_fusion", "pool_through_concat",
     "gemm_rows", "dead_code",
