@@ -18,6 +18,9 @@ exact bit for bit; folding into a conv reorders the conv's sum (float noise).
 ``slice_of_gather``
     ``Slice(Gather(x, idx, axis=a), s, e, axes=[a], steps=[t])`` is ``Gather(x, idx[s:e:t], axis=a)``
     (constant bounds; the slice may touch no other axis).
+``split_of_gather``
+    ``Split(Gather(x, idx, axis=a), axis=a)`` is one ``Gather(x, idx[segment])`` per output (constant sizes,
+    or an even split).
 ``gather_of_gather``
     ``Gather(Gather(x, i, axis=a), j, axis=a)`` is ``Gather(x, i[j], axis=a)``.
 ``gather_into_conv``
@@ -184,6 +187,49 @@ class SliceOfGather(_Rule):
         _remove(graph, [node, gather])
 
 
+class SplitOfGather(_Rule):
+    name = "split_of_gather"
+    root_ops = ("Split",)
+
+    def match(self, graph: Graph, node: Node) -> Match | str | None:
+        found = self.gather(graph, producer_op(graph, node.inputs[0], "Gather"))
+        if isinstance(found, str):
+            return found
+        x, axis, idx = found
+        rank = len(self.types.dims(x))
+        split_axis = int(node.attr("axis", 0))
+        if (split_axis + rank if split_axis < 0 else split_axis) != axis:
+            return NoMatch("the Split cuts another axis than the gathered one")
+        if "split" in node.attrs:
+            sizes = [int(v) for v in node.attr("split")]
+        elif len(node.inputs) > 1 and node.inputs[1] is not None:
+            given = const_input(graph, node, 1)
+            if given is None:
+                return "split sizes are not constant"
+            sizes = [int(v) for v in given.reshape(-1)]
+        else:
+            n = len(node.outputs)
+            if len(idx) % n:
+                return "uneven split without sizes"
+            sizes = [len(idx) // n] * n
+        if sum(sizes) != len(idx) or len(sizes) != len(node.outputs):
+            return "split sizes do not cover the gathered axis"
+        bounds = np.cumsum([0, *sizes])
+        return Match(node, values={"x": x}, arrays={"idx": idx}, extra={"axis": axis, "bounds": bounds,
+                                                                        "size": self.axis_size(x, axis)})
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        node, idx, bounds = match.node, match.arrays["idx"], match.extra["bounds"]
+        gather = graph.producer(node.inputs[0])
+        outputs = list(node.outputs)
+        graph.remove_node(node, keep_outputs=True)
+        for out, start, end in zip(outputs, bounds[:-1], bounds[1:]):
+            if out is not None:
+                _bypass_or_gather(graph, out, match.values["x"], match.extra["axis"], idx[start:end], node,
+                                  match.extra["size"])
+        _remove(graph, [node, gather])
+
+
 class GatherOfGather(_Rule):
     name = "gather_of_gather"
     root_ops = ("Gather",)
@@ -264,14 +310,16 @@ class GatherIntoConv(_Rule):
 
 
 def rules(types: TypeTable) -> list[Rule]:
-    return [cls(types) for cls in (ShuffleToGather, SliceOfGather, GatherOfGather, NoopGather, GatherIntoConv)]
+    return [cls(types) for cls in (ShuffleToGather, SliceOfGather, SplitOfGather, GatherOfGather, NoopGather,
+                                   GatherIntoConv)]
 
 
 @register
 class ChannelPermute(Pass):
     name = "channel_permute"
     lossless = True
-    summary = "channel shuffles (Reshape-Transpose-Reshape) to one Gather, folded into Slices, Gathers and conv weights"
+    summary = ("channel shuffles (Reshape-Transpose-Reshape) to one Gather, folded into Slices, Splits, Gathers "
+               "and conv weights")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         stats = apply_rules(model, rules(TypeTable(model)))

@@ -81,6 +81,26 @@ def test_depthwise_reader_keeps_its_gather():
     np.testing.assert_array_equal(run(proto, feeds)[0], run(out, feeds)[0])
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_split_of_gather_becomes_one_gather_per_output(opset):
+    """A shuffle exported with ``chunk`` (Split) instead of slicing; sizes as attribute (11) or input (13)."""
+    nodes, inits = _shuffle_nodes("x", "shuffled", 8, 2)
+    if opset == 11:
+        nodes.append(helper.make_node("Split", ["shuffled"], ["left", "right"], axis=1, split=[4, 4]))
+    else:
+        nodes.append(helper.make_node("Split", ["shuffled", "sizes"], ["left", "right"], axis=1))
+        inits.append(init("sizes", np.array([4, 4], np.int64)))
+    nodes += [helper.make_node("Relu", ["left"], ["y1"]), helper.make_node("Neg", ["right"], ["y2"])]
+    halves = [tensor("y1", ["N", 4, 5, 5]), tensor("y2", ["N", 4, 5, 5])]
+    proto = make_model(nodes, [tensor("x", ["N", 8, 5, 5])], halves, inits, opset=opset)
+    result, out = apply_pass("channel_permute", proto)
+    assert result.stats["applied"] == {"shuffle_to_gather": 1, "split_of_gather": 1}
+    assert sorted(op_types(out)) == ["Gather", "Gather", "Neg", "Relu"]
+    feeds = _feeds(proto)
+    for a, b in zip(run(proto, feeds), run(out, feeds), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gather_of_gather_composes_and_identity_disappears():
     perm = np.array([2, 0, 3, 1], np.int64)
     inverse = np.argsort(perm)
@@ -96,7 +116,7 @@ def test_gather_of_gather_composes_and_identity_disappears():
 
 
 @pytest.mark.parametrize("case", ["transpose_moves_spatial", "shared_middle", "partial_gather_into_conv",
-                                  "slice_other_axis"])
+                                  "slice_other_axis", "split_other_axis"])
 def test_left_alone(case):
     rng = np.random.default_rng(0)
     shape = [1, 4, 5, 5]
@@ -114,6 +134,11 @@ def test_left_alone(case):
         inits = [init("i", np.array([3, 0, 1], np.int64)),
                  init("w", rng.standard_normal((2, 3, 1, 1)).astype(np.float32))]
         outputs = [tensor("y", [1, 2, 5, 5])]
+    elif case == "split_other_axis":  # the Split cuts a spatial axis: each output needs every channel
+        nodes = [helper.make_node("Gather", ["x", "i"], ["g"], axis=1),
+                 helper.make_node("Split", ["g", "sizes"], ["y", "z"], axis=2)]
+        inits = [init("i", np.array([3, 2, 1, 0], np.int64)), init("sizes", np.array([2, 3], np.int64))]
+        outputs = [tensor("y", [1, 4, 2, 5]), tensor("z", [1, 4, 3, 5])]
     else:  # the Slice cuts a spatial axis of the gathered tensor
         nodes = [helper.make_node("Gather", ["x", "i"], ["g"], axis=1),
                  helper.make_node("Slice", ["g", "a", "b", "ax"], ["y"])]

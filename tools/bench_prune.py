@@ -13,6 +13,8 @@ Tables (markdown on stdout; every number measured in this one run):
 3. ``latency`` — onnxruntime ENABLE_ALL, 1 intra-op thread, original vs pruned, alternating A/B runs in
    one process (CPU time of the process; medians), batch 64 on the zoo CNNs, and the synthetic ResNet-18
    at 224x224 (random weights; pruned with l1 / uniform / no reconstruction, accuracy is meaningless there).
+   ``--rounds R`` times each pair R times and reports the median speed-up and its range: on a shared
+   machine the ratio itself drifts by several percent from one minute to the next.
 
 4. ``seeds`` — the default ``prune`` preset at ``--seeds`` seeds (default 4; the seed draws the rows the
    least-squares fits sample): accuracy drop per seed, to show how far from the 1-point bar a run can land.
@@ -28,7 +30,7 @@ Commands::
 
     python tools/bench_prune.py accuracy [--models vgg,resnet,mobilenetv2]
     python tools/bench_prune.py zoo
-    python tools/bench_prune.py latency [--runs 20]
+    python tools/bench_prune.py latency [--runs 20] [--rounds 5]
     python tools/bench_prune.py seeds [--seeds 4]
     python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4] [--radius 16]
     python tools/bench_prune.py all
@@ -192,12 +194,23 @@ def zoo_table(models: list[str], target: float) -> tuple[str, dict[str, onnx.Mod
     return _table(header, rows), pruned
 
 
-def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
-    """Median CPU seconds of ``a`` and ``b`` (ENABLE_ALL, 1 thread), alternating which goes first."""
-    return ab_seconds(a, b, runs=runs, feeds=feeds)
+def _ab(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int,
+        rounds: int = 1) -> tuple[float, float, list[float]]:
+    """Median CPU seconds of ``a`` and ``b`` (ENABLE_ALL, 1 thread, alternating which goes first) over
+    ``rounds`` rounds of ``runs`` pairs, and each round's ratio: the ratio drifts with the machine's
+    state, so one round can land either side of a threshold."""
+    times = [ab_seconds(a, b, runs=runs, feeds=feeds) for _ in range(rounds)]
+    ratios = [ta / tb for ta, tb in times]
+    return float(np.median([t[0] for t in times])), float(np.median([t[1] for t in times])), ratios
 
 
-def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> str:
+def _speedup(ratios: list[float]) -> str:
+    """``1.62x`` for one round, ``1.62x (1.55-1.68)``: the median and range over rounds."""
+    med = float(np.median(ratios))
+    return f"{med:.2f}x" if len(ratios) == 1 else f"{med:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int, rounds: int = 1) -> str:
     """The default ``prune`` preset (channel counts multiples of 8, allocator buying MACs weighted by a
     time per MAC: ``latency=ops``) against the same with the allocator buying plain MACs (``latency=macs``), both
     against the original. The synthetic ResNet-18 rows compare ``multiple`` 1 and 8 (onnxruntime's NCHWc
@@ -217,16 +230,17 @@ def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int) -> 
         for label, candidate, acc in variants:
             if acc is None:
                 acc = _accuracy(name, candidate, evaluation)
-            a, b = _ab(to_proto(original), candidate, feeds, runs)
+            a, b, ratios = _ab(to_proto(original), candidate, feeds, runs, rounds)
             rows.append([name, label, f"{_macs(candidate) / _macs(original):.3f}", f"{acc[1] - acc[0]:+.2f}",
-                         f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x"])
+                         f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", _speedup(ratios)])
         print(f"[latency {name} done]", file=sys.stderr, flush=True)
-    rows += [_resnet18_row(runs, m) for m in (1, 8)]
+    rows += [_resnet18_row(runs, m, rounds) for m in (1, 8)]
+    speed = "speed-up" if rounds == 1 else f"speed-up (median and range of {rounds} rounds)"
     return _table(["model", "variant", "MACs ratio", "acc drop", f"original ms (batch {batch})", "pruned ms",
-                   "speed-up"], rows)
+                   speed], rows)
 
 
-def _resnet18_row(runs: int, multiple: int) -> list[str]:
+def _resnet18_row(runs: int, multiple: int, rounds: int = 1) -> list[str]:
     sys.path.insert(0, str(ROOT / "tools"))
     from synthetic_models import resnet18
     proto = resnet18(batch=1, image=224)
@@ -236,10 +250,10 @@ def _resnet18_row(runs: int, multiple: int) -> list[str]:
                       options={"prune_filters.criterion": "l1", "prune_filters.allocation": "uniform",
                                "prune_filters.reconstruct": False, "prune_filters.multiple": multiple})
     feeds = random_data(ir, 1, seed=1).inputs
-    a, b = _ab(proto, result.model, feeds, max(runs // 2, 5))
+    a, b, ratios = _ab(proto, result.model, feeds, max(runs // 2, 5), rounds)
     return ["resnet18 (synthetic, 224x224, batch 1, l1/uniform)", f"multiple={multiple}",
             f"{_macs(result.model) / _macs(proto):.3f}", "n/a (random weights)", f"{a * 1e3:.1f}", f"{b * 1e3:.1f}",
-            f"{a / b:.2f}x"]
+            _speedup(ratios)]
 
 
 def seeds_table(models: list[str], target: float, seeds: int) -> str:
@@ -337,6 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=None, help="comma-separated zoo names")
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="latency: time each pair this many times (median and range of the speed-ups)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
     if args.what in ("accuracy", "all"):
@@ -365,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.what in ("latency", "all"):
             cnns = {k: v for k, v in pruned.items() if k != "transformer"}
             print(f"## Latency (onnxruntime ENABLE_ALL, 1 thread, CPU time, median of {args.runs} alternating runs)\n")
-            print(latency_table(cnns, args.runs, args.batch), flush=True)
+            print(latency_table(cnns, args.runs, args.batch, args.rounds), flush=True)
 
 
 if __name__ == "__main__":
