@@ -294,8 +294,9 @@ class GatherIntoConv(_Rule):
             return info
         if info.group != 1:
             return f"grouped conv (group={info.group})"
-        if len(idx) != info.weight.shape[1] or not np.array_equal(np.sort(idx), np.arange(len(idx))):
-            return "the gather is not a permutation of all the conv's input channels"
+        size = self.axis_size(x, axis)
+        if len(idx) != size or len(idx) != info.weight.shape[1] or not np.array_equal(np.sort(idx), np.arange(size)):
+            return "the gather is not a permutation of all of its input's channels"
         return Match(node, nodes={"gather": gather}, values={"x": x}, arrays={"idx": idx, "weight": info.weight})
 
     def rewrite(self, graph: Graph, match: Match) -> None:

@@ -116,7 +116,7 @@ def test_gather_of_gather_composes_and_identity_disappears():
 
 
 @pytest.mark.parametrize("case", ["transpose_moves_spatial", "shared_middle", "partial_gather_into_conv",
-                                  "slice_other_axis", "split_other_axis"])
+                                  "slice_other_axis", "split_other_axis", "permuted_subset_into_conv"])
 def test_left_alone(case):
     rng = np.random.default_rng(0)
     shape = [1, 4, 5, 5]
@@ -133,6 +133,10 @@ def test_left_alone(case):
         nodes = [helper.make_node("Gather", ["x", "i"], ["g"], axis=1), helper.make_node("Conv", ["g", "w"], ["y"])]
         inits = [init("i", np.array([3, 0, 1], np.int64)),
                  init("w", rng.standard_normal((2, 3, 1, 1)).astype(np.float32))]
+        outputs = [tensor("y", [1, 2, 5, 5])]
+    elif case == "permuted_subset_into_conv":  # channels 1, 0 of 4: a permutation, but not of all of x
+        nodes = [helper.make_node("Gather", ["x", "i"], ["g"], axis=1), helper.make_node("Conv", ["g", "w"], ["y"])]
+        inits = [init("i", np.array([1, 0], np.int64)), init("w", rng.standard_normal((2, 2, 1, 1)).astype(np.float32))]
         outputs = [tensor("y", [1, 2, 5, 5])]
     elif case == "split_other_axis":  # the Split cuts a spatial axis: each output needs every channel
         nodes = [helper.make_node("Gather", ["x", "i"], ["g"], axis=1),
