@@ -163,11 +163,19 @@ def producer_op(graph: Graph, value: Value | None, *op_types: str) -> Node | Non
     return node if is_op(node, *op_types) else None
 
 
+def constant_value(graph: Graph, value: Value | None) -> np.ndarray | None:
+    """``graph.constant_array(value)``, except that a ``Constant`` inside a function whose payload refers
+    to the function's attribute (``ref_attr_name``) is not a constant: its value is only known at the
+    call site (and the IR raises on it)."""
+    producer = graph.producer(value) if value is not None else None
+    if is_op(producer, "Constant") and any(a.ref_attr_name for a in producer.attrs.values()):
+        return None
+    return graph.constant_array(value)
+
+
 def const_input(graph: Graph, node: Node, slot: int) -> np.ndarray | None:
     """The constant array at input ``slot`` of ``node`` (None when absent or not constant)."""
-    if slot >= len(node.inputs):
-        return None
-    return graph.constant_array(node.inputs[slot])
+    return constant_value(graph, node.inputs[slot]) if slot < len(node.inputs) else None
 
 
 def is_float(value: Value | None) -> bool:

@@ -79,6 +79,7 @@ from graphopt.rewrite import (
     NoMatch,
     Rule,
     apply_rules,
+    const_input,
     producer_op,
     remove_dead,
     sole_consumer,
@@ -86,11 +87,6 @@ from graphopt.rewrite import (
 from graphopt.shapes import TypeTable
 
 INT64_MAX = 2**63 - 1
-
-
-def const_input(graph: Graph, node: Node, slot: int) -> np.ndarray | None:
-    """The constant at input ``slot`` (see :func:`graphopt.passes.cleanup.constant_of`), or None."""
-    return constant_of(graph, node.inputs[slot]) if slot < len(node.inputs) else None
 
 
 def _bypass_refusal(graph: Graph, y: Value | None, x: Value | None) -> str | None:
