@@ -32,7 +32,7 @@ Commands::
     python tools/bench_prune.py zoo
     python tools/bench_prune.py latency [--runs 20] [--rounds 5]
     python tools/bench_prune.py seeds [--seeds 4]
-    python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4] [--radius 16]
+    python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4] [--radius 16] [--rounds 5]
     python tools/bench_prune.py all
 """
 
@@ -276,7 +276,8 @@ def seeds_table(models: list[str], target: float, seeds: int) -> str:
     return _table(["model", "seed", "MACs ratio", "acc drop (pts)", "kept channels per group"], rows)
 
 
-def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int, radius: int = 0) -> str:
+def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int, radius: int = 0,
+                   rounds: int = 1) -> str:
     """Random allocations at ``target`` MACs: measured vs predicted speed-up, accuracy of the fastest.
 
     ``radius > 0`` draws them around the default allocation instead (each group's kept count within
@@ -320,9 +321,10 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
         proto = optimize(path, preset="prune", run_verify=False,
                          options={"prune_filters.channels": plan, "prune_filters.criterion": "l1",
                                   "prune_filters.reconstruct": False}).model
-        a, b = ab_seconds(to_proto(original), proto, runs=runs, feeds=feeds)
+        ratios = _ab(to_proto(original), proto, feeds, runs, rounds)[2]
         t1 = lat.model_time(from_proto(proto), latency, batch=batch)[0]
-        measured.append((plan, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"), a / b))
+        measured.append((plan, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"),
+                         float(np.median(ratios))))
     rows, fastest = [], sorted(measured[1:], key=lambda r: -r[3])
     for i, (plan, ratio, predicted, speed) in enumerate([measured[0], *fastest]):
         drop = ""
@@ -352,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1,
-                        help="latency: time each pair this many times (median and range of the speed-ups)")
+                        help="latency, frontier: time each pair this many times (the median speed-up; latency "
+                             "also prints the range)")
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args(argv)
     if args.what in ("accuracy", "all"):
@@ -368,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "frontier":
         for name in (args.models.split(",") if args.models else ["mobilenetv2"]):
             print(f"## {name}: allocations at {args.target_macs} MACs\n")
-            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch, args.radius),
-                  flush=True)
+            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch, args.radius,
+                                 args.rounds), flush=True)
         return
     if args.what in ("zoo", "latency", "all"):
         models = args.models.split(",") if args.models and args.what != "all" else ZOO
