@@ -259,6 +259,61 @@ class Node:
                 yield from g
 
 
+class _CountedGraph(nx.MultiDiGraph):
+    """A ``MultiDiGraph`` that counts its structural changes (``version``), so that a query as costly as
+    the topological order can be cached until the next change. Every networkx method that adds or
+    removes nodes or edges goes through one of the overrides below."""
+
+    version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def add_node(self, *args, **kwargs):
+        self._changed()
+        return super().add_node(*args, **kwargs)
+
+    def add_nodes_from(self, *args, **kwargs):
+        self._changed()
+        return super().add_nodes_from(*args, **kwargs)
+
+    def remove_node(self, *args, **kwargs):
+        self._changed()
+        return super().remove_node(*args, **kwargs)
+
+    def remove_nodes_from(self, *args, **kwargs):
+        self._changed()
+        return super().remove_nodes_from(*args, **kwargs)
+
+    def add_edge(self, *args, **kwargs):
+        self._changed()
+        return super().add_edge(*args, **kwargs)
+
+    def add_edges_from(self, *args, **kwargs):
+        self._changed()
+        return super().add_edges_from(*args, **kwargs)
+
+    def remove_edge(self, *args, **kwargs):
+        self._changed()
+        return super().remove_edge(*args, **kwargs)
+
+    def remove_edges_from(self, *args, **kwargs):
+        self._changed()
+        return super().remove_edges_from(*args, **kwargs)
+
+    def update(self, *args, **kwargs):
+        self._changed()
+        return super().update(*args, **kwargs)
+
+    def clear(self):
+        self._changed()
+        return super().clear()
+
+    def clear_edges(self):
+        self._changed()
+        return super().clear_edges()
+
+
 class Graph:
     """One ONNX graph (the main graph, a subgraph, or a function body) on a networkx MultiDiGraph.
 
@@ -271,7 +326,8 @@ class Graph:
     """
 
     def __init__(self, namer: Namer | None = None, parent: Node | None = None) -> None:
-        self.nx = nx.MultiDiGraph()
+        self.nx = _CountedGraph()
+        self._order: tuple[int, list[Node]] | None = None  # (nx version, toposort) cache
         self.namer = namer or Namer()
         self.parent = parent
         self.inputs: list[Value] = []
@@ -371,13 +427,18 @@ class Graph:
 
         For a model whose node list is already topologically sorted this reproduces that list exactly.
         """
+        # Cached until the graph's structure changes: a node's seq is fixed before it is added.
+        if self._order is not None and self._order[0] == self.nx.version:
+            return list(self._order[1])
+
         def key(n: Node | Value) -> tuple[int, int]:
             return n.seq if isinstance(n, Node) else (-1, 0)
         try:
-            order = nx.lexicographical_topological_sort(self.nx, key=key)
-            return [n for n in order if isinstance(n, Node)]
+            order = [n for n in nx.lexicographical_topological_sort(self.nx, key=key) if isinstance(n, Node)]
         except nx.NetworkXUnfeasible as exc:
             raise IRError(f"graph {self.name!r} has a cycle") from exc
+        self._order = (self.nx.version, order)
+        return list(order)
 
     # ===== construction (used by the loader and by passes) ======================================
     def _attach_value(self, value: Value) -> Value:
