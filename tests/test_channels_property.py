@@ -209,3 +209,21 @@ def test_generator_covers_the_supported_ops():
     assert op_types >= {"Shape", "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "Concat",
                         "Split", "Slice", "Transpose", "Reshape", "Flatten", "Gemm", "MatMul", "Where", "Div", "Mul",
                         "Pad", "Resize", "MaxPool", "GlobalAveragePool", "Gather"}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_graph_after_the_lossless_preset_prunes_validly(seed):
+    """The prune preset analyses the *cleaned* graph: shuffles turned into Gathers (``channel_permute``),
+    BN folded, layers merged. The cleaned graph computes the same, and a random plan on it prunes validly."""
+    from graphopt.api import optimize
+    proto = RandomNet(seed).build(int(np.random.default_rng(seed).integers(4, 11)))
+    cleaned = optimize(proto, preset="lossless", run_verify=False).model
+    onnx.checker.check_model(cleaned, full_check=True)
+    assert_same_outputs(proto, cleaned, batch=2)
+    if not channels.analyze(from_proto(cleaned)).prunable():
+        return
+    r = prune_silenced(cleaned, seed)
+    assert [o.shape for o in outputs(r.pruned, batch=3)] == [o.shape for o in outputs(r.reference, batch=3)]
+    assert_same_outputs(r.reference, r.pruned, batch=2)
+    cost = analysis.analyze(r.model)
+    assert r.predicted == (cost.macs, cost.params)
