@@ -27,6 +27,12 @@ exact bit for bit; folding into a conv reorders the conv's sum (float noise).
     ``Conv(Gather(x, idx, axis=1), W)`` with ``group = 1``, a constant ``W`` and ``idx`` a permutation of
     ``0..C−1`` is ``Conv(x, W')`` with ``W'[:, idx[k]] = W[:, k]``: ``Σ_k W[o, k] x[idx[k]] = Σ_j W'[o, j] x[j]``.
     Grouped and depthwise convs are left alone (their groups tie input to output channels).
+``gather_through_depthwise``
+    ``DepthwiseConv(Gather(x, idx, axis=1))`` is ``Gather(DepthwiseConv'(x), idx)`` with the filters (and
+    biases) permuted the other way, ``W'[idx[q]] = W[q]``: a depthwise conv works channel by channel, so
+    the permutation commutes with it. Only for a full permutation that the conv alone reads, and only
+    when a dense conv alone reads the depthwise output (as in ShuffleNet's downsampling unit): there
+    ``gather_into_conv`` absorbs the moved Gather, elsewhere moving it would only move its cost.
 ``noop_gather``
     A Gather whose indices are ``0..n−1`` along an axis of static size ``n`` is its input.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from onnx import helper
 
 from graphopt.ir import Graph, Model, Node, Value
 from graphopt.manager import Pass, PassContext, PassResult, register
@@ -50,6 +57,7 @@ from graphopt.rewrite import (
     const_input,
     conv_info,
     drop_unused,
+    is_op,
     producer_op,
     remove_dead,
     sole_consumer,
@@ -310,9 +318,61 @@ class GatherIntoConv(_Rule):
         _remove(graph, [match.nodes["gather"]])
 
 
+class GatherThroughDepthwise(_Rule):
+    name = "gather_through_depthwise"
+    root_ops = ("Conv",)
+
+    def match(self, graph: Graph, node: Node) -> Match | str | None:
+        gather = producer_op(graph, node.inputs[0], "Gather")
+        found = self.gather(graph, gather)
+        if isinstance(found, str):
+            return found
+        x, axis, idx = found
+        if axis != 1:
+            return NoMatch("not a gather of channels")
+        info = conv_info(graph, node)
+        if isinstance(info, str):
+            return info
+        c = len(idx)
+        if info.group == 1:
+            return NoMatch("a dense conv (gather_into_conv's case)")
+        if not (info.group == c == info.weight.shape[0] and info.weight.shape[1] == 1):
+            return f"grouped conv that is not depthwise (group={info.group})"
+        if self.axis_size(x, axis) != c or not np.array_equal(np.sort(idx), np.arange(c)):
+            return "the gather is not a permutation of all of its input's channels"
+        if sole_consumer(graph, gather.outputs[0]) is not node:
+            return "the gather has other readers"
+        after = sole_consumer(graph, node.outputs[0])
+        after_info = conv_info(graph, after) if is_op(after, "Conv") else "not a conv"
+        if isinstance(after_info, str) or after_info.group != 1:
+            # Moving the Gather would only move its cost; a dense conv after the depthwise one absorbs it.
+            return NoMatch("no dense conv after the depthwise conv to absorb the gather")
+        return Match(node, nodes={"gather": gather}, values={"x": x},
+                     arrays={"idx": idx, "weight": info.weight,
+                             "bias": info.bias if info.bias is not None else np.zeros(c, info.weight.dtype)})
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        node, idx = match.node, match.arrays["idx"]
+        weight, bias = np.empty_like(match.arrays["weight"]), np.empty_like(match.arrays["bias"])
+        weight[idx], bias[idx] = match.arrays["weight"], match.arrays["bias"]
+        old = [v for v in node.inputs[1:] if v is not None]
+        out = node.outputs[0]
+        graph.remove_node(node, keep_outputs=True)
+        base = node.name or "conv"
+        inputs = [match.values["x"], graph.add_initializer(weight, f"{base}_W"),
+                  graph.add_initializer(bias, f"{base}_B")]
+        attrs = {k: helper.get_attribute_value(a) for k, a in node.attrs.items()}
+        # Same type and dims as the old output, recorded so that the next rule (folding the Gather) knows them.
+        unpermuted = graph.new_value(f"{out.name}_unpermuted", self.types.dtype(out), self.types.dims(out))
+        graph.add_node("Conv", inputs, [unpermuted], attrs, name=base, anchor=node)
+        _bypass_or_gather(graph, out, unpermuted, 1, idx, node, None)
+        drop_unused(graph, old)
+        _remove(graph, [match.nodes["gather"]])
+
+
 def rules(types: TypeTable) -> list[Rule]:
     return [cls(types) for cls in (ShuffleToGather, SliceOfGather, SplitOfGather, GatherOfGather, NoopGather,
-                                   GatherIntoConv)]
+                                   GatherIntoConv, GatherThroughDepthwise)]
 
 
 @register
