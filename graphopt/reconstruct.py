@@ -27,7 +27,9 @@ the sampled rows, kept in memory for this one layer); a few iterations, kept onl
 after the activation decreases.
 
 Statistics stream (``XᵀX``, ``XᵀY``, at most ``max_rows`` rows per layer, sampled uniformly with a
-seeded generator), so memory is bounded by one batch plus ``F²`` per layer.
+seeded generator), so memory is bounded by one batch plus ``F²`` per layer, plus the rows an
+activation-aware fit keeps: a layer with many features gets fewer rows (:func:`layer_rows`) so that
+those stay within ``KEPT_ROW_BYTES``.
 
 Refused, with the reason in the stats: layers :class:`LinearLayer` does not describe (grouped and
 depthwise convs, ``auto_pad`` SAME...). Such a layer keeps its (sliced) weights; the next plain layer
@@ -52,6 +54,10 @@ from graphopt.ir import Model, Node
 from graphopt.lstsq import CrossGram, LinearLayer
 
 DEFAULT_RIDGE = 1e-3
+#: An activation-aware fit keeps its rows (float32 ``[rows, F]``) in memory; rows are capped to this.
+KEPT_ROW_BYTES = 256 * 2**20
+#: ...but never below this many rows (the former default, whatever ``F``).
+MIN_ROWS = 16384
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
 
 
@@ -168,6 +174,12 @@ def _layer_gram_pass(model: Model, reference_rows: list[tuple[np.ndarray | None,
     return folds
 
 
+def layer_rows(max_rows: int, features: int) -> int:
+    """Rows to sample for a layer with ``features`` inputs per row: ``max_rows``, fewer when the kept rows
+    would pass ``KEPT_ROW_BYTES`` (but at least ``MIN_ROWS``, or ``max_rows`` if that is smaller)."""
+    return min(max_rows, max(MIN_ROWS, KEPT_ROW_BYTES // (4 * max(features, 1))))
+
+
 def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray | None, Any]], data: SampleData,
                       *, max_rows: int, seed: int, batch_size: int) -> dict[str, list[tuple[np.ndarray | None, np.ndarray]]]:
     """Per layer and batch, the sampled row positions and the reference's target rows (one data pass).
@@ -176,7 +188,8 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
     """
     rng = np.random.default_rng(seed)
     n_batches = max(1, ceil(data.n_samples / batch_size))
-    per_batch = max(1, ceil(max_rows / n_batches))
+    per_batch = {key: max(1, ceil(layer_rows(max_rows, layer.features) / n_batches))
+                 for key, (_, _, layer) in layers.items()}
     out: dict[str, list] = {key: [] for key in layers}
     names = sorted({name for name, _, _ in layers.values()})
     if not names:
@@ -186,8 +199,8 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
             y = batch[name]
             flat = layer.target_rows(y)
             select = None
-            if flat.shape[0] > per_batch:
-                select = np.sort(rng.choice(flat.shape[0], size=per_batch, replace=False))
+            if flat.shape[0] > per_batch[key]:
+                select = np.sort(rng.choice(flat.shape[0], size=per_batch[key], replace=False))
                 flat = flat[select]
             if keep is not None:
                 flat = flat[:, keep]
@@ -261,7 +274,7 @@ def fit_through_activation(full: CrossGram, x: np.ndarray, y: np.ndarray, w: np.
 
 
 def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: SampleData, *,
-          max_rows: int = 16384, seed: int = 0, batch_size: int = 64, ridges: Sequence[float] = RIDGES,
+          max_rows: int = 32768, seed: int = 0, batch_size: int = 64, ridges: Sequence[float] = RIDGES,
           activation_aware: bool = True, progress=None) -> list[dict[str, Any]]:
     """Re-fit ``targets`` of ``model`` (pruned, mutated) one after the other, in the given order.
 
