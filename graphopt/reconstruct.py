@@ -54,7 +54,8 @@ from graphopt.ir import Model, Node
 from graphopt.lstsq import CrossGram, LinearLayer
 
 DEFAULT_RIDGE = 1e-3
-#: An activation-aware fit keeps its rows (float32 ``[rows, F]``) in memory; rows are capped to this.
+#: A layer's targets (float32 ``[rows, O]``, all layers' held from one reference pass) and an
+#: activation-aware fit's inputs (float32 ``[rows, F]``) stay in memory: its rows are capped to this.
 KEPT_ROW_BYTES = 256 * 2**20
 #: ...but never below this many rows (the former default, whatever ``F``).
 MIN_ROWS = 16384
@@ -174,10 +175,11 @@ def _layer_gram_pass(model: Model, reference_rows: list[tuple[np.ndarray | None,
     return folds
 
 
-def layer_rows(max_rows: int, features: int) -> int:
-    """Rows to sample for a layer with ``features`` inputs per row: ``max_rows``, fewer when the kept rows
-    would pass ``KEPT_ROW_BYTES`` (but at least ``MIN_ROWS``, or ``max_rows`` if that is smaller)."""
-    return min(max_rows, max(MIN_ROWS, KEPT_ROW_BYTES // (4 * max(features, 1))))
+def layer_rows(max_rows: int, features: int, outputs: int = 0) -> int:
+    """Rows to sample for a layer with ``features`` inputs and ``outputs`` targets per row: ``max_rows``,
+    fewer when its rows (float32 inputs kept for an activation-aware fit, and float32 targets) would
+    pass ``KEPT_ROW_BYTES`` (but at least ``MIN_ROWS``, or ``max_rows`` if that is smaller)."""
+    return min(max_rows, max(MIN_ROWS, KEPT_ROW_BYTES // (4 * max(features + outputs, 1))))
 
 
 def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray | None, Any]], data: SampleData,
@@ -188,7 +190,7 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
     """
     rng = np.random.default_rng(seed)
     n_batches = max(1, ceil(data.n_samples / batch_size))
-    per_batch = {key: max(1, ceil(layer_rows(max_rows, layer.features) / n_batches))
+    per_batch = {key: max(1, ceil(layer_rows(max_rows, layer.features, layer.out_features) / n_batches))
                  for key, (_, _, layer) in layers.items()}
     out: dict[str, list] = {key: [] for key in layers}
     names = sorted({name for name, _, _ in layers.values()})
@@ -204,7 +206,8 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
                 flat = flat[select]
             if keep is not None:
                 flat = flat[:, keep]
-            out[key].append((select, np.asarray(flat, dtype=np.float64)))
+            # float32, as the runtime computed them (the statistics accumulate in float64).
+            out[key].append((select, np.ascontiguousarray(flat, dtype=np.float32)))
     return out
 
 
@@ -274,7 +277,7 @@ def fit_through_activation(full: CrossGram, x: np.ndarray, y: np.ndarray, w: np.
 
 
 def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: SampleData, *,
-          max_rows: int = 32768, seed: int = 0, batch_size: int = 64, ridges: Sequence[float] = RIDGES,
+          max_rows: int = 65536, seed: int = 0, batch_size: int = 64, ridges: Sequence[float] = RIDGES,
           activation_aware: bool = True, progress=None) -> list[dict[str, Any]]:
     """Re-fit ``targets`` of ``model`` (pruned, mutated) one after the other, in the given order.
 
@@ -318,7 +321,7 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
                   "ridge": ridge if np.isfinite(ridge) else "inf (bias only)", "rows": full.count}
         if act is not None and np.isfinite(ridge):
             x = np.concatenate(kept_rows, axis=0)
-            y = np.concatenate([yr for _, yr in rows[t.node]], axis=0)
+            y = np.concatenate([yr for _, yr in rows[t.node]], axis=0).astype(np.float64)
             w, b, e0, e1 = fit_through_activation(full, x, y, w, b, ridge, w0, b0, *act)
             record.update(activation=[act[0], act[1] if np.isfinite(act[1]) else "inf"],
                           act_error_plain_fit=_r(e0), act_error_after=_r(e1),

@@ -478,7 +478,7 @@ class PruneFilters(Pass):
         "sens_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
                                      "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
         "sens_levels": Option(8, "kept fractions measured per group (evenly spaced; the rest interpolated)", int),
-        "max_rows": Option(32768, "least-squares rows sampled per layer (fewer for layers with very many "
+        "max_rows": Option(65536, "least-squares rows sampled per layer (fewer for layers with very many "
                                   "features, see graphopt.reconstruct.layer_rows)", int),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
                                   "pulls towards the pruned weights and is chosen by 2-fold cross-validation)", float),

@@ -360,9 +360,9 @@ def test_latency_option_meets_the_mac_target_and_reports_its_price(mode, key):
 
 def test_layer_rows_caps_the_kept_rows_of_wide_layers_only():
     from graphopt.reconstruct import KEPT_ROW_BYTES, MIN_ROWS, layer_rows
-    assert layer_rows(32768, 288) == 32768  # a 3x3 conv over 32 channels: all the rows asked for
-    wide = 3 * 3 * 1024
-    assert MIN_ROWS <= layer_rows(32768, wide) < 32768
-    assert layer_rows(32768, wide) * 4 * wide <= max(KEPT_ROW_BYTES, MIN_ROWS * 4 * wide)
-    assert layer_rows(32768, 10**6) == MIN_ROWS  # never below the floor
+    assert layer_rows(65536, 288, 32) == 65536  # a 3x3 conv over 32 channels: all the rows asked for
+    wide, out = 3 * 3 * 512, 512
+    assert MIN_ROWS <= layer_rows(65536, wide, out) < 65536
+    assert layer_rows(65536, wide, out) * 4 * (wide + out) <= max(KEPT_ROW_BYTES, MIN_ROWS * 4 * (wide + out))
+    assert layer_rows(65536, 288, 10**6) == MIN_ROWS  # many outputs count too; never below the floor
     assert layer_rows(1000, 10**6) == 1000  # nor above what was asked
