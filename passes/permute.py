@@ -96,6 +96,11 @@ class _Rule(Rule):
             return None
         return dims[axis]
 
+    def permutes_all(self, x: Value, axis: int, idx: np.ndarray) -> bool:
+        """``idx`` lists every index of ``x``'s ``axis`` once (a permutation, not a selection)."""
+        size = self.axis_size(x, axis)
+        return size == len(idx) and np.array_equal(np.sort(idx), np.arange(size))
+
     def gather(self, graph: Graph, node: Node | None) -> tuple[Value, int, np.ndarray] | str:
         """``(x, axis, idx)`` of a Gather with constant 1-D in-range indices (axis normalised, idx ≥ 0)."""
         if node is None:
@@ -302,8 +307,7 @@ class GatherIntoConv(_Rule):
             return info
         if info.group != 1:
             return f"grouped conv (group={info.group})"
-        size = self.axis_size(x, axis)
-        if len(idx) != size or len(idx) != info.weight.shape[1] or not np.array_equal(np.sort(idx), np.arange(size)):
+        if len(idx) != info.weight.shape[1] or not self.permutes_all(x, axis, idx):
             return "the gather is not a permutation of all of its input's channels"
         return Match(node, nodes={"gather": gather}, values={"x": x}, arrays={"idx": idx, "weight": info.weight})
 
@@ -338,7 +342,7 @@ class GatherThroughDepthwise(_Rule):
             return NoMatch("a dense conv (gather_into_conv's case)")
         if not (info.group == c == info.weight.shape[0] and info.weight.shape[1] == 1):
             return f"grouped conv that is not depthwise (group={info.group})"
-        if self.axis_size(x, axis) != c or not np.array_equal(np.sort(idx), np.arange(c)):
+        if not self.permutes_all(x, axis, idx):
             return "the gather is not a permutation of all of its input's channels"
         if sole_consumer(graph, gather.outputs[0]) is not node:
             return "the gather has other readers"
