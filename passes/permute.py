@@ -351,20 +351,24 @@ class GatherThroughDepthwise(_Rule):
         if isinstance(after_info, str) or after_info.group != 1:
             # Moving the Gather would only move its cost; a dense conv after the depthwise one absorbs it.
             return NoMatch("no dense conv after the depthwise conv to absorb the gather")
-        return Match(node, nodes={"gather": gather}, values={"x": x},
-                     arrays={"idx": idx, "weight": info.weight,
-                             "bias": info.bias if info.bias is not None else np.zeros(c, info.weight.dtype)})
+        arrays = {"idx": idx, "weight": info.weight}
+        if info.bias is not None:
+            arrays["bias"] = info.bias
+        return Match(node, nodes={"gather": gather}, values={"x": x}, arrays=arrays)
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         node, idx = match.node, match.arrays["idx"]
-        weight, bias = np.empty_like(match.arrays["weight"]), np.empty_like(match.arrays["bias"])
-        weight[idx], bias[idx] = match.arrays["weight"], match.arrays["bias"]
+        weight = np.empty_like(match.arrays["weight"])
+        weight[idx] = match.arrays["weight"]
         old = [v for v in node.inputs[1:] if v is not None]
         out = node.outputs[0]
         graph.remove_node(node, keep_outputs=True)
         base = node.name or "conv"
-        inputs = [match.values["x"], graph.add_initializer(weight, f"{base}_W"),
-                  graph.add_initializer(bias, f"{base}_B")]
+        inputs = [match.values["x"], graph.add_initializer(weight, f"{base}_W")]
+        if "bias" in match.arrays:
+            bias = np.empty_like(match.arrays["bias"])
+            bias[idx] = match.arrays["bias"]
+            inputs.append(graph.add_initializer(bias, f"{base}_B"))
         attrs = {k: helper.get_attribute_value(a) for k, a in node.attrs.items()}
         # Same type and dims as the old output, recorded so that the next rule (folding the Gather) knows them.
         unpermuted = graph.new_value(f"{out.name}_unpermuted", self.types.dtype(out), self.types.dims(out))

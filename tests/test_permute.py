@@ -101,19 +101,23 @@ def test_split_of_gather_becomes_one_gather_per_output(opset):
         np.testing.assert_array_equal(a, b)
 
 
-def test_gather_moves_through_a_depthwise_conv_into_the_dense_one_after_it():
-    """ShuffleNet's downsampling unit: shuffle -> depthwise 3x3 (stride 2, bias) -> dense 1x1. No Gather is left."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_gather_moves_through_a_depthwise_conv_into_the_dense_one_after_it(bias):
+    """ShuffleNet's downsampling unit: shuffle -> depthwise 3x3 (stride 2) -> dense 1x1. No Gather is left."""
     rng = np.random.default_rng(3)
     nodes, inits = _shuffle_nodes("x", "shuffled", 8, 2)
-    nodes += [helper.make_node("Conv", ["shuffled", "dw", "dwb"], ["d"], group=8, pads=[1, 1, 1, 1], strides=[2, 2]),
+    dw_inputs = ["shuffled", "dw", "dwb"] if bias else ["shuffled", "dw"]
+    nodes += [helper.make_node("Conv", dw_inputs, ["d"], group=8, pads=[1, 1, 1, 1], strides=[2, 2]),
               helper.make_node("Conv", ["d", "pw"], ["y"])]
     inits += [init("dw", rng.standard_normal((8, 1, 3, 3)).astype(np.float32)),
-              init("dwb", rng.standard_normal(8).astype(np.float32)),
               init("pw", rng.standard_normal((4, 8, 1, 1)).astype(np.float32))]
+    if bias:
+        inits.append(init("dwb", rng.standard_normal(8).astype(np.float32)))
     proto = make_model(nodes, [tensor("x", ["N", 8, 5, 5])], [tensor("y", ["N", 4, 3, 3])], inits)
     result, out = apply_pass("channel_permute", proto)
     assert result.stats["applied"] == {"shuffle_to_gather": 1, "gather_through_depthwise": 1, "gather_into_conv": 1}
     assert op_types(out) == ["Conv", "Conv"]
+    assert len(out.graph.node[0].input) == (3 if bias else 2)  # no bias is invented
     feeds = _feeds(proto)
     np.testing.assert_allclose(run(out, feeds)[0], run(proto, feeds)[0], rtol=1e-5, atol=1e-5)
 
