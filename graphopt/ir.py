@@ -262,56 +262,27 @@ class Node:
 class _CountedGraph(nx.MultiDiGraph):
     """A ``MultiDiGraph`` that counts its structural changes (``version``), so that a query as costly as
     the topological order can be cached until the next change. Every networkx method that adds or
-    removes nodes or edges goes through one of the overrides below."""
+    removes nodes or edges (``_MUTATORS``) is wrapped to count."""
 
     version = 0
 
-    def _changed(self) -> None:
+
+_MUTATORS = ("add_node", "add_nodes_from", "remove_node", "remove_nodes_from", "add_edge", "add_edges_from",
+             "remove_edge", "remove_edges_from", "update", "clear", "clear_edges")
+
+
+def _counting(name: str):
+    base = getattr(nx.MultiDiGraph, name)
+
+    def method(self, *args, **kwargs):
         self.version += 1
+        return base(self, *args, **kwargs)
+    method.__name__ = name
+    return method
 
-    def add_node(self, *args, **kwargs):
-        self._changed()
-        return super().add_node(*args, **kwargs)
 
-    def add_nodes_from(self, *args, **kwargs):
-        self._changed()
-        return super().add_nodes_from(*args, **kwargs)
-
-    def remove_node(self, *args, **kwargs):
-        self._changed()
-        return super().remove_node(*args, **kwargs)
-
-    def remove_nodes_from(self, *args, **kwargs):
-        self._changed()
-        return super().remove_nodes_from(*args, **kwargs)
-
-    def add_edge(self, *args, **kwargs):
-        self._changed()
-        return super().add_edge(*args, **kwargs)
-
-    def add_edges_from(self, *args, **kwargs):
-        self._changed()
-        return super().add_edges_from(*args, **kwargs)
-
-    def remove_edge(self, *args, **kwargs):
-        self._changed()
-        return super().remove_edge(*args, **kwargs)
-
-    def remove_edges_from(self, *args, **kwargs):
-        self._changed()
-        return super().remove_edges_from(*args, **kwargs)
-
-    def update(self, *args, **kwargs):
-        self._changed()
-        return super().update(*args, **kwargs)
-
-    def clear(self):
-        self._changed()
-        return super().clear()
-
-    def clear_edges(self):
-        self._changed()
-        return super().clear_edges()
+for _name in _MUTATORS:
+    setattr(_CountedGraph, _name, _counting(_name))
 
 
 class Graph:

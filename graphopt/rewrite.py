@@ -24,11 +24,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from .ir import Graph, Model, Node, Value
+
+if TYPE_CHECKING:
+    from .manager import PassResult
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -134,6 +137,14 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                         stats.examples[(rule_name, reason)].extend(round_refusals.examples[(rule_name, reason)])
                 break
     return stats
+
+
+def rules_result(model: Model, rules: Sequence[Rule]) -> PassResult:
+    """:func:`apply_rules` as a pass's result: changed when a rule applied; stats ``rewrites`` (the
+    count), ``applied`` and ``left_alone``."""
+    from .manager import PassResult
+    stats = apply_rules(model, rules)
+    return PassResult(stats.total > 0, {"rewrites": stats.total, **stats.to_dict()})
 
 
 # ---------------------------------------------------------------------------------------------

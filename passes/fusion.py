@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from graphopt.passes.cleanup import constant_of
@@ -56,7 +55,7 @@ from graphopt.manager import Pass, PassContext, PassResult, register
 from graphopt.rewrite import (
     Match,
     Rule,
-    apply_rules,
+    rules_result,
     is_float,
     is_op,
     remove_dead,
@@ -516,6 +515,4 @@ class FusePatterns(Pass):
         if opset >= 20:
             rules.append(GeluFusion(types))
         rules.append(AddThroughConcat(types))
-        stats = apply_rules(model, rules)
-        out: dict[str, Any] = {"rewrites": stats.total, **stats.to_dict()}
-        return PassResult(stats.total > 0, out)
+        return rules_result(model, rules)

@@ -66,7 +66,6 @@ no re-inference is needed.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 from graphopt.passes.cleanup import constant_of, slice_bounds
@@ -78,7 +77,7 @@ from graphopt.rewrite import (
     Match,
     NoMatch,
     Rule,
-    apply_rules,
+    rules_result,
     const_input,
     producer_op,
     remove_dead,
@@ -738,6 +737,4 @@ class Simplify(Pass):
     summary = "remove shape no-ops (same-type Cast, whole Slice, x*1...) and cancel Transpose/Squeeze/Reshape pairs"
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        stats = apply_rules(model, rules(TypeTable(model)))
-        out: dict[str, Any] = {"rewrites": stats.total, **stats.to_dict()}
-        return PassResult(stats.total > 0, out)
+        return rules_result(model, rules(TypeTable(model)))
