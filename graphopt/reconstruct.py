@@ -29,7 +29,10 @@ after the activation decreases.
 Statistics stream (``XᵀX``, ``XᵀY``, at most ``max_rows`` rows per layer, sampled uniformly with a
 seeded generator), so memory is bounded by one batch plus ``F²`` per layer, plus the rows an
 activation-aware fit keeps: a layer with many features gets fewer rows (:func:`layer_rows`) so that
-those stay within ``KEPT_ROW_BYTES``.
+those stay within ``KEPT_ROW_BYTES``. The targets of all layers come from one reference pass; they stay
+in memory up to ``TARGET_RAM_BYTES`` in all and go to a temporary directory beyond it
+(:class:`TargetStore`), so a deep model does not hold every layer's targets in memory at once. Each
+layer's targets are dropped once it is fitted.
 
 Refused, with the reason in the stats: layers :class:`LinearLayer` does not describe (grouped and
 depthwise convs, ``auto_pad`` SAME...). Such a layer keeps its (sliced) weights; the next plain layer
@@ -41,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +63,8 @@ DEFAULT_RIDGE = 1e-3
 KEPT_ROW_BYTES = 256 * 2**20
 #: ...but never below this many rows (the former default, whatever ``F``).
 MIN_ROWS = 16384
+#: The reference targets of all layers held in memory at once; the rest wait in a temporary directory.
+TARGET_RAM_BYTES = 512 * 2**20
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
 
 
@@ -182,17 +188,78 @@ def layer_rows(max_rows: int, features: int, outputs: int = 0) -> int:
     return min(max_rows, max(MIN_ROWS, KEPT_ROW_BYTES // (4 * max(features + outputs, 1))))
 
 
+class TargetStore:
+    """Per layer and batch, the sampled row positions and the target rows: in memory while the total stays
+    within ``ram_bytes``, in a temporary directory (``.npy`` files, removed by :meth:`close`) beyond it.
+
+    Batches are added batch-major (batch 0 of every layer, then batch 1...), so a spilled layer keeps its
+    first batches in memory and reads the rest back in :meth:`pop`. Use as a context manager.
+    """
+
+    def __init__(self, ram_bytes: int = TARGET_RAM_BYTES) -> None:
+        self.ram_bytes = ram_bytes
+        self.in_memory = 0
+        self.on_disk = 0
+        self._batches: dict[str, list[tuple[np.ndarray | None, np.ndarray] | str]] = {}
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._files = 0
+
+    def add(self, key: str, select: np.ndarray | None, rows: np.ndarray) -> None:
+        batches = self._batches.setdefault(key, [])
+        size = rows.nbytes + (select.nbytes if select is not None else 0)
+        if self.in_memory + size <= self.ram_bytes:
+            self.in_memory += size
+            batches.append((select, rows))
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="graphopt-targets-")
+        path = os.path.join(self._dir.name, f"{self._files}.npz")
+        self._files += 1
+        np.savez(path, rows=rows, **({} if select is None else {"select": select}))
+        self.on_disk += size
+        batches.append(path)
+
+    def pop(self, key: str) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        """The layer's ``(select, rows)`` per batch, read back from disk where spilled; then forgotten."""
+        out = []
+        for item in self._batches.pop(key, []):
+            if isinstance(item, str):
+                with np.load(item) as f:
+                    out.append((f["select"] if "select" in f.files else None, f["rows"]))
+                os.remove(item)
+            else:
+                self.in_memory -= item[1].nbytes + (item[0].nbytes if item[0] is not None else 0)
+                out.append(item)
+        return out
+
+    def keys(self):
+        return self._batches.keys()
+
+    def close(self) -> None:
+        self._batches.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> "TargetStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray | None, Any]], data: SampleData,
-                      *, max_rows: int, seed: int, batch_size: int) -> dict[str, list[tuple[np.ndarray | None, np.ndarray]]]:
-    """Per layer and batch, the sampled row positions and the reference's target rows (one data pass).
+                      *, max_rows: int, seed: int, batch_size: int, store: TargetStore | None = None) -> TargetStore:
+    """Per layer and batch, the sampled row positions and the reference's target rows (one data pass),
+    in ``store`` (a new in-memory-first :class:`TargetStore` by default).
 
     ``layers[key] = (value name in the reference, out_keep, LinearLayer)``.
     """
+    out = TargetStore() if store is None else store
     rng = np.random.default_rng(seed)
     n_batches = max(1, ceil(data.n_samples / batch_size))
     per_batch = {key: max(1, ceil(layer_rows(max_rows, layer.features, layer.out_features) / n_batches))
                  for key, (_, _, layer) in layers.items()}
-    out: dict[str, list] = {key: [] for key in layers}
     names = sorted({name for name, _, _ in layers.values()})
     if not names:
         return out
@@ -207,7 +274,7 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
             if keep is not None:
                 flat = flat[:, keep]
             # float32, as the runtime computed them (the statistics accumulate in float64).
-            out[key].append((select, np.ascontiguousarray(flat, dtype=np.float32)))
+            out.add(key, select, np.ascontiguousarray(flat, dtype=np.float32))
     return out
 
 
@@ -278,12 +345,14 @@ def fit_through_activation(full: CrossGram, x: np.ndarray, y: np.ndarray, w: np.
 
 def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: SampleData, *,
           max_rows: int = 65536, seed: int = 0, batch_size: int = 64, ridges: Sequence[float] = RIDGES,
-          activation_aware: bool = True, progress=None) -> list[dict[str, Any]]:
+          activation_aware: bool = True, progress=None, target_ram_bytes: int = TARGET_RAM_BYTES,
+          usage: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Re-fit ``targets`` of ``model`` (pruned, mutated) one after the other, in the given order.
 
     Returns one record per target: ``node``, ``rel_error_before`` / ``rel_error_after`` (relative RMS
     error of the layer output against the reference, on the calibration rows), ``ridge``, ``rows``;
-    or ``skipped`` with the reason.
+    or ``skipped`` with the reason. ``usage`` (a dict), if given, receives the bytes of reference
+    targets held in memory and written to disk (``targets_in_memory``, ``targets_on_disk``).
     """
     graph = model.graph
     by_name = {n.name: n for n in graph.nodes}
@@ -298,7 +367,20 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
             continue
         layers[t.node] = layer
         specs[t.node] = (layer.y.name, t.out_keep, layer)
-    rows = reference_targets(reference, specs, data, max_rows=max_rows, seed=seed, batch_size=batch_size)
+    with TargetStore(target_ram_bytes) as store:
+        reference_targets(reference, specs, data, max_rows=max_rows, seed=seed, batch_size=batch_size, store=store)
+        if usage is not None:
+            usage.update(targets_in_memory=store.in_memory, targets_on_disk=store.on_disk)
+        records += _refit_each(model, graph, targets, layers, store, data, batch_size, ridges, activation_aware,
+                               progress)
+    return records
+
+
+def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dict[str, LinearLayer],
+                store: TargetStore, data: SampleData, batch_size: int, ridges: Sequence[float],
+                activation_aware: bool, progress) -> list[dict[str, Any]]:
+    """The per-layer loop of :func:`refit`: each layer's targets are taken from ``store`` as it is fitted."""
+    records = []
     for t in targets:
         if t.node not in layers:
             continue
@@ -309,7 +391,8 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
             progress(f"prune: re-fitting {t.node}")
         act = activation_after(graph, layer) if activation_aware else None
         kept_rows: list[np.ndarray] | None = [] if act is not None else None
-        folds = _layer_gram_pass(model, rows[t.node], layer, data, batch_size, kept_rows)
+        rows = store.pop(t.node)
+        folds = _layer_gram_pass(model, rows, layer, data, batch_size, kept_rows)
         w0 = layer.weight_matrix().astype(np.float64)
         b0 = layer.bias_vector().astype(np.float64)
         full = folds[0].merge(folds[1])
@@ -321,13 +404,14 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
                   "ridge": ridge if np.isfinite(ridge) else "inf (bias only)", "rows": full.count}
         if act is not None and np.isfinite(ridge):
             x = np.concatenate(kept_rows, axis=0)
-            y = np.concatenate([yr for _, yr in rows[t.node]], axis=0).astype(np.float64)
+            y = np.concatenate([yr for _, yr in rows], axis=0).astype(np.float64)
             w, b, e0, e1 = fit_through_activation(full, x, y, w, b, ridge, w0, b0, *act)
             record.update(activation=[act[0], act[1] if np.isfinite(act[1]) else "inf"],
                           act_error_plain_fit=_r(e0), act_error_after=_r(e1),
                           act_error_before=_r(_act_error(x, y, w0, b0, *act)))
             after = full.relative_error(w, b) if e1 < e0 else after
             del x, y
+        del rows, kept_rows  # before the next layer's targets are read back
         improved = after < before or ("act_error_after" in record
                                       and record["act_error_after"] < record["act_error_before"])
         if improved:

@@ -252,8 +252,10 @@ def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], referenc
         nodes = [n for n in graph.toposort() if n.name in consumers]
     targets = [rec.RefitTarget(n.name, out_keep.get(n.name)) for n in nodes]
     ridges = [r for r in rec.RIDGES if r >= min_ridge] or [min_ridge]
+    usage: dict[str, int] = {}
     stats["refit"] = rec.refit(model, reference, targets, data, max_rows=max_rows, seed=seed, batch_size=batch,
-                               ridges=ridges, activation_aware=activation_aware, progress=progress)
+                               ridges=ridges, activation_aware=activation_aware, progress=progress, usage=usage)
+    stats["refit_target_bytes"] = usage
     return stats
 
 

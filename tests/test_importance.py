@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import onnx
 import pytest
@@ -172,6 +174,48 @@ def test_refit_reduces_error_and_folds_removed_means_into_bias():
     # The removed channels are post-ReLU (mean > 0): their mean contribution moves into the bias.
     new_b = next(v for v in pruned.graph.nodes[-1].inputs[2:] if v is not None).array
     assert not np.allclose(new_b, b2)
+
+
+def test_refit_with_targets_spilled_to_disk_matches_in_memory(tmp_path, monkeypatch):
+    w1, b1, w2, b2 = _two_convs()
+    reference = from_proto(_model(w1, b1, w2, b2))
+    keep = np.array([0, 2, 5, 7])
+    data = SampleData({"x": np.random.default_rng(1).normal(size=(96, 3, 8, 8)).astype(np.float32)})
+    results = []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for budget in (rec.TARGET_RAM_BYTES, 0, 20000):
+        pruned = from_proto(_model(w1[keep], b1[keep], w2[:, keep], b2))
+        usage = {}
+        records = rec.refit(pruned, reference, [rec.RefitTarget("conv2")], data, max_rows=1000, seed=0,
+                            batch_size=32, target_ram_bytes=budget, usage=usage)
+        results.append((records, pruned.graph.nodes[-1].inputs[1].array.copy(), usage))
+        assert list(tmp_path.iterdir()) == []  # the spilled targets are removed
+    (rec_mem, w_mem, use_mem), (rec_disk, w_disk, use_disk), (rec_mixed, w_mixed, use_mixed) = results
+    assert use_mem["targets_on_disk"] == 0 and use_mem["targets_in_memory"] > 0
+    assert use_disk["targets_in_memory"] == 0 and use_disk["targets_on_disk"] == use_mem["targets_in_memory"]
+    assert 0 < use_mixed["targets_on_disk"] < use_mem["targets_in_memory"]
+    assert rec_disk == rec_mem and rec_mixed == rec_mem
+    np.testing.assert_array_equal(w_disk, w_mem)
+    np.testing.assert_array_equal(w_mixed, w_mem)
+
+
+def test_target_store_returns_batches_in_order_from_memory_and_disk():
+    rng = np.random.default_rng(0)
+    batches = [(None, rng.normal(size=(5, 3)).astype(np.float32)),
+               (np.array([0, 2, 4]), rng.normal(size=(3, 3)).astype(np.float32)),
+               (None, rng.normal(size=(5, 3)).astype(np.float32))]
+    with rec.TargetStore(ram_bytes=batches[0][1].nbytes) as store:
+        for select, rows in batches:
+            store.add("layer", select, rows)
+        assert store.in_memory == batches[0][1].nbytes and store.on_disk > 0
+        back = store.pop("layer")
+        assert store.in_memory == 0 and "layer" not in store.keys()
+    assert len(back) == 3
+    for (s0, r0), (s1, r1) in zip(batches, back):
+        assert (s0 is None) == (s1 is None)
+        if s0 is not None:
+            np.testing.assert_array_equal(s0, s1)
+        np.testing.assert_array_equal(r0, r1)
 
 
 def test_solve_towards_infinite_ridge_keeps_weights_and_fits_bias():
