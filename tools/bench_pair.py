@@ -10,6 +10,13 @@ processes cause), medians. Dynamic dims other than the batch are set to 1.
 ``--rounds R`` repeats the comparison R times, two seconds apart, and prints one row per round: the
 ratio moves with the machine's state (on this shared VM, by ±5% between minutes; the original's own
 time in each row shows the state), so a ratio near a threshold needs several rounds, not one.
+
+``--kernels`` also prints where the time goes: onnxruntime's profiler (same settings), the median time of
+each kernel summed by kind (depthwise / pointwise / other conv, then by op type), for A and B, and how
+much of each kind B keeps. A pruned model whose time shrinks less than its MACs shows here which kernels
+do not scale with the channels removed.
+
+    python tools/bench_pair.py models/mobilenetv2.onnx pruned.onnx --kernels
 """
 
 from __future__ import annotations
@@ -55,6 +62,39 @@ def ab_seconds(a, b, batch: int = 64, runs: int = 80, feeds: dict[str, np.ndarra
     return float(np.median(times[0])), float(np.median(times[1]))
 
 
+def kernel_kind(event: dict) -> str:
+    """A profiled kernel's kind: convolutions by their filter shape (the second input), else the op type."""
+    shapes = event.get("inputs", [])
+    if "Conv" in event["op"] and len(shapes) > 1 and len(shapes[1]) == 4:
+        filt = shapes[1]
+        if filt[1] == 1 and shapes[0][1] > 1:
+            return "Conv depthwise"
+        return "Conv pointwise" if filt[2:] == [1, 1] else f"Conv {filt[2]}x{filt[3]}"
+    return event["op"]
+
+
+def kernel_table(a: str, b: str, batch: int) -> str:
+    """Markdown table: per kernel kind, the summed median kernel time of ``a`` and ``b`` (ms) and B/A."""
+    import onnx
+    from calibrate_latency import profile_kernels  # same directory; the profiler settings match session()
+
+    totals: list[dict[str, float]] = []
+    for path in (a, b):
+        sums: dict[str, float] = {}
+        for event in profile_kernels(onnx.load(path), batch=batch, seconds=1.0):
+            kind = kernel_kind(event)
+            sums[kind] = sums.get(kind, 0.0) + event["seconds"]
+        totals.append(sums)
+    ta, tb = (sum(t.values()) for t in totals)
+    rows = ["| kernels | A ms | B ms | B / A | share of B |", "|---|---|---|---|---|"]
+    for kind in sorted(set(totals[0]) | set(totals[1]), key=lambda k: -totals[0].get(k, 0.0)):
+        x, y = totals[0].get(kind, 0.0), totals[1].get(kind, 0.0)
+        rows.append(f"| {kind} | {x * 1e3:.2f} | {y * 1e3:.2f} | {y / x if x else float('nan'):.2f} | "
+                    f"{y / tb:.0%} |")
+    rows.append(f"| all | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {tb / ta:.2f} | 100% |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a")
@@ -62,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--runs", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=1, help="repeat the comparison, 2 s apart, one row each")
+    parser.add_argument("--kernels", action="store_true", help="also print kernel time by kind (profiler)")
     args = parser.parse_args()
     print("| A | B | batch | runs | A ms | B ms | speed-up A/B |\n|---|---|---|---|---|---|---|")
     ratios = []
@@ -74,6 +115,8 @@ def main() -> None:
     if args.rounds > 1:
         print(f"\nspeed-up over {args.rounds} rounds: median {np.median(ratios):.3f}x, "
               f"range {min(ratios):.3f}x-{max(ratios):.3f}x")
+    if args.kernels:
+        print("\n" + kernel_table(args.a, args.b, args.batch))
 
 
 if __name__ == "__main__":

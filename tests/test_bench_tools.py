@@ -1,0 +1,47 @@
+"""The benchmark helpers that classify and sum profiled kernels (tools/bench_pair.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from tests.util import init, make_model, tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_pair  # noqa: E402
+
+
+def test_kernel_kind_names_convolutions_by_filter_shape():
+    kind = bench_pair.kernel_kind
+    assert kind({"op": "NchwcConv", "inputs": [[64, 96, 7, 7], [96, 1, 3, 3]]}) == "Conv depthwise"
+    assert kind({"op": "FusedConv", "inputs": [[64, 24, 7, 7], [96, 24, 1, 1]]}) == "Conv pointwise"
+    # one input channel and a 1-channel filter slice: a dense stem conv, not a depthwise one
+    assert kind({"op": "NchwcConv", "inputs": [[64, 1, 28, 28], [16, 1, 3, 3]]}) == "Conv 3x3"
+    assert kind({"op": "Gemm", "inputs": [[64, 32], [10, 32]]}) == "Gemm"
+
+
+def _dw_pw(channels: int):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], group=channels, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("Conv", ["r", "wp"], ["y"])]
+    inits = [init("wd", rng.normal(size=(channels, 1, 3, 3)).astype(np.float32)),
+             init("wp", rng.normal(size=(8, channels, 1, 1)).astype(np.float32))]
+    return make_model(nodes, [tensor("x", [None, channels, 8, 8])], [tensor("y", [None, 8, 8, 8])], inits)
+
+
+def test_kernel_table_sums_both_models_by_kind(tmp_path):
+    paths = []
+    for c in (32, 16):
+        paths.append(str(tmp_path / f"m{c}.onnx"))
+        onnx.save(_dw_pw(c), paths[-1])
+    table = bench_pair.kernel_table(*paths, batch=4)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert {"Conv depthwise", "Conv pointwise", "all"} <= set(rows)
+    a_ms, b_ms = (float(x) for x in rows["all"].split("|")[2:4])
+    assert a_ms > 0 and b_ms > 0
+    assert rows["all"].strip().endswith("| 100% |")
