@@ -161,9 +161,11 @@ class CrossGram:
             theta = np.concatenate([theta, bias.reshape(1, -1)], axis=0)
         elif b is not None and np.any(b):
             raise ValueError("these statistics have no bias column")
-        xty = self.xty[idx]
-        xtx = self.xtx[np.ix_(idx, idx)]
-        value = self.y_sq - 2 * np.einsum("fo,fo->o", theta, xty) + np.einsum("fo,fg,go->o", theta, xtx, theta)
+        if columns is None:  # no copies of the full statistics
+            xty, xtx = self.xty, self.xtx
+        else:
+            xty, xtx = self.xty[idx], self.xtx[np.ix_(idx, idx)]
+        value = self.y_sq - 2 * (theta * xty).sum(axis=0) + column_quadratic(xtx, theta)
         return np.maximum(value, 0.0)
 
     def target_ss(self) -> np.ndarray:
@@ -175,6 +177,12 @@ class CrossGram:
                        columns: Sequence[int] | np.ndarray | None = None) -> float:
         """``sqrt(Σ sse / Σ target_ss)``: 0 is exact, 1 is no better than predicting the mean."""
         return float(np.sqrt(self.sse(w, b, columns).sum() / max(self.target_ss().sum(), 1e-30)))
+
+
+def column_quadratic(h: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Per column ``o``: ``w[:, o]ᵀ H w[:, o]``, as one BLAS product. (``einsum("fo,fg,go->o")`` runs a
+    plain loop of F²·O multiply-adds outside BLAS: minutes on a 4608-feature ResNet layer.)"""
+    return ((h @ w) * w).sum(axis=0)
 
 
 # =============================================================================================

@@ -78,7 +78,7 @@ import numpy as np
 
 from graphopt.calibration import SampleData, reference_outputs
 from graphopt.ir import Model
-from graphopt.lstsq import CrossGram, LinearLayer, collect
+from graphopt.lstsq import CrossGram, LinearLayer, collect, column_quadratic
 from graphopt.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.onnx_io import copy_model
 
@@ -118,7 +118,7 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def loss(h: np.ndarray, r: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Per-output ``wᵀHw − 2Rᵀw`` (the penalised loss up to a constant)."""
-    return np.einsum("fo,fg,go->o", w, h, w) - 2 * np.einsum("fo,fo->o", r, w)
+    return column_quadratic(h, w) - 2 * (r * w).sum(axis=0)
 
 
 def magnitude_mask(w: np.ndarray, keep: int) -> np.ndarray:
