@@ -1,4 +1,4 @@
-"""The benchmark helpers that classify and sum profiled kernels (tools/bench_pair.py)."""
+"""Benchmark helpers: profiled kernels by kind (tools/bench_pair.py), synthetic inputs (tools/synthetic_models.py)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def test_kernel_table_sums_both_models_by_kind(tmp_path):
     a_ms, b_ms = (float(x) for x in rows["all"].split("|")[2:4])
     assert a_ms > 0 and b_ms > 0
     assert rows["all"].strip().endswith("| 100% |")
+
+
+def test_synthetic_random_inputs_fill_the_dynamic_batch():
+    import synthetic_models
+
+    model = synthetic_models.resnet18(image=32)
+    feeds = synthetic_models.random_inputs(model, samples=3, seed=0)
+    assert list(feeds) == [model.graph.input[0].name]
+    x = feeds[model.graph.input[0].name]
+    assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, synthetic_models.random_inputs(model, samples=3, seed=0)[model.graph.input[0].name])
