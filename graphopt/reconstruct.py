@@ -190,7 +190,8 @@ def layer_rows(max_rows: int, features: int, outputs: int = 0) -> int:
 
 class TargetStore:
     """Per layer and batch, the sampled row positions and the target rows: in memory while the total stays
-    within ``ram_bytes``, in a temporary directory (``.npy`` files, removed by :meth:`close`) beyond it.
+    within ``ram_bytes``, in a temporary directory (one ``.npz`` per batch, removed by :meth:`pop` and
+    :meth:`close`) beyond it.
 
     Batches are added batch-major (batch 0 of every layer, then batch 1...), so a spilled layer keeps its
     first batches in memory and reads the rest back in :meth:`pop`. Use as a context manager.
