@@ -736,7 +736,16 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
     passes = _folded_pass_rows(report)
     if passes:
         console.print(_rich_passes(passes))
+    for name, notice in pass_notices(report):
+        console.print(Text.assemble((f"{name}: ", "bold yellow"), notice))
     console.print(_rich_verdict(_verdict(report)))
+
+
+def pass_notices(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(pass, text)`` for every pass run whose stats carry a ``notice``: something the user asked
+    for and did not get, said in full (the passes table clips its digests)."""
+    return [(str(r.get("name", "?")), str(r["stats"]["notice"])) for r in report.get("passes") or []
+            if isinstance(r.get("stats"), Mapping) and r["stats"].get("notice")]
 
 
 def print_verdict(verify: Mapping[str, Any], console: Console) -> None:

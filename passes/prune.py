@@ -549,8 +549,12 @@ class PruneFilters(Pass):
                                                     reference, macs0, params0, batch, seed)
         keep_idx = {gid: rankings[gid].kept(k) for gid, k in keep.items() if k < analysis.group(gid).size}
         if not keep_idx:
-            return PassResult(False, {"pruned_groups": 0, "allocation": allocation_stats,
-                                      "skipped": "the budget removes no channel", "left_alone": left_alone})
+            stats = {"pruned_groups": 0, "allocation": allocation_stats,
+                     "skipped": "the budget removes no channel", "left_alone": left_alone}
+            notice = guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0)
+            if notice:
+                stats["notice"] = notice
+            return PassResult(False, stats)
 
         # ---- removal + reconstruction
         macs1, params1 = analysis.cost({gid: len(idx) for gid, idx in keep_idx.items()})
@@ -586,6 +590,9 @@ class PruneFilters(Pass):
         }
         if left_alone:
             stats["left_alone"] = left_alone
+        notice = guard_notice(allocation_stats.get("guard"), ctx.max_drop, stats["macs_ratio"])
+        if notice:
+            stats["notice"] = notice
         return PassResult(True, stats)
 
     # -----------------------------------------------------------------------------------------
@@ -912,6 +919,19 @@ class PruneFilters(Pass):
                        **self._refit_options(ctx))
         report = verify(reference, trial, data, mode="accuracy", tolerance=Tolerance(max_drop=100.0), batch_size=batch)
         return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
+
+
+def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: float | None) -> str | None:
+    """One line for the console when the ``--max-drop`` guard relaxed the target: the run asked for
+    more compression than it got, and the user should see why without opening the report."""
+    if not trace or trace[0]["ok"]:
+        return None
+    where = f"; the model keeps {macs_ratio:.2f} of the MACs" if macs_ratio is not None else ""
+    if not any(t["ok"] for t in trace):
+        return (f"--max-drop {max_drop:g}: no allocation tried was within the budget on the calibration "
+                f"samples{where}")
+    return (f"--max-drop {max_drop:g}: at the target the calibration samples lost {trace[0]['drop']:.2f} points "
+            f"(the guard re-fits and measures on them), so the target was relaxed{where}")
 
 
 def _outputs(model: Model, data, batch: int) -> dict[str, np.ndarray]:

@@ -143,6 +143,35 @@ def test_accuracy_guard_relaxes_target():
     assert guard and guard[0]["target"] == 1.0
     chosen = [t for t in guard if t["ok"]]
     assert chosen and all(t["drop"] <= 0.0 for t in chosen)
+    assert "notice" not in result.stats  # the target held
+
+
+def test_relaxed_guard_says_so_in_a_notice(monkeypatch):
+    from graphopt import budget
+
+    def relaxing_guard(allocate_at, measure_drop, max_drop, target, **kw):
+        # what budget.guarded returns when the target's measured drop is over budget (the small graphs
+        # here predict one class for every input, so no real drop can be provoked)
+        trace = [{"target": target, "drop": 1.5, "ok": False}, {"target": 1.6, "drop": 0.0, "ok": True}]
+        return allocate_at(1.6), trace
+
+    monkeypatch.setattr(budget, "guarded", relaxing_guard)
+    _, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96, labels=True), target_macs=0.3, max_drop=0.5, criterion="l1"))
+    assert result.changed and result.stats["macs_ratio"] > 0.3
+    assert result.stats["notice"] == (f"--max-drop 0.5: at the target the calibration samples lost 1.50 points "
+                                      f"(the guard re-fits and measures on them), so the target was relaxed; "
+                                      f"the model keeps {result.stats['macs_ratio']:.2f} of the MACs")
+
+
+def test_guard_notice_only_when_the_target_was_relaxed():
+    from graphopt.passes.prune import guard_notice
+
+    ok = {"ok": True, "drop": 0.4}
+    assert guard_notice(None, 1.0, 0.5) is None
+    assert guard_notice([ok], 1.0, 0.5) is None  # the target held: nothing to say
+    relaxed = guard_notice([{"ok": False, "drop": 1.953}, ok], 1.0, 0.676)
+    assert "lost 1.95 points" in relaxed and "keeps 0.68 of the MACs" in relaxed
+    assert "no allocation tried" in guard_notice([{"ok": False, "drop": 3.0}], 1.0, 1.0)
 
 
 def test_nothing_prunable_comes_back_unchanged():

@@ -231,6 +231,15 @@ def test_print_summary_pass(report):
         assert expected in text, expected
 
 
+def test_print_summary_prints_a_pass_notice_in_full(report):
+    long = "--max-drop 1: at the target the calibration samples lost 1.95 points " + "x" * 80
+    report["passes"][0]["stats"]["notice"] = long
+    text = _printed(report).replace("\n", "")
+    assert f"{report['passes'][0]['name']}: {long}" in text  # whole, though the table clips digests at 60
+    del report["passes"][0]["stats"]["notice"]
+    assert "--max-drop" not in _printed(report)
+
+
 def test_print_summary_fail(failed):
     text = _printed(failed)
     assert "FAIL — equivalence" in text
