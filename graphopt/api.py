@@ -159,6 +159,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
             raise OptionError(f"--{name.replace('_', '-')} must be a fraction in (0, 1], got {value}")
     if max_drop is not None and max_drop < 0:
         raise OptionError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    _check_sampling(samples, seed)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -214,6 +215,14 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     return OptimizeResult(proto, report, passed, ir)
 
 
+def _check_sampling(samples: int | None, seed: int) -> None:
+    """``--samples`` caps the data (0 would silently mean no cap); numpy seeds are non-negative."""
+    if samples is not None and samples < 1:
+        raise OptionError(f"--samples must be >= 1, got {samples}")
+    if seed < 0:
+        raise OptionError(f"--seed must be >= 0, got {seed}")
+
+
 def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None, mode: str = "equivalence",
            tolerance: Tolerance | None = None, samples: int | None = None,
@@ -221,6 +230,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
     """Compare two models with onnxruntime (graph optimizations off); see ``graphopt.verify.verify``."""
     if mode not in ("equivalence", "accuracy"):
         raise OptionError(f"unknown verification mode {mode!r} (equivalence or accuracy)")
+    _check_sampling(samples, seed)
     ref_ir, ref = load_model(reference)
     _, cand = load_model(candidate)
     sample = sample_data(ref_ir, data, samples=samples, seed=seed, input_shapes=input_shapes)

@@ -52,13 +52,19 @@ class PassResult:
 class Option:
     """A pass option settable from the command line as ``--option pass.key=value``.
 
-    ``type`` is ``bool``, ``int``, ``float`` or ``str``; ``choices`` restricts values.
+    ``type`` is ``bool``, ``int``, ``float`` or ``str``; ``choices`` restricts values; ``low`` / ``high``
+    bound a number (inclusive, or exclusive with ``low_open`` / ``high_open``), so that a count of 0 or
+    a fraction of 1.5 is refused with the option's name instead of running a degenerate fit.
     """
 
     default: Any
     help: str
     type: type = str
     choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
 
     def parse(self, text: str, where: str) -> Any:
         """Convert the command-line text to this option's type (OptionError when it does not fit)."""
@@ -78,6 +84,22 @@ class Option:
     def check(self, value: Any, where: str) -> None:
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"option {where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.type in (int, float) and not self.allows(value):
+            raise OptionError(f"option {where}: must be in {self.bounds()}, got {value!r}")
+
+    def allows(self, value: float) -> bool:
+        """Within ``low``/``high`` (NaN never is)."""
+        if value != value:
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def bounds(self) -> str:
+        """The allowed range in interval notation, e.g. ``[1, inf)`` or ``(0, 1]``."""
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
 
 
 class Pass:

@@ -496,7 +496,8 @@ class FoldConstants(Pass):
     lossless = True
     summary = "evaluate constant subgraphs (onnx-graphsurgeon + onnxruntime) and store the results as initializers"
     options = {
-        "max_bytes": Option(16 * 2**20, "largest folded tensor to store, in bytes; bigger ones stay computed", int),
+        "max_bytes": Option(16 * 2**20, "largest folded tensor to store, in bytes; bigger ones stay computed", int,
+                            low=0),
         "fold_shapes": Option(True, "fold Shape/Size of tensors whose dims are static", bool),
     }
 

@@ -321,14 +321,16 @@ class DeepRebirthApprox(Pass):
     summary = "LOSSY: conv + pool/LRN/Relu blocks -> one strided conv fitted by least squares (DeepRebirth)"
     lossless = False
     options = {
-        "max_drop": Option(1.0, "total accuracy drop (points) when the run gives no budget", float),
-        "max_drop_per_merge": Option(0.5, "accuracy drop (points) one merge may cost", float),
-        "max_block_error": Option(0.5, "largest relative RMS error of a replaced block's output", float),
-        "max_features": Option(4096, "largest least-squares system (Cin * K'h * K'w + 1 unknowns per output)", int),
-        "max_rows": Option(4096, "patch rows sampled per calibration batch", int),
-        "samples": Option(512, "calibration samples used to fit and to measure", int),
-        "holdout": Option(0.5, "fraction of those samples kept out of the fit and used to measure", float),
-        "ridge": Option(1e-6, "ridge regularisation, relative to the mean diagonal of X^T X", float),
+        "max_drop": Option(1.0, "total accuracy drop (points) when the run gives no budget", float, low=0),
+        "max_drop_per_merge": Option(0.5, "accuracy drop (points) one merge may cost", float, low=0),
+        "max_block_error": Option(0.5, "largest relative RMS error of a replaced block's output", float, low=0),
+        "max_features": Option(4096, "largest least-squares system (Cin * K'h * K'w + 1 unknowns per output)", int,
+                               low=1),
+        "max_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
+        "samples": Option(512, "calibration samples used to fit and to measure", int, low=1),
+        "holdout": Option(0.5, "fraction of those samples kept out of the fit and used to measure", float,
+                          low=0, high=1, high_open=True),
+        "ridge": Option(1e-6, "ridge regularisation, relative to the mean diagonal of X^T X", float, low=0),
     }
 
     @staticmethod

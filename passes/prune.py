@@ -452,7 +452,7 @@ class PruneFilters(Pass):
     options: ClassVar[dict[str, Option]] = {
         "criterion": Option("thinet", "channel ranking", str, choices=imp.CRITERIA),
         "ratio": Option(0.0, "uniform fraction of channels removed from every prunable group (0: use the global "
-                             "--target-macs/--target-params)", float),
+                             "--target-macs/--target-params)", float, low=0, high=1, high_open=True),
         "multiple": Option(8, "kept channel counts are multiples of this (8: onnxruntime's CPU conv kernels work in "
                               "blocks of 8 channels; other counts ran slower than the unpruned model)", int,
                            choices=(1, 2, 4, 8, 16)),
@@ -469,26 +469,29 @@ class PruneFilters(Pass):
                                   "(time: graphopt.latency's calibrated kernel times), or MACs (macs); the MAC "
                                   "target is met either way", str,
                           choices=("macs", "ops", "time")),
-        "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int),
+        "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int, low=1),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
-        "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int),
+        "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int, low=0),
         "reconstruct": Option(True, "re-fit the layers after the pruned tensors by least squares", bool),
         "activation_aware": Option(True, "fit a layer followed by Relu/Clip through the activation (targets "
                                          "where the original is clipped only need the same side of the bound)", bool),
         "refit": Option("downstream", "which layers to re-fit", str, choices=("consumers", "downstream")),
-        "samples": Option(512, "calibration samples used for statistics and re-fitting", int),
+        "samples": Option(512, "calibration samples used for statistics and re-fitting", int, low=1),
         "sens_samples": Option(256, "calibration samples the sensitivity is measured on (the last ones, at most "
-                                    "half; the consumers are re-fitted on the others)", int),
+                                    "half; the consumers are re-fitted on the others)", int, low=1),
         "sens_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
                                      "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
-        "sens_levels": Option(8, "kept fractions measured per group (evenly spaced; the rest interpolated)", int),
+        "sens_levels": Option(8, "kept fractions measured per group (evenly spaced; the rest interpolated)", int,
+                              low=1),
         "max_rows": Option(65536, "least-squares rows sampled per layer (fewer for layers with very many "
-                                  "features, see graphopt.reconstruct.layer_rows)", int),
+                                  "features, see graphopt.reconstruct.layer_rows)", int, low=1),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
-                                  "pulls towards the pruned weights and is chosen by 2-fold cross-validation)", float),
-        "thinet_ridge": Option(1e-3, "ridge of the ThiNet selection, relative to the mean diagonal of X^T X", float),
-        "max_features": Option(4096, "largest consumer (features) ThiNet and the re-fit statistics take", int),
+                                  "pulls towards the pruned weights and is chosen by 2-fold cross-validation)", float,
+                            low=0),
+        "thinet_ridge": Option(1e-3, "ridge of the ThiNet selection, relative to the mean diagonal of X^T X", float,
+                               low=0),
+        "max_features": Option(4096, "largest consumer (features) ThiNet and the re-fit statistics take", int, low=1),
     }
 
     # -----------------------------------------------------------------------------------------

@@ -344,30 +344,31 @@ class Sparsify(Pass):
     summary = "LOSSY: unstructured pruning (magnitude / SparseGPT-OBS masks), DNS-style splicing, LS re-fit"
     lossless = False
     options = {
-        "density": Option(0.1, "fraction of weights kept per layer (unless densities names the layer)", float),
+        "density": Option(0.1, "fraction of weights kept per layer (unless densities names the layer)", float,
+                          low=0, high=1, low_open=True),
         "densities": Option("", "per-layer densities: name=fraction,... (node or weight names)", str),
         "method": Option("obs", "how supports are chosen", str, ("obs", "magnitude")),
         "scope": Option("layer", "magnitude threshold per layer or one for all layers", str, ("layer", "global")),
         "refit": Option(True, "re-fit the kept weights by least squares (False: plain magnitude pruning)", bool),
-        "splice_rounds": Option(4, "prune-and-splice rounds per output (0: none)", int),
+        "splice_rounds": Option(4, "prune-and-splice rounds per output (0: none)", int, low=0),
         "downstream": Option(False, "weigh each output's error by the next layer's squared weights when choosing masks",
                              bool),
-        "block": Option(128, "SparseGPT column block (0: the whole layer at once)", int),
-        "ridge": Option(0.1, "pull towards the original weights, relative to mean diag(X^T X)", float),
+        "block": Option(128, "SparseGPT column block (0: the whole layer at once)", int, low=0),
+        "ridge": Option(0.1, "pull towards the original weights, relative to mean diag(X^T X)", float, low=0),
         "ridge_grid": Option("", "ridges to choose from per layer on held-out samples, e.g. 0.01,0.1,1 "
                                  "(empty: use ridge)", str),
         "holdout": Option(0.25, "fraction of the samples held out to choose the ridge and for the accuracy guard",
-                          float),
+                          float, low=0, high=1, high_open=True),
         "guard": Option(True, "with labelled data: search the sparsest density within the accuracy budget", bool),
-        "max_drop": Option(1.0, "accuracy budget (points) of the guard when the run sets no --max-drop", float),
+        "max_drop": Option(1.0, "accuracy budget (points) of the guard when the run sets no --max-drop", float, low=0),
         "guard_z": Option(2.0, "the guard accepts drop + guard_z * its standard error (paired, from the "
-                               "samples whose verdict changed) <= max_drop", float),
+                               "samples whose verdict changed) <= max_drop", float, low=0),
         "guard_holdout": Option(0.4, "fraction of the samples the guard holds out (the tries are fitted on the rest)",
-                                float),
-        "guard_steps": Option(4, "bisection steps of the guard after the requested density fails", int),
-        "max_rows": Option(16384, "calibration rows per layer", int),
-        "min_weights": Option(64, "layers with fewer weights are left alone", int),
-        "samples": Option(512, "calibration samples used", int),
+                                float, low=0, high=1, low_open=True, high_open=True),
+        "guard_steps": Option(4, "bisection steps of the guard after the requested density fails", int, low=0),
+        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
+        "min_weights": Option(64, "layers with fewer weights are left alone", int, low=0),
+        "samples": Option(512, "calibration samples used", int, low=1),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

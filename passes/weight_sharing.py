@@ -230,20 +230,20 @@ class WeightSharing(Pass):
     summary = "LOSSY: k-means weight sharing (2^bits values per layer), LS centroid re-fit, compact encoding"
     lossless = False
     options = {
-        "bits": Option(4, "index bits per weight (k = 2^bits shared values)", int, tuple(range(2, 9))),
+        "bits": Option(4, "index bits per weight (k = 2^bits shared values)", int, tuple(range(2, 9)), low=1, high=8),
         "init": Option("linear", "centroid initialisation", str, INITS),
         "weighted": Option(False, "weight the k-means by the calibration input energy diag(X^T X)", bool),
         "refit": Option(True, "re-fit the centroids by least squares on calibration data (needs data)", bool),
         "encoding": Option("snap", "snap: float weights; compact: packed indices + codebook decoded at load", str,
                            ("snap", "compact")),
-        "ridge": Option(1e-2, "re-fit pull towards the unshared weights, relative to mean diag(X^T X)", float),
+        "ridge": Option(1e-2, "re-fit pull towards the unshared weights, relative to mean diag(X^T X)", float, low=0),
         "short_names": Option(True, "compact: rename internal values and nodes to short names (inputs and outputs "
                                     "keep theirs)", bool),
         "min_weights": Option(192, "layers with fewer weights are left alone (compact: below ~50 weights the codebook "
                                    "and two decoder nodes cost more than the float weights; 4-bit sharing of "
-                                   "mobilenetv2's two 144-weight layers cost 1.1 points for 640 bytes)", int),
-        "max_rows": Option(16384, "calibration rows per layer", int),
-        "samples": Option(512, "calibration samples used", int),
+                                   "mobilenetv2's two 144-weight layers cost 1.1 points for 640 bytes)", int, low=0),
+        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
+        "samples": Option(512, "calibration samples used", int, low=1),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

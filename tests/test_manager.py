@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
@@ -85,6 +87,26 @@ def test_bool_options_parse_strictly():
     assert opt.parse("yes", "p.k") is True and opt.parse("0", "p.k") is False
     with pytest.raises(OptionError):
         opt.parse("maybe", "p.k")
+
+
+def test_numeric_options_are_bounded():
+    count = Option(8, "n", int, low=1)
+    assert count.parse("1", "p.n") == 1
+    fraction = Option(0.5, "f", float, low=0, high=1, low_open=True)
+    assert fraction.parse("1", "p.f") == 1.0
+    for opt, text, shown in [(count, "0", "[1, inf)"), (fraction, "0", "(0, 1]"), (fraction, "1.5", "(0, 1]"),
+                             (fraction, "nan", "(0, 1]")]:
+        with pytest.raises(OptionError, match=rf"option p\.\w: must be in {re.escape(shown)}"):
+            opt.parse(text, "p." + opt.help)
+
+
+def test_every_registered_numeric_option_declares_bounds_its_default_meets():
+    for name, cls in registered().items():
+        for key, opt in getattr(cls, "options", {}).items():
+            if opt.type in (int, float):
+                bounded = opt.low is not None or opt.high is not None or opt.choices is not None
+                assert bounded, f"{name}.{key} has no bounds"
+                opt.check(opt.default, f"{name}.{key}")
 
 
 def test_fixed_point_stops_when_a_round_changes_nothing():
