@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from . import __version__, analysis, api, calibration, manager, report
-from .errors import GraphoptError
+from .errors import GraphoptError, OptionError
 from .verify import Tolerance
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "under the prune preset (for its option channels)")
     _add_common(p)
 
-    p = sub.add_parser("passes", help="list the registered passes and presets")
+    p = sub.add_parser("passes", help="list the registered passes and presets, or one pass's options")
+    p.add_argument("name", nargs="?", help="a pass: its options with type, default, allowed values and help")
     _add_common(p)
     return parser
 
@@ -252,6 +253,8 @@ def cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.quiet:
         return EXIT_OK
     from rich.table import Table
+    if args.name:
+        return _print_pass_options(args.name, out)
     table = Table(title="passes", show_lines=False)
     for col in ("name", "kind", "summary", "options"):
         table.add_column(col)
@@ -266,6 +269,29 @@ def cmd_passes(args: argparse.Namespace, out: Console, err: Console) -> int:
     for name, build in manager.presets().items():
         presets.add_row(name, ", ".join(p.name for p in build().leaves()), build.summary)
     out.print(presets)
+    return EXIT_OK
+
+
+def _print_pass_options(name: str, out: Console) -> int:
+    """One pass's options: ``--option NAME.key=value`` takes these."""
+    from rich.table import Table
+    from rich.text import Text
+    cls = manager.registered().get(name)
+    if cls is None:
+        raise OptionError(f"unknown pass {name!r} (graphopt passes lists them)")
+    out.print(Text(f"{name}: {cls.summary}"))
+    if not cls.options:
+        out.print(Text("no options"))
+        return EXIT_OK
+    table = Table(title=f"options (--option {name}.KEY=VALUE)", title_justify="left")
+    for col in ("key", "type", "default", "allowed"):
+        table.add_column(col)
+    table.add_column("meaning", overflow="fold")  # every word of the help: it is the only place it is shown
+    for key, opt in cls.options.items():
+        allowed = (", ".join(map(str, opt.choices)) if opt.choices is not None
+                   else opt.bounds() if opt.type in (int, float) else "")
+        table.add_row(*(Text(str(v)) for v in (key, opt.type.__name__, repr(opt.default), allowed, opt.help)))
+    out.print(table)
     return EXIT_OK
 
 

@@ -113,6 +113,7 @@ BAD_CASES = {
     "bad_report_suffix": lambda d: (["optimize", d / "cnn.onnx", "--report", d / "r.txt"], "r.txt"),
     "output_is_input": lambda d: (["optimize", d / "cnn.onnx", "-o", d / "cnn.onnx"], "refusing to overwrite"),
     "usage": lambda d: (["optimize"], "required"),
+    "unknown_pass_to_describe": lambda d: (["passes", "nope"], "unknown pass 'nope'"),
 }
 
 
@@ -226,3 +227,14 @@ def test_quiet_silences_onnxruntime_optimizer_warnings(tmp_path, capfd):
     code = cli.main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--samples", "8", "-q"])
     captured = capfd.readouterr()
     assert code == 0 and captured.out == "" and captured.err == ""
+
+
+def test_passes_name_shows_each_option_with_its_range_and_help(capsys):
+    code, out, err = run_cli("passes", "prune_filters", capsys=capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "--option prune_filters.KEY=VALUE" in flat
+    assert "max_rows" in flat and "[1, inf)" in flat and "sampled" in flat  # key, range, words of its help
+    assert "thinet" in flat and "apoz" in flat  # choices
+    code, out, _ = run_cli("passes", "simplify", capsys=capsys)
+    assert code == 0 and "no options" in out
