@@ -260,12 +260,13 @@ def thinet(problems: Sequence[ThiNetProblem], size: int, *, ridge: float = 1e-4,
                 inv = np.linalg.inv(pbb)
             except np.linalg.LinAlgError:
                 inv = np.linalg.pinv(pbb)
-            pcol = p[:, b]
-            state[1] = w - pcol @ (inv @ w[b])
-            state[0] = p - pcol @ inv @ p[b, :]
-            state[1][b] = 0.0
-            state[0][b, :] = 0.0
-            state[0][:, b] = 0.0
+            pcol = p[:, b]  # fancy indexing: copies, so the in-place updates below cannot alias them
+            # In place: a new F×F result per removed channel made this loop 3x slower at F = 2304.
+            w -= pcol @ (inv @ w[b])
+            p -= (pcol @ inv) @ p[b, :]
+            w[b] = 0.0
+            p[b, :] = 0.0
+            p[:, b] = 0.0
     survivors = np.flatnonzero(alive)
     # Survivors by their last removal cost, cheapest first, so the most important comes last.
     survivors = survivors[np.argsort(last[survivors], kind="stable")]
