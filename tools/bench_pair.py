@@ -13,7 +13,7 @@ time in each row shows the state), so a ratio near a threshold needs several rou
 
 ``--kernels`` also prints where the time goes: onnxruntime's profiler (same settings), the median time of
 each kernel summed by kind (depthwise / pointwise / other conv, then by op type), for A and B, and how
-much of each kind B keeps. A pruned model whose time shrinks less than its MACs shows here which kernels
+much of each kind B keeps; three profiles of each, A and B alternating, median per kind. A pruned model whose time shrinks less than its MACs shows here which kernels
 do not scale with the channels removed.
 
     python tools/bench_pair.py models/mobilenetv2.onnx pruned.onnx --kernels
@@ -73,18 +73,26 @@ def kernel_kind(event: dict) -> str:
     return event["op"]
 
 
-def kernel_table(a: str, b: str, batch: int) -> str:
-    """Markdown table: per kernel kind, the summed median kernel time of ``a`` and ``b`` (ms) and B/A."""
+def kernel_table(a: str, b: str, batch: int, rounds: int = 3) -> str:
+    """Markdown table: per kernel kind, the summed median kernel time of ``a`` and ``b`` (ms) and B/A.
+
+    Each model is profiled ``rounds`` times, A and B alternating, and each kind takes its median over
+    the rounds: two profiles a few seconds apart differ by several percent on a shared machine.
+    """
     import onnx
     from calibrate_latency import profile_kernels  # same directory; the profiler settings match session()
 
-    totals: list[dict[str, float]] = []
-    for path in (a, b):
-        sums: dict[str, float] = {}
-        for event in profile_kernels(onnx.load(path), batch=batch, seconds=1.0):
-            kind = kernel_kind(event)
-            sums[kind] = sums.get(kind, 0.0) + event["seconds"]
-        totals.append(sums)
+    protos = [onnx.load(a), onnx.load(b)]
+    per_round: list[list[dict[str, float]]] = [[], []]
+    for r in range(rounds):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            sums: dict[str, float] = {}
+            for event in profile_kernels(protos[k], batch=batch, seconds=1.0):
+                kind = kernel_kind(event)
+                sums[kind] = sums.get(kind, 0.0) + event["seconds"]
+            per_round[k].append(sums)
+    totals = [{kind: float(np.median([s.get(kind, 0.0) for s in rounds_of]))
+               for kind in set().union(*rounds_of)} for rounds_of in per_round]
     ta, tb = (sum(t.values()) for t in totals)
     rows = ["| kernels | A ms | B ms | B / A | share of B |", "|---|---|---|---|---|"]
     for kind in sorted(set(totals[0]) | set(totals[1]), key=lambda k: -totals[0].get(k, 0.0)):
