@@ -207,7 +207,7 @@ class TargetStore:
 
     def add(self, key: str, select: np.ndarray | None, rows: np.ndarray) -> None:
         batches = self._batches.setdefault(key, [])
-        size = rows.nbytes + (select.nbytes if select is not None else 0)
+        size = _nbytes(select, rows)
         if self.in_memory + size <= self.ram_bytes:
             self.in_memory += size
             batches.append((select, rows))
@@ -229,12 +229,9 @@ class TargetStore:
                     out.append((f["select"] if "select" in f.files else None, f["rows"]))
                 os.remove(item)
             else:
-                self.in_memory -= item[1].nbytes + (item[0].nbytes if item[0] is not None else 0)
+                self.in_memory -= _nbytes(*item)
                 out.append(item)
         return out
-
-    def keys(self):
-        return self._batches.keys()
 
     def close(self) -> None:
         self._batches.clear()
@@ -249,21 +246,24 @@ class TargetStore:
         self.close()
 
 
+def _nbytes(select: np.ndarray | None, rows: np.ndarray) -> int:
+    return rows.nbytes + (select.nbytes if select is not None else 0)
+
+
 def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray | None, Any]], data: SampleData,
-                      *, max_rows: int, seed: int, batch_size: int, store: TargetStore | None = None) -> TargetStore:
+                      store: TargetStore, *, max_rows: int, seed: int, batch_size: int) -> None:
     """Per layer and batch, the sampled row positions and the reference's target rows (one data pass),
-    in ``store`` (a new in-memory-first :class:`TargetStore` by default).
+    added to ``store``.
 
     ``layers[key] = (value name in the reference, out_keep, LinearLayer)``.
     """
-    out = TargetStore() if store is None else store
     rng = np.random.default_rng(seed)
     n_batches = max(1, ceil(data.n_samples / batch_size))
     per_batch = {key: max(1, ceil(layer_rows(max_rows, layer.features, layer.out_features) / n_batches))
                  for key, (_, _, layer) in layers.items()}
     names = sorted({name for name, _, _ in layers.values()})
     if not names:
-        return out
+        return
     for batch in Calibrator(reference, data, batch_size).run(names):
         for key, (name, keep, layer) in layers.items():
             y = batch[name]
@@ -275,8 +275,7 @@ def reference_targets(reference: Model, layers: dict[str, tuple[str, np.ndarray 
             if keep is not None:
                 flat = flat[:, keep]
             # float32, as the runtime computed them (the statistics accumulate in float64).
-            out.add(key, select, np.ascontiguousarray(flat, dtype=np.float32))
-    return out
+            store.add(key, select, np.ascontiguousarray(flat, dtype=np.float32))
 
 
 def activation_after(graph, layer: LinearLayer) -> tuple[float, float] | None:
@@ -369,7 +368,7 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
         layers[t.node] = layer
         specs[t.node] = (layer.y.name, t.out_keep, layer)
     with TargetStore(target_ram_bytes) as store:
-        reference_targets(reference, specs, data, max_rows=max_rows, seed=seed, batch_size=batch_size, store=store)
+        reference_targets(reference, specs, data, store, max_rows=max_rows, seed=seed, batch_size=batch_size)
         if usage is not None:
             usage.update(targets_in_memory=store.in_memory, targets_on_disk=store.on_disk)
         records += _refit_each(model, graph, targets, layers, store, data, batch_size, ridges, activation_aware,

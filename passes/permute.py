@@ -99,6 +99,21 @@ class _Rule(Rule):
         size = self.axis_size(x, axis)
         return size == len(idx) and np.array_equal(np.sort(idx), np.arange(size))
 
+    def channel_gather_into_conv(self, graph: Graph, node: Node):
+        """``(gather, x, idx, conv_info)`` when the Conv ``node`` reads a constant-index Gather of channels
+        (axis 1), else the refusal."""
+        gather = producer_op(graph, node.inputs[0], "Gather")
+        found = self.gather(graph, gather)
+        if isinstance(found, str):
+            return found
+        x, axis, idx = found
+        if axis != 1:
+            return NoMatch("not a gather of channels")
+        info = conv_info(graph, node)
+        if isinstance(info, str):
+            return info
+        return gather, x, idx, info
+
     def gather(self, graph: Graph, node: Node | None) -> tuple[Value, int, np.ndarray] | str:
         """``(x, axis, idx)`` of a Gather with constant 1-D in-range indices (axis normalised, idx ≥ 0)."""
         if node is None:
@@ -283,19 +298,13 @@ class GatherIntoConv(_Rule):
     root_ops = ("Conv",)
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
-        gather = producer_op(graph, node.inputs[0], "Gather")
-        found = self.gather(graph, gather)
+        found = self.channel_gather_into_conv(graph, node)
         if isinstance(found, str):
             return found
-        x, axis, idx = found
-        if axis != 1:
-            return NoMatch("not a gather of channels")
-        info = conv_info(graph, node)
-        if isinstance(info, str):
-            return info
+        gather, x, idx, info = found
         if info.group != 1:
             return f"grouped conv (group={info.group})"
-        if len(idx) != info.weight.shape[1] or not self.permutes_all(x, axis, idx):
+        if len(idx) != info.weight.shape[1] or not self.permutes_all(x, 1, idx):
             return "the gather is not a permutation of all of its input's channels"
         return Match(node, nodes={"gather": gather}, values={"x": x}, arrays={"idx": idx, "weight": info.weight})
 
@@ -315,22 +324,16 @@ class GatherThroughDepthwise(_Rule):
     root_ops = ("Conv",)
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
-        gather = producer_op(graph, node.inputs[0], "Gather")
-        found = self.gather(graph, gather)
+        found = self.channel_gather_into_conv(graph, node)
         if isinstance(found, str):
             return found
-        x, axis, idx = found
-        if axis != 1:
-            return NoMatch("not a gather of channels")
-        info = conv_info(graph, node)
-        if isinstance(info, str):
-            return info
+        gather, x, idx, info = found
         c = len(idx)
         if info.group == 1:
             return NoMatch("a dense conv (gather_into_conv's case)")
         if not (info.group == c == info.weight.shape[0] and info.weight.shape[1] == 1):
             return f"grouped conv that is not depthwise (group={info.group})"
-        if not self.permutes_all(x, axis, idx):
+        if not self.permutes_all(x, 1, idx):
             return "the gather is not a permutation of all of its input's channels"
         if sole_consumer(graph, gather.outputs[0]) is not node:
             return "the gather has other readers"

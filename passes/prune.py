@@ -554,8 +554,7 @@ class PruneFilters(Pass):
         if not keep_idx:
             stats = {"pruned_groups": 0, "allocation": allocation_stats,
                      "skipped": "the budget removes no channel", "left_alone": left_alone}
-            notice = guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0)
-            if notice:
+            if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0):
                 stats["notice"] = notice
             return PassResult(False, stats)
 
@@ -593,8 +592,7 @@ class PruneFilters(Pass):
         }
         if left_alone:
             stats["left_alone"] = left_alone
-        notice = guard_notice(allocation_stats.get("guard"), ctx.max_drop, stats["macs_ratio"])
-        if notice:
+        if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, stats["macs_ratio"]):
             stats["notice"] = notice
         return PassResult(True, stats)
 

@@ -47,12 +47,16 @@ def test_kernel_table_sums_both_models_by_kind(tmp_path):
     assert rows["all"].strip().endswith("| 100% |")
 
 
-def test_synthetic_random_inputs_fill_the_dynamic_batch():
+def test_synthetic_models_data_writes_the_optimizer_s_random_inputs(tmp_path):
     import synthetic_models
 
-    model = synthetic_models.resnet18(image=32)
-    feeds = synthetic_models.random_inputs(model, samples=3, seed=0)
-    assert list(feeds) == [model.graph.input[0].name]
-    x = feeds[model.graph.input[0].name]
-    assert x.shape == (3, 3, 32, 32) and x.dtype == np.float32
-    np.testing.assert_array_equal(x, synthetic_models.random_inputs(model, samples=3, seed=0)[model.graph.input[0].name])
+    from graphopt.calibration import random_data
+
+    model_path, data_path = tmp_path / "r.onnx", tmp_path / "r.npz"
+    synthetic_models.main(["resnet18", str(model_path), "--image", "32", "--data", str(data_path), "--samples", "3"])
+    model = onnx.load(model_path)
+    with np.load(data_path) as f:
+        written = {k: f[k] for k in f.files}
+    name = model.graph.input[0].name
+    assert list(written) == [name] and written[name].shape == (3, 3, 32, 32)
+    np.testing.assert_array_equal(written[name], random_data(model, 3, seed=synthetic_models.DEFAULT_SEED).inputs[name])

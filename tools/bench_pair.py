@@ -13,8 +13,8 @@ time in each row shows the state), so a ratio near a threshold needs several rou
 
 ``--kernels`` also prints where the time goes: onnxruntime's profiler (same settings), the median time of
 each kernel summed by kind (depthwise / pointwise / other conv, then by op type), for A and B, and how
-much of each kind B keeps; three profiles of each, A and B alternating, median per kind. A pruned model whose time shrinks less than its MACs shows here which kernels
-do not scale with the channels removed.
+much of each kind B keeps; three profiles of each, A and B alternating, median per kind. A pruned model
+whose time shrinks less than its MACs shows here which kernels do not scale with the channels removed.
 
     python tools/bench_pair.py models/mobilenetv2.onnx pruned.onnx --kernels
 """

@@ -18,8 +18,9 @@ passes ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime.
     python tools/synthetic_models.py resnet18 /tmp/resnet18.onnx
     python tools/synthetic_models.py chain /tmp/chain.onnx --nodes 20000
 
-``--data FILE.npz --samples N`` also writes N standard-normal inputs (seeded) for ``--data`` of
-``graphopt optimize``, e.g. to time a prune with least-squares re-fits on ResNet-18 at 224x224:
+``--data FILE.npz --samples N`` also writes N seeded random inputs (``graphopt.calibration.random_data``,
+what ``graphopt optimize`` draws without ``--data``) to a file for ``--data``, e.g. to time a prune
+with least-squares re-fits on ResNet-18 at 224x224:
 
     python tools/synthetic_models.py resnet18 /tmp/r18.onnx --data /tmp/r18.npz --samples 64
 """
@@ -268,15 +269,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def random_inputs(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Standard-normal float32 inputs for every graph input, ``samples`` along a dynamic first dim."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for value in model.graph.input:
-        dims = [d.dim_value if d.HasField("dim_value") else samples for d in value.type.tensor_type.shape.dim]
-        out[value.name] = rng.standard_normal(dims).astype(np.float32)
-    return out
-
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -291,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.output}: {len(model.graph.node)} nodes, "
           f"{model.ByteSize() / 1e6:.1f} MB")
     if args.data:
-        np.savez(args.data, **random_inputs(model, args.samples, args.seed))
+        from graphopt.calibration import random_data  # the builders above need only onnx + numpy
+        np.savez(args.data, **random_data(model, args.samples, seed=args.seed).inputs)
         print(f"{args.data}: {args.samples} random inputs")
 
 
