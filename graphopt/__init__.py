@@ -1,17 +1,20 @@
 """graphopt: a graph-level optimizer for ONNX models, verified with onnxruntime.
 
 ``graphopt.optimize``, ``graphopt.verify`` and ``graphopt.inspect`` mirror the command line (see
-:mod:`graphopt.api`).
+:mod:`graphopt.app.api`).
 
-Note: ``graphopt.verify`` is the function. The module of the same name is reached with
-``from graphopt.verify import ...``; ``import graphopt.verify as v`` would give the function.
+The code is layered; each sub-package imports only from those before it (``tests/test_layers.py``
+enforces it): :mod:`graphopt.core` (IR, I/O, shapes, the pass contract, the rule engine),
+:mod:`graphopt.measure` (onnxruntime, calibration, verification, analysis, latency, executors),
+:mod:`graphopt.compress` (the math of the lossy passes), :mod:`graphopt.passes` (the passes and
+presets) and :mod:`graphopt.app` (the API, the command line, reports).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"  # before the imports: api.py reads it
 
-from .api import OptimizeResult, inspect, optimize, verify  # noqa: E402
-from .errors import GraphoptError, IRError  # noqa: E402
+from graphopt.app.api import OptimizeResult, inspect, optimize, verify  # noqa: E402
+from graphopt.core.errors import GraphoptError, IRError  # noqa: E402
 
 __all__ = ["GraphoptError", "IRError", "OptimizeResult", "__version__", "inspect", "optimize", "verify"]

@@ -1,4 +1,4 @@
-"""Tests for graphopt.analysis: parameters, MACs and bytes, checked against hand-computed values."""
+"""Tests for graphopt.measure.analysis: parameters, MACs and bytes, checked against hand-computed values."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import graphopt.analysis
-from graphopt.analysis import LAYER_COLUMNS, analyze, layer_rows, summarize_ops
-from graphopt.errors import GraphoptError, OptionError
-from graphopt.ir import Model
-from graphopt.onnx_io import from_proto
+import graphopt.measure.analysis
+from graphopt.core.errors import GraphoptError, OptionError
+from graphopt.core.ir import Model
+from graphopt.core.onnx_io import from_proto
+from graphopt.measure.analysis import LAYER_COLUMNS, analyze, layer_rows, summarize_ops
 
 IR_VERSION = 8  # onnx 1.23 stamps 14 by default, which onnxruntime rejects
 
@@ -273,7 +273,7 @@ def test_failed_shape_inference_falls_back_to_stored_shapes(monkeypatch):
     def fail(*args, **kwargs):
         raise GraphoptError("shape inference failed: boom")
 
-    monkeypatch.setattr(graphopt.analysis, "inferred_types", fail)
+    monkeypatch.setattr(graphopt.measure.analysis, "inferred_types", fail)
     model = build("""g (float[1, 4] x) => (float[1, 3] y) { y = MatMul (x, w) }""", w=zeros(4, 3))
     cost = analyze(model)
     assert cost.macs == 12 and "boom" in cost.warnings[0]
@@ -392,10 +392,10 @@ def test_to_dict_is_json_and_tables_render():
 
 def test_analysis_does_not_change_the_model():
     model = resnetish()
-    before = graphopt.onnx_io.to_proto(model).SerializeToString()
+    before = graphopt.core.onnx_io.to_proto(model).SerializeToString()
     analyze(model, batch=3)
-    assert graphopt.onnx_io.to_proto(model).SerializeToString() == before
+    assert graphopt.core.onnx_io.to_proto(model).SerializeToString() == before
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(graphopt.analysis).failed == 0
+    assert doctest.testmod(graphopt.measure.analysis).failed == 0

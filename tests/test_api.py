@@ -6,9 +6,9 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.errors import GraphoptError, OptionError
+from graphopt.core import onnx_io
+from graphopt.core.errors import GraphoptError, OptionError
+from graphopt.measure.calibration import SampleData
 from tests.test_cli import small_cnn
 
 
@@ -37,7 +37,7 @@ def test_optimize_an_ir_model_and_write(tmp_path):
 
 def test_optimize_with_sample_data_object_and_samples_cap():
     proto = small_cnn()
-    data = graphopt.api.sample_data(onnx_io.from_proto(proto), None, samples=10, seed=3)
+    data = graphopt.app.api.sample_data(onnx_io.from_proto(proto), None, samples=10, seed=3)
     assert isinstance(data, SampleData) and data.n_samples == 10
     result = graphopt.optimize(proto, data=data, samples=4)
     assert result.report["samples"] == 4
@@ -68,12 +68,12 @@ def test_verify_and_inspect(tmp_path):
 def test_lossy_pipeline_verifies_on_held_out_data_when_given(tmp_path, capsys):
     from pathlib import Path
 
-    from graphopt import cli
+    from graphopt.app import cli
 
     models = Path(__file__).resolve().parents[1] / "models"
     model = onnx_io.load(models / "lenet300.onnx")
-    calib = graphopt.api.sample_data(model, models / "fmnist_calib.npz", samples=128)
-    held_out = graphopt.api.sample_data(model, models / "fmnist_eval.npz", samples=300)
+    calib = graphopt.app.api.sample_data(model, models / "fmnist_calib.npz", samples=128)
+    held_out = graphopt.app.api.sample_data(model, models / "fmnist_eval.npz", samples=300)
     kwargs = dict(passes=["lowrank"], options=["lowrank.ratio=0.3"], data=calib, max_drop=100.0)
     on_calib = graphopt.optimize(models / "lenet300.onnx", **kwargs)
     on_held_out = graphopt.optimize(models / "lenet300.onnx", verify_data=held_out, **kwargs)

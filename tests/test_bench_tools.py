@@ -50,7 +50,7 @@ def test_kernel_table_sums_both_models_by_kind(tmp_path):
 def test_synthetic_models_data_writes_the_optimizer_s_random_inputs(tmp_path):
     import synthetic_models
 
-    from graphopt.calibration import random_data
+    from graphopt.measure.calibration import random_data
 
     model_path, data_path = tmp_path / "r.onnx", tmp_path / "r.npz"
     synthetic_models.main(["resnet18", str(model_path), "--image", "32", "--data", str(data_path), "--samples", "3"])

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import helper
 
-import graphopt.passes.branch as branch
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.manager import PassContext
-from graphopt.verify import verify
+import graphopt.passes.lossless.branch as branch
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import verify
 from tests.util import init, make_model, op_types, run, tensor
 
 RNG = np.random.default_rng(0)

@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 import pytest
 
-import graphopt.passes.branch as branch
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.ir import Model
-from graphopt.manager import PassContext, registered
-from graphopt.verify import verify
+import graphopt.passes.lossless.branch as branch
+from graphopt.core import onnx_io
+from graphopt.core.ir import Model
+from graphopt.core.manager import PassContext, registered
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "models" / "zoo.json"
@@ -38,7 +38,7 @@ def _entries() -> list[dict]:
 
 def _fold_batchnorm():
     try:
-        import graphopt.passes.streamline  # noqa: F401  (registers fold_batchnorm where it exists)
+        import graphopt.passes.lossless.streamline  # noqa: F401  (registers fold_batchnorm where it exists)
     except ImportError:
         return None
     cls = registered().get("fold_batchnorm")

@@ -1,4 +1,4 @@
-"""graphopt.budget: levels, sensitivity through an executor, greedy allocation (checked against brute
+"""graphopt.compress.budget: levels, sensitivity through an executor, greedy allocation (checked against brute
 force), unreachable targets, interacting costs, determinism, and the accuracy guard."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from graphopt import budget
-from graphopt.budget import (
+from graphopt.compress import budget
+from graphopt.compress.budget import (
     Allocation,
     PolynomialCost,
     Unit,
@@ -23,7 +23,7 @@ from graphopt.budget import (
     uniform,
     uniform_at,
 )
-from graphopt.executor import InProcess, TaskError
+from graphopt.measure.executor import InProcess, TaskError
 
 # ---------------------------------------------------------------------------------------------
 # synthetic problems

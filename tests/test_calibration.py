@@ -1,4 +1,4 @@
-"""Tests for graphopt.calibration: sample data, random data, streaming statistics, the Calibrator."""
+"""Tests for graphopt.measure.calibration: sample data, random data, streaming statistics, the Calibrator."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import ort as gort
-from graphopt.calibration import (
+from graphopt.core.errors import DataError, GraphoptError
+from graphopt.core.onnx_io import from_proto
+from graphopt.measure import ort as gort
+from graphopt.measure.calibration import (
     Calibrator,
     ChannelStats,
     Gram,
@@ -24,8 +26,6 @@ from graphopt.calibration import (
     random_data,
     reference_outputs,
 )
-from graphopt.errors import DataError, GraphoptError
-from graphopt.onnx_io import from_proto
 
 # ---------------------------------------------------------------------------------------------
 # models
@@ -515,7 +515,7 @@ def test_onnxruntime_rejection_is_one_line():
 
 
 # ---------------------------------------------------------------------------------------------
-# graphopt.ort, the session factory the Calibrator relies on
+# graphopt.measure.ort, the session factory the Calibrator relies on
 
 
 def test_sessions_run_without_graph_optimizations_unless_asked():

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import channels
-from graphopt.onnx_io import from_proto, load
+from graphopt.compress import channels
+from graphopt.core.onnx_io import from_proto, load
 from tests.util import IR_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,9 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt import analysis, channels, shrink
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.compress import channels, shrink
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import analysis
 from tests.test_channels import Net
 from tests.test_shrink import assert_same_outputs, outputs, prune_silenced
 
@@ -215,7 +216,7 @@ def test_generator_covers_the_supported_ops():
 def test_random_graph_after_the_lossless_preset_prunes_validly(seed):
     """The prune preset analyses the *cleaned* graph: shuffles turned into Gathers (``channel_permute``),
     BN folded, layers merged. The cleaned graph computes the same, and a random plan on it prunes validly."""
-    from graphopt.api import optimize
+    from graphopt.app.api import optimize
     proto = RandomNet(seed).build(int(np.random.default_rng(seed).integers(4, 11)))
     cleaned = optimize(proto, preset="lossless", run_verify=False).model
     onnx.checker.check_model(cleaned, full_check=True)

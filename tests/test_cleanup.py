@@ -7,8 +7,8 @@ import onnx
 import onnx.parser
 from onnx import helper
 
-from graphopt import onnx_io
-from graphopt.manager import PassContext, get_pass
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext, get_pass
 from tests.util import apply_pass as apply
 from tests.util import apply_pass as apply_with
 from tests.util import init, make_model, op_types, run, tensor

@@ -15,12 +15,12 @@ from pathlib import Path
 import onnx
 import pytest
 
-import graphopt.passes.cleanup  # noqa: F401  (registers the passes)
-import graphopt.passes.simplify  # noqa: F401
-from graphopt import onnx_io
-from graphopt.calibration import load_data
-from graphopt.manager import FixedPoint, PassContext, get_pass, run_pipeline
-from graphopt.verify import Tolerance, verify
+import graphopt.passes.lossless.cleanup  # noqa: F401  (registers the passes)
+import graphopt.passes.lossless.simplify  # noqa: F401
+from graphopt.core import onnx_io
+from graphopt.core.manager import FixedPoint, PassContext, get_pass, run_pipeline
+from graphopt.measure.calibration import load_data
+from graphopt.measure.verify import Tolerance, verify
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "models" / "zoo.json"

@@ -13,8 +13,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt import cli, manager
-from graphopt.manager import Pass, PassResult, register
+from graphopt.app import cli
+from graphopt.core import manager
+from graphopt.core.manager import Pass, PassResult, register
 from tests.util import init, make_model, tensor
 
 RNG = np.random.default_rng(0)

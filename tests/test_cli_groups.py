@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from graphopt import cli
+from graphopt.app import cli
 from tests import test_channels as tc
 
 ROOT = Path(__file__).resolve().parents[1]

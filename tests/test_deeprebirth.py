@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-import graphopt.passes.deeprebirth as dr
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.manager import PassContext
-from graphopt.passes.branch import ShapeTable
+import graphopt.passes.lossy.deeprebirth as dr
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import SampleData
+from graphopt.passes.lossless.branch import ShapeTable
 from tests.util import init, make_model, op_types, run, tensor
 
 N = 256

@@ -1,4 +1,4 @@
-"""graphopt.executor: InProcess and ProcessPool agree, ship the context once per worker, report errors
+"""graphopt.measure.executor: InProcess and ProcessPool agree, ship the context once per worker, report errors
 with the item named, and surface a dead worker instead of hanging; EvalContext caches per process."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.calibration import SampleData
-from graphopt.executor import (
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.executor import (
     ContextError,
     EvalContext,
     InProcess,

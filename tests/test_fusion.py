@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import graphopt.passes.fusion  # noqa: F401  (registers the pass)
 import numpy as np
 import onnx
 import onnx.parser
 import pytest
 
+import graphopt.passes.lossless.fusion  # noqa: F401  (registers the pass)
 from tests.util import apply_pass as apply
 from tests.util import op_types, run
 

@@ -18,8 +18,8 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt.calibration import SampleData
-from graphopt.verify import verify
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "models" / "fmnist_eval.npz"

@@ -9,20 +9,20 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt import importance as imp
-from graphopt import reconstruct as rec
-from graphopt.calibration import SampleData
-from graphopt.channels import Consumer as C
-from graphopt.channels import Group
-from graphopt.channels import Member as M
-from graphopt.channels import Producer as P
-from graphopt.lstsq import CrossGram
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.compress import importance as imp
+from graphopt.compress import reconstruct as rec
+from graphopt.compress.channels import Consumer as C
+from graphopt.compress.channels import Group
+from graphopt.compress.channels import Member as M
+from graphopt.compress.channels import Producer as P
+from graphopt.compress.lstsq import CrossGram
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, run, tensor
 
 
 def G(gid, size, producers, consumers, members):
-    """A real graphopt.channels.Group built from positional parts (unfrozen)."""
+    """A real graphopt.compress.channels.Group built from positional parts (unfrozen)."""
     return Group(gid=gid, size=size, frozen=None, members=members, producers=producers, consumers=consumers)
 
 
@@ -68,7 +68,7 @@ def test_bn_scale_uses_gamma_only_and_refuses_without_bn():
 
 
 def test_activation_scores_from_channel_stats():
-    from graphopt.calibration import ChannelStats
+    from graphopt.measure.calibration import ChannelStats
     st = ChannelStats(axis=1)
     x = np.zeros((8, 3, 2, 2), np.float32)
     x[:, 0] = 1.0            # always on

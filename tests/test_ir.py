@@ -1,4 +1,4 @@
-"""Unit tests of the IR (graphopt.ir): use-def queries, safe mutation, naming, order, invariants."""
+"""Unit tests of the IR (graphopt.core.ir): use-def queries, safe mutation, naming, order, invariants."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.errors import IRError
-from graphopt.ir import CAPTURE, Graph, Namer, Node, Value
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.core.errors import IRError
+from graphopt.core.ir import CAPTURE, Graph, Namer, Node, Value
+from graphopt.core.onnx_io import from_proto, to_proto
 from tests.util import parse, run
-
 
 
 def value(graph: Graph, name: str) -> Value:
@@ -707,7 +706,7 @@ def test_identity_elimination_needs_no_graph_search(monkeypatch):
     model = from_proto(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18)]))
     g = model.graph
     searches = []
-    monkeypatch.setattr("graphopt.ir.nx.has_path", lambda *a: searches.append(a) or False)
+    monkeypatch.setattr("graphopt.core.ir.nx.has_path", lambda *a: searches.append(a) or False)
     for n in [n for n in g.nodes if n.op_type == "Identity"]:
         fused = g.add_node("Relu", [n.inputs[0]], name="fresh")  # a new node, as a fusion would add
         g.replace_all_uses(n.outputs[0], fused.outputs[0])

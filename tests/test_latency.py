@@ -1,4 +1,4 @@
-"""graphopt.latency: the stored profile, onnxruntime's NCHWc rule, monotone and deterministic predictions."""
+"""graphopt.measure.latency: the stored profile, onnxruntime's NCHWc rule, monotone and deterministic predictions."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from graphopt import channels
-from graphopt import latency as lat
-from graphopt.onnx_io import from_proto, load
-from graphopt.passes.prune import polynomial_cost
+from graphopt.compress import channels
+from graphopt.core.onnx_io import from_proto, load
+from graphopt.measure import latency as lat
+from graphopt.passes.lossy.prune import polynomial_cost
 from tests.util import init, make_model, tensor
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

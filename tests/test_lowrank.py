@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import helper
 
-import graphopt.passes.lowrank as lr
-from graphopt import onnx_io, svd
-from graphopt.calibration import Gram, SampleData
-from graphopt.manager import PassContext
+import graphopt.passes.lossy.lowrank as lr
+from graphopt.compress import svd
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import Gram, SampleData
 from tests.util import init, make_model, op_types, run, tensor
 
 RNG = np.random.default_rng(0)
@@ -330,7 +331,7 @@ def test_gemm_bias_varying_per_row_is_refused():
 
 
 def test_deterministic_and_preset():
-    from graphopt.manager import build_pipeline, run_pipeline
+    from graphopt.core.manager import build_pipeline, run_pipeline
     proto, data = mlp()
     outs = [apply(proto, data, ratio=0.5)[1].SerializeToString() for _ in range(2)]
     assert outs[0] == outs[1]
@@ -355,7 +356,7 @@ def test_rank_below_min_rank_is_left_alone():
 def test_latency_model_decides_per_layer_and_records_its_prediction():
     """A wide 1x1 conv at 14x14 factorized to rank 16 is predicted faster and factorized; the same conv at
     4x4 is so small that the second kernel's dispatch outweighs the MACs saved: left alone."""
-    from graphopt import latency as lat
+    from graphopt.measure import latency as lat
 
     def one_by_one(hw):
         return conv_model(cin=128, cout=128, k=(1, 1), pads=(0, 0, 0, 0), hw=(hw, hw))
@@ -377,7 +378,7 @@ def test_latency_model_decides_per_layer_and_records_its_prediction():
 
 
 def test_cost_model_leaves_a_slower_factorization_alone():
-    # batch-1 24x20 layer: two kernels cost more dispatch than the MACs they save (graphopt.latency)
+    # batch-1 24x20 layer: two kernels cost more dispatch than the MACs they save (graphopt.measure.latency)
     result, out = apply(gemm_model(), ratio=0.5, latency="cost")
     assert not result.changed and op_types(out) == ["Gemm"]
     assert any("not faster (cost)" in e["reason"] for e in result.stats["left_alone"])

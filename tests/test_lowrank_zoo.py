@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-import graphopt.passes.lowrank as lr
-from graphopt import onnx_io
-from graphopt import ort as gort
-from graphopt.calibration import load_data
-from graphopt.manager import PassContext, build_pipeline, run_pipeline
+import graphopt.passes.lossy.lowrank as lr
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext, build_pipeline, run_pipeline
+from graphopt.measure import ort as gort
+from graphopt.measure.calibration import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

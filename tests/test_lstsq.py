@@ -1,4 +1,4 @@
-"""graphopt.lstsq: streaming ridge least squares and the linear-layer view of Conv/Gemm/MatMul."""
+"""graphopt.compress.lstsq: streaming ridge least squares and the linear-layer view of Conv/Gemm/MatMul."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.calibration import SampleData
-from graphopt.lstsq import CrossGram, LinearLayer, collect
-from graphopt.onnx_io import copy_model, from_proto, to_proto
+from graphopt.compress.lstsq import CrossGram, LinearLayer, collect
+from graphopt.core.onnx_io import copy_model, from_proto, to_proto
+from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, run, tensor
 
 RNG = np.random.default_rng(0)

@@ -8,11 +8,24 @@ import numpy as np
 import pytest
 from onnx import helper, numpy_helper
 
-from graphopt import onnx_io
-from graphopt.errors import OptionError
-from graphopt.ir import Model
-from graphopt.manager import (FixedPoint, Option, Pass, PassContext, PassError, PassResult, Sequential,
-                              build_pipeline, get_pass, parse_options, registered, run_pipeline)
+from graphopt.core import onnx_io
+from graphopt.core.errors import OptionError
+from graphopt.core.ir import Model
+from graphopt.core.manager import (
+    FixedPoint,
+    Option,
+    Pass,
+    PassContext,
+    PassError,
+    PassResult,
+    Sequential,
+    build_pipeline,
+    get_pass,
+    parse_options,
+    registered,
+    run_pipeline,
+)
+from graphopt.measure.analysis import budget_cost
 from tests.util import make_model, tensor
 
 
@@ -56,7 +69,7 @@ class Corrupting(Pass):
 
 
 def test_registry_has_cleanup_passes_and_lossless_preset():
-    from graphopt.passes import LOSSLESS
+    from graphopt.passes.presets import LOSSLESS
     assert {"dead_code", "identity"} <= set(registered())
     pipeline = build_pipeline("lossless")
     assert [p.name for p in pipeline.leaves()] == LOSSLESS and pipeline.lossless
@@ -183,9 +196,9 @@ def _gemm_model() -> Model:
 
 def test_budgets_are_fractions_of_the_pipelines_input_model():
     model = _gemm_model()
-    ctx = PassContext(target_macs=0.5)
+    ctx = PassContext(target_macs=0.5, measure=budget_cost)
     run_pipeline(Sequential([DropsAHalfLayer()]), model, ctx)
     assert ctx.baseline == (32, 32)  # recorded before the first pass changed the cost
-    untouched = PassContext()
+    untouched = PassContext(measure=budget_cost)
     run_pipeline(Sequential([DropsAHalfLayer()]), _gemm_model(), untouched)
     assert untouched.baseline is None  # no budget, no analysis

@@ -6,7 +6,7 @@ The cases come from the generators the onnx package ships (``onnx.backend.test.c
 1. The original model is run by onnxruntime with its graph optimizations off. A case onnxruntime
    rejects or fails on (an unreleased opset, an op or type without a CPU kernel, a preview domain...)
    is out of scope: it is counted, with the reason; its proto must still round-trip exactly.
-2. The model goes through the IR (:func:`graphopt.onnx_io.round_trip`).
+2. The model goes through the IR (:func:`graphopt.core.onnx_io.round_trip`).
 3. The exported ModelProto must serialize to exactly the original's bytes, and onnxruntime must give
    bitwise-identical outputs on it (same dtype, shape and bits; NaN equals NaN; sequences and optionals
    compared element by element).
@@ -34,7 +34,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphopt.onnx_io import round_trip
+from graphopt.core.onnx_io import round_trip
 
 ort = pytest.importorskip("onnxruntime")
 

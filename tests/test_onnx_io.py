@@ -1,4 +1,4 @@
-"""Unit tests of ModelProto <-> IR (graphopt.onnx_io): exact round trip, files, external data, bad input."""
+"""Unit tests of ModelProto <-> IR (graphopt.core.onnx_io): exact round trip, files, external data, bad input."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from graphopt.errors import ModelLoadError
-from graphopt.onnx_io import from_proto, load, round_trip, save, to_proto
+from graphopt.core.errors import ModelLoadError
+from graphopt.core.onnx_io import from_proto, load, round_trip, save, to_proto
 from tests.util import parse, run
 
 ort = pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.api import optimize
+from graphopt.app.api import optimize
 from tests.util import apply_pass, init, make_model, op_types, run, tensor
 
 ROOT = Path(__file__).resolve().parents[1]

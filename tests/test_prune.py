@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.analysis import analyze
-from graphopt.calibration import SampleData
-from graphopt.manager import PassContext, get_pass, presets
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.core.manager import PassContext, get_pass, presets
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure.analysis import analyze
+from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, run, tensor
 
 
@@ -147,7 +147,7 @@ def test_accuracy_guard_relaxes_target():
 
 
 def test_relaxed_guard_says_so_in_a_notice(monkeypatch):
-    from graphopt import budget
+    from graphopt.compress import budget
 
     def relaxing_guard(allocate_at, measure_drop, max_drop, target, **kw):
         # what budget.guarded returns when the target's measured drop is over budget (the small graphs
@@ -164,7 +164,7 @@ def test_relaxed_guard_says_so_in_a_notice(monkeypatch):
 
 
 def test_guard_notice_only_when_the_target_was_relaxed():
-    from graphopt.passes.prune import guard_notice
+    from graphopt.passes.lossy.prune import guard_notice
 
     ok = {"ok": True, "drop": 0.4}
     assert guard_notice(None, 1.0, 0.5) is None
@@ -188,7 +188,7 @@ def test_nothing_prunable_comes_back_unchanged():
 
 def test_explicit_channels_prune_exactly_the_named_groups():
     proto = _cnn()
-    from graphopt import channels
+    from graphopt.compress import channels
     groups = {g.gid: g for g in channels.analyze(from_proto(proto)).prunable()}
     first, second = sorted(groups)
     model, result = _run(proto, _ctx(_data(), channels=f"{first}:3"))
@@ -206,8 +206,8 @@ def test_explicit_channels_prune_exactly_the_named_groups():
 @pytest.mark.parametrize("text, message", [("1-3", "is not 'group:count'"), ("99:2", "not a group of this model"),
                                            ("G:0", "can keep"), ("G:9", "can keep")])
 def test_explicit_channels_refuse_bad_input_before_touching_the_model(text, message):
-    from graphopt import channels
-    from graphopt.errors import OptionError
+    from graphopt.compress import channels
+    from graphopt.core.errors import OptionError
     proto = _cnn()
     gid = min(g.gid for g in channels.analyze(from_proto(proto)).prunable())
     model = from_proto(proto)
@@ -218,8 +218,8 @@ def test_explicit_channels_refuse_bad_input_before_touching_the_model(text, mess
 
 
 def test_explicit_channels_refuse_a_frozen_group():
-    from graphopt import channels
-    from graphopt.errors import OptionError
+    from graphopt.compress import channels
+    from graphopt.core.errors import OptionError
     frozen = next(g.gid for g in channels.analyze(from_proto(_cnn())).groups if g.frozen)
     with pytest.raises(OptionError, match="is frozen"):
         _run(_cnn(), _ctx(_data(), channels=f"{frozen}:2"))
@@ -241,7 +241,7 @@ def test_prune_preset_registered():
 
 def test_prune_preset_targets_the_input_models_macs():
     """BN counts MACs; the preset folds it before pruning, and the target stays a fraction of the input."""
-    from graphopt.api import optimize
+    from graphopt.app.api import optimize
     proto = _cnn(c1=16, c2=16, bn=True)
     before = analyze(from_proto(proto)).macs
     result = optimize(proto, preset="prune", data=_data(), target_macs=0.5, run_verify=False,
@@ -351,9 +351,8 @@ def test_default_channel_counts_are_multiples_of_eight():
 
 
 def test_latency_weights_discount_small_conv_outputs():
-    from graphopt.passes.prune import SMALL_OUTPUT_WEIGHT, latency_weights
-
-    from graphopt.channels import analyze as channel_groups
+    from graphopt.compress.channels import analyze as channel_groups
+    from graphopt.passes.lossy.prune import SMALL_OUTPUT_WEIGHT, latency_weights
 
     model = from_proto(_cnn(c1=16, c2=32))
     groups = channel_groups(model).prunable()
@@ -388,7 +387,7 @@ def test_latency_option_meets_the_mac_target_and_reports_its_price(mode, key):
 
 
 def test_layer_rows_caps_the_kept_rows_of_wide_layers_only():
-    from graphopt.reconstruct import KEPT_ROW_BYTES, MIN_ROWS, layer_rows
+    from graphopt.compress.reconstruct import KEPT_ROW_BYTES, MIN_ROWS, layer_rows
     assert layer_rows(65536, 288, 32) == 65536  # a 3x3 conv over 32 channels: all the rows asked for
     wide, out = 3 * 3 * 512, 512
     assert MIN_ROWS <= layer_rows(65536, wide, out) < 65536

@@ -7,11 +7,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from graphopt.analysis import analyze
-from graphopt.api import optimize
-from graphopt.calibration import load_data
-from graphopt.onnx_io import load
-from graphopt.verify import verify
+from graphopt.app.api import optimize
+from graphopt.core.onnx_io import load
+from graphopt.measure.analysis import analyze
+from graphopt.measure.calibration import load_data
+from graphopt.measure.verify import verify
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 FAST = {"prune_filters.samples": 160, "prune_filters.sens_samples": 64, "prune_filters.sens_levels": 4,

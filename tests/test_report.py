@@ -1,4 +1,4 @@
-"""Tests for graphopt.report: the JSON, Markdown, HTML and terminal renderings of an optimize report."""
+"""Tests for graphopt.app.report: the JSON, Markdown, HTML and terminal renderings of an optimize report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-import graphopt.report
-from graphopt.errors import GraphoptError, OptionError
-from graphopt.report import (MAX_TABLE_ROWS, format_bytes, format_count, format_ratio, print_summary,
-                             render_html, render_markdown, stats_digest, write_report)
+import graphopt.app.report
+from graphopt.app.report import (
+    MAX_TABLE_ROWS,
+    format_bytes,
+    format_count,
+    format_ratio,
+    print_summary,
+    render_html,
+    render_markdown,
+    stats_digest,
+    write_report,
+)
+from graphopt.core.errors import GraphoptError, OptionError
 
 EVIL = "<script>alert('x')</script>"
 
@@ -248,12 +257,13 @@ def test_print_summary_fail(failed):
 
 
 def test_docstring_examples_run():
-    assert doctest.testmod(graphopt.report).failed == 0
+    assert doctest.testmod(graphopt.app.report).failed == 0
 
 
 def test_terminal_summary_folds_fixed_point_rounds_into_one_row_per_pass():
     from rich.console import Console
-    from graphopt.report import format_seconds, print_summary
+
+    from graphopt.app.report import format_seconds, print_summary
     report = {"model": "m.onnx", "passes": [
         {"name": "fold", "changed": True, "seconds": 0.5, "stats": {"folded": 3}},
         {"name": "dce", "changed": False, "seconds": 0.25, "stats": {"removed": 0}},
@@ -277,7 +287,7 @@ def test_verdict_says_which_samples_the_accuracy_was_measured_on(mode, held_out,
     console = Console(record=True, width=400)
     verify = {"passed": True, "mode": mode, "metrics": {}, "reasons": [], "accuracy_reference": 90.0,
               "accuracy_candidate": 89.5, "samples": 300, "held_out": held_out}
-    graphopt.report.print_verdict(verify, console)
+    graphopt.app.report.print_verdict(verify, console)
     text = console.export_text()
     assert expected in text
     assert ("calibration" in text) == (mode == "accuracy" and not held_out)

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt import onnx_io
-from graphopt.rewrite import (Match, NoMatch, Rule, apply_rules, const_input, is_op, producer_op, remove_dead,
-                              sole_consumer)
+from graphopt.core import onnx_io
+from graphopt.core.ops import const_input, is_op, producer_op, remove_dead, sole_consumer
+from graphopt.core.rewrite import Match, NoMatch, Rule, apply_rules
 from tests.util import init, make_model, run, tensor
 
 
@@ -87,7 +87,7 @@ def test_helpers():
 
 
 def test_copy_model_is_independent():
-    from graphopt.onnx_io import copy_model
+    from graphopt.core.onnx_io import copy_model
     proto = make_model([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
                         helper.make_node("Exp", ["b"], ["y"])], [tensor("x", [3])], [tensor("y", [3])])
     model = onnx_io.from_proto(proto)

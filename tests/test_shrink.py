@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt import analysis, channels, shrink
-from graphopt.errors import GraphoptError
-from graphopt.ir import Model
-from graphopt.onnx_io import from_proto, to_proto
+from graphopt.compress import channels, shrink
+from graphopt.core.errors import GraphoptError
+from graphopt.core.ir import Model
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import analysis
 from tests import test_channels as tc
 from tests.util import run
 

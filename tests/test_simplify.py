@@ -8,9 +8,9 @@ import onnx.parser
 import pytest
 from onnx import helper
 
-import graphopt.passes.simplify  # noqa: F401  (registers the pass)
-from graphopt import onnx_io
-from graphopt.manager import PassContext, get_pass
+import graphopt.passes.lossless.simplify  # noqa: F401  (registers the pass)
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext, get_pass
 from tests.util import init, make_model, op_types, run, tensor
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import helper
 
-import graphopt.passes.sparsify as sp
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.lstsq import CrossGram
-from graphopt.manager import PassContext
+import graphopt.passes.lossy.sparsify as sp
+from graphopt.compress.lstsq import CrossGram
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, op_types, run, tensor
 
 
@@ -194,7 +194,7 @@ def test_ridge_is_chosen_on_held_out_samples():
 
 
 def test_downstream_weight_follows_relu_to_the_next_gemm():
-    from graphopt.lstsq import LinearLayer
+    from graphopt.compress.lstsq import LinearLayer
     model = onnx_io.from_proto(_mlp())
     fc1 = next(n for n in model.graph.toposort() if n.name == "fc1")
     fc2 = next(n for n in model.graph.toposort() if n.name == "fc2")

@@ -7,13 +7,11 @@ import math
 
 import numpy as np
 import pytest
-
-from graphopt import storage
-from graphopt.onnx_io import from_proto
 from onnx import helper
 
+from graphopt.compress import storage
+from graphopt.core.onnx_io import from_proto
 from tests.util import init, make_model, tensor
-
 
 
 def _kraft(lengths) -> float:

@@ -6,14 +6,14 @@ plus graphs it must leave alone (the exported model is then identical to the inp
 
 from __future__ import annotations
 
-import graphopt.passes.streamline as streamline
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import onnx_io
-from graphopt.manager import PassContext
+import graphopt.passes.lossless.streamline as streamline
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
 from tests.util import apply_pass as optimize
 from tests.util import init, make_model, op_types, run, tensor
 

@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import pytest
 
-import graphopt.passes.cleanup  # noqa: F401  (registers identity / dead_code)
-import graphopt.passes.streamline  # noqa: F401  (registers the streamline passes)
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.manager import FixedPoint, PassContext, get_pass, registered, run_pipeline
-from graphopt.verify import verify
+import graphopt.passes.lossless.cleanup  # noqa: F401  (registers identity / dead_code)
+import graphopt.passes.lossless.streamline  # noqa: F401  (registers the streamline passes)
+from graphopt.core import onnx_io
+from graphopt.core.manager import FixedPoint, PassContext, get_pass, registered, run_pipeline
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = REPO / "models" / "zoo.json"

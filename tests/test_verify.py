@@ -1,4 +1,4 @@
-"""Tests for graphopt.verify: metrics, the automatic tolerance, accuracy mode, the first divergence."""
+"""Tests for graphopt.measure.verify: metrics, the automatic tolerance, accuracy mode, the first divergence."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.calibration import SampleData, random_data
-from graphopt.errors import DataError, GraphoptError, OptionError
-from graphopt.onnx_io import from_proto
-from graphopt.verify import Tolerance, auto_tolerance, first_divergence, mac_depth, verify
+from graphopt.core.errors import DataError, GraphoptError, OptionError
+from graphopt.core.onnx_io import from_proto
+from graphopt.measure.calibration import SampleData, random_data
+from graphopt.measure.verify import Tolerance, auto_tolerance, first_divergence, mac_depth, verify
 
 DEPTH = 22
 

@@ -7,15 +7,14 @@ import onnx
 import pytest
 from onnx import helper
 
-import graphopt.passes.weight_sharing as ws
-from graphopt import kmeans as km
-from graphopt import onnx_io
-from graphopt.calibration import SampleData
-from graphopt.lstsq import CrossGram
-from graphopt.manager import PassContext
-from graphopt.passes.sparsify import penalised
+import graphopt.passes.lossy.weight_sharing as ws
+from graphopt.compress import kmeans as km
+from graphopt.compress.lstsq import CrossGram
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import SampleData
+from graphopt.passes.lossy.sparsify import penalised
 from tests.util import init, make_model, op_types, run, tensor
-
 
 # ----------------------------------------------------------------------------------------- k-means
 
@@ -167,7 +166,7 @@ def test_small_and_shared_weights_are_left_alone():
 
 
 def test_compress_preset_prunes_then_shares():
-    from graphopt.manager import build_pipeline, run_pipeline
+    from graphopt.core.manager import build_pipeline, run_pipeline
     proto = _model()
     model = onnx_io.from_proto(proto)
     pipeline = build_pipeline("compress")

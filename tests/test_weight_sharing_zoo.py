@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from graphopt import onnx_io
-from graphopt.calibration import load_data
-from graphopt.manager import PassContext
-from graphopt.passes.weight_sharing import WeightSharing
+from graphopt.core import onnx_io
+from graphopt.core.manager import PassContext
+from graphopt.measure.calibration import load_data
+from graphopt.passes.lossy.weight_sharing import WeightSharing
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt import ort as gort
+from graphopt.measure import ort as gort
 from tests.util import run
 
 REPO = Path(__file__).resolve().parent.parent

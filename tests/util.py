@@ -49,8 +49,8 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 def apply_pass(pass_name: str, proto: onnx.ModelProto, **options):
     """Run the registered pass ``pass_name`` (with ``options``) on a copy of ``proto``; check the IR's
     invariants and the full onnx checker on the result. Returns ``(PassResult, ModelProto)``."""
-    from graphopt import onnx_io
-    from graphopt.manager import PassContext, get_pass
+    from graphopt.core import onnx_io
+    from graphopt.core.manager import PassContext, get_pass
 
     model = onnx_io.from_proto(proto)
     result = get_pass(pass_name).run(model, PassContext(options={pass_name: options} if options else {}))

@@ -3,7 +3,7 @@
 For each candidate model (the original, graphopt's output, and what other tools make from the same input)
 it measures, in ONE run:
 
-* params, MACs, node count (graphopt.analysis) and serialized size;
+* params, MACs, node count (graphopt.measure.analysis) and serialized size;
 * accuracy on the evaluation set and output error vs the original (onnxruntime, optimizations off);
 * onnxruntime latency: the median over ``--runs`` timed runs, for 1 thread and all threads, with graph
   optimizations at the level users deploy (ENABLE_ALL) and off (DISABLE_ALL). Candidates are timed
@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphopt  # noqa: E402
-from graphopt import analysis, cli, onnx_io, ort  # noqa: E402
-from graphopt.calibration import SampleData, feed_batch_size, load_data, random_data  # noqa: E402
-from graphopt.errors import GraphoptError  # noqa: E402
-from graphopt.verify import verify  # noqa: E402
+from graphopt.app import cli  # noqa: E402
+from graphopt.core import onnx_io  # noqa: E402
+from graphopt.core.errors import GraphoptError  # noqa: E402
+from graphopt.measure import analysis, ort  # noqa: E402
+from graphopt.measure.calibration import SampleData, feed_batch_size, load_data, random_data  # noqa: E402
+from graphopt.measure.verify import verify  # noqa: E402
 
 ZOO = ROOT / "models" / "zoo.json"
 EVAL = ROOT / "models" / "fmnist_eval.npz"
@@ -377,6 +379,7 @@ def cmd_write(args: argparse.Namespace) -> None:
 def _machine() -> str:
     import os
     import platform
+
     import onnxruntime
     return (f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}")

@@ -10,7 +10,7 @@ Usage::
 ``lenet``: for each density configuration, ``sparsify`` (SparseGPT/OBS masks, splicing, LS re-fit)
 then ``weight_sharing`` (snap, LS centroid re-fit) at several bit widths, on the calibration set
 (``models/fmnist_calib.npz``, 512 samples); accuracy on ``models/fmnist_eval.npz`` (2000 samples);
-compression ratio by :mod:`graphopt.storage` (Deep Compression accounting: relative indices with
+compression ratio by :mod:`graphopt.compress.storage` (Deep Compression accounting: relative indices with
 fillers, cluster indices, codebooks, each Huffman coded; biases float32). Baselines on the same
 densities: plain magnitude pruning (Han et al. 2015) and onnxsim's ``apply_magnitude_pruning``.
 Prints every row and the best ratio within 0.5 and 1.0 point.
@@ -38,11 +38,11 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from graphopt import storage  # noqa: E402
-from graphopt.calibration import SampleData, load_data, reference_outputs  # noqa: E402
-from graphopt.manager import PassContext, build_pipeline, get_pass, run_pipeline  # noqa: E402
-from graphopt.onnx_io import copy_model, from_proto, load, to_proto  # noqa: E402
-from graphopt.ort import session  # noqa: E402
+from graphopt.compress import storage  # noqa: E402
+from graphopt.core.manager import PassContext, build_pipeline, get_pass, run_pipeline  # noqa: E402
+from graphopt.core.onnx_io import copy_model, from_proto, load, to_proto  # noqa: E402
+from graphopt.measure.calibration import SampleData, load_data, reference_outputs  # noqa: E402
+from graphopt.measure.ort import session  # noqa: E402
 
 MODELS = ROOT / "models"
 

@@ -2,9 +2,9 @@
 
 1. **Sensitivity analysis through an executor.** Every Conv of a zoo model is a unit; at each level
    the filters with the smallest L1 norm beyond the kept count are zeroed and the relative output error
-   on ``--samples`` calibration samples is measured (:func:`graphopt.budget.sensitivity`). The same
-   analysis runs with :class:`~graphopt.executor.InProcess` (onnxruntime's default threads, and 1
-   thread) and :class:`~graphopt.executor.ProcessPool` (``--workers`` processes of 1 thread each, pool
+   on ``--samples`` calibration samples is measured (:func:`graphopt.compress.budget.sensitivity`). The same
+   analysis runs with :class:`~graphopt.measure.executor.InProcess` (onnxruntime's default threads, and 1
+   thread) and :class:`~graphopt.measure.executor.ProcessPool` (``--workers`` processes of 1 thread each, pool
    start included), alternating the executors in each round; the table shows the median wall time and
    the ratio to InProcess measured in the same run, and checks that every executor returns the same
    errors. Two ways to apply a change are timed:
@@ -43,9 +43,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt import budget
-from graphopt.calibration import load_data
-from graphopt.executor import EvalContext, InProcess, ProcessPool
+from graphopt.compress import budget
+from graphopt.measure.calibration import load_data
+from graphopt.measure.executor import EvalContext, InProcess, ProcessPool
 
 
 @dataclass
@@ -143,8 +143,8 @@ def bench_sensitivity(args) -> list[str]:
 def chain_macs_cost(path: str, proto: onnx.ModelProto, units: list[budget.Unit]) -> budget.PolynomialCost:
     """MACs of a plain conv chain (VGG) as a PolynomialCost: a conv scales with its input unit (the
     previous conv's filters) and its own; nodes after a conv (BN, Relu, pool, the first Gemm) with it."""
-    from graphopt.analysis import analyze
-    from graphopt.onnx_io import load
+    from graphopt.core.onnx_io import load
+    from graphopt.measure.analysis import analyze
 
     per_node = {n.name: n.macs or 0 for n in analyze(load(path)).per_node}
     keys = {u.key for u in units}

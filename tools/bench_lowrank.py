@@ -7,7 +7,7 @@ filter), once with the plain SVD and once data-aware (calibrated on ``models/fmn
 Accuracy and the relative output error ``‖y' − y‖ / ‖y‖`` of the logits are measured on
 ``models/fmnist_eval.npz`` (2000 samples, onnxruntime with graph optimizations off).
 
-``targets`` runs the issue's two budget cases through the global allocator (``graphopt.budget``):
+``targets`` runs the issue's two budget cases through the global allocator (``graphopt.compress.budget``):
 the transformer at 50% of its MatMul parameters, VGG at 50% of its conv MACs, data-aware, and reports
 the accuracy drop and the measured whole-model latency (ORT_ENABLE_ALL, 1 thread, A/B alternating).
 
@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_pair import ab_seconds  # noqa: E402  (tools/ is on sys.path when run as a script)
-from graphopt import onnx_io, ort  # noqa: E402
-from graphopt.analysis import analyze  # noqa: E402
-from graphopt.calibration import load_data  # noqa: E402
-from graphopt.manager import PassContext, build_pipeline, run_pipeline  # noqa: E402
-from graphopt.passes.lowrank import LowRank  # noqa: E402
+
+from graphopt.core import onnx_io  # noqa: E402
+from graphopt.core.manager import PassContext, build_pipeline, run_pipeline  # noqa: E402
+from graphopt.measure import ort  # noqa: E402
+from graphopt.measure.analysis import analyze  # noqa: E402
+from graphopt.measure.calibration import load_data  # noqa: E402
+from graphopt.passes.lossy.lowrank import LowRank  # noqa: E402
 
 EVAL = ROOT / "models" / "fmnist_eval.npz"
 CALIB = ROOT / "models" / "fmnist_calib.npz"

@@ -9,7 +9,7 @@ Tables (markdown on stdout; every number measured in this one run):
    without reconstruction; ``l1`` with the sensitivity allocation; and onnxsim's
    ``apply_structured_pruning`` on the same models (failures, e.g. models onnxruntime rejects, recorded).
 2. ``zoo`` — every zoo model through the default ``prune`` preset: valid (onnx.checker + onnxruntime runs),
-   MACs ratio (graphopt.analysis), groups pruned / prunable, accuracy drop.
+   MACs ratio (graphopt.measure.analysis), groups pruned / prunable, accuracy drop.
 3. ``latency`` — onnxruntime ENABLE_ALL, 1 intra-op thread, original vs pruned, alternating A/B runs in
    one process (CPU time of the process; medians), batch 64 on the zoo CNNs, and the synthetic ResNet-18
    at 224x224 (random weights; pruned with l1 / uniform / no reconstruction, accuracy is meaningless there).
@@ -58,12 +58,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_pair import ab_seconds  # noqa: E402  (tools/ is on sys.path when run as a script)
-from graphopt import ort as gort
-from graphopt.analysis import analyze
-from graphopt.api import optimize
-from graphopt.calibration import SampleData, load_data, random_data
-from graphopt.onnx_io import from_proto, load, to_proto
-from graphopt.verify import verify
+
+from graphopt.app.api import optimize
+from graphopt.core.onnx_io import from_proto, load, to_proto
+from graphopt.measure import ort as gort
+from graphopt.measure.analysis import analyze
+from graphopt.measure.calibration import SampleData, load_data, random_data
+from graphopt.measure.verify import verify
 
 MODELS = ROOT / "models"
 ZOO = ["vgg", "resnet", "mobilenetv2", "inception", "shufflenet", "senet", "lenet5", "lenet300", "transformer"]
@@ -92,9 +93,8 @@ def _prune(name: str, calib: SampleData, target: float, options: dict[str, Any],
 
 def _without_reconstruction(name: str, calib: SampleData, stats: dict) -> onnx.ModelProto:
     """The kept channels of a ``prune`` run, applied to the same cleaned model without re-fitting."""
-    from graphopt.passes.prune import apply_plan
-
-    from graphopt import channels
+    from graphopt.compress import channels
+    from graphopt.passes.lossy.prune import apply_plan
     cleaned = optimize(MODELS / f"{name}.onnx", preset="lossless", run_verify=False).ir
     analysis = channels.analyze(cleaned)
     keep = {g["group"]: np.array(g["kept"], dtype=np.int64) for g in stats["groups"] if g["kept"] != "all"}
@@ -283,8 +283,8 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     ``radius > 0`` draws them around the default allocation instead (each group's kept count within
     ``radius`` channels of the default's), to look for a faster allocation that keeps its accuracy.
     """
-    from graphopt import channels
-    from graphopt import latency as lat
+    from graphopt.compress import channels
+    from graphopt.measure import latency as lat
 
     path = MODELS / f"{name}.onnx"
     original = load(path)

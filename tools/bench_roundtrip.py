@@ -12,8 +12,8 @@ child imports everything, resets the kernel's peak-RSS counter (``/proc/self/cle
 the baseline is the peak so far), then times the load and the export, and reports the peak resident
 set (``VmHWM``, or ``ru_maxrss``) minus the baseline. Two exports are measured:
 
-* ``save``: :func:`graphopt.onnx_io.save`, which streams the initializers (what the CLI does);
-* ``to_proto``: :func:`graphopt.onnx_io.to_proto` then ``SerializeToString()`` — an in-memory
+* ``save``: :func:`graphopt.core.onnx_io.save`, which streams the initializers (what the CLI does);
+* ``to_proto``: :func:`graphopt.core.onnx_io.to_proto` then ``SerializeToString()`` — an in-memory
   ModelProto and its bytes, so at least the IR plus two copies of the weights (informational, no
   memory target).
 
@@ -82,7 +82,7 @@ def _reset_peak() -> int:
 
 
 def child(path: Path, mode: str, out_dir: Path) -> dict:
-    import graphopt.onnx_io as onnx_io  # noqa: F401 - imported before the baseline on purpose
+    import graphopt.core.onnx_io as onnx_io  # noqa: F401 - imported before the baseline on purpose
 
     baseline = _reset_peak()
     start = time.perf_counter()

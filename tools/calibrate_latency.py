@@ -1,4 +1,4 @@
-"""Calibrate and check graphopt's latency model (:mod:`graphopt.latency`).
+"""Calibrate and check graphopt's latency model (:mod:`graphopt.measure.latency`).
 
 ``fit``   — reads onnxruntime's NCHWc path rule off this machine (which Conv shapes it blocks), times a
             fixed, seeded set of ~500 single-kernel models (Conv of every kind, Gemm, element-wise ops)
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnxruntime as ort  # noqa: E402
 
-from graphopt import latency as lat  # noqa: E402
+from graphopt.measure import latency as lat  # noqa: E402
 
 ZOO = ["vgg", "resnet", "mobilenetv2", "inception", "shufflenet", "senet", "lenet5", "lenet300", "transformer"]
 
@@ -275,7 +275,7 @@ def probe_path(block: int) -> lat.Nchwc:
         rule = lat.Nchwc(block, multiple)
         if all(seen[case] == rule.nchwc(*case, 2) for case in cases):
             return rule
-    raise SystemExit("calibrate: onnxruntime's NCHWc rule matches no input_multiple; update graphopt.latency.Nchwc")
+    raise SystemExit("calibrate: onnxruntime's NCHWc rule matches no input_multiple; update graphopt.measure.latency.Nchwc")
 
 
 def _block() -> int:
@@ -388,9 +388,9 @@ def cmd_check(args) -> None:
           f"less its {overhead * 1e6:.1f} us per kernel; wall = median run)\n\n"
           "| model | batch | predicted ms | kernels ms | wall ms | predicted / kernels | predicted / wall |\n"
           "|---|---|---|---|---|---|---|")
-    from graphopt.manager import PassContext, build_pipeline, run_pipeline
-    from graphopt.onnx_io import load as load_model
-    from graphopt.onnx_io import to_proto
+    from graphopt.core.manager import PassContext, build_pipeline, run_pipeline
+    from graphopt.core.onnx_io import load as load_model
+    from graphopt.core.onnx_io import to_proto
     for name in args.models.split(","):
         # after the lossless preset, as the lossy passes see a model: shape-computed Reshape targets are
         # constants there, so every shape is known

@@ -18,7 +18,7 @@ passes ``onnx.checker.check_model(full_check=True)`` and runs in onnxruntime.
     python tools/synthetic_models.py resnet18 /tmp/resnet18.onnx
     python tools/synthetic_models.py chain /tmp/chain.onnx --nodes 20000
 
-``--data FILE.npz --samples N`` also writes N seeded random inputs (``graphopt.calibration.random_data``,
+``--data FILE.npz --samples N`` also writes N seeded random inputs (``graphopt.measure.calibration.random_data``,
 what ``graphopt optimize`` draws without ``--data``) to a file for ``--data``, e.g. to time a prune
 with least-squares re-fits on ResNet-18 at 224x224:
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.output}: {len(model.graph.node)} nodes, "
           f"{model.ByteSize() / 1e6:.1f} MB")
     if args.data:
-        from graphopt.calibration import random_data  # the builders above need only onnx + numpy
+        from graphopt.measure.calibration import random_data  # the builders above need only onnx + numpy
         np.savez(args.data, **random_data(model, args.samples, seed=args.seed).inputs)
         print(f"{args.data}: {args.samples} random inputs")
 

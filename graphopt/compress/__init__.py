@@ -1,0 +1,5 @@
+"""The math of compression, independent of any pass: budgets and allocation, least squares,
+SVD, k-means, storage accounting, filter importance, re-fit, and the channel coupling analysis.
+"""
+
+__all__ = ["budget", "channels", "importance", "kmeans", "lstsq", "reconstruct", "shrink", "storage", "svd"]

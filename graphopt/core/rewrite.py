@@ -1,0 +1,147 @@
+"""A small rule engine for local rewrites (fusions, folds, cancellations).
+
+A :class:`Rule` is anchored on a node of given op types and has three steps:
+
+``match(graph, node) -> Match | str | None``
+    Collect the nodes, values and constants the rewrite needs; or return the reason it does not apply
+    (a short string such as ``"weight is not constant"``) — reasons are counted in the stats, so a user
+    can see why something was left alone; or ``None`` when the node is simply not an instance of the
+    pattern (a Conv with no sibling to fuse with): nothing to report.
+``rewrite(graph, match) -> None``
+    Perform the change through the IR's helpers only.
+
+:func:`apply_rules` walks the graph in topological order, re-reading the graph for every candidate,
+so a match never refers to a node an earlier rewrite removed (a classic pitfall of rule engines that
+compute every match up front). It loops until no rule applies (bounded), and returns a
+:class:`RuleStats` with the count per rule and the refusal reasons per rule.
+
+The questions rules ask (is this a standard op of that type, the single consumer of a value, which
+inputs are constant, a conv's geometry) are answered by :mod:`graphopt.core.ops`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ops import STANDARD_DOMAINS
+
+if TYPE_CHECKING:
+    from graphopt.core.manager import PassResult
+
+
+
+@dataclass
+class Match:
+    """What a rule found: the anchor node plus named nodes, values and arrays."""
+
+    node: Node
+    nodes: dict[str, Node] = field(default_factory=dict)
+    values: dict[str, Value] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def all_nodes(self) -> list[Node]:
+        return [self.node, *self.nodes.values()]
+
+
+class Rule:
+    """Base class of a local rewrite. Subclasses set ``name`` and ``root_ops`` and implement the two steps."""
+
+    name: ClassVar[str] = ""
+    root_ops: ClassVar[tuple[str, ...]] = ()
+
+    def match(self, graph: Graph, node: Node) -> Match | str | None:
+        raise NotImplementedError
+
+    def rewrite(self, graph: Graph, match: Match) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class RuleStats:
+    """How often each rule applied, and why it was refused where it was (with a few examples)."""
+
+    applied: Counter[str] = field(default_factory=Counter)
+    refused: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    examples: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def refuse(self, rule: Rule, reason: str, node: Node) -> None:
+        self.refused[rule.name][reason] += 1
+        examples = self.examples[(rule.name, reason)]
+        if len(examples) < 3:
+            examples.append(node.name or node.op_type)
+
+    @property
+    def total(self) -> int:
+        return sum(self.applied.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"applied": {rule: n}, "left_alone": [{rule, reason, count, examples}]}``."""
+        left = [{"rule": rule, "reason": reason, "count": count, "examples": self.examples[(rule, reason)]}
+                for rule, reasons in sorted(self.refused.items()) for reason, count in sorted(reasons.items())]
+        out: dict[str, Any] = {"applied": dict(sorted(self.applied.items()))}
+        if left:
+            out["left_alone"] = left
+        return out
+
+
+class NoMatch(str):
+    """A ``match`` answer meaning "the pattern is absent here" (a Transpose that does permute), not
+    "refused for a reason worth reporting": :func:`apply_rules` treats it like ``None``.
+
+    It exists for rules whose helpers chain several checks and return the first failing one's reason:
+    the reason stays readable in code and tests, while ``left_alone`` lists only real refusals.
+    """
+
+
+def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
+                graphs: Iterable[Graph] | None = None) -> RuleStats:
+    """Apply ``rules`` everywhere they match, until none does (at most ``max_rounds`` sweeps).
+
+    Refusals are recorded from the last sweep only, so a node that one rule refused and a later
+    rewrite then made eligible is not reported as left alone.
+    """
+    stats = RuleStats()
+    by_op: dict[str, list[Rule]] = defaultdict(list)
+    for rule in rules:
+        for op in rule.root_ops:
+            by_op[op].append(rule)
+    for graph in list(graphs if graphs is not None else model.graphs()):
+        for _ in range(max_rounds):
+            round_refusals = RuleStats()
+            changed = False
+            for node in graph.toposort():
+                if node not in graph.nx or node.domain not in STANDARD_DOMAINS:
+                    continue  # removed by an earlier rewrite in this sweep, or not an op we know
+                for rule in by_op.get(node.op_type, ()):
+                    found = rule.match(graph, node)
+                    if found is None or isinstance(found, NoMatch):
+                        continue
+                    if isinstance(found, str):
+                        round_refusals.refuse(rule, found, node)
+                        continue
+                    rule.rewrite(graph, found)
+                    stats.applied[rule.name] += 1
+                    changed = True
+                    break
+            if not changed:
+                for rule_name, reasons in round_refusals.refused.items():
+                    for reason, count in reasons.items():
+                        stats.refused[rule_name][reason] += count
+                        stats.examples[(rule_name, reason)].extend(round_refusals.examples[(rule_name, reason)])
+                break
+    return stats
+
+
+def rules_result(model: Model, rules: Sequence[Rule]) -> PassResult:
+    """:func:`apply_rules` as a pass's result: changed when a rule applied; stats ``rewrites`` (the
+    count), ``applied`` and ``left_alone``."""
+    from graphopt.core.manager import PassResult
+    stats = apply_rules(model, rules)
+    return PassResult(stats.total > 0, {"rewrites": stats.total, **stats.to_dict()})

@@ -1,0 +1,322 @@
+"""Shape and type inference on the IR, through ``onnx.shape_inference``.
+
+Two entry points:
+
+* :func:`infer_shapes` writes inferred types back into the IR. Passes that change shapes (pruning,
+  factorization) call it after their rewrite with ``reset=True``, which first forgets every
+  intermediate type so that no stale shape survives.
+* :func:`inferred_types` computes types without touching the IR, optionally with concrete sizes for
+  dynamic input dims (analysis counts MACs at batch 1 this way without baking batch 1 into the model).
+
+Large float weights are passed to onnx as data-less stubs: shape inference needs their dims only,
+and a 100 MB model is not copied.
+
+:func:`symbolic_dims` adds onnxruntime's symbolic shape inference
+(``onnxruntime.tools.symbolic_shape_infer``) for the main graph. onnx's own inference gives a dim it
+cannot relate to its source a fresh name (``unk__3``): ``Concat`` of ``[?, 1, 64]`` and ``[batch, 16, 64]``
+is ``[unk__1, 17, 64]``, and a shape computed through ``Shape -> Gather -> Concat -> Expand`` is lost.
+The symbolic engine evaluates shape tensors and keeps ``batch`` through all of that. It runs with
+``auto_merge=False``: two different symbols are never assumed equal (with broadcasting one of them
+could be 1), so an equal name always means an equal value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.core.errors import GraphoptError
+from graphopt.core.ir import Graph, Model, Value
+from graphopt.core.onnx_io import to_proto
+
+InputShapes = Mapping[str, Sequence[int]]
+
+
+def _inferred_proto(model: Model, input_shapes: InputShapes | None, strict: bool) -> onnx.ModelProto:
+    proto = to_proto(model, weights=False)
+    if input_shapes:
+        for vi in proto.graph.input:
+            if vi.name in input_shapes:
+                _fix_dims(vi, input_shapes[vi.name])
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise GraphoptError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def _fix_dims(vi: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
+    shape = vi.type.tensor_type.shape
+    if len(shape.dim) != len(dims):
+        raise GraphoptError(f"input {vi.name!r} has rank {len(shape.dim)}, but the given shape {tuple(dims)} "
+                            f"has rank {len(dims)}")
+    for d, size in zip(shape.dim, dims):
+        if d.HasField("dim_value") and d.dim_value != size:
+            raise GraphoptError(f"input {vi.name!r} dim is fixed to {d.dim_value}, cannot set it to {size}")
+        d.Clear()
+        d.dim_value = int(size)
+
+
+def _collect(graph: Graph, gp: onnx.GraphProto, out: dict[Graph, dict[str, onnx.TypeProto]]) -> None:
+    """Map each IR graph to ``name -> TypeProto`` from the inferred GraphProto (same node order)."""
+    types = {vi.name: vi.type for vi in gp.value_info}
+    types.update({vi.name: vi.type for vi in gp.output if vi.type.WhichOneof("value")})
+    out[graph] = types
+    for node, np_ in zip(graph.toposort(), gp.node):
+        attrs = {a.name: a for a in np_.attribute}
+        for name, sub in node.subgraphs.items():
+            attr = attrs[name]
+            if isinstance(sub, Graph):
+                _collect(sub, attr.g, out)
+            else:
+                for g, sg in zip(sub, attr.graphs):
+                    _collect(g, sg, out)
+
+
+def inferred_types(model: Model, input_shapes: InputShapes | None = None,
+                   strict: bool = False) -> dict[Graph, dict[str, onnx.TypeProto]]:
+    """Types onnx infers for every value of every graph, without changing the IR.
+
+    Parameters
+    ----------
+    input_shapes : concrete dims for graph inputs (e.g. ``{"input": (1, 3, 224, 224)}``).
+    strict : raise on any inference error instead of leaving the value untyped.
+    """
+    inferred = _inferred_proto(model, input_shapes, strict)
+    out: dict[Graph, dict[str, onnx.TypeProto]] = {}
+    _collect(model.graph, inferred.graph, out)
+    return out
+
+
+SymbolicDims = dict[str, tuple[int | str | None, ...]]
+_ENGINE: list = []
+
+
+def _symbolic_engine() -> Any:
+    """onnxruntime's ``SymbolicShapeInference`` class, loaded from its file.
+
+    ``import onnxruntime.tools.symbolic_shape_infer`` would first run ``onnxruntime/tools/__init__.py``,
+    which imports torch when it is installed (about 9 s); the module itself needs only onnx, numpy and
+    sympy. Returns None when it cannot be loaded.
+    """
+    if not _ENGINE:
+        engine = None
+        try:
+            import importlib.util
+            import sys
+
+            import onnxruntime
+            path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+            name = "graphopt._ort_symbolic_shape_infer"
+            module = sys.modules.get(name)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+            engine = module.SymbolicShapeInference
+        except Exception:  # noqa: BLE001 - missing file or sympy: no symbolic knowledge, nothing else changes
+            engine = None
+        _ENGINE.append(engine)
+    return _ENGINE[0]
+
+
+def symbolic_dims(model: Model) -> SymbolicDims | None:
+    """``name -> dims`` (int, symbol string, or None) of main-graph values from onnxruntime's symbolic
+    shape inference; None when it is unavailable or fails on this model (it is an extra source of
+    knowledge, never required). The IR's own stored shapes are not fed in, so nothing stale survives.
+    """
+    engine = _symbolic_engine()
+    if engine is None:
+        return None
+    proto = to_proto(model, weights=False)
+    proto.graph.ClearField("value_info")
+    # Weights written as data-less stubs become typed inputs: the engine evaluates small constant
+    # tensors (and would read a stub as empty), and it needs only the dims of a weight.
+    kept = []
+    for tensor in proto.graph.initializer:
+        stub = not tensor.raw_data and not _has_typed_data(tensor) and all(d > 0 for d in tensor.dims) \
+            and len(tensor.dims) > 0
+        if stub:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+        else:
+            kept.append(tensor)
+    if len(kept) != len(proto.graph.initializer):
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    del proto.graph.output[:]  # outputs' declared shapes are no evidence either; re-add names only
+    for value in model.graph.outputs:
+        proto.graph.output.add().name = value.name
+    import logging
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        out = engine.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - any failure there only means "no extra knowledge"
+        return None
+    finally:
+        logger.setLevel(level)
+    if out is None:
+        return None
+    dims: SymbolicDims = {}
+    for vi in list(out.graph.value_info) + list(out.graph.output) + list(out.graph.input):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None or not tt.HasField("shape"):
+            continue
+        dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim)
+    return dims
+
+
+def _has_typed_data(tensor: onnx.TensorProto) -> bool:
+    return any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data",
+                                                 "uint64_data", "string_data")) or tensor.HasField("data_location")
+
+
+def infer_shapes(model: Model, *, reset: bool = False, strict: bool = False) -> None:
+    """Write inferred types into the IR's values.
+
+    ``reset=True`` first clears the type of every value that is not a graph input, a graph output or
+    an initializer, so only freshly inferred shapes remain (required after a shape-changing rewrite).
+    """
+    if reset:
+        for graph in model.graphs():
+            for value in graph.values():
+                if not (value.is_initializer or graph.is_graph_input(value) or graph.is_graph_output(value)
+                        or graph.is_captured(value)):
+                    value.type = None
+    for graph, types in inferred_types(model, strict=strict).items():
+        for value in graph.values():
+            if value.is_initializer or graph.is_graph_input(value) or graph.is_captured(value):
+                continue
+            t = types.get(value.name)
+            if t is not None and t.WhichOneof("value") is not None:
+                value.type = t
+
+
+class TypeTable:
+    """What is known for sure about values' element types and dims.
+
+    Initializers answer from their data; other values from onnx shape inference (run once, on an
+    export of the IR, without touching it), falling back to the type the IR carries. A dim is an
+    ``int`` only when it is static: symbolic and unknown dims are ``None``. Keyed by value object, so
+    a rename (a model output taking over a name) does not confuse it.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self._types: dict[Value, onnx.TypeProto] = {}
+        self._model = model
+        self._symbolic: dict | None = None
+        self._main_values = set(model.graph.values())
+        try:
+            inferred = inferred_types(model)
+        except GraphoptError:
+            inferred = {}
+        for graph, by_name in inferred.items():
+            for value in graph.values():
+                found = by_name.get(value.name)
+                if found is not None and not graph.is_captured(value):
+                    self._types.setdefault(value, found)
+
+    def _tensor_type(self, value: Value) -> onnx.TypeProto.Tensor | None:
+        t = self._types.get(value) or value.type
+        if t is None or not t.HasField("tensor_type"):
+            return None
+        return t.tensor_type
+
+    def dtype(self, value: Value) -> int | None:
+        if value.is_initializer:
+            return value.dtype
+        tt = self._tensor_type(value)
+        return (tt.elem_type or None) if tt is not None else None
+
+    def dims(self, value: Value) -> tuple[int | None, ...] | None:
+        """One entry per dim (``None`` when not static); ``None`` when the rank is unknown."""
+        if value.is_initializer:
+            return tuple(int(d) for d in value.shape)
+        tt = self._tensor_type(value)
+        if tt is None or not tt.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+
+    def symbols(self, value: Value) -> tuple[int | str | None, ...] | None:
+        """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
+
+        Two equal symbols hold the same value at run time. For values of the main graph the symbols
+        come from onnxruntime's symbolic shape inference (:func:`graphopt.core.shapes.symbolic_dims`, run on
+        first use), which relates dims through shape arithmetic; elsewhere, or when it fails, from onnx's
+        inference, whose fresh names (``unk__N``) are unique too. The two namespaces are never mixed.
+        """
+        if value.is_initializer:
+            return tuple(int(d) for d in value.shape)
+        dims = self.dims(value)
+        if self._symbolic is None:
+            self._symbolic = symbolic_dims(self._model) or {}
+        if self._symbolic and value in self._main_values:
+            found = self._symbolic.get(value.name)
+            if found is None or (dims is not None and len(found) != len(dims)):
+                return dims
+            dims = dims if dims is not None else (None,) * len(found)
+            return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
+                         for d, f in zip(dims, found))
+        tt = self._tensor_type(value)
+        if tt is None or not tt.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else (f"o:{d.dim_param}" if d.dim_param else None)
+                     for d in tt.shape.dim)
+
+    def static_shape(self, value: Value) -> tuple[int, ...] | None:
+        dims = self.dims(value)
+        return None if dims is None or any(d is None for d in dims) else dims  # type: ignore[return-value]
+
+    def static_bytes(self, value: Value) -> int | None:
+        shape, dtype = self.static_shape(value), self.dtype(value)
+        if shape is None or dtype is None:
+            return None
+        return int(np.prod(shape, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+
+
+class ShapeTable:
+    """Dims of values: the IR's own type when set, else what onnx shape inference found at pass start.
+
+    New values made by a rewrite get their type set by the rewrite, so they never need the table.
+    """
+
+    def __init__(self, model: Model) -> None:
+        try:
+            self._types = inferred_types(model)
+        except Exception:  # noqa: BLE001 - inference failing only means "unknown shapes": merges are refused
+            self._types = {}
+
+    def dims(self, graph: Graph, value: Value | None) -> tuple[int | str | None, ...] | None:
+        if value is None:
+            return None
+        if value.type is not None or value.is_initializer:
+            shape = value.shape
+            if shape is not None:
+                return shape
+        tp = self._types.get(graph, {}).get(value.name)
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            return None
+        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tp.tensor_type.shape.dim)
+
+    def concrete(self, graph: Graph, value: Value | None) -> tuple[int, ...] | None:
+        """Dims with a dynamic leading (batch) dim read as 1; ``None`` if any other dim is unknown."""
+        dims = self.dims(graph, value)
+        if dims is None:
+            return None
+        out = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                out.append(d)
+            elif axis == 0:
+                out.append(1)
+            else:
+                return None
+        return tuple(out)

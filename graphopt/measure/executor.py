@@ -1,0 +1,515 @@
+"""Run many independent evaluations: in this process, or in a local pool of processes.
+
+Data-driven passes (sensitivity analysis for pruning, rank selection for low-rank, cluster counts for
+weight sharing) evaluate the same model many times with one thing changed. Those evaluations are
+independent, so they go through a small interface that a local process pool or, later, a distributed
+engine can serve without the passes knowing:
+
+.. code-block:: python
+
+    class Executor(Protocol):
+        workers: int
+        def map(self, fn, items, *, context=None, progress=None) -> list: ...
+
+``map`` calls ``fn(context, item)`` for every item and returns the results **in item order**.
+
+* :class:`InProcess` runs the calls one after the other in this process (``workers == 1``).
+* :class:`ProcessPool` runs them in ``workers`` local processes started with the *spawn* method (a
+  forked child would inherit onnxruntime's and OpenBLAS's thread pools in an undefined state).
+  ``context`` (typically a serialized model plus sample data, see :class:`EvalContext`) is pickled
+  **once** in the parent and unpickled **once per worker** by the pool initializer; each item travels
+  on its own. Workers run with ``OMP_NUM_THREADS=1`` (and the OpenBLAS/MKL equivalents), and
+  :class:`EvalContext` gives them onnxruntime sessions with one intra-op thread, so ``workers``
+  processes use ``workers`` cores and do not oversubscribe them. (onnxruntime ignores
+  ``OMP_NUM_THREADS``: a session ``fn`` builds itself must pass ``threads=worker_threads()``.)
+
+What callers can rely on (both executors):
+
+* results come back in the order of ``items``;
+* an exception raised by ``fn`` is re-raised in the parent as :class:`TaskError`, which names the item
+  (index and a short repr), keeps the original exception as ``original`` and ``__cause__`` (for a
+  process pool the cause carries the worker's traceback as text); when several items fail, the one
+  reported is the first in item order, so the error is deterministic;
+* a worker process that dies (killed, out of memory, ``os._exit``) raises :class:`WorkerDied` instead
+  of hanging;
+* ``fn``, ``context`` and the items must pickle for a process pool: ``fn`` must be a module-level
+  function. Both are checked before any process starts, so the error is immediate and says which.
+
+The pool is created per :meth:`ProcessPool.map` call, because the context is bound to the workers by
+the initializer. Starting a worker costs about a second (importing numpy, onnx and onnxruntime), so a
+pool pays off for more than a handful of evaluations that each take more than a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import pickle
+import reprlib
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import onnx
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Progress = Callable[[int, int], None]  # (items done, items in total)
+
+# Thread-count variables set in every worker so numpy's BLAS and OpenMP runtimes start with one thread.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+__all__ = ["ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ProcessPool", "TaskError", "WorkerDied",
+           "in_worker", "make_executor", "relative_error", "worker_threads"]
+
+
+# ===============================================================================================
+# errors
+
+
+class ExecutorError(Exception):
+    """An evaluation could not be run or did not come back (base class)."""
+
+
+class TaskError(ExecutorError):
+    """``fn(context, item)`` raised.
+
+    Attributes
+    ----------
+    index : position of the item in ``items``.
+    item : the item itself.
+    original : the exception ``fn`` raised (also ``__cause__``).
+    """
+
+    def __init__(self, fn: Callable, index: int, item: Any, original: BaseException):
+        self.index = index
+        self.item = item
+        self.original = original
+        name = getattr(fn, "__qualname__", repr(fn))
+        first = (str(original).strip().splitlines() or [""])[0]
+        super().__init__(f"{name} failed on item {index} ({_short(item)}): {type(original).__name__}: {first}")
+
+    def __reduce__(self):  # keep it picklable although __init__ takes other arguments than args
+        return (_rebuild_task_error, (self.args, self.index, self.item, self.original))
+
+
+def _rebuild_task_error(args, index, item, original) -> TaskError:
+    exc = TaskError.__new__(TaskError)
+    Exception.__init__(exc, *args)
+    exc.index, exc.item, exc.original = index, item, original
+    return exc
+
+
+class ContextError(ExecutorError):
+    """The context could not be loaded in a worker process (it pickled here but does not unpickle there,
+    e.g. its class is defined in a module the worker cannot import)."""
+
+
+class WorkerDied(ExecutorError):
+    """A worker process ended abruptly (killed, out of memory, ``os._exit``) or its initializer failed."""
+
+
+def _short(item: Any) -> str:
+    return _REPR.repr(item)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+
+
+# ===============================================================================================
+# the interface
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs ``fn(context, item)`` for every item; results in item order (see the module docstring)."""
+
+    workers: int
+
+    def map(self, fn: Callable[[Any, T], R], items: Sequence[T], *, context: Any = None,
+            progress: Progress | None = None) -> list[R]: ...
+
+
+class InProcess:
+    """Run every call in this process, in item order. ``workers`` is 1.
+
+    The context is used as is (not copied), so a cache the context keeps (an :class:`EvalContext`'s
+    session) lives across the calls of one ``map`` and across ``map`` calls.
+    """
+
+    workers = 1
+
+    def map(self, fn: Callable[[Any, T], R], items: Sequence[T], *, context: Any = None,
+            progress: Progress | None = None) -> list[R]:
+        items = list(items)
+        results: list[R] = []
+        for index, item in enumerate(items):
+            try:
+                results.append(fn(context, item))
+            except Exception as exc:
+                raise TaskError(fn, index, item, exc) from exc
+            if progress is not None:
+                progress(index + 1, len(items))
+        return results
+
+    def __repr__(self) -> str:
+        return "InProcess()"
+
+
+class ProcessPool:
+    """Run the calls in local worker processes (spawn), ``context`` shipped once per worker.
+
+    Parameters
+    ----------
+    workers : number of processes; ``None`` uses ``os.cpu_count()``. A ``map`` over fewer items
+        starts only as many processes as there are items.
+
+    Raises (from :meth:`map`)
+    -------------------------
+    TaskError : ``fn`` raised on an item (the first failing item in item order is reported).
+    ContextError : the context does not unpickle in a worker.
+    WorkerDied : a worker process ended abruptly.
+    TypeError : ``fn``, ``context`` or an item does not pickle (``fn`` must be a module-level function).
+    """
+
+    def __init__(self, workers: int | None = None):
+        count = (os.cpu_count() or 1) if workers is None else int(workers)
+        if count < 1:
+            raise ValueError(f"ProcessPool needs at least one worker, got {workers}")
+        self.workers = count
+
+    def __repr__(self) -> str:
+        return f"ProcessPool(workers={self.workers})"
+
+    def map(self, fn: Callable[[Any, T], R], items: Sequence[T], *, context: Any = None,
+            progress: Progress | None = None) -> list[R]:
+        items = list(items)
+        if not items:
+            return []
+        _dumps(fn, "fn (it must be a module-level function, not a lambda or a closure)")
+        payload = _dumps(context, "context")
+        # pickled here, once, so an item that cannot travel fails now and with its name
+        blobs = [_dumps(item, f"item {index} ({_short(item)})") for index, item in enumerate(items)]
+        workers = min(self.workers, len(items))
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(payload, WORKER_ENV))
+        try:
+            # Spawned children copy the parent's environment when they start, which happens inside
+            # submit(); numpy loads OpenBLAS (and sizes its thread pool) before the initializer runs.
+            with _environment(WORKER_ENV):
+                futures = [pool.submit(_call, fn, blob) for blob in blobs]
+            results = _gather(fn, items, futures, progress)
+        except BaseException:
+            # Do not wait for items in flight or workers still starting: the caller has its answer.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return results
+
+
+def make_executor(workers: int | None) -> Executor:
+    """The executor for ``workers`` processes: ``None`` or ``1`` -> :class:`InProcess`;
+    ``0`` -> one process per core (:class:`InProcess` on a one-core machine); ``n > 1`` ->
+    :class:`ProcessPool` of ``n``.
+
+    Raises
+    ------
+    ValueError : a negative count.
+    """
+    if workers is None or workers == 1:
+        return InProcess()
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
+    if workers == 0:
+        workers = os.cpu_count() or 1
+        if workers == 1:
+            return InProcess()
+    return ProcessPool(workers)
+
+
+def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
+            progress: Progress | None) -> list:
+    results = []
+    for index, future in enumerate(futures):
+        try:
+            results.append(future.result())
+        except BrokenProcessPool as exc:
+            pending = [i for i, f in enumerate(futures) if not (f.done() and f.exception() is None)]
+            raise WorkerDied(
+                f"a worker process died while evaluating {getattr(fn, '__qualname__', fn)} "
+                f"(killed, out of memory, os._exit); "
+                f"{len(pending)} of {len(items)} items did not finish, the first is item {index} "
+                f"({_short(items[index])}): {exc}") from exc
+        except ContextError:
+            raise  # not the item's fault: every item would fail the same way
+        except Exception as exc:
+            raise TaskError(fn, index, items[index], exc) from exc
+        if progress is not None:
+            progress(index + 1, len(items))
+    return results
+
+
+def _dumps(obj: Any, what: str) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - pickling raises whatever the object's reducers raise
+        raise TypeError(f"{what} cannot be sent to a worker process: {type(exc).__name__}: {exc}") from None
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block (for children started inside it)."""
+    with _ENV_LOCK:
+        saved = {name: os.environ.get(name) for name in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for name, old in saved.items():
+                if old is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = old
+
+
+# ===============================================================================================
+# the worker side
+
+_CONTEXT: Any = None
+_CONTEXT_ERROR: str | None = None
+_IN_WORKER = False
+
+
+def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
+    """Pool initializer: runs once per worker process, before any item.
+
+    A context that fails to unpickle is remembered and reported by every item as a
+    :class:`ContextError`: an exception escaping an initializer only breaks the pool, and the parent
+    would learn nothing but "a process in the initializer failed".
+    """
+    global _CONTEXT, _CONTEXT_ERROR, _IN_WORKER
+    os.environ.update(env)  # for anything the worker itself starts
+    _IN_WORKER = True
+    try:
+        _CONTEXT = pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent by every item
+        _CONTEXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _call(fn: Callable, blob: bytes) -> Any:
+    if _CONTEXT_ERROR is not None:
+        raise ContextError(f"the context failed to load in a worker process: {_CONTEXT_ERROR}")
+    item = pickle.loads(blob)
+    try:
+        return fn(_CONTEXT, item)
+    except Exception as exc:  # noqa: BLE001 - re-raised, made picklable
+        raise _portable(exc) from None
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` when it survives a pickle round trip, else a RuntimeError that carries its text.
+
+    An exception whose class cannot be rebuilt from its args would otherwise fail to unpickle in the
+    parent's result thread, which breaks the whole pool with a misleading message.
+    """
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure means it cannot travel
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return RuntimeError(f"{type(exc).__qualname__}: {exc} (unpicklable exception; worker traceback:\n{text})")
+
+
+def in_worker() -> bool:
+    """True inside a :class:`ProcessPool` worker process."""
+    return _IN_WORKER
+
+
+def worker_threads() -> int | None:
+    """onnxruntime intra-op threads for a session made here: 1 in a pool worker, else ``None``
+    (onnxruntime's default, all cores)."""
+    return 1 if _IN_WORKER else None
+
+
+# ===============================================================================================
+# an evaluation context most callers want
+
+
+@dataclass(eq=False)
+class EvalContext:
+    """A picklable evaluation context: one serialized model, sample data, and per-process caches.
+
+    Ship it as ``context`` to :meth:`Executor.map`; a worker unpickles it once and then reuses, for
+    every item, the parsed model, the onnxruntime session and the reference outputs it caches. The
+    caches are not pickled (``__getstate__`` drops them), so each process builds its own, once.
+
+    Parameters
+    ----------
+    model : the serialized ``ModelProto`` (``proto.SerializeToString()``).
+    data : the sample inputs (``graphopt.measure.calibration.SampleData``).
+    batch_size : samples per onnxruntime run (a model with a static batch dim is fed at that size).
+    overridable : initializer names made overridable: they become graph inputs (with their value as the
+        default), so :meth:`run` can feed a modified weight without building a new session. With
+        onnxruntime's graph optimizations off (graphopt's default) nothing is folded into them.
+    outputs : the output names compared by :meth:`error`; ``None`` = every graph output.
+    threads : onnxruntime intra-op threads of sessions made in this process (``None``: onnxruntime's
+        default, all cores). Inside a pool worker sessions always use 1 thread.
+
+    Notes
+    -----
+    ``cache`` is a per-process dict for the caller's own memos (e.g. a
+    parsed IR), keyed as the caller likes.
+    """
+
+    model: bytes
+    data: Any
+    batch_size: int = 256
+    overridable: tuple[str, ...] = ()
+    outputs: tuple[str, ...] | None = None
+    threads: int | None = None
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, onnx.ModelProto):
+            self.model = self.model.SerializeToString()
+        self.overridable = tuple(self.overridable)
+        if self.outputs is not None:
+            self.outputs = tuple(self.outputs)
+        self._memo: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_memo"] = {}
+        state["cache"] = {}
+        return state
+
+    # -- the model ----------------------------------------------------------------------------
+
+    def proto(self) -> onnx.ModelProto:
+        """The model, parsed once per process. Shared: do not mutate it (see :meth:`fresh_proto`)."""
+        if "proto" not in self._memo:
+            self._memo["proto"] = self.fresh_proto()
+        return self._memo["proto"]
+
+    def fresh_proto(self) -> onnx.ModelProto:
+        """A new parse of the model, the caller's to mutate."""
+        proto = onnx.ModelProto()
+        proto.ParseFromString(self.model)
+        return proto
+
+    def output_names(self) -> list[str]:
+        return list(self.outputs) if self.outputs is not None else [o.name for o in self.proto().graph.output]
+
+    def session(self):
+        """The onnxruntime session of the model (with :attr:`overridable` initializers as inputs),
+        built once per process."""
+        if "session" not in self._memo:
+            from graphopt.measure import ort as gort
+            self._memo["session"] = gort.session(self._overridable_proto(), threads=self._threads())
+        return self._memo["session"]
+
+    def _threads(self) -> int | None:
+        return 1 if in_worker() else self.threads
+
+    def _overridable_proto(self) -> onnx.ModelProto:
+        if not self.overridable:
+            return self.proto()
+        proto = self.fresh_proto()
+        inits = {t.name: t for t in proto.graph.initializer}
+        present = {vi.name for vi in proto.graph.input}
+        for name in self.overridable:
+            if name not in inits:
+                raise ValueError(f"overridable {name!r} is not an initializer of the main graph")
+            if name not in present:
+                t = inits[name]
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        proto.ir_version = max(proto.ir_version, 4)
+        return proto
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self, overrides: Mapping[str, np.ndarray] | None = None, *, model: Any = None) -> dict[str, np.ndarray]:
+        """Outputs (:meth:`output_names`) over all samples, concatenated along the first axis.
+
+        Parameters
+        ----------
+        overrides : new values for :attr:`overridable` initializers (fed to the cached session).
+        model : run this model instead (a ModelProto, an IR Model or bytes); a session is built for it
+            and not cached. ``overrides`` then apply to that model's overridable initializers.
+
+        Raises
+        ------
+        ValueError : an override of an initializer not listed in :attr:`overridable`.
+        """
+        from graphopt.measure import ort as gort
+        from graphopt.measure.calibration import feed_batch_size
+        if overrides and model is None:
+            unknown = sorted(set(overrides) - set(self.overridable))
+            if unknown:
+                raise ValueError(f"not overridable (list them in EvalContext.overridable): {unknown}")
+        if model is None:
+            sess = self.session()
+            batch = self._memo.setdefault("batch", feed_batch_size(self.proto(), self.batch_size))
+        else:
+            proto = gort.as_proto(model)
+            sess = gort.session(proto, threads=self._threads())
+            batch = feed_batch_size(proto, self.batch_size)
+        names = self.output_names()
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        extra = dict(overrides or {})
+        for feed in self.data.batches(batch):
+            out = gort.run(sess, {**feed, **extra}, names)
+            for name in names:
+                parts[name].append(out[name])
+        return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
+
+    def reference(self) -> dict[str, np.ndarray]:
+        """The unmodified model's outputs, computed once per process."""
+        if "reference" not in self._memo:
+            self._memo["reference"] = self.run()
+        return self._memo["reference"]
+
+    def error(self, outputs: Mapping[str, np.ndarray]) -> float:
+        """:func:`relative_error` of ``outputs`` against :meth:`reference`."""
+        return relative_error(self.reference(), outputs)
+
+    def accuracy(self, outputs: Mapping[str, np.ndarray]) -> float | None:
+        """Top-1 accuracy in percent of the first compared output against the data's labels
+        (``None`` without labels)."""
+        labels = getattr(self.data, "labels", None)
+        if labels is None:
+            return None
+        logits = outputs[self.output_names()[0]]
+        return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels) * 100.0)
+
+
+def relative_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float:
+    """Relative squared error ``sum_o ||y_o - r_o||^2 / sum_o ||r_o||^2`` over the outputs of ``reference``.
+
+    0 for identical outputs, 1 for an all-zero candidate; scale-free, so errors of different models
+    and outputs are comparable. Computed in float64. A reference of all zeros gives the absolute
+    squared error instead (no division by zero).
+    """
+    num = den = 0.0
+    for name, ref in reference.items():
+        r = np.asarray(ref, dtype=np.float64)
+        y = np.asarray(outputs[name], dtype=np.float64)
+        if r.shape != y.shape:
+            raise ValueError(f"output {name!r}: shape {list(y.shape)} differs from the reference's {list(r.shape)}")
+        num += float(np.sum((y - r) ** 2))
+        den += float(np.sum(r * r))
+    return num / den if den > 0 else num

@@ -1,0 +1,223 @@
+"""The one place graphopt makes onnxruntime sessions.
+
+Every session graphopt runs (calibration, verification, benchmarks) comes from :func:`session`, so they
+all share one configuration:
+
+* graph optimizations **off** (``ORT_DISABLE_ALL``) unless ``optimize=True``. Verifying with ORT's own
+  fusions on would hide a bug in ours: ORT would apply the same fusion to the original model.
+* ``session.intra_op.allow_spinning = "0"``: idle worker threads sleep instead of spinning, so a
+  calibration loop that does numpy work between runs does not fight ORT's threads for the cores.
+* ``log_severity_level = 3`` (errors only) and the CPU execution provider.
+
+An onnxruntime failure becomes a :class:`~graphopt.core.errors.GraphoptError` with one line naming the
+model (``"model.onnx: onnxruntime rejects the model: ..."``), never a pybind traceback.
+
+:func:`with_outputs` exposes intermediate values as extra graph outputs, which is how calibration and
+the first-divergence search read activations. What onnxruntime requires of such an output (measured
+with onnxruntime 1.31): nothing but the name — it infers the type. A declared element type must be
+right (a wrong one fails the load), a declared shape may be stale (ORT only warns), so we declare the
+element type when the model states it and never a shape.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+
+from graphopt.core.errors import GraphoptError
+from graphopt.core.ir import Model
+from graphopt.core.onnx_io import save, to_proto
+
+ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
+
+# onnxruntime's pybind errors derive from Exception directly; list them so that a bug of ours
+# (a TypeError, an IRError) is never disguised as "onnxruntime rejects the model".
+ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    obj for obj in vars(_ort_state).values()
+    if isinstance(obj, type) and issubclass(obj, Exception)) + (RuntimeError,)
+
+_PROTOBUF_LIMIT = 2**31 - 2**20  # a serialized ModelProto must stay under 2 GiB
+
+
+def describe(model: ModelLike) -> str:
+    """A short name for ``model`` in messages: its path, or ``<in-memory model>``."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return "<in-memory model>"
+
+
+def ort_message(exc: BaseException) -> str:
+    """The first line of an onnxruntime exception, without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix."""
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0]
+    if line.startswith("[ONNXRuntimeError]"):
+        line = line.split(" : ", 3)[-1]
+    return line.strip()
+
+
+def as_proto(model: ModelLike) -> onnx.ModelProto:
+    """``model`` as a ModelProto (external data loaded). A ModelProto is returned as is, not copied.
+
+    Raises
+    ------
+    GraphoptError
+        A path that does not exist or is not an ONNX model; bytes that do not parse.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, Model):
+        return to_proto(model)
+    if isinstance(model, bytes):
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(model)
+        except Exception as exc:  # protobuf's DecodeError has no stable import path across versions
+            raise GraphoptError(f"<in-memory model>: not an ONNX model ({exc})") from None
+        return proto
+    path = Path(model)
+    if not path.is_file():
+        raise GraphoptError(f"{path}: no such model file")
+    try:
+        return onnx.load_model(str(path))
+    except Exception as exc:
+        raise GraphoptError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def session_options(*, optimize: bool = False, threads: int | None = None) -> ort.SessionOptions:
+    """The :class:`onnxruntime.SessionOptions` every graphopt session uses (see the module docstring)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    return opts
+
+
+def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` (an IR Model, a ModelProto, serialized bytes or a path).
+
+    Parameters
+    ----------
+    optimize : run onnxruntime's graph optimizations (``ORT_ENABLE_ALL``); off by default.
+    threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
+
+    Raises
+    ------
+    GraphoptError
+        onnxruntime cannot load the model: ``"<model>: onnxruntime rejects the model: <reason>"``.
+    """
+    opts = session_options(optimize=optimize, threads=threads)
+    where = describe(model)
+    keep_alive = None
+    if isinstance(model, (str, os.PathLike)):
+        source: str | bytes = str(model)  # ORT resolves external data relative to the file
+        if not Path(model).is_file():
+            raise GraphoptError(f"{where}: no such model file")
+    else:
+        proto = model if isinstance(model, (onnx.ModelProto, bytes)) else to_proto(model)
+        if isinstance(proto, bytes):
+            source = proto
+        elif proto.ByteSize() < _PROTOBUF_LIMIT:
+            source = proto.SerializeToString()
+        else:
+            keep_alive, source = _spill_to_disk(proto)
+    try:
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise GraphoptError(f"{where}: onnxruntime rejects the model: {ort_message(exc)}") from None
+    if keep_alive is not None:
+        sess._graphopt_tmpdir = keep_alive  # the weights file must outlive the session
+    return sess
+
+
+def _spill_to_disk(proto: onnx.ModelProto) -> tuple[tempfile.TemporaryDirectory, str]:
+    """Write a model over protobuf's 2 GiB limit with external data, for onnxruntime to load by path."""
+    tmp = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
+    path = os.path.join(tmp.name, "model.onnx")
+    save(proto, path, external_data=True)
+    return tmp, path
+
+
+def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], output_names: Iterable[str] | None = None,
+        *, what: str = "the model") -> dict[str, np.ndarray]:
+    """Run ``sess`` and return ``{output name: array}``.
+
+    Feeds the session does not declare as inputs are dropped (a pass may remove an unused input; the
+    sample data still holds it).
+
+    Raises
+    ------
+    GraphoptError
+        onnxruntime fails at run time: ``"<what>: onnxruntime failed to run: <reason>"``.
+    """
+    names = list(output_names) if output_names is not None else [o.name for o in sess.get_outputs()]
+    accepted = {i.name for i in sess.get_inputs()} | {i.name for i in sess.get_overridable_initializers()}
+    feed = {k: v for k, v in feeds.items() if k in accepted}
+    try:
+        arrays = sess.run(names, feed)
+    except ORT_ERRORS + (ValueError, TypeError) as exc:
+        raise GraphoptError(f"{what}: onnxruntime failed to run: {ort_message(exc)}") from None
+    return dict(zip(names, arrays))
+
+
+def known_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """``name -> ONNX element type`` for every tensor of ``graph`` whose type the model states."""
+    types: dict[str, int] = {}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for tp in graph.initializer:
+        types[tp.name] = tp.data_type
+    return types
+
+
+def with_outputs(proto: onnx.ModelProto, names: Iterable[str], *, inplace: bool = False) -> onnx.ModelProto:
+    """``proto`` with the main-graph values ``names`` added as graph outputs (existing outputs are kept).
+
+    Each added output declares its element type when the model states it and no shape (see the module
+    docstring for what onnxruntime requires). ``inplace=True`` edits ``proto`` instead of copying it,
+    which saves a copy of the weights when the caller owns a fresh export.
+
+    Raises
+    ------
+    ValueError
+        A name that the main graph does not define (values inside subgraphs cannot be exposed).
+    """
+    out = proto if inplace else _copy(proto)
+    graph = out.graph
+    defined = ({vi.name for vi in graph.input} | {tp.name for tp in graph.initializer}
+               | {name for node in graph.node for name in node.output if name})
+    present = {vi.name for vi in graph.output}
+    types = known_elem_types(graph)
+    for name in names:
+        if name in present:
+            continue
+        if name not in defined:
+            raise ValueError(f"cannot expose {name!r}: the main graph defines no such value")
+        vi = onnx.ValueInfoProto(name=name)
+        if name in types:
+            vi.type.tensor_type.elem_type = types[name]
+        graph.output.append(vi)
+        present.add(name)
+    return out
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out

@@ -1,0 +1,878 @@
+"""Original vs optimized: do two models compute the same thing on the same inputs?
+
+:func:`verify` runs the reference and the candidate in onnxruntime with graph optimizations **off**
+(ORT's own fusions would otherwise be applied to the reference as well and hide a bug in ours), batch
+by batch, and streams per-output metrics, so memory is bounded by one batch.
+
+Metrics, per output ``a`` (reference) / ``b`` (candidate)
+----------------------------------------------------------
+* ``max_abs_error = max|a - b|`` and ``mean_abs_error`` over all finite elements;
+* ``max_rel_error = max|a - b| / R``, the error relative to the output's range
+  ``R = max(a) - min(a)`` over all samples (``R = max|a|`` when the output is constant, ``1`` when it
+  is all zeros). Element-wise ``allclose`` fails harmless noise on near-zero elements of deep models;
+  the range puts every element's error on the scale of the output as a whole.
+* cosine similarity of each sample's flattened output, then its minimum and mean over samples
+  (two zero vectors count as 1);
+* top-1 agreement when the output looks like class scores (2-D ``[N, C]`` float, ``C > 1``);
+* with labels, the accuracy of both models on the first class-score output, and the drop
+  ``reference − candidate`` in percentage points.
+
+Integer, bool and string outputs must be equal element for element. Non-finite values must sit at
+the same places with the same values (NaN matches NaN). Outputs must match by name, element type
+and shape; a mismatch fails with a reason instead of raising.
+
+Verdict
+-------
+``mode="equivalence"`` (lossless rewrites) passes when every output is within tolerance:
+``max_abs_error <= max(tol.abs, tol.rel · R)``, plus ``cosine_min >= tol.min_cosine`` when that is set.
+``mode="accuracy"`` (lossy passes) passes when the accuracy drop is ``<= tol.max_drop`` points (with
+labels), else when top-1 agreement is ``>= 1 − max_drop / 100``, else (no class scores) when every
+float output has ``cosine_min >= tol.min_cosine`` (auto 0.99) and every exact output is equal.
+
+The automatic tolerance
+-----------------------
+How much float noise a lossless rewrite makes depends on the model: depth, widths, value ranges. The
+reference itself tells us: onnxruntime's own graph optimizations (``ORT_ENABLE_ALL``: BN folding,
+conv+activation fusion, layout changes) are lossless rewrites too, so the difference they make,
+``d_ort = max|a_opt − a| / R`` (max over float outputs, same inputs), measures this model's noise.
+The auto tolerance is::
+
+    rel = min(cap, max(floor, k · d_ort)),  floor = max(floor_0, 4 · eps · L)
+
+with ``k = 8``, ``floor_0 = 1e-5`` and ``cap = 5e-4`` for float32/float64 outputs, ``eps`` the float32
+machine epsilon and ``L`` the number of Conv/Gemm/MatMul-like nodes on the reference's longest path.
+``abs`` auto means no absolute criterion (0); ``min_cosine`` auto is not enforced in equivalence mode.
+
+Measurements behind the constants (onnxruntime 1.31, CPU; standard normal inputs, 64 samples and 3
+seeds per conv row, 256 samples and 2 seeds per MLP row; errors relative to the output's range; conv
+nets = 3x3 conv-BN-ReLU chains with residual adds, 16 channels unless said; MLPs = MatMul-Add-Mul-Add
+chains whose per-feature affine is folded into the weights; BN folded by hand in float64):
+
+===============================  ===============  ===================  ==========================
+model                            ``d_ort``        lossless fold        injected bugs
+===============================  ===============  ===================  ==========================
+conv, 8 layers                   3.3e-7 – 4.2e-7  1.4e-7 – 2.8e-7      ≥ 1.6e-3
+conv, 24 layers                  3.1e-7 – 3.9e-7  3.2e-7 – 3.7e-7      ≥ 4.7e-3
+conv, 40 layers, 32 channels     3.2e-7 – 6.1e-7  2.7e-7 – 3.5e-7      ≥ 7.9e-3
+conv, 64 layers                  1.0e-6 – 2.1e-6  1.0e-6 – 2.3e-6      ≥ 1.2e-2
+MLP + erf-GELU, 4 – 100 layers   2.1e-7 – 1.4e-5  5.7e-7 – 2.3e-5      —
+MLP + ReLU, 4 – 100 layers       0 (no fusion)    4.0e-7 – 1.0e-5      —
+===============================  ===============  ===================  ==========================
+
+Bugs injected in a middle layer: BN folded with a wrong epsilon (1e-3 for 1e-5; the smallest, 1.6e-3),
+off-by-one padding (1.6e-2 – 1.8e-1), spatially transposed kernel (3.2e-2 – 1.7e-1), in/out channels
+swapped (5.2e-2 – 5.0e-1). So: the fold error is at most 2.6 × ``d_ort`` when ORT changes anything
+(``k = 8`` leaves a 3× margin); ORT changes nothing on a plain MLP, where the fold error grows by
+about one float32 eps per layer (``4 · eps · L`` leaves a 4× margin, the 1e-5 floor covers shallow
+models); and the cap stays 3× below the smallest real bug. A one-channel bias error of 0.1 is
+caught when it matters against that layer's activations: 8e-4 – 1e-2 of the output range on the
+8 – 24 layer nets, but only 7e-6 – 1e-3 on the 40 – 64 layer ones whose activations grow into the
+thousands, where the smallest of them pass: that is the price of never failing a deep model's
+lossless rewrite.
+float16/bfloat16 outputs use ``floor_0 = 1e-2`` (about ten float16 ulps) and ``cap = 5e-2``, with the
+same float32 ``eps`` in the depth term (onnxruntime's CPU kernels accumulate in float32): a guess, not
+measured.
+
+First divergence
+----------------
+When equivalence fails, :func:`first_divergence` names the first tensor, in the reference's
+topological order, where the models differ: it exposes every value both models define under the same
+name, runs them on the few samples whose outputs differed most, and compares each value that has the
+same shape and type in both. A lossless rewrite may legitimately give a name new contents (a folded
+conv's output holds the post-BN values under the conv's name); such a difference vanishes at the next
+comparable tensors downstream. So a diverging tensor is reported only when a comparable tensor right
+after it also diverges, or when nothing comparable follows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.core.errors import DataError, GraphoptError, OptionError
+from graphopt.core.onnx_io import from_proto
+from graphopt.measure import ort as gort
+from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs
+
+MODES = ("equivalence", "accuracy")
+
+# The automatic tolerance (see the module docstring for the measurements behind these numbers).
+AUTO_K = 8.0
+AUTO_DEPTH_EPS = 4.0
+_F32_EPS = float(np.finfo(np.float32).eps)
+_AUTO_LIMITS = {  # output element type -> (floor_0, cap)
+    onnx.TensorProto.FLOAT: (1e-5, 5e-4),
+    onnx.TensorProto.DOUBLE: (1e-5, 5e-4),
+    onnx.TensorProto.FLOAT16: (1e-2, 5e-2),
+    onnx.TensorProto.BFLOAT16: (1e-2, 5e-2),
+}
+AUTO_MIN_COSINE_ACCURACY = 0.99
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
+                     "QLinearMatMul", "Einsum", "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN"})
+
+DIVERGENCE_SAMPLES = 8
+DIVERGENCE_CHUNK = 64  # values exposed per onnxruntime session while searching the first divergence
+
+_FLOAT_TYPES = frozenset(_AUTO_LIMITS)
+
+
+# ===============================================================================================
+# tolerance and report
+
+
+@dataclass
+class Tolerance:
+    """What counts as "the same". ``None`` means automatic (see the module docstring).
+
+    Attributes
+    ----------
+    rel : allowed ``max|a − b|`` as a fraction of the reference output's range.
+    abs : allowed ``max|a − b|`` in the output's units; an output passes if within either bound.
+    max_drop : allowed accuracy drop in percentage points (accuracy mode).
+    min_cosine : required minimum per-sample cosine similarity.
+    """
+
+    rel: float | None = None
+    abs: float | None = None
+    max_drop: float = 1.0
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value) or value < 0):
+                raise OptionError(f"tolerance {f.name} must be a non-negative number, got {value!r}")
+        if self.min_cosine is not None and self.min_cosine > 1:
+            raise OptionError(f"tolerance min_cosine must be at most 1, got {self.min_cosine}")
+
+
+@dataclass
+class OutputMetrics:
+    """How one output of the candidate compares with the reference's.
+
+    ``kind`` is ``"float"`` (compared within tolerance) or ``"exact"`` (integers, bool, strings); for an
+    output the model declares without a type it is decided by the computed array (``"unknown"`` if
+    never computed).
+    ``bound`` is the allowed ``max_abs_error`` for this output. ``compared`` is false when the output
+    could not be compared at all (missing, other type or shape); ``reason`` then says why.
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str | None] | None
+    kind: str
+    compared: bool = True
+    max_abs_error: float | None = None
+    mean_abs_error: float | None = None
+    max_rel_error: float | None = None
+    ref_range: float | None = None
+    bound: float | None = None
+    cosine_min: float | None = None
+    cosine_mean: float | None = None
+    top1_agreement: float | None = None
+    mismatches: int | None = None
+    nonfinite_mismatches: int = 0
+    elements: int = 0
+    passed: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class Divergence:
+    """The first tensor (reference topological order) where the two models differ.
+
+    ``rel_error`` is ``max_abs_error`` relative to the reference tensor's range (``None`` for exact
+    types). ``checked`` tensors were compared on ``samples`` samples; ``skipped`` shared a name but not
+    a shape or type.
+    """
+
+    name: str
+    op_type: str
+    node: str
+    max_abs_error: float | None
+    rel_error: float | None
+    shape: list[int]
+    checked: int
+    skipped: int
+    samples: int
+
+
+@dataclass
+class VerifyReport:
+    """The verdict of :func:`verify` and the numbers behind it. :meth:`to_dict` is JSON-ready.
+
+    Attributes
+    ----------
+    metrics : reference output name -> :class:`OutputMetrics`.
+    tolerance : the tolerance applied: ``rel``, ``abs``, ``max_drop``, ``min_cosine``, and under ``auto``
+        the derivation of an automatic ``rel`` (``ort_rel_diff``, ``k``, ``floor``, ``cap``, ``mac_depth``).
+    reasons : one line per cause of failure (empty when passed).
+    accuracy_reference, accuracy_candidate, accuracy_drop : percent and percentage points, with labels.
+    top1_agreement, class_output : fraction of samples whose top-1 class agrees, on that output.
+    first_divergence : on an equivalence failure, where the models first differ (or ``None``).
+    notes : what was done to the data or the method (casts, an ignored label file...).
+    """
+
+    passed: bool
+    mode: str
+    n_samples: int
+    metrics: dict[str, OutputMetrics]
+    tolerance: dict[str, Any]
+    reasons: list[str] = field(default_factory=list)
+    accuracy_reference: float | None = None
+    accuracy_candidate: float | None = None
+    accuracy_drop: float | None = None
+    top1_agreement: float | None = None
+    class_output: str | None = None
+    first_divergence: Divergence | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain dicts, lists, str, int, float, bool and None (no numpy types; NaN -> None)."""
+        return _plain(asdict(self))
+
+    def summary(self) -> str:
+        """One line: the verdict and the worst numbers."""
+        verdict = "PASS" if self.passed else "FAIL"
+        worst = max((m.max_rel_error for m in self.metrics.values() if m.max_rel_error is not None), default=None)
+        parts = [f"{verdict} ({self.mode}, {self.n_samples} samples)"]
+        if worst is not None:
+            parts.append(f"max error {worst:.2e} of range (tolerance {self.tolerance['rel']:.2e})")
+        if self.accuracy_drop is not None:
+            parts.append(f"accuracy {self.accuracy_reference:.2f}% -> {self.accuracy_candidate:.2f}%")
+        elif self.top1_agreement is not None:
+            parts.append(f"top-1 agreement {100 * self.top1_agreement:.2f}%")
+        return ", ".join(parts)
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
+# ===============================================================================================
+# comparing one output, streamed
+
+
+def _range_of(lo: float, hi: float) -> float:
+    """The denominator of range-relative errors, guarded for constant and all-zero outputs."""
+    if hi > lo:
+        return hi - lo
+    scale = max(abs(lo), abs(hi)) if math.isfinite(lo) and math.isfinite(hi) else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def _float_diff(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(both finite, non-finite mismatch, |a − b| where both are finite else 0)`` of two float64 arrays.
+
+    NaN against NaN and an infinity against the same infinity count as equal; any other place where
+    either side is not finite is a mismatch, which no tolerance excuses.
+    """
+    both = np.isfinite(a) & np.isfinite(b)
+    bad = ~both & ~((a == b) | (np.isnan(a) & np.isnan(b)))
+    with np.errstate(invalid="ignore"):  # inf - inf at places ``both`` already excludes
+        diff = np.where(both, np.abs(a - b), 0.0)
+    return both, bad, diff
+
+
+def _finite_min_max(a: np.ndarray) -> tuple[float, float]:
+    """Min and max over the finite elements (``(inf, -inf)`` when there are none)."""
+    finite = a[np.isfinite(a)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (math.inf, -math.inf)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two ``[rows, features]`` float64 arrays; two zero rows give 1."""
+    dot = np.einsum("ij,ij->i", a, b)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (na * nb)
+    cos = np.where((na == 0) & (nb == 0), 1.0, np.where((na == 0) | (nb == 0), 0.0, cos))
+    return np.clip(cos, -1.0, 1.0)
+
+
+def _is_class_scores(array: np.ndarray, rows: int) -> bool:
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[0] == rows and array.shape[1] > 1
+
+
+class _Comparison:
+    """Streams one output's comparison; also the reference-vs-ORT-optimized difference for the auto tolerance."""
+
+    def __init__(self, metrics: OutputMetrics, n_samples: int) -> None:
+        self.m = metrics
+        self.n = n_samples
+        self.sample_error = np.zeros(n_samples)  # per-sample max |a-b| (inf for a non-finite mismatch)
+        self.ref_lo, self.ref_hi = math.inf, -math.inf
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.finite = 0
+        self.cosines: list[np.ndarray] = []
+        self.agree = 0
+        self.class_rows = 0
+        self.classes = 0
+        self.ref_pred: np.ndarray | None = None
+        self.cand_pred: np.ndarray | None = None
+        self.ort_max_abs = 0.0
+        self.broken = False
+        self.updated = False
+
+    def update(self, a: np.ndarray, b: np.ndarray, start: int, rows: int, a_opt: np.ndarray | None) -> None:
+        if self.broken:
+            return
+        if a.shape != b.shape or a.dtype != b.dtype:
+            self._break(f"output {self.m.name!r}: candidate gives {b.dtype}{list(b.shape)}, "
+                        f"reference {a.dtype}{list(a.shape)}")
+            return
+        if self.m.kind == "unknown":  # the model declares no type: go by what it computes
+            self.m.kind = "float" if a.dtype.kind == "f" else "exact"
+            self.m.dtype = _type_name(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)) if a.dtype != object else "string"
+        self.updated = True
+        per_sample = a.ndim > 0 and a.shape[0] == rows
+        if self.m.kind == "exact":
+            self._update_exact(a, b, start, rows, per_sample)
+        else:
+            self._update_float(a, b, start, rows, per_sample, a_opt)
+
+    def _break(self, reason: str) -> None:
+        self.broken = True
+        self.m.compared = False
+        self.m.reason = reason
+
+    def _update_exact(self, a: np.ndarray, b: np.ndarray, start: int, rows: int, per_sample: bool) -> None:
+        differ = a != b
+        self.m.mismatches = (self.m.mismatches or 0) + int(differ.sum())
+        self.m.elements += a.size
+        if per_sample:
+            self.sample_error[start:start + rows] += differ.reshape(rows, -1).sum(axis=1)
+        elif differ.any():
+            self.sample_error[start:start + rows] += 1
+
+    def _update_float(self, a: np.ndarray, b: np.ndarray, start: int, rows: int, per_sample: bool,
+                      a_opt: np.ndarray | None) -> None:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        both, bad, diff = _float_diff(a64, b64)
+        self.m.nonfinite_mismatches += int(bad.sum())
+        self.m.elements += a.size
+        if a.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.sum_abs += float(diff.sum())
+            self.finite += int(both.sum())
+            lo, hi = _finite_min_max(a64)
+            self.ref_lo, self.ref_hi = min(self.ref_lo, lo), max(self.ref_hi, hi)
+        err = np.where(bad, np.inf, diff)
+        view_rows = rows if per_sample else 1
+        self.sample_error[start:start + rows] = err.reshape(view_rows, -1).max(axis=1, initial=0.0)
+        self.cosines.append(_cosines(np.where(both, a64, 0.0).reshape(view_rows, -1),
+                                     np.where(both, b64, 0.0).reshape(view_rows, -1)))
+        if _is_class_scores(a, rows):
+            self._update_classes(a64, b64, start, rows)
+        if a_opt is not None and a_opt.shape == a.shape:
+            _, _, opt_diff = _float_diff(a64, a_opt.astype(np.float64))
+            self.ort_max_abs = max(self.ort_max_abs, float(opt_diff.max(initial=0.0)))
+
+    def _update_classes(self, a: np.ndarray, b: np.ndarray, start: int, rows: int) -> None:
+        if self.ref_pred is None:
+            self.ref_pred = np.full(self.n, -1, dtype=np.int64)
+            self.cand_pred = np.full(self.n, -1, dtype=np.int64)
+        self.classes = a.shape[1]
+        ra, rb = a.argmax(axis=1), b.argmax(axis=1)
+        self.ref_pred[start:start + rows] = ra
+        self.cand_pred[start:start + rows] = rb
+        self.agree += int((ra == rb).sum())
+        self.class_rows += rows
+
+    # --- results ------------------------------------------------------------------------------
+    @property
+    def range(self) -> float:
+        return _range_of(self.ref_lo, self.ref_hi)
+
+    @property
+    def ort_rel_diff(self) -> float:
+        return self.ort_max_abs / self.range
+
+    @property
+    def is_class_output(self) -> bool:
+        return self.ref_pred is not None and self.class_rows == self.n
+
+    def finish(self, rel: float, abs_tol: float, min_cosine: float | None) -> None:
+        """Fill the metrics and judge this output against the tolerance."""
+        m = self.m
+        if self.broken or not m.compared or not self.updated:
+            m.passed = False
+            m.compared = m.compared and self.updated  # never run: nothing to report
+            return
+        if m.kind == "exact":
+            m.mismatches = m.mismatches or 0
+            m.passed = m.mismatches == 0
+            if not m.passed:
+                m.reason = (f"output {m.name!r}: {m.mismatches} of {m.elements} elements differ "
+                            f"({m.dtype} outputs must match exactly)")
+            return
+        self._finish_float(rel, abs_tol, min_cosine)
+
+    def _finish_float(self, rel: float, abs_tol: float, min_cosine: float | None) -> None:
+        m = self.m
+        m.max_abs_error = self.max_abs
+        m.mean_abs_error = self.sum_abs / self.finite if self.finite else 0.0
+        m.ref_range = self.range
+        m.max_rel_error = self.max_abs / self.range
+        m.bound = max(abs_tol, rel * self.range)
+        cos = np.concatenate(self.cosines) if self.cosines else np.ones(1)
+        m.cosine_min, m.cosine_mean = float(cos.min()), float(cos.mean())
+        if self.class_rows:
+            m.top1_agreement = self.agree / self.class_rows
+        problems = []
+        if m.nonfinite_mismatches:
+            problems.append(f"{m.nonfinite_mismatches} NaN/inf values where the other model has a different value")
+        if m.max_abs_error > m.bound:
+            problems.append(f"max error {m.max_abs_error:.3g} is {m.max_rel_error:.2e} of the output's range "
+                            f"{m.ref_range:.3g}, above the tolerance {rel:.2e}")
+        if min_cosine is not None and m.cosine_min < min_cosine:
+            problems.append(f"min cosine similarity {m.cosine_min:.6f} is below {min_cosine}")
+        m.passed = not problems
+        m.reason = f"output {m.name!r}: " + "; ".join(problems) if problems else None
+
+
+# ===============================================================================================
+# the verification
+
+
+@dataclass
+class _Model:
+    """One side of the comparison: its proto, a name for messages, and its session."""
+
+    proto: onnx.ModelProto
+    label: str
+    session: Any = None
+
+
+def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
+    if not vi.type.HasField("tensor_type"):
+        return None, None
+    tt = vi.type.tensor_type
+    shape = None
+    if tt.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return tt.elem_type or None, shape
+
+
+def _type_name(elem_type: int | None) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
+
+
+def _static_conflict(a: list | None, b: list | None) -> bool:
+    if a is None or b is None:
+        return False
+    if len(a) != len(b):
+        return True
+    return any(isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y for x, y in zip(a, b))
+
+
+def _interface(ref: onnx.ModelProto, cand: onnx.ModelProto, n: int) -> tuple[list[_Comparison], list[str]]:
+    """Match the outputs by name; returns a comparison per reference output and interface problems."""
+    reasons = []
+    cand_outputs = {vi.name: vi for vi in cand.graph.output}
+    ref_names = [vi.name for vi in ref.graph.output]
+    comparisons = []
+    for vi in ref.graph.output:
+        dtype, shape = _tensor_type(vi)
+        kind = "unknown" if dtype is None else "float" if dtype in _FLOAT_TYPES else "exact"
+        metrics = OutputMetrics(vi.name, _type_name(dtype), shape, kind)
+        other = cand_outputs.get(vi.name)
+        if other is None:
+            metrics.compared, metrics.reason = False, f"output {vi.name!r}: the candidate has no output of that name"
+        else:
+            cdtype, cshape = _tensor_type(other)
+            if dtype and cdtype and dtype != cdtype:
+                metrics.compared = False
+                metrics.reason = (f"output {vi.name!r}: candidate type {_type_name(cdtype)}, "
+                                  f"reference {_type_name(dtype)}")
+            elif _static_conflict(shape, cshape):
+                metrics.compared = False
+                metrics.reason = f"output {vi.name!r}: candidate shape {cshape}, reference {shape}"
+        if metrics.reason:
+            reasons.append(metrics.reason)
+        comparisons.append(_Comparison(metrics, n))
+    for name in cand_outputs:
+        if name not in ref_names:
+            reasons.append(f"output {name!r}: the candidate has it, the reference does not")
+    return comparisons, reasons
+
+
+def _candidate_data(cand: onnx.ModelProto, data: SampleData) -> tuple[SampleData | None, str | None]:
+    """The data restricted to the candidate's inputs and checked against them, or the reason it cannot run."""
+    names = {s.name for s in input_specs(cand)}
+    subset = SampleData({k: v for k, v in data.inputs.items() if k in names}, data.labels, data.source)
+    try:
+        return check_data(cand, subset), None
+    except DataError as exc:
+        return None, f"the candidate does not accept the reference's inputs: {exc}"
+
+
+def mac_depth(proto: onnx.ModelProto) -> int:
+    """The number of Conv/Gemm/MatMul-like nodes on the longest path of the main graph.
+
+    Each such node accumulates long dot products, so float noise grows with this count.
+    """
+    depth: dict[str, int] = {}
+    best = 0
+    for node in proto.graph.node:  # ONNX requires topological order, so inputs are seen first
+        d = max((depth.get(name, 0) for name in node.input), default=0) + (node.op_type in MAC_OPS)
+        for name in node.output:
+            depth[name] = d
+        best = max(best, d)
+    return best
+
+
+def auto_tolerance(ort_rel_diff: float | None, depth: int, elem_type: int | None) -> dict[str, Any]:
+    """The automatic relative tolerance and its derivation (see the module docstring)."""
+    floor0, cap = _AUTO_LIMITS.get(elem_type or onnx.TensorProto.FLOAT, _AUTO_LIMITS[onnx.TensorProto.FLOAT])
+    eps = _F32_EPS
+    floor = max(floor0, AUTO_DEPTH_EPS * eps * depth)
+    scaled = AUTO_K * ort_rel_diff if ort_rel_diff is not None else 0.0
+    rel = min(cap, max(floor, scaled))
+    return {"rel": rel, "ort_rel_diff": ort_rel_diff, "k": AUTO_K, "floor": floor, "floor_0": floor0, "cap": cap,
+            "mac_depth": depth, "eps": eps, "dtype": _type_name(elem_type or onnx.TensorProto.FLOAT)}
+
+
+def _least_precise(comparisons: Sequence[_Comparison]) -> int | None:
+    order = [onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16]
+    present = [onnx.TensorProto.DataType.Value(c.m.dtype.upper()) for c in comparisons
+               if c.m.kind == "float" and c.m.dtype != "unknown"]
+    return max(present, key=order.index) if present else None
+
+
+def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleData, *,
+           tolerance: Tolerance | None = None, mode: str = "equivalence", batch_size: int = 64,
+           threads: int | None = None, find_divergence: bool = True) -> VerifyReport:
+    """Compare ``candidate`` against ``reference`` on ``data`` in onnxruntime (optimizations off).
+
+    Parameters
+    ----------
+    reference, candidate : IR Model, ModelProto, serialized bytes or path.
+    data : sample inputs (validated against the reference's inputs); labels enable accuracy.
+    tolerance : ``None`` or ``None`` fields: automatic (module docstring).
+    mode : ``"equivalence"`` (lossless) or ``"accuracy"`` (lossy).
+    batch_size : samples per run (a static batch dim overrides it); memory is bounded by one batch.
+    find_divergence : on an equivalence failure, search the first diverging tensor.
+
+    Returns
+    -------
+    VerifyReport
+        ``passed`` false with ``reasons`` for a failing candidate, including one onnxruntime rejects
+        or cannot run, or one whose outputs do not match by name, type or shape.
+
+    Raises
+    ------
+    GraphoptError
+        The *reference* cannot be loaded or run, or the data does not fit it (DataError), or the labels
+        name a class the class-score output does not have.
+    OptionError
+        An unknown ``mode``.
+    """
+    if mode not in MODES:
+        raise OptionError(f"unknown verify mode {mode!r}; expected one of {', '.join(MODES)}")
+    tol = tolerance or Tolerance()
+    ref = _Model(gort.as_proto(reference), f"reference {gort.describe(reference)}")
+    cand = _Model(gort.as_proto(candidate), f"candidate {gort.describe(candidate)}")
+    data = check_data(ref.proto, data)
+    comparisons, blocking = _interface(ref.proto, cand.proto, data.n_samples)
+    notes = list(data.notes)
+    ref.session = gort.session(ref.proto, threads=threads)
+    cand.session = _candidate_session(cand, data, threads, blocking)
+    opt_session = _optimized_session(ref.proto, threads, notes) if tol.rel is None else None
+    ran, measured = False, False
+    if cand.session is not None:
+        ran, measured = _stream(ref, cand, opt_session, data, comparisons, feed_batch_size(ref.proto, batch_size),
+                                blocking, notes)
+    resolved = _resolve(tol, comparisons, ref.proto, measured, mode)
+    for c in comparisons:
+        c.finish(resolved["rel"], resolved["abs"], tol.min_cosine)
+    report = VerifyReport(False, mode, data.n_samples, {c.m.name: c.m for c in comparisons}, resolved,
+                          list(blocking), notes=notes)
+    if ran:
+        _accuracy(report, comparisons, data)
+    # Interface and run problems fail the candidate in both modes; only then do the metrics decide.
+    report.passed = ran and not blocking and _verdict(report, comparisons, tol)
+    if (not report.passed and mode == "equivalence" and find_divergence and ran
+            and any(c.m.compared and not c.m.passed for c in comparisons)):
+        _locate(report, ref, cand, data, comparisons, resolved, batch_size, threads)
+    return report
+
+
+def _candidate_session(cand: _Model, data: SampleData, threads: int | None, blocking: list[str]) -> Any:
+    """The candidate's session, or ``None`` with the reason in ``blocking`` (it cannot take the data or load)."""
+    _, problem = _candidate_data(cand.proto, data)
+    if problem:
+        blocking.append(problem)
+        return None
+    try:
+        return gort.session(cand.proto, threads=threads)
+    except GraphoptError as exc:
+        blocking.append(f"candidate: {exc}")
+        return None
+
+
+def _optimized_session(proto: onnx.ModelProto, threads: int | None, notes: list[str]) -> Any:
+    try:
+        return gort.session(proto, optimize=True, threads=threads)
+    except GraphoptError as exc:
+        notes.append(f"auto tolerance: onnxruntime's optimized session failed ({exc}); using the floor")
+        return None
+
+
+def _stream(ref: _Model, cand: _Model, opt_session: Any, data: SampleData, comparisons: list[_Comparison],
+            batch: int, blocking: list[str], notes: list[str]) -> tuple[bool, bool]:
+    """Run both models (and the ORT-optimized reference) batch by batch, feeding every comparison.
+
+    Returns ``(ran, measured)``: ``ran`` is false when the candidate fails to run (the reason is
+    appended to ``blocking``); ``measured`` says the optimized reference ran on every batch.
+    """
+    names = [c.m.name for c in comparisons]
+    wanted = [c for c in comparisons if c.m.compared]
+    for start in range(0, data.n_samples, batch):
+        feeds = {k: v[start:start + batch] for k, v in data.inputs.items()}
+        rows = next(iter(feeds.values())).shape[0]
+        a = gort.run(ref.session, feeds, names, what=ref.label)
+        try:
+            b = gort.run(cand.session, feeds, [c.m.name for c in wanted], what=cand.label)
+        except GraphoptError as exc:
+            blocking.append(f"candidate: {exc}")
+            return False, False
+        a_opt = None
+        if opt_session is not None:
+            try:
+                a_opt = gort.run(opt_session, feeds, names, what=ref.label)
+            except GraphoptError as exc:
+                notes.append(f"auto tolerance: the optimized reference failed to run ({exc}); using the floor")
+                opt_session = None
+        for c in wanted:
+            c.update(a[c.m.name], b[c.m.name], start, rows, None if a_opt is None else a_opt[c.m.name])
+    blocking.extend(c.m.reason for c in wanted if c.broken)
+    return True, opt_session is not None
+
+
+def _resolve(tol: Tolerance, comparisons: Sequence[_Comparison], ref: onnx.ModelProto, measured: bool,
+             mode: str) -> dict[str, Any]:
+    """The tolerance actually applied, with the derivation of every automatic value."""
+    resolved: dict[str, Any] = {"rel": tol.rel, "abs": tol.abs if tol.abs is not None else 0.0,
+                                "max_drop": tol.max_drop, "min_cosine": tol.min_cosine, "auto": None}
+    if tol.rel is None:
+        floats = [c for c in comparisons if c.m.kind == "float" and c.m.compared and not c.broken]
+        diff = max((c.ort_rel_diff for c in floats), default=0.0) if measured else None
+        auto = auto_tolerance(diff, mac_depth(ref), _least_precise(comparisons))
+        resolved["rel"], resolved["auto"] = auto["rel"], auto
+    if tol.min_cosine is None and mode == "accuracy":
+        resolved["min_cosine"] = AUTO_MIN_COSINE_ACCURACY
+    return resolved
+
+
+def _accuracy(report: VerifyReport, comparisons: Sequence[_Comparison], data: SampleData) -> None:
+    """Top-1 agreement and, with labels, both accuracies on the first class-score output."""
+    cls = next((c for c in comparisons if c.m.compared and not c.broken and c.is_class_output), None)
+    if cls is None:
+        if data.labels is not None:
+            report.notes.append("labels ignored: no output looks like class scores ([N, C] float, C > 1)")
+        return
+    report.class_output = cls.m.name
+    report.top1_agreement = cls.agree / cls.class_rows
+    if data.labels is None:
+        return
+    top = int(data.labels.max())
+    if top >= cls.classes:
+        raise DataError(f"{data.source}: labels hold class id {top} but output {cls.m.name!r} has "
+                        f"{cls.classes} classes")
+    n = len(data.labels)
+    ref_right, cand_right = int((cls.ref_pred == data.labels).sum()), int((cls.cand_pred == data.labels).sum())
+    report.accuracy_reference = 100.0 * ref_right / n
+    report.accuracy_candidate = 100.0 * cand_right / n
+    report.accuracy_drop = 100.0 * (ref_right - cand_right) / n  # from the counts: 20.0, not 20.000000000000004
+
+
+def _verdict(report: VerifyReport, comparisons: Sequence[_Comparison], tol: Tolerance) -> bool:
+    """The metrics' verdict for the report's mode; appends the reasons of a failure."""
+    if report.mode == "equivalence":
+        report.reasons.extend(c.m.reason for c in comparisons if not c.m.passed and c.m.reason)
+        return all(c.m.passed for c in comparisons)
+    return _accuracy_verdict(report, comparisons, tol)
+
+
+def _accuracy_verdict(report: VerifyReport, comparisons: Sequence[_Comparison], tol: Tolerance) -> bool:
+    """Accuracy drop with labels, else top-1 agreement, else cosine / exact equality (module docstring)."""
+    if report.accuracy_drop is not None:
+        if report.accuracy_drop > tol.max_drop:
+            report.reasons.append(f"accuracy dropped {report.accuracy_drop:.2f} points "
+                                  f"({report.accuracy_reference:.2f}% -> {report.accuracy_candidate:.2f}%), "
+                                  f"above the allowed {tol.max_drop}")
+            return False
+        return True
+    if report.top1_agreement is not None:
+        need = 1.0 - tol.max_drop / 100.0
+        if report.top1_agreement < need:
+            report.reasons.append(f"top-1 agreement on {report.class_output!r} is {100 * report.top1_agreement:.2f}%, "
+                                  f"below {100 * need:.2f}% (1 - max_drop/100)")
+            return False
+        return True
+    min_cos = report.tolerance["min_cosine"]
+    ok = True
+    for c in comparisons:
+        m = c.m
+        if m.kind == "float" and m.cosine_min is not None and m.cosine_min < min_cos:
+            report.reasons.append(f"output {m.name!r}: min cosine similarity {m.cosine_min:.6f} is below {min_cos}")
+            ok = False
+        elif m.kind == "exact" and m.mismatches:
+            report.reasons.append(m.reason)
+            ok = False
+    return ok
+
+
+def _worst_samples(comparisons: Sequence[_Comparison], n: int, count: int) -> np.ndarray:
+    """Indices of the ``count`` samples whose outputs differ most (range-relative, over all outputs)."""
+    score = np.zeros(n)
+    for c in comparisons:
+        if c.m.compared and not c.broken:
+            scale = c.range if c.m.kind == "float" else 1.0
+            score = np.maximum(score, c.sample_error / scale)
+    order = np.argsort(-score, kind="stable")
+    return np.sort(order[:count])
+
+
+def _locate(report: VerifyReport, ref: _Model, cand: _Model, data: SampleData, comparisons: Sequence[_Comparison],
+            resolved: dict[str, Any], batch_size: int, threads: int | None) -> None:
+    unit = feed_batch_size(ref.proto, 1)  # a static batch dim, else 1: take whole batches of samples
+    count = min(data.n_samples, -(-DIVERGENCE_SAMPLES // unit) * unit)
+    subset = data.take(_worst_samples(comparisons, data.n_samples, count))
+    try:
+        report.first_divergence = first_divergence(ref.proto, cand.proto, subset, rel=resolved["rel"],
+                                                   abs_tol=resolved["abs"], batch_size=batch_size, threads=threads)
+    except GraphoptError as exc:
+        report.notes.append(f"first divergence not searched: {exc}")
+
+
+# ===============================================================================================
+# first divergence
+
+
+@dataclass
+class _Check:
+    diverged: bool
+    max_abs: float | None
+    rel: float | None
+    shape: list[int]
+
+
+def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleData, *, rel: float,
+                     abs_tol: float = 0.0, batch_size: int = 64, threads: int | None = None,
+                     chunk: int = DIVERGENCE_CHUNK) -> Divergence | None:
+    """The first tensor of ``reference`` (topological order) where ``candidate`` differs beyond tolerance.
+
+    Compares every value both models define under the same name (the reference's node outputs; the
+    candidate's node outputs or initializers) that has the same shape and type in both, on ``data``
+    (keep it small: every compared tensor of a chunk of ``chunk`` values is held at once). A value
+    diverges when ``max|a − b| > max(abs_tol, rel · range(a))``, or for exact types when any element
+    differs. It is reported only when one of the nearest comparable values after it also diverges or
+    none follows (see the module docstring). Returns ``None`` when nothing diverges.
+    """
+    ref_proto, cand_proto = gort.as_proto(reference), gort.as_proto(candidate)
+    graph = from_proto(ref_proto).graph
+    order = graph.toposort()
+    cand_defined = ({name for node in cand_proto.graph.node for name in node.output if name}
+                    | {t.name for t in cand_proto.graph.initializer})
+    producer = {v.name: node for node in order for v in node.outputs if v is not None}
+    names = [name for name in producer if name in cand_defined]
+    checks: dict[str, _Check] = {}
+    ref_data = check_data(ref_proto, data)
+    cand_data, problem = _candidate_data(cand_proto, ref_data)
+    if problem:
+        raise GraphoptError(problem)
+    batch = feed_batch_size(ref_proto, max(batch_size, data.n_samples))  # one run unless the batch is static
+    for start in range(0, len(names), chunk):
+        part = names[start:start + chunk]
+        a = _run_exposed(ref_proto, part, ref_data, batch, threads, "reference")
+        b = _run_exposed(cand_proto, part, cand_data, batch, threads, "candidate")
+        for name in part:
+            check = _compare_tensor(a[name], b[name], rel, abs_tol)
+            if check is not None:
+                checks[name] = check
+    for name in names:
+        check = checks.get(name)
+        if check is None or not check.diverged:
+            continue
+        frontier = _next_comparable(graph, producer[name], name, checks)
+        if not frontier or any(checks[f].diverged for f in frontier):
+            node = producer[name]
+            return Divergence(name, node.op_type, node.name, check.max_abs, check.rel, check.shape,
+                              checked=len(checks), skipped=len(names) - len(checks), samples=data.n_samples)
+    return None
+
+
+def _run_exposed(proto: onnx.ModelProto, names: list[str], data: SampleData, batch: int, threads: int | None,
+                 label: str) -> dict[str, np.ndarray]:
+    sess = gort.session(gort.with_outputs(proto, names), threads=threads)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feeds in data.batches(batch):
+        for name, array in gort.run(sess, feeds, names, what=label).items():
+            parts[name].append(array)
+    return {name: _join(p) for name, p in parts.items()}
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches of one tensor as one array; a tensor without a batch axis (a shape...) keeps its first batch."""
+    if len(parts) == 1 or not all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return parts[0]
+    return np.concatenate(parts)
+
+
+def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float) -> _Check | None:
+    """Compare one intermediate tensor; ``None`` when it cannot be compared (other shape or type)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return None
+    if a.dtype.kind not in "fc":
+        return _Check(bool(np.any(a != b)), None, None, list(a.shape))
+    a64 = a.astype(np.float64)
+    _, bad, diff = _float_diff(a64, b.astype(np.float64))
+    scale = _range_of(*_finite_min_max(a64))
+    max_abs = float(diff.max(initial=0.0))
+    diverged = bool(bad.any()) or max_abs > max(abs_tol, rel * scale)
+    return _Check(diverged, max_abs, max_abs / scale, list(a.shape))
+
+
+def _next_comparable(graph, node, name: str, checks: Mapping[str, _Check]) -> set[str]:
+    """The comparable values nearest after ``name``: walk consumers through values that cannot be compared."""
+    value = next(v for v in node.outputs if v is not None and v.name == name)
+    frontier: set[str] = set()
+    stack, seen = [value], {value}
+    while stack:
+        current = stack.pop()
+        for consumer in graph.consumers(current):
+            for out in consumer.outputs:
+                if out is None or out in seen:
+                    continue
+                seen.add(out)
+                if out.name in checks:
+                    frontier.add(out.name)
+                else:
+                    stack.append(out)
+    return frontier
+
+
+__all__ = ["Tolerance", "OutputMetrics", "Divergence", "VerifyReport", "verify", "first_divergence",
+           "auto_tolerance", "mac_depth"]

@@ -1,0 +1,3 @@
+"""Lossy passes: compression that changes what the model computes, measured and guarded."""
+
+__all__ = ["deeprebirth", "lowrank", "prune", "sparsify", "weight_sharing"]

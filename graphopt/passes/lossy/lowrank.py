@@ -1,0 +1,1078 @@
+"""Low-rank factorization (LOSSY): a Gemm/MatMul/Conv becomes two thinner layers, plain or data-aware SVD.
+
+Forms
+-----
+Every form writes the layer as ``y = Wᵀx + b`` with a matrix ``W [F, O]`` per group and replaces ``W``
+by ``P·Q`` of rank ``r`` (:mod:`graphopt.compress.svd`): two layers, the bias on the second.
+
+``dense``  Gemm/MatMul with a constant weight, ``W [K, N]`` (Gemm: ``α·op(B)``, ``β·C`` as the bias, so
+           ``transB``, ``α`` and ``β`` are folded in; MatMul: the weight may be stored transposed,
+           ``MatMul(x, Transpose(Wᵀ))``; the input may be batched, ``[..., K]``)::
+
+               Gemm(x, B, C)  ->  Gemm(Gemm(x, P), Q, C')        MatMul(x, W)  ->  MatMul(MatMul(x, P), Q)
+
+``channel`` Conv ``k×k`` (groups handled per group, ``F = Cin/g·kh·kw``, ``O = Cout/g``): a ``k×k`` conv to
+           ``r`` channels per group with the original strides/pads/dilations, then a ``1×1`` conv.
+``spatial`` Conv ``kh×kw`` (both > 1), Jaderberg et al. 2014 scheme 2: ``W[o, c, i, j]`` seen as the matrix
+           ``M[(c, i), (o, j)]`` (``Cin·kh × Cout·kw``); ``M ≈ P·Q`` gives a ``kh×1`` conv
+           (``V[k, c, i] = P[(c, i), k]``, vertical stride/pad/dilation) to ``r`` channels, then a ``1×kw``
+           conv (``H[o, k, j] = Q[k, (o, j)]``, horizontal stride/pad/dilation). Exact at full rank: the
+           first conv has no bias, so the horizontal zero padding the second conv adds equals the
+           first conv applied to the zero padding of the input.
+
+A layer is factorized only where it saves weights, ``r·(F + O) < F·O`` per group (a depthwise conv's
+channel form never does; its spatial form, ``3×1`` then ``1×3`` per channel, does), and never below rank
+``min_rank`` (a 10-class head squeezed to rank 4 loses classes: LeNet-5 fell from 92% to 61%).
+With ``form=auto`` the pass evaluates the valid forms of a conv and takes, at the same kept-parameter
+budget (``select=ratio``/``target``), the one with the smaller output error, otherwise (``energy``,
+``error``) the one with fewer MACs (:mod:`graphopt.measure.cost` formulas).
+
+Data-aware (default when the run has calibration data)
+------------------------------------------------------
+The input statistics of every layer (its rows: the last axis of a Gemm/MatMul input, the im2col patches of
+a conv, subsampled) give ``μ`` and ``Σ``; the SVD is taken of ``LᵀW`` (``Σ = LLᵀ``, SVD-LLM's whitening),
+which minimises the layer's *output* error ``tr(ΔWᵀΣΔW)`` instead of ``‖ΔW‖_F``, and the bias absorbs the
+mean error ``ΔWᵀμ``. For the spatial form the covariance of vertical patches averaged over the kernel
+columns stands in for ``Σ`` (the cross terms between columns are dropped); the reported error and the bias
+correction use the full patch covariance, so they are exact.
+
+The stats report, per layer, ``rel_output_error = sqrt(E‖ΔWᵀx − δ‖² / E‖Wᵀx‖²)`` on the calibration
+inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or ``rel_weight_error =
+‖ΔW‖_F / ‖W‖_F`` without data, and with compensation ``rel_error_vs_original_layer`` (the refitted layer
+against the original layer's outputs, relative to their variance).
+
+``Σ`` is shrunk towards ``tr(Σ)/F·I`` by ``ridge + shrink·F/R`` (``R`` rows): a Gemm sees one row per
+sample, and 512 samples for 576 features would whiten by noise (measured on VGG's fc1: data-aware was then
+*worse* than plain on the eval set).
+
+Compensation (``compensate``, data-aware only; Zhang et al. 2015's asymmetric reconstruction): the layers
+are then factorized in topological order, each refitted from its inputs *in the model factorized so far*
+``X_c`` to its outputs in the model before the pass ``Y`` — reduced-rank regression: least squares
+``W_ls`` from :class:`graphopt.compress.lstsq.CrossGram`, then the whitened truncation of ``W_ls`` by ``X_c``'s
+covariance, so each layer also absorbs the error of the layers before it. Layers with fewer than
+``refit_min_rows`` rows per feature, or that :class:`graphopt.compress.lstsq.LinearLayer` refuses (grouped convs,
+Gemm with α/β ≠ 1, a weight behind a Transpose), keep the plain data-aware factors (the stats say why).
+
+Rank selection (``select``)
+---------------------------
+``ratio``   keep the fraction ``ratio`` of each layer's weights: ``r = ⌊ratio·F·O/(F + O)⌋``.
+``energy``  smallest ``r`` keeping ``energy`` of ``Σ s²`` (of ``LᵀW`` when data-aware: output energy).
+``error``   smallest ``r`` with relative error ``sqrt(tail/total) ≤ max_error`` (the output error when
+            data-aware, the weight error otherwise).
+``target``  the run's ``--target-params`` / ``--target-macs`` (fractions of the whole model, or of the
+            candidate layers with ``target_scope=layers``) through :mod:`graphopt.compress.budget`: units are layers,
+            levels are ranks, the sensitivity of a level is the model's relative output error with only that
+            layer factorized (``sensitivity=model``) or the layer's own relative output error (``layer``).
+            With ``--max-drop`` and labelled data (``guard``), the target is relaxed by bisection
+            (:func:`graphopt.compress.budget.guarded`) until the accuracy drop measured on the calibration samples
+            (factors before compensation, so on the safe side) fits; the trace is in the stats.
+``auto``    ``target`` when the run has a target, else ``ratio``.
+
+Latency
+-------
+Fewer MACs is not always faster: two small kernels may cost more than one, and a rank whose channel
+count is not a multiple of 4 drops a conv off onnxruntime's blocked kernels. By default (``latency=cost``)
+a factorization is kept only when :mod:`graphopt.measure.latency` (per-kernel times calibrated once with
+onnxruntime's profiler and stored, at ``latency_batch``) predicts the pair faster than the layer (with
+the global target, the allocator is only offered such ranks): it is deterministic, so the output stays
+byte-identical run to run. ``latency=measure`` times each factorization
+against the original layer alone instead (a one-layer model at the layer's shape, batch 1, onnxruntime
+with all graph optimizations and one thread, A and B alternating, fastest rounds compared); on a loaded
+machine repeats of the same layer vary by 2x, so decisions may differ between runs. Either way the ratio
+is in the stats and a factorization is dropped when it is not below ``max_latency_ratio``;
+``latency=off`` keeps every factorization (forces).
+
+Refused (reason in the stats' ``left_alone``): weight not constant or not a float matrix; Gemm with
+``transA`` or a bias that is not per output; a constant on the left of a MatMul; a weight of rank > 2 in a
+MatMul; convs that are not 2-D or use ``auto_pad=SAME_*``; layers smaller than ``min_params``; no rank that
+saves weights; the chosen rank saving nothing; slower after factorization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil, prod
+from typing import Any
+
+import numpy as np
+from onnx import helper
+
+from graphopt.compress import lstsq, svd
+from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
+from graphopt.core.shapes import ShapeTable
+from graphopt.measure import latency as lat
+from graphopt.measure.calibration import Calibrator, Gram, SampleData
+
+OPS = ("Gemm", "MatMul", "Conv")
+
+
+# =============================================================================================
+# sites: the layers the pass can factorize
+
+
+@dataclass
+class Site:
+    """One layer seen as ``y = x·W + b`` (dense) or a conv, with what its rewrite needs."""
+
+    node: Node
+    kind: str                      # "gemm" | "matmul" | "conv"
+    x: Value
+    y: Value
+    weight: np.ndarray             # dense: W [K, N] with α and transB folded in; conv: [Cout, Cin/g, kh, kw]
+    bias: np.ndarray | None        # per output, β folded in (None: no bias)
+    dtype: np.dtype
+    conv: ConvInfo | None = None
+    x_dims: tuple[int, ...] | None = None   # batch read as 1
+    y_dims: tuple[int, ...] | None = None
+    x_sym: tuple | None = None              # with the symbolic batch, for new values' types
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.node.op_type
+
+    @property
+    def groups(self) -> int:
+        return self.conv.group if self.conv is not None else 1
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0] if self.kind == "conv" else self.weight.shape[1])
+
+    @property
+    def params(self) -> int:
+        return int(self.weight.size)
+
+    def macs(self) -> int | None:
+        if self.kind == "conv":
+            if self.y_dims is None:
+                return None
+            return int(prod(self.y_dims) * prod(self.weight.shape[1:]))
+        if self.x_dims is None:
+            return None
+        return int(prod(self.x_dims[:-1]) * self.weight.size)
+
+
+def _per_output(c: np.ndarray, n: int) -> np.ndarray | None:
+    """A Gemm ``C`` broadcast per output column as ``[n]``, or ``None`` when it varies along the rows."""
+    if c.size == 1:
+        return np.full(n, c.reshape(()).item(), dtype=c.dtype)
+    if c.ndim == 1 and c.shape[0] == n or c.ndim == 2 and c.shape == (1, n):
+        return c.reshape(n)
+    return None
+
+
+def _no_weight(graph: Graph, x: Value, op: str) -> str:
+    """Why a Gemm/MatMul without a constant second operand is refused."""
+    if graph.constant_array(x) is not None:
+        return f"the constant is the first {op} operand"
+    return "weight is not constant"
+
+
+def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str:
+    """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
+    if not is_op(node, *OPS):
+        return f"{node.op_type} is not a Gemm, MatMul or Conv"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return "missing input"
+    x, y = node.inputs[0], node.outputs[0]
+    if node.op_type == "Conv":
+        info = conv_info(graph, node)
+        if isinstance(info, str):
+            return info
+        if info.weight.ndim != 4:
+            return "only 2-D convs"
+        site = Site(node, "conv", x, y, info.weight, info.bias, info.weight.dtype, conv=info)
+    elif node.op_type == "Gemm":
+        if node.attr("transA", 0):
+            return "Gemm with transA (the activation is transposed)"
+        b = graph.constant_array(node.inputs[1])
+        if b is None:
+            return _no_weight(graph, x, "Gemm")
+        if b.ndim != 2 or b.dtype.kind != "f":
+            return "weight is not a float matrix"
+        w = (b.T if node.attr("transB", 0) else b) * np.asarray(node.attr("alpha", 1.0), dtype=b.dtype)
+        bias = None
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = graph.constant_array(node.inputs[2])
+            if c is None:
+                return "Gemm bias is not constant"
+            c = _per_output(c, w.shape[1])
+            if c is None:
+                return "Gemm bias is not per output column"
+            bias = c * np.asarray(node.attr("beta", 1.0), dtype=c.dtype)
+        site = Site(node, "gemm", x, y, w, bias, b.dtype)
+    else:
+        w = graph.constant_array(node.inputs[1])
+        if w is None:
+            t = producer_op(graph, node.inputs[1], "Transpose")
+            if t is not None:
+                wt = graph.constant_array(t.inputs[0])
+                perm = t.attr("perm")
+                if wt is not None and wt.ndim == 2 and (perm is None or list(perm) == [1, 0]):
+                    w = wt.T  # weight stored transposed
+        if w is None:
+            return _no_weight(graph, x, "MatMul")
+        if w.ndim != 2 or w.dtype.kind != "f":
+            return "MatMul weight is not a float matrix (batched weights are not factorized)"
+        site = Site(node, "matmul", x, y, w, None, w.dtype)
+    if shapes is not None:
+        site.x_dims = shapes.concrete(graph, x)
+        site.y_dims = shapes.concrete(graph, y)
+        site.x_sym = shapes.dims(graph, x)
+        if site.kind != "conv" and site.x_dims is not None and site.x_dims[-1] != site.weight.shape[0]:
+            return "input features disagree with the weight"
+        if site.x_dims is not None:  # the output's own type may carry symbolic dims: derive it from the input
+            if site.kind == "conv":
+                c = site.conv
+                if len(site.x_dims) != 4:
+                    return "conv input is not 4-D"
+                site.y_dims = (site.x_dims[0], site.out_features) + tuple(
+                    svd.conv_out_size(site.x_dims[2 + a], c.kernel[a], c.strides[a], c.dilations[a],
+                                      c.pads_begin[a], c.pads_end[a]) for a in range(2))
+            else:
+                site.y_dims = tuple(site.x_dims[:-1]) + (site.out_features,)
+    return site
+
+
+# =============================================================================================
+# forms: the matrices to factorize, per group
+
+
+@dataclass
+class Form:
+    """A way to write a site as ``groups`` matrices ``[F, O]`` whose rank-``r`` factors are two layers."""
+
+    name: str                     # "dense" | "channel" | "spatial"
+    site: Site
+    mats: list[np.ndarray]        # per group, [F, O] in this form's layout (float64)
+    facs: list[svd.Factorization] = field(default_factory=list)
+
+    @property
+    def f(self) -> int:
+        return int(self.mats[0].shape[0])
+
+    @property
+    def o(self) -> int:
+        return int(self.mats[0].shape[1])
+
+    @property
+    def groups(self) -> int:
+        return len(self.mats)
+
+    def params(self, rank: int) -> int:
+        return self.groups * rank * (self.f + self.o)
+
+    @property
+    def max_rank(self) -> int:
+        """Largest ``r`` with ``r·(F + O) < F·O``."""
+        return int(ceil(self.f * self.o / (self.f + self.o))) - 1
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.f, self.o)
+
+    def macs(self, rank: int) -> int | None:
+        s = self.site
+        if s.kind != "conv":
+            return None if s.x_dims is None else int(prod(s.x_dims[:-1]) * rank * (self.f + self.o))
+        if s.y_dims is None or s.x_dims is None:
+            return None
+        _, _, ho, wo = s.y_dims
+        if self.name == "channel":
+            return int(ho * wo * self.groups * rank * (self.f + self.o))
+        kh, kw = s.weight.shape[2:]
+        cin_g, og = s.weight.shape[1], s.weight.shape[0] // self.groups
+        return int(self.groups * rank * (cin_g * kh * ho * s.x_dims[3] + og * kw * ho * wo))
+
+    def seconds(self, rank: int, latency: lat.LatencyModel, batch: int = 1) -> float | None:
+        """Predicted time (:mod:`graphopt.measure.latency`) of the two layers at ``batch``."""
+        s = self.site
+        if s.kind != "conv":
+            if s.x_dims is None:
+                return None
+            m = int(prod(s.x_dims[:-1])) * batch
+            return latency.gemm(m, self.f, rank) + latency.gemm(m, rank, self.o)
+        if s.y_dims is None or s.x_dims is None:
+            return None
+        _, cin, h, w = s.x_dims
+        _, cout, ho, wo = s.y_dims
+        g, kh, kw = self.groups, s.weight.shape[2], s.weight.shape[3]
+        if self.name == "channel":
+            return (latency.conv(batch, cin, g * rank, (kh, kw), (h, w), (ho, wo), g)
+                    + latency.conv(batch, g * rank, cout, (1, 1), (ho, wo), (ho, wo), g))
+        return (latency.conv(batch, cin, g * rank, (kh, 1), (h, w), (ho, w), g)
+                + latency.conv(batch, g * rank, cout, (1, kw), (ho, w), (ho, wo), g))
+
+    def reconstruct(self, g: int, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """Group ``g``'s approximation ``P·Q`` in the layer's own ``[F_full, O]`` layout (patch ``(c, i, j)``)."""
+        m = p @ q
+        if self.name != "spatial":
+            return m
+        cin_g, kh, kw = self.site.weight.shape[1:]
+        og = self.site.weight.shape[0] // self.groups
+        return m.reshape(cin_g, kh, og, kw).transpose(0, 1, 3, 2).reshape(cin_g * kh * kw, og)
+
+    def original(self, g: int) -> np.ndarray:
+        """Group ``g``'s weight in the ``[F_full, O]`` layout."""
+        s = self.site
+        if s.kind != "conv":
+            return np.asarray(s.weight, dtype=np.float64)
+        og = s.weight.shape[0] // self.groups
+        return np.asarray(s.weight[g * og:(g + 1) * og], dtype=np.float64).reshape(og, -1).T
+
+
+def forms_of(site: Site, which: str) -> list[Form]:
+    """The valid forms of ``site`` (``which``: ``auto`` = all, or one form name)."""
+    if site.kind != "conv":  # ``which`` chooses among conv forms; a dense layer has one
+        return [Form("dense", site, [np.asarray(site.weight, dtype=np.float64)])]
+    w = np.asarray(site.weight, dtype=np.float64)
+    g = site.groups
+    og = w.shape[0] // g
+    out = []
+    if which in ("auto", "channel"):
+        out.append(Form("channel", site, [w[i * og:(i + 1) * og].reshape(og, -1).T for i in range(g)]))
+    kh, kw = w.shape[2:]
+    if which in ("auto", "spatial") and kh > 1 and kw > 1:
+        cin_g = w.shape[1]
+        out.append(Form("spatial", site, [w[i * og:(i + 1) * og].transpose(1, 2, 0, 3).reshape(cin_g * kh, og * kw)
+                                          for i in range(g)]))
+    return out
+
+
+# =============================================================================================
+# statistics
+
+
+@dataclass
+class Stats:
+    """Input statistics of one site: moments of its rows (dense features or im2col patches, all groups)."""
+
+    moments: Gram  # over the rows of site_rows (already 2-D: the default rows view keeps them)
+
+    def group(self, site: Site, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(Σ, μ)`` of group ``g``'s features in the ``[F_full]`` layout."""
+        if site.kind != "conv":
+            return self.moments.covariance, self.moments.mean
+        cin_g = site.weight.shape[1]
+        taps = site.weight.shape[2] * site.weight.shape[3]
+        idx = np.arange(g * cin_g * taps, (g + 1) * cin_g * taps)
+        return self.moments.covariance[np.ix_(idx, idx)], self.moments.mean[idx]
+
+
+def site_rows(site: Site, x: np.ndarray, rng: np.random.Generator, max_rows: int) -> np.ndarray:
+    """At most ``max_rows`` rows (features) of one batch of the site's input, drawn uniformly."""
+    if site.kind != "conv":
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > max_rows:
+            flat = flat[np.sort(rng.choice(flat.shape[0], size=max_rows, replace=False))]
+        return flat
+    c = site.conv
+    # lstsq's im2col view; built directly because LinearLayer.of refuses grouped convs, whose rows are
+    # the same patches over all input channels (each group reads its own block of features).
+    layer = lstsq.LinearLayer(site.node, "conv", site.x, site.y, site.weight, site.bias,
+                              kernel=tuple(site.weight.shape[2:]), strides=tuple(c.strides),
+                              dilations=tuple(c.dilations), pads_begin=tuple(c.pads_begin),
+                              pads_end=tuple(c.pads_end))
+    n = layer.positions(x.shape)
+    positions = None if n <= max_rows else np.sort(rng.choice(n, size=max_rows, replace=False))
+    return layer.rows(x, positions)
+
+
+def collect_stats(model: Model, sites: list[Site], data: SampleData, rng: np.random.Generator, max_rows: int,
+                  batch_size: int = 64) -> dict[int, Stats]:
+    """Stream every site's input rows over ``data`` (one onnxruntime run for all); keyed by ``id(node)``."""
+    stats = {id(s.node): Stats(Gram()) for s in sites}
+    names = sorted({s.x.name for s in sites})
+    batches = max(1, ceil(data.n_samples / batch_size))
+    per_batch = max(1, ceil(max_rows / batches))
+    for batch in Calibrator(model, data, batch_size).run(names):
+        for s in sites:
+            stats[id(s.node)].moments.update(site_rows(s, batch[s.x.name], rng, per_batch))
+    return stats
+
+
+# =============================================================================================
+# a chosen factorization
+
+
+@dataclass
+class Plan:
+    """A form at a rank, with its factors per group and the new bias."""
+
+    form: Form
+    rank: int
+    factors: list[tuple[np.ndarray, np.ndarray]]
+    bias: np.ndarray | None
+    rel_error: float | None = None        # relative output error (data) or weight error (no data)
+    error_kind: str = "weight"
+    latency_ratio: float | None = None
+
+    @property
+    def site(self) -> Site:
+        return self.form.site
+
+    def record(self) -> dict[str, Any]:
+        s = self.site
+        out = {"node": s.name, "op": s.node.op_type, "form": self.form.name, "rank": self.rank,
+               "full_rank": self.form.full_rank, "groups": self.form.groups,
+               "params_before": s.params, "params_after": self.form.params(self.rank),
+               "macs_before": s.macs(), "macs_after": self.form.macs(self.rank)}
+        if self.rel_error is not None:
+            out[f"rel_{self.error_kind}_error"] = float(f"{self.rel_error:.6g}")
+        if self.latency_ratio is not None:
+            out["latency_ratio"] = float(f"{self.latency_ratio:.4g}")
+        return out
+
+
+def make_plan(form: Form, rank: int, stats: Stats | None, correct_bias: bool) -> Plan:
+    """Truncate ``form``'s factorizations at ``rank``; the bias absorbs the mean error when ``stats`` exist."""
+    site = form.site
+    factors = [fac.factors(rank) for fac in form.facs]
+    bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float64).copy()
+    err_num = err_den = 0.0
+    og = site.out_features // form.groups
+    for g, (p, q) in enumerate(factors):
+        w = form.original(g)
+        dw = w - form.reconstruct(g, p, q)
+        if stats is not None:
+            cov, mean = stats.group(site, g)
+            if correct_bias:
+                if bias is None:
+                    bias = np.zeros(site.out_features)
+                bias[g * og:(g + 1) * og] += dw.T @ mean
+                err_num += svd.output_error(dw, cov)
+            else:
+                err_num += svd.output_error(dw, cov + np.outer(mean, mean))
+            err_den += svd.output_error(w, cov + np.outer(mean, mean))
+        else:
+            err_num += float(np.sum(dw ** 2))
+            err_den += float(np.sum(w ** 2))
+    rel = float(np.sqrt(err_num / err_den)) if err_den > 0 else 0.0
+    return Plan(form, rank, factors, bias, rel, "output" if stats is not None else "weight")
+
+
+def shrunk_ridge(ridge: float, shrink: float, features: int, rows: int) -> float:
+    """Relative ridge for a covariance of ``features`` estimated from ``rows`` rows: ``ridge + shrink·F/R``.
+
+    With few rows per feature (a Gemm sees one row per sample) the sample covariance is nearly singular
+    and whitening by it fits the calibration set, not the data; shrinking it towards ``tr(Σ)/F·I`` in
+    proportion to ``F/R`` pulls the factorization back towards the plain SVD exactly when the statistics
+    are weak.
+    """
+    return ridge + shrink * features / max(rows, 1)
+
+
+def factorize_form(form: Form, stats: Stats | None, ridge: float, shrink: float = 0.0) -> None:
+    """SVD of each group (whitened by the form's input covariance when ``stats`` are given)."""
+    form.facs = []
+    s = form.site
+    for g, mat in enumerate(form.mats):
+        cov, lam = None, ridge
+        if stats is not None:
+            cov, _ = stats.group(s, g)
+            rows = stats.moments.count
+            if form.name == "spatial":
+                cin_g, kh, kw = s.weight.shape[1:]
+                cov = svd.column_average(cov, cin_g, kh, kw)
+            lam = shrunk_ridge(ridge, shrink, mat.shape[0], rows)
+        form.facs.append(svd.factorize(mat, cov, lam))
+
+
+def group_rel_error(form: Form, rank: int) -> float:
+    """``sqrt(Σ_g tail_g / Σ_g total_g)`` from the spectra (the whitened metric when data-aware)."""
+    total = sum(f.total for f in form.facs)
+    return float(np.sqrt(sum(f.tail(rank) for f in form.facs) / total)) if total > 0 else 0.0
+
+
+def rank_for(form: Form, select: str, ratio: float, energy: float, max_error: float) -> int:
+    if select == "ratio":
+        return max(1, int(ratio * form.f * form.o / (form.f + form.o)))
+    bound = (1.0 - energy) if select == "energy" else max_error ** 2
+    for r in range(1, form.full_rank + 1):
+        if group_rel_error(form, r) ** 2 <= bound + 1e-12:
+            return r
+    return form.full_rank
+
+
+# =============================================================================================
+# rewriting
+
+
+def _conv_attrs(kernel, strides, pads_begin, pads_end, dilations, group) -> dict[str, Any]:
+    return {"dilations": list(dilations), "group": int(group), "kernel_shape": list(kernel),
+            "pads": list(pads_begin) + list(pads_end), "strides": list(strides)}
+
+
+def _intermediate_dims(plan: Plan) -> list | None:
+    s = plan.site
+    if s.x_sym is None:
+        return None
+    if s.kind != "conv":
+        return list(s.x_sym[:-1]) + [plan.rank]
+    if s.y_dims is None or s.x_dims is None:
+        return None
+    width = s.y_dims[3] if plan.form.name == "channel" else s.x_dims[3]
+    return [s.x_sym[0], plan.form.groups * plan.rank, s.y_dims[2], width]
+
+
+def _foldable_add(graph: Graph, value: Value, n: int) -> tuple[Node, int, np.ndarray] | None:
+    """The ``Add`` reading ``value`` alone, with a constant per-output other operand (a bias), if any."""
+    add = sole_consumer(graph, value)
+    if not is_op(add, "Add") or len(add.inputs) != 2:
+        return None
+    slot = 1 if add.inputs[0] is value else 0
+    if add.inputs[1 - slot] is not value:
+        return None
+    c = graph.constant_array(add.inputs[slot])
+    if c is None or c.size != n or (c.ndim and c.shape[-1] != n):
+        return None
+    return add, slot, c
+
+
+def apply_plan(graph: Graph, plan: Plan) -> list[Node]:
+    """Replace the site's node by the two factor layers; the output value keeps its name and readers."""
+    s = plan.site
+    node, dtype, name = s.node, s.dtype, s.name
+    onnx_dtype = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    old_inputs = list(node.inputs[1:])
+    weight_producer = graph.producer(node.inputs[1])
+    graph.remove_node(node, keep_outputs=True)
+    h = graph.new_value(f"{name}_lowrank", onnx_dtype, _intermediate_dims(plan))
+    out: Value = s.y
+    nodes: list[Node] = []
+    if s.kind in ("gemm", "matmul"):
+        (p, q), = plan.factors
+        pv = graph.add_initializer(p.astype(dtype), f"{name}_U")
+        qv = graph.add_initializer(q.astype(dtype), f"{name}_V")
+        if s.kind == "gemm":
+            nodes.append(graph.add_node("Gemm", [s.x, pv], [h], name=f"{name}_lr1", anchor=node))
+            inputs = [h, qv]
+            if plan.bias is not None:
+                inputs.append(graph.add_initializer(plan.bias.astype(dtype), f"{name}_B"))
+            nodes.append(graph.add_node("Gemm", inputs, [out], name=f"{name}_lr2", anchor=node))
+        else:
+            nodes.append(graph.add_node("MatMul", [s.x, pv], [h], name=f"{name}_lr1", anchor=node))
+            corr = plan.bias
+            if corr is not None and np.any(corr):
+                add = _foldable_add(graph, out, s.out_features)
+                if add is not None:  # fold the mean correction into the existing bias (a new initializer)
+                    add_node, slot, c = add
+                    old = add_node.inputs[slot]
+                    graph.set_input(add_node, slot, graph.add_initializer(
+                        (c + corr.reshape(c.shape)).astype(c.dtype), f"{name}_bias"))
+                    drop_unused(graph, [old])
+                    corr = None
+            if corr is not None and np.any(corr):
+                mid = graph.new_value(f"{name}_nobias", onnx_dtype, out.shape)
+                nodes.append(graph.add_node("MatMul", [h, qv], [mid], name=f"{name}_lr2", anchor=node))
+                bv = graph.add_initializer(corr.astype(dtype), f"{name}_B")
+                nodes.append(graph.add_node("Add", [mid, bv], [out], name=f"{name}_bias", anchor=node))
+            else:
+                nodes.append(graph.add_node("MatMul", [h, qv], [out], name=f"{name}_lr2", anchor=node))
+    else:
+        c = s.conv
+        g, r = plan.form.groups, plan.rank
+        cin_g, kh, kw = s.weight.shape[1:]
+        og = s.weight.shape[0] // g
+        if plan.form.name == "channel":
+            first = np.concatenate([p.T.reshape(r, cin_g, kh, kw) for p, _ in plan.factors])
+            second = np.concatenate([q.T.reshape(og, r, 1, 1) for _, q in plan.factors])
+            a1 = _conv_attrs((kh, kw), c.strides, c.pads_begin, c.pads_end, c.dilations, g)
+            a2 = _conv_attrs((1, 1), (1, 1), (0, 0), (0, 0), (1, 1), g)
+        else:
+            first = np.concatenate([p.reshape(cin_g, kh, r).transpose(2, 0, 1)[..., None] for p, _ in plan.factors])
+            second = np.concatenate([q.reshape(r, og, kw).transpose(1, 0, 2)[:, :, None, :] for _, q in plan.factors])
+            a1 = _conv_attrs((kh, 1), (c.strides[0], 1), (c.pads_begin[0], 0), (c.pads_end[0], 0),
+                             (c.dilations[0], 1), g)
+            a2 = _conv_attrs((1, kw), (1, c.strides[1]), (0, c.pads_begin[1]), (0, c.pads_end[1]),
+                             (1, c.dilations[1]), g)
+        w1 = graph.add_initializer(first.astype(dtype), f"{name}_W1")
+        w2 = graph.add_initializer(second.astype(dtype), f"{name}_W2")
+        nodes.append(graph.add_node("Conv", [s.x, w1], [h], a1, name=f"{name}_lr1", anchor=node))
+        inputs = [h, w2]
+        if plan.bias is not None:
+            inputs.append(graph.add_initializer(plan.bias.astype(dtype), f"{name}_B"))
+        nodes.append(graph.add_node("Conv", inputs, [out], a2, name=f"{name}_lr2", anchor=node))
+    # A Transpose that only fed this weight is dead now; the old weights go when nothing reads them.
+    if is_op(weight_producer, "Transpose") and not graph.uses(weight_producer.outputs[0]) \
+            and not graph.is_graph_output(weight_producer.outputs[0]):
+        old_inputs.append(weight_producer.inputs[0])
+        graph.remove_node(weight_producer)
+    drop_unused(graph, old_inputs)
+    return nodes
+
+
+# =============================================================================================
+# compensation: asymmetric refit (Zhang et al. 2015)
+
+
+def refit_plan(plan: Plan, gram: Any, ridge: float, shrink: float = 0.0,
+               min_rows: float = 4.0) -> tuple[Plan, float] | str:
+    """The plan's form and rank refitted to ``min ‖X_c W' + b' − Y‖`` (rank ``W' ≤ r``) from ``gram``.
+
+    ``gram`` (:class:`graphopt.compress.lstsq.CrossGram`) holds ``X_c``, the layer's inputs in the model with the
+    layers before it factorized, against ``Y``, the layer's outputs in the model before the pass.
+    Reduced-rank regression: the least squares ``W_ls``, then the rank-``r`` truncation of ``W_ls``
+    whitened by ``X_c``'s covariance, with the mean error in the bias. Returns the new plan and its relative
+    output error against ``Y``, or why it was not refitted.
+    """
+    from dataclasses import replace
+
+    site = plan.site
+    if gram.count < min_rows * gram.features:
+        return f"not refitted: {gram.count} rows for {gram.features} features (the refit would fit noise)"
+    w_ls, b_ls = gram.solve(ridge)
+    moments = Gram()
+    moments.xtx, moments.sum, moments.count = gram.xtx[:-1, :-1], gram.xtx[:-1, -1], gram.count
+    weight = w_ls if site.kind != "conv" else w_ls.T.reshape(site.weight.shape)
+    refit_site = replace(site, weight=weight, bias=b_ls)
+    form = forms_of(refit_site, plan.form.name if site.kind == "conv" else "auto")[0]
+    stats = Stats(moments)
+    factorize_form(form, stats, ridge, shrink)
+    new = make_plan(form, plan.rank, stats, True)
+    new.latency_ratio = plan.latency_ratio
+    p, q = new.factors[0]
+    bias = new.bias if new.bias is not None else np.zeros(site.out_features)
+    return new, gram.relative_error(form.reconstruct(0, p, q), bias)
+
+
+def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: float, shrink: float, min_rows: float,
+               max_rows: int, rng: np.random.Generator, say=None, batch_size: int = 64) -> list[dict[str, Any]]:
+    """Apply ``plans`` in order, refitting each to the original outputs from the inputs of the model so far.
+
+    The targets (each layer's output before the pass) are computed once; layers reading the same tensor
+    (attention's query/key/value) are refitted from one run. Returns one record per plan.
+    """
+    graph = model.graph
+    names = sorted({p.site.y.name for p in plans})
+    targets = list(Calibrator(model, data, batch_size).run(names))  # kept: the original outputs, run once
+    records: list[dict[str, Any]] = []
+    i = 0
+    while i < len(plans):
+        group = [plans[i]]
+        while i + len(group) < len(plans) and plans[i + len(group)].site.x is plans[i].site.x:
+            group.append(plans[i + len(group)])
+        i += len(group)
+        layers = {k: lstsq.LinearLayer.of(graph, p.site.node) for k, p in enumerate(group)}
+        fitted = {k: layer for k, layer in layers.items() if not isinstance(layer, str)}
+        grams: dict[int, lstsq.CrossGram] = {}
+        if fitted:
+            if say is not None:
+                say(f"lowrank: refitting {', '.join(group[k].site.name for k in fitted)}")
+            grams = lstsq.collect(model, fitted, data, target_batches=targets,
+                                  targets={k: group[k].site.y.name for k in fitted}, max_rows=max_rows, rng=rng,
+                                  batch_size=batch_size)
+        for k, plan in enumerate(group):
+            extra: dict[str, Any] = {}
+            if k not in grams:
+                extra["refit"] = f"not refitted: {layers[k]}"
+            else:
+                refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
+                if isinstance(refit, str):
+                    extra["refit"] = refit
+                else:
+                    plan, err = refit
+                    extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
+            records.append({**plan.record(), **extra})
+            apply_plan(graph, plan)
+    return records
+
+
+# =============================================================================================
+# latency
+
+
+def _one_layer_model(site: Site) -> Model | None:
+    """The site's layer alone (weights as initializers) at its batch-1 shape, as an IR model."""
+    if site.x_dims is None or site.y_dims is None:
+        return None
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(site.dtype))
+    inits = []
+    if site.kind == "conv":
+        c = site.conv
+        inits.append(helper.make_tensor("W", elem, site.weight.shape, site.weight.astype(site.dtype).tobytes(), raw=True))
+        ins = ["x", "W"]
+        if site.bias is not None:
+            inits.append(helper.make_tensor("B", elem, site.bias.shape, site.bias.astype(site.dtype).tobytes(), raw=True))
+            ins.append("B")
+        node = helper.make_node("Conv", ins, ["y"], **_conv_attrs(site.weight.shape[2:], c.strides, c.pads_begin,
+                                                                  c.pads_end, c.dilations, c.group))
+    else:
+        w = site.weight.astype(site.dtype)
+        inits.append(helper.make_tensor("W", elem, w.shape, w.tobytes(), raw=True))
+        ins = ["x", "W"]
+        if site.kind == "gemm" and site.bias is not None:
+            inits.append(helper.make_tensor("B", elem, site.bias.shape, site.bias.astype(site.dtype).tobytes(),
+                                            raw=True))
+            ins.append("B")
+        node = helper.make_node("Gemm" if site.kind == "gemm" else "MatMul", ins, ["y"])
+    graph = helper.make_graph([node], "layer", [helper.make_tensor_value_info("x", elem, list(site.x_dims))],
+                              [helper.make_tensor_value_info("y", elem, list(site.y_dims))], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return from_proto(proto)
+
+
+def measure_latency(plan: Plan, rounds: int = 11, target_seconds: float = 0.005) -> float | None:
+    """Time of the factorized layer over the original's: one-layer models at the layer's batch-1 shape,
+    onnxruntime with all graph optimizations and one thread, A and B alternating (order flipped every
+    round), each round a loop of about ``target_seconds``. The ratio of the *fastest* rounds: on a shared
+    machine noise only ever adds time, so the minimum is the stable estimate of what the layer costs.
+    """
+    import time
+
+    from graphopt.measure import ort as gort
+
+    a = _one_layer_model(plan.site)
+    if a is None:
+        return None
+    b = _one_layer_model(plan.site)
+    site_b = find_site(b.graph, b.graph.nodes[0], ShapeTable(b))
+    if isinstance(site_b, str):
+        return None
+    apply_plan(b.graph, Plan(replace_form(plan.form, site_b), plan.rank, plan.factors, plan.bias))
+    sessions = [gort.session(to_proto(m), optimize=True, threads=1) for m in (a, b)]
+    feeds = {"x": np.random.default_rng(0).standard_normal(plan.site.x_dims).astype(plan.site.dtype)}
+    for sess in sessions:  # warm up
+        sess.run(None, feeds)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        sessions[0].run(None, feeds)
+    once = max((time.perf_counter() - t0) / 3, 1e-6)
+    inner = int(min(max(target_seconds / once, 1), 5000))
+    best = [float("inf"), float("inf")]
+    for r in range(rounds):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                sessions[k].run(None, feeds)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best[1] / best[0]
+
+
+def replace_form(form: Form, site: Site) -> Form:
+    return Form(form.name, site, form.mats, form.facs)
+
+
+# =============================================================================================
+# global target: the allocator of graphopt.compress.budget
+
+
+def _unit_levels(form: Form, steps: int, min_rank: int = 1) -> list[int]:
+    """``[full rank (unfactorized), then ranks >= min_rank that save weights, descending]``."""
+    top = form.max_rank
+    ranks = sorted({max(1, int(round(top * (k / steps)))) for k in range(1, steps + 1)}, reverse=True)
+    ranks = [r for r in ranks if r >= min_rank]
+    return [form.full_rank] + ranks
+
+
+def _with_plans(ectx: Any, plans: list[Plan]) -> Model:
+    """A fresh copy of the evaluation context's model with ``plans`` applied (nodes found by name)."""
+    model = from_proto(ectx.fresh_proto())
+    by_name = {n.name: n for n in model.graph.nodes}
+    for plan in plans:
+        site = find_site(model.graph, by_name[plan.site.node.name], None)
+        apply_plan(model.graph, Plan(replace_form(plan.form, site), plan.rank, plan.factors, plan.bias))
+    return model
+
+
+def _model_error(context: Any, item: tuple[str, int]) -> float:
+    """Relative output error of the model with only unit ``item[0]`` factorized at rank ``item[1]``."""
+    ectx, plans = context
+    key, level = item
+    return ectx.error(ectx.run(model=_with_plans(ectx, [plans[key][level]])))
+
+
+# =============================================================================================
+# the pass
+
+
+@register
+class LowRank(Pass):
+    name = "lowrank"
+    summary = "LOSSY: Gemm/MatMul/Conv -> two thin layers by truncated SVD (data-aware whitening with calibration data)"
+    lossless = False
+    options = {
+        "ops": Option("Gemm,MatMul,Conv", "comma-separated op types to factorize", str),
+        "select": Option("auto", "rank selection", str, ("auto", "ratio", "energy", "error", "target")),
+        "ratio": Option(0.5, "select=ratio: fraction of each layer's weights kept", float,
+                        low=0, high=1, low_open=True),
+        "energy": Option(0.95, "select=energy: fraction of the (whitened) spectrum's energy kept", float,
+                         low=0, high=1, low_open=True),
+        "max_error": Option(0.2, "select=error: largest relative (output) error per layer", float, low=0),
+        "form": Option("auto", "conv factorization", str, ("auto", "channel", "spatial")),
+        "data_aware": Option("auto", "whiten by the input covariance (auto: when the run has data)", str,
+                             ("auto", "on", "off")),
+        "correct_bias": Option(True, "data-aware: fold the mean output error into the bias", bool),
+        "min_params": Option(1024, "leave layers with fewer weights alone", int, low=0),
+        "min_rank": Option(8, "never factorize below this rank (a 10-class head squeezed to rank 4 loses classes)",
+                           int, low=1),
+        "latency": Option("cost", "drop factorizations that are not faster: by the calibrated latency model "
+                                  "(graphopt.measure.latency; deterministic), measured (onnxruntime, not deterministic), "
+                                  "or off (keep all)", str, ("cost", "measure", "off")),
+        "latency_batch": Option(1, "batch size the latency model predicts at (latency=cost)", int, low=1),
+        "max_latency_ratio": Option(1.0, "keep a factorization when factorized/original time is below this", float,
+                                    low=0, low_open=True),
+        "samples": Option(512, "calibration samples for the statistics", int, low=1),
+        "max_rows": Option(8192, "input rows per layer for the statistics (subsampled)", int, low=1),
+        "ridge": Option(1e-4, "ridge added to the input covariance, relative to its mean diagonal", float, low=0),
+        "shrink": Option(0.5, "covariance shrinkage: ridge + shrink * features / rows (weak statistics -> plain SVD)",
+                         float, low=0),
+        "refit_min_rows": Option(4.0, "compensate: refit only layers with at least this many rows per feature",
+                                 float, low=0),
+        "target_scope": Option("model", "select=target: fraction of the whole model or of the candidate layers",
+                               str, ("model", "layers")),
+        "sensitivity": Option("model", "select=target: error per level of the model outputs or of the layer",
+                              str, ("model", "layer")),
+        "compensate": Option(True, "data-aware: refit each layer, in order, from the inputs of the model "
+                                   "factorized so far to the original layer's outputs (asymmetric, Zhang et al. 2015)",
+                             bool),
+        "guard": Option(True, "select=target with --max-drop and labelled data: relax the target until the "
+                              "accuracy drop on the calibration samples fits", bool),
+        "levels": Option(8, "select=target: ranks tried per layer", int, low=1),
+        "sensitivity_samples": Option(256, "select=target, sensitivity=model: samples per evaluation", int, low=1),
+    }
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        ops = {o.strip() for o in self.opt(ctx, "ops").split(",") if o.strip()}
+        select = self.opt(ctx, "select")
+        if select == "auto":
+            select = "target" if (ctx.target_params is not None or ctx.target_macs is not None) else "ratio"
+        if select == "target" and ctx.target_params is None and ctx.target_macs is None:
+            return PassResult(False, {"factorized": 0, "skipped": "select=target without --target-params/--target-macs"})
+        aware = self.opt(ctx, "data_aware")
+        if aware == "on" and ctx.data is None:
+            return PassResult(False, {"factorized": 0, "skipped": "data_aware=on but the run has no data"})
+        aware = aware == "on" or (aware == "auto" and ctx.data is not None)
+        left: dict[str, dict[str, Any]] = {}
+
+        def leave(node: Node, reason: str) -> None:
+            entry = left.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < 3:
+                entry["examples"].append(node.name or node.op_type)
+
+        shapes = ShapeTable(model)
+        sites: list[Site] = []
+        for node in graph.toposort():
+            if not is_op(node, *OPS) or node.op_type not in ops:
+                continue
+            site = find_site(graph, node, shapes)
+            if isinstance(site, str):
+                leave(node, site)
+            elif site.params < self.opt(ctx, "min_params"):
+                leave(node, f"fewer than min_params={self.opt(ctx, 'min_params')} weights")
+            else:
+                sites.append(site)
+
+        form_opt = self.opt(ctx, "form")
+        candidates: list[tuple[Site, list[Form]]] = []
+        for site in sites:
+            forms = [f for f in forms_of(site, form_opt) if f.max_rank >= 1]
+            if not forms:
+                leave(site.node, "no rank saves weights (r(F+O) >= F·O at r = 1)" if forms_of(site, form_opt)
+                      else f"no {form_opt} form for this layer (kernel {list(site.weight.shape[2:])})")
+                continue
+            candidates.append((site, forms))
+
+        stats: dict[int, Stats] = {}
+        need_stats = ctx.data is not None and candidates
+        if need_stats:
+            data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
+            ctx.say(f"lowrank: input statistics of {len(candidates)} layers")
+            stats = collect_stats(model, [s for s, _ in candidates], data, ctx.rng(self.name),
+                                  self.opt(ctx, "max_rows"))
+        ridge, shrink = self.opt(ctx, "ridge"), self.opt(ctx, "shrink")
+        correct = self.opt(ctx, "correct_bias") and aware
+        for site, forms in candidates:
+            for form in forms:
+                factorize_form(form, stats.get(id(site.node)) if aware else None, ridge, shrink)
+
+        ratio, energy, max_error = self.opt(ctx, "ratio"), self.opt(ctx, "energy"), self.opt(ctx, "max_error")
+        min_rank = self.opt(ctx, "min_rank")
+        plans: list[Plan] = []
+        extra: dict[str, Any] = {}
+        if select == "target":
+            plans, extra = self._allocate(model, ctx, candidates, stats, correct, leave)
+        else:
+            for site, forms in candidates:
+                st = stats.get(id(site.node))
+                options = []
+                for form in forms:
+                    r = rank_for(form, select, ratio, energy, max_error)
+                    if r > form.max_rank:
+                        options.append((form, r, None))
+                        continue
+                    options.append((form, r, make_plan(form, r, st, correct)))
+                valid = [p for _, _, p in options if p is not None]
+                if not valid:
+                    form, r, _ = options[0]
+                    leave(site.node, f"the selected rank does not save weights (needs r < {form.max_rank + 1})")
+                    continue
+                valid = [p for p in valid if p.rank >= min_rank]
+                if not valid:
+                    leave(site.node, f"the selected rank is below min_rank={min_rank}")
+                    continue
+                if select == "ratio":
+                    best = min(valid, key=lambda p: (p.rel_error, p.form.macs(p.rank) or 0))
+                else:
+                    best = min(valid, key=lambda p: (p.form.macs(p.rank) or 0, p.rel_error))
+                plans.append(best)
+
+        # latency: a factorization that is not faster is left alone unless latency=off
+        mode = self.opt(ctx, "latency")
+        limit = self.opt(ctx, "max_latency_ratio")
+        kept: list[Plan] = []
+        for plan in plans:
+            if mode == "measure":
+                plan.latency_ratio = measure_latency(plan)
+            elif mode == "cost":
+                plan.latency_ratio = predicted_ratio(plan.form, plan.rank, lat.load(), self.opt(ctx, "latency_batch"))
+            if mode != "off" and plan.latency_ratio is not None and plan.latency_ratio >= limit:
+                leave(plan.site.node, f"factorized layer is not faster ({mode})")
+                continue
+            kept.append(plan)
+
+        records = []
+        if self.opt(ctx, "compensate") and aware and kept:
+            # in topological order: each refit sees the layers factorized before it
+            data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
+            records = compensate(model, kept, data, ridge=ridge, shrink=shrink,
+                                 min_rows=self.opt(ctx, "refit_min_rows"), max_rows=self.opt(ctx, "max_rows"),
+                                 rng=ctx.rng(self.name + ".refit"), say=ctx.say)
+        else:
+            for plan in kept:
+                records.append(plan.record())
+                apply_plan(graph, plan)
+        out: dict[str, Any] = {"factorized": len(kept), "select": select, "data_aware": aware, "layers": records,
+                               "params_before": sum(p.site.params for p in kept),
+                               "params_after": sum(p.form.params(p.rank) for p in kept), **extra}
+        if select == "target" and len(kept) < len(plans):
+            out["allocation"]["note"] = (f"{len(plans) - len(kept)} allocated layers were left alone (latency); "
+                                         "the target may not be met: latency=off forces them")
+        if left:
+            out["left_alone"] = sorted(left.values(), key=lambda e: e["reason"])
+        return PassResult(bool(kept), out)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _allocate(self, model: Model, ctx: PassContext, candidates: list[tuple[Site, list[Form]]],
+                  stats: dict[int, Stats], correct: bool, leave) -> tuple[list[Plan], dict[str, Any]]:
+        """Ranks for ``--target-params`` / ``--target-macs`` from :func:`graphopt.compress.budget.allocate`."""
+        from graphopt.compress import budget
+        from graphopt.measure.analysis import analyze
+        from graphopt.measure.executor import EvalContext, InProcess
+
+        by_params = ctx.target_params is not None
+        target = ctx.target_params if by_params else ctx.target_macs
+        # The form of each conv: the one with the smaller error at the target's share of weights.
+        units, chosen, plans_at = [], {}, {}
+        for site, forms in candidates:
+            st = stats.get(id(site.node))
+            best = None
+            for form in forms:
+                r = min(form.max_rank, max(1, int(target * form.f * form.o / (form.f + form.o))))
+                p = make_plan(form, r, st, correct)
+                if best is None or p.rel_error < best.rel_error:
+                    best = p
+            form = best.form
+            if not by_params and form.macs(1) is None:
+                leave(site.node, "MACs unknown (shapes)")
+                continue
+            key = f"layer:{len(units)}:{site.name}"
+            levels = _unit_levels(form, self.opt(ctx, "levels"), self.opt(ctx, "min_rank"))
+            if len(levels) == 1:
+                leave(site.node, f"no rank >= min_rank={self.opt(ctx, 'min_rank')} saves weights")
+                continue
+            if self.opt(ctx, "latency") == "cost":  # offer the allocator only ranks the cost model finds faster
+                limit = self.opt(ctx, "max_latency_ratio")
+                fast = [lv for lv in levels[1:]
+                        if (ratio := predicted_ratio(form, lv, lat.load(), self.opt(ctx, "latency_batch"))) is None
+                        or ratio < limit]
+                if not fast:
+                    leave(site.node, "factorized layer is not faster at any rank (cost)")
+                    continue
+                levels = [levels[0], *fast]
+            units.append(budget.Unit(key, levels))
+            chosen[key] = form
+            plans_at[key] = {lv: make_plan(form, lv, st, correct) for lv in levels[1:]}
+        if not units:
+            return [], {}
+        total = analyze(model)
+        whole = float(total.params if by_params else total.macs)
+
+        def unit_cost(form: Form, level: int, full: bool) -> float:
+            s = form.site
+            if full:
+                return float(s.params if by_params else s.macs())
+            return float(form.params(level) if by_params else form.macs(level))
+
+        base = {u.key: unit_cost(chosen[u.key], u.levels[0], True) for u in units}
+        scope = whole if self.opt(ctx, "target_scope") == "model" else sum(base.values())
+        rest = whole - sum(base.values())
+
+        def cost(keep: dict[str, int]) -> float:
+            total_cost = rest if self.opt(ctx, "target_scope") == "model" else 0.0
+            for u in units:
+                lv = keep.get(u.key, u.levels[0])
+                total_cost += unit_cost(chosen[u.key], lv, lv == u.levels[0])
+            return total_cost / scope
+
+        if self.opt(ctx, "sensitivity") == "model" and ctx.data is not None:
+            data = ctx.data.head(min(self.opt(ctx, "sensitivity_samples"), ctx.data.n_samples))
+            ectx = EvalContext(to_proto(model).SerializeToString(), data, batch_size=64)
+            ctx.say(f"lowrank: sensitivity of {len(units)} layers")
+            sens = budget.sensitivity(units, _model_error, executor=InProcess(), context=(ectx, plans_at))
+        else:
+            sens = {u.key: {u.levels[0]: 0.0, **{lv: plans_at[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}
+                    for u in units}
+        def allocate_at(t: float) -> budget.Allocation:
+            return budget.allocate(units, sens, cost, t)
+
+        def chosen_plans(alloc: budget.Allocation) -> list[Plan]:
+            return [plans_at[u.key][alloc.keep[u.key]] for u in units if alloc.keep[u.key] != u.levels[0]]
+
+        labels = None if ctx.data is None else ctx.data.labels
+        trace = None
+        if self.opt(ctx, "guard") and ctx.max_drop is not None and labels is not None:
+            # --max-drop: relax the target (bisection) until the measured accuracy drop fits
+            gdata = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
+            gctx = EvalContext(to_proto(model).SerializeToString(), gdata, batch_size=64)
+            reference_acc = gctx.accuracy(gctx.reference())
+
+            def measure_drop(alloc: budget.Allocation) -> float:
+                return reference_acc - gctx.accuracy(gctx.run(model=_with_plans(gctx, chosen_plans(alloc))))
+
+            ctx.say("lowrank: accuracy guard")
+            alloc, trace = budget.guarded(allocate_at, measure_drop, ctx.max_drop, target)
+        else:
+            alloc = allocate_at(target)
+        info: dict[str, Any] = {"target": target, "kind": "params" if by_params else "macs",
+                                "scope": self.opt(ctx, "target_scope"), "cost": round(alloc.cost, 6),
+                                "met": alloc.met, "predicted_error": alloc.predicted_error}
+        if trace is not None:
+            info["guard"] = {"max_drop": ctx.max_drop, "samples": gdata.n_samples,
+                             "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()}
+                                       for t in trace]}
+        return chosen_plans(alloc), {"allocation": info}
+
+
+def site_seconds(site: Site, latency: lat.LatencyModel, batch: int = 1) -> float | None:
+    """Predicted time of the layer as it is."""
+    if site.kind != "conv":
+        if site.x_dims is None:
+            return None
+        return latency.gemm(int(prod(site.x_dims[:-1])) * batch, site.weight.shape[0], site.weight.shape[1])
+    if site.x_dims is None or site.y_dims is None:
+        return None
+    c = site.conv
+    return latency.conv(batch, c.cin, c.cout, c.kernel, site.x_dims[2:], site.y_dims[2:], c.group)
+
+
+def predicted_ratio(form: Form, rank: int, latency: lat.LatencyModel, batch: int) -> float | None:
+    """Factorized over original predicted time (``None`` when a shape is unknown)."""
+    after, before = form.seconds(rank, latency, batch), site_seconds(form.site, latency, batch)
+    return None if after is None or not before else after / before
