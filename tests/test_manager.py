@@ -41,6 +41,7 @@ class Counting(Pass):
     name = "counting"
     summary = "test pass"
     options = {"budget": Option(2, "runs that claim a change", int), "label": Option("a", "x", str, ("a", "b"))}
+    renamed = {"max_changes": "budget"}
 
     def __init__(self) -> None:
         self.calls = 0
@@ -90,7 +91,8 @@ def test_parse_options_types_and_errors():
     assert parse_options(["counting.budget=5", "counting.label=b"], pipeline) == {"counting": {"budget": 5, "label": "b"}}
     for bad, message in [("counting.budget=x", "expected int"), ("counting.label=c", "not one of"),
                          ("counting.nope=1", "has no option 'nope'"), ("ghost.k=1", "unknown pass 'ghost'"),
-                         ("dead_code.k=1", "not in this pipeline"), ("budget=1", "expected pass.key=value")]:
+                         ("dead_code.k=1", "not in this pipeline"), ("budget=1", "expected pass.key=value"),
+                         ("counting.max_changes=3", "counting.max_changes is now counting.budget")]:
         with pytest.raises(OptionError, match=message):
             parse_options([bad], pipeline)
 
@@ -202,3 +204,14 @@ def test_budgets_are_fractions_of_the_pipelines_input_model():
     untouched = PassContext(measure=budget_cost)
     run_pipeline(Sequential([DropsAHalfLayer()]), _gemm_model(), untouched)
     assert untouched.baseline is None  # no budget, no analysis
+
+
+def test_shared_option_vocabulary_means_the_same_in_every_lossy_pass():
+    """An option name the lossy passes share has one type and one range everywhere it is declared."""
+    from graphopt.compress.options import SHARED
+    seen: dict[str, tuple] = {}
+    for cls in registered().values():
+        for key in SHARED & set(cls.options):
+            o = cls.options[key]
+            shape = (o.type, o.low, o.high, o.low_open, o.high_open)
+            assert seen.setdefault(key, shape) == shape, f"{cls.name}.{key} differs from another pass's {key}"

@@ -109,6 +109,9 @@ class Pass:
     summary: ClassVar[str] = ""
     lossless: ClassVar[bool] = True
     options: ClassVar[dict[str, Option]] = {}
+    # Option keys this pass no longer has -> the key that replaced them: refused with a pointer, so a
+    # script written for an older release fails loudly instead of silently meaning something else.
+    renamed: ClassVar[dict[str, str]] = {}
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -252,6 +255,9 @@ def parse_options(pairs: Iterable[str], pipeline: Pass) -> dict[str, dict[str, A
                 raise OptionError(f"option {pair!r}: pass {pass_name!r} is not in this pipeline")
             raise OptionError(f"option {pair!r}: unknown pass {pass_name!r}")
         declared = in_pipeline[pass_name].options
+        new_key = in_pipeline[pass_name].renamed.get(opt_key)
+        if new_key is not None:
+            raise OptionError(f"option {pair!r}: {pass_name}.{opt_key} is now {pass_name}.{new_key}")
         if opt_key not in declared:
             known = ", ".join(declared) or "none"
             raise OptionError(f"option {pair!r}: pass {pass_name!r} has no option {opt_key!r} (known: {known})")
