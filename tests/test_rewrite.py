@@ -68,7 +68,7 @@ def test_output_name_refusal_when_input_feeds_output():
     proto = make_model([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])],
                        [tensor("x", [3])], [tensor("y", [3])])
     stats = apply_rules(onnx_io.from_proto(proto), [DoubleNeg()])
-    assert stats.total == 0 and stats.refused["double_neg"]["would rename a model output"] == 1
+    assert stats.total == 0 and stats.left.counts[("double_neg", "would rename a model output")] == 1
 
 
 def test_helpers():

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.ops import STANDARD_DOMAINS
 
 if TYPE_CHECKING:
@@ -65,17 +66,13 @@ class Rule:
 
 @dataclass
 class RuleStats:
-    """How often each rule applied, and why it was refused where it was (with a few examples)."""
+    """How often each rule applied, and why it was refused where it was (a :class:`LeftAlone`)."""
 
     applied: Counter[str] = field(default_factory=Counter)
-    refused: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
-    examples: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    left: LeftAlone = field(default_factory=LeftAlone)
 
     def refuse(self, rule: Rule, reason: str, node: Node) -> None:
-        self.refused[rule.name][reason] += 1
-        examples = self.examples[(rule.name, reason)]
-        if len(examples) < 3:
-            examples.append(node.name or node.op_type)
+        self.left.add(reason, node.name or node.op_type, rule=rule.name)
 
     @property
     def total(self) -> int:
@@ -83,12 +80,7 @@ class RuleStats:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"applied": {rule: n}, "left_alone": [{rule, reason, count, examples}]}``."""
-        left = [{"rule": rule, "reason": reason, "count": count, "examples": self.examples[(rule, reason)]}
-                for rule, reasons in sorted(self.refused.items()) for reason, count in sorted(reasons.items())]
-        out: dict[str, Any] = {"applied": dict(sorted(self.applied.items()))}
-        if left:
-            out["left_alone"] = left
-        return out
+        return self.left.into({"applied": dict(sorted(self.applied.items()))})
 
 
 class NoMatch(str):
@@ -131,10 +123,7 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                     changed = True
                     break
             if not changed:
-                for rule_name, reasons in round_refusals.refused.items():
-                    for reason, count in reasons.items():
-                        stats.refused[rule_name][reason] += count
-                        stats.examples[(rule_name, reason)].extend(round_refusals.examples[(rule_name, reason)])
+                stats.left.merge(round_refusals.left)
                 break
     return stats
 
