@@ -17,6 +17,11 @@ from graphopt.core.ir import Graph, Node, Value
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
+# The layers that carry a weight matrix: what re-fits, factorizations, sparsity and sharing act on.
+# ConvTranspose is a layer too, but not every pass can treat it (its weight is [Cin, Cout/g, k...]).
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS_WITH_TRANSPOSE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
 
 def is_op(node: Node | None, *op_types: str) -> bool:
     """``node`` is a standard-domain op of one of ``op_types``."""
