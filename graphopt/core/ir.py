@@ -83,6 +83,16 @@ class Namer:
         return self._fresh(self.nodes, "n", hint)
 
 
+
+def dims_of(tp: onnx.TypeProto | None) -> tuple[int | str | None, ...] | None:
+    """The dims of a tensor type: an ``int`` when static, the symbol (``dim_param``) when named, ``None``
+    when unknown; ``None`` when the type is not a tensor or its rank is unknown. The one place a
+    ``TypeProto`` becomes dims."""
+    if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim)
+
+
 class Value:
     """A tensor (or sequence/optional/map) name in a graph.
 
@@ -133,20 +143,7 @@ class Value:
             return tuple(self.const.dims)
         if self._array is not None:
             return self._array.shape
-        if self.type is None or not self.type.HasField("tensor_type"):
-            return None
-        tt = self.type.tensor_type
-        if not tt.HasField("shape"):
-            return None
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        return tuple(dims)
+        return dims_of(self.type)
 
     def set_tensor_type(self, dtype: int | None, shape: Sequence[int | str | None] | None) -> None:
         """Set the value's type to a tensor of ``dtype`` and ``shape`` (``None`` = unknown)."""

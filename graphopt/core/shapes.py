@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from graphopt.core.errors import GraphoptError
-from graphopt.core.ir import Graph, Model, Value
+from graphopt.core.ir import Graph, Model, Value, dims_of
 from graphopt.core.onnx_io import to_proto
 
 InputShapes = Mapping[str, Sequence[int]]
@@ -165,11 +165,9 @@ def symbolic_dims(model: Model) -> SymbolicDims | None:
         return None
     dims: SymbolicDims = {}
     for vi in list(out.graph.value_info) + list(out.graph.output) + list(out.graph.input):
-        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-        if tt is None or not tt.HasField("shape"):
-            continue
-        dims[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                              for d in tt.shape.dim)
+        found = dims_of(vi.type)
+        if found is not None:
+            dims[vi.name] = found
     return dims
 
 
@@ -239,10 +237,8 @@ class TypeTable:
         """One entry per dim (``None`` when not static); ``None`` when the rank is unknown."""
         if value.is_initializer:
             return tuple(int(d) for d in value.shape)
-        tt = self._tensor_type(value)
-        if tt is None or not tt.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        dims = dims_of(self._types.get(value) or value.type)
+        return None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
 
     def symbols(self, value: Value) -> tuple[int | str | None, ...] | None:
         """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
@@ -264,11 +260,8 @@ class TypeTable:
             dims = dims if dims is not None else (None,) * len(found)
             return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
                          for d, f in zip(dims, found))
-        tt = self._tensor_type(value)
-        if tt is None or not tt.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else (f"o:{d.dim_param}" if d.dim_param else None)
-                     for d in tt.shape.dim)
+        dims = dims_of(self._types.get(value) or value.type)
+        return None if dims is None else tuple(f"o:{d}" if isinstance(d, str) else d for d in dims)
 
     def static_shape(self, value: Value) -> tuple[int, ...] | None:
         dims = self.dims(value)
@@ -300,11 +293,7 @@ class ShapeTable:
             shape = value.shape
             if shape is not None:
                 return shape
-        tp = self._types.get(graph, {}).get(value.name)
-        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-            return None
-        return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in tp.tensor_type.shape.dim)
+        return dims_of(self._types.get(graph, {}).get(value.name))
 
     def concrete(self, graph: Graph, value: Value | None) -> tuple[int, ...] | None:
         """Dims with a dynamic leading (batch) dim read as 1; ``None`` if any other dim is unknown."""

@@ -79,7 +79,7 @@ import onnx
 from onnx import helper
 
 from graphopt.core.errors import GraphoptError, OptionError
-from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ir import Graph, Model, Node, Value, dims_of
 from graphopt.core.numbers import format_count
 from graphopt.core.shapes import inferred_types
 
@@ -425,13 +425,6 @@ def _types(model: Model, fixed: Mapping[Value, Dims], warnings: list[str]) -> di
         return {}
 
 
-def _dims_of_type(tp: onnx.TypeProto | None) -> Dims | None:
-    if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None)
-                 for d in tp.tensor_type.shape.dim)
-
-
 class _ShapeTable:
     """Shapes of values, best source first: fixed inputs, constants, inferred types, the IR's types."""
 
@@ -450,8 +443,8 @@ class _ShapeTable:
         scope: Graph | None = graph
         while scope is not None:  # a captured value is typed in the graph that defines it
             tp = self.types.get(scope, {}).get(value.name)
-            if tp is not None and _dims_of_type(tp) is not None:
-                return _substitute(_dims_of_type(tp), self.symbols)
+            if tp is not None and dims_of(tp) is not None:
+                return _substitute(dims_of(tp), self.symbols)
             scope = _enclosing(scope)
         return _substitute(value.shape, self.symbols)
 

@@ -68,7 +68,7 @@ import onnx
 from onnx import helper
 
 from graphopt.core.errors import DataError
-from graphopt.core.ir import Model
+from graphopt.core.ir import Model, dims_of
 from graphopt.core.onnx_io import to_proto
 from graphopt.measure import ort as gort
 
@@ -194,10 +194,7 @@ def input_specs(model: Model | onnx.ModelProto) -> list[InputSpec]:
     for vi in model.graph.input:
         tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
         dtype = (tt.elem_type or None) if tt is not None else None
-        shape = None
-        if tt is not None and tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, shape, vi.name in defaults))
+        specs.append(InputSpec(vi.name, dtype, dims_of(vi.type), vi.name in defaults))
     return specs
 
 

@@ -95,6 +95,7 @@ import numpy as np
 import onnx
 
 from graphopt.core.errors import DataError, GraphoptError, OptionError
+from graphopt.core.ir import dims_of
 from graphopt.core.onnx_io import from_proto
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs
@@ -467,11 +468,8 @@ class _Model:
 def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
     if not vi.type.HasField("tensor_type"):
         return None, None
-    tt = vi.type.tensor_type
-    shape = None
-    if tt.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-    return tt.elem_type or None, shape
+    dims = dims_of(vi.type)
+    return vi.type.tensor_type.elem_type or None, (None if dims is None else list(dims))
 
 
 def _type_name(elem_type: int | None) -> str:
