@@ -58,3 +58,18 @@ def apply_pass(pass_name: str, proto: onnx.ModelProto, **options):
     out = onnx_io.to_proto(model)
     onnx.checker.check_model(out, full_check=True)
     return result, out
+
+
+def assert_outputs_close(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                         *, rtol: float = 1e-5, atol: float = 1e-5, exact: bool = False) -> None:
+    """The one output comparison of the tests: both models in onnxruntime (optimizations off) on
+    ``feeds``, same number of outputs, same shapes and dtypes, values within ``atol + rtol·|ref|``
+    (``exact``: bit for bit, NaNs equal)."""
+    want, got = run(reference, feeds), run(candidate, feeds)
+    assert len(want) == len(got), f"{len(want)} outputs != {len(got)}"
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape} {a.dtype} != {b.shape} {b.dtype}"
+        if exact:
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i}")
+        else:
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=f"output {i}")

@@ -22,7 +22,7 @@ could be 1), so an equal name always means an equal value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +309,145 @@ class ShapeTable:
             else:
                 return None
         return tuple(out)
+
+
+Dims = tuple[int | str | None, ...]
+
+
+class ShapeView:
+    """What is known of each value's element type and dims: the one shape view passes ask.
+
+    Sources, per dim: an initializer's data; the type the IR carries; onnx shape inference on an
+    export of the IR (run once, without touching it: at construction, or at the first question that
+    needs it with ``lazy=True``); with ``symbolic=True`` also onnxruntime's symbolic inference (its
+    static sizes only). A static size from any source wins (the IR's first), then a named symbol
+    (the IR's first); the IR's dims win when the sources disagree on the rank. Keyed by value object,
+    so a rename (a model output taking over a name) does not confuse it.
+
+    * :meth:`shape` — ints, symbol names, ``None`` per unknown dim (``None``: rank unknown);
+    * :meth:`dims` — the static part only (symbols become ``None``); :meth:`rank`;
+    * :meth:`concrete` — static dims with a dynamic leading (batch) dim read as 1;
+    * :meth:`symbols` — dims with each dynamic dim's identity where it is known (equal symbols hold
+      equal values at run time), from onnxruntime's symbolic inference for main-graph values;
+    * :meth:`dtype`, :meth:`static_shape`, :meth:`static_bytes`.
+    """
+
+    def __init__(self, model: Model, *, lazy: bool = False, symbolic: bool = False) -> None:
+        self.model = model
+        self.symbolic = symbolic
+        self._inferred: dict[Value, onnx.TypeProto] | None = None
+        self._symbolic: SymbolicDims | None = None
+        self._main_values = set(model.graph.values())
+        if not lazy:
+            self._infer()
+
+    # -- sources
+
+    def _infer(self) -> dict[Value, onnx.TypeProto]:
+        if self._inferred is None:
+            self._inferred = {}
+            try:
+                inferred = inferred_types(self.model)
+            except GraphoptError:
+                inferred = {}
+            for graph, by_name in inferred.items():
+                for value in graph.values():
+                    found = by_name.get(value.name)
+                    if found is not None and not graph.is_captured(value):
+                        self._inferred.setdefault(value, found)
+        return self._inferred
+
+    def _symbolic_dims(self, value: Value) -> Dims | None:
+        if value not in self._main_values:
+            return None
+        if self._symbolic is None:
+            self._symbolic = symbolic_dims(self.model) or {}
+        return self._symbolic.get(value.name)
+
+    # -- questions
+
+    def shape(self, value: Value | None) -> Dims | None:
+        if value is None:
+            return None
+        stored = value.shape
+        if value.is_initializer or (stored is not None and all(isinstance(d, int) for d in stored)):
+            return stored
+        sources = [s for s in (stored, dims_of(self._infer().get(value))) if s is not None]
+        if self.symbolic:
+            found = self._symbolic_dims(value)
+            if found is not None:
+                sources.append(tuple(d if isinstance(d, int) else None for d in found))
+        if not sources:
+            return None
+        rank = len(sources[0])
+        same = [s for s in sources if len(s) == rank]
+        return tuple(_best(s[axis] for s in same) for axis in range(rank))
+
+    def dims(self, value: Value | None) -> tuple[int | None, ...] | None:
+        shape = self.shape(value)
+        return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
+
+    def rank(self, value: Value | None) -> int | None:
+        shape = self.shape(value)
+        return None if shape is None else len(shape)
+
+    def concrete(self, value: Value | None) -> tuple[int, ...] | None:
+        """Static dims with a dynamic leading (batch) dim read as 1; ``None`` if another dim is unknown."""
+        shape = self.shape(value)
+        if shape is None:
+            return None
+        out = []
+        for axis, d in enumerate(shape):
+            if isinstance(d, int) and d > 0:
+                out.append(d)
+            elif axis == 0:
+                out.append(1)
+            else:
+                return None
+        return tuple(out)
+
+    def symbols(self, value: Value) -> Dims | None:
+        """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
+
+        For main-graph values the symbols come from onnxruntime's symbolic inference (prefixed
+        ``s:``), which relates dims through shape arithmetic; elsewhere, or when it fails, from onnx's
+        names (prefixed ``o:``; its fresh ``unk__N`` are unique too). The namespaces are never mixed.
+        """
+        dims = self.dims(value)
+        if value.is_initializer:
+            return dims
+        found = self._symbolic_dims(value)
+        if found is not None:
+            if dims is not None and len(found) != len(dims):
+                return dims
+            dims = dims if dims is not None else (None,) * len(found)
+            return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
+                         for d, f in zip(dims, found))
+        if self._symbolic and value in self._main_values:  # the engine ran but does not know this value
+            return dims
+        shape = self.shape(value)
+        return None if shape is None else tuple(f"o:{d}" if isinstance(d, str) else d for d in shape)
+
+    def dtype(self, value: Value) -> int | None:
+        if value.is_initializer:
+            return value.dtype
+        for tp in (value.type, self._infer().get(value)):
+            if tp is not None and tp.HasField("tensor_type") and tp.tensor_type.elem_type:
+                return tp.tensor_type.elem_type
+        return None
+
+    def static_shape(self, value: Value) -> tuple[int, ...] | None:
+        dims = self.dims(value)
+        return None if dims is None or any(d is None for d in dims) else dims  # type: ignore[return-value]
+
+    def static_bytes(self, value: Value) -> int | None:
+        shape, dtype = self.static_shape(value), self.dtype(value)
+        if shape is None or dtype is None:
+            return None
+        return int(np.prod(shape, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
+
+
+def _best(candidates: Iterable[int | str | None]) -> int | str | None:
+    """A static size if any source has one, else a symbol, else None (sources in order of trust)."""
+    seen = list(candidates)
+    return next((d for d in seen if isinstance(d, int)), next((d for d in seen if isinstance(d, str)), None))
