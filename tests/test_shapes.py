@@ -69,3 +69,19 @@ def test_symbols_relate_dims_of_a_real_export():
     logits = model.graph.outputs[0]
     assert view.symbols(logits)[0] == batch
     assert view.dims(logits) == (None, 10)
+
+
+def test_the_output_comparison_catches_a_difference():
+    """tests.util.assert_outputs_close must fail on a model that computes something else."""
+    import numpy as np
+    import pytest
+
+    from tests.util import assert_outputs_close
+    relu = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [2])], [tensor("y", [2])])
+    neg = make_model([helper.make_node("Neg", ["x"], ["y"])], [tensor("x", [2])], [tensor("y", [2])])
+    feeds = {"x": np.array([1.0, -2.0], np.float32)}
+    assert_outputs_close(relu, relu, feeds, exact=True)
+    with pytest.raises(AssertionError):
+        assert_outputs_close(relu, neg, feeds)
+    with pytest.raises(AssertionError):
+        assert_outputs_close(relu, neg, feeds, of_range=True, atol=0.1)
