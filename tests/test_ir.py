@@ -747,3 +747,21 @@ def test_replace_all_uses_raises_exactly_when_a_cycle_would_form(ops, edits):
             for n in g.nodes:
                 assert all(depth[p] < depth[n] for p in g._readers_of(n))
     to_proto(model)
+
+
+def test_clone_is_an_independent_exact_copy():
+    from onnx import helper as h
+
+    from graphopt.core import onnx_io
+    from tests.util import make_model, tensor
+    proto = make_model([h.make_node("Neg", ["x"], ["a"]), h.make_node("Exp", ["a"], ["y"])],
+                       [tensor("x", [3])], [tensor("y", [3])])
+    model = onnx_io.from_proto(proto)
+    model.uses_external_data = True
+    copy = model.clone()
+    assert onnx_io.to_proto(copy) == proto and copy.uses_external_data
+    exp = next(n for n in copy.graph.nodes if n.op_type == "Exp")
+    # a change to the copy ...
+    copy.graph.set_input(exp, 0, copy.graph.inputs[0])
+    assert onnx_io.to_proto(copy) != proto
+    assert onnx_io.to_proto(model) == proto  # ... leaves the original as it was

@@ -810,6 +810,15 @@ class Model:
                 return imp.version
         return None
 
+    def clone(self) -> Model:
+        """An independent deep copy, through the exact proto round trip: for trial rewrites and for
+        keeping a reference while the model changes."""
+        from graphopt.core.onnx_io import from_proto, to_proto  # onnx_io builds on this module
+
+        copy = from_proto(to_proto(self))
+        copy.uses_external_data = self.uses_external_data
+        return copy
+
     def graphs(self) -> Iterator[Graph]:
         """The main graph, all its subgraphs, then each function body and its subgraphs."""
         yield from self.graph.walk()
