@@ -14,7 +14,7 @@ into a temporary git worktree, records there, records here, and compares.
 Commands::
 
     python tools/check_identical.py record baseline.json [--rev REV] [--jobs 2] [--models resnet,vgg]
-    python tools/check_identical.py compare baseline.json [--jobs 2]
+    python tools/check_identical.py compare baseline.json [--jobs 2] [--configs lossless,prune,inspect]
     python tools/check_identical.py --base cd5dbc6          # record REV in a worktree, then compare
 """
 
@@ -90,16 +90,19 @@ def _inspect_one(root: Path, model: Path, groups: bool) -> tuple[str, dict]:
     return key, {"exit": proc.returncode, "sha256": hashlib.sha256(proc.stdout.encode()).hexdigest()}
 
 
-def record(root: Path, jobs: int, only: set[str] | None) -> dict[str, dict]:
-    """Run every configuration on every model of ``root``'s zoo with ``root``'s code; return the table."""
+def record(root: Path, jobs: int, only: set[str] | None, configs: set[str] | None = None) -> dict[str, dict]:
+    """Run every configuration (or those in ``configs``; ``inspect`` for the two inspect runs) on every
+    model of ``root``'s zoo with ``root``'s code; return the table."""
     files = models(root, only)
     canonical = {p for p in files if p.parent.name == "models"}
-    tasks = [(m, c) for m in files for c, (_, canon_only) in CONFIGS.items() if m in canonical or not canon_only]
+    tasks = [(m, c) for m in files for c, (_, canon_only) in CONFIGS.items()
+             if (m in canonical or not canon_only) and (configs is None or c in configs)]
+    inspect = configs is None or "inspect" in configs
     table: dict[str, dict] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="graphopt-identical-") as tmp, ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(_run_one, root, m, c, Path(tmp)) for m, c in tasks]
-        futures += [pool.submit(_inspect_one, root, m, g) for m in files for g in (False, True)]
+        futures += [pool.submit(_inspect_one, root, m, g) for m in files for g in (False, True) if inspect]
         for done, future in enumerate(futures, 1):
             key, row = future.result()
             table[key] = row
@@ -128,12 +131,19 @@ def _worktree(rev: str, into: Path) -> Path:
     return into
 
 
-def record_rev(rev: str, jobs: int, only: set[str] | None) -> dict[str, dict]:
+def _selected(key: str, only: set[str] | None, configs: set[str] | None) -> bool:
+    path, config = key.split("::")
+    model = path.split("/")[-1].split(".")[0]
+    config = "inspect" if config.startswith("inspect") else config
+    return (only is None or model in only) and (configs is None or config in configs)
+
+
+def record_rev(rev: str, jobs: int, only: set[str] | None, configs: set[str] | None = None) -> dict[str, dict]:
     """``record`` with the code of git revision ``rev``, checked out into a temporary worktree."""
     with tempfile.TemporaryDirectory(prefix="graphopt-base-") as tmp:
         tree = _worktree(rev, Path(tmp) / "tree")
         try:
-            return record(tree, jobs, only)
+            return record(tree, jobs, only, configs)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
 
@@ -146,21 +156,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rev", metavar="REV", help="record: the code of REV (a temporary worktree), not the tree")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--models", help="comma-separated model names (default: all)")
+    parser.add_argument("--configs", help=f"comma-separated configurations (default: all): "
+                                          f"{', '.join(CONFIGS)}, inspect")
     args = parser.parse_args(argv)
     only = set(args.models.split(",")) if args.models else None
+    configs = set(args.configs.split(",")) if args.configs else None
+    if configs is not None and not configs <= set(CONFIGS) | {"inspect"}:
+        parser.error(f"unknown configuration in --configs: {', '.join(sorted(configs - set(CONFIGS)))}")
     if args.base:
-        base = record_rev(args.base, args.jobs, only)
+        base = record_rev(args.base, args.jobs, only, configs)
     elif args.action == "record" and args.table:
-        table = record_rev(args.rev, args.jobs, only) if args.rev else record(ROOT, args.jobs, only)
+        table = record_rev(args.rev, args.jobs, only, configs) if args.rev else record(ROOT, args.jobs, only, configs)
         Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
         return 0
     elif args.action == "compare" and args.table:
         base = json.loads(Path(args.table).read_text())
-        if only is not None:
-            base = {k: v for k, v in base.items() if k.split("::")[0].split("/")[-1].split(".")[0] in only}
+        base = {k: v for k, v in base.items() if _selected(k, only, configs)}
     else:
         parser.error("give record TABLE, compare TABLE or --base REV")
-    here = record(ROOT, args.jobs, only)
+    here = record(ROOT, args.jobs, only, configs)
     diff = compare(base, here)
     for line in diff:
         print(line)
