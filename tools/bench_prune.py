@@ -98,7 +98,7 @@ def _without_reconstruction(name: str, calib: SampleData, stats: dict) -> onnx.M
     cleaned = optimize(MODELS / f"{name}.onnx", preset="lossless", run_verify=False).ir
     analysis = channels.analyze(cleaned)
     keep = {g["group"]: np.array(g["kept"], dtype=np.int64) for g in stats["groups"] if g["kept"] != "all"}
-    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, reconstruct=False,
+    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, refit=False,
                refit_scope="consumers", max_rows=0, seed=0, batch=64)
     return to_proto(cleaned)
 
@@ -153,7 +153,7 @@ def accuracy_table(models: list[str], target: float) -> str:
                 if crit not in ("l1", "thinet") and not rec:
                     continue
                 opts = {"prune_filters.criterion": crit, "prune_filters.allocation": "uniform",
-                        "prune_filters.reconstruct": rec}
+                        "prune_filters.refit": rec}
                 _row(rows, name, f"{crit} + uniform{' + LS' if rec else ', no LS'}",
                      partial(_prune, name, calib, target, opts), evaluation, macs0)
         # BN scale needs the BN nodes: prune the raw export (the prune preset folds BN first).
@@ -248,7 +248,7 @@ def _resnet18_row(runs: int, multiple: int, rounds: int = 1) -> list[str]:
     data = random_data(ir, 2, seed=0)
     result = optimize(proto, preset="prune", data=data, target_macs=0.5, run_verify=False,
                       options={"prune_filters.criterion": "l1", "prune_filters.allocation": "uniform",
-                               "prune_filters.reconstruct": False, "prune_filters.multiple": multiple})
+                               "prune_filters.refit": False, "prune_filters.multiple": multiple})
     feeds = random_data(ir, 1, seed=1).inputs
     a, b, ratios = _ab(proto, result.model, feeds, max(runs // 2, 5), rounds)
     return ["resnet18 (synthetic, 224x224, batch 1, l1/uniform)", f"multiple={multiple}",
@@ -320,7 +320,7 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     for plan in [default_plan, *plans]:
         proto = optimize(path, preset="prune", run_verify=False,
                          options={"prune_filters.channels": plan, "prune_filters.criterion": "l1",
-                                  "prune_filters.reconstruct": False}).model
+                                  "prune_filters.refit": False}).model
         ratios = _ab(to_proto(original), proto, feeds, runs, rounds)[2]
         t1 = lat.model_time(from_proto(proto), latency, batch=batch)[0]
         measured.append((plan, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"),
