@@ -330,6 +330,23 @@ def test_deterministic_ties_follow_unit_order():
     assert allocate(units, sens2, cost2, 25.0, refine=False).keep == {"p": 8, "q": 4}
 
 
+def test_integer_keys_are_opaque_and_ties_follow_unit_order_not_key_order():
+    # channel groups are keyed by their integer ids: the allocation must not order units by key
+    units = [Unit(7, [8, 4]), Unit(2, [8, 4])]
+    sens = {7: {4: 1.0}, 2: {4: 1.0}}
+    cost = PolynomialCost({7: 8, 2: 8}).add(10, 7).add(10, 2)
+    assert allocate(units, sens, cost, 15.0).keep == {7: 4, 2: 8}
+    assert list(allocate(units, sens, cost, 15.0).keep) == [7, 2]
+    assert allocate(units[::-1], sens, cost, 15.0).keep == {7: 8, 2: 4}
+    # same results as with string keys in the same positions
+    named = [Unit(f"g{u.key}", u.levels) for u in units]
+    as_named = allocate(named, {f"g{k}": v for k, v in sens.items()},
+                        PolynomialCost({"g7": 8, "g2": 8}).add(10, "g7").add(10, "g2"), 15.0)
+    assert list(as_named.keep.values()) == list(allocate(units, sens, cost, 15.0).keep.values())
+    with pytest.raises(ValueError, match="unit 2 at level 2"):
+        allocate([Unit(2, [8, 4, 2])], {2: {4: 0.1}}, lambda k: 1.0, 0.5)
+
+
 def test_allocate_refuses_missing_sensitivity_and_duplicates():
     with pytest.raises(ValueError, match="'a' at level 2"):
         allocate([Unit("a", [8, 4, 2])], {"a": {4: 0.1}}, lambda k: 1.0, 0.5)

@@ -102,7 +102,7 @@ def test_groups_lossless_lists_the_ids_the_prune_preset_takes(tmp_path, capsys):
     code, out, err = run_cli("optimize", path, "--preset", "prune", "-o", output, "--no-verify", "-q",
                              "--report", tmp_path / "r.json",
                              "--option", f"prune_filters.channels={last['gid']}:{last['size'] // 2}",
-                             "--option", "prune_filters.reconstruct=false", capsys=capsys)
+                             "--option", "prune_filters.refit=false", capsys=capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     stats = next(p["stats"] for p in report["passes"] if p["name"] == "prune_filters")

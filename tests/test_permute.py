@@ -186,8 +186,8 @@ def test_shufflenet_zoo_loses_every_transpose_and_prunes_through_the_gathers():
     assert "Transpose" not in ops and "Gather" in ops
     onnx.checker.check_model(result.model)
     verdict = optimize(path, preset="prune", target_macs=0.5, run_verify=True,
-                       options={"prune_filters.samples": 64, "prune_filters.sens_samples": 32,
-                                "prune_filters.sens_levels": 3, "prune_filters.reconstruct": False},
+                       options={"prune_filters.samples": 64, "prune_filters.sensitivity_samples": 32,
+                                "prune_filters.levels": 3, "prune_filters.refit": False},
                        max_drop=100.0)
     stats = next(p["stats"] for p in verdict.report["passes"] if p["name"] == "prune_filters")
     assert stats["pruned_groups"] >= 1 and stats["allocation"]["met"]

@@ -91,7 +91,7 @@ def test_reconstruction_reduces_output_error():
     y_ref = run(proto, {"x": x})[0]
     errors = {}
     for rec in (False, True):
-        model, result = _run(proto, _ctx(data, ratio=0.5, reconstruct=rec, criterion="l1"))
+        model, result = _run(proto, _ctx(data, ratio=0.5, refit=rec, criterion="l1"))
         assert result.changed
         errors[rec] = float(np.linalg.norm(run(to_proto(model), {"x": x})[0] - y_ref))
         if rec:
@@ -296,7 +296,7 @@ def _random_net(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_random_networks_prune_to_valid_models(seed):
     proto = _random_net(seed)
-    model, result = _run(proto, _ctx(_data(32), ratio=0.5, sens_samples=16))
+    model, result = _run(proto, _ctx(_data(32), ratio=0.5, sensitivity_samples=16))
     out = to_proto(model)
     onnx.checker.check_model(out)
     y = run(out, {"x": _data(4, seed=3).inputs["x"]})[0]
@@ -330,8 +330,43 @@ def test_depthwise_conv_is_sliced_not_refitted_and_said_so():
     assert run(to_proto(model), {"x": _data(2).inputs["x"]})[0].shape == (2, 4)
 
 
+@pytest.mark.parametrize("old, new", [("sens_samples=32", "prune_filters.sensitivity_samples"),
+                                      ("sens_metric=kl", "prune_filters.sensitivity_metric"),
+                                      ("sens_levels=4", "prune_filters.levels"),
+                                      ("reconstruct=false", "prune_filters.refit"),
+                                      ("refit=downstream", "prune_filters.refit_scope"),
+                                      ("refit=consumers", "prune_filters.refit_scope")])
+def test_renamed_options_are_refused_with_a_pointer_to_the_new_name(old, new):
+    from graphopt.core.errors import OptionError
+    from graphopt.core.manager import parse_options
+    with pytest.raises(OptionError, match=new.replace(".", r"\.")):
+        parse_options([f"prune_filters.{old}"], presets()["prune"]())
+
+
+def test_new_option_names_parse_to_their_types():
+    from graphopt.core.manager import parse_options
+    parsed = parse_options(["prune_filters.refit=false", "prune_filters.refit_scope=consumers",
+                            "prune_filters.sensitivity_samples=32", "prune_filters.levels=4",
+                            "prune_filters.sensitivity_metric=kl"], presets()["prune"]())["prune_filters"]
+    assert parsed == {"refit": False, "refit_scope": "consumers", "sensitivity_samples": 32, "levels": 4,
+                      "sensitivity_metric": "kl"}
+
+
+def test_refit_scope_consumers_refits_only_the_layers_reading_a_pruned_tensor():
+    from graphopt.compress import channels
+    proto = _cnn()
+    gid = next(g.gid for g in channels.analyze(from_proto(proto)).prunable()
+               if any(p.node == "conv1" for p in g.producers))
+    _, downstream = _run(proto, _ctx(_data(), channels=f"{gid}:4", criterion="l1"))
+    _, consumers = _run(proto, _ctx(_data(), channels=f"{gid}:4", criterion="l1", refit_scope="consumers"))
+    assert {r["node"] for r in downstream.stats["refit"]} == {"conv2", "fc"}
+    assert {r["node"] for r in consumers.stats["refit"]} == {"conv2"}
+    _, off = _run(proto, _ctx(_data(), channels=f"{gid}:4", criterion="l1", refit=False))
+    assert off.changed and "refit" not in off.stats
+
+
 def test_blend_option_measures_candidates_on_held_out_samples():
-    _, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96), target_macs=0.5, blend=True, sens_samples=32))
+    _, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96), target_macs=0.5, blend=True, sensitivity_samples=32))
     assert result.changed
     trace = result.stats["allocation"]["blend"]
     assert len(trace) >= 2  # several distinct candidate allocations: exactly one chosen, the lowest held-out error

@@ -14,7 +14,7 @@ from graphopt.measure.calibration import load_data
 from graphopt.measure.verify import verify
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-FAST = {"prune_filters.samples": 160, "prune_filters.sens_samples": 64, "prune_filters.sens_levels": 4,
+FAST = {"prune_filters.samples": 160, "prune_filters.sensitivity_samples": 64, "prune_filters.levels": 4,
         "prune_filters.max_rows": 4096}
 
 

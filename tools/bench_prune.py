@@ -98,7 +98,7 @@ def _without_reconstruction(name: str, calib: SampleData, stats: dict) -> onnx.M
     cleaned = optimize(MODELS / f"{name}.onnx", preset="lossless", run_verify=False).ir
     analysis = channels.analyze(cleaned)
     keep = {g["group"]: np.array(g["kept"], dtype=np.int64) for g in stats["groups"] if g["kept"] != "all"}
-    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, reconstruct=False,
+    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, refit=False,
                refit_scope="consumers", max_rows=0, seed=0, batch=64)
     return to_proto(cleaned)
 
@@ -153,7 +153,7 @@ def accuracy_table(models: list[str], target: float) -> str:
                 if crit not in ("l1", "thinet") and not rec:
                     continue
                 opts = {"prune_filters.criterion": crit, "prune_filters.allocation": "uniform",
-                        "prune_filters.reconstruct": rec}
+                        "prune_filters.refit": rec}
                 _row(rows, name, f"{crit} + uniform{' + LS' if rec else ', no LS'}",
                      partial(_prune, name, calib, target, opts), evaluation, macs0)
         # BN scale needs the BN nodes: prune the raw export (the prune preset folds BN first).
@@ -248,7 +248,7 @@ def _resnet18_row(runs: int, multiple: int, rounds: int = 1) -> list[str]:
     data = random_data(ir, 2, seed=0)
     result = optimize(proto, preset="prune", data=data, target_macs=0.5, run_verify=False,
                       options={"prune_filters.criterion": "l1", "prune_filters.allocation": "uniform",
-                               "prune_filters.reconstruct": False, "prune_filters.multiple": multiple})
+                               "prune_filters.refit": False, "prune_filters.multiple": multiple})
     feeds = random_data(ir, 1, seed=1).inputs
     a, b, ratios = _ab(proto, result.model, feeds, max(runs // 2, 5), rounds)
     return ["resnet18 (synthetic, 224x224, batch 1, l1/uniform)", f"multiple={multiple}",
@@ -290,56 +290,74 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     original = load(path)
     calib = load_data(MODELS / "fmnist_calib.npz", original)
     evaluation = load_data(MODELS / "fmnist_eval.npz", original)
-    feeds = evaluation.head(batch).inputs
     macs0 = _macs(original)
     cleaned = optimize(path, preset="lossless", run_verify=False).ir
     analysis = channels.analyze(cleaned)
-    groups = analysis.prunable()
-    latency = lat.load()
-    t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
     default_model, default, _ = _prune(name, calib, target, {})
     default_keep = {g["group"]: g["channels_after"] for g in default["groups"]}
-    default_plan = ",".join(f"{gid}:{k}" for gid, k in default_keep.items())
-    rng = np.random.default_rng(0)
-    plans: list[str] = []
-    for _ in range(2000 * samples):
-        if len(plans) >= samples:
-            break
-        keep = {}
-        for g in groups:
-            step = int(np.lcm(8, max(g.divisor, 1)))
-            counts = range(step, g.size + 1, step)
-            if radius:
-                counts = [k for k in counts if abs(k - default_keep.get(g.gid, g.size)) <= radius]
-            keep[g.gid] = int(rng.choice(counts)) if g.size >= step and counts else g.size
-        macs = analysis.cost(keep)[0]
-        plan = ",".join(f"{gid}:{k}" for gid, k in keep.items())
-        if abs(macs / macs0 - target) <= 0.01 * target and plan not in plans and plan != default_plan:
-            plans.append(plan)
+    plans = random_plans(analysis, macs0, target, samples, radius, default_keep)
+    latency = lat.load()
+    t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
+    feeds = evaluation.head(batch).inputs
     measured = []
-    for plan in [default_plan, *plans]:
+    for keep in [default_keep, *plans]:
         proto = optimize(path, preset="prune", run_verify=False,
-                         options={"prune_filters.channels": plan, "prune_filters.criterion": "l1",
-                                  "prune_filters.reconstruct": False}).model
+                         options={"prune_filters.channels": _plan_text(keep), "prune_filters.criterion": "l1",
+                                  "prune_filters.refit": False}).model
         ratios = _ab(to_proto(original), proto, feeds, runs, rounds)[2]
         t1 = lat.model_time(from_proto(proto), latency, batch=batch)[0]
-        measured.append((plan, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"),
+        measured.append((keep, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"),
                          float(np.median(ratios))))
-    rows, fastest = [], sorted(measured[1:], key=lambda r: -r[3])
-    for i, (plan, ratio, predicted, speed) in enumerate([measured[0], *fastest]):
-        drop = ""
-        if i <= top:  # the default's own model; the others pruned by hand with the default ranking and re-fit
-            proto = default_model if i == 0 else _prune(name, calib, target, {"prune_filters.channels": plan})[0]
-            ref, acc = _accuracy(name, proto, evaluation)
-            drop = f"{acc - ref:+.2f}"
+
+    def accuracy_drop(i: int, keep: dict[int, int]) -> str:
+        # the default's own model; the others pruned by hand with the default ranking and re-fit
+        by_hand = {"prune_filters.channels": _plan_text(keep)}
+        proto = default_model if i == 0 else _prune(name, calib, target, by_hand)[0]
+        ref, acc = _accuracy(name, proto, evaluation)
+        return f"{acc - ref:+.2f}"
+
+    rows = []
+    for i, (keep, ratio, predicted, speed) in enumerate([measured[0], *sorted(measured[1:], key=lambda r: -r[3])]):
         label = "default" if i == 0 else f"{'nearby' if radius else 'random'} #{i}"
-        rows.append([label, " ".join(p.split(":")[1] for p in plan.split(",")), f"{ratio:.3f}", f"{predicted:.2f}x",
-                     f"{speed:.2f}x", drop])
+        rows.append([label, " ".join(str(k) for k in keep.values()), f"{ratio:.3f}", f"{predicted:.2f}x",
+                     f"{speed:.2f}x", accuracy_drop(i, keep) if i <= top else ""])
     from scipy.stats import spearmanr  # the bench extra
     rho = float(spearmanr([r[2] for r in measured], [r[3] for r in measured])[0])
     table = _table(["allocation", "kept channels per group", "MACs ratio", "predicted speed-up",
                     f"measured speed-up (batch {batch})", "acc drop (ThiNet + LS)"], rows)
-    return table + f"\n\nRank correlation of predicted and measured speed-up over {len(measured)} allocations: {rho:.2f}"
+    return table + (f"\n\nRank correlation of predicted and measured speed-up over {len(measured)} allocations: "
+                    f"{rho:.2f}")
+
+
+def random_plans(analysis, macs0: float, target: float, samples: int, radius: int, default_keep: dict[int, int], *,
+                 seed: int = 0) -> list[dict[int, int]]:
+    """Up to ``samples`` distinct random kept counts per group (multiples of 8 and of the group's
+    divisor; within ``radius`` channels of ``default_keep`` when ``radius`` > 0) whose MACs ratio (of
+    ``macs0``) is within 1 % of ``target``, none equal to ``default_keep``."""
+    rng = np.random.default_rng(seed)
+    groups = analysis.prunable()
+    plans: list[dict[int, int]] = []
+    for _ in range(2000 * samples):
+        if len(plans) >= samples:
+            break
+        keep = {g.gid: _random_count(rng, g, radius, default_keep.get(g.gid, g.size)) for g in groups}
+        macs = analysis.cost(keep)[0]
+        if abs(macs / macs0 - target) <= 0.01 * target and keep not in plans and keep != default_keep:
+            plans.append(keep)
+    return plans
+
+
+def _random_count(rng, group, radius: int, default: int) -> int:
+    step = int(np.lcm(8, max(group.divisor, 1)))
+    counts = range(step, group.size + 1, step)
+    if radius:
+        counts = [k for k in counts if abs(k - default) <= radius]
+    return int(rng.choice(counts)) if group.size >= step and counts else group.size
+
+
+def _plan_text(keep: dict[int, int]) -> str:
+    """Kept counts as option ``prune_filters.channels`` takes them (``"3:40,7:64"``)."""
+    return ",".join(f"{gid}:{k}" for gid, k in keep.items())
 
 
 def main(argv: list[str] | None = None) -> None:

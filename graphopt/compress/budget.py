@@ -7,7 +7,8 @@ small. This module solves it once, independently of what a unit is.
 
 Vocabulary
 ----------
-* A :class:`Unit` has a ``key`` and ``levels``: allowed kept sizes in strictly descending order,
+* A :class:`Unit` has a ``key`` (any hashable: a channel group's id, a layer's name; opaque here, and
+  never ordered: ties are broken by the unit's position in ``units``) and ``levels``: allowed kept sizes in strictly descending order,
   ``levels[0]`` being the full size (no compression). :func:`levels` makes them from keep ratios,
   rounded to hardware-friendly multiples.
 * ``keep`` (an *assignment*) maps every unit key to one of its levels.
@@ -76,15 +77,12 @@ Refinement (``refine=True``, the default; only the predicted errors, no model ev
    greedy's integer overshoot, its mistakes on non-convex curves and with interacting costs. Each
    swap strictly lowers the predicted error and give-back never raises it, so it terminates.
 
-Measured on random 4-unit problems against brute force (``tools/bench_executor.py``, 100 problems
-per kind): greedy alone reaches the optimal predicted error on 44-68 % of them (mean excess 7-17 %),
-greedy + refinement on 88-94 % (mean excess 0.5-1.4 %). On 9 units with one level per channel
-(32-512 channels) the whole allocation takes about 900 cost evaluations.
+The refinement closes most of the gap between the greedy and the brute-force optimum on small problems
+(``tools/bench_executor.py`` measures it; the numbers are in BENCHMARKS.md).
 
 Not done: re-measuring the joint error around the allocated point (one level up and down per unit,
-then measured swaps). Tried on ``models/vgg.onnx`` with zeroed filters at 0.7 of the MACs: 13 extra
-evaluations lowered the measured output error by 10 % (0.335 -> 0.301) but raised the accuracy drop
-(7.0 -> 8.6 points), so it is not clearly worth its evaluations.
+then measured swaps): on the one model it was tried on it lowered the output error but not the accuracy
+drop, so it is not clearly worth its evaluations.
 
 Priced allocation (:func:`allocate_priced`)
 ------------------------------------------
@@ -104,14 +102,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
-Cost = Callable[[Mapping[str, int]], float]
-Sensitivity = Mapping[str, Mapping[int, float]]
+Cost = Callable[[Mapping[Hashable, int]], float]
+Sensitivity = Mapping[Hashable, Mapping[int, float]]
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -139,11 +137,11 @@ class Unit:
 
     Attributes
     ----------
-    key : unique name, e.g. ``"group:12"``, ``"layer:conv3"``.
+    key : unique hashable, e.g. a channel group's id ``12`` or a layer's name ``"conv3"``.
     levels : allowed kept sizes, strictly descending; ``levels[0]`` = full size (no compression).
     """
 
-    key: str
+    key: Hashable
     levels: list[int]
 
     def __post_init__(self) -> None:
@@ -207,8 +205,9 @@ def levels(size: int, ratios: Sequence[float] | None = None, *, multiple: int = 
 # sensitivity
 
 
-def sensitivity(units: Sequence[Unit], evaluate: Callable[[Any, tuple[str, int]], float], *, executor: Any,
-                context: Any = None, progress: Callable[[str], None] | None = None) -> dict[str, dict[int, float]]:
+def sensitivity(units: Sequence[Unit], evaluate: Callable[[Any, tuple[Hashable, int]], float], *, executor: Any,
+                context: Any = None,
+                progress: Callable[[str], None] | None = None) -> dict[Hashable, dict[int, float]]:
     """Error of the model with only one unit compressed, for every unit and every level but the first.
 
     Calls ``evaluate(context, (key, level))`` through ``executor`` (an :mod:`graphopt.measure.executor`
@@ -235,7 +234,7 @@ def sensitivity(units: Sequence[Unit], evaluate: Callable[[Any, tuple[str, int]]
                 progress(f"sensitivity: {done}/{total} evaluations")
 
     values = executor.map(evaluate, items, context=context, progress=report) if items else []
-    out: dict[str, dict[int, float]] = {u.key: {u.levels[0]: 0.0} for u in units}
+    out: dict[Hashable, dict[int, float]] = {u.key: {u.levels[0]: 0.0} for u in units}
     for (key, level), value in zip(items, values):
         try:
             error = float(value)
@@ -269,20 +268,20 @@ class PolynomialCost:
     constant : the cost no unit changes.
     """
 
-    full: dict[str, int]
-    terms: list[tuple[float, tuple[str, ...]]] = field(default_factory=list)
+    full: dict[Hashable, int]
+    terms: list[tuple[float, tuple[Hashable, ...]]] = field(default_factory=list)
     constant: float = 0.0
 
     def __post_init__(self) -> None:
-        self._by_key: dict[str, list[int]] = {}
+        self._by_key: dict[Hashable, list[int]] = {}
         for index, (_, keys) in enumerate(self.terms):
             self._index(index, keys)
 
-    def _index(self, index: int, keys: tuple[str, ...]) -> None:
+    def _index(self, index: int, keys: tuple[Hashable, ...]) -> None:
         for key in dict.fromkeys(keys):
             self._by_key.setdefault(key, []).append(index)
 
-    def add(self, coef: float, *keys: str) -> PolynomialCost:
+    def add(self, coef: float, *keys: Hashable) -> PolynomialCost:
         """Add a term; with no key the coefficient goes to ``constant``. Returns ``self``."""
         for key in keys:
             if key not in self.full:
@@ -294,7 +293,7 @@ class PolynomialCost:
             self.constant += float(coef)
         return self
 
-    def delta(self, keep: Mapping[str, int], key: str, level: int) -> float:
+    def delta(self, keep: Mapping[Hashable, int], key: Hashable, level: int) -> float:
         """``cost(keep with key at level) - cost(keep)``, from the terms that hold ``key`` only.
 
         :func:`allocate` uses a cost's ``delta`` method when it has one: the search then costs
@@ -312,7 +311,7 @@ class PolynomialCost:
             total += after - before
         return total
 
-    def __call__(self, keep: Mapping[str, int]) -> float:
+    def __call__(self, keep: Mapping[Hashable, int]) -> float:
         total = self.constant
         for coef, keys in self.terms:
             value = coef
@@ -347,7 +346,7 @@ class Allocation:
     price : the other cost of ``keep`` when :func:`allocate_priced` made it.
     """
 
-    keep: dict[str, int]
+    keep: dict[Hashable, int]
     cost: float
     predicted_error: float
     met: bool
@@ -364,7 +363,7 @@ class Allocation:
         return out
 
 
-def predicted_error(units: Sequence[Unit], sens: Sensitivity, keep: Mapping[str, int]) -> float:
+def predicted_error(units: Sequence[Unit], sens: Sensitivity, keep: Mapping[Hashable, int]) -> float:
     """``sum_u sens[u][keep[u]]`` (``levels[0]`` counts 0 when ``sens`` omits it)."""
     return sum(_err(sens, u, keep[u.key]) for u in units)
 
@@ -463,7 +462,7 @@ class _Trial:
     from scratch, so deltas never accumulate rounding.
     """
 
-    def __init__(self, cost: Cost, keep: dict[str, int]):
+    def __init__(self, cost: Cost, keep: dict[Hashable, int]):
         self.cost = cost
         self.keep = keep
         self.delta = getattr(cost, "delta", None)
@@ -471,13 +470,13 @@ class _Trial:
         self.current = float(cost(keep))
         self.root = self
 
-    def one(self, key: str, level: int) -> float:
+    def one(self, key: Hashable, level: int) -> float:
         self.root.calls += 1
         if self.delta is not None:
             return self.current + float(self.delta(self.keep, key, level))
         return float(self.cost({**self.keep, key: level}))
 
-    def moved(self, key: str, level: int) -> _Trial:
+    def moved(self, key: Hashable, level: int) -> _Trial:
         """A trial on a copy of ``keep`` with ``key`` at ``level``."""
         view = _Trial.__new__(_Trial)
         view.cost, view.delta, view.root = self.cost, self.delta, self.root
@@ -485,7 +484,7 @@ class _Trial:
         view.keep = {**self.keep, key: level}
         return view
 
-    def apply(self, key: str, level: int) -> None:
+    def apply(self, key: Hashable, level: int) -> None:
         self.root.calls += 1
         self.keep[key] = level
         self.current = float(self.cost(self.keep))
@@ -675,7 +674,7 @@ class _Search:
         return hi
 
 
-def uniform(units: Sequence[Unit], ratio: float) -> dict[str, int]:
+def uniform(units: Sequence[Unit], ratio: float) -> dict[Hashable, int]:
     """Every unit at the level nearest to ``ratio * levels[0]`` (``ratio`` = fraction **kept**;
     a tie goes to the larger level)."""
     if not 0.0 <= ratio <= 1.0:
@@ -695,7 +694,7 @@ def uniform_at(units: Sequence[Unit], sens: Sensitivity | None, cost: Cost, targ
     ``sens`` may be ``None`` (``predicted_error`` is then NaN). Assumes the cost does not fall when the
     ratio rises; ``met=False`` with the smallest ratio's assignment when even that misses the target.
     """
-    def at(r: float) -> tuple[dict[str, int], float]:
+    def at(r: float) -> tuple[dict[Hashable, int], float]:
         keep = uniform(units, r)
         return keep, float(cost(keep))
 
@@ -808,7 +807,7 @@ def _eps(scale: float) -> float:
 
 
 def _check_unique(units: Iterable[Unit]) -> None:
-    seen: set[str] = set()
+    seen: set[Hashable] = set()
     for u in units:
         if u.key in seen:
             raise ValueError(f"duplicate unit key {u.key!r}")

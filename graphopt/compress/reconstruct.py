@@ -89,8 +89,7 @@ def blas_threads(n: int = 1) -> Iterator[None]:
     """Run the block with ``n`` BLAS threads (threadpoolctl when installed, else numpy's OpenBLAS directly).
 
     The fits here are many mid-sized products and solves; on a busy machine OpenBLAS's thread pool
-    spins against other processes and made the whole pass about twice as slow (measured: 59 s -> 30 s
-    for the VGG zoo model). Unknown BLAS builds: no-op.
+    spins against other processes and made the whole pass about twice as slow. Unknown BLAS builds: no-op.
     """
     try:
         from threadpoolctl import threadpool_limits

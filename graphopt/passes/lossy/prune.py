@@ -1,7 +1,11 @@
 """Filter pruning (LOSSY): remove channels by coupling group, then re-fit the layers that read them.
 
-Steps
------
+The pass runs in four steps, each a method of :class:`PruneFilters` reading one :class:`PruneRun`:
+**select** (groups and rankings), **plan** (kept channels per group), **apply** (removal and re-fit),
+**report** (the stats).
+
+Select
+------
 1. **Groups.** :func:`graphopt.compress.channels.analyze` splits the channel dimensions of the model into
    coupling groups; frozen groups (an op the analysis cannot follow, graph inputs/outputs) are left
    alone and listed in ``left_alone`` with the op that froze them.
@@ -11,48 +15,53 @@ Steps
    ``XᵀX``/``XᵀY`` of each consumer on the calibration data (one pass over the original model); a group
    whose consumers are not plain linear layers falls back to ``l1``. Keeping ``k`` channels keeps the
    ``k`` best ranked (nested sets).
+
+Plan
+----
 3. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
-   NCHWc conv kernels work in blocks of 8 channels on AVX2; measured on the zoo at half the MACs,
-   arbitrary counts made most models *slower* (0.57x–1.14x) while multiples of 8 gave 1.5x–2.5x; a group
-   smaller than the multiple is not pruned). Option ``ratio`` > 0 removes that fraction of every
-   prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts by hand (group ids of the
-   model this pass sees — under the ``prune`` preset the lossless cleanup runs first and may merge
-   layers, so take them from a run's report or from ``graphopt inspect --groups --lossless``). Otherwise ``--target-macs`` / ``--target-params`` are met by
-   :func:`graphopt.compress.budget.allocate`: each group is a unit whose levels are the kept counts that are
-   multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at ``sens_levels`` evenly
-   spaced kept fractions is measured on ``sens_samples`` calibration samples through
-   :mod:`graphopt.measure.executor` (option ``workers``): the model with only that group pruned to that level
-   and its consumers re-fitted from the original statistics; error = relative squared error of the
-   outputs (:func:`graphopt.measure.executor.relative_error`); levels in between are interpolated linearly.
-   The greedy allocator then removes, step by step, the channels that cost the least error per unit
-   saved, until the target is met. What a unit is (option ``latency``): ``ops`` (default) — MACs,
-   each group's errors divided by a hand-set time-per-MAC weight (:func:`latency_weights`); ``time`` —
-   predicted seconds of the nodes the groups touch (:mod:`graphopt.measure.latency`, calibrated per-kernel
-   times, at ``latency_batch``), with the time budget chosen by bisection so that the MACs meet the
-   target (:func:`graphopt.compress.budget.allocate_priced`); ``macs`` — plain MACs. A params target always buys
-   params. ``time`` is the principled one, but measured at batch 64 on the zoo (BENCHMARKS.md) it was
-   not better overall: mobilenetv2 1.61x (ops 1.57x) but inception 1.56x (ops 1.63x) and shufflenet
-   1.52x; the calibrated model still misses onnxruntime's layout reorders, so ``ops`` stays the default. The MACs/params of a plan come from
-   :meth:`ChannelAnalysis.cost`, fitted once to a polynomial (:class:`graphopt.compress.budget.PolynomialCost`,
-   checked against the analysis) so the thousands of allocator calls are cheap. The additive error
-   model ignores how errors compound and how well the re-fit of later layers compensates, so (option
-   ``blend``) allocations that mix the measured errors with an even-spread prior
-   (``(1 − α)·sens + α·(1 − k/size)²``, normalised, α ∈ {0, ½, 1}) are each pruned, re-fitted on the
-   first calibration samples and measured on the held-out last ones; the best is kept. With option
-   ``every_group`` (default) each prunable group loses at least its first step when that step is small
-   (at most a quarter of the group). Option
-   ``allocation=uniform`` instead bisects one common ratio for all groups. With ``--max-drop`` and
-   labels in the data, :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on
-   the calibration data is within the budget. The re-fit saw those samples, which flatters the
-   result. But calibration images usually come from the training set, where the original model is
-   more accurate, so the drop there is usually overstated: resnet lost 1.95 points on its calibration
-   samples where the evaluation set lost 0.90, and the guard stopped at 0.68 MACs.
-   Targets are fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of
-   the model after the cleanup that runs first.
+   NCHWc conv kernels work in blocks of 8 channels on AVX2, and arbitrary counts can make a pruned model
+   slower than the original; a group smaller than the multiple is not pruned). Option ``ratio`` > 0
+   removes that fraction of every prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts
+   by hand (group ids of the model this pass sees — under the ``prune`` preset the lossless cleanup runs
+   first and may merge layers, so take them from a run's report or from
+   ``graphopt inspect --groups --lossless``). Otherwise ``--target-macs`` / ``--target-params`` are met by
+   :func:`graphopt.compress.budget.allocate`: each group is a unit (keyed by its group id) whose levels are
+   the kept counts that are multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at
+   ``levels`` evenly spaced kept fractions is measured on ``sensitivity_samples`` calibration samples
+   through :mod:`graphopt.measure.executor` (option ``workers``): the model with only that group pruned to
+   that level and its consumers re-fitted from the original statistics; error = relative squared error
+   of the outputs (:func:`graphopt.measure.executor.relative_error`, or option ``sensitivity_metric``);
+   levels in between are interpolated linearly. The greedy allocator then removes, step by step, the
+   channels that cost the least error per unit saved, until the target is met. What a unit is (option
+   ``latency``): ``ops`` (default) — MACs, each group's errors divided by a hand-set time-per-MAC weight
+   (:func:`latency_weights`); ``time`` — predicted seconds of the nodes the groups touch
+   (:mod:`graphopt.measure.latency`, calibrated per-kernel times, at ``latency_batch``), with the time
+   budget chosen by bisection so that the MACs meet the target
+   (:func:`graphopt.compress.budget.allocate_priced`); ``macs`` — plain MACs. A params target always buys
+   params. ``time`` is the principled one, but the calibrated model misses onnxruntime's layout reorders
+   and was not better overall on the zoo (BENCHMARKS.md), so ``ops`` stays the default. The MACs/params of
+   a plan come from :meth:`ChannelAnalysis.cost`, fitted once to a polynomial
+   (:class:`graphopt.compress.budget.PolynomialCost`, checked against the analysis) so the thousands of
+   allocator calls are cheap. The additive error model ignores how errors compound and how well the
+   re-fit of later layers compensates, so (option ``blend``) allocations that mix the measured errors
+   with an even-spread prior (``(1 − α)·sens + α·(1 − k/size)²``, normalised, α ∈ {0, ½, 1}) are each
+   pruned, re-fitted on the first calibration samples and measured on the held-out last ones; the best
+   is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
+   that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
+   one common ratio for all groups. With ``--max-drop`` and labels in the data,
+   :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on the calibration
+   data is within the budget. The re-fit saw those samples, which flatters the result; but calibration
+   images usually come from the training set, where the original model is more accurate, so the drop
+   there is usually overstated (BENCHMARKS.md compares it with the evaluation set's). Targets are
+   fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of the
+   model after the cleanup that runs first.
+
+Apply
+-----
 4. **Removal.** :func:`graphopt.compress.shrink.apply` slices every producer/consumer parameter and fixes shape
    constants; surviving values keep their names.
-5. **Reconstruction** (option ``reconstruct``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
-   other in topological order, every plain linear layer whose input changed (option ``refit``:
+5. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
+   other in topological order, every plain linear layer whose input changed (option ``refit_scope``:
    ``consumers`` = only the layers reading a pruned tensor; ``downstream`` (default) = those and every
    plain linear layer after them, the final classifier included), inputs from the pruned model, targets
    from the original at the same value name, ridge towards the pruned weights chosen by
@@ -62,19 +71,26 @@ Steps
    downstream compensates.
 
 Refused (model unchanged, reason in the stats): no budget; no prunable group; a target the prunable
-groups cannot reach is reported as ``met: false`` with the cost reached.
+groups cannot reach is reported as ``met: false`` with the cost reached. Renamed options (``sens_samples``,
+``sens_metric``, ``sens_levels``, ``reconstruct``, and ``refit`` given a layer scope) are refused with a
+pointer to their new names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import gcd
 from typing import Any, ClassVar
 
 import numpy as np
 
+from graphopt.compress import budget, channels, shrink
 from graphopt.compress import importance as imp
+from graphopt.compress import reconstruct as rec
+from graphopt.compress.lstsq import LinearLayer, collect
+from graphopt.compress.options import calibration
+from graphopt.core.errors import OptionError
 from graphopt.core.ir import Model
 from graphopt.core.manager import (
     Option,
@@ -84,6 +100,11 @@ from graphopt.core.manager import (
     register,
 )
 from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import analysis as ana
+from graphopt.measure import latency as lat
+from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
+from graphopt.measure.executor import EvalContext, make_executor, relative_error
+from graphopt.measure.verify import Tolerance, verify
 
 # =============================================================================================
 # ranking
@@ -112,7 +133,6 @@ class Ranking:
 
 
 def _layers_of(graph, nodes: list[str]) -> dict[str, Any]:
-    from graphopt.compress.lstsq import LinearLayer
     by_name = {n.name: n for n in graph.nodes}
     out = {}
     for name in nodes:
@@ -135,7 +155,6 @@ def consumer_blocks(layer, consumer) -> list[np.ndarray]:
 def consumer_grams(model: Model, groups: list, data, *, max_rows: int, seed: int, batch: int,
                    max_features: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """``XᵀX``/``XᵀY`` of every plain linear consumer of ``groups`` on the (unpruned) ``model``."""
-    from graphopt.compress.lstsq import collect
     names = sorted({c.node for g in groups for c in g.consumers})
     layers = {k: v for k, v in _layers_of(model.graph, names).items() if v.features <= max_features}
     if not layers or data is None:
@@ -181,7 +200,7 @@ def rank_group(graph, group, criterion: str, grams: dict, layers: dict, act_stat
 
 
 def activation_stats(model: Model, groups: list, data, batch: int) -> dict:
-    from graphopt.measure.calibration import Calibrator, ChannelStats
+    """Per-channel statistics (:class:`ChannelStats`) of every activation the ``mean``/``apoz`` criteria read."""
     wanted = sorted({(v, a) for g in groups for v, a, _ in imp.activation_members(g)})
     if not wanted or data is None:
         return {}
@@ -198,7 +217,6 @@ def activation_stats(model: Model, groups: list, data, batch: int) -> dict:
 
 def layer_out_keep(analysis, graph, keep_idx: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """Node name -> original output channels it keeps, for linear layers whose output is pruned."""
-    from graphopt.compress.lstsq import LinearLayer
     by_name = {n.name: n for n in graph.nodes}
     removed: dict[str, set[int]] = {}
     sizes: dict[str, int] = {}
@@ -218,33 +236,22 @@ def layer_out_keep(analysis, graph, keep_idx: dict[int, np.ndarray]) -> dict[str
 
 
 def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], reference: Model, data, *,
-               reconstruct: bool, refit_scope: str, max_rows: int, seed: int, batch: int,
+               refit: bool, refit_scope: str, max_rows: int, seed: int, batch: int,
                min_ridge: float = 1e-5, activation_aware: bool = True, progress=None) -> dict[str, Any]:
-    """Shrink ``model`` (mutated) to ``keep_idx`` and re-fit; returns the shrink and re-fit stats."""
-    from graphopt.compress import reconstruct as rec
-    from graphopt.compress import shrink
-    from graphopt.compress.lstsq import LinearLayer
+    """Shrink ``model`` (mutated) to ``keep_idx`` and re-fit; returns the shrink and re-fit stats.
 
+    With ``refit`` and data, the layers of ``refit_scope`` (``consumers`` of a pruned group, or
+    ``downstream`` = those and every plain linear layer after them) are re-fitted towards ``reference``."""
     graph = model.graph
     out_keep = layer_out_keep(analysis, graph, keep_idx)
     consumers = {c.node for gid in keep_idx for c in analysis.group(gid).consumers}
-    # Layers sliced along a pruned group that are not one linear map (depthwise / grouped convs): they
-    # keep their sliced weights, and the next plain layer downstream is re-fitted instead.
-    by_name = {n.name: n for n in graph.nodes}
-    sliced = {p.node for gid in keep_idx for p in analysis.group(gid).producers} | consumers
-    not_plain = {}
-    for name in sorted(sliced):
-        node = by_name.get(name)
-        if node is not None and node.op_type in ("Conv", "Gemm", "MatMul"):
-            why = LinearLayer.of(graph, node)
-            if isinstance(why, str):
-                not_plain[name] = why
+    not_plain = _not_plain_layers(graph, analysis, keep_idx, consumers)
     stats: dict[str, Any] = {"shrink": shrink.apply(model, analysis, keep_idx)}
     if not_plain:
         stats["not_refitted"] = {"reason": "not a plain conv/gemm/matmul: its weights are only sliced; the next "
                                            "plain layer downstream is re-fitted and compensates",
                                  "nodes": not_plain}
-    if not reconstruct or data is None:
+    if not refit or data is None:
         return stats
     if refit_scope == "downstream":
         nodes = rec.linear_nodes_from(graph, consumers)
@@ -257,6 +264,22 @@ def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], referenc
                                ridges=ridges, activation_aware=activation_aware, progress=progress, usage=usage)
     stats["refit_target_bytes"] = usage
     return stats
+
+
+def _not_plain_layers(graph, analysis, keep_idx: dict[int, np.ndarray], consumers: set[str]) -> dict[str, str]:
+    """Conv/Gemm/MatMul nodes sliced along a pruned group that are not one linear map (depthwise /
+    grouped convs), with the reason: they keep their sliced weights, and the next plain layer
+    downstream is re-fitted instead."""
+    by_name = {n.name: n for n in graph.nodes}
+    sliced = {p.node for gid in keep_idx for p in analysis.group(gid).producers} | consumers
+    not_plain = {}
+    for name in sorted(sliced):
+        node = by_name.get(name)
+        if node is not None and node.op_type in ("Conv", "Gemm", "MatMul"):
+            why = LinearLayer.of(graph, node)
+            if isinstance(why, str):
+                not_plain[name] = why
+    return not_plain
 
 
 # =============================================================================================
@@ -274,13 +297,9 @@ class SensitivityContext:
     metric: str = "rel"                    # "rel": relative squared output error; "kl": softmax KL
 
 
-def measure_level(ctx: SensitivityContext, item: tuple[str, int]) -> float:
-    """Relative output error of the model with only group ``item[0]`` kept at ``item[1]`` channels."""
-    from graphopt.compress import channels, shrink
-    from graphopt.compress.lstsq import LinearLayer
-
-    key, k = item
-    gid = int(key.split(":")[1])
+def measure_level(ctx: SensitivityContext, item: tuple[int, int]) -> float:
+    """Relative output error of the model with only group ``item[0]`` (a group id) kept at ``item[1]`` channels."""
+    gid, k = item
     model = from_proto(ctx.ev.fresh_proto())
     analysis = channels.analyze(model)
     order = ctx.orders[gid]
@@ -329,9 +348,7 @@ def polynomial_cost(groups: list, f: Callable[[dict[int, int]], float]):
     With ``x_g = keep_g / size_g``: ``cost = c + Σ a_g x_g + Σ q_g x_g² + Σ b_gh x_g x_h``. One group
     at a time at three sizes gives its quadratic; two groups at once give ``b_gh``.
     """
-    from graphopt.compress import budget
-
-    full = {f"group:{g.gid}": g.size for g in groups}
+    full = {g.gid: g.size for g in groups}
     f0 = f({})
     probe: dict[int, int] = {}
     quad: dict[int, tuple[float, float]] = {}
@@ -364,31 +381,29 @@ def polynomial_cost(groups: list, f: Callable[[dict[int, int]], float]):
     for g in groups:
         s_, q = quad[g.gid]
         linear = s_ - sum(b for (a_, c_), b in pair.items() if g.gid in (a_, c_))
-        cost.add(linear, f"group:{g.gid}")
+        cost.add(linear, g.gid)
         if q:
-            cost.add(q, f"group:{g.gid}", f"group:{g.gid}")
+            cost.add(q, g.gid, g.gid)
         constant -= linear + q
     for (a_, c_), b in pair.items():
-        cost.add(b, f"group:{a_}", f"group:{c_}")
+        cost.add(b, a_, c_)
         constant -= b
     cost.add(constant)
     rng = np.random.default_rng(0)
     for _ in range(4):  # the fit must reproduce the analysis exactly, else do not use it
         keep = {g.gid: int(rng.integers(1, g.size + 1)) for g in groups}
         want = f(keep)
-        got = cost({f"group:{k}": v for k, v in keep.items()})
+        got = cost(keep)
         if abs(got - want) > 1e-6 * max(abs(want), 1.0):
             return None
     return cost
 
 
 #: Time saved per MAC saved by onnxruntime's CPU conv kernels (NCHWc, AVX2, 1 thread), relative to a
-#: large dense conv, from per-node profiles of the original and pruned zoo models at batch 64: a dense
-#: conv with at most two output blocks of 8 channels has a large fixed part (inception's 5x5 convs,
-#: 16 -> 8 output channels: MACs / 2, time x0.88), so removing its output channels buys little time.
-#: Depthwise convs take ~0.20 ns/MAC against ~0.03-0.04 for dense ones, but weighting them x5 moved
-#: mobilenetv2's channels from the residual streams to the expand groups for no measured speed-up and
-#: 0.6 points of accuracy, so they count as dense.
+#: large dense conv, from per-node profiles of the zoo (BENCHMARKS.md): a dense conv with at most two
+#: output blocks of 8 channels has a large fixed part, so removing its output channels buys little time.
+#: Depthwise convs are slower per MAC than dense ones, but weighting them up moved channels to where
+#: they bought no speed and cost accuracy, so they count as dense.
 SMALL_OUTPUT_WEIGHT = 0.3
 SMALL_OUTPUT = 16
 
@@ -409,8 +424,6 @@ def latency_weights(model: Model, groups: list) -> dict[int, float]:
     group's channels removes that fraction of each node's MACs, so the time saved per MAC saved is
     ``w_g`` (in units of a large dense conv's time per MAC).
     """
-    from graphopt.measure import analysis as ana
-
     per = {n.name: n for n in ana.analyze(model).per_node}
     nodes = {n.name: n for n in model.graph.nodes}
     out: dict[int, float] = {}
@@ -438,6 +451,93 @@ def _round_down(k: float, multiple: int) -> int:
 
 def _lcm(a: int, b: int) -> int:
     return a * b // gcd(a, b)
+
+@dataclass(frozen=True)
+class _SwitchOption(Option):
+    """A bool option whose key once took a string: those old values are refused with the key that
+    takes them now (``prune_filters.refit=downstream`` -> ``refit_scope``)."""
+
+    moved_values: tuple[str, ...] = ()
+    moved_to: str = ""
+
+    def parse(self, text: str, where: str) -> Any:
+        if text.strip().lower() in self.moved_values:
+            raise OptionError(f"option {where}: {text.strip()!r} is a value of {self.moved_to} now "
+                              f"({where} is a bool: re-fit or not)")
+        return super().parse(text, where)
+
+
+@dataclass
+class PruneRun:
+    """One run of :class:`PruneFilters` on one model: what its steps share, so that none takes a
+    dozen arguments. ``model`` is pruned in place at the end; ``reference`` is an untouched copy (the
+    re-fit's targets and the sensitivity's base model)."""
+
+    pass_: PruneFilters
+    ctx: PassContext
+    model: Model
+    analysis: Any                          # graphopt.compress.channels.ChannelAnalysis of model
+    groups: list                           # the prunable groups, in the analysis' order
+    reference: Model
+    data: Any                              # calibration data (the first `samples`) or None
+    seed: int
+    batch: int = 64
+    rankings: dict[int, Ranking] = field(default_factory=dict)
+    grams: dict[str, Any] = field(default_factory=dict)     # consumer node -> CrossGram (all samples)
+    layers: dict[str, Any] = field(default_factory=dict)    # consumer node -> LinearLayer
+    macs0: int = 0
+    params0: int = 0
+
+    def opt(self, key: str) -> Any:
+        return self.pass_.opt(self.ctx, key)
+
+    def size(self, gid: int) -> int:
+        return self.analysis.group(gid).size
+
+    def keep_indices(self, keep: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Kept channel indices (best ranked) of every group ``keep`` prunes; groups kept whole are left out."""
+        return {gid: self.rankings[gid].kept(k) for gid, k in keep.items() if k < self.size(gid)}
+
+    def refit_options(self) -> dict[str, Any]:
+        """The reconstruction options :func:`apply_plan` takes, as this run set them."""
+        return {"refit": self.opt("refit"), "refit_scope": self.opt("refit_scope"),
+                "max_rows": self.opt("max_rows"), "min_ridge": self.opt("min_ridge"),
+                "activation_aware": self.opt("activation_aware")}
+
+    def pruned_copy(self, keep: Mapping[int, int], data) -> Model:
+        """A copy of ``model`` pruned to ``keep`` and re-fitted on ``data`` (the trials of blend and guard)."""
+        trial = from_proto(to_proto(self.model))
+        keep_idx = self.keep_indices(keep)
+        if keep_idx:
+            # same model, same group ids; shrink needs an analysis of the copy
+            apply_plan(trial, channels.analyze(trial), keep_idx, self.reference, data, seed=self.seed,
+                       batch=self.batch, **self.refit_options())
+        return trial
+
+    def heldout(self):
+        """``(fit, held_out)``: the last ``sensitivity_samples`` samples (at most half) held out; ``None``
+        if none can be."""
+        n = self.data.n_samples
+        n_eval = min(int(self.opt("sensitivity_samples")), n // 2) if n > 1 else n
+        fit, held = self.data.split(n_eval)
+        return None if held is None else (fit, held)
+
+
+@dataclass
+class AllocationProblem:
+    """What the allocator is asked: ``units`` (one per prunable group, keyed by group id), the ``cost`` of
+    an assignment and the ``goal`` it must reach (``cost(keep) <= goal``); ``full_cost`` is the cost of
+    the unpruned model in the same unit. ``relative_cost`` (the analysis' MACs/params over the targets,
+    <= 1 meets them) is the cost when no polynomial fit was made."""
+
+    units: list[budget.Unit]
+    target_macs: float | None
+    target_params: float | None
+    cost: Callable[[Mapping[int, int]], float]
+    goal: float
+    full_cost: float
+    fitted: bool
+    relative_cost: Callable[[Mapping[int, int]], float]
 
 
 @register
@@ -470,19 +570,22 @@ class PruneFilters(Pass):
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
         "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int, low=0),
-        "reconstruct": Option(True, "re-fit the layers after the pruned tensors by least squares", bool),
+        "refit": _SwitchOption(True, "re-fit the layers after the pruned tensors by least squares (which ones: "
+                                     "refit_scope)", bool, moved_values=("consumers", "downstream"),
+                               moved_to="prune_filters.refit_scope"),
         "activation_aware": Option(True, "fit a layer followed by Relu/Clip through the activation (targets "
                                          "where the original is clipped only need the same side of the bound)", bool),
-        "refit": Option("downstream", "which layers to re-fit", str, choices=("consumers", "downstream")),
-        "samples": Option(512, "calibration samples used for statistics and re-fitting", int, low=1),
-        "sens_samples": Option(256, "calibration samples the sensitivity is measured on (the last ones, at most "
-                                    "half; the consumers are re-fitted on the others)", int, low=1),
-        "sens_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
-                                     "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
-        "sens_levels": Option(8, "kept fractions measured per group (evenly spaced; the rest interpolated)", int,
-                              low=1),
-        "max_rows": Option(65536, "least-squares rows sampled per layer (fewer for layers with very many "
-                                  "features, see graphopt.compress.reconstruct.layer_rows)", int, low=1),
+        "refit_scope": Option("downstream", "which layers to re-fit: the consumers of the pruned tensors, or "
+                                            "those and every plain linear layer after them", str,
+                              choices=("consumers", "downstream")),
+        **calibration(samples=(512, "for statistics and re-fitting"),
+                      sensitivity_samples=(256, "the last ones, at most half; the consumers are re-fitted on "
+                                                "the others"),
+                      levels=(8, "kept fractions per group, evenly spaced; the rest interpolated"),
+                      max_rows=(65536, "fewer for layers with very many features, see "
+                                       "graphopt.compress.reconstruct.layer_rows")),
+        "sensitivity_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
+                                            "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
                                   "pulls towards the pruned weights and is chosen by 2-fold cross-validation)", float,
                             low=0),
@@ -490,116 +593,91 @@ class PruneFilters(Pass):
                                low=0),
         "max_features": Option(4096, "largest consumer (features) ThiNet and the re-fit statistics take", int, low=1),
     }
+    renamed: ClassVar[dict[str, str]] = {
+        "sens_samples": "sensitivity_samples",
+        "sens_metric": "sensitivity_metric",
+        "sens_levels": "levels",
+        "reconstruct": "refit",
+    }
 
     # -----------------------------------------------------------------------------------------
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        from graphopt.compress.reconstruct import blas_threads
-        with blas_threads(1):
+        with rec.blas_threads(1):
             return self._run(model, ctx)
 
     def _run(self, model: Model, ctx: PassContext) -> PassResult:
-        from graphopt.compress import channels
-
-        ratio = float(self.opt(ctx, "ratio"))
-        explicit = str(self.opt(ctx, "channels")).strip()
-        if ratio <= 0 and not explicit and ctx.target_macs is None and ctx.target_params is None:
-            return PassResult(False, {"skipped": "no budget: give --target-macs, --target-params or the option "
-                                                 "prune_filters.ratio or prune_filters.channels"})
-        if not 0 <= ratio < 1:
-            return PassResult(False, {"skipped": f"ratio {ratio} is not in [0, 1)"})
+        refusal = self._no_budget(ctx)
+        if refusal is not None:
+            return PassResult(False, {"skipped": refusal})
         analysis = channels.analyze(model)
         groups = analysis.prunable()
         left_alone = _frozen_summary(analysis)
         if not groups:
-            stats = {"pruned_groups": 0, "skipped": "no prunable group"}
-            if left_alone:
-                stats["left_alone"] = left_alone
-            return PassResult(False, stats)
-
-        batch = 64
-        data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples)) if ctx.data is not None else None
-        seed = int(ctx.rng(self.name).integers(2 ** 31))
-        reference = from_proto(to_proto(model))
-        criterion = self.opt(ctx, "criterion")
-        ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
-        grams, layers = ({}, {})
-        if data is not None and (criterion == "thinet" or (ratio <= 0 and self.opt(ctx, "allocation") == "sensitivity")):
-            # The sensitivity measurement fits its own statistics on the non-held-out samples: statistics
-            # of all samples are only needed by ThiNet or when nothing can be held out.
-            full = criterion == "thinet" or self._heldout(data, ctx) is None
-            grams, layers = consumer_grams(reference, groups, data if full else None,
-                                           max_rows=self.opt(ctx, "max_rows"), seed=seed, batch=batch,
-                                           max_features=self.opt(ctx, "max_features"))
-        act = activation_stats(reference, groups, data, batch) if criterion in ("mean", "apoz") else {}
-        rankings = {g.gid: rank_group(reference.graph, g, criterion, grams, layers, act,
-                                      self.opt(ctx, "thinet_ridge")) for g in groups}
-        macs0, params0 = analysis.cost({})
-
-        # ---- budget
-        allocation_stats: dict[str, Any]
-        if explicit:
-            keep = self._explicit_keep(explicit, groups, analysis)
-            allocation_stats = {"mode": "explicit", "channels": explicit}
-        elif ratio > 0:
-            keep = {g.gid: self._uniform_keep(g, 1.0 - ratio, ctx) for g in groups}
-            allocation_stats = {"mode": "uniform", "ratio": ratio}
-        else:
-            keep, allocation_stats = self._allocate(model, analysis, groups, rankings, grams, layers, data, ctx,
-                                                    reference, macs0, params0, batch, seed)
-        keep_idx = {gid: rankings[gid].kept(k) for gid, k in keep.items() if k < analysis.group(gid).size}
+            return PassResult(False, {"pruned_groups": 0, "skipped": "no prunable group",
+                                      **({"left_alone": left_alone} if left_alone else {})})
+        run = self._select(model, ctx, analysis, groups)
+        keep, allocation_stats = self._plan(run)
+        keep_idx = run.keep_indices(keep)
         if not keep_idx:
             stats = {"pruned_groups": 0, "allocation": allocation_stats,
                      "skipped": "the budget removes no channel", "left_alone": left_alone}
             if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0):
                 stats["notice"] = notice
             return PassResult(False, stats)
-
-        # ---- removal + reconstruction
-        macs1, params1 = analysis.cost({gid: len(idx) for gid, idx in keep_idx.items()})
-        saved = {g.gid: int(macs0 - analysis.cost({g.gid: len(keep_idx[g.gid])})[0]) if g.gid in keep_idx else 0
-                 for g in groups}
+        costs = _plan_costs(run, keep_idx)  # before the removal changes the analysis' model
         ctx.say(f"prune: removing channels from {len(keep_idx)} groups")
-        applied = apply_plan(model, analysis, keep_idx, reference, data, seed=seed, batch=batch,
-                             progress=ctx.progress, **self._refit_options(ctx))
-        per_group = []
-        for g in groups:
-            k = len(keep_idx[g.gid]) if g.gid in keep_idx else g.size
-            r = rankings[g.gid]
-            rec = {"group": g.gid, "channels_before": g.size, "channels_after": k,
-                   "kept": [int(i) for i in keep_idx[g.gid]] if g.gid in keep_idx else "all",
-                   "members": len(g.members), "producers": sorted({p.node for p in g.producers}),
-                   "scores": r.summary(),
-                   "macs_saved": saved[g.gid]}
-            if r.predicted is not None and k < g.size:
-                rec["thinet_predicted_rel_error"] = _r(r.predicted[g.size - k - 1])
-            if r.notes:
-                rec["notes"] = r.notes
-            consumers = {c.node for c in g.consumers}
-            refits = [{k: f[k] for k in ("node", "rel_error_before", "rel_error_after") if k in f}
-                      for f in applied.get("refit", []) if f["node"] in consumers]
-            if refits:
-                rec["consumer_error"] = refits  # relative output error of its consumers before/after the re-fit
-            per_group.append(rec)
-        stats: dict[str, Any] = {
-            "pruned_groups": len(keep_idx), "prunable_groups": len(groups), "groups": per_group,
-            "macs_before": int(macs0), "macs_after": int(macs1), "macs_ratio": _r(macs1 / macs0) if macs0 else None,
-            "params_before": int(params0), "params_after": int(params1),
-            "allocation": allocation_stats, **applied,
-        }
-        if left_alone:
-            stats["left_alone"] = left_alone
-        if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, stats["macs_ratio"]):
-            stats["notice"] = notice
-        return PassResult(True, stats)
+        applied = apply_plan(model, analysis, keep_idx, run.reference, run.data, seed=run.seed, batch=run.batch,
+                             progress=ctx.progress, **run.refit_options())
+        return PassResult(True, self._report(run, keep_idx, costs, applied, allocation_stats, left_alone))
 
-    # -----------------------------------------------------------------------------------------
+    # ---- select -------------------------------------------------------------------------------
 
-    def _refit_options(self, ctx) -> dict[str, Any]:
-        """The reconstruction options :func:`apply_plan` takes, as this run set them."""
-        return {"reconstruct": self.opt(ctx, "reconstruct"), "refit_scope": self.opt(ctx, "refit"),
-                "max_rows": self.opt(ctx, "max_rows"), "min_ridge": self.opt(ctx, "min_ridge"),
-                "activation_aware": self.opt(ctx, "activation_aware")}
+    def _no_budget(self, ctx: PassContext) -> str | None:
+        """Why the pass cannot run at all (no budget, a ratio out of range), or ``None``."""
+        ratio = float(self.opt(ctx, "ratio"))
+        explicit = str(self.opt(ctx, "channels")).strip()
+        if ratio <= 0 and not explicit and ctx.target_macs is None and ctx.target_params is None:
+            return ("no budget: give --target-macs, --target-params or the option prune_filters.ratio or "
+                    "prune_filters.channels")
+        if not 0 <= ratio < 1:
+            return f"ratio {ratio} is not in [0, 1)"
+        return None
+
+    def _select(self, model: Model, ctx: PassContext, analysis, groups: list) -> PruneRun:
+        """The run: calibration data, an untouched reference copy, and every prunable group ranked."""
+        data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples)) if ctx.data is not None else None
+        run = PruneRun(self, ctx, model, analysis, groups, from_proto(to_proto(model)), data,
+                       seed=int(ctx.rng(self.name).integers(2 ** 31)))
+        criterion = run.opt("criterion")
+        ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
+        if data is not None and (criterion == "thinet" or (float(run.opt("ratio")) <= 0
+                                                           and run.opt("allocation") == "sensitivity")):
+            # The sensitivity measurement fits its own statistics on the non-held-out samples: statistics
+            # of all samples are only needed by ThiNet or when nothing can be held out.
+            full = criterion == "thinet" or run.heldout() is None
+            run.grams, run.layers = consumer_grams(run.reference, groups, data if full else None,
+                                                   max_rows=run.opt("max_rows"), seed=run.seed, batch=run.batch,
+                                                   max_features=run.opt("max_features"))
+        act = activation_stats(run.reference, groups, data, run.batch) if criterion in ("mean", "apoz") else {}
+        run.rankings = {g.gid: rank_group(run.reference.graph, g, criterion, run.grams, run.layers, act,
+                                          run.opt("thinet_ridge")) for g in groups}
+        run.macs0, run.params0 = analysis.cost({})
+        return run
+
+    # ---- plan ---------------------------------------------------------------------------------
+
+    def _plan(self, run: PruneRun) -> tuple[dict[int, int], dict[str, Any]]:
+        """Kept channel count per group (explicit, uniform ratio, or allocated to the targets) and the
+        allocation's stats."""
+        explicit = str(run.opt("channels")).strip()
+        ratio = float(run.opt("ratio"))
+        if explicit:
+            return self._explicit_keep(explicit, run.groups, run.analysis), {"mode": "explicit", "channels": explicit}
+        if ratio > 0:
+            return ({g.gid: self._uniform_keep(g, 1.0 - ratio, run.ctx) for g in run.groups},
+                    {"mode": "uniform", "ratio": ratio})
+        return self._allocate(run)
 
     @staticmethod
     def _explicit_keep(text: str, groups: list, analysis) -> dict[int, int]:
@@ -609,8 +687,6 @@ class PruneFilters(Pass):
         not exist, a count outside ``[min_keep, size]`` or not a multiple of the group's divisor (a
         grouped conv's group count): such a model could not be built. The option's ``multiple`` is not
         enforced: an explicit count is the user's choice."""
-        from graphopt.core.errors import OptionError
-
         prunable = {g.gid: g for g in groups}
         keep = {g.gid: g.size for g in groups}
         for item in filter(None, (t.strip() for t in text.split(","))):
@@ -642,8 +718,8 @@ class PruneFilters(Pass):
         low = int(np.ceil(low / m) * m) if group.size >= m else low
         return int(min(max(k, low), group.size))
 
-    def _units(self, groups, ctx):
-        from graphopt.compress import budget
+    def _units(self, groups, ctx) -> list[budget.Unit]:
+        """One allocator unit per group, keyed by its id; its levels are the multiples of the divisor."""
         units = []
         for g in groups:
             m = self._divisor(g, ctx)
@@ -654,24 +730,63 @@ class PruneFilters(Pass):
             # the group); with a coarse ``multiple`` a 16-channel group's first step is half of it.
             if self.opt(ctx, "every_group") and len(lv) > 1 and lv[1] >= 0.75 * g.size:
                 lv = lv[1:]
-            units.append(budget.Unit(f"group:{g.gid}", lv))
+            units.append(budget.Unit(g.gid, lv))
         return units
 
-    def _allocate(self, model, analysis, groups, rankings, grams, layers, data, ctx, reference, macs0, params0,
-                  batch, seed) -> tuple[dict[int, int], dict[str, Any]]:
-        from graphopt.compress import budget
+    def _allocate(self, run: PruneRun) -> tuple[dict[int, int], dict[str, Any]]:
+        """Kept counts that meet the targets with the least predicted error: errors per unit (measured
+        sensitivity, or the fraction removed without data), priced by latency, allocated, optionally
+        blended with an even-spread prior and relaxed by the accuracy guard."""
+        problem = self._problem(run)
+        if run.opt("allocation") == "uniform":
+            return self._uniform_to_target(run, problem.relative_cost)
+        raw_sens, mode = self._unit_errors(run, problem.units)
+        sens, weights = self._latency_weighted(run, problem, raw_sens)
+        price, time_stats = (self._time_price(run) if run.opt("latency") == "time"
+                             and problem.target_macs is not None else (None, None))
 
-        units = self._units(groups, ctx)
-        tm, tp = self._targets(ctx, macs0, params0)
-        mode = self.opt(ctx, "allocation")
+        def allocate_at(t: float) -> budget.Allocation:
+            if price is None:
+                return budget.allocate(problem.units, sens, problem.cost, t * problem.goal)
+            return budget.allocate_priced(problem.units, sens, price, problem.cost, t * problem.goal)
+
+        alloc = allocate_at(1.0)
+        blend_stats = None
+        if run.data is not None and run.opt("blend"):
+            alloc, blend_stats = self._choose_blend(run, problem, sens, alloc)
+        trace = None
+        if run.ctx.max_drop is not None and run.data is not None and run.data.labels is not None:
+            alloc, trace = budget.guarded(allocate_at, lambda a: self._measure_drop(run, a), run.ctx.max_drop, 1.0,
+                                          full=problem.full_cost / problem.goal)
+        full_keep = {g.gid: g.size for g in run.groups}
+        full_keep.update({gid: int(v) for gid, v in alloc.keep.items()})
+        stats = _allocation_stats(run, problem, alloc, mode, raw_sens)
+        if blend_stats is not None:
+            stats["blend"] = blend_stats
+        if weights is not None:
+            stats["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
+        if time_stats is not None:
+            stats["latency"] = _time_ratio(time_stats, price, problem.units, alloc)
+        if not alloc.met:
+            stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
+        if trace:
+            stats["guard"] = trace
+        return full_keep, stats
+
+    def _problem(self, run: PruneRun) -> AllocationProblem:
+        """The units, the cost (a polynomial fit of the analysis when one target is set and the fit is
+        exact, else the analysis over the targets) and the goal."""
+        units = self._units(run.groups, run.ctx)
+        tm, tp = self._targets(run.ctx, run.macs0, run.params0)
         poly = None
-        if mode != "uniform" and (tm is None) != (tp is None):
+        if run.opt("allocation") != "uniform" and (tm is None) != (tp is None):
             which = 0 if tm is not None else 1
-            poly = polynomial_cost(groups, lambda keep: float(analysis.cost(keep)[which]))
-        target = (tm * macs0) if tm is not None else (tp * params0) if tp is not None else 0.0
+            poly = polynomial_cost(run.groups, lambda keep: float(run.analysis.cost(keep)[which]))
+        target = (tm * run.macs0) if tm is not None else (tp * run.params0) if tp is not None else 0.0
+        analysis, macs0, params0 = run.analysis, run.macs0, run.params0
 
-        def slow_cost(keep: dict[str, int]) -> float:
-            macs, params = analysis.cost({int(k.split(":")[1]): v for k, v in keep.items()})
+        def relative_cost(keep: Mapping[int, int]) -> float:
+            macs, params = analysis.cost(dict(keep))
             parts = []
             if tm is not None:
                 parts.append(macs / (tm * macs0))
@@ -680,83 +795,40 @@ class PruneFilters(Pass):
             return max(parts)
 
         if poly is not None:
-            cost, goal, full_cost = poly, target, (macs0 if tm is not None else params0)
-        else:
-            cost, goal, full_cost = slow_cost, 1.0, max(1.0 / t for t in (tm, tp) if t is not None)
+            return AllocationProblem(units, tm, tp, poly, target, macs0 if tm is not None else params0, True,
+                                     relative_cost)
+        return AllocationProblem(units, tm, tp, relative_cost, 1.0, max(1.0 / t for t in (tm, tp) if t is not None),
+                                 False, relative_cost)
 
-        if mode == "uniform":
-            return self._uniform_to_target(groups, analysis, ctx, slow_cost)
-        if data is None:
-            sens = {u.key: {k: 1.0 - k / u.levels[0] for k in u.levels} for u in units}
-            note = "no data: error proxy = fraction removed"
-        else:
-            sens = self._sensitivity(units, groups, rankings, grams, layers, data, ctx, reference)
-            note = "sensitivity"
-        weights, raw_sens = None, sens
-        if self.opt(ctx, "latency") == "ops" and tm is not None:
-            # Dividing a group's errors by its time-per-MAC weight makes the greedy's price (error per MAC
-            # saved) error per estimated time saved, while its budget stays in MACs. (A params target
-            # buys params: no weights.)
-            weights = latency_weights(model, groups)
-            sens = {u.key: {k: e / weights[int(u.key.split(":")[1])] for k, e in sens[u.key].items()}
-                    for u in units}
-        price, time_stats = None, None
-        if self.opt(ctx, "latency") == "time" and tm is not None:
-            price, time_stats = self._time_price(analysis, groups, ctx)
+    def _unit_errors(self, run: PruneRun, units: list[budget.Unit]) -> tuple[dict[int, dict[int, float]], str]:
+        """``{gid: {level: error}}`` and how it was obtained: the measured sensitivity, or without data the
+        fraction of channels removed."""
+        if run.data is None:
+            return ({u.key: {k: 1.0 - k / u.levels[0] for k in u.levels} for u in units},
+                    "no data: error proxy = fraction removed")
+        return self._sensitivity(run, units), "sensitivity"
 
-        def allocate_at(t: float) -> budget.Allocation:
-            if price is None:
-                return budget.allocate(units, sens, cost, t * goal)
-            return budget.allocate_priced(units, sens, price, cost, t * goal)
+    @staticmethod
+    def _latency_weighted(run: PruneRun, problem: AllocationProblem, sens: dict) -> tuple[dict, dict | None]:
+        """With ``latency=ops`` and a MAC target, each group's errors divided by its time-per-MAC weight:
+        the greedy's price (error per MAC saved) becomes error per estimated time saved while its budget
+        stays in MACs. A params target buys params: no weights."""
+        if run.opt("latency") != "ops" or problem.target_macs is None:
+            return sens, None
+        weights = latency_weights(run.model, run.groups)
+        return {u.key: {k: e / weights[u.key] for k, e in sens[u.key].items()} for u in problem.units}, weights
 
-        alloc = allocate_at(1.0)
-        blend_stats = None
-        if data is not None and self.opt(ctx, "blend"):
-            alloc, blend_stats = self._choose_blend(model, units, groups, sens, cost, goal, rankings, reference,
-                                                    data, ctx, batch, seed, alloc)
-        trace = None
-        if ctx.max_drop is not None and data is not None and data.labels is not None:
-            def measure_drop(a) -> float:
-                return self._measure_drop(model, analysis, rankings, a, reference, data, ctx, batch, seed)
-
-            alloc, trace = budget.guarded(allocate_at, measure_drop, ctx.max_drop, 1.0, full=full_cost / goal)
-        keep = {int(k.split(":")[1]): int(v) for k, v in alloc.keep.items()}
-        full_keep = {g.gid: g.size for g in groups}
-        full_keep.update(keep)
-        macs, params = analysis.cost(keep)
-        out = {"mode": note, "met": bool(alloc.met), "steps": alloc.steps,
-               "cost_model": "polynomial fit of the channel analysis" if poly is not None else "channel analysis",
-               "predicted_error": _r(budget.predicted_error(units, raw_sens, alloc.keep)),
-               "target_macs": tm, "target_params": tp,
-               "macs_ratio": _r(macs / macs0) if macs0 else None,
-               "params_ratio": _r(params / params0) if params0 else None}
-        if blend_stats is not None:
-            out["blend"] = blend_stats
-        if weights is not None:
-            out["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
-        if time_stats is not None:
-            whole = time_stats.pop("whole_seconds")
-            saved = price({u.key: u.levels[0] for u in units}) - price(alloc.keep)
-            time_stats["predicted_time_ratio"] = _r(1.0 - saved / whole) if whole else None
-            out["latency"] = time_stats
-        if not alloc.met:
-            out["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
-        if trace:
-            out["guard"] = trace
-        return full_keep, out
-
-    def _time_price(self, analysis, groups, ctx):
+    def _time_price(self, run: PruneRun):
         """The allocator's price: predicted seconds (:mod:`graphopt.measure.latency`) of the nodes the groups
         touch at ``latency_batch``, as a polynomial of the kept fractions (or the analysis itself when
         it does not fit one), and what the stats say about it."""
-        from graphopt.measure import latency as lat
-
+        analysis = run.analysis
         model = lat.load()
-        batch = int(self.opt(ctx, "latency_batch"))
-        poly = polynomial_cost(groups, lambda keep: analysis.time(keep, model, batch))
+        batch = int(run.opt("latency_batch"))
+        poly = polynomial_cost(run.groups, lambda keep: analysis.time(keep, model, batch))
         if poly is None:
-            def poly(keep: dict[str, int]) -> float:
-                return analysis.time({int(k.split(":")[1]): v for k, v in keep.items()}, model, batch)
+            def poly(keep: Mapping[int, int]) -> float:
+                return analysis.time(dict(keep), model, batch)
         whole, _ = lat.model_time(analysis.model, model, batch=batch)  # None when a shape is unknown
         return poly, {"price": "predicted time", "batch": batch, "profile": model.meta.get("cpu", "?"),
                       "whole_seconds": whole}
@@ -775,13 +847,13 @@ class PruneFilters(Pass):
                 tp = min(tp * base[1] / params0, 1.0)
         return tm, tp
 
-    def _uniform_to_target(self, groups, analysis, ctx, cost) -> tuple[dict[int, int], dict[str, Any]]:
+    def _uniform_to_target(self, run: PruneRun, cost) -> tuple[dict[int, int], dict[str, Any]]:
         """The smallest uniform ratio (bisection, every group the same fraction) that meets the target."""
         def keep_at(r: float) -> dict[int, int]:
-            return {g.gid: self._uniform_keep(g, 1.0 - r, ctx) for g in groups}
+            return {g.gid: self._uniform_keep(g, 1.0 - r, run.ctx) for g in run.groups}
 
         def c(r: float) -> float:
-            return cost({f"group:{gid}": k for gid, k in keep_at(r).items()})
+            return cost(keep_at(r))
 
         lo, hi = 0.0, 1.0
         if c(hi) > 1.0:
@@ -793,130 +865,197 @@ class PruneFilters(Pass):
             lo, hi = (lo, mid) if c(mid) <= 1.0 else (mid, hi)
         return keep_at(hi), {"mode": "uniform", "met": True, "ratio": _r(hi)}
 
-    def _heldout(self, data, ctx):
-        """``(fit, held_out)``: the last ``sens_samples`` samples (at most half) held out; ``None`` if none can be."""
-        n = data.n_samples
-        n_eval = min(int(self.opt(ctx, "sens_samples")), n // 2) if n > 1 else n
-        fit, held = data.split(n_eval)
-        return None if held is None else (fit, held)
-
-    def _sensitivity(self, units, groups, rankings, grams, layers, data, ctx, reference) -> dict[str, dict[int, float]]:
-        from graphopt.compress import budget
-        from graphopt.measure.executor import EvalContext, make_executor
-
-        by_gid = {g.gid: g for g in groups}
-        measured_units = []
-        for u in units:
-            size = by_gid[int(u.key.split(":")[1])].size
-            # Measure a few levels (at fixed fractions of the full size), interpolate the rest.
-            pick = []
-            n_levels = max(int(self.opt(ctx, "sens_levels")), 1)
-            for r in np.linspace(1.0, 1.0 / n_levels, n_levels) if n_levels > 1 else [1.0, 0.5]:
-                target = r * size
-                k = min(u.levels, key=lambda lv: abs(lv - target))
-                if k not in pick:
-                    pick.append(k)
-            pick = sorted(set(pick) | {u.levels[0], u.levels[-1]}, reverse=True)
-            measured_units.append(budget.Unit(u.key, pick))
-        # Held-out measurement: the consumers are re-fitted on the first samples and the error is
-        # measured on the last ones. Measured on the fitting samples, a Gemm consumer with about as
-        # many features as samples fits them almost perfectly, and its group looks far less sensitive
-        # than it is (the MobileNetV2 head conv was cut to a quarter that way).
-        split = self._heldout(data, ctx)
-        if split is not None:
-            fit_data, sdata = split
-            grams, _ = consumer_grams(reference, groups, fit_data, max_rows=self.opt(ctx, "max_rows"),
-                                      seed=int(ctx.rng(self.name + ".sensitivity").integers(2 ** 31)), batch=64,
-                                      max_features=self.opt(ctx, "max_features"))
-        else:
-            sdata = data
-        refits: dict[int, list] = {}
-        for g in groups:
-            plans = []
-            for c in g.consumers:
-                if c.node in grams and c.node in layers:
-                    plans.append((c.node, grams[c.node], consumer_blocks(layers[c.node], c)))
-            refits[g.gid] = plans
-        ev = EvalContext(to_proto(reference).SerializeToString(), sdata, batch_size=256)
-        context = SensitivityContext(ev, {gid: r.order for gid, r in rankings.items()}, refits,
-                                     metric=self.opt(ctx, "sens_metric"))
-        ctx.say(f"prune: sensitivity of {len(units)} groups")
-        executor = make_executor(self.opt(ctx, "workers"))
+    def _sensitivity(self, run: PruneRun, units: list[budget.Unit]) -> dict[int, dict[int, float]]:
+        """``{gid: {level: error}}``: a few levels per group measured (module docstring), the rest
+        interpolated, relative to the unit's first level (the allocator takes it as error 0)."""
+        measured_units = [budget.Unit(u.key, self._measured_levels(u, run.size(u.key), run.ctx)) for u in units]
+        context = self._sensitivity_context(run)
+        run.ctx.say(f"prune: sensitivity of {len(units)} groups")
+        executor = make_executor(run.opt("workers"))
         # The allocator's level 0 may already be pruned (every_group): measure from the full size, which
         # budget.sensitivity takes as error 0 without evaluating it.
-        items_units = [budget.Unit(u.key, sorted({by_gid[int(u.key.split(':')[1])].size, *u.levels}, reverse=True))
+        items_units = [budget.Unit(u.key, sorted({run.size(u.key), *u.levels}, reverse=True))
                        for u in measured_units]
         measured = budget.sensitivity(items_units, measure_level, executor=executor, context=context)
-        sens: dict[str, dict[int, float]] = {}
-        for u in units:
-            m = measured[u.key]
-            ks = np.array(sorted(m))
-            vs = np.array([m[k] for k in ks])
-            sens[u.key] = {k: float(np.interp(k, ks, vs)) for k in u.levels}
-            base = sens[u.key][u.levels[0]]
-            # The allocator takes level 0 as error 0: errors are relative to the unit's first level.
-            sens[u.key] = {k: max(v - base, 0.0) for k, v in sens[u.key].items()}
-        return sens
+        return {u.key: _interpolated(measured[u.key], u.levels) for u in units}
 
-    def _choose_blend(self, model, units, groups, sens, cost, goal, rankings, reference, data, ctx, batch, seed,
-                      alloc):
+    def _measured_levels(self, unit: budget.Unit, size: int, ctx) -> list[int]:
+        """The levels of ``unit`` nearest to ``levels`` evenly spaced fractions of ``size``, plus its first
+        and last, descending."""
+        pick = []
+        n_levels = max(int(self.opt(ctx, "levels")), 1)
+        for r in np.linspace(1.0, 1.0 / n_levels, n_levels) if n_levels > 1 else [1.0, 0.5]:
+            target = r * size
+            k = min(unit.levels, key=lambda lv: abs(lv - target))
+            if k not in pick:
+                pick.append(k)
+        return sorted(set(pick) | {unit.levels[0], unit.levels[-1]}, reverse=True)
+
+    def _sensitivity_context(self, run: PruneRun) -> SensitivityContext:
+        """What the workers need: the reference model, the samples measured on, each group's removal order
+        and its consumers' re-fit statistics.
+
+        Held-out measurement: the consumers are re-fitted on the first samples and the error is measured
+        on the last ones. Measured on the fitting samples, a Gemm consumer with about as many features as
+        samples fits them almost perfectly, and its group looks far less sensitive than it is."""
+        grams = run.grams
+        split = run.heldout()
+        if split is not None:
+            fit_data, sdata = split
+            grams, _ = consumer_grams(run.reference, run.groups, fit_data, max_rows=run.opt("max_rows"),
+                                      seed=int(run.ctx.rng(self.name + ".sensitivity").integers(2 ** 31)), batch=64,
+                                      max_features=run.opt("max_features"))
+        else:
+            sdata = run.data
+        refits: dict[int, list] = {}
+        for g in run.groups:
+            refits[g.gid] = [(c.node, grams[c.node], consumer_blocks(run.layers[c.node], c))
+                             for c in g.consumers if c.node in grams and c.node in run.layers]
+        ev = EvalContext(to_proto(run.reference).SerializeToString(), sdata, batch_size=256)
+        return SensitivityContext(ev, {gid: r.order for gid, r in run.rankings.items()}, refits,
+                                  metric=run.opt("sensitivity_metric"))
+
+    def _choose_blend(self, run: PruneRun, problem: AllocationProblem, sens: dict,
+                      alloc: budget.Allocation) -> tuple[budget.Allocation, list[dict] | None]:
         """Allocations from ``(1 − α)·sens/S + α·u/U`` for α in (0, 0.5, 1), ``u(k) = (1 − k/size)²`` a
         prior that spreads the pruning evenly (``S``, ``U``: totals at the deepest levels); each is
         pruned and re-fitted on the first calibration samples and measured (relative output error) on
-        the last ``sens_samples`` (held out); the best is returned. The additive sensitivity model
+        the last ``sensitivity_samples`` (held out); the best is returned. The additive sensitivity model
         ignores how errors compound and how well later layers compensate; this measures it."""
-        from graphopt.compress import budget, channels
-        from graphopt.measure.executor import relative_error
-
-        split = self._heldout(data, ctx)
+        split = run.heldout()
         if split is None:
             return alloc, None
         fit_data, hold = split
-        total_s = sum(max(sens[u.key].values()) for u in units) or 1.0
-        prior = {u.key: {k: (1.0 - k / max(by_size, 1)) ** 2 for k in u.levels}
-                 for u in units for by_size in [next(g.size for g in groups if f"group:{g.gid}" == u.key)]}
-        total_u = sum(max(prior[u.key].values()) for u in units) or 1.0
-        candidates: list[tuple[float, Any]] = []
-        seen = set()
-        for alpha in (0.0, 0.5, 1.0):
-            mixed = {u.key: {k: (1 - alpha) * sens[u.key][k] / total_s + alpha * prior[u.key][k] / total_u
-                             for k in u.levels} for u in units}
-            a = alloc if alpha == 0.0 else budget.allocate(units, mixed, cost, goal)
-            signature = tuple(sorted(a.keep.items()))
-            if a.met and signature not in seen:
-                seen.add(signature)
-                candidates.append((alpha, a))
+        candidates = _blend_candidates(run, problem, sens, alloc)
         if len(candidates) < 2:
             return alloc, None
-        ref_out = _outputs(reference, hold, batch)
+        ref_out = _outputs(run.reference, hold, run.batch)
         trace = []
         for alpha, a in candidates:
-            ctx.say(f"prune: measuring the allocation with prior weight {alpha}")
-            trial = from_proto(to_proto(model))
-            keep_idx = {int(k.split(":")[1]): rankings[int(k.split(":")[1])].kept(v) for k, v in a.keep.items()
-                        if v < next(g.size for g in groups if f"group:{g.gid}" == k)}
-            if keep_idx:
-                apply_plan(trial, channels.analyze(trial), keep_idx, reference, fit_data, seed=seed, batch=batch,
-                           **self._refit_options(ctx))
-            trace.append({"prior_weight": alpha, "heldout_rel_error": _r(relative_error(ref_out,
-                                                                                        _outputs(trial, hold, batch))),
+            run.ctx.say(f"prune: measuring the allocation with prior weight {alpha}")
+            trial = run.pruned_copy(a.keep, fit_data)
+            trace.append({"prior_weight": alpha,
+                          "heldout_rel_error": _r(relative_error(ref_out, _outputs(trial, hold, run.batch))),
                           "predicted_error": _r(a.predicted_error)})
         best = min(range(len(candidates)), key=lambda i: (trace[i]["heldout_rel_error"], i))
         trace[best]["chosen"] = True
         return candidates[best][1], trace
 
-    def _measure_drop(self, model, analysis, rankings, alloc, reference, data, ctx, batch, seed) -> float:
-        from graphopt.measure.verify import Tolerance, verify
-        trial = from_proto(to_proto(model))
-        keep_idx = {int(k.split(":")[1]): rankings[int(k.split(":")[1])].kept(v) for k, v in alloc.keep.items()
-                    if v < analysis.group(int(k.split(":")[1])).size}
-        if keep_idx:
-            from graphopt.compress import channels
-            trial_analysis = channels.analyze(trial)  # same model, same group ids; shrink needs its own
-            apply_plan(trial, trial_analysis, keep_idx, reference, data, seed=seed, batch=batch,
-                       **self._refit_options(ctx))
-        report = verify(reference, trial, data, mode="accuracy", tolerance=Tolerance(max_drop=100.0), batch_size=batch)
+    @staticmethod
+    def _measure_drop(run: PruneRun, alloc: budget.Allocation) -> float:
+        """Accuracy drop (points) on the calibration data of the model pruned to ``alloc`` and re-fitted."""
+        trial = run.pruned_copy(alloc.keep, run.data)
+        report = verify(run.reference, trial, run.data, mode="accuracy", tolerance=Tolerance(max_drop=100.0),
+                        batch_size=run.batch)
         return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
+
+    # ---- report -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _report(run: PruneRun, keep_idx: dict[int, np.ndarray], costs: dict[str, Any], applied: dict[str, Any],
+                allocation_stats: dict[str, Any], left_alone: list) -> dict[str, Any]:
+        """The pass stats: per group what it kept and what that cost, the totals, the allocation and
+        what the removal and re-fit did."""
+        macs0, macs1 = run.macs0, costs["macs"]
+        stats: dict[str, Any] = {
+            "pruned_groups": len(keep_idx), "prunable_groups": len(run.groups),
+            "groups": [_group_report(run, g, keep_idx, costs["saved"][g.gid], applied) for g in run.groups],
+            "macs_before": int(macs0), "macs_after": int(macs1), "macs_ratio": _r(macs1 / macs0) if macs0 else None,
+            "params_before": int(run.params0), "params_after": int(costs["params"]),
+            "allocation": allocation_stats, **applied,
+        }
+        if left_alone:
+            stats["left_alone"] = left_alone
+        if notice := guard_notice(allocation_stats.get("guard"), run.ctx.max_drop, stats["macs_ratio"]):
+            stats["notice"] = notice
+        return stats
+
+
+# =============================================================================================
+# the steps' helpers
+
+
+def _interpolated(measured: Mapping[int, float], levels: list[int]) -> dict[int, float]:
+    """The errors at ``levels``, interpolated linearly between the measured levels and made relative to
+    the first level (the allocator takes it as error 0; noise below it is clamped to 0)."""
+    ks = np.array(sorted(measured))
+    vs = np.array([measured[k] for k in ks])
+    errors = {k: float(np.interp(k, ks, vs)) for k in levels}
+    base = errors[levels[0]]
+    return {k: max(v - base, 0.0) for k, v in errors.items()}
+
+
+def _blend_candidates(run: PruneRun, problem: AllocationProblem, sens: dict,
+                      alloc: budget.Allocation) -> list[tuple[float, budget.Allocation]]:
+    """The distinct allocations that meet the goal at prior weights α = 0 (``alloc`` itself), ½ and 1."""
+    units = problem.units
+    total_s = sum(max(sens[u.key].values()) for u in units) or 1.0
+    prior = {u.key: {k: (1.0 - k / max(run.size(u.key), 1)) ** 2 for k in u.levels} for u in units}
+    total_u = sum(max(prior[u.key].values()) for u in units) or 1.0
+    candidates: list[tuple[float, budget.Allocation]] = []
+    seen = set()
+    for alpha in (0.0, 0.5, 1.0):
+        mixed = {u.key: {k: (1 - alpha) * sens[u.key][k] / total_s + alpha * prior[u.key][k] / total_u
+                         for k in u.levels} for u in units}
+        a = alloc if alpha == 0.0 else budget.allocate(units, mixed, problem.cost, problem.goal)
+        signature = tuple(sorted(a.keep.items()))
+        if a.met and signature not in seen:
+            seen.add(signature)
+            candidates.append((alpha, a))
+    return candidates
+
+
+def _allocation_stats(run: PruneRun, problem: AllocationProblem, alloc: budget.Allocation, mode: str,
+                      raw_sens: dict) -> dict[str, Any]:
+    """What the allocation reached: met or not, its predicted error (unweighted) and the cost ratios."""
+    macs, params = run.analysis.cost({gid: int(v) for gid, v in alloc.keep.items()})
+    macs0, params0 = run.macs0, run.params0
+    return {"mode": mode, "met": bool(alloc.met), "steps": alloc.steps,
+            "cost_model": "polynomial fit of the channel analysis" if problem.fitted else "channel analysis",
+            "predicted_error": _r(budget.predicted_error(problem.units, raw_sens, alloc.keep)),
+            "target_macs": problem.target_macs, "target_params": problem.target_params,
+            "macs_ratio": _r(macs / macs0) if macs0 else None,
+            "params_ratio": _r(params / params0) if params0 else None}
+
+
+def _time_ratio(time_stats: dict[str, Any], price, units: list[budget.Unit], alloc: budget.Allocation) -> dict:
+    """The time price's stats with the predicted time ratio of ``alloc`` in place of the whole model's time."""
+    whole = time_stats.pop("whole_seconds")
+    saved = price({u.key: u.levels[0] for u in units}) - price(alloc.keep)
+    time_stats["predicted_time_ratio"] = _r(1.0 - saved / whole) if whole else None
+    return time_stats
+
+
+def _plan_costs(run: PruneRun, keep_idx: dict[int, np.ndarray]) -> dict[str, Any]:
+    """MACs and params after the plan, and the MACs each group's cut alone saves."""
+    analysis = run.analysis
+    macs1, params1 = analysis.cost({gid: len(idx) for gid, idx in keep_idx.items()})
+    saved = {g.gid: int(run.macs0 - analysis.cost({g.gid: len(keep_idx[g.gid])})[0]) if g.gid in keep_idx else 0
+             for g in run.groups}
+    return {"macs": macs1, "params": params1, "saved": saved}
+
+
+def _group_report(run: PruneRun, g, keep_idx: dict[int, np.ndarray], macs_saved: int,
+                  applied: dict[str, Any]) -> dict[str, Any]:
+    """One group's line of the stats: channels before/after, which were kept, its ranking, the MACs its
+    cut saves and its consumers' relative output error before/after the re-fit."""
+    k = len(keep_idx[g.gid]) if g.gid in keep_idx else g.size
+    r = run.rankings[g.gid]
+    row = {"group": g.gid, "channels_before": g.size, "channels_after": k,
+           "kept": [int(i) for i in keep_idx[g.gid]] if g.gid in keep_idx else "all",
+           "members": len(g.members), "producers": sorted({p.node for p in g.producers}),
+           "scores": r.summary(),
+           "macs_saved": macs_saved}
+    if r.predicted is not None and k < g.size:
+        row["thinet_predicted_rel_error"] = _r(r.predicted[g.size - k - 1])
+    if r.notes:
+        row["notes"] = r.notes
+    consumers = {c.node for c in g.consumers}
+    refits = [{key: f[key] for key in ("node", "rel_error_before", "rel_error_after") if key in f}
+              for f in applied.get("refit", []) if f["node"] in consumers]
+    if refits:
+        row["consumer_error"] = refits
+    return row
 
 
 def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: float | None) -> str | None:
@@ -933,7 +1072,6 @@ def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: f
 
 
 def _outputs(model: Model, data, batch: int) -> dict[str, np.ndarray]:
-    from graphopt.measure.calibration import reference_outputs
     return reference_outputs(to_proto(model), data, batch_size=batch)
 
 
