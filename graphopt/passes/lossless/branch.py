@@ -82,9 +82,9 @@ import numpy as np
 from onnx import helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
+from graphopt.core.manager import Option, PassContext, register
 from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
-from graphopt.core.rewrite import Match, Rule, apply_rules
+from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import cost as costs
 from graphopt.measure.cost import Cost
@@ -996,54 +996,47 @@ def _opset(model: Model) -> int:
     return model.opset("") or 1
 
 
-def _run_rules(model: Model, rules: Sequence[Rule]) -> PassResult:
-    stats = apply_rules(model, rules)
-    out = stats.to_dict()
-    out["merged"] = stats.total
-    return PassResult(stats.total > 0, out)
-
-
 _PADDING = {"allow_padding": Option(True, "zero-pad smaller kernels to merge them with larger ones when the cost "
                                          "model says it pays", bool)}
 
 
 @register
-class MergeConcatConvsPass(Pass):
+class MergeConcatConvsPass(RulePass):
     name = "merge_concat_convs"
     summary = "parallel convs of one tensor whose outputs are concatenated -> one conv (DeepRebirth branch)"
     options = _PADDING
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [MergeConcatConvs(ShapeTable(model), self.opt(ctx, "allow_padding"))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [MergeConcatConvs(ShapeTable(model), self.opt(ctx, "allow_padding"))]
 
 
 @register
-class HorizontalFusionPass(Pass):
+class HorizontalFusionPass(RulePass):
     name = "horizontal_fusion"
     summary = "sibling Conv/MatMul/Gemm layers reading one tensor -> one wide layer + Split, when it pays"
     options = {**_PADDING,
                "blocked_layout": Option(True, "charge the layout reorders a channel Split of a 2-D conv output costs "
                                               "on runtimes with channel-blocked conv kernels (onnxruntime CPU)", bool)}
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
         rule = HorizontalFusion(ShapeTable(model), _opset(model), self.opt(ctx, "allow_padding"),
                                 self.opt(ctx, "blocked_layout"))
-        return _run_rules(model, [rule])
+        return [rule]
 
 
 @register
-class MergeSumBranchesPass(Pass):
+class MergeSumBranchesPass(RulePass):
     name = "merge_sum_branches"
     summary = "summed conv branches of one tensor (RepVGG/ACNet: kxk + 1x1 + identity) -> one conv"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [MergeSumBranches(ShapeTable(model))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [MergeSumBranches(ShapeTable(model))]
 
 
 @register
-class PoolThroughConcatPass(Pass):
+class PoolThroughConcatPass(RulePass):
     name = "pool_through_concat"
     summary = "pool(Concat(a, b, ...)) -> Concat(pool(a), pool(b), ...) when the pool shrinks the tensor"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [PoolThroughConcat(ShapeTable(model))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [PoolThroughConcat(ShapeTable(model))]

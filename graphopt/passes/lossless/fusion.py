@@ -47,10 +47,10 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import constant_value, is_float, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import Gelu, LayerNorm, match_gelu, match_layer_norm
-from graphopt.core.rewrite import Match, Rule, rules_result
+from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import TypeTable
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -224,13 +224,12 @@ class AddThroughConcat(_TypedRule):
 
 
 @register
-class FusePatterns(Pass):
+class FusePatterns(RulePass):
     name = "fuse_patterns"
-    lossless = True
     summary = ("decomposed LayerNorm (opset >= 17) and GELU (opset >= 20) -> LayerNormalization / Gelu; "
                "Concat + constant -> Concat of pieces that absorb it")
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
         opset = _opset(model)
         types = TypeTable(model)
         rules: list[Rule] = []  # LayerNormalization needs opset 17, Gelu opset 20
@@ -239,4 +238,4 @@ class FusePatterns(Pass):
         if opset >= 20:
             rules.append(GeluFusion(types))
         rules.append(AddThroughConcat(types))
-        return rules_result(model, rules)
+        return rules

@@ -46,9 +46,9 @@ import numpy as np
 from onnx import helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, conv_info, drop_unused, is_op, producer_op, remove_dead, sole_consumer
-from graphopt.core.rewrite import Match, NoMatch, Rule, rules_result
+from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
 from graphopt.core.shapes import TypeTable
 
 
@@ -364,11 +364,10 @@ def rules(types: TypeTable) -> list[Rule]:
 
 
 @register
-class ChannelPermute(Pass):
+class ChannelPermute(RulePass):
     name = "channel_permute"
-    lossless = True
     summary = ("channel shuffles (Reshape-Transpose-Reshape) to one Gather, folded into Slices, Splits, Gathers "
                "and conv weights")
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return rules_result(model, rules(TypeTable(model)))
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return rules(TypeTable(model))

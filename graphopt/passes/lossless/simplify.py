@@ -70,9 +70,9 @@ import numpy as np
 from onnx import TensorProto
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, constant_value, producer_op, remove_dead, slice_bounds, sole_consumer
-from graphopt.core.rewrite import Match, NoMatch, Rule, rules_result
+from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
 from graphopt.core.shapes import TypeTable
 
 INT64_MAX = 2**63 - 1
@@ -721,10 +721,9 @@ def rules(types: TypeTable) -> list[Rule]:
 
 
 @register
-class Simplify(Pass):
+class Simplify(RulePass):
     name = "simplify"
-    lossless = True
     summary = "remove shape no-ops (same-type Cast, whole Slice, x*1...) and cancel Transpose/Squeeze/Reshape pairs"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return rules_result(model, rules(TypeTable(model)))
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return rules(TypeTable(model))

@@ -117,7 +117,6 @@ subgraphs and function bodies included.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -128,10 +127,10 @@ from onnx import numpy_helper
 
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import protected_role
-from graphopt.core.rewrite import Match, Rule, apply_rules
+from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import inferred_types, symbolic_dims
 from graphopt.measure.cost import Cost, cheaper, conv_cost, elementwise_cost, gemm_cost
 
@@ -143,14 +142,13 @@ Shape = tuple  # dims: int, str (symbolic) or None (unknown)
 
 
 class _Env:
-    """What the rules of one pass run share: the model's opset, shapes (inferred once, lazily), counters."""
+    """What the rules of one pass run share: the model's opset and shapes (inferred once, lazily)."""
 
     def __init__(self, model: Model, symbolic: bool = False) -> None:
         self.model = model
         self.symbolic = symbolic  # also ask onnxruntime's symbolic shape inference (see _infer)
         self.opset = model.opset("") or 1
         self._inferred: dict[Value, Shape] | None = None
-        self.counts: Counter[str] = Counter()
 
     def shape(self, value: Value | None) -> Shape | None:
         if value is None:
@@ -649,7 +647,7 @@ class _IntoPreceding(_AffineRule):
             return "the output is a model output that the layer's output cannot take over"
         return Match(node, extra={"producer": p, "s": s, "t": t, "constants": affine.constants})
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: Match) -> str:
         p: _Producer = match.extra["producer"]
         y = match.node.outputs[0]
         out = _fold_after(graph, p, match.extra["s"], match.extra["t"])
@@ -658,7 +656,7 @@ class _IntoPreceding(_AffineRule):
         if out is not p.out:
             _remove_with_constants(graph, [p.node])
         _discard(graph, match.extra["constants"])
-        self.env.counts[f"after {p.kind}"] += 1
+        return f"after {p.kind}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,15 +830,15 @@ class _IntoFollowing(_AffineRule):
         return Match(node, values={"x": affine.x},
                      extra={"readers": readers, "shape_readers": shape_readers, "constants": affine.constants})
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: Match) -> list[str]:
         x = match.values["x"]
         for r, s, t in match.extra["readers"]:
             _fold_before(graph, r, x, s, t)
-            self.env.counts[f"before {r.kind}"] += 1
         for reader, slot in match.extra["shape_readers"]:
             graph.set_input(reader, slot, x)
         graph.remove_node(match.node)
         _discard(graph, match.extra["constants"])
+        return [f"before {r.kind}" for r, _, _ in match.extra["readers"]]
 
 
 class BatchNormIntoPreceding(_IntoPreceding):
@@ -1005,13 +1003,13 @@ class PadIntoLayer(Rule):
             return "pool: the summed pads would not be smaller than the kernel (onnxruntime requires it)"
         return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: Match) -> str:
         pad, reader = match.node, match.nodes["reader"]
         graph.set_input(reader, 0, pad.inputs[0])
         for key, value in match.extra["attrs"].items():
             reader.set_attr(key, value)
         _remove_with_constants(graph, [pad])
-        self.env.counts[f"into {reader.op_type}"] += 1
+        return f"into {reader.op_type}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1327,68 +1325,59 @@ def _padded(node: Node) -> bool:
 # the passes
 
 
-class _RulePass(Pass):
-    """A pass that applies its rules to every graph until none applies."""
-
-    lossless = True
-    counts_key = "folded"
-
-    def rules(self, env: _Env) -> list[Rule]:
-        raise NotImplementedError
+class _StreamlinePass(RulePass):
+    """A rule pass whose rules share one :class:`_Env` (shapes inferred once per run)."""
 
     symbolic_shapes = False
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        env = _Env(model, symbolic=self.symbolic_shapes)
-        stats = apply_rules(model, self.rules(env))
-        out = stats.to_dict()
-        if env.counts:
-            out[self.counts_key] = dict(sorted(env.counts.items()))
-        return PassResult(stats.total > 0, out)
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return self.rules_for(_Env(model, symbolic=self.symbolic_shapes))
+
+    def rules_for(self, env: _Env) -> list[Rule]:
+        raise NotImplementedError
 
 
 @register
-class FoldBatchNorm(_RulePass):
+class FoldBatchNorm(_StreamlinePass):
     name = "fold_batchnorm"
     summary = "fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [BatchNormIntoPreceding(env), BatchNormIntoFollowing(env)]
 
 
 @register
-class FoldAffine(_RulePass):
+class FoldAffine(_StreamlinePass):
     name = "fold_affine"
     summary = "fold per-channel Mul/Add/Sub/Div by constants into the adjacent Conv/Gemm/MatMul weights"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [AffineIntoPreceding(env), AffineIntoFollowing(env)]
 
 
 @register
-class FusePad(_RulePass):
+class FusePad(_StreamlinePass):
     name = "fuse_pad"
     summary = "fold a zero (or provably harmless) constant Pad into the next Conv/AveragePool/MaxPool's pads"
-    counts_key = "fused"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [PadIntoLayer(env)]
 
 
 @register
-class MergeLinear(_RulePass):
+class MergeLinear(_StreamlinePass):
     name = "merge_linear"
     summary = "merge consecutive linear layers (Conv-Conv, Gemm/MatMul chains, MatMul+Add) when the cost model agrees"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [MatMulAddToGemm(env), DenseChain(env), ConvChain(env)]
 
 
 @register
-class GemmRows(_RulePass):
+class GemmRows(_StreamlinePass):
     name = "gemm_rows"
     symbolic_shapes = True  # the leading dims behind an exporter's Expand/Concat are only known symbolically
     summary = "N-D MatMul + bias Add -> Reshape to rows, Gemm, Reshape back (the bias is added inside the Gemm)"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [MatMulAddToGemmRows(env)]
