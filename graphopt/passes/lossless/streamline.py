@@ -624,8 +624,18 @@ class _AffineRule(Rule):
         return affine
 
 
+@dataclass(kw_only=True)
+class _AfterMatch(Match):
+    """An affine node to fold into the layer that produces its input."""
+
+    producer: _Producer
+    s: np.ndarray | None
+    t: np.ndarray | None
+    constants: list[Value | None]  # the affine node's constant inputs, discarded when unread
+
+
 class _IntoPreceding(_AffineRule):
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _AfterMatch | str:
         affine = self.affine(graph, node)
         if isinstance(affine, str):
             return affine
@@ -645,17 +655,17 @@ class _IntoPreceding(_AffineRule):
             return why
         if not graph.can_replace(node.outputs[0], p.out):
             return "the output is a model output that the layer's output cannot take over"
-        return Match(node, extra={"producer": p, "s": s, "t": t, "constants": affine.constants})
+        return _AfterMatch(node, producer=p, s=s, t=t, constants=affine.constants)
 
-    def rewrite(self, graph: Graph, match: Match) -> str:
-        p: _Producer = match.extra["producer"]
+    def rewrite(self, graph: Graph, match: _AfterMatch) -> str:
+        p = match.producer
         y = match.node.outputs[0]
-        out = _fold_after(graph, p, match.extra["s"], match.extra["t"])
+        out = _fold_after(graph, p, match.s, match.t)
         graph.replace_all_uses(y, out)
         graph.remove_node(match.node)
         if out is not p.out:
             _remove_with_constants(graph, [p.node])
-        _discard(graph, match.extra["constants"])
+        _discard(graph, match.constants)
         return f"after {p.kind}"
 
 
@@ -795,8 +805,18 @@ def _broadcast_keeps_shape(env: _Env, affine: _Affine) -> bool:
     return True
 
 
+@dataclass(kw_only=True)
+class _BeforeMatch(Match):
+    """An affine node to fold into every layer that reads its output."""
+
+    x: Value  # the affine node's input, which the readers read instead
+    readers: list[tuple[_Reader, np.ndarray | None, np.ndarray | None]]  # (layer, s, t along its channels)
+    shape_readers: list[tuple[Node, int]]  # Shape/Size readers, moved to x
+    constants: list[Value | None]
+
+
 class _IntoFollowing(_AffineRule):
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _BeforeMatch | str:
         affine = self.affine(graph, node)
         if isinstance(affine, str):
             return affine
@@ -827,18 +847,17 @@ class _IntoFollowing(_AffineRule):
             return f"its output is not read by {_LAYERS}"
         if not _broadcast_keeps_shape(self.env, affine):
             return "broadcasting changes the input's shape (or the input's shape is unknown)"
-        return Match(node, values={"x": affine.x},
-                     extra={"readers": readers, "shape_readers": shape_readers, "constants": affine.constants})
+        return _BeforeMatch(node, x=affine.x, readers=readers, shape_readers=shape_readers,
+                            constants=affine.constants)
 
-    def rewrite(self, graph: Graph, match: Match) -> list[str]:
-        x = match.values["x"]
-        for r, s, t in match.extra["readers"]:
-            _fold_before(graph, r, x, s, t)
-        for reader, slot in match.extra["shape_readers"]:
-            graph.set_input(reader, slot, x)
+    def rewrite(self, graph: Graph, match: _BeforeMatch) -> list[str]:
+        for r, s, t in match.readers:
+            _fold_before(graph, r, match.x, s, t)
+        for reader, slot in match.shape_readers:
+            graph.set_input(reader, slot, match.x)
         graph.remove_node(match.node)
-        _discard(graph, match.extra["constants"])
-        return [f"before {r.kind}" for r, _, _ in match.extra["readers"]]
+        _discard(graph, match.constants)
+        return [f"before {r.kind}" for r, _, _ in match.readers]
 
 
 class BatchNormIntoPreceding(_IntoPreceding):
@@ -932,6 +951,12 @@ def _pads_below_kernel(pool: Node, pads: list[int], n: int) -> bool:
     return len(kernel) == n and all(pads[i] < kernel[i] and pads[n + i] < kernel[i] for i in range(n))
 
 
+@dataclass(kw_only=True)
+class _PadMatch(Match):
+    reader: Node  # the Conv or pool that takes the pads over
+    attrs: dict[str, Any]  # its new attributes
+
+
 class PadIntoLayer(Rule):
     name = "pad_into_layer"
     root_ops = ("Pad",)
@@ -986,7 +1011,7 @@ class PadIntoLayer(Rule):
             why = self._maxpool_refusal(graph, node, reader, pads, n, spec)
             if why:
                 return why
-        return Match(node, nodes={"reader": reader}, extra={"attrs": attrs})
+        return _PadMatch(node, reader=reader, attrs=attrs)
 
     @staticmethod
     def _maxpool_refusal(graph: Graph, pad: Node, pool: Node, pads: list[int], n: int, spec: _PadSpec) -> str | None:
@@ -1003,10 +1028,10 @@ class PadIntoLayer(Rule):
             return "pool: the summed pads would not be smaller than the kernel (onnxruntime requires it)"
         return None
 
-    def rewrite(self, graph: Graph, match: Match) -> str:
-        pad, reader = match.node, match.nodes["reader"]
+    def rewrite(self, graph: Graph, match: _PadMatch) -> str:
+        pad, reader = match.node, match.reader
         graph.set_input(reader, 0, pad.inputs[0])
-        for key, value in match.extra["attrs"].items():
+        for key, value in match.attrs.items():
             reader.set_attr(key, value)
         _remove_with_constants(graph, [pad])
         return f"into {reader.op_type}"
@@ -1090,15 +1115,31 @@ def _dense_cost(m: int, d: _Dense) -> Cost:
     return cost + elementwise_cost(m * d.w.shape[1]) if len(d.nodes) > 1 else cost
 
 
-class MatMulAddToGemm(Rule):
-    name = "matmul_add_to_gemm"
+@dataclass(kw_only=True)
+class _BiasedMatMul(Match):
+    """``Add(MatMul(A, B), C)``: the MatMul, the bias value ``C`` and ``B``'s dims ``[K, N]``."""
+
+    matmul: Node
+    bias: Value
+    k: Any
+    n: Any
+
+
+@dataclass(kw_only=True)
+class _BiasedMatMulRows(_BiasedMatMul):
+    lead: list[int]  # A's leading dims, the one dynamic dim as -1
+
+
+class _MatMulAdd(Rule):
+    """What the two MatMul + Add -> Gemm rules share: the pattern, the bias check, the Add's replacement."""
+
     root_ops = ("Add",)
-    nd = False  # 2-D only; MatMulAddToGemmRows takes N-D inputs
 
     def __init__(self, env: _Env) -> None:
         self.env = env
 
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def biased_matmul(self, graph: Graph, node: Node) -> tuple[Node, Value, np.ndarray] | str:
+        """The MatMul read by this Add alone, the bias operand and its constant value, or why not."""
         if len(node.inputs) != 2:
             return "not a binary Add"
         for slot in (0, 1):
@@ -1112,57 +1153,108 @@ class MatMulAddToGemm(Rule):
         bias = graph.constant_array(node.inputs[1 - slot])
         if bias is None or not _is_float(bias):
             return "the other operand is not a float constant"
-        rank = self.env.rank(mm.inputs[0])
-        if rank is None or rank < 2 or self.env.rank(mm.inputs[1]) != 2 or (rank > 2 and not self.nd):
-            return "the MatMul is not 2-D x 2-D" if not self.nd else "the MatMul is not N-D x 2-D"
-        if rank == 2 and self.nd:
-            return "2-D (merge_linear's case)"
-        n = self.env.shape(mm.inputs[1])[1]
+        return mm, node.inputs[1 - slot], bias
+
+    def bias_refusal(self, bias: np.ndarray, n: Any) -> str | None:
+        """Why Gemm cannot add ``bias`` (it broadcasts per column only, and since opset 7), or None."""
         if (bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1)
                 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n))):
             return "the bias is not per column"
         if self.env.opset < 7:
             return "Gemm before opset 7 (broadcast attribute)"
-        lead: list[int] | None = None
-        if rank > 2:
-            if any(r.op_type == "Gelu" or protected_role(graph, r) == "GELU" for r, _ in graph.uses(node.outputs[0])):
-                return "feeds a GELU (onnxruntime fuses the bias Add into BiasGelu)"
-            dims = self.env.shape(mm.inputs[0])
-            k = self.env.shape(mm.inputs[1])[0]
-            dynamic = [d for d in dims[:-1] if not (isinstance(d, int) and d > 0)]
-            if len(dynamic) > 1 or not isinstance(n, int) or not isinstance(k, int):
-                return "more than one leading dim is dynamic (the result's shape cannot be written back)"
-            lead = [d if isinstance(d, int) and d > 0 else -1 for d in dims[:-1]]
-        return Match(node, nodes={"matmul": mm}, values={"bias": node.inputs[1 - slot]},
-                     extra={"lead": lead, "k": self.env.shape(mm.inputs[1])[0], "n": n})
+        return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        mm, add = match.nodes["matmul"], match.node
-        lead = match.extra["lead"]
-        name = mm.name or "Gemm"
-        x = mm.inputs[0]
-        if lead is not None:  # flatten the leading dims into rows, and restore them after
-            rows = graph.add_node("Reshape", [x, graph.add_initializer(np.array([-1, match.extra["k"]], np.int64),
-                                                                        f"{name}_rows_shape")],
-                                  [f"{name}_rows"], name=f"{name}_rows", anchor=mm)
-            x = rows.outputs[0]
-        gemm = graph.add_node("Gemm", [x, mm.inputs[1], match.values["bias"]],
-                              outputs=[add.outputs[0].name if lead is None else f"{name}_gemm"], name=name,
-                              anchor=mm)
-        out = gemm.outputs[0]
-        if lead is not None:
-            back = graph.add_node("Reshape", [out, graph.add_initializer(
-                np.array([*lead, match.extra["n"]], np.int64), f"{name}_out_shape")], [add.outputs[0].name],
-                name=f"{name}_unrows", anchor=mm)
-            out = back.outputs[0]
+    @staticmethod
+    def replace_add(graph: Graph, match: _BiasedMatMul, out: Value) -> None:
+        add = match.node
         _copy_type(graph, add.outputs[0], out)
         graph.replace_all_uses(add.outputs[0], out)
-        remove_dead(graph, [add, mm])
+        remove_dead(graph, [add, match.matmul])
 
 
-class MatMulAddToGemmRows(MatMulAddToGemm):
+class MatMulAddToGemm(_MatMulAdd):
+    """``MatMul(A, B) + C`` with 2-D A and B -> ``Gemm(A, B, C)``."""
+
+    name = "matmul_add_to_gemm"
+
+    def match(self, graph: Graph, node: Node) -> _BiasedMatMul | str:
+        found = self.biased_matmul(graph, node)
+        if isinstance(found, str):
+            return found
+        mm, bias_value, bias = found
+        if self.env.rank(mm.inputs[0]) != 2 or self.env.rank(mm.inputs[1]) != 2:
+            return "the MatMul is not 2-D x 2-D"
+        k, n = self.env.shape(mm.inputs[1])
+        why = self.bias_refusal(bias, n)
+        if why:
+            return why
+        return _BiasedMatMul(node, matmul=mm, bias=bias_value, k=k, n=n)
+
+    def rewrite(self, graph: Graph, match: _BiasedMatMul) -> None:
+        mm, add = match.matmul, match.node
+        gemm = graph.add_node("Gemm", [mm.inputs[0], mm.inputs[1], match.bias], outputs=[add.outputs[0].name],
+                              name=mm.name or "Gemm", anchor=mm)
+        self.replace_add(graph, match, gemm.outputs[0])
+
+
+def _feeds_gelu(graph: Graph, value: Value) -> bool:
+    return any(r.op_type == "Gelu" or protected_role(graph, r) == "GELU" for r, _ in graph.uses(value))
+
+
+def _leading_dims(lead: Shape, k: Any, n: Any) -> list[int] | str:
+    """``lead`` as a Reshape target (the one dynamic dim as -1), or why it cannot be written back."""
+    dynamic = [d for d in lead if not (isinstance(d, int) and d > 0)]
+    if len(dynamic) > 1 or not isinstance(n, int) or not isinstance(k, int):
+        return "more than one leading dim is dynamic (the result's shape cannot be written back)"
+    return [d if isinstance(d, int) and d > 0 else -1 for d in lead]
+
+
+class MatMulAddToGemmRows(_MatMulAdd):
+    """``MatMul(A, B) + C`` with N-D A ``[d.., K]`` -> ``Reshape(A, [-1, K])``, Gemm, Reshape back to
+    ``[d.., N]``; refused when more than one ``d`` is dynamic, and before a GELU (see the module doc)."""
+
     name = "matmul_add_to_gemm_rows"
-    nd = True
+
+    def match(self, graph: Graph, node: Node) -> _BiasedMatMulRows | str:
+        found = self.biased_matmul(graph, node)
+        if isinstance(found, str):
+            return found
+        mm, bias_value, bias = found
+        rank = self.env.rank(mm.inputs[0])
+        if rank is None or rank < 2 or self.env.rank(mm.inputs[1]) != 2:
+            return "the MatMul is not N-D x 2-D"
+        if rank == 2:
+            return "2-D (merge_linear's case)"
+        k, n = self.env.shape(mm.inputs[1])
+        why = self.bias_refusal(bias, n)
+        if why:
+            return why
+        if _feeds_gelu(graph, node.outputs[0]):
+            return "feeds a GELU (onnxruntime fuses the bias Add into BiasGelu)"
+        lead = _leading_dims(self.env.shape(mm.inputs[0])[:-1], k, n)
+        if isinstance(lead, str):
+            return lead
+        return _BiasedMatMulRows(node, matmul=mm, bias=bias_value, k=k, n=n, lead=lead)
+
+    def rewrite(self, graph: Graph, match: _BiasedMatMulRows) -> None:
+        mm, add = match.matmul, match.node
+        name = mm.name or "Gemm"
+        rows = graph.add_node("Reshape", [mm.inputs[0], graph.add_initializer(np.array([-1, match.k], np.int64),
+                                                                               f"{name}_rows_shape")],
+                              [f"{name}_rows"], name=f"{name}_rows", anchor=mm)
+        gemm = graph.add_node("Gemm", [rows.outputs[0], mm.inputs[1], match.bias], outputs=[f"{name}_gemm"],
+                              name=name, anchor=mm)
+        back = graph.add_node("Reshape", [gemm.outputs[0], graph.add_initializer(
+            np.array([*match.lead, match.n], np.int64), f"{name}_out_shape")], [add.outputs[0].name],
+            name=f"{name}_unrows", anchor=mm)
+        self.replace_add(graph, match, back.outputs[0])
+
+
+@dataclass(kw_only=True)
+class _DenseChainMatch(Match):
+    first: _Dense
+    second: _Dense
+    as_gemm: bool  # the merged layer is one Gemm (else a MatMul, plus an Add when there is a bias)
 
 
 class DenseChain(Rule):
@@ -1189,11 +1281,10 @@ class DenseChain(Rule):
             merged = merged + elementwise_cost(m * second.w.shape[1])
         if not cheaper(merged, _dense_cost(m, first) + _dense_cost(m, second)):
             return "cost model: the merged layer costs more than the two layers"
-        return Match(node, extra={"first": first, "second": second, "as_gemm": as_gemm})
+        return _DenseChainMatch(node, first=first, second=second, as_gemm=as_gemm)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        first: _Dense = match.extra["first"]
-        second: _Dense = match.extra["second"]
+    def rewrite(self, graph: Graph, match: _DenseChainMatch) -> None:
+        first, second = match.first, match.second
         w = first.w @ second.w
         b = None
         if first.b is not None or second.b is not None:
@@ -1205,7 +1296,7 @@ class DenseChain(Rule):
         bv = None
         if b is not None:
             bv = _new_const(graph, np.asarray(b).astype(first.dtype), f"{name}_bias", match.node, as_node)
-        if match.extra["as_gemm"]:
+        if match.as_gemm:
             new = graph.add_node("Gemm", [first.x, wv, bv], outputs=[second.out.name], name=name, anchor=match.node)
         else:
             new = graph.add_node("MatMul", [first.x, wv], outputs=[second.out.name], name=name, anchor=match.node)
@@ -1254,6 +1345,15 @@ def _conv_cost(env: _Env, node: Node, c_in: int, c_out: int, kernel: tuple, grou
     return conv_cost(_static(x[:1])[0], c_in, c_out, kernel, y[2:], x[2:], group)
 
 
+@dataclass(kw_only=True)
+class _ConvChainMatch(Match):
+    first: Node  # the first conv (the matched node is the second)
+    kept: _ConvLayer  # the conv whose geometry the merged conv keeps
+    w: np.ndarray  # float64 merged weight
+    b: np.ndarray  # float64 merged bias
+    dtype: np.dtype
+
+
 class ConvChain(Rule):
     name = "conv_chain"
     root_ops = ("Conv",)
@@ -1293,21 +1393,21 @@ class ConvChain(Rule):
                 return "spatial sizes unknown and the merged conv has more MACs per pixel than the one it replaces"
         elif not cheaper(merged_cost, before[0] + before[1]):
             return "cost model: the merged conv costs more than the two convs"
-        return Match(node, nodes={"first": first_node}, extra={"kept": kept, "w": w, "b": b, "dtype": first.dtype})
+        return _ConvChainMatch(node, first=first_node, kept=kept, w=w, b=b, dtype=first.dtype)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        first_node, second = match.nodes["first"], match.node
-        kept: _ConvLayer = match.extra["kept"]
-        dtype = match.extra["dtype"]
+    def rewrite(self, graph: Graph, match: _ConvChainMatch) -> None:
+        first_node, second = match.first, match.node
+        kept = match.kept
+        dtype = match.dtype
         old_w = first_node.inputs[1]
         as_node = _written_as_node(graph, old_w)
         name = second.name or "Conv"
-        wv = _new_const(graph, match.extra["w"].astype(dtype), old_w.name, second, as_node)
-        bv = _new_const(graph, match.extra["b"].astype(dtype), f"{name}_bias", second, as_node)
+        wv = _new_const(graph, match.w.astype(dtype), old_w.name, second, as_node)
+        bv = _new_const(graph, match.b.astype(dtype), f"{name}_bias", second, as_node)
         attrs = {key: kept.node.attr(key) for key in kept.node.attrs}
         attrs["group"] = 1
         if "kernel_shape" in attrs:
-            attrs["kernel_shape"] = list(match.extra["w"].shape[2:])
+            attrs["kernel_shape"] = list(match.w.shape[2:])
         y = second.outputs[0]
         merged = graph.add_node("Conv", [first_node.inputs[0], wv, bv], outputs=[y.name], attrs=attrs, name=name,
                                 anchor=second)
