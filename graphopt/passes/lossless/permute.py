@@ -42,6 +42,8 @@ an index out of range refuses the rule (onnxruntime would reject it at run time;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import helper
 
@@ -163,13 +165,27 @@ class ShuffleToGather(_Rule):
         _remove(graph, [node, match.nodes["transpose"], match.nodes["split"]])
 
 
-class _Regather(_Rule):
-    """A node reading a Gather becomes one Gather of the Gather's input (``extra`` axis, ``arrays`` idx)."""
+@dataclass(kw_only=True)
+class _Regathered(Match):
+    """The matched node's output is ``Gather(x, idx, axis)``."""
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    x: Value
+    axis: int
+    idx: np.ndarray
+
+
+@dataclass(kw_only=True)
+class _SplitRegathered(_Regathered):
+    bounds: np.ndarray  # output i is Gather(x, idx[bounds[i]:bounds[i + 1]], axis)
+
+
+class _Regather(_Rule):
+    """A node reading a Gather becomes one Gather of the Gather's input."""
+
+    def rewrite(self, graph: Graph, match: _Regathered) -> None:
         node = match.node
         gathered = graph.producer(node.inputs[0])
-        self.emit_gather(graph, node.outputs[0], match.values["x"], match.extra["axis"], match.arrays["idx"], node)
+        self.emit_gather(graph, node.outputs[0], match.x, match.axis, match.idx, node)
         _remove(graph, [node, gathered])
 
 
@@ -199,7 +215,7 @@ class SliceOfGather(_Regather):
         if step == 0:
             return "step 0"
         # Python slicing clamps exactly as ONNX Slice does (negative bounds count from the end).
-        return Match(node, values={"x": x}, arrays={"idx": idx[start:end:step]}, extra={"axis": axis})
+        return _Regathered(node, x=x, axis=axis, idx=idx[start:end:step])
 
 
 class SplitOfGather(_Rule):
@@ -230,16 +246,16 @@ class SplitOfGather(_Rule):
         if sum(sizes) != len(idx) or len(sizes) != len(node.outputs):
             return "split sizes do not cover the gathered axis"
         bounds = np.cumsum([0, *sizes])
-        return Match(node, values={"x": x}, arrays={"idx": idx}, extra={"axis": axis, "bounds": bounds})
+        return _SplitRegathered(node, x=x, axis=axis, idx=idx, bounds=bounds)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx, bounds = match.node, match.arrays["idx"], match.extra["bounds"]
+    def rewrite(self, graph: Graph, match: _SplitRegathered) -> None:
+        node, idx, bounds = match.node, match.idx, match.bounds
         gather = graph.producer(node.inputs[0])
         outputs = list(node.outputs)
         graph.remove_node(node, keep_outputs=True)
         for out, start, end in zip(outputs, bounds[:-1], bounds[1:]):
             if out is not None:
-                self.emit_gather(graph, out, match.values["x"], match.extra["axis"], idx[start:end], node)
+                self.emit_gather(graph, out, match.x, match.axis, idx[start:end], node)
         _remove(graph, [node, gather])
 
 
@@ -259,7 +275,7 @@ class GatherOfGather(_Regather):
         _, outer_axis, j = found
         if outer_axis != axis:
             return NoMatch("gathers along different axes")
-        return Match(node, values={"x": x}, arrays={"idx": i[j]}, extra={"axis": axis})
+        return _Regathered(node, x=x, axis=axis, idx=i[j])
 
 
 class NoopGather(_Rule):

@@ -66,6 +66,8 @@ no re-inference is needed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto
 
@@ -158,6 +160,12 @@ class NoopTranspose(_NoOp):
         return None if perm == list(range(len(perm))) else NoMatch("perm is not the identity")
 
 
+@dataclass(kw_only=True)
+class _TransposePairMatch(Match):
+    inner: Node
+    perm: list[int] | None  # the composed perm; None when the pair cancels
+
+
 class TransposePair(_TypedRule):
     name = "transpose_pair"
     root_ops = ("Transpose",)
@@ -174,18 +182,18 @@ class TransposePair(_TypedRule):
         composed = [p1[i] for i in p2]
         if composed == list(range(len(composed))):
             why = _bypass_refusal(graph, node.outputs[0], x)
-            return why or Match(node, nodes={"inner": inner}, extra={"identity": True})
+            return why or _TransposePairMatch(node, inner=inner, perm=None)
         if sole_consumer(graph, inner.outputs[0]) is not node:
             return "inner Transpose has other readers and the pair does not cancel"
-        return Match(node, nodes={"inner": inner}, extra={"identity": False, "perm": composed})
+        return _TransposePairMatch(node, inner=inner, perm=composed)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, inner = match.node, match.nodes["inner"]
-        if match.extra["identity"]:
+    def rewrite(self, graph: Graph, match: _TransposePairMatch) -> None:
+        node, inner = match.node, match.inner
+        if match.perm is None:
             _bypass(graph, node.outputs[0], inner.inputs[0], [node, inner])
             return
         graph.set_input(node, 0, inner.inputs[0])
-        node.set_attr("perm", match.extra["perm"])
+        node.set_attr("perm", match.perm)
         remove_dead(graph, [inner])
 
 
@@ -251,6 +259,12 @@ class UnsqueezeSqueeze(_TypedRule):
         _bypass(graph, match.node.outputs[0], match.nodes["inner"].inputs[0], match.all_nodes())
 
 
+@dataclass(kw_only=True)
+class _ReshapeChainMatch(Match):
+    inner: Node
+    shape: np.ndarray | None  # a new target shape (its 0 entries resolved); None: the target stays
+
+
 class ReshapeChain(_TypedRule):
     """Reshape(Reshape(x, s1) or Flatten(x), s2) -> Reshape(x, s2)."""
 
@@ -285,14 +299,14 @@ class ReshapeChain(_TypedRule):
             for i in copied:
                 if middle[i] is not None:
                     target[i] = middle[i]
-        return Match(node, nodes={"inner": inner}, arrays={"shape": target}, extra={"new_shape": bool(copied)})
+        return _ReshapeChainMatch(node, inner=inner, shape=target if copied else None)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, inner = match.node, match.nodes["inner"]
+    def rewrite(self, graph: Graph, match: _ReshapeChainMatch) -> None:
+        node, inner = match.node, match.inner
         graph.set_input(node, 0, inner.inputs[0])
-        if match.extra["new_shape"]:
+        if match.shape is not None:
             old = node.inputs[1]
-            graph.set_input(node, 1, graph.add_initializer(match.arrays["shape"], old.name))
+            graph.set_input(node, 1, graph.add_initializer(match.shape, old.name))
             if old.name in graph.initializers and not graph.uses(old) and not graph.is_graph_output(old) \
                     and not graph.is_graph_input(old):
                 graph.remove_initializer(old)
@@ -644,6 +658,11 @@ def _producers(graph: Graph, value: Value) -> list[Node]:
     return out
 
 
+@dataclass(kw_only=True)
+class _PiecesMatch(Match):
+    pieces: list[Value | np.ndarray]  # the new Concat's inputs: kept pieces, or constant replacements
+
+
 class ShapeWhereEqual(_TypedRule):
     """``Where(Equal(s, k), a, s)`` on a shape tensor ``s = Concat(p_1, …, p_m)`` -> ``Concat`` of the pieces and
     of constant slices of ``a``, when every comparison is decided statically.
@@ -701,12 +720,12 @@ class ShapeWhereEqual(_TypedRule):
             else:
                 return "a piece of s is partly replaced"
             pos += size
-        return Match(node, nodes={"concat": concat}, extra={"pieces": pieces})
+        return _PiecesMatch(node, pieces=pieces)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _PiecesMatch) -> None:
         node = match.node
         hint = node.name or "Where"
-        inputs = [p if isinstance(p, Value) else graph.add_initializer(p, f"{hint}_piece") for p in match.extra["pieces"]]
+        inputs = [p if isinstance(p, Value) else graph.add_initializer(p, f"{hint}_piece") for p in match.pieces]
         new = graph.add_node("Concat", inputs, [f"{hint}_shape"], {"axis": 0}, name=f"{hint}_shape", anchor=node)
         new.outputs[0].type = node.outputs[0].type
         graph.replace_all_uses(node.outputs[0], new.outputs[0])
