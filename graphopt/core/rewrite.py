@@ -57,7 +57,6 @@ class Match:
     nodes: dict[str, Node] = field(default_factory=dict)
     values: dict[str, Value] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def all_nodes(self) -> list[Node]:
         return [self.node, *self.nodes.values()]

@@ -323,6 +323,11 @@ class _Member:
         return (self.info.key(), None if self.act is None else self.act.signature)
 
 
+@dataclass(kw_only=True)
+class _ConcatPlan(Match):
+    segments: list[list[_Member]]  # adjacent Concat inputs, each segment of two or more becoming one conv
+
+
 class MergeConcatConvs(Rule):
     name = "merge_concat_convs"
     root_ops = ("Concat",)
@@ -383,7 +388,7 @@ class MergeConcatConvs(Rule):
             if isinstance(plan, str):
                 why = plan
                 continue
-            return Match(node, extra={"segments": plan})
+            return _ConcatPlan(node, segments=plan)
         return why
 
     def _plan(self, graph: Graph, concat: Node, run: list[_Member], whole: bool) -> list[list[_Member]] | str:
@@ -451,9 +456,9 @@ class MergeConcatConvs(Rule):
             refusals.append(f"zero-padding {sizes} to {'x'.join(map(str, al.kernel))} does not pay (cost model)")
         return c
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _ConcatPlan) -> None:
         concat = match.node
-        segments: list[list[_Member]] = [s for s in match.extra["segments"]]
+        segments = match.segments
         by_slot = {s[0].slot: s for s in segments}
         covered = {m.slot for s in segments for m in s}
         whole = len(segments) == 1 and len(segments[0]) == len(concat.inputs)
@@ -536,6 +541,12 @@ class _Sibling:
         return (self.node.op_type, self.weight.shape[0], self.weight.dtype.str, self.trans_a, self.bias_add is not None)
 
 
+@dataclass(kw_only=True)
+class _SiblingsMatch(Match):
+    x: Value  # the input the siblings share
+    members: list[_Sibling]  # the siblings to fuse, in graph order
+
+
 class HorizontalFusion(Rule):
     name = "horizontal_fusion"
     root_ops = ("Conv", "MatMul", "Gemm")
@@ -581,7 +592,7 @@ class HorizontalFusion(Rule):
         if best is None:
             return why
         rank = {s.node: i for i, s in enumerate(ok)}
-        return Match(node, extra={"members": sorted(best[1], key=lambda s: rank[s.node]), "x": x})
+        return _SiblingsMatch(node, x=x, members=sorted(best[1], key=lambda s: rank[s.node]))
 
     def _sibling(self, graph: Graph, node: Node) -> _Sibling | str:
         if node.op_type == "Conv":
@@ -719,9 +730,8 @@ class HorizontalFusion(Rule):
         return float(before.total() - (after + layout).total())
 
     # --- rewriting ------------------------------------------------------------------------------
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        members: list[_Sibling] = match.extra["members"]
-        x: Value = match.extra["x"]
+    def rewrite(self, graph: Graph, match: _SiblingsMatch) -> None:
+        members, x = match.members, match.x
         first = members[0]
         act = _common_act(members)
         sizes = [m.n_out for m in members]
@@ -792,6 +802,19 @@ def _widened(dims: Dims | None, axis: int, size: int) -> Dims | None:
 # merge_sum_branches
 
 _SUM_OPS = ("Add", "Sum")
+
+
+@dataclass(kw_only=True)
+class _SumMatch(Match):
+    """A sum tree whose conv branches of one tensor (and the tensor itself, ``identities`` times) merge."""
+
+    leaves: list[Value]  # the summed values
+    inner: list[Node]  # the tree's Add/Sum nodes below the root
+    merged: set[int]  # indices of the leaves the merged conv replaces
+    infos: list[ConvInfo]
+    al: Alignment
+    identities: int
+    taps: tuple[int, ...] | None  # where the identity kernel's tap sits (when identities)
 
 
 class MergeSumBranches(Rule):
@@ -865,8 +888,8 @@ class MergeSumBranches(Rule):
                 reasons.append(c)
                 continue
             merged = {i for i, _ in group} | set(identities)
-            return Match(node, extra={"leaves": leaves, "inner": inner, "merged": merged, "infos": infos, "al": al,
-                                      "identities": len(identities), "taps": taps})
+            return _SumMatch(node, leaves=leaves, inner=inner, merged=merged, infos=infos, al=al,
+                             identities=len(identities), taps=taps)
         if reasons:
             return reasons[0]
         return "no two summed branches are convs of the same tensor (or the tensor itself)"
@@ -893,17 +916,14 @@ class MergeSumBranches(Rule):
             return f"merging {sizes} into {'x'.join(map(str, al.kernel))} does not pay (cost model)"
         return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _SumMatch) -> None:
         root = match.node
-        leaves: list[Value] = match.extra["leaves"]
-        merged: set[int] = match.extra["merged"]
-        infos: list[ConvInfo] = match.extra["infos"]
-        al: Alignment = match.extra["al"]
+        leaves, merged, infos, al = match.leaves, match.merged, match.infos, match.al
         first = infos[0]
         weight = sum((al.place(i) for i in infos), np.zeros((first.cout, first.cin // first.group) + al.kernel,
                                                               dtype=first.weight.dtype))
-        if match.extra["identities"]:
-            weight = weight + match.extra["identities"] * identity_kernel(al, first, match.extra["taps"])
+        if match.identities:
+            weight = weight + match.identities * identity_kernel(al, first, match.taps)
         bias = sum((bias_of(i) for i in infos), np.zeros(first.cout, dtype=first.weight.dtype))
         out = root.outputs[0]
         dtype = helper.np_dtype_to_tensor_dtype(first.weight.dtype)
@@ -917,7 +937,7 @@ class MergeSumBranches(Rule):
                     placed = True
             else:
                 terms.append(v)
-        old_nodes = [root, *match.extra["inner"], *(i.node for i in infos)]
+        old_nodes = [root, *match.inner, *(i.node for i in infos)]
         weights = [v for i in infos for v in i.node.inputs[1:] if v is not None]
         graph.remove_node(root, keep_outputs=True)
         conv = add_conv(graph, first, al, weight.astype(first.weight.dtype), bias.astype(first.weight.dtype),
