@@ -46,9 +46,7 @@ refused as misaligned.
     the layout reorders a channel Split causes on runtimes that run convs in a channel-blocked layout
     (option ``blocked_layout``, on by default): onnxruntime's CPU NCHWc transformer handles Conv, pools,
     Add, Concat and activations but not Split, so it reorders the fused result to NCHW and every piece
-    back — measured on the Inception zoo model (batch 64, 1 thread, ``ORT_ENABLE_ALL``) the fused form was
-    12–25 % slower, while with ``ORT_ENABLE_EXTENDED`` / ``DISABLE_ALL`` it was 3–4 % faster. MatMul/Gemm
-    splits are not affected. Refused: groups > 1, different strides/dilations, non-constant weights.
+    back, which can cost more than the fusion saves (see BENCHMARKS.md). MatMul/Gemm splits are not affected. Refused: groups > 1, different strides/dilations, non-constant weights.
 
 ``pool_through_concat``
     ``pool(Concat(x_1, …, x_n)) = Concat(pool(x_1), …, pool(x_n))`` for MaxPool, AveragePool, LpPool,
@@ -56,9 +54,7 @@ refused as misaligned.
     pool works on one (sample, channel) plane at a time, so each output plane is computed from the same
     input plane with the same arithmetic (bit-identical). Applied when the Concat's output is read by the
     pool only and the pool shrinks the tensor at least 2x (strides, or global): the Concat then copies the
-    pooled planes instead of the large ones. Measured on the Inception zoo model (batch 64, 1 thread,
-    ``ORT_ENABLE_ALL``, per-kernel times): the Concat time halves (0.93 → 0.43 ms) and the model runs ~4 %
-    faster, while the extra pool nodes cost nothing measurable. Refused: a spatial concat axis, MaxPool's
+    pooled planes instead of the large ones, while the extra pool nodes cost little. Refused: a spatial concat axis, MaxPool's
     ``Indices`` output read (indices would restart per piece), a pool that keeps the size (stride 1: no gain).
 
 ``merge_sum_branches``
@@ -541,10 +537,58 @@ class _Sibling:
         return (self.node.op_type, self.weight.shape[0], self.weight.dtype.str, self.trans_a, self.bias_add is not None)
 
 
+def _conv_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    info = conv_info(graph, node)
+    if isinstance(info, str):
+        return info
+    if info.group != 1:
+        return "groups > 1 (split outputs would interleave the groups)"
+    return _Sibling(node, info.cout, info.weight, info.bias, info=info)
+
+
+def _matmul_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    """``MatMul(x, W)``, with the ``Add`` of a constant ``[N]`` bias that follows it, when there is one."""
+    w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return "MatMul weight is not a constant 2-D float matrix"
+    s = _Sibling(node, int(w.shape[1]), w)
+    add = sole_consumer(graph, node.outputs[0])
+    if is_op(add, "Add") and len(add.inputs) == 2 and add.inputs[0] is not add.inputs[1]:
+        other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+        b = graph.constant_array(other)
+        if b is not None and b.shape == (w.shape[1],) and b.dtype == w.dtype:
+            s.bias, s.bias_add = b, add
+    return s
+
+
+def _gemm_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    """Gemm ``y = α·A'B' + β·C`` as ``B`` = ``α·B'`` ``[K, N]`` and bias ``β·C`` ``[N]``."""
+    w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return "Gemm B is not a constant 2-D float matrix"
+    if node.attr("transB", 0):
+        w = w.T
+    w = (w * np.asarray(node.attr("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
+    n_out = int(w.shape[1])
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = graph.constant_array(node.inputs[2])
+        if c is None:
+            return "Gemm C is not constant"
+        if c.ndim > 2 or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+            return "Gemm C is not a per-output bias"
+        beta = np.asarray(node.attr("beta", 1.0), dtype=w.dtype)
+        bias = (np.broadcast_to(c.reshape(-1), (n_out,)) * beta).astype(w.dtype)
+    return _Sibling(node, n_out, w, bias, trans_a=int(node.attr("transA", 0)))
+
+
 @dataclass(kw_only=True)
 class _SiblingsMatch(Match):
     x: Value  # the input the siblings share
     members: list[_Sibling]  # the siblings to fuse, in graph order
+
+
+_UNKNOWN = "shape unknown (the cost model needs it)"
 
 
 class HorizontalFusion(Rule):
@@ -558,10 +602,22 @@ class HorizontalFusion(Rule):
         self.blocked_layout = blocked_layout
 
     # --- matching -------------------------------------------------------------------------------
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _SiblingsMatch | str:
         x = node.inputs[0] if node.inputs else None
         if x is None:
             return "no input"
+        siblings = self._siblings_from(graph, node, x)
+        if isinstance(siblings, str):
+            return siblings
+        best = self._best_fusion(graph, x, siblings)
+        if isinstance(best, str):
+            return best
+        rank = {s.node: i for i, s in enumerate(siblings)}
+        return _SiblingsMatch(node, x=x, members=sorted(best, key=lambda s: rank[s.node]))
+
+    def _siblings_from(self, graph: Graph, node: Node, x: Value) -> list[_Sibling] | str:
+        """The mergeable layers of ``node``'s op reading ``x`` as their data input, in graph order, when
+        ``node`` is the first of them (the rule applies once per family, at its first member)."""
         siblings = [n for n in graph.consumers(x) if is_op(n, node.op_type) and n.inputs and n.inputs[0] is x]
         if len(siblings) < 2:
             return "no sibling of the same op reads the same input"
@@ -574,8 +630,12 @@ class HorizontalFusion(Rule):
         if len(ok) < 2:
             reasons = [p for p in parsed if isinstance(p, str)]
             return reasons[0] if reasons else "fewer than two mergeable siblings"
+        return ok
+
+    def _best_fusion(self, graph: Graph, x: Value, siblings: list[_Sibling]) -> list[_Sibling] | str:
+        """The candidate set of siblings whose fusion saves the most, or why none pays (the last reason)."""
         groups: dict[tuple, list[_Sibling]] = {}
-        for s in ok:
+        for s in siblings:
             groups.setdefault(s.key(), []).append(s)
         best: tuple[float, list[_Sibling]] | None = None
         why = "siblings differ in strides, dilations, weight shapes or tails"
@@ -589,48 +649,13 @@ class HorizontalFusion(Rule):
                     why = saving
                 elif best is None or saving > best[0]:
                     best = (saving, cand)
-        if best is None:
-            return why
-        rank = {s.node: i for i, s in enumerate(ok)}
-        return _SiblingsMatch(node, x=x, members=sorted(best[1], key=lambda s: rank[s.node]))
+        return why if best is None else best[1]
 
     def _sibling(self, graph: Graph, node: Node) -> _Sibling | str:
-        if node.op_type == "Conv":
-            info = conv_info(graph, node)
-            if isinstance(info, str):
-                return info
-            if info.group != 1:
-                return "groups > 1 (split outputs would interleave the groups)"
-            s = _Sibling(node, info.cout, info.weight, info.bias, info=info)
-        elif node.op_type == "MatMul":
-            w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None or w.ndim != 2 or w.dtype.kind != "f":
-                return "MatMul weight is not a constant 2-D float matrix"
-            s = _Sibling(node, int(w.shape[1]), w)
-            add = sole_consumer(graph, node.outputs[0])
-            if is_op(add, "Add") and len(add.inputs) == 2 and add.inputs[0] is not add.inputs[1]:
-                other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-                b = graph.constant_array(other)
-                if b is not None and b.shape == (w.shape[1],) and b.dtype == w.dtype:
-                    s.bias, s.bias_add = b, add
-        else:  # Gemm: y = alpha * A' B' + beta * C
-            w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None or w.ndim != 2 or w.dtype.kind != "f":
-                return "Gemm B is not a constant 2-D float matrix"
-            if node.attr("transB", 0):
-                w = w.T
-            w = (w * np.asarray(node.attr("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
-            n_out = int(w.shape[1])
-            bias = None
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = graph.constant_array(node.inputs[2])
-                if c is None:
-                    return "Gemm C is not constant"
-                if c.ndim > 2 or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
-                    return "Gemm C is not a per-output bias"
-                beta = np.asarray(node.attr("beta", 1.0), dtype=w.dtype)
-                bias = (np.broadcast_to(c.reshape(-1), (n_out,)) * beta).astype(w.dtype)
-            s = _Sibling(node, n_out, w, bias, trans_a=int(node.attr("transA", 0)))
+        build = {"Conv": _conv_sibling, "MatMul": _matmul_sibling}.get(node.op_type, _gemm_sibling)
+        s = build(graph, node)
+        if isinstance(s, str):
+            return s
         s.act = pointwise_after(graph, s.head_out)
         return s
 
@@ -660,49 +685,75 @@ class HorizontalFusion(Rule):
 
     def _saving(self, graph: Graph, x: Value, members: list[_Sibling]) -> float | str:
         """``cost(siblings) − cost(fused + Split)`` (cost model units), or why it cannot be computed."""
-        unknown = "shape unknown (the cost model needs it)"
         act = _common_act(members)
-        if members[0].info is not None:
-            al = align([m.info for m in members], in_spatial(self.shapes, graph, x))
-            if isinstance(al, str):
-                return al
-            before = Cost()
-            for m in members:
-                c = conv_layer_cost(self.shapes, graph, x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
-                if c is None:
-                    return unknown
-                before = before + c
-            first = members[0].info
-            after = conv_layer_cost(self.shapes, graph, x, None, first.cin, sum(m.n_out for m in members), al.kernel,
-                                    1, first.strides, first.dilations, (al.pads_begin, al.pads_end))
-            if after is None:
-                return unknown
-        else:
-            xd = self.shapes.concrete(graph, x)
-            if xd is None:
-                return unknown
-            rows = xd[-1] if members[0].trans_a else prod(xd[:-1])
-            k = members[0].weight.shape[0]
-            before = sum((costs.gemm_cost(rows, k, m.n_out) for m in members), Cost())
-            after = costs.gemm_cost(rows, k, sum(m.n_out for m in members))
-            if members[0].bias_add is not None:
-                adds = [elementwise(self.shapes, graph, m.head_out) for m in members]
-                if any(a is None for a in adds):
-                    return unknown
-                before = before + sum(adds, Cost())
-                after = after + Cost(sum(a.macs for a in adds), sum(a.elements for a in adds), 1)
+        layers = self._conv_costs(graph, x, members) if members[0].info is not None \
+            else self._dense_costs(graph, x, members)
+        if isinstance(layers, str):
+            return layers
+        with_acts = self._act_costs(graph, members, act, *layers)
+        if with_acts is None:
+            return _UNKNOWN
+        before, after = with_acts
+        outs = [elementwise(self.shapes, graph, m.out if act is not None else m.head_out) for m in members]
+        if any(o is None for o in outs):
+            return _UNKNOWN
+        after = after + Cost(sum(o.macs for o in outs), sum(o.elements for o in outs), 1)  # the Split
+        layout = self._layout_cost(members, outs)
+        why = self._refusal(graph, x, members, before, after, layout)
+        if why:
+            return why
+        return float(before.total() - (after + layout).total())
+
+    def _conv_costs(self, graph: Graph, x: Value, members: list[_Sibling]) -> tuple[Cost, Cost] | str:
+        """(the sibling convs, the one wide conv), or why not."""
+        al = align([m.info for m in members], in_spatial(self.shapes, graph, x))
+        if isinstance(al, str):
+            return al
+        before = Cost()
+        for m in members:
+            c = conv_layer_cost(self.shapes, graph, x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
+            if c is None:
+                return _UNKNOWN
+            before = before + c
+        first = members[0].info
+        after = conv_layer_cost(self.shapes, graph, x, None, first.cin, sum(m.n_out for m in members), al.kernel,
+                                1, first.strides, first.dilations, (al.pads_begin, al.pads_end))
+        if after is None:
+            return _UNKNOWN
+        return before, after
+
+    def _dense_costs(self, graph: Graph, x: Value, members: list[_Sibling]) -> tuple[Cost, Cost] | str:
+        """(the sibling GEMMs and their bias Adds, the one wide GEMM and its Add), or why not."""
+        xd = self.shapes.concrete(graph, x)
+        if xd is None:
+            return _UNKNOWN
+        rows = xd[-1] if members[0].trans_a else prod(xd[:-1])
+        k = members[0].weight.shape[0]
+        before = sum((costs.gemm_cost(rows, k, m.n_out) for m in members), Cost())
+        after = costs.gemm_cost(rows, k, sum(m.n_out for m in members))
+        if members[0].bias_add is not None:
+            adds = [elementwise(self.shapes, graph, m.head_out) for m in members]
+            if any(a is None for a in adds):
+                return _UNKNOWN
+            before = before + sum(adds, Cost())
+            after = after + Cost(sum(a.macs for a in adds), sum(a.elements for a in adds), 1)
+        return before, after
+
+    def _act_costs(self, graph: Graph, members: list[_Sibling], act: Act | None, before: Cost,
+                   after: Cost) -> tuple[Cost, Cost] | None:
+        """``before``/``after`` plus the activations: each sibling's, or one shared (one node) after fusing."""
         for m in members:
             if m.act is None:
                 continue
             c = elementwise(self.shapes, graph, m.head_out)
             if c is None:
-                return unknown
+                return None
             before = before + c
             after = after + (Cost(c.macs, c.elements, 0) if act is not None and m is not members[0] else c)
-        outs = [elementwise(self.shapes, graph, m.out if act is not None else m.head_out) for m in members]
-        if any(o is None for o in outs):
-            return unknown
-        after = after + Cost(sum(o.macs for o in outs), sum(o.elements for o in outs), 1)  # the Split
+        return before, after
+
+    def _layout_cost(self, members: list[_Sibling], outs: list[Cost]) -> Cost:
+        """The reorders a channel Split of a 2-D conv costs in a channel-blocked layout (option blocked_layout)."""
         layout = Cost()
         if self.blocked_layout and members[0].info is not None and members[0].weight.ndim == 4:
             # Runtimes that run 2-D convs in a channel-blocked layout (onnxruntime CPU's NCHWc) have no
@@ -711,6 +762,11 @@ class HorizontalFusion(Rule):
             layout = reorder_cost(sum(pieces))
             for e in pieces:
                 layout = layout + reorder_cost(e)
+        return layout
+
+    def _refusal(self, graph: Graph, x: Value, members: list[_Sibling], before: Cost, after: Cost,
+                 layout: Cost) -> str | None:
+        """Why the fused form does not pay, or None."""
         if costs.cheaper(after, before) and not costs.cheaper(after + layout, before):
             return ("a channel Split breaks the blocked (NCHWc) conv layout: the reorders cost more than the "
                     "fusion saves (option blocked_layout)")
@@ -721,15 +777,22 @@ class HorizontalFusion(Rule):
                 return f"zero-padding {sizes} to a common kernel does not pay (cost model)"
             return "fusing the siblings does not pay (cost model)"
         if members[0].info is None and after.elements > before.elements:
-            # Dense siblings: one wide GEMM does the same arithmetic at the same speed (measured: the
-            # transformer's q/k/v MatMuls fused took as long as the three), so the fusion saves only
-            # node overhead plus re-reads of x, and the Split copies every output once more. When that
-            # copy outweighs the saved reads, batch 1 gains microseconds and large batches lose
-            # (transformer zoo model, batch 64, 1 thread: +0.34 ms of Split, 3 % slower).
+            # Dense siblings: one wide GEMM does the same arithmetic at the same speed, so the fusion
+            # saves only node overhead plus re-reads of x, and the Split copies every output once more.
+            # When that copy outweighs the saved reads, batch 1 gains microseconds and large batches lose.
             return "the Split moves more data than one wide layer saves (loses at larger batch sizes)"
-        return float(before.total() - (after + layout).total())
+        return None
 
     # --- rewriting ------------------------------------------------------------------------------
+    def _wide_conv(self, graph: Graph, x: Value, members: list[_Sibling], name: str) -> Node:
+        """One conv with the siblings' (aligned) kernels stacked on the output-channel axis."""
+        infos = [m.info for m in members]
+        al = align(infos, in_spatial(self.shapes, graph, x))
+        assert not isinstance(al, str)
+        weight = np.concatenate([al.place(i) for i in infos], axis=0)
+        bias = np.concatenate([bias_of(i) for i in infos], axis=0)
+        return add_conv(graph, members[0].info, al, weight, bias, f"{name}_out", name)
+
     def rewrite(self, graph: Graph, match: _SiblingsMatch) -> None:
         members, x = match.members, match.x
         first = members[0]
@@ -747,29 +810,12 @@ class HorizontalFusion(Rule):
         for v in outs:
             graph.remove_node(graph.producer(v), keep_outputs=True)
         if first.info is not None:
-            infos = [m.info for m in members]
-            al = align(infos, in_spatial(self.shapes, graph, x))
-            assert not isinstance(al, str)
-            weight = np.concatenate([al.place(i) for i in infos], axis=0)
-            bias = np.concatenate([bias_of(i) for i in infos], axis=0)
-            head = add_conv(graph, first.info, al, weight, bias, f"{name}_out", name)
-            axis = 1
+            head, axis = self._wide_conv(graph, x, members, name), 1
+        elif first.node.op_type == "Gemm":
+            head, axis = _wide_gemm(graph, x, members, name), 1
         else:
-            w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
-            if first.node.op_type == "Gemm":
-                c = np.concatenate([m.bias if m.bias is not None else np.zeros(m.n_out, m.weight.dtype)
-                                    for m in members]).astype(first.weight.dtype)
-                head = graph.add_node("Gemm", [x, w, graph.add_initializer(c, f"{name}_C")], [f"{name}_out"],
-                                      {"transA": first.trans_a}, name=name, anchor=first.node)
-                axis = 1
-            else:
-                head = graph.add_node("MatMul", [x, w], [f"{name}_out"], name=name, anchor=first.node)
-                axis = len(out_dims) - 1 if out_dims is not None else -1
-                if first.bias_add is not None:
-                    _set_type(head.outputs[0], dtype, _widened(out_dims, axis, total))
-                    b = graph.add_initializer(np.concatenate([m.bias for m in members]), f"{name}_bias")
-                    head = graph.add_node("Add", [head.outputs[0], b], [f"{name}_biased"], name=f"{name}_add",
-                                          anchor=first.node)
+            axis = len(out_dims) - 1 if out_dims is not None else -1
+            head = _wide_matmul(graph, x, members, name, dtype, _widened(out_dims, axis, total))
         dims = _widened(out_dims, axis, total)
         _set_type(head.outputs[0], dtype, dims)
         split_in = head.outputs[0]
@@ -780,6 +826,29 @@ class HorizontalFusion(Rule):
         split_node(graph, self.opset, split_in, sizes, axis, outs, first.node, f"{name}_split")
         remove_dead(graph, chain)
         drop_unused(graph, weights)
+
+
+def _wide_gemm(graph: Graph, x: Value, members: list[_Sibling], name: str) -> Node:
+    """One Gemm with the siblings' ``B`` side by side and their biases (zeros where absent) concatenated."""
+    first = members[0]
+    w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
+    c = np.concatenate([m.bias if m.bias is not None else np.zeros(m.n_out, m.weight.dtype)
+                        for m in members]).astype(first.weight.dtype)
+    return graph.add_node("Gemm", [x, w, graph.add_initializer(c, f"{name}_C")], [f"{name}_out"],
+                          {"transA": first.trans_a}, name=name, anchor=first.node)
+
+
+def _wide_matmul(graph: Graph, x: Value, members: list[_Sibling], name: str, dtype: int,
+                 dims: Dims | None) -> Node:
+    """One MatMul with the siblings' weights side by side, plus one bias Add when they had theirs."""
+    first = members[0]
+    w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
+    head = graph.add_node("MatMul", [x, w], [f"{name}_out"], name=name, anchor=first.node)
+    if first.bias_add is None:
+        return head
+    _set_type(head.outputs[0], dtype, dims)
+    b = graph.add_initializer(np.concatenate([m.bias for m in members]), f"{name}_bias")
+    return graph.add_node("Add", [head.outputs[0], b], [f"{name}_biased"], name=f"{name}_add", anchor=first.node)
 
 
 def _common_act(members: list[_Sibling]) -> Act | None:
