@@ -79,7 +79,7 @@ from onnx import helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, PassContext, register
-from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
+from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
 from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import cost as costs
@@ -593,7 +593,7 @@ _UNKNOWN = "shape unknown (the cost model needs it)"
 
 class HorizontalFusion(Rule):
     name = "horizontal_fusion"
-    root_ops = ("Conv", "MatMul", "Gemm")
+    root_ops = LAYER_OPS
 
     def __init__(self, shapes: ShapeTable, opset: int, allow_padding: bool = True, blocked_layout: bool = True) -> None:
         self.shapes = shapes

@@ -127,7 +127,7 @@ from onnx import numpy_helper
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import PassContext, register
-from graphopt.core.ops import is_op, remove_dead, sole_consumer
+from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import protected_role
 from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import inferred_types, symbolic_dims
@@ -505,7 +505,7 @@ def _layer_weights(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | N
 
 def _find_producer(env: _Env, graph: Graph, value: Value) -> _Producer | str:
     node = graph.producer(value)
-    if node is None or not is_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+    if node is None or not is_op(node, *LAYER_OPS_WITH_TRANSPOSE, "Add"):
         return f"its input is not produced by {_LAYERS}"
     if _has_attr_refs(node):
         return "the layer's attributes refer to function attributes"
@@ -688,7 +688,7 @@ class _Reader:
 
 
 def _find_reader(env: _Env, graph: Graph, node: Node, slot: int | tuple) -> _Reader | str:
-    if not is_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if not is_op(node, *LAYER_OPS_WITH_TRANSPOSE):
         return f"a reader is not {_LAYERS}"
     if slot != 0 or not _read_once(graph, node.inputs[0], node):
         return "a reader reads it as a weight"
