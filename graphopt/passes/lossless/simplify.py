@@ -265,6 +265,29 @@ class _ReshapeChainMatch(Match):
     shape: np.ndarray | None  # a new target shape (its 0 entries resolved); None: the target stays
 
 
+def _without_copies(target: np.ndarray, middle: tuple | None, copied: list[int]) -> np.ndarray | str:
+    """``target`` with its 0 entries (copies of the middle tensor's dims) replaced by those dims, so that
+    it applies to the chain's input; or why a copied dim cannot be written without the middle tensor."""
+    if middle is None or any(i >= len(middle) for i in copied):
+        return "a 0 entry copies a non-static dim of the middle tensor"
+    target = target.copy()
+    dynamic = [i for i in copied if middle[i] is None]
+    if dynamic:
+        # One copied dynamic dim m_i can be written as -1 when everything else is static and the
+        # other entries multiply to the product of the middle tensor's other dims: then
+        # -1 = |x| / prod(others) = m_i · prod(middle others) / prod(others) = m_i.
+        others = [int(t) if t != 0 else middle[i] for i, t in enumerate(target) if i != dynamic[0]]
+        middle_others = [d for i, d in enumerate(middle) if i != dynamic[0]]
+        if len(dynamic) > 1 or -1 in others or None in others or None in middle_others \
+                or 0 in others or np.prod(others, dtype=np.int64) != np.prod(middle_others, dtype=np.int64):
+            return "a 0 entry copies a non-static dim of the middle tensor"
+        target[dynamic[0]] = -1
+    for i in copied:
+        if middle[i] is not None:
+            target[i] = middle[i]
+    return target
+
+
 class ReshapeChain(_TypedRule):
     """Reshape(Reshape(x, s1) or Flatten(x), s2) -> Reshape(x, s2)."""
 
@@ -280,26 +303,12 @@ class ReshapeChain(_TypedRule):
             return NoMatch("target shape is not constant")
         target = target.astype(np.int64)
         copied = [i for i, s in enumerate(target) if s == 0] if not node.attr("allowzero", 0) else []
-        if copied:
-            middle = self.types.dims(inner.outputs[0])
-            if middle is None or any(i >= len(middle) for i in copied):
-                return "a 0 entry copies a non-static dim of the middle tensor"
-            target = target.copy()
-            dynamic = [i for i in copied if middle[i] is None]
-            if dynamic:
-                # One copied dynamic dim m_i can be written as -1 when everything else is static and the
-                # other entries multiply to the product of the middle tensor's other dims: then
-                # -1 = |x| / prod(others) = m_i · prod(middle others) / prod(others) = m_i.
-                others = [int(t) if t != 0 else middle[i] for i, t in enumerate(target) if i != dynamic[0]]
-                middle_others = [d for i, d in enumerate(middle) if i != dynamic[0]]
-                if len(dynamic) > 1 or -1 in others or None in others or None in middle_others \
-                        or 0 in others or np.prod(others, dtype=np.int64) != np.prod(middle_others, dtype=np.int64):
-                    return "a 0 entry copies a non-static dim of the middle tensor"
-                target[dynamic[0]] = -1
-            for i in copied:
-                if middle[i] is not None:
-                    target[i] = middle[i]
-        return _ReshapeChainMatch(node, inner=inner, shape=target if copied else None)
+        if not copied:
+            return _ReshapeChainMatch(node, inner=inner, shape=None)
+        resolved = _without_copies(target, self.types.dims(inner.outputs[0]), copied)
+        if isinstance(resolved, str):
+            return resolved
+        return _ReshapeChainMatch(node, inner=inner, shape=resolved)
 
     def rewrite(self, graph: Graph, match: _ReshapeChainMatch) -> None:
         node, inner = match.node, match.inner
@@ -516,69 +525,92 @@ def shape_entries(graph: Graph, types: TypeTable, value: Value | None,
     node = graph.producer(value)
     if node is None or node.domain not in ("", "ai.onnx") or node.outputs[0] is not value:
         return None
-    op = node.op_type
-    if op == "Shape":
-        symbols = types.symbols(node.inputs[0])
-        if symbols is None:
-            return None
-        rank = len(symbols)
+    follow = _SHAPE_OPS.get(node.op_type)
+    return None if follow is None else follow(graph, types, node, depth)
 
-        def clamp(i: int) -> int:
-            return min(max(i + rank if i < 0 else i, 0), rank)
 
-        start, end = clamp(node.attr("start", 0)), clamp(node.attr("end", rank))
-        entries = [_dim_keys(types, node.inputs[0], i) for i in range(start, end)]
-        return entries, False  # type: ignore[return-value]
-    if op == "Identity":
-        return shape_entries(graph, types, node.inputs[0], depth + 1)
-    if op == "Cast":
-        inner = shape_entries(graph, types, node.inputs[0], depth + 1)
-        src = types.dtype(node.inputs[0])
-        # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
-        return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
-    if op == "Gather":
-        if node.attr("axis", 0) != 0:
+_Entries = tuple[list[Entry], bool]
+
+
+def _entries_of_shape(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    symbols = types.symbols(node.inputs[0])
+    if symbols is None:
+        return None
+    rank = len(symbols)
+
+    def clamp(i: int) -> int:
+        return min(max(i + rank if i < 0 else i, 0), rank)
+
+    start, end = clamp(node.attr("start", 0)), clamp(node.attr("end", rank))
+    entries = [_dim_keys(types, node.inputs[0], i) for i in range(start, end)]
+    return entries, False  # type: ignore[return-value]
+
+
+def _entries_of_identity(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    return shape_entries(graph, types, node.inputs[0], depth + 1)
+
+
+def _entries_of_cast(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    inner = shape_entries(graph, types, node.inputs[0], depth + 1)
+    src = types.dtype(node.inputs[0])
+    # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
+    return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
+
+
+def _entries_of_gather(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    if node.attr("axis", 0) != 0:
+        return None
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    idx = const_input(graph, node, 1)
+    if data is None or data[1] or idx is None or idx.ndim > 1 or not np.issubdtype(idx.dtype, np.integer):
+        return None
+    n = len(data[0])
+    picked = []
+    for i in idx.reshape(-1).tolist():
+        if not -n <= i < n:
             return None
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        idx = const_input(graph, node, 1)
-        if data is None or data[1] or idx is None or idx.ndim > 1 or not np.issubdtype(idx.dtype, np.integer):
+        picked.append(data[0][i])
+    return picked, idx.ndim == 0
+
+
+def _entries_of_slice(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    bounds = slice_bounds(node, graph)
+    if data is None or data[1] or bounds is None:
+        return None
+    starts, ends, axes, steps = bounds
+    if len(starts) != 1 or axes not in (None, [0], [-1]) or steps[0] != 1:
+        return None
+    return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
+
+
+def _entries_of_unsqueeze_or_squeeze(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    axes = _axes(graph, node)
+    if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
+        return None
+    entries, scalar = data
+    if node.op_type == "Unsqueeze":
+        return (entries, False) if scalar else None
+    return (entries, True) if not scalar and len(entries) == 1 else None
+
+
+def _entries_of_concat(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    if node.attr("axis") not in (0, -1):
+        return None
+    out: list[Entry] = []
+    for x in node.inputs:
+        part = shape_entries(graph, types, x, depth + 1)
+        if part is None or part[1]:
             return None
-        n = len(data[0])
-        picked = []
-        for i in idx.reshape(-1).tolist():
-            if not -n <= i < n:
-                return None
-            picked.append(data[0][i])
-        return picked, idx.ndim == 0
-    if op == "Slice":
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        bounds = slice_bounds(node, graph)
-        if data is None or data[1] or bounds is None:
-            return None
-        starts, ends, axes, steps = bounds
-        if len(starts) != 1 or axes not in (None, [0], [-1]) or steps[0] != 1:
-            return None
-        return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
-    if op in ("Unsqueeze", "Squeeze"):
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        axes = _axes(graph, node)
-        if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
-            return None
-        entries, scalar = data
-        if op == "Unsqueeze":
-            return (entries, False) if scalar else None
-        return (entries, True) if not scalar and len(entries) == 1 else None
-    if op == "Concat":
-        if node.attr("axis") not in (0, -1):
-            return None
-        out: list[Entry] = []
-        for x in node.inputs:
-            part = shape_entries(graph, types, x, depth + 1)
-            if part is None or part[1]:
-                return None
-            out += part[0]
-        return out, False
-    return None
+        out += part[0]
+    return out, False
+
+
+_SHAPE_OPS = {"Shape": _entries_of_shape, "Identity": _entries_of_identity, "Cast": _entries_of_cast,
+              "Gather": _entries_of_gather, "Slice": _entries_of_slice,
+              "Unsqueeze": _entries_of_unsqueeze_or_squeeze, "Squeeze": _entries_of_unsqueeze_or_squeeze,
+              "Concat": _entries_of_concat}
 
 
 class ReshapeShapeTarget(_TypedRule):
@@ -607,6 +639,22 @@ class ReshapeShapeTarget(_TypedRule):
         entries = evaluated[0]
         x = node.inputs[0]
         symbols = self.types.symbols(x)
+        target = self._copied(x, symbols, entries)
+        open_ = [k for k, t in enumerate(target) if t is None]
+        if len(open_) > 1:
+            return "more than one target dim is not a dim of the input"
+        if open_:
+            why = self._inferred_dim_refusal(x, symbols, target, entries, open_[0])
+            if why:
+                return why
+            target[open_[0]] = -1
+        if target.count(-1) > 1:
+            return "more than one -1"
+        return Match(node, arrays={"shape": np.array(target, np.int64)})
+
+    def _copied(self, x: Value, symbols: tuple | None, entries: list[Entry]) -> list[int | None]:
+        """The target with static entries kept, dim ``k`` of ``x`` at position ``k`` as 0 (copied), and
+        None where an entry is neither."""
         rank = None if symbols is None else len(symbols)
         target: list[int | None] = []
         for k, e in enumerate(entries):
@@ -615,26 +663,23 @@ class ReshapeShapeTarget(_TypedRule):
                 continue
             mine = _dim_keys(self.types, x, k) if rank is not None and k < rank else None
             target.append(0 if isinstance(mine, frozenset) and mine & e else None)
-        open_ = [k for k, t in enumerate(target) if t is None]
-        if len(open_) > 1:
-            return "more than one target dim is not a dim of the input"
-        if open_:
-            k = open_[0]
-            if -1 in target or symbols is None:
-                return "a target dim is not a dim of the input"
-            dynamic = [i for i, d in enumerate(symbols) if not isinstance(d, int)]
-            if len(dynamic) != 1 or not (_dim_keys(self.types, x, dynamic[0]) & entries[k]):  # type: ignore[operator]
-                return "a target dim is not a dim of the input"
-            others = [symbols[i] if t == 0 else t for i, t in enumerate(target) if i != k]
-            if any(not isinstance(o, int) or o <= 0 for o in others):
-                return "a target dim is not a dim of the input"
-            have = int(np.prod([d for d in symbols if isinstance(d, int)], dtype=np.int64))
-            if have != int(np.prod(others, dtype=np.int64)):
-                return "element count does not prove the inferred dim"
-            target[k] = -1
-        if target.count(-1) > 1:
-            return "more than one -1"
-        return Match(node, arrays={"shape": np.array(target, np.int64)})
+        return target
+
+    def _inferred_dim_refusal(self, x: Value, symbols: tuple | None, target: list[int | None],
+                              entries: list[Entry], k: int) -> str | None:
+        """Why entry ``k`` cannot be written as -1 (the element count must prove it is x's one dynamic dim)."""
+        if -1 in target or symbols is None:
+            return "a target dim is not a dim of the input"
+        dynamic = [i for i, d in enumerate(symbols) if not isinstance(d, int)]
+        if len(dynamic) != 1 or not (_dim_keys(self.types, x, dynamic[0]) & entries[k]):  # type: ignore[operator]
+            return "a target dim is not a dim of the input"
+        others = [symbols[i] if t == 0 else t for i, t in enumerate(target) if i != k]
+        if any(not isinstance(o, int) or o <= 0 for o in others):
+            return "a target dim is not a dim of the input"
+        have = int(np.prod([d for d in symbols if isinstance(d, int)], dtype=np.int64))
+        if have != int(np.prod(others, dtype=np.int64)):
+            return "element count does not prove the inferred dim"
+        return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         node = match.node
