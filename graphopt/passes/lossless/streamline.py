@@ -950,6 +950,20 @@ def _pads_below_kernel(pool: Node, pads: list[int], n: int) -> bool:
     return len(kernel) == n and all(pads[i] < kernel[i] and pads[n + i] < kernel[i] for i in range(n))
 
 
+def _pad_reader(graph: Graph, y: Value) -> Node | str:
+    """The Conv or pool that alone reads the Pad's output ``y`` as its data input, or why there is none."""
+    reader = sole_consumer(graph, y)
+    if reader is None:
+        return "its output has other readers or is a model output"
+    if not is_op(reader, "Conv", "AveragePool", "MaxPool"):
+        return "the reader is not a Conv, AveragePool or MaxPool"
+    if reader.inputs[0] is not y or not _read_once(graph, y, reader):
+        return "the reader reads it as a weight"
+    if _has_attr_refs(reader):
+        return "the reader's attributes refer to function attributes"
+    return reader
+
+
 @dataclass(kw_only=True)
 class _PadMatch(Match):
     reader: Node  # the Conv or pool that takes the pads over
@@ -963,22 +977,11 @@ class PadIntoLayer(Rule):
     def __init__(self, env: _Env) -> None:
         self.env = env
 
-    def match(self, graph: Graph, node: Node) -> Match | str:
-        y = node.outputs[0]
-        reader = sole_consumer(graph, y)
-        if reader is None:
-            return "its output has other readers or is a model output"
-        if not is_op(reader, "Conv", "AveragePool", "MaxPool"):
-            return "the reader is not a Conv, AveragePool or MaxPool"
-        if reader.inputs[0] is not y or not _read_once(graph, y, reader):
-            return "the reader reads it as a weight"
-        if _has_attr_refs(reader):
-            return "the reader's attributes refer to function attributes"
-        if reader.op_type == "Conv":
-            w_shape = self.env.shape(_input(reader, 1))
-            rank = len(w_shape) if w_shape is not None else None
-        else:
-            rank = len(reader.attr("kernel_shape", [])) + 2
+    def match(self, graph: Graph, node: Node) -> _PadMatch | str:
+        reader = _pad_reader(graph, node.outputs[0])
+        if isinstance(reader, str):
+            return reader
+        rank = self._spatial_rank(reader)
         if not rank or rank < 3:
             return "the reader's spatial rank is unknown"
         spec = _pad_spec(graph, node, rank)
@@ -993,6 +996,22 @@ class PadIntoLayer(Rule):
         attrs: dict[str, Any] = {"pads": pads}
         if auto_pad == "VALID":
             attrs["auto_pad"] = "NOTSET"
+        why = self._reader_refusal(graph, node, reader, spec, own, pads, attrs)
+        if why:
+            return why
+        return _PadMatch(node, reader=reader, attrs=attrs)
+
+    def _spatial_rank(self, reader: Node) -> int | None:
+        if reader.op_type == "Conv":
+            w_shape = self.env.shape(_input(reader, 1))
+            return len(w_shape) if w_shape is not None else None
+        return len(reader.attr("kernel_shape", [])) + 2
+
+    def _reader_refusal(self, graph: Graph, pad: Node, reader: Node, spec: _PadSpec, own: list[int],
+                        pads: list[int], attrs: dict[str, Any]) -> str | None:
+        """Why ``reader`` cannot take the pads over (an AveragePool may need ``count_include_pad``, set in
+        ``attrs``), or None."""
+        n = len(spec.begin)
         if reader.op_type in ("Conv", "AveragePool") and spec.value != 0:
             return "the pad value is not zero"
         if reader.op_type != "Conv" and reader.attr("ceil_mode", 0):
@@ -1007,10 +1026,8 @@ class PadIntoLayer(Rule):
             if not _pads_below_kernel(reader, pads, n):
                 return "pool: the summed pads would not be smaller than the kernel (onnxruntime requires it)"
         if reader.op_type == "MaxPool":
-            why = self._maxpool_refusal(graph, node, reader, pads, n, spec)
-            if why:
-                return why
-        return _PadMatch(node, reader=reader, attrs=attrs)
+            return self._maxpool_refusal(graph, pad, reader, pads, n, spec)
+        return None
 
     @staticmethod
     def _maxpool_refusal(graph: Graph, pad: Node, pool: Node, pads: list[int], n: int, spec: _PadSpec) -> str | None:
