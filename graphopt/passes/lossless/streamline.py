@@ -382,20 +382,30 @@ class _Affine:
     is_batchnorm: bool = False
 
 
-def _batchnorm_affine(env: _Env, graph: Graph, node: Node) -> _Affine | str:
+def _batchnorm_form_refusal(env: _Env, graph: Graph, node: Node) -> str | None:
+    """Why BatchNormalization ``node`` is not in inference form (it would normalise with batch
+    statistics, or its statistics outputs are read), or None."""
     if _has_attr_refs(node):
         return "attributes refer to function attributes"
     if node.attr("training_mode", 0):
         return "training mode (batch statistics)"
-    extra = [v for v in node.outputs[1:] if v is not None]
-    if env.opset < 14 and extra:
+    stat_outputs = [v for v in node.outputs[1:] if v is not None]
+    if env.opset < 14 and stat_outputs:
         return "training outputs present (the training form before opset 14)"
-    if any(graph.uses(v) or graph.is_graph_output(v) for v in extra):
+    if any(graph.uses(v) or graph.is_graph_output(v) for v in stat_outputs):
         return "running statistics outputs are read"
     if env.opset < 7 and not node.attr("is_test", 0):
         return "training mode (is_test=0 before opset 7)"
     if node.attr("spatial", 1) == 0:
         return "per-activation statistics (spatial=0)"
+    return None
+
+
+def _batchnorm_affine(env: _Env, graph: Graph, node: Node) -> _Affine | str:
+    """``s = γ/σ``, ``t = β − μ·s`` with ``σ = sqrt(var + ε)``, or why BN is not such an affine map."""
+    why = _batchnorm_form_refusal(env, graph, node)
+    if why:
+        return why
     params = [_const(graph, node, i) for i in range(1, 5)]
     if any(p is None for p in params):
         return "scale, bias, mean or variance is not constant"
@@ -553,36 +563,54 @@ def _check_after(p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> st
 
 def _fold_after(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
     """Fold ``y = s·out + t`` into the layer; returns the value that now holds ``y``."""
+    fold = {"Conv": _fold_after_conv, "ConvTranspose": _fold_after_conv, "Gemm": _fold_after_gemm}
+    return fold.get(p.kind, _fold_after_matmul)(graph, p, s, t)
+
+
+def _fold_after_conv(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``W'[o] = W[o]·s[o]`` (ConvTranspose: per output channel of each group), ``b' = b·s + t``."""
     node, dtype = p.node, p.weight.dtype
     w = np.asarray(p.weight, np.float64)
     name = node.name or node.op_type
-    if p.kind in ("Conv", "ConvTranspose"):
-        if s is not None:
-            if p.kind == "Conv":
-                w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-            else:
-                group = node.attr("group", 1)
-                grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-                w = (grouped * s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))).reshape(w.shape)
-            _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
-        b = _const(graph, node, 2)
-        if b is not None or t is not None:
-            b = np.zeros(p.channels) if b is None else np.asarray(b, np.float64)
-            b = b * (1.0 if s is None else s) + (0.0 if t is None else t)
-            _set_const_input(graph, node, 2, b.astype(dtype), f"{name}_bias", like=node.inputs[1])
-        return p.out
-    if p.kind == "Gemm":
-        if s is not None:
-            w = w * (s[:, None] if node.attr("transB", 0) else s[None, :])
-            _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
-        c = _const(graph, node, 2)
-        if c is not None or t is not None:
-            c = np.zeros(()) if c is None else float(node.attr("beta", 1.0)) * np.asarray(c, np.float64)
-            c = c * (1.0 if s is None else s) + (0.0 if t is None else t)
-            _set_const_input(graph, node, 2, c.astype(dtype), f"{name}_bias", like=node.inputs[1])
-            node.set_attr("beta", 1.0)
-        return p.out
-    # MatMul
+    if s is not None:
+        if p.kind == "Conv":
+            w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            group = node.attr("group", 1)
+            grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+            w = (grouped * s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
+    b = _const(graph, node, 2)
+    if b is not None or t is not None:
+        b = np.zeros(p.channels) if b is None else np.asarray(b, np.float64)
+        b = b * (1.0 if s is None else s) + (0.0 if t is None else t)
+        _set_const_input(graph, node, 2, b.astype(dtype), f"{name}_bias", like=node.inputs[1])
+    return p.out
+
+
+def _fold_after_gemm(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``B' = B·s`` per output column (transB aware), ``C' = β·C·s + t`` and ``β' = 1``."""
+    node, dtype = p.node, p.weight.dtype
+    w = np.asarray(p.weight, np.float64)
+    name = node.name or node.op_type
+    if s is not None:
+        w = w * (s[:, None] if node.attr("transB", 0) else s[None, :])
+        _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
+    c = _const(graph, node, 2)
+    if c is not None or t is not None:
+        c = np.zeros(()) if c is None else float(node.attr("beta", 1.0)) * np.asarray(c, np.float64)
+        c = c * (1.0 if s is None else s) + (0.0 if t is None else t)
+        _set_const_input(graph, node, 2, c.astype(dtype), f"{name}_bias", like=node.inputs[1])
+        node.set_attr("beta", 1.0)
+    return p.out
+
+
+def _fold_after_matmul(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``W'[:, n] = W[:, n]·s[n]``; the shift goes into the bias Add (``b' = b·s + t``), or a bare 2-D
+    MatMul that gains one becomes ``Gemm(x, W', t)``."""
+    node, dtype = p.node, p.weight.dtype
+    w = np.asarray(p.weight, np.float64)
+    name = node.name or node.op_type
     if s is not None:
         w = w * s[None, :]
     if p.bias_add is not None:
@@ -596,7 +624,6 @@ def _fold_after(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray 
         if s is not None:
             _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
         return p.out
-    # A bare 2-D MatMul that gains a bias: Gemm(x, W', t).
     like = node.inputs[1]
     wv = _new_const(graph, w.astype(dtype), like.name, node, _written_as_node(graph, like))
     bv = _new_const(graph, t.astype(dtype), f"{name}_bias", node, _written_as_node(graph, like))
