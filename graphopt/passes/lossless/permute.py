@@ -127,6 +127,31 @@ class _Rule(Rule):
         return x, axis, idx
 
 
+def _channel_factors(dx: tuple | None, dsplit: tuple | None, dout: tuple | None) -> int | NoMatch:
+    """How many factors the first Reshape splits axis 1 of ``x`` into (the others kept, static), when the
+    last Reshape merges them back into ``x``'s shape; else why this is not a channel shuffle."""
+    if dx is None or dsplit is None or dout is None or len(dx) < 2 or len(dout) != len(dx):
+        return NoMatch("ranks unknown or the shuffle changes the rank")
+    k = len(dsplit) - len(dx) + 1  # factors of axis 1
+    spatial = dx[2:]
+    if k < 2 or None in dx[1:] or tuple(dsplit[1 + k:]) != tuple(spatial) or None in dsplit[1:1 + k] \
+            or tuple(dout[1:]) != tuple(dx[1:]) or int(np.prod(dsplit[1:1 + k])) != dx[1]:
+        return NoMatch("the Reshapes do not split and merge axis 1 alone")
+    return k
+
+
+def _factor_perm(transpose: Node, rank: int, k: int) -> list[int] | NoMatch:
+    """The Transpose's perm, when it permutes the ``k`` factors of axis 1 only."""
+    perm = transpose.attr("perm")
+    if perm is None or len(perm) != rank:
+        return NoMatch("Transpose without a perm of the right rank")
+    perm = [int(p) for p in perm]
+    rest = [0, *range(1 + k, rank)]
+    if [perm[i] for i in rest] != rest or sorted(perm[1:1 + k]) != list(range(1, 1 + k)):
+        return NoMatch("the Transpose moves more than the factors of axis 1")
+    return perm
+
+
 class ShuffleToGather(_Rule):
     name = "shuffle_to_gather"
     root_ops = ("Reshape",)
@@ -138,20 +163,12 @@ class ShuffleToGather(_Rule):
             return NoMatch("not Reshape → Transpose → Reshape")
         x = split.inputs[0]
         dx, dsplit, dout = (self.types.dims(v) for v in (x, split.outputs[0], node.outputs[0]))
-        if dx is None or dsplit is None or dout is None or len(dx) < 2 or len(dout) != len(dx):
-            return NoMatch("ranks unknown or the shuffle changes the rank")
-        k = len(dsplit) - len(dx) + 1  # factors of axis 1
-        spatial = dx[2:]
-        if k < 2 or None in dx[1:] or tuple(dsplit[1 + k:]) != tuple(spatial) or None in dsplit[1:1 + k] \
-                or tuple(dout[1:]) != tuple(dx[1:]) or int(np.prod(dsplit[1:1 + k])) != dx[1]:
-            return NoMatch("the Reshapes do not split and merge axis 1 alone")
-        perm = transpose.attr("perm")
-        if perm is None or len(perm) != len(dsplit):
-            return NoMatch("Transpose without a perm of the right rank")
-        perm = [int(p) for p in perm]
-        rest = [0, *range(1 + k, len(dsplit))]
-        if [perm[i] for i in rest] != rest or sorted(perm[1:1 + k]) != list(range(1, 1 + k)):
-            return NoMatch("the Transpose moves more than the factors of axis 1")
+        k = _channel_factors(dx, dsplit, dout)
+        if isinstance(k, str):
+            return k
+        perm = _factor_perm(transpose, len(dsplit), k)
+        if isinstance(perm, str):
+            return perm
         for v in (split.outputs[0], transpose.outputs[0]):
             if sole_consumer(graph, v) is None:
                 return "an intermediate value has other readers"

@@ -703,6 +703,19 @@ def _producers(graph: Graph, value: Value) -> list[Node]:
     return out
 
 
+def _equal_entries(entries: list[Entry], k: np.ndarray) -> list[bool] | str:
+    """``entries[i] == k[i]`` decided statically (a dim is never negative), or why it cannot be."""
+    take: list[bool] = []
+    for e, ki in zip(entries, k):
+        if isinstance(e, int):
+            take.append(e == int(ki))
+        elif int(ki) < 0:
+            take.append(False)  # a dim is never negative
+        else:
+            return "a comparison depends on a dynamic dim"
+    return take
+
+
 @dataclass(kw_only=True)
 class _PiecesMatch(Match):
     pieces: list[Value | np.ndarray]  # the new Concat's inputs: kept pieces, or constant replacements
@@ -742,14 +755,17 @@ class ShapeWhereEqual(_TypedRule):
             return "k or a does not broadcast along s"
         k_b = np.broadcast_to(k.reshape(-1), (n,))
         a_b = np.broadcast_to(a_const.reshape(-1), (n,))
-        take: list[bool] = []
-        for e, ki in zip(entries, k_b):
-            if isinstance(e, int):
-                take.append(e == int(ki))
-            elif int(ki) < 0:
-                take.append(False)  # a dim is never negative
-            else:
-                return "a comparison depends on a dynamic dim"
+        take = _equal_entries(entries, k_b)
+        if isinstance(take, str):
+            return take
+        pieces = self._pieces(graph, concat, take, a_b)
+        if isinstance(pieces, str):
+            return pieces
+        return _PiecesMatch(node, pieces=pieces)
+
+    def _pieces(self, graph: Graph, concat: Node, take: list[bool],
+                a_b: np.ndarray) -> list[Value | np.ndarray] | str:
+        """The new Concat's inputs: each piece of ``s`` kept, or replaced as a whole by its slice of ``a``."""
         pieces: list[Value | np.ndarray] = []
         pos = 0
         for piece in concat.inputs:
@@ -765,7 +781,7 @@ class ShapeWhereEqual(_TypedRule):
             else:
                 return "a piece of s is partly replaced"
             pos += size
-        return _PiecesMatch(node, pieces=pieces)
+        return pieces
 
     def rewrite(self, graph: Graph, match: _PiecesMatch) -> None:
         node = match.node
