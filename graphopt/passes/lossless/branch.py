@@ -873,6 +873,27 @@ def _widened(dims: Dims | None, axis: int, size: int) -> Dims | None:
 _SUM_OPS = ("Add", "Sum")
 
 
+def _convs_by_input(graph: Graph, leaves: list[Value], tree: set[Node],
+                    reasons: list[str]) -> dict[str, list[tuple[int, ConvInfo]]]:
+    """The summed leaves produced by a Conv read by the sum tree alone, grouped by the conv's input name
+    (each with its leaf index); why the other conv leaves cannot merge goes to ``reasons``."""
+    convs: dict[str, list[tuple[int, ConvInfo]]] = {}
+    for i, v in enumerate(leaves):
+        p = graph.producer(v)
+        if not is_op(p, "Conv"):
+            continue
+        reader = sole_consumer(graph, v)
+        if reader not in tree:
+            reasons.append("a conv output has a second reader")
+            continue
+        info = conv_info(graph, p)
+        if isinstance(info, str):
+            reasons.append(info)
+            continue
+        convs.setdefault(info.x.name, []).append((i, info))
+    return convs
+
+
 @dataclass(kw_only=True)
 class _SumMatch(Match):
     """A sum tree whose conv branches of one tensor (and the tensor itself, ``identities`` times) merge."""
@@ -916,52 +937,44 @@ class MergeSumBranches(Rule):
         if any(v is None for v in node.inputs):
             return "missing input"
         leaves, inner = self._leaves(graph, node)
-        tree = {node, *inner}
-        convs: dict[str, list[tuple[int, ConvInfo]]] = {}
         reasons: list[str] = []
-        for i, v in enumerate(leaves):
-            p = graph.producer(v)
-            if not is_op(p, "Conv"):
-                continue
-            reader = sole_consumer(graph, v)
-            if reader not in tree:
-                reasons.append("a conv output has a second reader")
-                continue
-            info = conv_info(graph, p)
-            if isinstance(info, str):
-                reasons.append(info)
-                continue
-            convs.setdefault(info.x.name, []).append((i, info))
+        convs = _convs_by_input(graph, leaves, {node, *inner}, reasons)
         for _, group in sorted(convs.items(), key=lambda kv: kv[1][0][0]):
-            x = group[0][1].x
-            identities = [i for i, v in enumerate(leaves) if v is x]
-            if len(group) + len(identities) < 2:
-                continue
-            infos = [g[1] for g in group]
-            if len({i.cout for i in infos}) > 1:
-                reasons.append("summed convs have different output channels (broadcasting)")
-                continue
-            al = align(infos, in_spatial(self.shapes, graph, x))
-            if isinstance(al, str):
-                reasons.append(al)
-                continue
-            taps = None
-            if identities:
-                taps = identity_offset(al, infos[0])
-                if isinstance(taps, str):
-                    reasons.append(taps)
-                    continue
-            remaining = len(leaves) - len(group) - len(identities) + 1
-            c = self._pays(graph, infos, al, 1 + len(inner), remaining - 1)
-            if isinstance(c, str):
-                reasons.append(c)
-                continue
-            merged = {i for i, _ in group} | set(identities)
-            return _SumMatch(node, leaves=leaves, inner=inner, merged=merged, infos=infos, al=al,
-                             identities=len(identities), taps=taps)
+            found = self._merge_group(graph, node, leaves, inner, group)
+            if isinstance(found, str):
+                reasons.append(found)
+            elif found is not None:
+                return found
         if reasons:
             return reasons[0]
         return "no two summed branches are convs of the same tensor (or the tensor itself)"
+
+    def _merge_group(self, graph: Graph, node: Node, leaves: list[Value], inner: list[Node],
+                     group: list[tuple[int, ConvInfo]]) -> _SumMatch | str | None:
+        """The merge of one input's summed convs (and the input itself, when summed), why it is refused,
+        or None when there are not two terms to merge."""
+        x = group[0][1].x
+        identities = [i for i, v in enumerate(leaves) if v is x]
+        if len(group) + len(identities) < 2:
+            return None
+        infos = [g[1] for g in group]
+        if len({i.cout for i in infos}) > 1:
+            return "summed convs have different output channels (broadcasting)"
+        al = align(infos, in_spatial(self.shapes, graph, x))
+        if isinstance(al, str):
+            return al
+        taps = None
+        if identities:
+            taps = identity_offset(al, infos[0])
+            if isinstance(taps, str):
+                return taps
+        remaining = len(leaves) - len(group) - len(identities) + 1
+        c = self._pays(graph, infos, al, 1 + len(inner), remaining - 1)
+        if isinstance(c, str):
+            return c
+        merged = {i for i, _ in group} | set(identities)
+        return _SumMatch(node, leaves=leaves, inner=inner, merged=merged, infos=infos, al=al,
+                         identities=len(identities), taps=taps)
 
     def _pays(self, graph: Graph, infos: list[ConvInfo], al: Alignment, sum_nodes: int, new_adds: int) -> str | None:
         """Whether one conv (+ ``new_adds`` Adds for the other terms) beats the convs and the ``sum_nodes`` sums."""
