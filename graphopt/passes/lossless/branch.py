@@ -319,6 +319,15 @@ class _Member:
         return (self.info.key(), None if self.act is None else self.act.signature)
 
 
+def _remove_merged(graph: Graph, segments: list[list[_Member]]) -> None:
+    """Remove the convs (and activations) the merged convs replaced, and their unread weights."""
+    dead = [m.info.node for s in segments if len(s) > 1 for m in s]
+    dead += [m.act.node for s in segments if len(s) > 1 for m in s if m.act is not None]
+    weights = [v for n in dead if n.op_type == "Conv" for v in n.inputs[1:]]
+    remove_dead(graph, dead)
+    drop_unused(graph, weights)
+
+
 @dataclass(kw_only=True)
 class _ConcatPlan(Match):
     segments: list[list[_Member]]  # adjacent Concat inputs, each segment of two or more becoming one conv
@@ -455,31 +464,30 @@ class MergeConcatConvs(Rule):
     def rewrite(self, graph: Graph, match: _ConcatPlan) -> None:
         concat = match.node
         segments = match.segments
-        by_slot = {s[0].slot: s for s in segments}
-        covered = {m.slot for s in segments for m in s}
         whole = len(segments) == 1 and len(segments[0]) == len(concat.inputs)
         out = concat.outputs[0]
         old_inputs = list(concat.inputs)
         graph.remove_node(concat, keep_outputs=True)
+        new_inputs = self._merged_inputs(graph, old_inputs, segments, out if whole else None)
+        if not whole:
+            attrs = {k: helper.get_attribute_value(p) for k, p in concat.attrs.items()}
+            graph.add_node("Concat", new_inputs, [out], attrs, name=concat.name, anchor=concat)
+        _remove_merged(graph, segments)
+
+    def _merged_inputs(self, graph: Graph, old_inputs: list[Value], segments: list[list[_Member]],
+                       out: Value | None) -> list[Value]:
+        """The Concat's inputs with each segment of two or more replaced by its merged conv's output
+        (``out`` itself when one conv produces the whole Concat)."""
+        by_slot = {s[0].slot: s for s in segments}
+        covered = {m.slot for s in segments for m in s}
         new_inputs: list[Value] = []
         for slot, v in enumerate(old_inputs):
             if slot in by_slot:
                 seg = by_slot[slot]
-                if len(seg) == 1:
-                    new_inputs.append(v)
-                    continue
-                result = self._merge(graph, seg, out if whole else None)
-                new_inputs.append(result)
+                new_inputs.append(v if len(seg) == 1 else self._merge(graph, seg, out))
             elif slot not in covered:
                 new_inputs.append(v)
-        if not whole:
-            attrs = {k: helper.get_attribute_value(p) for k, p in concat.attrs.items()}
-            graph.add_node("Concat", new_inputs, [out], attrs, name=concat.name, anchor=concat)
-        dead = [m.info.node for s in segments if len(s) > 1 for m in s]
-        dead += [m.act.node for s in segments if len(s) > 1 for m in s if m.act is not None]
-        weights = [v for n in dead if n.op_type == "Conv" for v in n.inputs[1:]]
-        remove_dead(graph, dead)
-        drop_unused(graph, weights)
+        return new_inputs
 
     def _merge(self, graph: Graph, seg: list[_Member], out: Value | None) -> Value:
         """One conv (+ the shared activation) for ``seg``; writes ``out`` when given, else a fresh value."""
@@ -1064,6 +1072,17 @@ class PoolThroughConcat(Rule):
             return "MaxPool's Indices output is read"
         if any(a.ref_attr_name for a in node.attrs.values()):
             return "attributes refer to a function's attributes"
+        why = self._axis_refusal(graph, concat)
+        if why:
+            return why
+        if not node.op_type.startswith("Global"):
+            strides = node.attr("strides") or []
+            if prod(int(v) for v in strides) < 2:
+                return "the pool does not shrink the tensor (no copy saved)"
+        return Match(node, nodes={"concat": concat})
+
+    def _axis_refusal(self, graph: Graph, concat: Node) -> str | None:
+        """Why the Concat's axis is not the batch or channel axis, or None."""
         dims = self.shapes.dims(graph, concat.outputs[0])
         axis = concat.attr("axis")
         if axis is None or (axis < 0 and dims is None):
@@ -1072,11 +1091,7 @@ class PoolThroughConcat(Rule):
             axis += len(dims)
         if axis not in (0, 1):
             return "the Concat joins a spatial axis (a pool window would straddle two pieces)"
-        if not node.op_type.startswith("Global"):
-            strides = node.attr("strides") or []
-            if prod(int(v) for v in strides) < 2:
-                return "the pool does not shrink the tensor (no copy saved)"
-        return Match(node, nodes={"concat": concat})
+        return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         node, concat = match.node, match.nodes["concat"]
