@@ -399,17 +399,9 @@ class MergeConcatConvs(Rule):
     def _plan(self, graph: Graph, concat: Node, run: list[_Member], whole: bool) -> list[list[_Member]] | str:
         """Partition ``run`` into contiguous segments minimising cost; segments of one member stay as they are."""
         n = len(run)
-        single: list[Cost] = []
-        for m in run:
-            c = conv_layer_cost(self.shapes, graph, m.info.x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
-            if c is None:
-                return "spatial size unknown (the cost model needs it)"
-            if m.act is not None:
-                a = elementwise(self.shapes, graph, m.info.out)
-                if a is None:
-                    return "spatial size unknown (the cost model needs it)"
-                c = c + a
-            single.append(c)
+        single = self._member_costs(graph, run)
+        if isinstance(single, str):
+            return single
         seg: dict[tuple[int, int], Cost | None] = {}
         refusals: list[str] = []
         for i in range(n):
@@ -435,6 +427,21 @@ class MergeConcatConvs(Rule):
                 return max(set(refusals), key=refusals.count)
             return "merging does not pay (cost model)"
         return [run[i:j] for i, j in parts]
+
+    def _member_costs(self, graph: Graph, run: list[_Member]) -> list[Cost] | str:
+        """Each member's conv (+ activation) as it stands, or why the cost model cannot price it."""
+        single: list[Cost] = []
+        for m in run:
+            c = conv_layer_cost(self.shapes, graph, m.info.x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
+            if c is None:
+                return "spatial size unknown (the cost model needs it)"
+            if m.act is not None:
+                a = elementwise(self.shapes, graph, m.info.out)
+                if a is None:
+                    return "spatial size unknown (the cost model needs it)"
+                c = c + a
+            single.append(c)
+        return single
 
     def _segment_cost(self, graph: Graph, segment: list[_Member], refusals: list[str]) -> Cost | None:
         al = align([m.info for m in segment], in_spatial(self.shapes, graph, segment[0].info.x))
