@@ -300,6 +300,8 @@ def _shape_dims(node: Node, types: TypeTable) -> list[int | None] | None:
 
 
 def _shape_value(node: Node, graph: Graph, types: TypeTable) -> np.ndarray | None:
+    """The value of ``Shape``, ``Size``, or a ``Gather``/``Slice`` of a ``Shape``, when every dim it
+    returns is static; else None."""
     if node.op_type == "Shape":
         dims = _shape_dims(node, types)
         return None if dims is None or None in dims else np.array(dims, np.int64)
@@ -315,14 +317,24 @@ def _shape_value(node: Node, graph: Graph, types: TypeTable) -> np.ndarray | Non
     if dims is None:
         return None
     if node.op_type == "Gather":
-        indices = constant_value(graph, node.inputs[1])
-        if indices is None or not np.issubdtype(indices.dtype, np.integer):
-            return None
-        flat = [int(i) for i in indices.reshape(-1)]
-        if any(not -len(dims) <= i < len(dims) for i in flat):
-            return None
-        picked = [dims[i] for i in flat]
-        return None if None in picked else np.array(picked, np.int64).reshape(indices.shape)
+        return _gathered_dims(node, graph, dims)
+    return _sliced_dims(node, graph, dims)
+
+
+def _gathered_dims(node: Node, graph: Graph, dims: list[int | None]) -> np.ndarray | None:
+    """``Gather(Shape(t), indices)`` when the indices are constant and pick static dims only."""
+    indices = constant_value(graph, node.inputs[1])
+    if indices is None or not np.issubdtype(indices.dtype, np.integer):
+        return None
+    flat = [int(i) for i in indices.reshape(-1)]
+    if any(not -len(dims) <= i < len(dims) for i in flat):
+        return None
+    picked = [dims[i] for i in flat]
+    return None if None in picked else np.array(picked, np.int64).reshape(indices.shape)
+
+
+def _sliced_dims(node: Node, graph: Graph, dims: list[int | None]) -> np.ndarray | None:
+    """``Slice(Shape(t), ...)`` when the bounds are constant and select static dims only."""
     bounds = slice_bounds(node, graph)
     if bounds is None:
         return None
@@ -490,16 +502,8 @@ class FoldConstants(Pass):
         types = TypeTable(model)
         if not could_fold and not any(_static_shape_values(g, order, types) for g, order in graphs):
             return PassResult(False, {"folded": 0})
-        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
         try:
-            found = oracle.run(partitioning=None)
-            partitioned = False
-            if oracle.inference_failed:  # one failing node blocks a whole graph; isolate it
-                notes = oracle.notes
-                oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
-                found = oracle.run(partitioning="recursive")
-                oracle.notes = sorted(set(notes) | set(oracle.notes))
-                partitioned = True
+            oracle, found, partitioned = self._evaluate(model, graphs, types, max_bytes, fold_shapes)
         except Exception as exc:  # graphsurgeon is an oracle: when it breaks, the IR stays as it was
             return PassResult(False, {"folded": 0, "error": f"onnx-graphsurgeon failed: {type(exc).__name__}: "
                                                              f"{str(exc).splitlines()[0] if str(exc) else ''}"})
@@ -513,6 +517,21 @@ class FoldConstants(Pass):
             stats["graphsurgeon_warnings"] = [n[:300] for n in oracle.notes[:10]]
             stats["partitioned_retry"] = partitioned
         return PassResult(stats["folded"] > 0 or stats["removed_nodes"] > 0, stats)
+
+    @staticmethod
+    def _evaluate(model: Model, graphs: list[tuple[Graph, list[Node]]], types: TypeTable, max_bytes: int,
+                  fold_shapes: bool) -> tuple[_GraphsurgeonFold, dict[Graph, list[tuple[Value, Any]]], bool]:
+        """graphsurgeon's answer: the oracle run, what it evaluated, and whether it had to partition."""
+        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
+        found = oracle.run(partitioning=None)
+        if not oracle.inference_failed:
+            return oracle, found, False
+        # One failing node blocks a whole graph; isolate it.
+        notes = oracle.notes
+        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
+        found = oracle.run(partitioning="recursive")
+        oracle.notes = sorted(set(notes) | set(oracle.notes))
+        return oracle, found, True
 
     @staticmethod
     def _apply(model: Model, graphs: list[Graph], found: dict[Graph, list[tuple[Value, Any]]],
