@@ -118,16 +118,22 @@ def _tanh_argument(graph: Graph, u: Value, x: Value) -> list[Node] | None:
     if c is None or not _internal(graph, c[1]):
         return None
     cube, c_node = c
+    cube_nodes = _cube_nodes(graph, cube, x)
+    return None if cube_nodes is None else [scale_node, add, c_node, *cube_nodes]
+
+
+def _cube_nodes(graph: Graph, cube: Value, x: Value) -> list[Node] | None:
+    """The nodes computing ``cube = x³`` as ``Pow(x, 3)`` or ``x·(x·x)``, or None."""
     p = graph.producer(cube)
     if p is None or not _internal(graph, p):
         return None
     if is_op(p, "Pow") and p.inputs[0] is x and _close(_scalar(graph, p.inputs[1]), 3.0):
-        return [scale_node, add, c_node, p]
+        return [p]
     if is_op(p, "Mul") and len(p.inputs) == 2:
         a, b = p.inputs
         q = graph.producer(b if a is x else a)
         if (a is x or b is x) and is_op(q, "Mul") and list(q.inputs) == [x, x] and _internal(graph, q):
-            return [scale_node, add, c_node, p, q]
+            return [p, q]
     return None
 
 
@@ -284,14 +290,9 @@ def protected_role(graph: Graph, node: Node) -> str | None:
     for _ in range(5):
         nxt = []
         for n in frontier:
-            if is_op(n, "Mul"):
-                g = match_gelu(graph, n)
-                if g is not None and node in g.nodes:
-                    return "GELU"
-            if is_op(n, "Div"):
-                ln = match_layer_norm(graph, n)
-                if ln is not None and node in ln.nodes:
-                    return "LayerNorm"
+            role = _role_rooted_at(graph, n, node)
+            if role is not None:
+                return role
             for v in n.outputs:
                 for reader, _ in (graph.uses(v) if v is not None else []):
                     if reader not in seen:
@@ -302,10 +303,22 @@ def protected_role(graph: Graph, node: Node) -> str | None:
     for v in node.inputs:
         p = graph.producer(v) if v is not None else None
         for q in (p, graph.producer(p.inputs[0]) if p is not None and p.inputs else None):
-            if is_op(q, "Div"):
-                ln = match_layer_norm(graph, q)
-                if ln is not None and node in ln.nodes:
-                    return "LayerNorm"
+            if is_op(q, "Div") and _role_rooted_at(graph, q, node) is not None:
+                return "LayerNorm"
+    return None
+
+
+def _role_rooted_at(graph: Graph, root: Node, node: Node) -> str | None:
+    """The role (``"GELU"`` or ``"LayerNorm"``) when the pattern whose root node is ``root`` (a GELU's last
+    Mul, a LayerNorm's Div) contains ``node``, else None."""
+    if is_op(root, "Mul"):
+        g = match_gelu(graph, root)
+        if g is not None and node in g.nodes:
+            return "GELU"
+    if is_op(root, "Div"):
+        ln = match_layer_norm(graph, root)
+        if ln is not None and node in ln.nodes:
+            return "LayerNorm"
     return None
 
 
