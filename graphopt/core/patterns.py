@@ -321,6 +321,3 @@ def _role_rooted_at(graph: Graph, root: Node, node: Node) -> str | None:
             return "LayerNorm"
     return None
 
-
-# ---------------------------------------------------------------------------------------------
-# rules

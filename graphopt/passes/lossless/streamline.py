@@ -173,26 +173,35 @@ class _Env:
             types = inferred_types(self.model)
         except GraphoptError:
             return {}
-        out: dict[Value, Shape] = {}
-        for graph, by_name in types.items():
-            for value in graph.values():
-                tp = by_name.get(value.name)
-                if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-                    continue
-                out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                   for d in tp.tensor_type.shape.dim)
+        out = _dims_by_value(types)
         # onnx loses static dims behind shape arithmetic (Expand to a computed shape, then Concat); the
         # symbolic engine evaluates it. Only its static sizes are taken, for dims onnx left unknown.
         if self.symbolic and any(not all(isinstance(d, int) for d in dims) for dims in out.values()):
-            symbolic = symbolic_dims(self.model) or {}
-            for value in self.model.graph.values():
-                found, have = symbolic.get(value.name), out.get(value)
-                if found is None or (have is not None and len(have) != len(found)):
-                    continue
-                have = have if have is not None else (None,) * len(found)
-                out[value] = tuple(h if isinstance(h, int) else (f if isinstance(f, int) else h)
-                                   for h, f in zip(have, found))
+            self._fill_static_from_symbolic(out)
         return out
+
+    def _fill_static_from_symbolic(self, out: dict[Value, Shape]) -> None:
+        symbolic = symbolic_dims(self.model) or {}
+        for value in self.model.graph.values():
+            found, have = symbolic.get(value.name), out.get(value)
+            if found is None or (have is not None and len(have) != len(found)):
+                continue
+            have = have if have is not None else (None,) * len(found)
+            out[value] = tuple(h if isinstance(h, int) else (f if isinstance(f, int) else h)
+                               for h, f in zip(have, found))
+
+
+def _dims_by_value(types: dict) -> dict[Value, Shape]:
+    """Each value's inferred dims (int, ``dim_param`` or None) from ``{graph: {name: TypeProto}}``."""
+    out: dict[Value, Shape] = {}
+    for graph, by_name in types.items():
+        for value in graph.values():
+            tp = by_name.get(value.name)
+            if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+                continue
+            out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                               for d in tp.tensor_type.shape.dim)
+    return out
 
 
 def _known(dims: Shape) -> int:
