@@ -450,14 +450,9 @@ class _GraphsurgeonFold:
 
     def _why_not(self, gs_node: Any, local: dict[str, Value]) -> str | None:
         """Why a node graphsurgeon found foldable must not be folded, or None."""
-        for node in [gs_node, *(n for sub in gs_node.subgraphs(recursive=True) for n in sub.nodes)]:
-            domain = node.domain or ""  # graphsurgeon says None for the default domain
-            if domain not in PURE_FOLD_DOMAINS:
-                return f"custom domain {domain!r}"
-            if domain in STANDARD_DOMAINS and node.op in NONDETERMINISTIC_OPS:
-                return f"non-deterministic op {node.op}" if node is gs_node else f"subgraph holds {node.op}"
-            if node.op == "Dropout" and domain in STANDARD_DOMAINS and _gs_dropout_may_train(node):
-                return "Dropout in training mode (random)"
+        why = _gs_unfoldable_op(gs_node)
+        if why is not None:
+            return why
         read = [t.name for t in gs_node.inputs if not t.is_empty()]
         read += [name for sub in gs_node.subgraphs() for name in sub._foreign_tensors()]
         overridden = sorted(set(read) & self.overridable)
@@ -469,6 +464,20 @@ class _GraphsurgeonFold:
             if size is not None and size > self.max_bytes:
                 return f"too big: {size} bytes > max_bytes {self.max_bytes}"
         return None
+
+
+def _gs_unfoldable_op(gs_node: Any) -> str | None:
+    """Why ``gs_node`` or a node of its subgraphs may not be evaluated ahead of time (a custom domain, a
+    random op), or None."""
+    for node in [gs_node, *(n for sub in gs_node.subgraphs(recursive=True) for n in sub.nodes)]:
+        domain = node.domain or ""  # graphsurgeon says None for the default domain
+        if domain not in PURE_FOLD_DOMAINS:
+            return f"custom domain {domain!r}"
+        if domain in STANDARD_DOMAINS and node.op in NONDETERMINISTIC_OPS:
+            return f"non-deterministic op {node.op}" if node is gs_node else f"subgraph holds {node.op}"
+        if node.op == "Dropout" and domain in STANDARD_DOMAINS and _gs_dropout_may_train(node):
+            return "Dropout in training mode (random)"
+    return None
 
 
 def _gs_dropout_may_train(gs_node: Any) -> bool:
