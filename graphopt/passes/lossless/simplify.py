@@ -322,6 +322,15 @@ class ReshapeChain(_TypedRule):
         remove_dead(graph, [inner])
 
 
+def _changed_dim(target: list[int], dims: tuple, allowzero: bool) -> str | None:
+    """Why a Reshape to ``target`` may change a dim of ``dims`` (-1 is checked by the caller), or None."""
+    for s, d in zip(target, dims):
+        if s == -1 or (s == 0 and not allowzero) or (d is not None and s == d):
+            continue
+        return NoMatch("a dim changes") if d is not None else "a target dim meets a non-static dim"
+    return None
+
+
 class NoopReshape(_NoOp):
     name = "noop_reshape"
     root_ops = ("Reshape",)
@@ -336,12 +345,10 @@ class NoopReshape(_NoOp):
         target = [int(s) for s in target.reshape(-1)]
         if len(target) != len(dims):
             return NoMatch("rank changes")
-        allowzero = bool(node.attr("allowzero", 0))
+        why = _changed_dim(target, dims, bool(node.attr("allowzero", 0)))
+        if why is not None:
+            return why
         inferred = [i for i, s in enumerate(target) if s == -1]
-        for s, d in zip(target, dims):
-            if s == -1 or (s == 0 and not allowzero) or (d is not None and s == d):
-                continue
-            return NoMatch("a dim changes") if d is not None else "a target dim meets a non-static dim"
         if inferred:
             others = [d for i, d in enumerate(dims) if i != inferred[0]]
             if len(inferred) > 1 or None in others or 0 in others:
