@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from graphopt.core import onnx_io
+from graphopt.core.ir import Node
 from graphopt.core.ops import const_input, is_op, producer_op, remove_dead, sole_consumer
 from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass, apply_rules
 from tests.util import init, make_model, run, tensor
+
+
+@dataclass(kw_only=True)
+class NegPair(Match):
+    inner: Node
 
 
 class DoubleNeg(Rule):
@@ -26,12 +34,12 @@ class DoubleNeg(Rule):
             return "inner Neg has other readers"
         if not graph.can_replace(node.outputs[0], inner.inputs[0]):
             return "would rename a model output"
-        return Match(node, nodes={"inner": inner})
+        return NegPair(node, inner=inner)
 
     def rewrite(self, graph, match):
-        inner = match.nodes["inner"]
+        inner = match.inner
         graph.replace_all_uses(match.node.outputs[0], inner.inputs[0])
-        remove_dead(graph, match.all_nodes())
+        remove_dead(graph, [match.node, inner])
 
 
 def test_rule_applies_repeatedly_and_keeps_output_names():
@@ -121,7 +129,7 @@ class LabelledDoubleNeg(DoubleNeg):
     """The same rule, labelling where it applied (what the input of the outer pair is)."""
 
     def rewrite(self, graph, match):
-        site = f"after {graph.producer(match.nodes['inner'].inputs[0]).op_type}"
+        site = f"after {graph.producer(match.inner.inputs[0]).op_type}"
         super().rewrite(graph, match)
         return site
 

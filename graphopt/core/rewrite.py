@@ -37,9 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
-
-from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ir import Graph, Model, Node
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Pass, PassContext, PassResult
 from graphopt.core.ops import STANDARD_DOMAINS
@@ -47,19 +45,11 @@ from graphopt.core.ops import STANDARD_DOMAINS
 
 @dataclass
 class Match:
-    """What a rule found: the anchor node plus named nodes, values and arrays.
-
-    A rule whose rewrite needs more (a weight's folded form, a plan) subclasses it as a
-    ``@dataclass(kw_only=True)`` with typed fields.
-    """
+    """What a rule found: the anchor node. A rule whose rewrite needs more (the other nodes of the
+    pattern, a weight's folded form, a plan) subclasses it as a ``@dataclass(kw_only=True)`` with typed
+    fields, so the rewrite reads ``match.producer``, never a string key."""
 
     node: Node
-    nodes: dict[str, Node] = field(default_factory=dict)
-    values: dict[str, Value] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def all_nodes(self) -> list[Node]:
-        return [self.node, *self.nodes.values()]
 
 
 class Rule:

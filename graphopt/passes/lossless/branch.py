@@ -1062,6 +1062,11 @@ class MergeSumBranches(Rule):
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 
+@dataclass(kw_only=True)
+class _PoolMatch(Match):
+    concat: Node  # the Concat the pool reads
+
+
 class PoolThroughConcat(Rule):
     name = "pool_through_concat"
     root_ops = tuple(sorted(POOLS))
@@ -1086,7 +1091,7 @@ class PoolThroughConcat(Rule):
             strides = node.attr("strides") or []
             if prod(int(v) for v in strides) < 2:
                 return "the pool does not shrink the tensor (no copy saved)"
-        return Match(node, nodes={"concat": concat})
+        return _PoolMatch(node, concat=concat)
 
     def _axis_refusal(self, graph: Graph, concat: Node) -> str | None:
         """Why the Concat's axis is not the batch or channel axis, or None."""
@@ -1101,7 +1106,7 @@ class PoolThroughConcat(Rule):
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
-        node, concat = match.node, match.nodes["concat"]
+        node, concat = match.node, match.concat
         y = node.outputs[0]
         attrs = {name: node.attr(name) for name in node.attrs}
         pooled = []

@@ -174,12 +174,12 @@ class ShuffleToGather(_Rule):
                 return "an intermediate value has other readers"
         factors = [int(d) for d in dsplit[1:1 + k]]
         idx = np.arange(dx[1]).reshape(factors).transpose([p - 1 for p in perm[1:1 + k]]).reshape(-1)
-        return Match(node, nodes={"transpose": transpose, "split": split}, values={"x": x}, arrays={"idx": idx})
+        return _ShuffleMatch(node, x=x, axis=1, idx=idx, transpose=transpose, split=split)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _ShuffleMatch) -> None:
         node = match.node
-        self.emit_gather(graph, node.outputs[0], match.values["x"], 1, match.arrays["idx"], node)
-        _remove(graph, [node, match.nodes["transpose"], match.nodes["split"]])
+        self.emit_gather(graph, node.outputs[0], match.x, match.axis, match.idx, node)
+        _remove(graph, [node, match.transpose, match.split])
 
 
 @dataclass(kw_only=True)
@@ -189,6 +189,12 @@ class _Regathered(Match):
     x: Value
     axis: int
     idx: np.ndarray
+
+
+@dataclass(kw_only=True)
+class _ShuffleMatch(_Regathered):
+    transpose: Node  # the shuffle's Transpose and first Reshape, removed with it
+    split: Node
 
 
 @dataclass(kw_only=True)
@@ -295,6 +301,11 @@ class GatherOfGather(_Regather):
         return _Regathered(node, x=x, axis=axis, idx=i[j])
 
 
+@dataclass(kw_only=True)
+class _Bypassed(Match):
+    x: Value  # what the matched node's output equals
+
+
 class NoopGather(_Rule):
     name = "noop_gather"
     root_ops = ("Gather",)
@@ -308,11 +319,22 @@ class NoopGather(_Rule):
             return NoMatch("indices are not 0..n-1")
         if not graph.can_replace(node.outputs[0], x):
             return "would rename a model output"
-        return Match(node, values={"x": x})
+        return _Bypassed(node, x=x)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        graph.replace_all_uses(match.node.outputs[0], match.values["x"])
+    def rewrite(self, graph: Graph, match: _Bypassed) -> None:
+        graph.replace_all_uses(match.node.outputs[0], match.x)
         _remove(graph, [match.node])
+
+
+@dataclass(kw_only=True)
+class _ConvGatherMatch(Match):
+    """A Conv reading ``Gather(x, idx, axis=1)``, with its weight and bias (None when absent)."""
+
+    gather: Node
+    x: Value
+    idx: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray | None = None
 
 
 class GatherIntoConv(_Rule):
@@ -328,17 +350,17 @@ class GatherIntoConv(_Rule):
             return f"grouped conv (group={info.group})"
         if len(idx) != info.weight.shape[1] or not self.permutes_all(x, 1, idx):
             return "the gather is not a permutation of all of its input's channels"
-        return Match(node, nodes={"gather": gather}, values={"x": x}, arrays={"idx": idx, "weight": info.weight})
+        return _ConvGatherMatch(node, gather=gather, x=x, idx=idx, weight=info.weight)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx, w = match.node, match.arrays["idx"], match.arrays["weight"]
+    def rewrite(self, graph: Graph, match: _ConvGatherMatch) -> None:
+        node, idx, w = match.node, match.idx, match.weight
         permuted = np.empty_like(w)
         permuted[:, idx] = w
         old = node.inputs[1]
         graph.set_input(node, 1, graph.add_initializer(permuted, f"{node.name or 'conv'}_W"))
-        graph.set_input(node, 0, match.values["x"])
+        graph.set_input(node, 0, match.x)
         drop_unused(graph, [old])
-        _remove(graph, [match.nodes["gather"]])
+        _remove(graph, [match.gather])
 
 
 class GatherThroughDepthwise(_Rule):
@@ -364,23 +386,20 @@ class GatherThroughDepthwise(_Rule):
         if isinstance(after_info, str) or after_info.group != 1:
             # Moving the Gather would only move its cost; a dense conv after the depthwise one absorbs it.
             return NoMatch("no dense conv after the depthwise conv to absorb the gather")
-        arrays = {"idx": idx, "weight": info.weight}
-        if info.bias is not None:
-            arrays["bias"] = info.bias
-        return Match(node, nodes={"gather": gather}, values={"x": x}, arrays=arrays)
+        return _ConvGatherMatch(node, gather=gather, x=x, idx=idx, weight=info.weight, bias=info.bias)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx = match.node, match.arrays["idx"]
-        weight = np.empty_like(match.arrays["weight"])
-        weight[idx] = match.arrays["weight"]
+    def rewrite(self, graph: Graph, match: _ConvGatherMatch) -> None:
+        node, idx = match.node, match.idx
+        weight = np.empty_like(match.weight)
+        weight[idx] = match.weight
         old = [v for v in node.inputs[1:] if v is not None]
         out = node.outputs[0]
         graph.remove_node(node, keep_outputs=True)
         base = node.name or "conv"
-        inputs = [match.values["x"], graph.add_initializer(weight, f"{base}_W")]
-        if "bias" in match.arrays:
-            bias = np.empty_like(match.arrays["bias"])
-            bias[idx] = match.arrays["bias"]
+        inputs = [match.x, graph.add_initializer(weight, f"{base}_W")]
+        if match.bias is not None:
+            bias = np.empty_like(match.bias)
+            bias[idx] = match.bias
             inputs.append(graph.add_initializer(bias, f"{base}_B"))
         attrs = {k: helper.get_attribute_value(a) for k, a in node.attrs.items()}
         # Same type and dims as the old output, recorded so that the next rule (folding the Gather) knows them.
@@ -388,7 +407,7 @@ class GatherThroughDepthwise(_Rule):
         graph.add_node("Conv", inputs, [unpermuted], attrs, name=base, anchor=node)
         self.emit_gather(graph, out, unpermuted, 1, idx, node)
         drop_unused(graph, old)
-        _remove(graph, [match.nodes["gather"]])
+        _remove(graph, [match.gather])
 
 
 def rules(types: TypeTable) -> list[Rule]:

@@ -197,6 +197,11 @@ class TransposePair(_TypedRule):
         remove_dead(graph, [inner])
 
 
+@dataclass(kw_only=True)
+class _InverseMatch(Match):
+    inner: Node  # the node the matched one undoes: both go, readers read the inner one's input
+
+
 class SqueezeUnsqueeze(_TypedRule):
     """Unsqueeze(Squeeze(x, a), a) -> x."""
 
@@ -222,10 +227,10 @@ class SqueezeUnsqueeze(_TypedRule):
             return "negative axes and unknown rank"
         if a != b:
             return NoMatch("axes differ")
-        return _bypass_refusal(graph, node.outputs[0], x) or Match(node, nodes={"inner": inner})
+        return _bypass_refusal(graph, node.outputs[0], x) or _InverseMatch(node, inner=inner)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.nodes["inner"].inputs[0], match.all_nodes())
+    def rewrite(self, graph: Graph, match: _InverseMatch) -> None:
+        _bypass(graph, match.node.outputs[0], match.inner.inputs[0], [match.node, match.inner])
 
 
 class UnsqueezeSqueeze(_TypedRule):
@@ -253,10 +258,10 @@ class UnsqueezeSqueeze(_TypedRule):
             return "negative axes and unknown rank"
         if a != b:
             return NoMatch("axes differ")
-        return _bypass_refusal(graph, node.outputs[0], x) or Match(node, nodes={"inner": inner})
+        return _bypass_refusal(graph, node.outputs[0], x) or _InverseMatch(node, inner=inner)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.nodes["inner"].inputs[0], match.all_nodes())
+    def rewrite(self, graph: Graph, match: _InverseMatch) -> None:
+        _bypass(graph, match.node.outputs[0], match.inner.inputs[0], [match.node, match.inner])
 
 
 @dataclass(kw_only=True)
@@ -453,6 +458,11 @@ class SingleSplit(_NoOp):
         return None if len(node.outputs) == 1 else NoMatch("several outputs")
 
 
+@dataclass(kw_only=True)
+class _Bypassed(Match):
+    x: Value  # what the matched node's output equals
+
+
 class NeutralElement(_TypedRule):
     """x*1, 1*x, x+0, 0+x, x-0, x/1 -> x."""
 
@@ -485,11 +495,11 @@ class NeutralElement(_TypedRule):
                 continue
             why = _bypass_refusal(graph, node.outputs[0], x)
             if why is None:
-                return Match(node, values={"x": x})
+                return _Bypassed(node, x=x)
         return why
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.values["x"], [match.node])
+    def rewrite(self, graph: Graph, match: _Bypassed) -> None:
+        _bypass(graph, match.node.outputs[0], match.x, [match.node])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +630,11 @@ _SHAPE_OPS = {"Shape": _entries_of_shape, "Identity": _entries_of_identity, "Cas
               "Concat": _entries_of_concat}
 
 
+@dataclass(kw_only=True)
+class _NewTarget(Match):
+    shape: np.ndarray  # the constant target shape
+
+
 class ReshapeShapeTarget(_TypedRule):
     """Reshape(x, Concat(Shape-derived dims, constants)) -> Reshape(x, constant).
 
@@ -657,7 +672,7 @@ class ReshapeShapeTarget(_TypedRule):
             target[open_[0]] = -1
         if target.count(-1) > 1:
             return "more than one -1"
-        return Match(node, arrays={"shape": np.array(target, np.int64)})
+        return _NewTarget(node, shape=np.array(target, np.int64))
 
     def _copied(self, x: Value, symbols: tuple | None, entries: list[Entry]) -> list[int | None]:
         """The target with static entries kept, dim ``k`` of ``x`` at position ``k`` as 0 (copied), and
@@ -691,7 +706,7 @@ class ReshapeShapeTarget(_TypedRule):
     def rewrite(self, graph: Graph, match: Match) -> None:
         node = match.node
         old = node.inputs[1]
-        graph.set_input(node, 1, graph.add_initializer(match.arrays["shape"], f"{node.name or 'Reshape'}_shape"))
+        graph.set_input(node, 1, graph.add_initializer(match.shape, f"{node.name or 'Reshape'}_shape"))
         remove_dead(graph, _producers(graph, old))
 
 
