@@ -6,8 +6,7 @@ A :class:`Rule` has the shape of onnxscript's rewrite rules, in three parts:
     The structural pattern's anchor: the op types of the node the rule starts from.
 ``match(graph, node) -> Match | str | None``
     The check. It collects what the rewrite needs into a typed :class:`Match` (a small dataclass per
-    rule or per family of rules, so the rewrite reads ``match.producer``, not ``match.extra["producer"]``);
-    or returns the reason it does not apply (a short string such as ``"weight is not constant"``) —
+    rule or per family of rules: the rewrite reads ``match.producer``, never a string key); or returns the reason it does not apply (a short string such as ``"weight is not constant"``) —
     reasons are counted in the stats, so a user can see why something was left alone; or ``None`` (or a
     :class:`NoMatch`) when the node is simply not an instance of the pattern: nothing to report.
 ``rewrite(graph, match) -> str | list[str] | None``
