@@ -562,6 +562,10 @@ def test_matmul_add_on_3d_input_becomes_gemm_on_rows():
 
 def test_gemm_rows_refusals():
     rng = np.random.default_rng(46)
+    # 2-D: matmul_add_to_gemm's case (merge_linear), not this rule's
+    flat = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                      [tensor("x", ["N", 3])], [tensor("y", ["N", 4])], [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4))])
+    assert_unchanged("gemm_rows", flat, "2-D (merge_linear's case)")
     # two dynamic leading dims: the result's shape cannot be written as a constant
     two = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
                      [tensor("x", ["N", "T", 3])], [tensor("y", ["N", "T", 4])],
