@@ -115,7 +115,7 @@ def test_only_adjacent_conv_inputs_merge_and_the_order_is_kept():
                   [helper.make_node("Concat", ["x", "a", "b", "c"], ["y"], axis=1)],
                   XI, [tensor("y", ["N", 11, 8, 8])], pre=[helper.make_node("Relu", ["x"], ["z"])])
     result, out = apply(branch.MergeConcatConvsPass, proto)
-    assert result.changed and result.stats["merged"] == 1
+    assert result.changed and result.stats["rewrites"] == 1
     concat = the(out, "Concat")
     assert concat.input[0] == "x" and concat.input[2] == "c" and len(concat.input) == 3
     assert sorted(op_types(out)) == ["Concat", "Conv", "Conv", "Relu"]
@@ -419,7 +419,7 @@ def pooled_concat(pool: onnx.NodeProto, axis: int = 1, extra_reader: bool = Fals
 def test_pool_moves_before_the_concat(pool, out_shape):
     proto = pooled_concat(pool, out_shape=out_shape)
     result, out = apply(branch.PoolThroughConcatPass, proto)
-    assert result.changed and result.stats["merged"] == 1
+    assert result.changed and result.stats["rewrites"] == 1
     assert op_types(out) == ["Relu", "Sigmoid", pool.op_type, pool.op_type, "Concat"]
     assert [o.name for o in out.graph.output] == ["y"]
     feeds = {"x": RNG.standard_normal((2, 4, 8, 8)).astype(np.float32)}

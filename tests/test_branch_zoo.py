@@ -95,7 +95,7 @@ def test_inception_branch_fusion_drops_nodes_and_stays_equivalent():
     # Without the NCHWc charge the 1x1 reductions of each block fuse into one conv + Split.
     model = _prepared(entry)
     stats = _branch(model, horizontal_fusion={"blocked_layout": False})
-    assert stats["horizontal_fusion"]["merged"] >= 3, stats
+    assert stats["horizontal_fusion"]["rewrites"] >= 3, stats
     assert model.node_count() < reference.node_count()
     report = verify(onnx_io.to_proto(reference), _checked(model), _eval_data())
     assert report.passed, report.reasons
@@ -107,5 +107,5 @@ def test_inception_default_refuses_the_split_for_onnxruntime_cpu():
     before = onnx_io.to_proto(model)
     stats = _branch(model)
     reasons = [r["reason"] for r in stats["horizontal_fusion"].get("left_alone", [])]
-    assert stats["horizontal_fusion"]["merged"] == 0 and any("NCHWc" in r for r in reasons), stats
+    assert stats["horizontal_fusion"]["rewrites"] == 0 and any("NCHWc" in r for r in reasons), stats
     assert onnx_io.to_proto(model) == before

@@ -45,7 +45,8 @@ def test_dead_code_keeps_unknown_domain_ops_and_says_why():
     model = onnx_io.from_proto(proto)
     result = get_pass("dead_code").run(model, PassContext())
     assert not result.changed
-    assert result.stats["kept_unknown_domain"] == ["my.ops:Log ''"]
+    assert result.stats["left_alone"] == [{"rule": "my.ops:Log", "reason": "op of an unknown domain (it may have side "
+                                           "effects)", "count": 1, "examples": ["Log"]}]
     assert [n.op_type for n in model.graph.toposort()] == ["Relu", "Log"]
 
 
@@ -84,7 +85,7 @@ def test_identity_from_input_to_output_is_left_alone():
     proto = make_model([helper.make_node("Identity", ["x"], ["y"])], [tensor("x", [2, 4])], [tensor("y", [2, 4])])
     result, out = apply("identity", proto)
     assert not result.changed and out == proto
-    assert result.stats["left_alone"][0]["why"] == "'y' is a model output and 'x' (a graph input) cannot take its name"
+    assert result.stats["left_alone"][0]["reason"] == "'y' is a model output and 'x' (a graph input) cannot take its name"
 
 
 def test_dropout_with_read_mask_or_training_mode_stays():
@@ -97,7 +98,8 @@ def test_dropout_with_read_mask_or_training_mode_stays():
                           [tensor("x", [2, 4])], [tensor("y", [2, 4])],
                           [init("ratio", np.array(0.5, np.float32)), init("train", np.array(True))])
     result, _ = apply("identity", training)
-    assert not result.changed and result.stats["left_alone"][0]["why"] == "training mode or mask is read"
+    assert not result.changed and result.stats["left_alone"][0]["reason"] == "training mode or mask is read"
+    assert result.stats["left_alone"][0]["rule"] == "Dropout"
     inference = make_model([helper.make_node("Dropout", ["x", "ratio", "train"], ["d"]),
                             helper.make_node("Relu", ["d"], ["y"])],
                            [tensor("x", [2, 4])], [tensor("y", [2, 4])],
@@ -209,7 +211,7 @@ def test_fold_constants_refuses_random_too_big_and_overridable():
                      + ",".join(["2.0"] * 64) + "}"))
     result, out = apply_with("fold_constants", proto, max_bytes=4096)
     assert not result.changed and out == proto
-    why = {d["op"]: d["why"] for d in result.stats["left_alone"]}
+    why = {d["rule"]: d["reason"] for d in result.stats["left_alone"]}
     assert why == {"RandomNormal": "non-deterministic op RandomNormal",
                    "ConstantOfShape": "too big: 16384 bytes > max_bytes 4096",
                    "Mul": "reads graph input 'd', whose default value the caller may override"}
@@ -243,8 +245,8 @@ def test_fold_constants_inside_if_and_loop_bodies():
                        [init("n", np.array(3, np.int64)), init("w", np.full(4, 0.5, np.float32))])
     result, out = apply("fold_constants", proto)
     assert result.changed and result.stats["folded_by_op"] == {"Add": 1, "Mul": 1}
-    assert result.stats["left_alone"] == [{"value": "noise", "op": "RandomNormal",
-                                           "why": "non-deterministic op RandomNormal"}]
+    assert result.stats["left_alone"] == [{"rule": "RandomNormal", "reason": "non-deterministic op RandomNormal",
+                                           "count": 1, "examples": ["noise"]}]
     assert "graphsurgeon_warnings" not in result.stats
     then_out = branch(out, "then_branch")
     assert [n.op_type for n in then_out.node] == ["Mul"]
@@ -301,7 +303,8 @@ def test_constant_to_initializer_in_subgraphs_and_model_output_stays():
                        [tensor("y", [2, 4]), tensor("z", [2], onnx.TensorProto.INT64)])
     result, out = apply("constant_to_initializer", proto)
     assert result.changed and result.stats["converted"] == 2
-    assert result.stats["left_alone"] == [{"value": "z", "why": "model output: an initializer cannot take over its name"}]
+    assert result.stats["left_alone"] == [{"reason": "model output: an initializer cannot take over its name",
+                                           "count": 1, "examples": ["z"]}]
     assert op_types(out) == ["If", "Constant"] and not out.graph.initializer
     then_out, else_out = branch(out, "then_branch"), branch(out, "else_branch")
     assert [n.op_type for n in then_out.node] == ["Mul"] and list(inits(then_out)) == ["k_1"]
@@ -428,7 +431,8 @@ def test_cse_never_merges_random_ops_or_two_outputs():
         }""")
     result, out = apply("cse", proto)
     assert not result.changed and out == proto
-    assert result.stats["left_alone"] == [{"node": "Exp", "same_as": "Exp", "why": "both outputs are graph outputs"}]
+    assert result.stats["left_alone"] == [{"reason": "both outputs are graph outputs", "count": 1,
+                                           "examples": ["Exp (same as Exp)"]}]
 
 
 # =============================================================================================
@@ -464,8 +468,9 @@ def test_fold_constants_drops_a_result_found_too_big_only_after_evaluation():
         [helper.make_node("NonZero", ["w"], ["nz"]), helper.make_node("Cast", ["nz"], ["y"], to=onnx.TensorProto.FLOAT)],
         [], [tensor("y", [1, None])], [init("w", np.ones(2000, np.float32))]), max_bytes=1024)
     assert not result.changed  # the Cast stays, so it needs its input, which is too big as well
-    assert result.stats["left_alone"] == [{"value": "nz", "op": "NonZero", "why": "too big: 16000 bytes > max_bytes 1024"},
-                                          {"value": "y", "op": "Cast", "why": "too big: 8000 bytes > max_bytes 1024"}]
+    assert result.stats["left_alone"] == [
+        {"rule": "Cast", "reason": "too big: 8000 bytes > max_bytes 1024", "count": 1, "examples": ["y"]},
+        {"rule": "NonZero", "reason": "too big: 16000 bytes > max_bytes 1024", "count": 1, "examples": ["nz"]}]
 
 
 def test_identity_keeps_two_outputs_of_a_subgraph_apart():
@@ -479,7 +484,7 @@ def test_identity_keeps_two_outputs_of_a_subgraph_apart():
                        [tensor("x", [2, 4]), tensor("cond", [], onnx.TensorProto.BOOL)], [tensor("y", [2, 4]), tensor("z", [2, 4])])
     result, out = apply("identity", proto)
     assert not result.changed and out == proto
-    assert result.stats["left_alone"][0]["why"] == "'b' and 'a' are both outputs of graph 'then'"
+    assert result.stats["left_alone"][0]["reason"] == "'b' and 'a' are both outputs of graph 'then'"
 
 
 def function_model() -> onnx.ModelProto:

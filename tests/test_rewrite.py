@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from graphopt.core import onnx_io
+from graphopt.core.ir import Node
 from graphopt.core.ops import const_input, is_op, producer_op, remove_dead, sole_consumer
-from graphopt.core.rewrite import Match, NoMatch, Rule, apply_rules
+from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass, apply_rules
 from tests.util import init, make_model, run, tensor
+
+
+@dataclass(kw_only=True)
+class NegPair(Match):
+    inner: Node
 
 
 class DoubleNeg(Rule):
@@ -26,12 +34,12 @@ class DoubleNeg(Rule):
             return "inner Neg has other readers"
         if not graph.can_replace(node.outputs[0], inner.inputs[0]):
             return "would rename a model output"
-        return Match(node, nodes={"inner": inner})
+        return NegPair(node, inner=inner)
 
     def rewrite(self, graph, match):
-        inner = match.nodes["inner"]
+        inner = match.inner
         graph.replace_all_uses(match.node.outputs[0], inner.inputs[0])
-        remove_dead(graph, match.all_nodes())
+        remove_dead(graph, [match.node, inner])
 
 
 def test_rule_applies_repeatedly_and_keeps_output_names():
@@ -59,7 +67,7 @@ def test_refusals_are_reported_with_reasons_and_examples():
     stats = apply_rules(model, [DoubleNeg()])
     assert stats.total == 0
     # "first" reads a graph input: not an instance of the pattern, so not reported (match returned None)
-    assert stats.to_dict() == {"applied": {}, "left_alone": [
+    assert stats.to_dict() == {"rewrites": 0, "applied": {}, "left_alone": [
         {"rule": "double_neg", "reason": "inner Neg has other readers", "count": 1, "examples": ["second"]}]}
     assert onnx_io.to_proto(model) == proto  # negative case: untouched
 
@@ -115,3 +123,52 @@ def test_no_match_reasons_are_not_reported_as_left_alone():
     # "first" answered NoMatch: absent, like None; "second" is a real refusal
     assert stats.to_dict()["left_alone"] == [
         {"rule": "double_neg", "reason": "inner Neg has other readers", "count": 1, "examples": ["second"]}]
+
+
+class LabelledDoubleNeg(DoubleNeg):
+    """The same rule, labelling where it applied (what the input of the outer pair is)."""
+
+    def rewrite(self, graph, match):
+        site = f"after {graph.producer(match.inner.inputs[0]).op_type}"
+        super().rewrite(graph, match)
+        return site
+
+
+class DoubleNegPass(RulePass):
+    name = "double_neg_pass"
+    summary = "Neg(Neg(x)) -> x"
+
+    def rules(self, model, ctx):
+        return [LabelledDoubleNeg()]
+
+
+def test_rule_pass_stats_count_rules_sites_and_refusals():
+    from graphopt.core.manager import PassContext
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["a"]),
+             helper.make_node("Neg", ["a"], ["b"]), helper.make_node("Exp", ["b"], ["c"]),
+             helper.make_node("Neg", ["c"], ["d"], name="shared"), helper.make_node("Neg", ["d"], ["e"], name="outer"),
+             helper.make_node("Add", ["d", "e"], ["y"])]
+    proto = make_model(nodes, [tensor("x", [3])], [tensor("y", [3])])
+    model = onnx_io.from_proto(proto)
+    result = DoubleNegPass().run(model, PassContext())
+    assert result.changed
+    assert result.stats == {"rewrites": 1, "applied": {"double_neg": 1}, "sites": {"after Relu": 1},
+                            "left_alone": [{"rule": "double_neg", "reason": "inner Neg has other readers",
+                                            "count": 1, "examples": ["outer"]},
+                                           {"rule": "double_neg", "reason": "input is not a Neg",
+                                            "count": 1, "examples": ["shared"]}]}
+    again = DoubleNegPass().run(model, PassContext())
+    assert not again.changed and again.stats["rewrites"] == 0 and "sites" not in again.stats
+
+
+def test_every_registered_rule_pass_reports_the_same_keys():
+    import graphopt  # noqa: F401  (registers every pass)
+    from graphopt.core.manager import PassContext, registered
+    rule_passes = [cls for cls in registered().values() if issubclass(cls, RulePass)]
+    assert {"simplify", "fuse_patterns", "channel_permute", "fold_batchnorm", "merge_linear", "gemm_rows",
+            "horizontal_fusion", "merge_concat_convs"} <= {cls.name for cls in rule_passes}
+    proto = make_model([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["y"])],
+                       [tensor("x", [3])], [tensor("y", [3])])
+    for cls in rule_passes:
+        result = cls().run(onnx_io.from_proto(proto), PassContext())
+        assert set(result.stats) == {"rewrites", "applied"}, (cls.name, result.stats)

@@ -71,7 +71,7 @@ def test_bn_after_grouped_conv(with_bias):
                        [tensor("x", ["N", 4, 6, 6])], [tensor("y", ["N", 4 + 2, 6, 6])], inits)
     result, out = optimize("fold_batchnorm", proto)
     assert result.changed and applied(result) == {"bn_into_preceding_layer": 1}
-    assert result.stats["folded"] == {"after Conv": 1}
+    assert result.stats["sites"] == {"after Conv": 1}
     assert op_types(out) == ["Conv"] and len(out.graph.node[0].input) == 3  # a bias was created if absent
     assert out.graph.output[0].name == "y"
     assert all(t.data_type == TensorProto.FLOAT for t in out.graph.initializer)
@@ -113,7 +113,7 @@ def test_bn_after_2d_matmul_becomes_gemm():
     proto = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), bn_node],
                        [tensor("x", ["N", 4])], [tensor("y", ["N", 5])], [init("w", rand(rng, 4, 5)), *bn_inits])
     result, out = optimize("fold_batchnorm", proto)
-    assert applied(result) == {"bn_into_preceding_layer": 1} and result.stats["folded"] == {"after MatMul": 1}
+    assert applied(result) == {"bn_into_preceding_layer": 1} and result.stats["sites"] == {"after MatMul": 1}
     assert op_types(out) == ["Gemm"] and out.graph.output[0].name == "y"
     assert_same(proto, out, {"x": rand(rng, 3, 4)})
 
@@ -130,7 +130,7 @@ def test_bn_before_unpadded_conv_and_gemm():
                         *inits1, *inits2])
     result, out = optimize("fold_batchnorm", proto)
     assert applied(result) == {"bn_into_following_layer": 2}
-    assert result.stats["folded"] == {"before Conv": 1, "before Gemm": 1}
+    assert result.stats["sites"] == {"before Conv": 1, "before Gemm": 1}
     assert op_types(out) == ["Conv", "Flatten", "Gemm"]
     assert_same(proto, out, {"x": rand(rng, 2, 4, 5, 5)})
 
@@ -148,7 +148,7 @@ def test_bn_before_padded_conv_with_zero_shift_and_into_two_readers():
                        [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 2, 6, 6])],
                        [init("w1", rand(rng, 2, 3, 3, 3)), init("w2", rand(rng, 2, 3, 3, 3)), *bn_inits])
     result, out = optimize("fold_batchnorm", proto)
-    assert applied(result) == {"bn_into_following_layer": 1} and result.stats["folded"] == {"before Conv": 2}
+    assert applied(result) == {"bn_into_following_layer": 1} and result.stats["sites"] == {"before Conv": 2}
     assert op_types(out) == ["Conv", "Conv", "Add"]
     assert_same(proto, out, {"x": rand(rng, 2, 3, 6, 6)})
 
@@ -289,7 +289,7 @@ def test_affine_after_conv(op, shape, swap, bias):
     rng = np.random.default_rng(20)
     proto = conv_then(op, rand(rng, *shape, low=0.5, high=2.0), rng, swap, bias)
     result, out = optimize("fold_affine", proto)
-    assert applied(result) == {"affine_into_preceding_layer": 1} and result.stats["folded"] == {"after Conv": 1}
+    assert applied(result) == {"affine_into_preceding_layer": 1} and result.stats["sites"] == {"after Conv": 1}
     assert op_types(out) == ["Conv"] and out.graph.output[0].name == "y"
     assert_same(proto, out, {"x": rand(rng, 2, 3, 5, 5)})
 
@@ -310,7 +310,7 @@ def test_affine_after_gemm_and_matmul_layers():
     # Mul, Sub into the Gemm; Div into the 3-D MatMul's weight; Mul into the MatMul + bias Add. The bias Add
     # of the bare 3-D MatMul is a layer's bias already and stays.
     assert applied(result) == {"affine_into_preceding_layer": 4}
-    assert result.stats["folded"] == {"after Gemm": 2, "after MatMul": 2}
+    assert result.stats["sites"] == {"after Gemm": 2, "after MatMul": 2}
     assert op_types(out) == ["Gemm", "Reshape", "MatMul", "Add"]
     assert_same(proto, out, {"x": rand(rng, 3, 4)})
 
@@ -333,7 +333,7 @@ def test_affine_before_conv_gemm_and_matmul():
                         init("gw", rand(rng, 32, 5)), init("d2", rand(rng, 5)), init("mw", rand(rng, 5, 2))])
     result, out = optimize("fold_affine", proto)
     assert applied(result) == {"affine_into_following_layer": 4}
-    assert result.stats["folded"] == {"before Conv": 2, "before Gemm": 1, "before MatMul": 1}
+    assert result.stats["sites"] == {"before Conv": 2, "before Gemm": 1, "before MatMul": 1}
     assert op_types(out) == ["Conv", "Relu", "Conv", "Flatten", "Relu", "Gemm", "Relu", "Gemm"]
     assert_same(proto, out, {"x": rand(rng, 2, 3, 4, 4)})
 
@@ -351,7 +351,7 @@ def test_affine_before_grouped_conv_transpose_and_shift_before_gemm():
                         init("gc", rand(rng, 1, 3))])
     result, out = optimize("fold_affine", proto)
     assert applied(result) == {"affine_into_following_layer": 2}
-    assert result.stats["folded"] == {"before ConvTranspose": 1, "before Gemm": 1}
+    assert result.stats["sites"] == {"before ConvTranspose": 1, "before Gemm": 1}
     assert op_types(out) == ["ConvTranspose", "Flatten", "Gemm"]
     assert_same(proto, out, {"x": rand(rng, 2, 4, 3, 3)})
 
@@ -380,7 +380,7 @@ def test_affine_before_matmuls_with_bias_and_a_shape_reader():
                        [init("gamma", rand(rng, 4)), init("beta", rand(rng, 4)), init("wq", rand(rng, 4, 4)),
                         init("bq", rand(rng, 4)), init("wk", rand(rng, 4, 4)), init("bk", rand(rng, 1, 1, 4))])
     result, out = optimize("fold_affine", proto)
-    assert applied(result) == {"affine_into_following_layer": 2} and result.stats["folded"] == {"before MatMul": 4}
+    assert applied(result) == {"affine_into_following_layer": 2} and result.stats["sites"] == {"before MatMul": 4}
     assert op_types(out) == ["MatMul", "Add", "MatMul", "Add", "Shape", "Reshape", "Add"]
     assert_same(proto, out, {"x": rand(rng, 2, 5, 4)})
 
@@ -453,7 +453,7 @@ def test_pad_into_conv_opset_17_with_axes_and_opset_10_attributes():
                      [tensor("x", ["N", 3, 5, 6])], [tensor("y", ["n", "c", "h", "w"])], [w], opset=10)
     for proto, pads in ((new, [2, 2, 0, 2]), (old, [1, 2, 0, 1])):
         result, out = optimize("fuse_pad", proto)
-        assert applied(result) == {"pad_into_layer": 1} and result.stats["fused"] == {"into Conv": 1}
+        assert applied(result) == {"pad_into_layer": 1} and result.stats["sites"] == {"into Conv": 1}
         assert op_types(out) == ["Conv"] and list(helper.get_attribute_value(
             next(a for a in out.graph.node[0].attribute if a.name == "pads"))) == pads
         assert not any(a.name == "auto_pad" and a.s == b"VALID" for a in out.graph.node[0].attribute)
@@ -562,6 +562,10 @@ def test_matmul_add_on_3d_input_becomes_gemm_on_rows():
 
 def test_gemm_rows_refusals():
     rng = np.random.default_rng(46)
+    # 2-D: matmul_add_to_gemm's case (merge_linear), not this rule's
+    flat = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                      [tensor("x", ["N", 3])], [tensor("y", ["N", 4])], [init("w", rand(rng, 3, 4)), init("b", rand(rng, 4))])
+    assert_unchanged("gemm_rows", flat, "2-D (merge_linear's case)")
     # two dynamic leading dims: the result's shape cannot be written as a constant
     two = make_model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
                      [tensor("x", ["N", "T", 3])], [tensor("y", ["N", "T", 4])],

@@ -118,12 +118,8 @@ class ConvInfo:
         return (self.x.name, self.strides, self.dilations, self.group, self.weight.dtype.str, self.weight.ndim)
 
 
-def conv_info(graph: Graph, node: Node) -> ConvInfo | str:
-    """The conv's :class:`ConvInfo`, or why it cannot take part in a merge."""
-    if not is_op(node, "Conv"):
-        return "not a Conv"
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None or node.outputs[0] is None:
-        return "Conv without input or weight"
+def _conv_weights(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None] | str:
+    """The conv's constant float weight (rank >= 3) and bias (None when absent), or why not."""
     w = graph.constant_array(node.inputs[1])
     if w is None:
         return "conv weight is not constant"
@@ -136,6 +132,19 @@ def conv_info(graph: Graph, node: Node) -> ConvInfo | str:
             return "conv bias is not constant"
         if b.shape != (w.shape[0],):
             return "conv bias shape does not match the weight"
+    return w, b
+
+
+def conv_info(graph: Graph, node: Node) -> ConvInfo | str:
+    """The conv's :class:`ConvInfo`, or why it cannot take part in a merge."""
+    if not is_op(node, "Conv"):
+        return "not a Conv"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None or node.outputs[0] is None:
+        return "Conv without input or weight"
+    found = _conv_weights(graph, node)
+    if isinstance(found, str):
+        return found
+    w, b = found
     auto_pad = node.attr("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):

@@ -118,16 +118,22 @@ def _tanh_argument(graph: Graph, u: Value, x: Value) -> list[Node] | None:
     if c is None or not _internal(graph, c[1]):
         return None
     cube, c_node = c
+    cube_nodes = _cube_nodes(graph, cube, x)
+    return None if cube_nodes is None else [scale_node, add, c_node, *cube_nodes]
+
+
+def _cube_nodes(graph: Graph, cube: Value, x: Value) -> list[Node] | None:
+    """The nodes computing ``cube = x³`` as ``Pow(x, 3)`` or ``x·(x·x)``, or None."""
     p = graph.producer(cube)
     if p is None or not _internal(graph, p):
         return None
     if is_op(p, "Pow") and p.inputs[0] is x and _close(_scalar(graph, p.inputs[1]), 3.0):
-        return [scale_node, add, c_node, p]
+        return [p]
     if is_op(p, "Mul") and len(p.inputs) == 2:
         a, b = p.inputs
         q = graph.producer(b if a is x else a)
         if (a is x or b is x) and is_op(q, "Mul") and list(q.inputs) == [x, x] and _internal(graph, q):
-            return [scale_node, add, c_node, p, q]
+            return [p, q]
     return None
 
 
@@ -189,7 +195,8 @@ def _reduce_axes(graph: Graph, node: Node) -> list[int] | None:
 
 
 def match_layer_norm(graph: Graph, div: Node) -> LayerNorm | None:
-    """The decomposed LayerNorm whose ``Div`` is ``div`` (with its γ Mul / β Add when present), or None."""
+    """The decomposed LayerNorm whose ``Div`` is ``div`` (with its γ Mul / β Add when present), or None:
+    ``(x − mean(x)) / sqrt(mean(d²) + ε)`` with ``d = x − mean(x)`` read by the square and the Div only."""
     if not is_op(div, "Div") or len(div.inputs) != 2:
         return None
     sub, sqrt = graph.producer(div.inputs[0]), graph.producer(div.inputs[1])
@@ -199,6 +206,28 @@ def match_layer_norm(graph: Graph, div: Node) -> LayerNorm | None:
     mean_node = graph.producer(mean)
     if not is_op(mean_node, "ReduceMean") or mean_node.inputs[0] is not x or not _internal(graph, mean_node):
         return None
+    found = _variance_plus_eps(graph, sqrt)
+    if found is None:
+        return None
+    add_eps, var_node, eps = found
+    d = sub.outputs[0]
+    sq = _square_of(graph, var_node, d)
+    if sq is None:
+        return None
+    readers = {n for n, _ in graph.uses(d)}
+    if readers != {sq, div} or graph.is_graph_output(d):
+        return None
+    axes1, axes2 = _reduce_axes(graph, mean_node), _reduce_axes(graph, var_node)
+    if axes1 is None or axes2 is None or eps is None or eps < 0:
+        return None
+    nodes = [mean_node, sub, sq, var_node, add_eps, sqrt, div]
+    ln = LayerNorm(x, axes1, eps, div, div.outputs[0], nodes, axes2)
+    _take_affine_tail(graph, ln)
+    return ln
+
+
+def _variance_plus_eps(graph: Graph, sqrt: Node) -> tuple[Node, Node, float | None] | None:
+    """``(Add, ReduceMean, ε)`` of ``sqrt``'s input ``ReduceMean(·) + ε`` (ε a constant scalar), or None."""
     add_eps = graph.producer(sqrt.inputs[0])
     if not is_op(add_eps, "Add") or not _internal(graph, add_eps) or len(add_eps.inputs) != 2:
         return None
@@ -210,39 +239,43 @@ def match_layer_norm(graph: Graph, div: Node) -> LayerNorm | None:
     var_node = graph.producer(var) if var is not None else None
     if not is_op(var_node, "ReduceMean") or not _internal(graph, var_node):
         return None
+    return add_eps, var_node, eps
+
+
+def _square_of(graph: Graph, var_node: Node, d: Value) -> Node | None:
+    """The node squaring ``d`` (``Pow(d, 2)`` or ``Mul(d, d)``) that ``var_node`` averages, or None."""
     sq = graph.producer(var_node.inputs[0])
-    d = sub.outputs[0]
     if sq is None or not _internal(graph, sq):
         return None
     if not ((is_op(sq, "Pow") and sq.inputs[0] is d and _close(_scalar(graph, sq.inputs[1]), 2.0))
             or (is_op(sq, "Mul") and list(sq.inputs) == [d, d])):
         return None
-    readers = {n for n, _ in graph.uses(d)}
-    if readers != {sq, div} or graph.is_graph_output(d):
-        return None
-    axes1, axes2 = _reduce_axes(graph, mean_node), _reduce_axes(graph, var_node)
-    if axes1 is None or axes2 is None or eps is None or eps < 0:
-        return None
-    nodes = [mean_node, sub, sq, var_node, add_eps, sqrt, div]
-    ln = LayerNorm(x, axes1, eps, div, div.outputs[0], nodes, axes2)
-    # optional affine tail: y·γ, then + β (constants)
-    out = div.outputs[0]
+    return sq
+
+
+def _take_affine_tail(graph: Graph, ln: LayerNorm) -> None:
+    """Extend ``ln`` by the optional affine tail: ``y·γ``, then ``+ β`` (float constants)."""
+    out = ln.out
     mul = sole_consumer(graph, out)
     if is_op(mul, "Mul"):
-        other = _other(mul, out)
-        gamma = constant_value(graph, other) if other is not None else None
-        if gamma is not None and gamma.dtype.kind == "f":
+        gamma = _float_constant_beside(graph, mul, out)
+        if gamma is not None:
             ln.scale, out = gamma, mul.outputs[0]
             ln.nodes.append(mul)
     add = sole_consumer(graph, out)
     if is_op(add, "Add"):
-        other = _other(add, out)
-        beta = constant_value(graph, other) if other is not None else None
-        if beta is not None and beta.dtype.kind == "f":
+        beta = _float_constant_beside(graph, add, out)
+        if beta is not None:
             ln.bias, out = beta, add.outputs[0]
             ln.nodes.append(add)
     ln.out = out
-    return ln
+
+
+def _float_constant_beside(graph: Graph, node: Node, value: Value) -> np.ndarray | None:
+    """The float constant ``node`` combines ``value`` with, or None."""
+    other = _other(node, value)
+    c = constant_value(graph, other) if other is not None else None
+    return c if c is not None and c.dtype.kind == "f" else None
 
 
 def protected_role(graph: Graph, node: Node) -> str | None:
@@ -257,14 +290,9 @@ def protected_role(graph: Graph, node: Node) -> str | None:
     for _ in range(5):
         nxt = []
         for n in frontier:
-            if is_op(n, "Mul"):
-                g = match_gelu(graph, n)
-                if g is not None and node in g.nodes:
-                    return "GELU"
-            if is_op(n, "Div"):
-                ln = match_layer_norm(graph, n)
-                if ln is not None and node in ln.nodes:
-                    return "LayerNorm"
+            role = _role_rooted_at(graph, n, node)
+            if role is not None:
+                return role
             for v in n.outputs:
                 for reader, _ in (graph.uses(v) if v is not None else []):
                     if reader not in seen:
@@ -275,12 +303,21 @@ def protected_role(graph: Graph, node: Node) -> str | None:
     for v in node.inputs:
         p = graph.producer(v) if v is not None else None
         for q in (p, graph.producer(p.inputs[0]) if p is not None and p.inputs else None):
-            if is_op(q, "Div"):
-                ln = match_layer_norm(graph, q)
-                if ln is not None and node in ln.nodes:
-                    return "LayerNorm"
+            if is_op(q, "Div") and _role_rooted_at(graph, q, node) is not None:
+                return "LayerNorm"
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# rules
+def _role_rooted_at(graph: Graph, root: Node, node: Node) -> str | None:
+    """The role (``"GELU"`` or ``"LayerNorm"``) when the pattern whose root node is ``root`` (a GELU's last
+    Mul, a LayerNorm's Div) contains ``node``, else None."""
+    if is_op(root, "Mul"):
+        g = match_gelu(graph, root)
+        if g is not None and node in g.nodes:
+            return "GELU"
+    if is_op(root, "Div"):
+        ln = match_layer_norm(graph, root)
+        if ln is not None and node in ln.nodes:
+            return "LayerNorm"
+    return None
+

@@ -1,19 +1,29 @@
 """A small rule engine for local rewrites (fusions, folds, cancellations).
 
-A :class:`Rule` is anchored on a node of given op types and has three steps:
+A :class:`Rule` has the shape of onnxscript's rewrite rules, in three parts:
 
+``root_ops``
+    The structural pattern's anchor: the op types of the node the rule starts from.
 ``match(graph, node) -> Match | str | None``
-    Collect the nodes, values and constants the rewrite needs; or return the reason it does not apply
-    (a short string such as ``"weight is not constant"``) — reasons are counted in the stats, so a user
-    can see why something was left alone; or ``None`` when the node is simply not an instance of the
-    pattern (a Conv with no sibling to fuse with): nothing to report.
-``rewrite(graph, match) -> None``
-    Perform the change through the IR's helpers only.
+    The check. It collects what the rewrite needs into a typed :class:`Match` (a small dataclass per
+    rule or per family of rules: the rewrite reads ``match.producer``, never a string key); or returns the reason it does not apply (a short string such as ``"weight is not constant"``) —
+    reasons are counted in the stats, so a user can see why something was left alone; or ``None`` (or a
+    :class:`NoMatch`) when the node is simply not an instance of the pattern: nothing to report.
+``rewrite(graph, match) -> str | list[str] | None``
+    Perform the change through the IR's helpers only. It may return a short label of where it applied
+    (``"after Conv"``), or one per layer it changed, counted in the stats' ``sites``.
+
+One rule per variant: two behaviours are two small rules sharing helpers, never one rule with a flag.
 
 :func:`apply_rules` walks the graph in topological order, re-reading the graph for every candidate,
 so a match never refers to a node an earlier rewrite removed (a classic pitfall of rule engines that
 compute every match up front). It loops until no rule applies (bounded), and returns a
 :class:`RuleStats` with the count per rule and the refusal reasons per rule.
+
+:class:`RulePass` is the one base of every pass made of rules: a subclass says which rules to build
+for a model, and its stats have the same keys for every rule pass: ``rewrites`` (the count),
+``applied`` (``{rule: n}``), ``sites`` (``{label: n}``, when the rules label their rewrites) and
+``left_alone`` (the :class:`~graphopt.core.ledger.LeftAlone` entries, when anything was refused).
 
 The questions rules ask (is this a standard op of that type, the single consumer of a value, which
 inputs are constant, a conv's geometry) are answered by :mod:`graphopt.core.ops`.
@@ -24,31 +34,21 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-import numpy as np
-
-from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ir import Graph, Model, Node
 from graphopt.core.ledger import LeftAlone
+from graphopt.core.manager import Pass, PassContext, PassResult
 from graphopt.core.ops import STANDARD_DOMAINS
-
-if TYPE_CHECKING:
-    from graphopt.core.manager import PassResult
-
 
 
 @dataclass
 class Match:
-    """What a rule found: the anchor node plus named nodes, values and arrays."""
+    """What a rule found: the anchor node. A rule whose rewrite needs more (the other nodes of the
+    pattern, a weight's folded form, a plan) subclasses it as a ``@dataclass(kw_only=True)`` with typed
+    fields, so the rewrite reads ``match.producer``, never a string key."""
 
     node: Node
-    nodes: dict[str, Node] = field(default_factory=dict)
-    values: dict[str, Value] = field(default_factory=dict)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def all_nodes(self) -> list[Node]:
-        return [self.node, *self.nodes.values()]
 
 
 class Rule:
@@ -60,15 +60,17 @@ class Rule:
     def match(self, graph: Graph, node: Node) -> Match | str | None:
         raise NotImplementedError
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: Match) -> str | list[str] | None:
         raise NotImplementedError
 
 
 @dataclass
 class RuleStats:
-    """How often each rule applied, and why it was refused where it was (a :class:`LeftAlone`)."""
+    """How often each rule applied, where (the rewrites' labels), and why it was refused where it was
+    (a :class:`LeftAlone`)."""
 
     applied: Counter[str] = field(default_factory=Counter)
+    sites: Counter[str] = field(default_factory=Counter)
     left: LeftAlone = field(default_factory=LeftAlone)
 
     def refuse(self, rule: Rule, reason: str, node: Node) -> None:
@@ -79,8 +81,12 @@ class RuleStats:
         return sum(self.applied.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``{"applied": {rule: n}, "left_alone": [{rule, reason, count, examples}]}``."""
-        return self.left.into({"applied": dict(sorted(self.applied.items()))})
+        """JSON-ready: ``{"rewrites": n, "applied": {rule: n}, "sites": {label: n},
+        "left_alone": [{rule, reason, count, examples}]}`` (``sites`` and ``left_alone`` when not empty)."""
+        out: dict[str, Any] = {"rewrites": self.total, "applied": dict(sorted(self.applied.items()))}
+        if self.sites:
+            out["sites"] = dict(sorted(self.sites.items()))
+        return self.left.into(out)
 
 
 class NoMatch(str):
@@ -118,8 +124,9 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
                     if isinstance(found, str):
                         round_refusals.refuse(rule, found, node)
                         continue
-                    rule.rewrite(graph, found)
+                    sites = rule.rewrite(graph, found)
                     stats.applied[rule.name] += 1
+                    stats.sites.update([sites] if isinstance(sites, str) else sites or ())
                     changed = True
                     break
             if not changed:
@@ -128,9 +135,15 @@ def apply_rules(model: Model, rules: Sequence[Rule], *, max_rounds: int = 20,
     return stats
 
 
-def rules_result(model: Model, rules: Sequence[Rule]) -> PassResult:
-    """:func:`apply_rules` as a pass's result: changed when a rule applied; stats ``rewrites`` (the
-    count), ``applied`` and ``left_alone``."""
-    from graphopt.core.manager import PassResult
-    stats = apply_rules(model, rules)
-    return PassResult(stats.total > 0, {"rewrites": stats.total, **stats.to_dict()})
+class RulePass(Pass):
+    """A pass made of rules: :meth:`rules` builds them for a model, :meth:`run` applies them everywhere
+    until none applies. Changed when a rule applied; stats as :meth:`RuleStats.to_dict`."""
+
+    lossless = True
+
+    def rules(self, model: Model, ctx: PassContext) -> Sequence[Rule]:
+        raise NotImplementedError
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        stats = apply_rules(model, self.rules(model, ctx))
+        return PassResult(stats.total > 0, stats.to_dict())

@@ -46,9 +46,7 @@ refused as misaligned.
     the layout reorders a channel Split causes on runtimes that run convs in a channel-blocked layout
     (option ``blocked_layout``, on by default): onnxruntime's CPU NCHWc transformer handles Conv, pools,
     Add, Concat and activations but not Split, so it reorders the fused result to NCHW and every piece
-    back — measured on the Inception zoo model (batch 64, 1 thread, ``ORT_ENABLE_ALL``) the fused form was
-    12–25 % slower, while with ``ORT_ENABLE_EXTENDED`` / ``DISABLE_ALL`` it was 3–4 % faster. MatMul/Gemm
-    splits are not affected. Refused: groups > 1, different strides/dilations, non-constant weights.
+    back, which can cost more than the fusion saves (see BENCHMARKS.md). MatMul/Gemm splits are not affected. Refused: groups > 1, different strides/dilations, non-constant weights.
 
 ``pool_through_concat``
     ``pool(Concat(x_1, …, x_n)) = Concat(pool(x_1), …, pool(x_n))`` for MaxPool, AveragePool, LpPool,
@@ -56,9 +54,7 @@ refused as misaligned.
     pool works on one (sample, channel) plane at a time, so each output plane is computed from the same
     input plane with the same arithmetic (bit-identical). Applied when the Concat's output is read by the
     pool only and the pool shrinks the tensor at least 2x (strides, or global): the Concat then copies the
-    pooled planes instead of the large ones. Measured on the Inception zoo model (batch 64, 1 thread,
-    ``ORT_ENABLE_ALL``, per-kernel times): the Concat time halves (0.93 → 0.43 ms) and the model runs ~4 %
-    faster, while the extra pool nodes cost nothing measurable. Refused: a spatial concat axis, MaxPool's
+    pooled planes instead of the large ones, while the extra pool nodes cost little. Refused: a spatial concat axis, MaxPool's
     ``Indices`` output read (indices would restart per piece), a pool that keeps the size (stride 1: no gain).
 
 ``merge_sum_branches``
@@ -82,9 +78,9 @@ import numpy as np
 from onnx import helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
-from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
-from graphopt.core.rewrite import Match, Rule, apply_rules
+from graphopt.core.manager import Option, PassContext, register
+from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
+from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import cost as costs
 from graphopt.measure.cost import Cost
@@ -323,6 +319,20 @@ class _Member:
         return (self.info.key(), None if self.act is None else self.act.signature)
 
 
+def _remove_merged(graph: Graph, segments: list[list[_Member]]) -> None:
+    """Remove the convs (and activations) the merged convs replaced, and their unread weights."""
+    dead = [m.info.node for s in segments if len(s) > 1 for m in s]
+    dead += [m.act.node for s in segments if len(s) > 1 for m in s if m.act is not None]
+    weights = [v for n in dead if n.op_type == "Conv" for v in n.inputs[1:]]
+    remove_dead(graph, dead)
+    drop_unused(graph, weights)
+
+
+@dataclass(kw_only=True)
+class _ConcatPlan(Match):
+    segments: list[list[_Member]]  # adjacent Concat inputs, each segment of two or more becoming one conv
+
+
 class MergeConcatConvs(Rule):
     name = "merge_concat_convs"
     root_ops = ("Concat",)
@@ -383,23 +393,15 @@ class MergeConcatConvs(Rule):
             if isinstance(plan, str):
                 why = plan
                 continue
-            return Match(node, extra={"segments": plan})
+            return _ConcatPlan(node, segments=plan)
         return why
 
     def _plan(self, graph: Graph, concat: Node, run: list[_Member], whole: bool) -> list[list[_Member]] | str:
         """Partition ``run`` into contiguous segments minimising cost; segments of one member stay as they are."""
         n = len(run)
-        single: list[Cost] = []
-        for m in run:
-            c = conv_layer_cost(self.shapes, graph, m.info.x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
-            if c is None:
-                return "spatial size unknown (the cost model needs it)"
-            if m.act is not None:
-                a = elementwise(self.shapes, graph, m.info.out)
-                if a is None:
-                    return "spatial size unknown (the cost model needs it)"
-                c = c + a
-            single.append(c)
+        single = self._member_costs(graph, run)
+        if isinstance(single, str):
+            return single
         seg: dict[tuple[int, int], Cost | None] = {}
         refusals: list[str] = []
         for i in range(n):
@@ -426,6 +428,21 @@ class MergeConcatConvs(Rule):
             return "merging does not pay (cost model)"
         return [run[i:j] for i, j in parts]
 
+    def _member_costs(self, graph: Graph, run: list[_Member]) -> list[Cost] | str:
+        """Each member's conv (+ activation) as it stands, or why the cost model cannot price it."""
+        single: list[Cost] = []
+        for m in run:
+            c = conv_layer_cost(self.shapes, graph, m.info.x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
+            if c is None:
+                return "spatial size unknown (the cost model needs it)"
+            if m.act is not None:
+                a = elementwise(self.shapes, graph, m.info.out)
+                if a is None:
+                    return "spatial size unknown (the cost model needs it)"
+                c = c + a
+            single.append(c)
+        return single
+
     def _segment_cost(self, graph: Graph, segment: list[_Member], refusals: list[str]) -> Cost | None:
         al = align([m.info for m in segment], in_spatial(self.shapes, graph, segment[0].info.x))
         if isinstance(al, str):
@@ -451,34 +468,33 @@ class MergeConcatConvs(Rule):
             refusals.append(f"zero-padding {sizes} to {'x'.join(map(str, al.kernel))} does not pay (cost model)")
         return c
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _ConcatPlan) -> None:
         concat = match.node
-        segments: list[list[_Member]] = [s for s in match.extra["segments"]]
-        by_slot = {s[0].slot: s for s in segments}
-        covered = {m.slot for s in segments for m in s}
+        segments = match.segments
         whole = len(segments) == 1 and len(segments[0]) == len(concat.inputs)
         out = concat.outputs[0]
         old_inputs = list(concat.inputs)
         graph.remove_node(concat, keep_outputs=True)
+        new_inputs = self._merged_inputs(graph, old_inputs, segments, out if whole else None)
+        if not whole:
+            attrs = {k: helper.get_attribute_value(p) for k, p in concat.attrs.items()}
+            graph.add_node("Concat", new_inputs, [out], attrs, name=concat.name, anchor=concat)
+        _remove_merged(graph, segments)
+
+    def _merged_inputs(self, graph: Graph, old_inputs: list[Value], segments: list[list[_Member]],
+                       out: Value | None) -> list[Value]:
+        """The Concat's inputs with each segment of two or more replaced by its merged conv's output
+        (``out`` itself when one conv produces the whole Concat)."""
+        by_slot = {s[0].slot: s for s in segments}
+        covered = {m.slot for s in segments for m in s}
         new_inputs: list[Value] = []
         for slot, v in enumerate(old_inputs):
             if slot in by_slot:
                 seg = by_slot[slot]
-                if len(seg) == 1:
-                    new_inputs.append(v)
-                    continue
-                result = self._merge(graph, seg, out if whole else None)
-                new_inputs.append(result)
+                new_inputs.append(v if len(seg) == 1 else self._merge(graph, seg, out))
             elif slot not in covered:
                 new_inputs.append(v)
-        if not whole:
-            attrs = {k: helper.get_attribute_value(p) for k, p in concat.attrs.items()}
-            graph.add_node("Concat", new_inputs, [out], attrs, name=concat.name, anchor=concat)
-        dead = [m.info.node for s in segments if len(s) > 1 for m in s]
-        dead += [m.act.node for s in segments if len(s) > 1 for m in s if m.act is not None]
-        weights = [v for n in dead if n.op_type == "Conv" for v in n.inputs[1:]]
-        remove_dead(graph, dead)
-        drop_unused(graph, weights)
+        return new_inputs
 
     def _merge(self, graph: Graph, seg: list[_Member], out: Value | None) -> Value:
         """One conv (+ the shared activation) for ``seg``; writes ``out`` when given, else a fresh value."""
@@ -536,9 +552,63 @@ class _Sibling:
         return (self.node.op_type, self.weight.shape[0], self.weight.dtype.str, self.trans_a, self.bias_add is not None)
 
 
+def _conv_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    info = conv_info(graph, node)
+    if isinstance(info, str):
+        return info
+    if info.group != 1:
+        return "groups > 1 (split outputs would interleave the groups)"
+    return _Sibling(node, info.cout, info.weight, info.bias, info=info)
+
+
+def _matmul_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    """``MatMul(x, W)``, with the ``Add`` of a constant ``[N]`` bias that follows it, when there is one."""
+    w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return "MatMul weight is not a constant 2-D float matrix"
+    s = _Sibling(node, int(w.shape[1]), w)
+    add = sole_consumer(graph, node.outputs[0])
+    if is_op(add, "Add") and len(add.inputs) == 2 and add.inputs[0] is not add.inputs[1]:
+        other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+        b = graph.constant_array(other)
+        if b is not None and b.shape == (w.shape[1],) and b.dtype == w.dtype:
+            s.bias, s.bias_add = b, add
+    return s
+
+
+def _gemm_sibling(graph: Graph, node: Node) -> _Sibling | str:
+    """Gemm ``y = α·A'B' + β·C`` as ``B`` = ``α·B'`` ``[K, N]`` and bias ``β·C`` ``[N]``."""
+    w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim != 2 or w.dtype.kind != "f":
+        return "Gemm B is not a constant 2-D float matrix"
+    if node.attr("transB", 0):
+        w = w.T
+    w = (w * np.asarray(node.attr("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
+    n_out = int(w.shape[1])
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = graph.constant_array(node.inputs[2])
+        if c is None:
+            return "Gemm C is not constant"
+        if c.ndim > 2 or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
+            return "Gemm C is not a per-output bias"
+        beta = np.asarray(node.attr("beta", 1.0), dtype=w.dtype)
+        bias = (np.broadcast_to(c.reshape(-1), (n_out,)) * beta).astype(w.dtype)
+    return _Sibling(node, n_out, w, bias, trans_a=int(node.attr("transA", 0)))
+
+
+@dataclass(kw_only=True)
+class _SiblingsMatch(Match):
+    x: Value  # the input the siblings share
+    members: list[_Sibling]  # the siblings to fuse, in graph order
+
+
+_UNKNOWN = "shape unknown (the cost model needs it)"
+
+
 class HorizontalFusion(Rule):
     name = "horizontal_fusion"
-    root_ops = ("Conv", "MatMul", "Gemm")
+    root_ops = LAYER_OPS
 
     def __init__(self, shapes: ShapeTable, opset: int, allow_padding: bool = True, blocked_layout: bool = True) -> None:
         self.shapes = shapes
@@ -547,10 +617,22 @@ class HorizontalFusion(Rule):
         self.blocked_layout = blocked_layout
 
     # --- matching -------------------------------------------------------------------------------
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _SiblingsMatch | str:
         x = node.inputs[0] if node.inputs else None
         if x is None:
             return "no input"
+        siblings = self._siblings_from(graph, node, x)
+        if isinstance(siblings, str):
+            return siblings
+        best = self._best_fusion(graph, x, siblings)
+        if isinstance(best, str):
+            return best
+        rank = {s.node: i for i, s in enumerate(siblings)}
+        return _SiblingsMatch(node, x=x, members=sorted(best, key=lambda s: rank[s.node]))
+
+    def _siblings_from(self, graph: Graph, node: Node, x: Value) -> list[_Sibling] | str:
+        """The mergeable layers of ``node``'s op reading ``x`` as their data input, in graph order, when
+        ``node`` is the first of them (the rule applies once per family, at its first member)."""
         siblings = [n for n in graph.consumers(x) if is_op(n, node.op_type) and n.inputs and n.inputs[0] is x]
         if len(siblings) < 2:
             return "no sibling of the same op reads the same input"
@@ -563,8 +645,12 @@ class HorizontalFusion(Rule):
         if len(ok) < 2:
             reasons = [p for p in parsed if isinstance(p, str)]
             return reasons[0] if reasons else "fewer than two mergeable siblings"
+        return ok
+
+    def _best_fusion(self, graph: Graph, x: Value, siblings: list[_Sibling]) -> list[_Sibling] | str:
+        """The candidate set of siblings whose fusion saves the most, or why none pays (the last reason)."""
         groups: dict[tuple, list[_Sibling]] = {}
-        for s in ok:
+        for s in siblings:
             groups.setdefault(s.key(), []).append(s)
         best: tuple[float, list[_Sibling]] | None = None
         why = "siblings differ in strides, dilations, weight shapes or tails"
@@ -578,48 +664,13 @@ class HorizontalFusion(Rule):
                     why = saving
                 elif best is None or saving > best[0]:
                     best = (saving, cand)
-        if best is None:
-            return why
-        rank = {s.node: i for i, s in enumerate(ok)}
-        return Match(node, extra={"members": sorted(best[1], key=lambda s: rank[s.node]), "x": x})
+        return why if best is None else best[1]
 
     def _sibling(self, graph: Graph, node: Node) -> _Sibling | str:
-        if node.op_type == "Conv":
-            info = conv_info(graph, node)
-            if isinstance(info, str):
-                return info
-            if info.group != 1:
-                return "groups > 1 (split outputs would interleave the groups)"
-            s = _Sibling(node, info.cout, info.weight, info.bias, info=info)
-        elif node.op_type == "MatMul":
-            w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None or w.ndim != 2 or w.dtype.kind != "f":
-                return "MatMul weight is not a constant 2-D float matrix"
-            s = _Sibling(node, int(w.shape[1]), w)
-            add = sole_consumer(graph, node.outputs[0])
-            if is_op(add, "Add") and len(add.inputs) == 2 and add.inputs[0] is not add.inputs[1]:
-                other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
-                b = graph.constant_array(other)
-                if b is not None and b.shape == (w.shape[1],) and b.dtype == w.dtype:
-                    s.bias, s.bias_add = b, add
-        else:  # Gemm: y = alpha * A' B' + beta * C
-            w = graph.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-            if w is None or w.ndim != 2 or w.dtype.kind != "f":
-                return "Gemm B is not a constant 2-D float matrix"
-            if node.attr("transB", 0):
-                w = w.T
-            w = (w * np.asarray(node.attr("alpha", 1.0), dtype=w.dtype)).astype(w.dtype)
-            n_out = int(w.shape[1])
-            bias = None
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = graph.constant_array(node.inputs[2])
-                if c is None:
-                    return "Gemm C is not constant"
-                if c.ndim > 2 or c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
-                    return "Gemm C is not a per-output bias"
-                beta = np.asarray(node.attr("beta", 1.0), dtype=w.dtype)
-                bias = (np.broadcast_to(c.reshape(-1), (n_out,)) * beta).astype(w.dtype)
-            s = _Sibling(node, n_out, w, bias, trans_a=int(node.attr("transA", 0)))
+        build = {"Conv": _conv_sibling, "MatMul": _matmul_sibling}.get(node.op_type, _gemm_sibling)
+        s = build(graph, node)
+        if isinstance(s, str):
+            return s
         s.act = pointwise_after(graph, s.head_out)
         return s
 
@@ -649,49 +700,75 @@ class HorizontalFusion(Rule):
 
     def _saving(self, graph: Graph, x: Value, members: list[_Sibling]) -> float | str:
         """``cost(siblings) − cost(fused + Split)`` (cost model units), or why it cannot be computed."""
-        unknown = "shape unknown (the cost model needs it)"
         act = _common_act(members)
-        if members[0].info is not None:
-            al = align([m.info for m in members], in_spatial(self.shapes, graph, x))
-            if isinstance(al, str):
-                return al
-            before = Cost()
-            for m in members:
-                c = conv_layer_cost(self.shapes, graph, x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
-                if c is None:
-                    return unknown
-                before = before + c
-            first = members[0].info
-            after = conv_layer_cost(self.shapes, graph, x, None, first.cin, sum(m.n_out for m in members), al.kernel,
-                                    1, first.strides, first.dilations, (al.pads_begin, al.pads_end))
-            if after is None:
-                return unknown
-        else:
-            xd = self.shapes.concrete(graph, x)
-            if xd is None:
-                return unknown
-            rows = xd[-1] if members[0].trans_a else prod(xd[:-1])
-            k = members[0].weight.shape[0]
-            before = sum((costs.gemm_cost(rows, k, m.n_out) for m in members), Cost())
-            after = costs.gemm_cost(rows, k, sum(m.n_out for m in members))
-            if members[0].bias_add is not None:
-                adds = [elementwise(self.shapes, graph, m.head_out) for m in members]
-                if any(a is None for a in adds):
-                    return unknown
-                before = before + sum(adds, Cost())
-                after = after + Cost(sum(a.macs for a in adds), sum(a.elements for a in adds), 1)
+        layers = self._conv_costs(graph, x, members) if members[0].info is not None \
+            else self._dense_costs(graph, x, members)
+        if isinstance(layers, str):
+            return layers
+        with_acts = self._act_costs(graph, members, act, *layers)
+        if with_acts is None:
+            return _UNKNOWN
+        before, after = with_acts
+        outs = [elementwise(self.shapes, graph, m.out if act is not None else m.head_out) for m in members]
+        if any(o is None for o in outs):
+            return _UNKNOWN
+        after = after + Cost(sum(o.macs for o in outs), sum(o.elements for o in outs), 1)  # the Split
+        layout = self._layout_cost(members, outs)
+        why = self._refusal(graph, x, members, before, after, layout)
+        if why:
+            return why
+        return float(before.total() - (after + layout).total())
+
+    def _conv_costs(self, graph: Graph, x: Value, members: list[_Sibling]) -> tuple[Cost, Cost] | str:
+        """(the sibling convs, the one wide conv), or why not."""
+        al = align([m.info for m in members], in_spatial(self.shapes, graph, x))
+        if isinstance(al, str):
+            return al
+        before = Cost()
+        for m in members:
+            c = conv_layer_cost(self.shapes, graph, x, m.info.out, m.info.cin, m.info.cout, m.info.kernel, 1)
+            if c is None:
+                return _UNKNOWN
+            before = before + c
+        first = members[0].info
+        after = conv_layer_cost(self.shapes, graph, x, None, first.cin, sum(m.n_out for m in members), al.kernel,
+                                1, first.strides, first.dilations, (al.pads_begin, al.pads_end))
+        if after is None:
+            return _UNKNOWN
+        return before, after
+
+    def _dense_costs(self, graph: Graph, x: Value, members: list[_Sibling]) -> tuple[Cost, Cost] | str:
+        """(the sibling GEMMs and their bias Adds, the one wide GEMM and its Add), or why not."""
+        xd = self.shapes.concrete(graph, x)
+        if xd is None:
+            return _UNKNOWN
+        rows = xd[-1] if members[0].trans_a else prod(xd[:-1])
+        k = members[0].weight.shape[0]
+        before = sum((costs.gemm_cost(rows, k, m.n_out) for m in members), Cost())
+        after = costs.gemm_cost(rows, k, sum(m.n_out for m in members))
+        if members[0].bias_add is not None:
+            adds = [elementwise(self.shapes, graph, m.head_out) for m in members]
+            if any(a is None for a in adds):
+                return _UNKNOWN
+            before = before + sum(adds, Cost())
+            after = after + Cost(sum(a.macs for a in adds), sum(a.elements for a in adds), 1)
+        return before, after
+
+    def _act_costs(self, graph: Graph, members: list[_Sibling], act: Act | None, before: Cost,
+                   after: Cost) -> tuple[Cost, Cost] | None:
+        """``before``/``after`` plus the activations: each sibling's, or one shared (one node) after fusing."""
         for m in members:
             if m.act is None:
                 continue
             c = elementwise(self.shapes, graph, m.head_out)
             if c is None:
-                return unknown
+                return None
             before = before + c
             after = after + (Cost(c.macs, c.elements, 0) if act is not None and m is not members[0] else c)
-        outs = [elementwise(self.shapes, graph, m.out if act is not None else m.head_out) for m in members]
-        if any(o is None for o in outs):
-            return unknown
-        after = after + Cost(sum(o.macs for o in outs), sum(o.elements for o in outs), 1)  # the Split
+        return before, after
+
+    def _layout_cost(self, members: list[_Sibling], outs: list[Cost]) -> Cost:
+        """The reorders a channel Split of a 2-D conv costs in a channel-blocked layout (option blocked_layout)."""
         layout = Cost()
         if self.blocked_layout and members[0].info is not None and members[0].weight.ndim == 4:
             # Runtimes that run 2-D convs in a channel-blocked layout (onnxruntime CPU's NCHWc) have no
@@ -700,6 +777,11 @@ class HorizontalFusion(Rule):
             layout = reorder_cost(sum(pieces))
             for e in pieces:
                 layout = layout + reorder_cost(e)
+        return layout
+
+    def _refusal(self, graph: Graph, x: Value, members: list[_Sibling], before: Cost, after: Cost,
+                 layout: Cost) -> str | None:
+        """Why the fused form does not pay, or None."""
         if costs.cheaper(after, before) and not costs.cheaper(after + layout, before):
             return ("a channel Split breaks the blocked (NCHWc) conv layout: the reorders cost more than the "
                     "fusion saves (option blocked_layout)")
@@ -710,18 +792,24 @@ class HorizontalFusion(Rule):
                 return f"zero-padding {sizes} to a common kernel does not pay (cost model)"
             return "fusing the siblings does not pay (cost model)"
         if members[0].info is None and after.elements > before.elements:
-            # Dense siblings: one wide GEMM does the same arithmetic at the same speed (measured: the
-            # transformer's q/k/v MatMuls fused took as long as the three), so the fusion saves only
-            # node overhead plus re-reads of x, and the Split copies every output once more. When that
-            # copy outweighs the saved reads, batch 1 gains microseconds and large batches lose
-            # (transformer zoo model, batch 64, 1 thread: +0.34 ms of Split, 3 % slower).
+            # Dense siblings: one wide GEMM does the same arithmetic at the same speed, so the fusion
+            # saves only node overhead plus re-reads of x, and the Split copies every output once more.
+            # When that copy outweighs the saved reads, batch 1 gains microseconds and large batches lose.
             return "the Split moves more data than one wide layer saves (loses at larger batch sizes)"
-        return float(before.total() - (after + layout).total())
+        return None
 
     # --- rewriting ------------------------------------------------------------------------------
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        members: list[_Sibling] = match.extra["members"]
-        x: Value = match.extra["x"]
+    def _wide_conv(self, graph: Graph, x: Value, members: list[_Sibling], name: str) -> Node:
+        """One conv with the siblings' (aligned) kernels stacked on the output-channel axis."""
+        infos = [m.info for m in members]
+        al = align(infos, in_spatial(self.shapes, graph, x))
+        assert not isinstance(al, str)
+        weight = np.concatenate([al.place(i) for i in infos], axis=0)
+        bias = np.concatenate([bias_of(i) for i in infos], axis=0)
+        return add_conv(graph, members[0].info, al, weight, bias, f"{name}_out", name)
+
+    def rewrite(self, graph: Graph, match: _SiblingsMatch) -> None:
+        members, x = match.members, match.x
         first = members[0]
         act = _common_act(members)
         sizes = [m.n_out for m in members]
@@ -737,29 +825,12 @@ class HorizontalFusion(Rule):
         for v in outs:
             graph.remove_node(graph.producer(v), keep_outputs=True)
         if first.info is not None:
-            infos = [m.info for m in members]
-            al = align(infos, in_spatial(self.shapes, graph, x))
-            assert not isinstance(al, str)
-            weight = np.concatenate([al.place(i) for i in infos], axis=0)
-            bias = np.concatenate([bias_of(i) for i in infos], axis=0)
-            head = add_conv(graph, first.info, al, weight, bias, f"{name}_out", name)
-            axis = 1
+            head, axis = self._wide_conv(graph, x, members, name), 1
+        elif first.node.op_type == "Gemm":
+            head, axis = _wide_gemm(graph, x, members, name), 1
         else:
-            w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
-            if first.node.op_type == "Gemm":
-                c = np.concatenate([m.bias if m.bias is not None else np.zeros(m.n_out, m.weight.dtype)
-                                    for m in members]).astype(first.weight.dtype)
-                head = graph.add_node("Gemm", [x, w, graph.add_initializer(c, f"{name}_C")], [f"{name}_out"],
-                                      {"transA": first.trans_a}, name=name, anchor=first.node)
-                axis = 1
-            else:
-                head = graph.add_node("MatMul", [x, w], [f"{name}_out"], name=name, anchor=first.node)
-                axis = len(out_dims) - 1 if out_dims is not None else -1
-                if first.bias_add is not None:
-                    _set_type(head.outputs[0], dtype, _widened(out_dims, axis, total))
-                    b = graph.add_initializer(np.concatenate([m.bias for m in members]), f"{name}_bias")
-                    head = graph.add_node("Add", [head.outputs[0], b], [f"{name}_biased"], name=f"{name}_add",
-                                          anchor=first.node)
+            axis = len(out_dims) - 1 if out_dims is not None else -1
+            head = _wide_matmul(graph, x, members, name, dtype, _widened(out_dims, axis, total))
         dims = _widened(out_dims, axis, total)
         _set_type(head.outputs[0], dtype, dims)
         split_in = head.outputs[0]
@@ -770,6 +841,29 @@ class HorizontalFusion(Rule):
         split_node(graph, self.opset, split_in, sizes, axis, outs, first.node, f"{name}_split")
         remove_dead(graph, chain)
         drop_unused(graph, weights)
+
+
+def _wide_gemm(graph: Graph, x: Value, members: list[_Sibling], name: str) -> Node:
+    """One Gemm with the siblings' ``B`` side by side and their biases (zeros where absent) concatenated."""
+    first = members[0]
+    w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
+    c = np.concatenate([m.bias if m.bias is not None else np.zeros(m.n_out, m.weight.dtype)
+                        for m in members]).astype(first.weight.dtype)
+    return graph.add_node("Gemm", [x, w, graph.add_initializer(c, f"{name}_C")], [f"{name}_out"],
+                          {"transA": first.trans_a}, name=name, anchor=first.node)
+
+
+def _wide_matmul(graph: Graph, x: Value, members: list[_Sibling], name: str, dtype: int,
+                 dims: Dims | None) -> Node:
+    """One MatMul with the siblings' weights side by side, plus one bias Add when they had theirs."""
+    first = members[0]
+    w = graph.add_initializer(np.concatenate([m.weight for m in members], axis=1), f"{name}_W")
+    head = graph.add_node("MatMul", [x, w], [f"{name}_out"], name=name, anchor=first.node)
+    if first.bias_add is None:
+        return head
+    _set_type(head.outputs[0], dtype, dims)
+    b = graph.add_initializer(np.concatenate([m.bias for m in members]), f"{name}_bias")
+    return graph.add_node("Add", [head.outputs[0], b], [f"{name}_biased"], name=f"{name}_add", anchor=first.node)
 
 
 def _common_act(members: list[_Sibling]) -> Act | None:
@@ -792,6 +886,40 @@ def _widened(dims: Dims | None, axis: int, size: int) -> Dims | None:
 # merge_sum_branches
 
 _SUM_OPS = ("Add", "Sum")
+
+
+def _convs_by_input(graph: Graph, leaves: list[Value], tree: set[Node],
+                    reasons: list[str]) -> dict[str, list[tuple[int, ConvInfo]]]:
+    """The summed leaves produced by a Conv read by the sum tree alone, grouped by the conv's input name
+    (each with its leaf index); why the other conv leaves cannot merge goes to ``reasons``."""
+    convs: dict[str, list[tuple[int, ConvInfo]]] = {}
+    for i, v in enumerate(leaves):
+        p = graph.producer(v)
+        if not is_op(p, "Conv"):
+            continue
+        reader = sole_consumer(graph, v)
+        if reader not in tree:
+            reasons.append("a conv output has a second reader")
+            continue
+        info = conv_info(graph, p)
+        if isinstance(info, str):
+            reasons.append(info)
+            continue
+        convs.setdefault(info.x.name, []).append((i, info))
+    return convs
+
+
+@dataclass(kw_only=True)
+class _SumMatch(Match):
+    """A sum tree whose conv branches of one tensor (and the tensor itself, ``identities`` times) merge."""
+
+    leaves: list[Value]  # the summed values
+    inner: list[Node]  # the tree's Add/Sum nodes below the root
+    merged: set[int]  # indices of the leaves the merged conv replaces
+    infos: list[ConvInfo]
+    al: Alignment
+    identities: int
+    taps: tuple[int, ...] | None  # where the identity kernel's tap sits (when identities)
 
 
 class MergeSumBranches(Rule):
@@ -824,52 +952,44 @@ class MergeSumBranches(Rule):
         if any(v is None for v in node.inputs):
             return "missing input"
         leaves, inner = self._leaves(graph, node)
-        tree = {node, *inner}
-        convs: dict[str, list[tuple[int, ConvInfo]]] = {}
         reasons: list[str] = []
-        for i, v in enumerate(leaves):
-            p = graph.producer(v)
-            if not is_op(p, "Conv"):
-                continue
-            reader = sole_consumer(graph, v)
-            if reader not in tree:
-                reasons.append("a conv output has a second reader")
-                continue
-            info = conv_info(graph, p)
-            if isinstance(info, str):
-                reasons.append(info)
-                continue
-            convs.setdefault(info.x.name, []).append((i, info))
+        convs = _convs_by_input(graph, leaves, {node, *inner}, reasons)
         for _, group in sorted(convs.items(), key=lambda kv: kv[1][0][0]):
-            x = group[0][1].x
-            identities = [i for i, v in enumerate(leaves) if v is x]
-            if len(group) + len(identities) < 2:
-                continue
-            infos = [g[1] for g in group]
-            if len({i.cout for i in infos}) > 1:
-                reasons.append("summed convs have different output channels (broadcasting)")
-                continue
-            al = align(infos, in_spatial(self.shapes, graph, x))
-            if isinstance(al, str):
-                reasons.append(al)
-                continue
-            taps = None
-            if identities:
-                taps = identity_offset(al, infos[0])
-                if isinstance(taps, str):
-                    reasons.append(taps)
-                    continue
-            remaining = len(leaves) - len(group) - len(identities) + 1
-            c = self._pays(graph, infos, al, 1 + len(inner), remaining - 1)
-            if isinstance(c, str):
-                reasons.append(c)
-                continue
-            merged = {i for i, _ in group} | set(identities)
-            return Match(node, extra={"leaves": leaves, "inner": inner, "merged": merged, "infos": infos, "al": al,
-                                      "identities": len(identities), "taps": taps})
+            found = self._merge_group(graph, node, leaves, inner, group)
+            if isinstance(found, str):
+                reasons.append(found)
+            elif found is not None:
+                return found
         if reasons:
             return reasons[0]
         return "no two summed branches are convs of the same tensor (or the tensor itself)"
+
+    def _merge_group(self, graph: Graph, node: Node, leaves: list[Value], inner: list[Node],
+                     group: list[tuple[int, ConvInfo]]) -> _SumMatch | str | None:
+        """The merge of one input's summed convs (and the input itself, when summed), why it is refused,
+        or None when there are not two terms to merge."""
+        x = group[0][1].x
+        identities = [i for i, v in enumerate(leaves) if v is x]
+        if len(group) + len(identities) < 2:
+            return None
+        infos = [g[1] for g in group]
+        if len({i.cout for i in infos}) > 1:
+            return "summed convs have different output channels (broadcasting)"
+        al = align(infos, in_spatial(self.shapes, graph, x))
+        if isinstance(al, str):
+            return al
+        taps = None
+        if identities:
+            taps = identity_offset(al, infos[0])
+            if isinstance(taps, str):
+                return taps
+        remaining = len(leaves) - len(group) - len(identities) + 1
+        c = self._pays(graph, infos, al, 1 + len(inner), remaining - 1)
+        if isinstance(c, str):
+            return c
+        merged = {i for i, _ in group} | set(identities)
+        return _SumMatch(node, leaves=leaves, inner=inner, merged=merged, infos=infos, al=al,
+                         identities=len(identities), taps=taps)
 
     def _pays(self, graph: Graph, infos: list[ConvInfo], al: Alignment, sum_nodes: int, new_adds: int) -> str | None:
         """Whether one conv (+ ``new_adds`` Adds for the other terms) beats the convs and the ``sum_nodes`` sums."""
@@ -893,17 +1013,14 @@ class MergeSumBranches(Rule):
             return f"merging {sizes} into {'x'.join(map(str, al.kernel))} does not pay (cost model)"
         return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _SumMatch) -> None:
         root = match.node
-        leaves: list[Value] = match.extra["leaves"]
-        merged: set[int] = match.extra["merged"]
-        infos: list[ConvInfo] = match.extra["infos"]
-        al: Alignment = match.extra["al"]
+        leaves, merged, infos, al = match.leaves, match.merged, match.infos, match.al
         first = infos[0]
         weight = sum((al.place(i) for i in infos), np.zeros((first.cout, first.cin // first.group) + al.kernel,
                                                               dtype=first.weight.dtype))
-        if match.extra["identities"]:
-            weight = weight + match.extra["identities"] * identity_kernel(al, first, match.extra["taps"])
+        if match.identities:
+            weight = weight + match.identities * identity_kernel(al, first, match.taps)
         bias = sum((bias_of(i) for i in infos), np.zeros(first.cout, dtype=first.weight.dtype))
         out = root.outputs[0]
         dtype = helper.np_dtype_to_tensor_dtype(first.weight.dtype)
@@ -917,7 +1034,7 @@ class MergeSumBranches(Rule):
                     placed = True
             else:
                 terms.append(v)
-        old_nodes = [root, *match.extra["inner"], *(i.node for i in infos)]
+        old_nodes = [root, *match.inner, *(i.node for i in infos)]
         weights = [v for i in infos for v in i.node.inputs[1:] if v is not None]
         graph.remove_node(root, keep_outputs=True)
         conv = add_conv(graph, first, al, weight.astype(first.weight.dtype), bias.astype(first.weight.dtype),
@@ -945,6 +1062,11 @@ class MergeSumBranches(Rule):
 POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 
 
+@dataclass(kw_only=True)
+class _PoolMatch(Match):
+    concat: Node  # the Concat the pool reads
+
+
 class PoolThroughConcat(Rule):
     name = "pool_through_concat"
     root_ops = tuple(sorted(POOLS))
@@ -962,6 +1084,17 @@ class PoolThroughConcat(Rule):
             return "MaxPool's Indices output is read"
         if any(a.ref_attr_name for a in node.attrs.values()):
             return "attributes refer to a function's attributes"
+        why = self._axis_refusal(graph, concat)
+        if why:
+            return why
+        if not node.op_type.startswith("Global"):
+            strides = node.attr("strides") or []
+            if prod(int(v) for v in strides) < 2:
+                return "the pool does not shrink the tensor (no copy saved)"
+        return _PoolMatch(node, concat=concat)
+
+    def _axis_refusal(self, graph: Graph, concat: Node) -> str | None:
+        """Why the Concat's axis is not the batch or channel axis, or None."""
         dims = self.shapes.dims(graph, concat.outputs[0])
         axis = concat.attr("axis")
         if axis is None or (axis < 0 and dims is None):
@@ -970,14 +1103,10 @@ class PoolThroughConcat(Rule):
             axis += len(dims)
         if axis not in (0, 1):
             return "the Concat joins a spatial axis (a pool window would straddle two pieces)"
-        if not node.op_type.startswith("Global"):
-            strides = node.attr("strides") or []
-            if prod(int(v) for v in strides) < 2:
-                return "the pool does not shrink the tensor (no copy saved)"
-        return Match(node, nodes={"concat": concat})
+        return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
-        node, concat = match.node, match.nodes["concat"]
+        node, concat = match.node, match.concat
         y = node.outputs[0]
         attrs = {name: node.attr(name) for name in node.attrs}
         pooled = []
@@ -996,54 +1125,47 @@ def _opset(model: Model) -> int:
     return model.opset("") or 1
 
 
-def _run_rules(model: Model, rules: Sequence[Rule]) -> PassResult:
-    stats = apply_rules(model, rules)
-    out = stats.to_dict()
-    out["merged"] = stats.total
-    return PassResult(stats.total > 0, out)
-
-
 _PADDING = {"allow_padding": Option(True, "zero-pad smaller kernels to merge them with larger ones when the cost "
                                          "model says it pays", bool)}
 
 
 @register
-class MergeConcatConvsPass(Pass):
+class MergeConcatConvsPass(RulePass):
     name = "merge_concat_convs"
     summary = "parallel convs of one tensor whose outputs are concatenated -> one conv (DeepRebirth branch)"
     options = _PADDING
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [MergeConcatConvs(ShapeTable(model), self.opt(ctx, "allow_padding"))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [MergeConcatConvs(ShapeTable(model), self.opt(ctx, "allow_padding"))]
 
 
 @register
-class HorizontalFusionPass(Pass):
+class HorizontalFusionPass(RulePass):
     name = "horizontal_fusion"
     summary = "sibling Conv/MatMul/Gemm layers reading one tensor -> one wide layer + Split, when it pays"
     options = {**_PADDING,
                "blocked_layout": Option(True, "charge the layout reorders a channel Split of a 2-D conv output costs "
                                               "on runtimes with channel-blocked conv kernels (onnxruntime CPU)", bool)}
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
         rule = HorizontalFusion(ShapeTable(model), _opset(model), self.opt(ctx, "allow_padding"),
                                 self.opt(ctx, "blocked_layout"))
-        return _run_rules(model, [rule])
+        return [rule]
 
 
 @register
-class MergeSumBranchesPass(Pass):
+class MergeSumBranchesPass(RulePass):
     name = "merge_sum_branches"
     summary = "summed conv branches of one tensor (RepVGG/ACNet: kxk + 1x1 + identity) -> one conv"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [MergeSumBranches(ShapeTable(model))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [MergeSumBranches(ShapeTable(model))]
 
 
 @register
-class PoolThroughConcatPass(Pass):
+class PoolThroughConcatPass(RulePass):
     name = "pool_through_concat"
     summary = "pool(Concat(a, b, ...)) -> Concat(pool(a), pool(b), ...) when the pool shrinks the tensor"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return _run_rules(model, [PoolThroughConcat(ShapeTable(model))])
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return [PoolThroughConcat(ShapeTable(model))]

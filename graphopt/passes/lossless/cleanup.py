@@ -82,6 +82,10 @@
     subgraphs, custom-domain ops, and pairs whose outputs are both outputs of the graph (a model output
     keeps its name: when only the later node's output is one, the earlier node's output takes it over).
 
+What each pass left alone is reported in the one ledger's form (:class:`~graphopt.core.ledger.LeftAlone`):
+``{rule, reason, count, examples}``, ``rule`` being the op type where the pass treats several (``identity``:
+Identity or Dropout; ``fold_constants``: the op that computes the value; ``dead_code``: ``domain:op``).
+
 All passes walk every graph, subgraphs included; ``dead_code``, ``identity`` and ``cse`` also walk local
 function bodies, where a ``Constant`` that reads a function attribute (``ref_attr_name``) is not a constant
 (:func:`graphopt.core.ops.constant_value`).
@@ -103,6 +107,7 @@ from onnx import helper, numpy_helper
 
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.ops import constant_value, remove_dead, slice_bounds
 from graphopt.core.shapes import TypeTable
@@ -125,13 +130,14 @@ class DeadCode(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed_nodes: Counter[str] = Counter()
         removed_inits = 0
-        kept_impure: list[str] = []
+        left = LeftAlone()
         for graph in list(model.graphs()):
             live = _live_items(graph)
             dead = [n for n in reversed(graph.toposort()) if n not in live]
             for node in dead:
                 if not _is_pure(node, model):
-                    kept_impure.append(f"{node.domain}:{node.op_type} {node.name!r}")
+                    left.add("op of an unknown domain (it may have side effects)", node.name or node.op_type,
+                             rule=f"{node.domain}:{node.op_type}")
                     continue
                 if any(graph.uses(v) for v in node.outputs if v is not None):
                     continue  # read by a kept impure node
@@ -143,9 +149,7 @@ class DeadCode(Pass):
                     removed_inits += 1
         stats = {"removed_nodes": sum(removed_nodes.values()), "removed_by_op": dict(sorted(removed_nodes.items())),
                  "removed_initializers": removed_inits}
-        if kept_impure:
-            stats["kept_unknown_domain"] = kept_impure
-        return PassResult(bool(removed_nodes) or removed_inits > 0, stats)
+        return PassResult(bool(removed_nodes) or removed_inits > 0, left.into(stats))
 
 
 def _live_items(graph: Graph) -> set:
@@ -172,28 +176,25 @@ class EliminateIdentity(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed: Counter[str] = Counter()
-        refused: list[dict[str, str]] = []
+        left = LeftAlone()
         for graph in list(model.graphs()):
             for node in graph.toposort():
                 if node.domain not in ("", "ai.onnx") or node.op_type not in ("Identity", "Dropout"):
                     continue
                 if node.op_type == "Dropout" and not _dropout_is_identity(node, graph):
-                    refused.append({"node": node.name, "op": node.op_type, "why": "training mode or mask is read"})
+                    left.add("training mode or mask is read", node.name or node.op_type, rule=node.op_type)
                     continue
                 x, y = node.inputs[0], node.outputs[0]
                 if x is None or y is None:
                     continue
                 refusal = graph.replace_refusal(y, x)
                 if refusal is not None:
-                    refused.append({"node": node.name, "op": node.op_type, "why": refusal})
+                    left.add(refusal, node.name or node.op_type, rule=node.op_type)
                     continue
                 graph.replace_all_uses(y, x)
                 graph.remove_node(node)
                 removed[node.op_type] += 1
-        stats: dict = {"removed": dict(sorted(removed.items()))}
-        if refused:
-            stats["left_alone"] = refused
-        return PassResult(bool(removed), stats)
+        return PassResult(bool(removed), left.into({"removed": dict(sorted(removed.items()))}))
 
 
 # =============================================================================================
@@ -299,6 +300,8 @@ def _shape_dims(node: Node, types: TypeTable) -> list[int | None] | None:
 
 
 def _shape_value(node: Node, graph: Graph, types: TypeTable) -> np.ndarray | None:
+    """The value of ``Shape``, ``Size``, or a ``Gather``/``Slice`` of a ``Shape``, when every dim it
+    returns is static; else None."""
     if node.op_type == "Shape":
         dims = _shape_dims(node, types)
         return None if dims is None or None in dims else np.array(dims, np.int64)
@@ -314,14 +317,24 @@ def _shape_value(node: Node, graph: Graph, types: TypeTable) -> np.ndarray | Non
     if dims is None:
         return None
     if node.op_type == "Gather":
-        indices = constant_value(graph, node.inputs[1])
-        if indices is None or not np.issubdtype(indices.dtype, np.integer):
-            return None
-        flat = [int(i) for i in indices.reshape(-1)]
-        if any(not -len(dims) <= i < len(dims) for i in flat):
-            return None
-        picked = [dims[i] for i in flat]
-        return None if None in picked else np.array(picked, np.int64).reshape(indices.shape)
+        return _gathered_dims(node, graph, dims)
+    return _sliced_dims(node, graph, dims)
+
+
+def _gathered_dims(node: Node, graph: Graph, dims: list[int | None]) -> np.ndarray | None:
+    """``Gather(Shape(t), indices)`` when the indices are constant and pick static dims only."""
+    indices = constant_value(graph, node.inputs[1])
+    if indices is None or not np.issubdtype(indices.dtype, np.integer):
+        return None
+    flat = [int(i) for i in indices.reshape(-1)]
+    if any(not -len(dims) <= i < len(dims) for i in flat):
+        return None
+    picked = [dims[i] for i in flat]
+    return None if None in picked else np.array(picked, np.int64).reshape(indices.shape)
+
+
+def _sliced_dims(node: Node, graph: Graph, dims: list[int | None]) -> np.ndarray | None:
+    """``Slice(Shape(t), ...)`` when the bounds are constant and select static dims only."""
     bounds = slice_bounds(node, graph)
     if bounds is None:
         return None
@@ -437,14 +450,9 @@ class _GraphsurgeonFold:
 
     def _why_not(self, gs_node: Any, local: dict[str, Value]) -> str | None:
         """Why a node graphsurgeon found foldable must not be folded, or None."""
-        for node in [gs_node, *(n for sub in gs_node.subgraphs(recursive=True) for n in sub.nodes)]:
-            domain = node.domain or ""  # graphsurgeon says None for the default domain
-            if domain not in PURE_FOLD_DOMAINS:
-                return f"custom domain {domain!r}"
-            if domain in STANDARD_DOMAINS and node.op in NONDETERMINISTIC_OPS:
-                return f"non-deterministic op {node.op}" if node is gs_node else f"subgraph holds {node.op}"
-            if node.op == "Dropout" and domain in STANDARD_DOMAINS and _gs_dropout_may_train(node):
-                return "Dropout in training mode (random)"
+        why = _gs_unfoldable_op(gs_node)
+        if why is not None:
+            return why
         read = [t.name for t in gs_node.inputs if not t.is_empty()]
         read += [name for sub in gs_node.subgraphs() for name in sub._foreign_tensors()]
         overridden = sorted(set(read) & self.overridable)
@@ -456,6 +464,20 @@ class _GraphsurgeonFold:
             if size is not None and size > self.max_bytes:
                 return f"too big: {size} bytes > max_bytes {self.max_bytes}"
         return None
+
+
+def _gs_unfoldable_op(gs_node: Any) -> str | None:
+    """Why ``gs_node`` or a node of its subgraphs may not be evaluated ahead of time (a custom domain, a
+    random op), or None."""
+    for node in [gs_node, *(n for sub in gs_node.subgraphs(recursive=True) for n in sub.nodes)]:
+        domain = node.domain or ""  # graphsurgeon says None for the default domain
+        if domain not in PURE_FOLD_DOMAINS:
+            return f"custom domain {domain!r}"
+        if domain in STANDARD_DOMAINS and node.op in NONDETERMINISTIC_OPS:
+            return f"non-deterministic op {node.op}" if node is gs_node else f"subgraph holds {node.op}"
+        if node.op == "Dropout" and domain in STANDARD_DOMAINS and _gs_dropout_may_train(node):
+            return "Dropout in training mode (random)"
+    return None
 
 
 def _gs_dropout_may_train(gs_node: Any) -> bool:
@@ -489,30 +511,42 @@ class FoldConstants(Pass):
         types = TypeTable(model)
         if not could_fold and not any(_static_shape_values(g, order, types) for g, order in graphs):
             return PassResult(False, {"folded": 0})
-        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
         try:
-            found = oracle.run(partitioning=None)
-            partitioned = False
-            if oracle.inference_failed:  # one failing node blocks a whole graph; isolate it
-                notes = oracle.notes
-                oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
-                found = oracle.run(partitioning="recursive")
-                oracle.notes = sorted(set(notes) | set(oracle.notes))
-                partitioned = True
+            oracle, found, partitioned = self._evaluate(model, graphs, types, max_bytes, fold_shapes)
         except Exception as exc:  # graphsurgeon is an oracle: when it breaks, the IR stays as it was
             return PassResult(False, {"folded": 0, "error": f"onnx-graphsurgeon failed: {type(exc).__name__}: "
                                                              f"{str(exc).splitlines()[0] if str(exc) else ''}"})
-        left = list(oracle.refused.values())
-        stats = self._apply(model, [g for g, _ in graphs], found, types, max_bytes, left)
-        if left:
-            stats["left_alone"] = sorted(left, key=lambda d: (d["why"], d["value"]))
+        refused = [(d["why"], d["value"], d["op"]) for d in oracle.refused.values()]
+        stats = self._apply(model, [g for g, _ in graphs], found, types, max_bytes, refused)
+        left = LeftAlone()
+        for why, value, op in sorted(refused, key=lambda r: (r[0], r[1])):
+            left.add(why, value, rule=op)
+        left.into(stats)
         if oracle.notes:
             stats["graphsurgeon_warnings"] = [n[:300] for n in oracle.notes[:10]]
             stats["partitioned_retry"] = partitioned
         return PassResult(stats["folded"] > 0 or stats["removed_nodes"] > 0, stats)
 
-    def _apply(self, model: Model, graphs: list[Graph], found: dict[Graph, list[tuple[Value, Any]]],
-               types: TypeTable, max_bytes: int, left: list[dict[str, str]]) -> dict[str, Any]:
+    @staticmethod
+    def _evaluate(model: Model, graphs: list[tuple[Graph, list[Node]]], types: TypeTable, max_bytes: int,
+                  fold_shapes: bool) -> tuple[_GraphsurgeonFold, dict[Graph, list[tuple[Value, Any]]], bool]:
+        """graphsurgeon's answer: the oracle run, what it evaluated, and whether it had to partition."""
+        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
+        found = oracle.run(partitioning=None)
+        if not oracle.inference_failed:
+            return oracle, found, False
+        # One failing node blocks a whole graph; isolate it.
+        notes = oracle.notes
+        oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
+        found = oracle.run(partitioning="recursive")
+        oracle.notes = sorted(set(notes) | set(oracle.notes))
+        return oracle, found, True
+
+    @staticmethod
+    def _apply(model: Model, graphs: list[Graph], found: dict[Graph, list[tuple[Value, Any]]],
+               types: TypeTable, max_bytes: int, refused: list[tuple[str, str, str]]) -> dict[str, Any]:
+        """Store the frontier of ``found`` and remove what computed it; appends ``(why, value, op)`` to
+        ``refused`` for each value it must not store."""
         new_values: dict[Value, tuple[Graph, str, int]] = {}
         touched: set[Value] = set()  # initializers read by removed nodes, and new ones: drop them if unused
         removed: Counter[str] = Counter()
@@ -523,42 +557,64 @@ class FoldConstants(Pass):
             for value, array, why in _frontier(graph, found[graph], types, max_bytes):
                 producer = graph.producer(value)
                 if why is not None:
-                    left.append({"value": value.name, "op": producer.op_type, "why": why})
+                    refused.append((why, value.name, producer.op_type))
                     continue
-                if graph.parent is None and graph.is_graph_output(value) and not graph._is_function_body():
-                    # An initializer cannot take over an interface name; a Constant node's output can.
-                    const = graph.add_node("Constant", [], [value.name], name=producer.name or value.name,
-                                           attrs={"value": numpy_helper.from_array(array)}, anchor=producer)
-                    new = const.outputs[0]
-                else:
-                    new = graph.add_initializer(array, value.name)
-                    touched.add(new)
-                graph.replace_all_uses(value, new)
+                new = _store_folded(graph, value, array, producer, touched)
                 new_values[new] = (graph, producer.op_type, int(array.nbytes))
                 producers.append(producer)
-            candidates = set(producers)
-            for producer in producers:
-                candidates |= {n for n in nx.ancestors(graph.nx, producer) if isinstance(n, Node)}
-            candidates = {n for n in candidates if _is_pure(n, model)}
-            for node in candidates:
-                touched |= {v for v, _ in graph.nx.in_edges(node) if v.is_initializer}
-            remove_dead(graph, candidates)
-            removed.update(n.op_type for n in candidates if n not in graph.nx)
-        for graph in graphs:
-            if not _attached(graph, model):
-                continue
-            for value in list(graph.initializers.values()):
-                if value in touched and not graph.uses(value) and not graph.is_graph_output(value) \
-                        and not graph.is_graph_input(value):
-                    graph.remove_initializer(value)
-        by_op: Counter[str] = Counter()
-        added = 0
-        for value, (graph, op_type, nbytes) in new_values.items():
-            if value in graph.nx and (graph.uses(value) or graph.is_graph_output(value)):
-                by_op[op_type] += 1
-                added += nbytes
-        return {"folded": sum(by_op.values()), "folded_by_op": dict(sorted(by_op.items())), "bytes_added": added,
-                "removed_nodes": sum(removed.values()), "removed_by_op": dict(sorted(removed.items()))}
+            removed.update(_remove_computation(graph, model, producers, touched))
+        _drop_unread(graphs, model, touched)
+        return _folded_stats(new_values, removed)
+
+
+def _store_folded(graph: Graph, value: Value, array: np.ndarray, producer: Node, touched: set[Value]) -> Value:
+    """Make ``value``'s readers read ``array``: a new initializer, or a ``Constant`` node for a model output
+    (an initializer cannot take over an interface name)."""
+    if graph.parent is None and graph.is_graph_output(value) and not graph._is_function_body():
+        const = graph.add_node("Constant", [], [value.name], name=producer.name or value.name,
+                               attrs={"value": numpy_helper.from_array(array)}, anchor=producer)
+        new = const.outputs[0]
+    else:
+        new = graph.add_initializer(array, value.name)
+        touched.add(new)
+    graph.replace_all_uses(value, new)
+    return new
+
+
+def _remove_computation(graph: Graph, model: Model, producers: list[Node], touched: set[Value]) -> list[str]:
+    """Remove the pure nodes that computed the stored values, once nothing reads them; returns their op types.
+    The initializers they read join ``touched``."""
+    candidates = set(producers)
+    for producer in producers:
+        candidates |= {n for n in nx.ancestors(graph.nx, producer) if isinstance(n, Node)}
+    candidates = {n for n in candidates if _is_pure(n, model)}
+    for node in candidates:
+        touched |= {v for v, _ in graph.nx.in_edges(node) if v.is_initializer}
+    remove_dead(graph, candidates)
+    return [n.op_type for n in candidates if n not in graph.nx]
+
+
+def _drop_unread(graphs: list[Graph], model: Model, touched: set[Value]) -> None:
+    """Remove the ``touched`` initializers nothing reads any more (graph inputs and outputs stay)."""
+    for graph in graphs:
+        if not _attached(graph, model):
+            continue
+        for value in list(graph.initializers.values()):
+            if value in touched and not graph.uses(value) and not graph.is_graph_output(value) \
+                    and not graph.is_graph_input(value):
+                graph.remove_initializer(value)
+
+
+def _folded_stats(new_values: dict[Value, tuple[Graph, str, int]], removed: Counter[str]) -> dict[str, Any]:
+    """Counts of the stored values that something still reads, by the op that computed them."""
+    by_op: Counter[str] = Counter()
+    added = 0
+    for value, (graph, op_type, nbytes) in new_values.items():
+        if value in graph.nx and (graph.uses(value) or graph.is_graph_output(value)):
+            by_op[op_type] += 1
+            added += nbytes
+    return {"folded": sum(by_op.values()), "folded_by_op": dict(sorted(by_op.items())), "bytes_added": added,
+            "removed_nodes": sum(removed.values()), "removed_by_op": dict(sorted(removed.items()))}
 
 
 def _frontier(graph: Graph, found: list[tuple[Value, Any]], types: TypeTable,
@@ -615,7 +671,7 @@ class ConstantToInitializer(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         converted: Counter[str] = Counter()
-        left: list[dict[str, str]] = []
+        left = LeftAlone()
         for graph, order in sorted_graphs(model.graph):
             for node in order:
                 if node.op_type != "Constant" or node.domain not in STANDARD_DOMAINS or not node.outputs \
@@ -625,7 +681,7 @@ class ConstantToInitializer(Pass):
                 form = next(iter(node.attrs), "none")
                 why = self._why_not(graph, node, value, form)
                 if why is not None:
-                    left.append({"value": value.name, "why": why})
+                    left.add(why, value.name)
                     continue
                 new = graph.add_initializer(graph.constant_array(value), value.name)
                 graph.replace_all_uses(value, new)
@@ -633,13 +689,12 @@ class ConstantToInitializer(Pass):
                 converted[form] += 1
         for fn in model.functions:
             for graph in fn.graph.walk():
-                left += [{"value": n.outputs[0].name if n.outputs and n.outputs[0] is not None else n.name,
-                          "why": "inside a local function (a FunctionProto has no initializers)"}
-                         for n in graph.toposort() if n.op_type == "Constant" and n.domain in STANDARD_DOMAINS]
+                for n in graph.toposort():
+                    if n.op_type == "Constant" and n.domain in STANDARD_DOMAINS:
+                        left.add("inside a local function (a FunctionProto has no initializers)",
+                                 n.outputs[0].name if n.outputs and n.outputs[0] is not None else n.name)
         stats: dict[str, Any] = {"converted": sum(converted.values()), "by_form": dict(sorted(converted.items()))}
-        if left:
-            stats["left_alone"] = left
-        return PassResult(bool(converted), stats)
+        return PassResult(bool(converted), left.into(stats))
 
     @staticmethod
     def _why_not(graph: Graph, node: Node, value: Value, form: str) -> str | None:
@@ -677,7 +732,7 @@ class DedupeInitializers(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         merged = 0
         saved = 0
-        left: list[dict[str, str]] = []
+        left = LeftAlone()
         for graph, _ in sorted_graphs(model.graph):
             by_type: dict[tuple, list[Value]] = defaultdict(list)
             for value in graph.initializers.values():
@@ -695,17 +750,13 @@ class DedupeInitializers(Pass):
                         if dup is keep:
                             continue
                         if not graph.can_replace(dup, keep):
-                            left.append({"value": dup.name, "same_as": keep.name,
-                                         "why": "both are graph outputs"})
+                            left.add("both are graph outputs", f"{dup.name} (same as {keep.name})")
                             continue
                         graph.replace_all_uses(dup, keep)
                         graph.remove_initializer(dup)
                         merged += 1
                         saved += int(dup.array.nbytes)
-        stats: dict[str, Any] = {"merged": merged, "bytes_saved": saved}
-        if left:
-            stats["left_alone"] = left
-        return PassResult(merged > 0, stats)
+        return PassResult(merged > 0, left.into({"merged": merged, "bytes_saved": saved}))
 
 
 # =============================================================================================
@@ -737,7 +788,7 @@ class CommonSubexpressions(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         merged: Counter[str] = Counter()
-        left: list[dict[str, str]] = []
+        left = LeftAlone()
         graphs = sorted_graphs(model.graph) + [pair for fn in model.functions for pair in sorted_graphs(fn.graph)]
         for graph, order in graphs:
             first_of: dict[tuple, Node] = {}
@@ -753,14 +804,12 @@ class CommonSubexpressions(Pass):
                 pairs = [(dup, kept) for dup, kept in zip(node.outputs, first.outputs) if dup is not None]
                 if any(not graph.can_replace(dup, kept)
                        for dup, kept in pairs):
-                    left.append({"node": node.name or node.op_type, "same_as": first.name or first.op_type,
-                                 "why": "both outputs are graph outputs"})
+                    left.add("both outputs are graph outputs",
+                             f"{node.name or node.op_type} (same as {first.name or first.op_type})")
                     continue
                 for dup, kept in pairs:
                     graph.replace_all_uses(dup, kept)
                 graph.remove_node(node)
                 merged[node.op_type] += 1
         stats: dict[str, Any] = {"merged": sum(merged.values()), "merged_by_op": dict(sorted(merged.items()))}
-        if left:
-            stats["left_alone"] = left
-        return PassResult(bool(merged), stats)
+        return PassResult(bool(merged), left.into(stats))

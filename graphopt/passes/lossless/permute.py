@@ -42,13 +42,15 @@ an index out of range refuses the rule (onnxruntime would reject it at run time;
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import helper
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, conv_info, drop_unused, is_op, producer_op, remove_dead, sole_consumer
-from graphopt.core.rewrite import Match, NoMatch, Rule, rules_result
+from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
 from graphopt.core.shapes import TypeTable
 
 
@@ -125,6 +127,31 @@ class _Rule(Rule):
         return x, axis, idx
 
 
+def _channel_factors(dx: tuple | None, dsplit: tuple | None, dout: tuple | None) -> int | NoMatch:
+    """How many factors the first Reshape splits axis 1 of ``x`` into (the others kept, static), when the
+    last Reshape merges them back into ``x``'s shape; else why this is not a channel shuffle."""
+    if dx is None or dsplit is None or dout is None or len(dx) < 2 or len(dout) != len(dx):
+        return NoMatch("ranks unknown or the shuffle changes the rank")
+    k = len(dsplit) - len(dx) + 1  # factors of axis 1
+    spatial = dx[2:]
+    if k < 2 or None in dx[1:] or tuple(dsplit[1 + k:]) != tuple(spatial) or None in dsplit[1:1 + k] \
+            or tuple(dout[1:]) != tuple(dx[1:]) or int(np.prod(dsplit[1:1 + k])) != dx[1]:
+        return NoMatch("the Reshapes do not split and merge axis 1 alone")
+    return k
+
+
+def _factor_perm(transpose: Node, rank: int, k: int) -> list[int] | NoMatch:
+    """The Transpose's perm, when it permutes the ``k`` factors of axis 1 only."""
+    perm = transpose.attr("perm")
+    if perm is None or len(perm) != rank:
+        return NoMatch("Transpose without a perm of the right rank")
+    perm = [int(p) for p in perm]
+    rest = [0, *range(1 + k, rank)]
+    if [perm[i] for i in rest] != rest or sorted(perm[1:1 + k]) != list(range(1, 1 + k)):
+        return NoMatch("the Transpose moves more than the factors of axis 1")
+    return perm
+
+
 class ShuffleToGather(_Rule):
     name = "shuffle_to_gather"
     root_ops = ("Reshape",)
@@ -136,40 +163,52 @@ class ShuffleToGather(_Rule):
             return NoMatch("not Reshape → Transpose → Reshape")
         x = split.inputs[0]
         dx, dsplit, dout = (self.types.dims(v) for v in (x, split.outputs[0], node.outputs[0]))
-        if dx is None or dsplit is None or dout is None or len(dx) < 2 or len(dout) != len(dx):
-            return NoMatch("ranks unknown or the shuffle changes the rank")
-        k = len(dsplit) - len(dx) + 1  # factors of axis 1
-        spatial = dx[2:]
-        if k < 2 or None in dx[1:] or tuple(dsplit[1 + k:]) != tuple(spatial) or None in dsplit[1:1 + k] \
-                or tuple(dout[1:]) != tuple(dx[1:]) or int(np.prod(dsplit[1:1 + k])) != dx[1]:
-            return NoMatch("the Reshapes do not split and merge axis 1 alone")
-        perm = transpose.attr("perm")
-        if perm is None or len(perm) != len(dsplit):
-            return NoMatch("Transpose without a perm of the right rank")
-        perm = [int(p) for p in perm]
-        rest = [0, *range(1 + k, len(dsplit))]
-        if [perm[i] for i in rest] != rest or sorted(perm[1:1 + k]) != list(range(1, 1 + k)):
-            return NoMatch("the Transpose moves more than the factors of axis 1")
+        k = _channel_factors(dx, dsplit, dout)
+        if isinstance(k, str):
+            return k
+        perm = _factor_perm(transpose, len(dsplit), k)
+        if isinstance(perm, str):
+            return perm
         for v in (split.outputs[0], transpose.outputs[0]):
             if sole_consumer(graph, v) is None:
                 return "an intermediate value has other readers"
         factors = [int(d) for d in dsplit[1:1 + k]]
         idx = np.arange(dx[1]).reshape(factors).transpose([p - 1 for p in perm[1:1 + k]]).reshape(-1)
-        return Match(node, nodes={"transpose": transpose, "split": split}, values={"x": x}, arrays={"idx": idx})
+        return _ShuffleMatch(node, x=x, axis=1, idx=idx, transpose=transpose, split=split)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _ShuffleMatch) -> None:
         node = match.node
-        self.emit_gather(graph, node.outputs[0], match.values["x"], 1, match.arrays["idx"], node)
-        _remove(graph, [node, match.nodes["transpose"], match.nodes["split"]])
+        self.emit_gather(graph, node.outputs[0], match.x, match.axis, match.idx, node)
+        _remove(graph, [node, match.transpose, match.split])
+
+
+@dataclass(kw_only=True)
+class _Regathered(Match):
+    """The matched node's output is ``Gather(x, idx, axis)``."""
+
+    x: Value
+    axis: int
+    idx: np.ndarray
+
+
+@dataclass(kw_only=True)
+class _ShuffleMatch(_Regathered):
+    transpose: Node  # the shuffle's Transpose and first Reshape, removed with it
+    split: Node
+
+
+@dataclass(kw_only=True)
+class _SplitRegathered(_Regathered):
+    bounds: np.ndarray  # output i is Gather(x, idx[bounds[i]:bounds[i + 1]], axis)
 
 
 class _Regather(_Rule):
-    """A node reading a Gather becomes one Gather of the Gather's input (``extra`` axis, ``arrays`` idx)."""
+    """A node reading a Gather becomes one Gather of the Gather's input."""
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _Regathered) -> None:
         node = match.node
         gathered = graph.producer(node.inputs[0])
-        self.emit_gather(graph, node.outputs[0], match.values["x"], match.extra["axis"], match.arrays["idx"], node)
+        self.emit_gather(graph, node.outputs[0], match.x, match.axis, match.idx, node)
         _remove(graph, [node, gathered])
 
 
@@ -199,7 +238,7 @@ class SliceOfGather(_Regather):
         if step == 0:
             return "step 0"
         # Python slicing clamps exactly as ONNX Slice does (negative bounds count from the end).
-        return Match(node, values={"x": x}, arrays={"idx": idx[start:end:step]}, extra={"axis": axis})
+        return _Regathered(node, x=x, axis=axis, idx=idx[start:end:step])
 
 
 class SplitOfGather(_Rule):
@@ -230,16 +269,16 @@ class SplitOfGather(_Rule):
         if sum(sizes) != len(idx) or len(sizes) != len(node.outputs):
             return "split sizes do not cover the gathered axis"
         bounds = np.cumsum([0, *sizes])
-        return Match(node, values={"x": x}, arrays={"idx": idx}, extra={"axis": axis, "bounds": bounds})
+        return _SplitRegathered(node, x=x, axis=axis, idx=idx, bounds=bounds)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx, bounds = match.node, match.arrays["idx"], match.extra["bounds"]
+    def rewrite(self, graph: Graph, match: _SplitRegathered) -> None:
+        node, idx, bounds = match.node, match.idx, match.bounds
         gather = graph.producer(node.inputs[0])
         outputs = list(node.outputs)
         graph.remove_node(node, keep_outputs=True)
         for out, start, end in zip(outputs, bounds[:-1], bounds[1:]):
             if out is not None:
-                self.emit_gather(graph, out, match.values["x"], match.extra["axis"], idx[start:end], node)
+                self.emit_gather(graph, out, match.x, match.axis, idx[start:end], node)
         _remove(graph, [node, gather])
 
 
@@ -259,7 +298,12 @@ class GatherOfGather(_Regather):
         _, outer_axis, j = found
         if outer_axis != axis:
             return NoMatch("gathers along different axes")
-        return Match(node, values={"x": x}, arrays={"idx": i[j]}, extra={"axis": axis})
+        return _Regathered(node, x=x, axis=axis, idx=i[j])
+
+
+@dataclass(kw_only=True)
+class _Bypassed(Match):
+    x: Value  # what the matched node's output equals
 
 
 class NoopGather(_Rule):
@@ -275,11 +319,22 @@ class NoopGather(_Rule):
             return NoMatch("indices are not 0..n-1")
         if not graph.can_replace(node.outputs[0], x):
             return "would rename a model output"
-        return Match(node, values={"x": x})
+        return _Bypassed(node, x=x)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        graph.replace_all_uses(match.node.outputs[0], match.values["x"])
+    def rewrite(self, graph: Graph, match: _Bypassed) -> None:
+        graph.replace_all_uses(match.node.outputs[0], match.x)
         _remove(graph, [match.node])
+
+
+@dataclass(kw_only=True)
+class _ConvGatherMatch(Match):
+    """A Conv reading ``Gather(x, idx, axis=1)``, with its weight and bias (None when absent)."""
+
+    gather: Node
+    x: Value
+    idx: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray | None = None
 
 
 class GatherIntoConv(_Rule):
@@ -295,17 +350,17 @@ class GatherIntoConv(_Rule):
             return f"grouped conv (group={info.group})"
         if len(idx) != info.weight.shape[1] or not self.permutes_all(x, 1, idx):
             return "the gather is not a permutation of all of its input's channels"
-        return Match(node, nodes={"gather": gather}, values={"x": x}, arrays={"idx": idx, "weight": info.weight})
+        return _ConvGatherMatch(node, gather=gather, x=x, idx=idx, weight=info.weight)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx, w = match.node, match.arrays["idx"], match.arrays["weight"]
+    def rewrite(self, graph: Graph, match: _ConvGatherMatch) -> None:
+        node, idx, w = match.node, match.idx, match.weight
         permuted = np.empty_like(w)
         permuted[:, idx] = w
         old = node.inputs[1]
         graph.set_input(node, 1, graph.add_initializer(permuted, f"{node.name or 'conv'}_W"))
-        graph.set_input(node, 0, match.values["x"])
+        graph.set_input(node, 0, match.x)
         drop_unused(graph, [old])
-        _remove(graph, [match.nodes["gather"]])
+        _remove(graph, [match.gather])
 
 
 class GatherThroughDepthwise(_Rule):
@@ -331,23 +386,20 @@ class GatherThroughDepthwise(_Rule):
         if isinstance(after_info, str) or after_info.group != 1:
             # Moving the Gather would only move its cost; a dense conv after the depthwise one absorbs it.
             return NoMatch("no dense conv after the depthwise conv to absorb the gather")
-        arrays = {"idx": idx, "weight": info.weight}
-        if info.bias is not None:
-            arrays["bias"] = info.bias
-        return Match(node, nodes={"gather": gather}, values={"x": x}, arrays=arrays)
+        return _ConvGatherMatch(node, gather=gather, x=x, idx=idx, weight=info.weight, bias=info.bias)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, idx = match.node, match.arrays["idx"]
-        weight = np.empty_like(match.arrays["weight"])
-        weight[idx] = match.arrays["weight"]
+    def rewrite(self, graph: Graph, match: _ConvGatherMatch) -> None:
+        node, idx = match.node, match.idx
+        weight = np.empty_like(match.weight)
+        weight[idx] = match.weight
         old = [v for v in node.inputs[1:] if v is not None]
         out = node.outputs[0]
         graph.remove_node(node, keep_outputs=True)
         base = node.name or "conv"
-        inputs = [match.values["x"], graph.add_initializer(weight, f"{base}_W")]
-        if "bias" in match.arrays:
-            bias = np.empty_like(match.arrays["bias"])
-            bias[idx] = match.arrays["bias"]
+        inputs = [match.x, graph.add_initializer(weight, f"{base}_W")]
+        if match.bias is not None:
+            bias = np.empty_like(match.bias)
+            bias[idx] = match.bias
             inputs.append(graph.add_initializer(bias, f"{base}_B"))
         attrs = {k: helper.get_attribute_value(a) for k, a in node.attrs.items()}
         # Same type and dims as the old output, recorded so that the next rule (folding the Gather) knows them.
@@ -355,7 +407,7 @@ class GatherThroughDepthwise(_Rule):
         graph.add_node("Conv", inputs, [unpermuted], attrs, name=base, anchor=node)
         self.emit_gather(graph, out, unpermuted, 1, idx, node)
         drop_unused(graph, old)
-        _remove(graph, [match.nodes["gather"]])
+        _remove(graph, [match.gather])
 
 
 def rules(types: TypeTable) -> list[Rule]:
@@ -364,11 +416,10 @@ def rules(types: TypeTable) -> list[Rule]:
 
 
 @register
-class ChannelPermute(Pass):
+class ChannelPermute(RulePass):
     name = "channel_permute"
-    lossless = True
     summary = ("channel shuffles (Reshape-Transpose-Reshape) to one Gather, folded into Slices, Splits, Gathers "
                "and conv weights")
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return rules_result(model, rules(TypeTable(model)))
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return rules(TypeTable(model))

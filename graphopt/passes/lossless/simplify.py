@@ -66,13 +66,15 @@ no re-inference is needed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from onnx import TensorProto
 
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
+from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, constant_value, producer_op, remove_dead, slice_bounds, sole_consumer
-from graphopt.core.rewrite import Match, NoMatch, Rule, rules_result
+from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
 from graphopt.core.shapes import TypeTable
 
 INT64_MAX = 2**63 - 1
@@ -158,6 +160,12 @@ class NoopTranspose(_NoOp):
         return None if perm == list(range(len(perm))) else NoMatch("perm is not the identity")
 
 
+@dataclass(kw_only=True)
+class _TransposePairMatch(Match):
+    inner: Node
+    perm: list[int] | None  # the composed perm; None when the pair cancels
+
+
 class TransposePair(_TypedRule):
     name = "transpose_pair"
     root_ops = ("Transpose",)
@@ -174,19 +182,24 @@ class TransposePair(_TypedRule):
         composed = [p1[i] for i in p2]
         if composed == list(range(len(composed))):
             why = _bypass_refusal(graph, node.outputs[0], x)
-            return why or Match(node, nodes={"inner": inner}, extra={"identity": True})
+            return why or _TransposePairMatch(node, inner=inner, perm=None)
         if sole_consumer(graph, inner.outputs[0]) is not node:
             return "inner Transpose has other readers and the pair does not cancel"
-        return Match(node, nodes={"inner": inner}, extra={"identity": False, "perm": composed})
+        return _TransposePairMatch(node, inner=inner, perm=composed)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, inner = match.node, match.nodes["inner"]
-        if match.extra["identity"]:
+    def rewrite(self, graph: Graph, match: _TransposePairMatch) -> None:
+        node, inner = match.node, match.inner
+        if match.perm is None:
             _bypass(graph, node.outputs[0], inner.inputs[0], [node, inner])
             return
         graph.set_input(node, 0, inner.inputs[0])
-        node.set_attr("perm", match.extra["perm"])
+        node.set_attr("perm", match.perm)
         remove_dead(graph, [inner])
+
+
+@dataclass(kw_only=True)
+class _InverseMatch(Match):
+    inner: Node  # the node the matched one undoes: both go, readers read the inner one's input
 
 
 class SqueezeUnsqueeze(_TypedRule):
@@ -214,10 +227,10 @@ class SqueezeUnsqueeze(_TypedRule):
             return "negative axes and unknown rank"
         if a != b:
             return NoMatch("axes differ")
-        return _bypass_refusal(graph, node.outputs[0], x) or Match(node, nodes={"inner": inner})
+        return _bypass_refusal(graph, node.outputs[0], x) or _InverseMatch(node, inner=inner)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.nodes["inner"].inputs[0], match.all_nodes())
+    def rewrite(self, graph: Graph, match: _InverseMatch) -> None:
+        _bypass(graph, match.node.outputs[0], match.inner.inputs[0], [match.node, match.inner])
 
 
 class UnsqueezeSqueeze(_TypedRule):
@@ -245,10 +258,39 @@ class UnsqueezeSqueeze(_TypedRule):
             return "negative axes and unknown rank"
         if a != b:
             return NoMatch("axes differ")
-        return _bypass_refusal(graph, node.outputs[0], x) or Match(node, nodes={"inner": inner})
+        return _bypass_refusal(graph, node.outputs[0], x) or _InverseMatch(node, inner=inner)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.nodes["inner"].inputs[0], match.all_nodes())
+    def rewrite(self, graph: Graph, match: _InverseMatch) -> None:
+        _bypass(graph, match.node.outputs[0], match.inner.inputs[0], [match.node, match.inner])
+
+
+@dataclass(kw_only=True)
+class _ReshapeChainMatch(Match):
+    inner: Node
+    shape: np.ndarray | None  # a new target shape (its 0 entries resolved); None: the target stays
+
+
+def _without_copies(target: np.ndarray, middle: tuple | None, copied: list[int]) -> np.ndarray | str:
+    """``target`` with its 0 entries (copies of the middle tensor's dims) replaced by those dims, so that
+    it applies to the chain's input; or why a copied dim cannot be written without the middle tensor."""
+    if middle is None or any(i >= len(middle) for i in copied):
+        return "a 0 entry copies a non-static dim of the middle tensor"
+    target = target.copy()
+    dynamic = [i for i in copied if middle[i] is None]
+    if dynamic:
+        # One copied dynamic dim m_i can be written as -1 when everything else is static and the
+        # other entries multiply to the product of the middle tensor's other dims: then
+        # -1 = |x| / prod(others) = m_i · prod(middle others) / prod(others) = m_i.
+        others = [int(t) if t != 0 else middle[i] for i, t in enumerate(target) if i != dynamic[0]]
+        middle_others = [d for i, d in enumerate(middle) if i != dynamic[0]]
+        if len(dynamic) > 1 or -1 in others or None in others or None in middle_others \
+                or 0 in others or np.prod(others, dtype=np.int64) != np.prod(middle_others, dtype=np.int64):
+            return "a 0 entry copies a non-static dim of the middle tensor"
+        target[dynamic[0]] = -1
+    for i in copied:
+        if middle[i] is not None:
+            target[i] = middle[i]
+    return target
 
 
 class ReshapeChain(_TypedRule):
@@ -266,37 +308,32 @@ class ReshapeChain(_TypedRule):
             return NoMatch("target shape is not constant")
         target = target.astype(np.int64)
         copied = [i for i, s in enumerate(target) if s == 0] if not node.attr("allowzero", 0) else []
-        if copied:
-            middle = self.types.dims(inner.outputs[0])
-            if middle is None or any(i >= len(middle) for i in copied):
-                return "a 0 entry copies a non-static dim of the middle tensor"
-            target = target.copy()
-            dynamic = [i for i in copied if middle[i] is None]
-            if dynamic:
-                # One copied dynamic dim m_i can be written as -1 when everything else is static and the
-                # other entries multiply to the product of the middle tensor's other dims: then
-                # -1 = |x| / prod(others) = m_i · prod(middle others) / prod(others) = m_i.
-                others = [int(t) if t != 0 else middle[i] for i, t in enumerate(target) if i != dynamic[0]]
-                middle_others = [d for i, d in enumerate(middle) if i != dynamic[0]]
-                if len(dynamic) > 1 or -1 in others or None in others or None in middle_others \
-                        or 0 in others or np.prod(others, dtype=np.int64) != np.prod(middle_others, dtype=np.int64):
-                    return "a 0 entry copies a non-static dim of the middle tensor"
-                target[dynamic[0]] = -1
-            for i in copied:
-                if middle[i] is not None:
-                    target[i] = middle[i]
-        return Match(node, nodes={"inner": inner}, arrays={"shape": target}, extra={"new_shape": bool(copied)})
+        if not copied:
+            return _ReshapeChainMatch(node, inner=inner, shape=None)
+        resolved = _without_copies(target, self.types.dims(inner.outputs[0]), copied)
+        if isinstance(resolved, str):
+            return resolved
+        return _ReshapeChainMatch(node, inner=inner, shape=resolved)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        node, inner = match.node, match.nodes["inner"]
+    def rewrite(self, graph: Graph, match: _ReshapeChainMatch) -> None:
+        node, inner = match.node, match.inner
         graph.set_input(node, 0, inner.inputs[0])
-        if match.extra["new_shape"]:
+        if match.shape is not None:
             old = node.inputs[1]
-            graph.set_input(node, 1, graph.add_initializer(match.arrays["shape"], old.name))
+            graph.set_input(node, 1, graph.add_initializer(match.shape, old.name))
             if old.name in graph.initializers and not graph.uses(old) and not graph.is_graph_output(old) \
                     and not graph.is_graph_input(old):
                 graph.remove_initializer(old)
         remove_dead(graph, [inner])
+
+
+def _changed_dim(target: list[int], dims: tuple, allowzero: bool) -> str | None:
+    """Why a Reshape to ``target`` may change a dim of ``dims`` (-1 is checked by the caller), or None."""
+    for s, d in zip(target, dims):
+        if s == -1 or (s == 0 and not allowzero) or (d is not None and s == d):
+            continue
+        return NoMatch("a dim changes") if d is not None else "a target dim meets a non-static dim"
+    return None
 
 
 class NoopReshape(_NoOp):
@@ -313,12 +350,10 @@ class NoopReshape(_NoOp):
         target = [int(s) for s in target.reshape(-1)]
         if len(target) != len(dims):
             return NoMatch("rank changes")
-        allowzero = bool(node.attr("allowzero", 0))
+        why = _changed_dim(target, dims, bool(node.attr("allowzero", 0)))
+        if why is not None:
+            return why
         inferred = [i for i, s in enumerate(target) if s == -1]
-        for s, d in zip(target, dims):
-            if s == -1 or (s == 0 and not allowzero) or (d is not None and s == d):
-                continue
-            return NoMatch("a dim changes") if d is not None else "a target dim meets a non-static dim"
         if inferred:
             others = [d for i, d in enumerate(dims) if i != inferred[0]]
             if len(inferred) > 1 or None in others or 0 in others:
@@ -423,6 +458,11 @@ class SingleSplit(_NoOp):
         return None if len(node.outputs) == 1 else NoMatch("several outputs")
 
 
+@dataclass(kw_only=True)
+class _Bypassed(Match):
+    x: Value  # what the matched node's output equals
+
+
 class NeutralElement(_TypedRule):
     """x*1, 1*x, x+0, 0+x, x-0, x/1 -> x."""
 
@@ -455,11 +495,11 @@ class NeutralElement(_TypedRule):
                 continue
             why = _bypass_refusal(graph, node.outputs[0], x)
             if why is None:
-                return Match(node, values={"x": x})
+                return _Bypassed(node, x=x)
         return why
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        _bypass(graph, match.node.outputs[0], match.values["x"], [match.node])
+    def rewrite(self, graph: Graph, match: _Bypassed) -> None:
+        _bypass(graph, match.node.outputs[0], match.x, [match.node])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,69 +542,97 @@ def shape_entries(graph: Graph, types: TypeTable, value: Value | None,
     node = graph.producer(value)
     if node is None or node.domain not in ("", "ai.onnx") or node.outputs[0] is not value:
         return None
-    op = node.op_type
-    if op == "Shape":
-        symbols = types.symbols(node.inputs[0])
-        if symbols is None:
-            return None
-        rank = len(symbols)
+    follow = _SHAPE_OPS.get(node.op_type)
+    return None if follow is None else follow(graph, types, node, depth)
 
-        def clamp(i: int) -> int:
-            return min(max(i + rank if i < 0 else i, 0), rank)
 
-        start, end = clamp(node.attr("start", 0)), clamp(node.attr("end", rank))
-        entries = [_dim_keys(types, node.inputs[0], i) for i in range(start, end)]
-        return entries, False  # type: ignore[return-value]
-    if op == "Identity":
-        return shape_entries(graph, types, node.inputs[0], depth + 1)
-    if op == "Cast":
-        inner = shape_entries(graph, types, node.inputs[0], depth + 1)
-        src = types.dtype(node.inputs[0])
-        # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
-        return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
-    if op == "Gather":
-        if node.attr("axis", 0) != 0:
+_Entries = tuple[list[Entry], bool]
+
+
+def _entries_of_shape(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    symbols = types.symbols(node.inputs[0])
+    if symbols is None:
+        return None
+    rank = len(symbols)
+
+    def clamp(i: int) -> int:
+        return min(max(i + rank if i < 0 else i, 0), rank)
+
+    start, end = clamp(node.attr("start", 0)), clamp(node.attr("end", rank))
+    entries = [_dim_keys(types, node.inputs[0], i) for i in range(start, end)]
+    return entries, False  # type: ignore[return-value]
+
+
+def _entries_of_identity(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    return shape_entries(graph, types, node.inputs[0], depth + 1)
+
+
+def _entries_of_cast(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    inner = shape_entries(graph, types, node.inputs[0], depth + 1)
+    src = types.dtype(node.inputs[0])
+    # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
+    return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
+
+
+def _entries_of_gather(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    if node.attr("axis", 0) != 0:
+        return None
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    idx = const_input(graph, node, 1)
+    if data is None or data[1] or idx is None or idx.ndim > 1 or not np.issubdtype(idx.dtype, np.integer):
+        return None
+    n = len(data[0])
+    picked = []
+    for i in idx.reshape(-1).tolist():
+        if not -n <= i < n:
             return None
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        idx = const_input(graph, node, 1)
-        if data is None or data[1] or idx is None or idx.ndim > 1 or not np.issubdtype(idx.dtype, np.integer):
+        picked.append(data[0][i])
+    return picked, idx.ndim == 0
+
+
+def _entries_of_slice(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    bounds = slice_bounds(node, graph)
+    if data is None or data[1] or bounds is None:
+        return None
+    starts, ends, axes, steps = bounds
+    if len(starts) != 1 or axes not in (None, [0], [-1]) or steps[0] != 1:
+        return None
+    return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
+
+
+def _entries_of_unsqueeze_or_squeeze(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    data = shape_entries(graph, types, node.inputs[0], depth + 1)
+    axes = _axes(graph, node)
+    if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
+        return None
+    entries, scalar = data
+    if node.op_type == "Unsqueeze":
+        return (entries, False) if scalar else None
+    return (entries, True) if not scalar and len(entries) == 1 else None
+
+
+def _entries_of_concat(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+    if node.attr("axis") not in (0, -1):
+        return None
+    out: list[Entry] = []
+    for x in node.inputs:
+        part = shape_entries(graph, types, x, depth + 1)
+        if part is None or part[1]:
             return None
-        n = len(data[0])
-        picked = []
-        for i in idx.reshape(-1).tolist():
-            if not -n <= i < n:
-                return None
-            picked.append(data[0][i])
-        return picked, idx.ndim == 0
-    if op == "Slice":
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        bounds = slice_bounds(node, graph)
-        if data is None or data[1] or bounds is None:
-            return None
-        starts, ends, axes, steps = bounds
-        if len(starts) != 1 or axes not in (None, [0], [-1]) or steps[0] != 1:
-            return None
-        return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
-    if op in ("Unsqueeze", "Squeeze"):
-        data = shape_entries(graph, types, node.inputs[0], depth + 1)
-        axes = _axes(graph, node)
-        if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
-            return None
-        entries, scalar = data
-        if op == "Unsqueeze":
-            return (entries, False) if scalar else None
-        return (entries, True) if not scalar and len(entries) == 1 else None
-    if op == "Concat":
-        if node.attr("axis") not in (0, -1):
-            return None
-        out: list[Entry] = []
-        for x in node.inputs:
-            part = shape_entries(graph, types, x, depth + 1)
-            if part is None or part[1]:
-                return None
-            out += part[0]
-        return out, False
-    return None
+        out += part[0]
+    return out, False
+
+
+_SHAPE_OPS = {"Shape": _entries_of_shape, "Identity": _entries_of_identity, "Cast": _entries_of_cast,
+              "Gather": _entries_of_gather, "Slice": _entries_of_slice,
+              "Unsqueeze": _entries_of_unsqueeze_or_squeeze, "Squeeze": _entries_of_unsqueeze_or_squeeze,
+              "Concat": _entries_of_concat}
+
+
+@dataclass(kw_only=True)
+class _NewTarget(Match):
+    shape: np.ndarray  # the constant target shape
 
 
 class ReshapeShapeTarget(_TypedRule):
@@ -593,6 +661,22 @@ class ReshapeShapeTarget(_TypedRule):
         entries = evaluated[0]
         x = node.inputs[0]
         symbols = self.types.symbols(x)
+        target = self._copied(x, symbols, entries)
+        open_ = [k for k, t in enumerate(target) if t is None]
+        if len(open_) > 1:
+            return "more than one target dim is not a dim of the input"
+        if open_:
+            why = self._inferred_dim_refusal(x, symbols, target, entries, open_[0])
+            if why:
+                return why
+            target[open_[0]] = -1
+        if target.count(-1) > 1:
+            return "more than one -1"
+        return _NewTarget(node, shape=np.array(target, np.int64))
+
+    def _copied(self, x: Value, symbols: tuple | None, entries: list[Entry]) -> list[int | None]:
+        """The target with static entries kept, dim ``k`` of ``x`` at position ``k`` as 0 (copied), and
+        None where an entry is neither."""
         rank = None if symbols is None else len(symbols)
         target: list[int | None] = []
         for k, e in enumerate(entries):
@@ -601,31 +685,28 @@ class ReshapeShapeTarget(_TypedRule):
                 continue
             mine = _dim_keys(self.types, x, k) if rank is not None and k < rank else None
             target.append(0 if isinstance(mine, frozenset) and mine & e else None)
-        open_ = [k for k, t in enumerate(target) if t is None]
-        if len(open_) > 1:
-            return "more than one target dim is not a dim of the input"
-        if open_:
-            k = open_[0]
-            if -1 in target or symbols is None:
-                return "a target dim is not a dim of the input"
-            dynamic = [i for i, d in enumerate(symbols) if not isinstance(d, int)]
-            if len(dynamic) != 1 or not (_dim_keys(self.types, x, dynamic[0]) & entries[k]):  # type: ignore[operator]
-                return "a target dim is not a dim of the input"
-            others = [symbols[i] if t == 0 else t for i, t in enumerate(target) if i != k]
-            if any(not isinstance(o, int) or o <= 0 for o in others):
-                return "a target dim is not a dim of the input"
-            have = int(np.prod([d for d in symbols if isinstance(d, int)], dtype=np.int64))
-            if have != int(np.prod(others, dtype=np.int64)):
-                return "element count does not prove the inferred dim"
-            target[k] = -1
-        if target.count(-1) > 1:
-            return "more than one -1"
-        return Match(node, arrays={"shape": np.array(target, np.int64)})
+        return target
+
+    def _inferred_dim_refusal(self, x: Value, symbols: tuple | None, target: list[int | None],
+                              entries: list[Entry], k: int) -> str | None:
+        """Why entry ``k`` cannot be written as -1 (the element count must prove it is x's one dynamic dim)."""
+        if -1 in target or symbols is None:
+            return "a target dim is not a dim of the input"
+        dynamic = [i for i, d in enumerate(symbols) if not isinstance(d, int)]
+        if len(dynamic) != 1 or not (_dim_keys(self.types, x, dynamic[0]) & entries[k]):  # type: ignore[operator]
+            return "a target dim is not a dim of the input"
+        others = [symbols[i] if t == 0 else t for i, t in enumerate(target) if i != k]
+        if any(not isinstance(o, int) or o <= 0 for o in others):
+            return "a target dim is not a dim of the input"
+        have = int(np.prod([d for d in symbols if isinstance(d, int)], dtype=np.int64))
+        if have != int(np.prod(others, dtype=np.int64)):
+            return "element count does not prove the inferred dim"
+        return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         node = match.node
         old = node.inputs[1]
-        graph.set_input(node, 1, graph.add_initializer(match.arrays["shape"], f"{node.name or 'Reshape'}_shape"))
+        graph.set_input(node, 1, graph.add_initializer(match.shape, f"{node.name or 'Reshape'}_shape"))
         remove_dead(graph, _producers(graph, old))
 
 
@@ -642,6 +723,24 @@ def _producers(graph: Graph, value: Value) -> list[Node]:
                 nxt += list(p.inputs)
         frontier = nxt
     return out
+
+
+def _equal_entries(entries: list[Entry], k: np.ndarray) -> list[bool] | str:
+    """``entries[i] == k[i]`` decided statically (a dim is never negative), or why it cannot be."""
+    take: list[bool] = []
+    for e, ki in zip(entries, k):
+        if isinstance(e, int):
+            take.append(e == int(ki))
+        elif int(ki) < 0:
+            take.append(False)  # a dim is never negative
+        else:
+            return "a comparison depends on a dynamic dim"
+    return take
+
+
+@dataclass(kw_only=True)
+class _PiecesMatch(Match):
+    pieces: list[Value | np.ndarray]  # the new Concat's inputs: kept pieces, or constant replacements
 
 
 class ShapeWhereEqual(_TypedRule):
@@ -678,14 +777,17 @@ class ShapeWhereEqual(_TypedRule):
             return "k or a does not broadcast along s"
         k_b = np.broadcast_to(k.reshape(-1), (n,))
         a_b = np.broadcast_to(a_const.reshape(-1), (n,))
-        take: list[bool] = []
-        for e, ki in zip(entries, k_b):
-            if isinstance(e, int):
-                take.append(e == int(ki))
-            elif int(ki) < 0:
-                take.append(False)  # a dim is never negative
-            else:
-                return "a comparison depends on a dynamic dim"
+        take = _equal_entries(entries, k_b)
+        if isinstance(take, str):
+            return take
+        pieces = self._pieces(graph, concat, take, a_b)
+        if isinstance(pieces, str):
+            return pieces
+        return _PiecesMatch(node, pieces=pieces)
+
+    def _pieces(self, graph: Graph, concat: Node, take: list[bool],
+                a_b: np.ndarray) -> list[Value | np.ndarray] | str:
+        """The new Concat's inputs: each piece of ``s`` kept, or replaced as a whole by its slice of ``a``."""
         pieces: list[Value | np.ndarray] = []
         pos = 0
         for piece in concat.inputs:
@@ -701,12 +803,12 @@ class ShapeWhereEqual(_TypedRule):
             else:
                 return "a piece of s is partly replaced"
             pos += size
-        return Match(node, nodes={"concat": concat}, extra={"pieces": pieces})
+        return pieces
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
+    def rewrite(self, graph: Graph, match: _PiecesMatch) -> None:
         node = match.node
         hint = node.name or "Where"
-        inputs = [p if isinstance(p, Value) else graph.add_initializer(p, f"{hint}_piece") for p in match.extra["pieces"]]
+        inputs = [p if isinstance(p, Value) else graph.add_initializer(p, f"{hint}_piece") for p in match.pieces]
         new = graph.add_node("Concat", inputs, [f"{hint}_shape"], {"axis": 0}, name=f"{hint}_shape", anchor=node)
         new.outputs[0].type = node.outputs[0].type
         graph.replace_all_uses(node.outputs[0], new.outputs[0])
@@ -721,10 +823,9 @@ def rules(types: TypeTable) -> list[Rule]:
 
 
 @register
-class Simplify(Pass):
+class Simplify(RulePass):
     name = "simplify"
-    lossless = True
     summary = "remove shape no-ops (same-type Cast, whole Slice, x*1...) and cancel Transpose/Squeeze/Reshape pairs"
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        return rules_result(model, rules(TypeTable(model)))
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return rules(TypeTable(model))

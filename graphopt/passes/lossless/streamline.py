@@ -31,9 +31,9 @@ Notation: a per-channel affine map is ``y = s·x + t`` with ``s``, ``t`` vectors
     changing the tensor's shape. ``x − c = x + (−c)``, ``c − x = (−1)·x + c``, ``x / c = x·(1/c)`` (refused
     when ``c`` has a zero; ``c / x`` is not affine).
 
-    A Mul/Add/Sub/Div that belongs to a decomposed GELU or LayerNorm (:func:`graphopt.passes.lossless.fusion.protected_role`)
+    A Mul/Add/Sub/Div that belongs to a decomposed GELU or LayerNorm (:func:`graphopt.core.patterns.protected_role`)
     is never folded: the fold is exact, but onnxruntime would no longer recognise the chain and run it as one
-    fused kernel (measured on the transformer zoo model: ``BiasGelu`` lost, 4-5 % slower).
+    fused kernel (``BiasGelu``), which is slower.
 
     *After* a layer (rule ``affine_into_preceding_layer``), when the layer's output has no other reader
     (the affine node's output may have any number)::
@@ -102,8 +102,7 @@ Notation: a per-channel affine map is ``y = s·x + t`` with ``s``, ``t`` vectors
     ``matmul_add_to_gemm_rows``: ``MatMul(A, B) + C`` as above for an N-D A ``[d_1 … d_{r-1}, K]`` (the
     transformer's ``[batch, tokens, K]``) becomes ``Reshape(A, [-1, K]) → Gemm → Reshape([d_1 … d_{r-1}, N])``,
     with at most one dynamic ``d_i``, written as ``-1`` (the element count fixes it). onnxruntime aliases the
-    Reshapes, and the Gemm adds the bias while it writes its output instead of in a separate pass (measured
-    on the transformer zoo model, batch 64, 1 thread, per-kernel times: 6-8 % faster than MatMul + Add).
+    Reshapes, and the Gemm adds the bias while it writes its output instead of in a separate pass.
     A separate pass that runs after ``merge_linear``, so that dense chains merge first. Not applied when the
     biased output feeds a GELU: onnxruntime fuses that Add into its BiasGelu kernel.
 
@@ -117,7 +116,6 @@ subgraphs and function bodies included.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -128,10 +126,10 @@ from onnx import numpy_helper
 
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
-from graphopt.core.manager import Pass, PassContext, PassResult, register
-from graphopt.core.ops import is_op, remove_dead, sole_consumer
+from graphopt.core.manager import PassContext, register
+from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import protected_role
-from graphopt.core.rewrite import Match, Rule, apply_rules
+from graphopt.core.rewrite import Match, Rule, RulePass
 from graphopt.core.shapes import inferred_types, symbolic_dims
 from graphopt.measure.cost import Cost, cheaper, conv_cost, elementwise_cost, gemm_cost
 
@@ -143,14 +141,13 @@ Shape = tuple  # dims: int, str (symbolic) or None (unknown)
 
 
 class _Env:
-    """What the rules of one pass run share: the model's opset, shapes (inferred once, lazily), counters."""
+    """What the rules of one pass run share: the model's opset and shapes (inferred once, lazily)."""
 
     def __init__(self, model: Model, symbolic: bool = False) -> None:
         self.model = model
         self.symbolic = symbolic  # also ask onnxruntime's symbolic shape inference (see _infer)
         self.opset = model.opset("") or 1
         self._inferred: dict[Value, Shape] | None = None
-        self.counts: Counter[str] = Counter()
 
     def shape(self, value: Value | None) -> Shape | None:
         if value is None:
@@ -176,26 +173,35 @@ class _Env:
             types = inferred_types(self.model)
         except GraphoptError:
             return {}
-        out: dict[Value, Shape] = {}
-        for graph, by_name in types.items():
-            for value in graph.values():
-                tp = by_name.get(value.name)
-                if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-                    continue
-                out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                   for d in tp.tensor_type.shape.dim)
+        out = _dims_by_value(types)
         # onnx loses static dims behind shape arithmetic (Expand to a computed shape, then Concat); the
         # symbolic engine evaluates it. Only its static sizes are taken, for dims onnx left unknown.
         if self.symbolic and any(not all(isinstance(d, int) for d in dims) for dims in out.values()):
-            symbolic = symbolic_dims(self.model) or {}
-            for value in self.model.graph.values():
-                found, have = symbolic.get(value.name), out.get(value)
-                if found is None or (have is not None and len(have) != len(found)):
-                    continue
-                have = have if have is not None else (None,) * len(found)
-                out[value] = tuple(h if isinstance(h, int) else (f if isinstance(f, int) else h)
-                                   for h, f in zip(have, found))
+            self._fill_static_from_symbolic(out)
         return out
+
+    def _fill_static_from_symbolic(self, out: dict[Value, Shape]) -> None:
+        symbolic = symbolic_dims(self.model) or {}
+        for value in self.model.graph.values():
+            found, have = symbolic.get(value.name), out.get(value)
+            if found is None or (have is not None and len(have) != len(found)):
+                continue
+            have = have if have is not None else (None,) * len(found)
+            out[value] = tuple(h if isinstance(h, int) else (f if isinstance(f, int) else h)
+                               for h, f in zip(have, found))
+
+
+def _dims_by_value(types: dict) -> dict[Value, Shape]:
+    """Each value's inferred dims (int, ``dim_param`` or None) from ``{graph: {name: TypeProto}}``."""
+    out: dict[Value, Shape] = {}
+    for graph, by_name in types.items():
+        for value in graph.values():
+            tp = by_name.get(value.name)
+            if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+                continue
+            out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                               for d in tp.tensor_type.shape.dim)
+    return out
 
 
 def _known(dims: Shape) -> int:
@@ -385,20 +391,30 @@ class _Affine:
     is_batchnorm: bool = False
 
 
-def _batchnorm_affine(env: _Env, graph: Graph, node: Node) -> _Affine | str:
+def _batchnorm_form_refusal(env: _Env, graph: Graph, node: Node) -> str | None:
+    """Why BatchNormalization ``node`` is not in inference form (it would normalise with batch
+    statistics, or its statistics outputs are read), or None."""
     if _has_attr_refs(node):
         return "attributes refer to function attributes"
     if node.attr("training_mode", 0):
         return "training mode (batch statistics)"
-    extra = [v for v in node.outputs[1:] if v is not None]
-    if env.opset < 14 and extra:
+    stat_outputs = [v for v in node.outputs[1:] if v is not None]
+    if env.opset < 14 and stat_outputs:
         return "training outputs present (the training form before opset 14)"
-    if any(graph.uses(v) or graph.is_graph_output(v) for v in extra):
+    if any(graph.uses(v) or graph.is_graph_output(v) for v in stat_outputs):
         return "running statistics outputs are read"
     if env.opset < 7 and not node.attr("is_test", 0):
         return "training mode (is_test=0 before opset 7)"
     if node.attr("spatial", 1) == 0:
         return "per-activation statistics (spatial=0)"
+    return None
+
+
+def _batchnorm_affine(env: _Env, graph: Graph, node: Node) -> _Affine | str:
+    """``s = γ/σ``, ``t = β − μ·s`` with ``σ = sqrt(var + ε)``, or why BN is not such an affine map."""
+    why = _batchnorm_form_refusal(env, graph, node)
+    if why:
+        return why
     params = [_const(graph, node, i) for i in range(1, 5)]
     if any(p is None for p in params):
         return "scale, bias, mean or variance is not constant"
@@ -508,7 +524,7 @@ def _layer_weights(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | N
 
 def _find_producer(env: _Env, graph: Graph, value: Value) -> _Producer | str:
     node = graph.producer(value)
-    if node is None or not is_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul", "Add"):
+    if node is None or not is_op(node, *LAYER_OPS_WITH_TRANSPOSE, "Add"):
         return f"its input is not produced by {_LAYERS}"
     if _has_attr_refs(node):
         return "the layer's attributes refer to function attributes"
@@ -556,36 +572,54 @@ def _check_after(p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> st
 
 def _fold_after(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
     """Fold ``y = s·out + t`` into the layer; returns the value that now holds ``y``."""
+    fold = {"Conv": _fold_after_conv, "ConvTranspose": _fold_after_conv, "Gemm": _fold_after_gemm}
+    return fold.get(p.kind, _fold_after_matmul)(graph, p, s, t)
+
+
+def _fold_after_conv(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``W'[o] = W[o]·s[o]`` (ConvTranspose: per output channel of each group), ``b' = b·s + t``."""
     node, dtype = p.node, p.weight.dtype
     w = np.asarray(p.weight, np.float64)
     name = node.name or node.op_type
-    if p.kind in ("Conv", "ConvTranspose"):
-        if s is not None:
-            if p.kind == "Conv":
-                w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-            else:
-                group = node.attr("group", 1)
-                grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-                w = (grouped * s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))).reshape(w.shape)
-            _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
-        b = _const(graph, node, 2)
-        if b is not None or t is not None:
-            b = np.zeros(p.channels) if b is None else np.asarray(b, np.float64)
-            b = b * (1.0 if s is None else s) + (0.0 if t is None else t)
-            _set_const_input(graph, node, 2, b.astype(dtype), f"{name}_bias", like=node.inputs[1])
-        return p.out
-    if p.kind == "Gemm":
-        if s is not None:
-            w = w * (s[:, None] if node.attr("transB", 0) else s[None, :])
-            _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
-        c = _const(graph, node, 2)
-        if c is not None or t is not None:
-            c = np.zeros(()) if c is None else float(node.attr("beta", 1.0)) * np.asarray(c, np.float64)
-            c = c * (1.0 if s is None else s) + (0.0 if t is None else t)
-            _set_const_input(graph, node, 2, c.astype(dtype), f"{name}_bias", like=node.inputs[1])
-            node.set_attr("beta", 1.0)
-        return p.out
-    # MatMul
+    if s is not None:
+        if p.kind == "Conv":
+            w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            group = node.attr("group", 1)
+            grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
+            w = (grouped * s.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
+    b = _const(graph, node, 2)
+    if b is not None or t is not None:
+        b = np.zeros(p.channels) if b is None else np.asarray(b, np.float64)
+        b = b * (1.0 if s is None else s) + (0.0 if t is None else t)
+        _set_const_input(graph, node, 2, b.astype(dtype), f"{name}_bias", like=node.inputs[1])
+    return p.out
+
+
+def _fold_after_gemm(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``B' = B·s`` per output column (transB aware), ``C' = β·C·s + t`` and ``β' = 1``."""
+    node, dtype = p.node, p.weight.dtype
+    w = np.asarray(p.weight, np.float64)
+    name = node.name or node.op_type
+    if s is not None:
+        w = w * (s[:, None] if node.attr("transB", 0) else s[None, :])
+        _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
+    c = _const(graph, node, 2)
+    if c is not None or t is not None:
+        c = np.zeros(()) if c is None else float(node.attr("beta", 1.0)) * np.asarray(c, np.float64)
+        c = c * (1.0 if s is None else s) + (0.0 if t is None else t)
+        _set_const_input(graph, node, 2, c.astype(dtype), f"{name}_bias", like=node.inputs[1])
+        node.set_attr("beta", 1.0)
+    return p.out
+
+
+def _fold_after_matmul(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray | None) -> Value:
+    """``W'[:, n] = W[:, n]·s[n]``; the shift goes into the bias Add (``b' = b·s + t``), or a bare 2-D
+    MatMul that gains one becomes ``Gemm(x, W', t)``."""
+    node, dtype = p.node, p.weight.dtype
+    w = np.asarray(p.weight, np.float64)
+    name = node.name or node.op_type
     if s is not None:
         w = w * s[None, :]
     if p.bias_add is not None:
@@ -599,7 +633,6 @@ def _fold_after(graph: Graph, p: _Producer, s: np.ndarray | None, t: np.ndarray 
         if s is not None:
             _set_const_input(graph, node, 1, w.astype(dtype), f"{name}_weight")
         return p.out
-    # A bare 2-D MatMul that gains a bias: Gemm(x, W', t).
     like = node.inputs[1]
     wv = _new_const(graph, w.astype(dtype), like.name, node, _written_as_node(graph, like))
     bv = _new_const(graph, t.astype(dtype), f"{name}_bias", node, _written_as_node(graph, like))
@@ -626,8 +659,18 @@ class _AffineRule(Rule):
         return affine
 
 
+@dataclass(kw_only=True)
+class _AfterMatch(Match):
+    """An affine node to fold into the layer that produces its input."""
+
+    producer: _Producer
+    s: np.ndarray | None
+    t: np.ndarray | None
+    constants: list[Value | None]  # the affine node's constant inputs, discarded when unread
+
+
 class _IntoPreceding(_AffineRule):
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _AfterMatch | str:
         affine = self.affine(graph, node)
         if isinstance(affine, str):
             return affine
@@ -647,18 +690,18 @@ class _IntoPreceding(_AffineRule):
             return why
         if not graph.can_replace(node.outputs[0], p.out):
             return "the output is a model output that the layer's output cannot take over"
-        return Match(node, extra={"producer": p, "s": s, "t": t, "constants": affine.constants})
+        return _AfterMatch(node, producer=p, s=s, t=t, constants=affine.constants)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        p: _Producer = match.extra["producer"]
+    def rewrite(self, graph: Graph, match: _AfterMatch) -> str:
+        p = match.producer
         y = match.node.outputs[0]
-        out = _fold_after(graph, p, match.extra["s"], match.extra["t"])
+        out = _fold_after(graph, p, match.s, match.t)
         graph.replace_all_uses(y, out)
         graph.remove_node(match.node)
         if out is not p.out:
             _remove_with_constants(graph, [p.node])
-        _discard(graph, match.extra["constants"])
-        self.env.counts[f"after {p.kind}"] += 1
+        _discard(graph, match.constants)
+        return f"after {p.kind}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +724,7 @@ class _Reader:
 
 
 def _find_reader(env: _Env, graph: Graph, node: Node, slot: int | tuple) -> _Reader | str:
-    if not is_op(node, "Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if not is_op(node, *LAYER_OPS_WITH_TRANSPOSE):
         return f"a reader is not {_LAYERS}"
     if slot != 0 or not _read_once(graph, node.inputs[0], node):
         return "a reader reads it as a weight"
@@ -797,8 +840,18 @@ def _broadcast_keeps_shape(env: _Env, affine: _Affine) -> bool:
     return True
 
 
+@dataclass(kw_only=True)
+class _BeforeMatch(Match):
+    """An affine node to fold into every layer that reads its output."""
+
+    x: Value  # the affine node's input, which the readers read instead
+    readers: list[tuple[_Reader, np.ndarray | None, np.ndarray | None]]  # (layer, s, t along its channels)
+    shape_readers: list[tuple[Node, int]]  # Shape/Size readers, moved to x
+    constants: list[Value | None]
+
+
 class _IntoFollowing(_AffineRule):
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def match(self, graph: Graph, node: Node) -> _BeforeMatch | str:
         affine = self.affine(graph, node)
         if isinstance(affine, str):
             return affine
@@ -829,18 +882,17 @@ class _IntoFollowing(_AffineRule):
             return f"its output is not read by {_LAYERS}"
         if not _broadcast_keeps_shape(self.env, affine):
             return "broadcasting changes the input's shape (or the input's shape is unknown)"
-        return Match(node, values={"x": affine.x},
-                     extra={"readers": readers, "shape_readers": shape_readers, "constants": affine.constants})
+        return _BeforeMatch(node, x=affine.x, readers=readers, shape_readers=shape_readers,
+                            constants=affine.constants)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        x = match.values["x"]
-        for r, s, t in match.extra["readers"]:
-            _fold_before(graph, r, x, s, t)
-            self.env.counts[f"before {r.kind}"] += 1
-        for reader, slot in match.extra["shape_readers"]:
-            graph.set_input(reader, slot, x)
+    def rewrite(self, graph: Graph, match: _BeforeMatch) -> list[str]:
+        for r, s, t in match.readers:
+            _fold_before(graph, r, match.x, s, t)
+        for reader, slot in match.shape_readers:
+            graph.set_input(reader, slot, match.x)
         graph.remove_node(match.node)
-        _discard(graph, match.extra["constants"])
+        _discard(graph, match.constants)
+        return [f"before {r.kind}" for r, _, _ in match.readers]
 
 
 class BatchNormIntoPreceding(_IntoPreceding):
@@ -934,6 +986,26 @@ def _pads_below_kernel(pool: Node, pads: list[int], n: int) -> bool:
     return len(kernel) == n and all(pads[i] < kernel[i] and pads[n + i] < kernel[i] for i in range(n))
 
 
+def _pad_reader(graph: Graph, y: Value) -> Node | str:
+    """The Conv or pool that alone reads the Pad's output ``y`` as its data input, or why there is none."""
+    reader = sole_consumer(graph, y)
+    if reader is None:
+        return "its output has other readers or is a model output"
+    if not is_op(reader, "Conv", "AveragePool", "MaxPool"):
+        return "the reader is not a Conv, AveragePool or MaxPool"
+    if reader.inputs[0] is not y or not _read_once(graph, y, reader):
+        return "the reader reads it as a weight"
+    if _has_attr_refs(reader):
+        return "the reader's attributes refer to function attributes"
+    return reader
+
+
+@dataclass(kw_only=True)
+class _PadMatch(Match):
+    reader: Node  # the Conv or pool that takes the pads over
+    attrs: dict[str, Any]  # its new attributes
+
+
 class PadIntoLayer(Rule):
     name = "pad_into_layer"
     root_ops = ("Pad",)
@@ -941,22 +1013,11 @@ class PadIntoLayer(Rule):
     def __init__(self, env: _Env) -> None:
         self.env = env
 
-    def match(self, graph: Graph, node: Node) -> Match | str:
-        y = node.outputs[0]
-        reader = sole_consumer(graph, y)
-        if reader is None:
-            return "its output has other readers or is a model output"
-        if not is_op(reader, "Conv", "AveragePool", "MaxPool"):
-            return "the reader is not a Conv, AveragePool or MaxPool"
-        if reader.inputs[0] is not y or not _read_once(graph, y, reader):
-            return "the reader reads it as a weight"
-        if _has_attr_refs(reader):
-            return "the reader's attributes refer to function attributes"
-        if reader.op_type == "Conv":
-            w_shape = self.env.shape(_input(reader, 1))
-            rank = len(w_shape) if w_shape is not None else None
-        else:
-            rank = len(reader.attr("kernel_shape", [])) + 2
+    def match(self, graph: Graph, node: Node) -> _PadMatch | str:
+        reader = _pad_reader(graph, node.outputs[0])
+        if isinstance(reader, str):
+            return reader
+        rank = self._spatial_rank(reader)
         if not rank or rank < 3:
             return "the reader's spatial rank is unknown"
         spec = _pad_spec(graph, node, rank)
@@ -971,6 +1032,22 @@ class PadIntoLayer(Rule):
         attrs: dict[str, Any] = {"pads": pads}
         if auto_pad == "VALID":
             attrs["auto_pad"] = "NOTSET"
+        why = self._reader_refusal(graph, node, reader, spec, own, pads, attrs)
+        if why:
+            return why
+        return _PadMatch(node, reader=reader, attrs=attrs)
+
+    def _spatial_rank(self, reader: Node) -> int | None:
+        if reader.op_type == "Conv":
+            w_shape = self.env.shape(_input(reader, 1))
+            return len(w_shape) if w_shape is not None else None
+        return len(reader.attr("kernel_shape", [])) + 2
+
+    def _reader_refusal(self, graph: Graph, pad: Node, reader: Node, spec: _PadSpec, own: list[int],
+                        pads: list[int], attrs: dict[str, Any]) -> str | None:
+        """Why ``reader`` cannot take the pads over (an AveragePool may need ``count_include_pad``, set in
+        ``attrs``), or None."""
+        n = len(spec.begin)
         if reader.op_type in ("Conv", "AveragePool") and spec.value != 0:
             return "the pad value is not zero"
         if reader.op_type != "Conv" and reader.attr("ceil_mode", 0):
@@ -985,10 +1062,8 @@ class PadIntoLayer(Rule):
             if not _pads_below_kernel(reader, pads, n):
                 return "pool: the summed pads would not be smaller than the kernel (onnxruntime requires it)"
         if reader.op_type == "MaxPool":
-            why = self._maxpool_refusal(graph, node, reader, pads, n, spec)
-            if why:
-                return why
-        return Match(node, nodes={"reader": reader}, extra={"attrs": attrs})
+            return self._maxpool_refusal(graph, pad, reader, pads, n, spec)
+        return None
 
     @staticmethod
     def _maxpool_refusal(graph: Graph, pad: Node, pool: Node, pads: list[int], n: int, spec: _PadSpec) -> str | None:
@@ -1005,13 +1080,13 @@ class PadIntoLayer(Rule):
             return "pool: the summed pads would not be smaller than the kernel (onnxruntime requires it)"
         return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        pad, reader = match.node, match.nodes["reader"]
+    def rewrite(self, graph: Graph, match: _PadMatch) -> str:
+        pad, reader = match.node, match.reader
         graph.set_input(reader, 0, pad.inputs[0])
-        for key, value in match.extra["attrs"].items():
+        for key, value in match.attrs.items():
             reader.set_attr(key, value)
         _remove_with_constants(graph, [pad])
-        self.env.counts[f"into {reader.op_type}"] += 1
+        return f"into {reader.op_type}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1092,15 +1167,31 @@ def _dense_cost(m: int, d: _Dense) -> Cost:
     return cost + elementwise_cost(m * d.w.shape[1]) if len(d.nodes) > 1 else cost
 
 
-class MatMulAddToGemm(Rule):
-    name = "matmul_add_to_gemm"
+@dataclass(kw_only=True)
+class _BiasedMatMul(Match):
+    """``Add(MatMul(A, B), C)``: the MatMul, the bias value ``C`` and ``B``'s dims ``[K, N]``."""
+
+    matmul: Node
+    bias: Value
+    k: Any
+    n: Any
+
+
+@dataclass(kw_only=True)
+class _BiasedMatMulRows(_BiasedMatMul):
+    lead: list[int]  # A's leading dims, the one dynamic dim as -1
+
+
+class _MatMulAdd(Rule):
+    """What the two MatMul + Add -> Gemm rules share: the pattern, the bias check, the Add's replacement."""
+
     root_ops = ("Add",)
-    nd = False  # 2-D only; MatMulAddToGemmRows takes N-D inputs
 
     def __init__(self, env: _Env) -> None:
         self.env = env
 
-    def match(self, graph: Graph, node: Node) -> Match | str:
+    def biased_matmul(self, graph: Graph, node: Node) -> tuple[Node, Value, np.ndarray] | str:
+        """The MatMul read by this Add alone, the bias operand and its constant value, or why not."""
         if len(node.inputs) != 2:
             return "not a binary Add"
         for slot in (0, 1):
@@ -1114,57 +1205,108 @@ class MatMulAddToGemm(Rule):
         bias = graph.constant_array(node.inputs[1 - slot])
         if bias is None or not _is_float(bias):
             return "the other operand is not a float constant"
-        rank = self.env.rank(mm.inputs[0])
-        if rank is None or rank < 2 or self.env.rank(mm.inputs[1]) != 2 or (rank > 2 and not self.nd):
-            return "the MatMul is not 2-D x 2-D" if not self.nd else "the MatMul is not N-D x 2-D"
-        if rank == 2 and self.nd:
-            return "2-D (merge_linear's case)"
-        n = self.env.shape(mm.inputs[1])[1]
+        return mm, node.inputs[1 - slot], bias
+
+    def bias_refusal(self, bias: np.ndarray, n: Any) -> str | None:
+        """Why Gemm cannot add ``bias`` (it broadcasts per column only, and since opset 7), or None."""
         if (bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1)
                 or (bias.ndim >= 1 and bias.shape[-1] not in (1, n))):
             return "the bias is not per column"
         if self.env.opset < 7:
             return "Gemm before opset 7 (broadcast attribute)"
-        lead: list[int] | None = None
-        if rank > 2:
-            if any(r.op_type == "Gelu" or protected_role(graph, r) == "GELU" for r, _ in graph.uses(node.outputs[0])):
-                return "feeds a GELU (onnxruntime fuses the bias Add into BiasGelu)"
-            dims = self.env.shape(mm.inputs[0])
-            k = self.env.shape(mm.inputs[1])[0]
-            dynamic = [d for d in dims[:-1] if not (isinstance(d, int) and d > 0)]
-            if len(dynamic) > 1 or not isinstance(n, int) or not isinstance(k, int):
-                return "more than one leading dim is dynamic (the result's shape cannot be written back)"
-            lead = [d if isinstance(d, int) and d > 0 else -1 for d in dims[:-1]]
-        return Match(node, nodes={"matmul": mm}, values={"bias": node.inputs[1 - slot]},
-                     extra={"lead": lead, "k": self.env.shape(mm.inputs[1])[0], "n": n})
+        return None
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        mm, add = match.nodes["matmul"], match.node
-        lead = match.extra["lead"]
-        name = mm.name or "Gemm"
-        x = mm.inputs[0]
-        if lead is not None:  # flatten the leading dims into rows, and restore them after
-            rows = graph.add_node("Reshape", [x, graph.add_initializer(np.array([-1, match.extra["k"]], np.int64),
-                                                                        f"{name}_rows_shape")],
-                                  [f"{name}_rows"], name=f"{name}_rows", anchor=mm)
-            x = rows.outputs[0]
-        gemm = graph.add_node("Gemm", [x, mm.inputs[1], match.values["bias"]],
-                              outputs=[add.outputs[0].name if lead is None else f"{name}_gemm"], name=name,
-                              anchor=mm)
-        out = gemm.outputs[0]
-        if lead is not None:
-            back = graph.add_node("Reshape", [out, graph.add_initializer(
-                np.array([*lead, match.extra["n"]], np.int64), f"{name}_out_shape")], [add.outputs[0].name],
-                name=f"{name}_unrows", anchor=mm)
-            out = back.outputs[0]
+    @staticmethod
+    def replace_add(graph: Graph, match: _BiasedMatMul, out: Value) -> None:
+        add = match.node
         _copy_type(graph, add.outputs[0], out)
         graph.replace_all_uses(add.outputs[0], out)
-        remove_dead(graph, [add, mm])
+        remove_dead(graph, [add, match.matmul])
 
 
-class MatMulAddToGemmRows(MatMulAddToGemm):
+class MatMulAddToGemm(_MatMulAdd):
+    """``MatMul(A, B) + C`` with 2-D A and B -> ``Gemm(A, B, C)``."""
+
+    name = "matmul_add_to_gemm"
+
+    def match(self, graph: Graph, node: Node) -> _BiasedMatMul | str:
+        found = self.biased_matmul(graph, node)
+        if isinstance(found, str):
+            return found
+        mm, bias_value, bias = found
+        if self.env.rank(mm.inputs[0]) != 2 or self.env.rank(mm.inputs[1]) != 2:
+            return "the MatMul is not 2-D x 2-D"
+        k, n = self.env.shape(mm.inputs[1])
+        why = self.bias_refusal(bias, n)
+        if why:
+            return why
+        return _BiasedMatMul(node, matmul=mm, bias=bias_value, k=k, n=n)
+
+    def rewrite(self, graph: Graph, match: _BiasedMatMul) -> None:
+        mm, add = match.matmul, match.node
+        gemm = graph.add_node("Gemm", [mm.inputs[0], mm.inputs[1], match.bias], outputs=[add.outputs[0].name],
+                              name=mm.name or "Gemm", anchor=mm)
+        self.replace_add(graph, match, gemm.outputs[0])
+
+
+def _feeds_gelu(graph: Graph, value: Value) -> bool:
+    return any(r.op_type == "Gelu" or protected_role(graph, r) == "GELU" for r, _ in graph.uses(value))
+
+
+def _leading_dims(lead: Shape, k: Any, n: Any) -> list[int] | str:
+    """``lead`` as a Reshape target (the one dynamic dim as -1), or why it cannot be written back."""
+    dynamic = [d for d in lead if not (isinstance(d, int) and d > 0)]
+    if len(dynamic) > 1 or not isinstance(n, int) or not isinstance(k, int):
+        return "more than one leading dim is dynamic (the result's shape cannot be written back)"
+    return [d if isinstance(d, int) and d > 0 else -1 for d in lead]
+
+
+class MatMulAddToGemmRows(_MatMulAdd):
+    """``MatMul(A, B) + C`` with N-D A ``[d.., K]`` -> ``Reshape(A, [-1, K])``, Gemm, Reshape back to
+    ``[d.., N]``; refused when more than one ``d`` is dynamic, and before a GELU (see the module doc)."""
+
     name = "matmul_add_to_gemm_rows"
-    nd = True
+
+    def match(self, graph: Graph, node: Node) -> _BiasedMatMulRows | str:
+        found = self.biased_matmul(graph, node)
+        if isinstance(found, str):
+            return found
+        mm, bias_value, bias = found
+        rank = self.env.rank(mm.inputs[0])
+        if rank is None or rank < 2 or self.env.rank(mm.inputs[1]) != 2:
+            return "the MatMul is not N-D x 2-D"
+        if rank == 2:
+            return "2-D (merge_linear's case)"
+        k, n = self.env.shape(mm.inputs[1])
+        why = self.bias_refusal(bias, n)
+        if why:
+            return why
+        if _feeds_gelu(graph, node.outputs[0]):
+            return "feeds a GELU (onnxruntime fuses the bias Add into BiasGelu)"
+        lead = _leading_dims(self.env.shape(mm.inputs[0])[:-1], k, n)
+        if isinstance(lead, str):
+            return lead
+        return _BiasedMatMulRows(node, matmul=mm, bias=bias_value, k=k, n=n, lead=lead)
+
+    def rewrite(self, graph: Graph, match: _BiasedMatMulRows) -> None:
+        mm, add = match.matmul, match.node
+        name = mm.name or "Gemm"
+        rows = graph.add_node("Reshape", [mm.inputs[0], graph.add_initializer(np.array([-1, match.k], np.int64),
+                                                                               f"{name}_rows_shape")],
+                              [f"{name}_rows"], name=f"{name}_rows", anchor=mm)
+        gemm = graph.add_node("Gemm", [rows.outputs[0], mm.inputs[1], match.bias], outputs=[f"{name}_gemm"],
+                              name=name, anchor=mm)
+        back = graph.add_node("Reshape", [gemm.outputs[0], graph.add_initializer(
+            np.array([*match.lead, match.n], np.int64), f"{name}_out_shape")], [add.outputs[0].name],
+            name=f"{name}_unrows", anchor=mm)
+        self.replace_add(graph, match, back.outputs[0])
+
+
+@dataclass(kw_only=True)
+class _DenseChainMatch(Match):
+    first: _Dense
+    second: _Dense
+    as_gemm: bool  # the merged layer is one Gemm (else a MatMul, plus an Add when there is a bias)
 
 
 class DenseChain(Rule):
@@ -1191,11 +1333,10 @@ class DenseChain(Rule):
             merged = merged + elementwise_cost(m * second.w.shape[1])
         if not cheaper(merged, _dense_cost(m, first) + _dense_cost(m, second)):
             return "cost model: the merged layer costs more than the two layers"
-        return Match(node, extra={"first": first, "second": second, "as_gemm": as_gemm})
+        return _DenseChainMatch(node, first=first, second=second, as_gemm=as_gemm)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        first: _Dense = match.extra["first"]
-        second: _Dense = match.extra["second"]
+    def rewrite(self, graph: Graph, match: _DenseChainMatch) -> None:
+        first, second = match.first, match.second
         w = first.w @ second.w
         b = None
         if first.b is not None or second.b is not None:
@@ -1207,7 +1348,7 @@ class DenseChain(Rule):
         bv = None
         if b is not None:
             bv = _new_const(graph, np.asarray(b).astype(first.dtype), f"{name}_bias", match.node, as_node)
-        if match.extra["as_gemm"]:
+        if match.as_gemm:
             new = graph.add_node("Gemm", [first.x, wv, bv], outputs=[second.out.name], name=name, anchor=match.node)
         else:
             new = graph.add_node("MatMul", [first.x, wv], outputs=[second.out.name], name=name, anchor=match.node)
@@ -1256,6 +1397,15 @@ def _conv_cost(env: _Env, node: Node, c_in: int, c_out: int, kernel: tuple, grou
     return conv_cost(_static(x[:1])[0], c_in, c_out, kernel, y[2:], x[2:], group)
 
 
+@dataclass(kw_only=True)
+class _ConvChainMatch(Match):
+    first: Node  # the first conv (the matched node is the second)
+    kept: _ConvLayer  # the conv whose geometry the merged conv keeps
+    w: np.ndarray  # float64 merged weight
+    b: np.ndarray  # float64 merged bias
+    dtype: np.dtype
+
+
 class ConvChain(Rule):
     name = "conv_chain"
     root_ops = ("Conv",)
@@ -1295,21 +1445,21 @@ class ConvChain(Rule):
                 return "spatial sizes unknown and the merged conv has more MACs per pixel than the one it replaces"
         elif not cheaper(merged_cost, before[0] + before[1]):
             return "cost model: the merged conv costs more than the two convs"
-        return Match(node, nodes={"first": first_node}, extra={"kept": kept, "w": w, "b": b, "dtype": first.dtype})
+        return _ConvChainMatch(node, first=first_node, kept=kept, w=w, b=b, dtype=first.dtype)
 
-    def rewrite(self, graph: Graph, match: Match) -> None:
-        first_node, second = match.nodes["first"], match.node
-        kept: _ConvLayer = match.extra["kept"]
-        dtype = match.extra["dtype"]
+    def rewrite(self, graph: Graph, match: _ConvChainMatch) -> None:
+        first_node, second = match.first, match.node
+        kept = match.kept
+        dtype = match.dtype
         old_w = first_node.inputs[1]
         as_node = _written_as_node(graph, old_w)
         name = second.name or "Conv"
-        wv = _new_const(graph, match.extra["w"].astype(dtype), old_w.name, second, as_node)
-        bv = _new_const(graph, match.extra["b"].astype(dtype), f"{name}_bias", second, as_node)
+        wv = _new_const(graph, match.w.astype(dtype), old_w.name, second, as_node)
+        bv = _new_const(graph, match.b.astype(dtype), f"{name}_bias", second, as_node)
         attrs = {key: kept.node.attr(key) for key in kept.node.attrs}
         attrs["group"] = 1
         if "kernel_shape" in attrs:
-            attrs["kernel_shape"] = list(match.extra["w"].shape[2:])
+            attrs["kernel_shape"] = list(match.w.shape[2:])
         y = second.outputs[0]
         merged = graph.add_node("Conv", [first_node.inputs[0], wv, bv], outputs=[y.name], attrs=attrs, name=name,
                                 anchor=second)
@@ -1327,68 +1477,59 @@ def _padded(node: Node) -> bool:
 # the passes
 
 
-class _RulePass(Pass):
-    """A pass that applies its rules to every graph until none applies."""
-
-    lossless = True
-    counts_key = "folded"
-
-    def rules(self, env: _Env) -> list[Rule]:
-        raise NotImplementedError
+class _StreamlinePass(RulePass):
+    """A rule pass whose rules share one :class:`_Env` (shapes inferred once per run)."""
 
     symbolic_shapes = False
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        env = _Env(model, symbolic=self.symbolic_shapes)
-        stats = apply_rules(model, self.rules(env))
-        out = stats.to_dict()
-        if env.counts:
-            out[self.counts_key] = dict(sorted(env.counts.items()))
-        return PassResult(stats.total > 0, out)
+    def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
+        return self.rules_for(_Env(model, symbolic=self.symbolic_shapes))
+
+    def rules_for(self, env: _Env) -> list[Rule]:
+        raise NotImplementedError
 
 
 @register
-class FoldBatchNorm(_RulePass):
+class FoldBatchNorm(_StreamlinePass):
     name = "fold_batchnorm"
     summary = "fold inference BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul before or after it"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [BatchNormIntoPreceding(env), BatchNormIntoFollowing(env)]
 
 
 @register
-class FoldAffine(_RulePass):
+class FoldAffine(_StreamlinePass):
     name = "fold_affine"
     summary = "fold per-channel Mul/Add/Sub/Div by constants into the adjacent Conv/Gemm/MatMul weights"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [AffineIntoPreceding(env), AffineIntoFollowing(env)]
 
 
 @register
-class FusePad(_RulePass):
+class FusePad(_StreamlinePass):
     name = "fuse_pad"
     summary = "fold a zero (or provably harmless) constant Pad into the next Conv/AveragePool/MaxPool's pads"
-    counts_key = "fused"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [PadIntoLayer(env)]
 
 
 @register
-class MergeLinear(_RulePass):
+class MergeLinear(_StreamlinePass):
     name = "merge_linear"
     summary = "merge consecutive linear layers (Conv-Conv, Gemm/MatMul chains, MatMul+Add) when the cost model agrees"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [MatMulAddToGemm(env), DenseChain(env), ConvChain(env)]
 
 
 @register
-class GemmRows(_RulePass):
+class GemmRows(_StreamlinePass):
     name = "gemm_rows"
     symbolic_shapes = True  # the leading dims behind an exporter's Expand/Concat are only known symbolically
     summary = "N-D MatMul + bias Add -> Reshape to rows, Gemm, Reshape back (the bias is added inside the Gemm)"
 
-    def rules(self, env: _Env) -> list[Rule]:
+    def rules_for(self, env: _Env) -> list[Rule]:
         return [MatMulAddToGemmRows(env)]
