@@ -101,13 +101,10 @@ from graphopt.compress import lstsq, svd
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
-from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
+from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import latency as lat
 from graphopt.measure.calibration import Calibrator, Gram, SampleData
-
-OPS = ("Gemm", "MatMul", "Conv")
-
 
 # =============================================================================================
 # sites: the layers the pass can factorize
@@ -173,7 +170,7 @@ def _no_weight(graph: Graph, x: Value, op: str) -> str:
 
 def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str:
     """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
-    if not is_op(node, *OPS):
+    if not is_op(node, *LAYER_OPS):
         return f"{node.op_type} is not a Gemm, MatMul or Conv"
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return "missing input"
@@ -858,7 +855,7 @@ class LowRank(Pass):
         shapes = ShapeTable(model)
         sites: list[Site] = []
         for node in graph.toposort():
-            if not is_op(node, *OPS) or node.op_type not in ops:
+            if not is_op(node, *LAYER_OPS) or node.op_type not in ops:
                 continue
             site = find_site(graph, node, shapes)
             if isinstance(site, str):

@@ -80,6 +80,7 @@ from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, column_quad
 from graphopt.core.ir import Model
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
+from graphopt.core.ops import LAYER_OPS
 from graphopt.measure.calibration import SampleData, reference_outputs
 
 # =============================================================================================
@@ -257,7 +258,7 @@ def linear_layers(model: Model, min_weights: int, left: list[dict[str, Any]]) ->
     graph = model.graph
     out = []
     for node in graph.toposort():
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in LAYER_OPS:
             continue
         layer = LinearLayer.of(graph, node)
         if isinstance(layer, str):

@@ -56,10 +56,8 @@ from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, penalised
 from graphopt.core.ir import Graph, Model, Node
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
-from graphopt.core.ops import drop_unused
+from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, drop_unused, is_op
 from graphopt.measure.calibration import SampleData
-
-OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 def container_bits(bits: int) -> int:
@@ -219,10 +217,6 @@ def codebook_of(centroids: np.ndarray, labels: np.ndarray, has_zero: bool, dtype
     return book.astype(dtype), np.where(labels < 0, 0, idx)
 
 
-def _weight_slots(graph: Graph, node: Node) -> list[int]:
-    return [1] if len(node.inputs) > 1 else []
-
-
 @register
 class WeightSharing(Pass):
     name = "weight_sharing"
@@ -270,7 +264,7 @@ class WeightSharing(Pass):
                 entry["examples"].append(node.name)
 
         for node in graph.toposort():
-            if node.op_type not in OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            if not is_op(node, *LAYER_OPS_WITH_TRANSPOSE) or len(node.inputs) < 2:
                 continue
             wv = node.inputs[1]
             weight = graph.constant_array(wv)
