@@ -57,6 +57,7 @@ import numpy as np
 from onnx import helper
 
 from graphopt.compress.lstsq import CrossGram
+from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
@@ -320,17 +321,16 @@ class DeepRebirthApprox(Pass):
     name = "deeprebirth_approx"
     summary = "LOSSY: conv + pool/LRN/Relu blocks -> one strided conv fitted by least squares (DeepRebirth)"
     lossless = False
+    renamed = {"max_rows": "batch_rows"}  # it counts rows per calibration batch, not per layer
     options = {
-        "max_drop": Option(1.0, "total accuracy drop (points) when the run gives no budget", float, low=0),
+        **guard(max_drop=(1.0, "the total drop of all merges")),
         "max_drop_per_merge": Option(0.5, "accuracy drop (points) one merge may cost", float, low=0),
         "max_block_error": Option(0.5, "largest relative RMS error of a replaced block's output", float, low=0),
         "max_features": Option(4096, "largest least-squares system (Cin * K'h * K'w + 1 unknowns per output)", int,
                                low=1),
-        "max_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
-        "samples": Option(512, "calibration samples used to fit and to measure", int, low=1),
-        "holdout": Option(0.5, "fraction of those samples kept out of the fit and used to measure", float,
-                          low=0, high=1, high_open=True),
-        "ridge": Option(1e-6, "ridge regularisation, relative to the mean diagonal of X^T X", float, low=0),
+        "batch_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
+        **calibration(samples=(512, "to fit and to measure"), holdout=(0.5, "the merges are measured on them"),
+                      ridge=1e-6),
     }
 
     @staticmethod
@@ -384,7 +384,7 @@ class DeepRebirthApprox(Pass):
                 break
             block, before, after = found
             ctx.say(f"deeprebirth_approx: fitting {block.describe()}")
-            weight, bias = fit_block(model, reference, block, fit_data, rng, self.opt(ctx, "max_rows"),
+            weight, bias = fit_block(model, reference, block, fit_data, rng, self.opt(ctx, "batch_rows"),
                                      self.opt(ctx, "ridge"), batch)
             # Trial on a copy: a merge that breaks the budget is never applied to the model.
             trial = from_proto(to_proto(model))

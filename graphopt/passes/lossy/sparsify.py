@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, column_quadratic, penalised
+from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Model
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
@@ -344,21 +345,15 @@ class Sparsify(Pass):
         "downstream": Option(False, "weigh each output's error by the next layer's squared weights when choosing masks",
                              bool),
         "block": Option(128, "SparseGPT column block (0: the whole layer at once)", int, low=0),
-        "ridge": Option(0.1, "pull towards the original weights, relative to mean diag(X^T X)", float, low=0),
         "ridge_grid": Option("", "ridges to choose from per layer on held-out samples, e.g. 0.01,0.1,1 "
                                  "(empty: use ridge)", str),
-        "holdout": Option(0.25, "fraction of the samples held out to choose the ridge and for the accuracy guard",
-                          float, low=0, high=1, high_open=True),
-        "guard": Option(True, "with labelled data: search the sparsest density within the accuracy budget", bool),
-        "max_drop": Option(1.0, "accuracy budget (points) of the guard when the run sets no --max-drop", float, low=0),
-        "guard_z": Option(2.0, "the guard accepts drop + guard_z * its standard error (paired, from the "
-                               "samples whose verdict changed) <= max_drop", float, low=0),
-        "guard_holdout": Option(0.4, "fraction of the samples the guard holds out (the tries are fitted on the rest)",
-                                float, low=0, high=1, low_open=True, high_open=True),
-        "guard_steps": Option(4, "bisection steps of the guard after the requested density fails", int, low=0),
-        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
-        "min_weights": Option(64, "layers with fewer weights are left alone", int, low=0),
-        "samples": Option(512, "calibration samples used", int, low=1),
+        **calibration(samples=512, max_rows=16384, min_weights=64,
+                      ridge=(0.1, "the re-fit's pull towards the original weights"),
+                      holdout=(0.25, "to choose the ridge from ridge_grid")),
+        **guard(guard=(True, "the sparsest density within the budget"), max_drop=1.0,
+                guard_z=(2.0, "paired, from the held-out samples whose verdict changed"),
+                guard_holdout=(0.4, "the tries are fitted on the rest"),
+                guard_steps=(4, "after the requested density fails")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:

@@ -53,6 +53,7 @@ from onnx import TensorProto
 
 from graphopt.compress.kmeans import INITS, kmeans, refit_centroids
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, penalised
+from graphopt.compress.options import calibration
 from graphopt.core.ir import Graph, Model, Node
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
@@ -229,14 +230,11 @@ class WeightSharing(Pass):
         "refit": Option(True, "re-fit the centroids by least squares on calibration data (needs data)", bool),
         "encoding": Option("snap", "snap: float weights; compact: packed indices + codebook decoded at load", str,
                            ("snap", "compact")),
-        "ridge": Option(1e-2, "re-fit pull towards the unshared weights, relative to mean diag(X^T X)", float, low=0),
         "short_names": Option(True, "compact: rename internal values and nodes to short names (inputs and outputs "
                                     "keep theirs)", bool),
-        "min_weights": Option(192, "layers with fewer weights are left alone (compact: below ~50 weights the codebook "
-                                   "and two decoder nodes cost more than the float weights; 4-bit sharing of "
-                                   "mobilenetv2's two 144-weight layers cost 1.1 points for 640 bytes)", int, low=0),
-        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
-        "samples": Option(512, "calibration samples used", int, low=1),
+        **calibration(samples=512, max_rows=16384,
+                      ridge=(1e-2, "the re-fit's pull towards the unshared weights"),
+                      min_weights=(192, "compact: the codebook and two decoder nodes cost more than few weights")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
