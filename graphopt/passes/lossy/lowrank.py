@@ -196,7 +196,7 @@ def _conv_site(graph: Graph, node: Node) -> Site | str:
 
 
 def _gemm_site(graph: Graph, node: Node) -> Site | str:
-    """``W = α·op(B)`` and the bias ``β·C`` per output column; refused with ``transA`` or a bias that varies by row."""
+    """``W = α·op(B)`` and the bias ``β·C`` per output column; refused with ``transA`` or a bias varying by row."""
     x = node.inputs[0]
     if node.attr("transA", 0):
         return "Gemm with transA (the activation is transposed)"
