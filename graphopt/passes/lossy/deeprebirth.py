@@ -61,7 +61,7 @@ from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
-from graphopt.core.ops import conv_info, drop_unused, is_op, remove_dead, sole_consumer
+from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import cost as costs
 from graphopt.measure.calibration import Calibrator, SampleData
@@ -142,42 +142,65 @@ def find_block(graph: Graph, conv: Node, shapes: ShapeTable) -> Block | str | No
         return "only 2-D convs"
     if info.group != 1:
         return "groups > 1"
-    kernel, stride, begin = [], [], []
-    for axis in range(2):
-        k, s, d, p = info.kernel[axis], info.strides[axis], info.dilations[axis], info.pads_begin[axis]
-        kp, sp, pp = 1, 1, 0
-        for node in chain:
-            if node.op_type in POOLS:
-                auto_pad = node.attr("auto_pad", b"NOTSET")
-                if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
-                    return f"{node.op_type} with auto_pad SAME_*"
-                if any(v != 1 for v in node.attr("dilations", [1, 1])):
-                    return f"{node.op_type} with dilations"
-                kp = node.attr("kernel_shape")[axis]
-                sp = node.attr("strides", [1, 1])[axis]
-                pp = node.attr("pads", [0, 0, 0, 0])[axis]
-        kernel.append((kp - 1) * s + d * (k - 1) + 1)
-        stride.append(sp * s)
-        begin.append(pp * s + p)
+    pool = next((n for n in reversed(chain) if n.op_type in POOLS), None)
+    refused = _pool_refusal(pool)
+    if refused:
+        return refused
+    kernel, stride, begin = _merged_geometry(info, pool)
     x_dims = shapes.concrete(graph, info.x)
     y = chain[-1].outputs[0]
     y_dims = shapes.concrete(graph, y)
     if x_dims is None or y_dims is None:
         return "spatial size unknown"
-    end = []
-    for axis in range(2):
-        n, target = x_dims[2 + axis], y_dims[2 + axis]
-        found = None
-        for pe in range(0, kernel[axis] + stride[axis]):
-            if (n + begin[axis] + pe - kernel[axis]) // stride[axis] + 1 == target:
-                found = pe
-                break
-        if found is None:
-            return "the output size cannot be reproduced by one strided conv"
-        end.append(found)
-    return Block(conv, chain, info.x, y, tuple(kernel), tuple(stride), tuple(begin), tuple(end),
+    end = _end_pads(x_dims[2:], y_dims[2:], kernel, stride, begin)
+    if end is None:
+        return "the output size cannot be reproduced by one strided conv"
+    return Block(conv, chain, info.x, y, kernel, stride, begin, end,
                  (y_dims[2], y_dims[3]), info.cin, info.cout, any(n.op_type == "Relu" for n in chain),
                  shapes.dims(graph, y))
+
+
+def _pool_refusal(pool: Node | None) -> str | None:
+    """Why the pool of a chain cannot be merged (``auto_pad=SAME_*``, dilations), or ``None``."""
+    if pool is None:
+        return None
+    auto_pad = pool.attr("auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
+        return f"{pool.op_type} with auto_pad SAME_*"
+    if any(v != 1 for v in pool.attr("dilations", [1, 1])):
+        return f"{pool.op_type} with dilations"
+    return None
+
+
+def _merged_geometry(info: ConvInfo, pool: Node | None) -> tuple[tuple[int, ...], ...]:
+    """``(K', S', P'_b)`` per spatial axis (module docstring): ``K' = (k_p − 1)·s + d·(k − 1) + 1``,
+    ``S' = s_p·s``, ``P'_b = p_p·s + p``."""
+    kernel, stride, begin = [], [], []
+    for axis in range(2):
+        k, s, d, p = info.kernel[axis], info.strides[axis], info.dilations[axis], info.pads_begin[axis]
+        kp, sp, pp = 1, 1, 0
+        if pool is not None:
+            kp = pool.attr("kernel_shape")[axis]
+            sp = pool.attr("strides", [1, 1])[axis]
+            pp = pool.attr("pads", [0, 0, 0, 0])[axis]
+        kernel.append((kp - 1) * s + d * (k - 1) + 1)
+        stride.append(sp * s)
+        begin.append(pp * s + p)
+    return tuple(kernel), tuple(stride), tuple(begin)
+
+
+def _end_pads(x_spatial: tuple[int, ...], y_spatial: tuple[int, ...], kernel: tuple[int, ...],
+              stride: tuple[int, ...], begin: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The smallest end pad per axis that gives the block's output size, or ``None`` when none does."""
+    end = []
+    for axis in range(2):
+        n, target = x_spatial[axis], y_spatial[axis]
+        found = next((pe for pe in range(0, kernel[axis] + stride[axis])
+                      if (n + begin[axis] + pe - kernel[axis]) // stride[axis] + 1 == target), None)
+        if found is None:
+            return None
+        end.append(found)
+    return tuple(end)
 
 
 def block_costs(graph: Graph, block: Block, shapes: ShapeTable) -> tuple[Cost, Cost]:
@@ -401,13 +424,7 @@ class DeepRebirthApprox(Pass):
                 **{k: _round(v) for k, v in measured.items()},
                 "drop_this_merge": _round(drop - current_drop),
             }
-            reasons = []
-            if err["rel_rms_error"] > max_err:
-                reasons.append(f"block error {err['rel_rms_error']:.3g} > max_block_error {max_err}")
-            if drop - current_drop > per_merge:
-                reasons.append(f"this merge costs {drop - current_drop:.3g} points > max_drop_per_merge {per_merge}")
-            if drop > budget:
-                reasons.append(f"total drop {drop:.3g} points > budget {budget}")
+            reasons = _over_budget(err["rel_rms_error"], drop, current_drop, max_err, per_merge, budget)
             record["accepted"] = not reasons
             if reasons:
                 record["rolled_back"] = "; ".join(reasons)
@@ -424,6 +441,19 @@ class DeepRebirthApprox(Pass):
         if left:
             stats["left_alone"] = left
         return PassResult(replaced > 0, stats)
+
+
+def _over_budget(block_err: float, drop: float, drop_before: float, max_err: float, per_merge: float,
+                 budget: float) -> list[str]:
+    """Why a merge is rolled back: its block error, its own drop or the total drop over the budget."""
+    reasons = []
+    if block_err > max_err:
+        reasons.append(f"block error {block_err:.3g} > max_block_error {max_err}")
+    if drop - drop_before > per_merge:
+        reasons.append(f"this merge costs {drop - drop_before:.3g} points > max_drop_per_merge {per_merge}")
+    if drop > budget:
+        reasons.append(f"total drop {drop:.3g} points > budget {budget}")
+    return reasons
 
 
 def transfer(block: Block, graph: Graph, other: Graph) -> Block:
