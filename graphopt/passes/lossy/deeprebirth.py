@@ -32,8 +32,7 @@ The budget
 ----------
 Each candidate is fitted, then applied to a *trial copy* of the model and measured against the model as it
 was when the pass started, on calibration samples the fit did not see (option ``holdout``: measured on the
-fitting samples the drop is optimistic, 0.4 points there were 1.5 points on the eval set for the VGG zoo
-model): the block output's relative RMS error, and the whole model's accuracy with
+fitting samples the drop is optimistic): the block output's relative RMS error, and the whole model's accuracy with
 :func:`graphopt.measure.verify.verify` in accuracy mode (the accuracy drop with labels, else the top-1 disagreement
 in percentage points). The merge is kept only when the block error is at most ``max_block_error``, the
 drop caused by this merge is at most ``max_drop_per_merge`` and the total drop at most ``ctx.max_drop``

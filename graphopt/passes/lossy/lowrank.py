@@ -22,7 +22,7 @@ by ``P·Q`` of rank ``r`` (:mod:`graphopt.compress.svd`): two layers, the bias o
 
 A layer is factorized only where it saves weights, ``r·(F + O) < F·O`` per group (a depthwise conv's
 channel form never does; its spatial form, ``3×1`` then ``1×3`` per channel, does), and never below rank
-``min_rank`` (a 10-class head squeezed to rank 4 loses classes: LeNet-5 fell from 92% to 61%).
+``min_rank`` (a 10-class head squeezed to rank 4 loses classes).
 With ``form=auto`` the pass evaluates the valid forms of a conv and takes, at the same kept-parameter
 budget (``select=ratio``/``target``), the one with the smaller output error, otherwise (``energy``,
 ``error``) the one with fewer MACs (:mod:`graphopt.measure.cost` formulas).
@@ -42,8 +42,8 @@ inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or 
 against the original layer's outputs, relative to their variance).
 
 ``Σ`` is shrunk towards ``tr(Σ)/F·I`` by ``ridge + shrink·F/R`` (``R`` rows): a Gemm sees one row per
-sample, and 512 samples for 576 features would whiten by noise (measured on VGG's fc1: data-aware was then
-*worse* than plain on the eval set).
+sample, and with about as many samples as features the sample covariance whitens by noise (data-aware
+then does worse than plain on unseen data).
 
 Compensation (``compensate``, data-aware only; Zhang et al. 2015's asymmetric reconstruction): the layers
 are then factorized in topological order, each refitted from its inputs *in the model factorized so far*
@@ -78,13 +78,13 @@ the global target, the allocator is only offered such ranks): it is deterministi
 byte-identical run to run. ``latency=measure`` times each factorization
 against the original layer alone instead (a one-layer model at the layer's shape, batch 1, onnxruntime
 with all graph optimizations and one thread, A and B alternating, fastest rounds compared); on a loaded
-machine repeats of the same layer vary by 2x, so decisions may differ between runs. Either way the ratio
+machine repeats of the same layer vary, so decisions may differ between runs. Either way the ratio
 is in the stats and a factorization is dropped when it is not below ``max_latency_ratio``;
 ``latency=off`` keeps every factorization (forces).
 
 Refused (reason in the stats' ``left_alone``): weight not constant or not a float matrix; Gemm with
 ``transA`` or a bias that is not per output; a constant on the left of a MatMul; a weight of rank > 2 in a
-MatMul; convs that are not 2-D or use ``auto_pad=SAME_*``; layers smaller than ``min_params``; no rank that
+MatMul; convs that are not 2-D or use ``auto_pad=SAME_*``; layers smaller than ``min_weights``; no rank that
 saves weights; the chosen rank saving nothing; slower after factorization.
 """
 

@@ -10,8 +10,8 @@ bias column appended to ``X``, :class:`graphopt.compress.lstsq.CrossGram`) the p
 
     L(w_o) = ‖X w_o − y_o‖² + λ ‖w_o − w0_o‖²    subject to  w_o[f] = 0 outside the support S_o,
 
-a ridge pulled towards the *original* weights ``w0`` rather than towards zero: with 512 calibration
-samples and 785 inputs (LeNet-300's first layer) ``H`` is singular, and a plain least-squares fit
+a ridge pulled towards the *original* weights ``w0`` rather than towards zero: with fewer calibration
+samples than inputs ``H`` is singular, and a plain least-squares fit
 throws away every component of ``w0`` the calibration inputs do not excite, which unseen inputs do.
 ``λ = ridge · mean(diag H)``; the bias is not penalised. With ``H_λ = H + λI`` and ``R = G + λ W0``,
 ``L(w) = wᵀH_λw − 2 Rᵀw + c``, minimised on a support by ``w_S = (H_λ)_SS⁻¹ R_S`` (the re-fit).
@@ -31,8 +31,7 @@ Choosing the supports (option ``method``)
     each pruned weight's error onto the columns not yet visited through the Cholesky factor of
     ``H_λ⁻¹``. Only the mask is kept: the re-fit below gives the exact optimum of each support.
     With ``downstream`` the score of output ``o`` is scaled by ``Σ_j W_next[o, j]²`` (how strongly the
-    next layer reads it), so weakly-read outputs are pruned harder. (On LeNet-300 it changed nothing
-    measurable: 89.90 % vs 90.05 % with fc1 at 8 %; off by default.)
+    next layer reads it), so weakly-read outputs are pruned harder (off by default: no measurable gain).
 
 Splicing (Dynamic Network Surgery, Guo et al. 2016, after training)
 --------------------------------------------------------------------
@@ -44,25 +43,23 @@ loss ``−Rᵀw`` fell; ``splice_rounds`` rounds. The density of each output is 
 
 The accuracy guard (options ``guard``, ``max_drop``, ``guard_z``, ``guard_holdout``, ``guard_steps``)
 -----------------------------------------------------------------------------------------------
-A density tuned for one model (0.1 suits the LeNets) costs another 20 points (ShuffleNet). When the
+A density tuned for one model can cost another model many points of accuracy. When the
 calibration data has labels and the first graph output is ``[N, classes]`` scores, the pass is on by
 default: the budget is the run's ``--max-drop`` or, without one, the option ``max_drop`` (1.0 point,
 the verifier's default). The last ``guard_holdout`` fraction of the samples is held out: every try is
 fitted on the other samples only, and its top-1 accuracy drop ``d`` is measured on the held-out ones.
-One held-out sample is 0.5–0.8 point, so the drop alone is too noisy a verdict (ShuffleNet: 0.0 on
-128 held-out samples, 1.95 on the 2000 evaluation samples). A try passes when
+One held-out sample is ``100 / n`` points, so the drop alone is too noisy a verdict. A try passes when
 ``d + guard_z · SE ≤ max_drop`` with the paired standard error ``SE = 100 · sqrt(c) / n`` (``c`` = held-out
 samples whose verdict changed, ``n`` = held-out samples): the fewer verdicts a try changes, the more
-its measured drop can be trusted. ``guard_z = 2`` (one-sided ~98 %): with ``guard_z = 1`` ShuffleNet's
-``compress`` still lost 1.05 points on the evaluation samples (0.49 held-out). With 205 held-out
-samples (512 · 0.4) this accepts at most one changed verdict at a 1-point budget: more labelled
-calibration samples let the guard prune further. Each layer's density moves towards dense along
+its measured drop can be trusted. ``guard_z = 2`` (one-sided ~98 %; ``guard_z = 1`` let drops through
+that the evaluation samples showed over budget). Few held-out samples accept few changed verdicts: more
+labelled calibration samples let the guard prune further. Each layer's density moves towards dense along
 ``d(t) = d + t (1 − d)``, ``t = 0`` being the requested densities: ``t = 0`` is tried first (as configured);
 if it fails, ``t`` is bisected on ``(0, 1)`` for ``guard_steps`` tries (without splicing: at these
-densities it made the search 18x slower on vgg, 441 s vs 25 s), and the sparsest try that passes is
-kept (the model measured is the model returned, not a re-fit on all samples). If no try passes, the
-model is left unchanged. ``stats["guard"]["trace"]`` lists every try. With ``--target-params`` (and no
-``density`` option) the starting density is that fraction.
+densities it makes the search many times slower for no difference the held-out samples see), and the
+sparsest try that passes is kept (the model measured is the model returned, not a re-fit on all
+samples). If no try passes, the model is left unchanged. ``stats["guard"]["trace"]`` lists every try.
+With ``--target-params`` (and no ``density`` option) the starting density is that fraction.
 
 Refused (with the reason in ``left_alone``): layers that :class:`LinearLayer` refuses (grouped convs,
 non-constant weights, ``transA``...), layers with fewer than ``min_weights`` weights, a weight read by
@@ -427,8 +424,8 @@ class Sparsify(Pass):
             return ok
 
         # the requested densities as asked (with splicing); the bisection's denser tries without it:
-        # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at (0.4-0.8)
-        # it made the search 18x slower on vgg (441 s vs 25 s) for no difference the held-out samples see
+        # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at it makes
+        # the search many times slower for no difference the held-out samples see
         best: float | None = 0.0 if attempt(0.0, self.opt(ctx, "splice_rounds")) else None
         if best is None:
             lo, hi = 0.0, 1.0

@@ -174,7 +174,7 @@ def shorten_names(model: Model) -> dict[str, int] | str:
 
     The graph's inputs and outputs keep their names (the interface, and what verification matches by
     name). Intermediate names like ``/stages/stages.2/branch2/branch2.1/conv/Conv_output_0`` are stored
-    once per reader and writer, ~20 % of a 4-bit compact file. Returns the counts renamed, or the
+    once per reader and writer, a large share of a compact file. Returns the counts renamed, or the
     reason nothing was renamed (subgraphs or functions could capture a name by its text).
     """
     graph = model.graph
