@@ -398,6 +398,37 @@ def test_gemm_alpha_beta_data_aware_keeps_whitened_factors_when_refit_refuses():
     assert err == pytest.approx(layer["rel_output_error"], rel=0.05)  # alpha and beta folded correctly
 
 
+def test_run_steps_key_the_allocation_units_by_their_index():
+    """select -> fit -> target units: one unit per candidate layer (topological order), keyed 0, 1, ...;
+    a layer that cannot be a unit is in the ledger, not a gap in the keys."""
+    proto, data = mlp()
+    model = onnx_io.from_proto(proto)
+    ctx = PassContext(data=data, target_params=0.6, options={"lowrank": {
+        "latency": "off", "min_weights": 0, "min_rank": 1, "target_scope": "layers"}})
+    run = lr.LowRank().start(model, ctx)
+    assert run.select == "target" and run.aware
+    lr.select_candidates(run)
+    lr.fit_forms(run)
+    units = lr.target_units(run, 0.6, by_params=True)
+    assert [u.key for u in units.units] == list(range(len(run.candidates))) == [0, 1]
+    assert [f.site for f in units.forms] == [c.site for c in run.candidates]
+    assert all(set(plans) == set(u.levels[1:]) for u, plans in zip(units.units, units.plans))
+    run.opt = lambda key, base=run.opt: 1000 if key == "min_rank" else base(key)   # no rank saves weights
+    assert lr.target_units(run, 0.6, by_params=True).units == []
+    assert run.left.reasons() == {"no rank >= min_rank=1000 saves weights"}
+
+
+def test_start_says_why_the_pass_does_nothing():
+    proto, _ = mlp()
+    model = onnx_io.from_proto(proto)
+    no_target = PassContext(options={"lowrank": {"select": "target"}})
+    assert lr.LowRank().start(model, no_target) == "select=target without --target-params/--target-macs"
+    no_data = PassContext(options={"lowrank": {"data_aware": "on"}})
+    assert lr.LowRank().start(model, no_data) == "data_aware=on but the run has no data"
+    result = lr.LowRank().run(model, no_data)
+    assert not result.changed and result.stats == {"factorized": 0, "skipped": "data_aware=on but the run has no data"}
+
+
 def test_accuracy_guard_relaxes_the_target():
     proto, data = mlp()
     labels = run(proto, {"x": data.inputs["x"]})[0].argmax(axis=1)

@@ -69,6 +69,8 @@ another node, no calibration data (nothing is done).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,6 +78,7 @@ import numpy as np
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, column_quadratic, penalised
 from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Model
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
 from graphopt.core.ops import LAYER_OPS
@@ -251,7 +254,7 @@ def prune_layer(gram: CrossGram, w0: np.ndarray, b0: np.ndarray, density: float,
 # the pass
 
 
-def linear_layers(model: Model, min_weights: int, left: list[dict[str, Any]]) -> list[LinearLayer]:
+def linear_layers(model: Model, min_weights: int, left: LeftAlone) -> list[LinearLayer]:
     """Every prunable layer of the main graph, topological order; refusals go to ``left``."""
     graph = model.graph
     out = []
@@ -260,15 +263,13 @@ def linear_layers(model: Model, min_weights: int, left: list[dict[str, Any]]) ->
             continue
         layer = LinearLayer.of(graph, node)
         if isinstance(layer, str):
-            left.append({"node": node.name, "reason": layer})
-            continue
-        if len(graph.consumers(node.inputs[1])) > 1:
-            left.append({"node": node.name, "reason": "weight read by another node"})
-            continue
-        if layer.weight.size < min_weights:
-            left.append({"node": node.name, "reason": f"{layer.weight.size} weights < min_weights"})
-            continue
-        out.append(layer)
+            left.add(layer, node.name)
+        elif len(graph.consumers(node.inputs[1])) > 1:
+            left.add("weight read by another node", node.name)
+        elif layer.weight.size < min_weights:
+            left.add(f"fewer than min_weights={min_weights} weights", node.name)
+        else:
+            out.append(layer)
     return out
 
 
@@ -354,190 +355,227 @@ class Sparsify(Pass):
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        left: list[dict[str, Any]] = []
-        layers = linear_layers(model, self.opt(ctx, "min_weights"), left)
-        if not layers:
-            return PassResult(False, {"pruned": 0, "left_alone": left})
-        densities = self._densities(layers, ctx)
-        if not self.opt(ctx, "refit"):
-            return self._plain(model, layers, densities, left)
+        run = SparsifyRun(model, ctx, lambda key: self.opt(ctx, key))
+        run.layers = linear_layers(model, run.opt("min_weights"), run.left)
+        if not run.layers:
+            return PassResult(False, run.left.into({"pruned": 0}))
+        run.densities = plan_densities(run)
+        if not run.opt("refit"):
+            return PassResult(True, report(run, prune_by_magnitude(run)))
         if ctx.data is None:
             return PassResult(False, {"pruned": 0, "skipped": "no calibration data (the re-fit needs ctx.data)"})
-        data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-        guard, why_not = self._guard_setup(model, data, ctx)
-        if guard is None:
-            records, _ = self._prune(model, layers, densities, data, ctx)
-            stats = self._stats(records, left)
-            if why_not:
-                stats["guard"] = {"off": why_not}
-            return PassResult(True, stats)
-        return self._guarded(model, layers, densities, guard, ctx, left)
-
-    # ---------------------------------------------------------------------------------------
-    # the accuracy guard
-
-    def _guard_setup(self, model: Model, data: SampleData, ctx: PassContext) -> tuple[dict | None, str | None]:
-        """The guard's held-out split, budget and reference accuracy, or ``(None, why not)``."""
-        if not self.opt(ctx, "guard"):
-            return None, "option guard=False"
-        if data.labels is None:
-            return None, "calibration data has no labels"
-        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "guard_holdout"))))
-        if held is None:
-            return None, "guard_holdout leaves no held-out samples"
-        scores = _class_scores(model, held)
-        if scores is None:
-            return None, "the first graph output is not [N, classes] scores"
-        max_drop = ctx.max_drop if ctx.max_drop is not None else self.opt(ctx, "max_drop")
-        correct = scores.argmax(1) == held.labels
-        return {"fit": fit, "held": held, "max_drop": float(max_drop), "correct": correct,
-                "reference": 100.0 * float(correct.mean())}, None
-
-    def _guarded(self, model: Model, layers: list[LinearLayer], densities: dict[str, float], guard: dict,
-                 ctx: PassContext, left: list[dict[str, Any]]) -> PassResult:
-        """Bisect ``t`` in ``d(t) = d + t (1 − d)`` (per layer) for the sparsest model within the budget."""
-        fit, held = guard["fit"], guard["held"]
-        trace: list[dict[str, Any]] = []
-        tried: dict[float, tuple[bool, list, dict]] = {}
-
-        def attempt(t: float, splice_rounds: int) -> bool:
-            trial = copy_model(model)
-            trial_layers = [lay for lay in linear_layers(trial, self.opt(ctx, "min_weights"), [])
-                            if lay.node.name in densities]
-            dens = {k: v + t * (1.0 - v) for k, v in densities.items()}
-            ctx.say(f"sparsify guard: t={t:.3f}")
-            started = time.perf_counter()
-            records, weights = self._prune(trial, trial_layers, dens, fit, ctx, splice_rounds, reference=model)
-            correct = _class_scores(trial, held).argmax(1) == held.labels
-            acc = 100.0 * float(correct.mean())
-            drop = guard["reference"] - acc
-            # paired standard error of the drop: only the samples whose verdict changed carry variance
-            changed = int(np.sum(correct != guard["correct"]))
-            se = 100.0 * float(np.sqrt(changed)) / held.n_samples
-            upper = drop + self.opt(ctx, "guard_z") * se
-            ok = upper <= guard["max_drop"] + 1e-9
-            kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
-            trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
-                          "drop": round(drop, 3), "changed": changed, "upper": round(upper, 3), "ok": ok, "splice_rounds": splice_rounds,
-                          "seconds": round(time.perf_counter() - started, 2)})
-            tried[t] = (ok, records, weights)
-            return ok
-
-        # the requested densities as asked (with splicing); the bisection's denser tries without it:
-        # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at it makes
-        # the search many times slower for no difference the held-out samples see
-        best: float | None = 0.0 if attempt(0.0, self.opt(ctx, "splice_rounds")) else None
-        if best is None:
-            lo, hi = 0.0, 1.0
-            for _ in range(self.opt(ctx, "guard_steps")):
-                mid = (lo + hi) / 2
-                if attempt(mid, 0):
-                    best, hi = mid, mid
-                else:
-                    lo = mid
-        info = {"max_drop": guard["max_drop"], "z": self.opt(ctx, "guard_z"), "held_out_samples": held.n_samples,
-                "fit_samples": fit.n_samples, "reference_accuracy": round(guard["reference"], 3), "trace": trace}
-        if best is None:
-            # nothing within the budget: leave the model as it was (no pruning is the only safe density)
-            info["chosen"] = None
-            stats = self._stats([], left)
-            stats.update(pruned=0, guard=info, skipped="no density tried met the accuracy budget on held-out samples")
-            return PassResult(False, stats)
-        _, records, weights = tried[best]
-        for layer in layers:
-            if layer.node.name in weights:
-                w, b = weights[layer.node.name]
-                layer.set_weights(model.graph, w, b)
-        info["chosen"] = {"t": round(best, 4), "density": next(e["density"] for e in trace if e["t"] == round(best, 4))}
-        stats = self._stats(records, left)
-        stats["guard"] = info
+        data = ctx.data.head(min(run.opt("samples"), ctx.data.n_samples))
+        guard = guard_setup(run, data)
+        if isinstance(guard, Guard):
+            return guarded(run, guard)
+        job = PruneJob(model, run.layers, run.densities, data, copy_model(model), run.opt("splice_rounds"))
+        stats = report(run, prune_layers(run, job))
+        stats["guard"] = {"off": guard}
         return PassResult(True, stats)
 
-    # ---------------------------------------------------------------------------------------
 
-    def _prune(self, model: Model, layers: list[LinearLayer], densities: dict[str, float], data: SampleData,
-               ctx: PassContext, splice_rounds: int | None = None, reference: Model | None = None,
-               ) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Prune ``layers`` of ``model`` in place, fitted on ``data``; returns (records, node -> (W, b)).
+@dataclass
+class SparsifyRun:
+    """What the steps of one run share: the model, the options, its layers and their densities."""
 
-        ``reference`` is the unpruned model the targets are read from (default: a copy of ``model``
-        taken before pruning; the guard passes its untouched original instead of copying per try).
-        """
-        method = self.opt(ctx, "method")
-        reference = copy_model(model) if reference is None else reference
-        ref_layers = {layer.node.name: layer.y.name for layer in layers}
-        records = []
-        weights = {}
-        grid = [float(v) for v in self.opt(ctx, "ridge_grid").split(",") if v.strip()]
-        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "holdout")))) if grid else (data, None)
-        for layer in layers:
-            ctx.say(f"sparsify: {layer.node.name}")
-            key = layer.node.name
-            w0, b0 = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
-            mask = magnitude_mask(w0, int(round(densities[key] * w0.size))) if method == "magnitude" else None
-            gram = collect(model, {key: layer}, fit, reference=reference, targets={key: ref_layers[key]},
-                           max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed)[key]
-            ridge = self.opt(ctx, "ridge")
-            choice = None
-            if held is not None:
-                hold = collect(model, {key: layer}, held, reference=reference, targets={key: ref_layers[key]},
-                               max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed + 1)[key]
-                choice = {}
-                for candidate in grid:
-                    wc, bc, _ = prune_layer(gram, w0, b0, densities[key], method=method, ridge=candidate,
-                                            splice_rounds=0, mask=mask, block=self.opt(ctx, "block") or w0.shape[0])
-                    choice[candidate] = hold.relative_error(wc, bc)
-                ridge = min(choice, key=choice.get)
-                gram = gram.merge(hold)
-            w, b, stats = prune_layer(gram, w0, b0, densities[key], method=method, ridge=ridge,
-                                      splice_rounds=self.opt(ctx, "splice_rounds") if splice_rounds is None
-                                      else splice_rounds, mask=mask,
-                                      block=self.opt(ctx, "block") or w0.shape[0],
-                                      row_weight=downstream_weight(model.graph, layer) if self.opt(ctx, "downstream")
-                                      else None)
-            layer.set_weights(model.graph, w, b)
-            weights[key] = (w, b)
-            if choice is not None:
-                stats["ridge"] = ridge
-                stats["holdout_error"] = {str(k): round(v, 6) for k, v in choice.items()}
-            records.append({"node": key, "weights": int(w0.size), **stats})
-        return records, weights
+    model: Model
+    ctx: PassContext
+    opt: Callable[[str], Any]                     # option key -> the user's value or the default
+    left: LeftAlone = field(default_factory=LeftAlone)
+    layers: list[LinearLayer] = field(default_factory=list)
+    densities: dict[str, float] = field(default_factory=dict)   # node name -> kept fraction
 
-    def _densities(self, layers: list[LinearLayer], ctx: PassContext) -> dict[str, float]:
-        given = parse_densities(self.opt(ctx, "densities"))
-        default = self.opt(ctx, "density")
-        if ctx.target_params is not None and "density" not in ctx.options.get(self.name, {}):
-            default = float(ctx.target_params)   # the kept fraction of the prunable weights
-        out = {}
-        for layer in layers:
-            names = layer_key(layer)
-            out[layer.node.name] = next((given[n] for n in names if n in given), default)
-        if self.opt(ctx, "scope") == "global":
-            # Han et al.: one magnitude threshold for every layer, keeping `density` of all their weights
-            mags = np.concatenate([np.abs(layer.weight).ravel() for layer in layers])
-            keep = int(round(default * mags.size))
-            thr = np.sort(mags)[::-1][max(keep - 1, 0)] if keep else np.inf
-            for layer in layers:
-                out[layer.node.name] = float((np.abs(layer.weight) >= thr).mean())
-        return {k: min(max(v, 0.0), 1.0) for k, v in out.items()}
 
-    def _plain(self, model: Model, layers: list[LinearLayer], densities: dict[str, float],
-               left: list[dict[str, Any]]) -> PassResult:
-        records = []
-        for layer in layers:
-            w0 = layer.weight_matrix()
-            mask = magnitude_mask(w0, int(round(densities[layer.node.name] * w0.size)))
-            layer.set_weights(model.graph, np.where(mask, w0, 0), layer.bias_vector() if layer.bias is not None else None)
-            records.append({"node": layer.node.name, "weights": int(w0.size), "density": round(float(mask.mean()), 6),
-                            "kept": int(mask.sum())})
-        return PassResult(True, self._stats(records, left))
+@dataclass
+class PruneJob:
+    """One pruning of ``model``: ``layers`` at ``densities``, fitted on ``data``, targets from ``reference``."""
 
-    @staticmethod
-    def _stats(records: list[dict[str, Any]], left: list[dict[str, Any]]) -> dict[str, Any]:
-        total = sum(r["weights"] for r in records)
-        kept = sum(r["kept"] for r in records)
-        stats: dict[str, Any] = {"pruned": len(records), "layers": records,
-                                 "density": round(kept / total, 6) if total else 1.0}
-        if left:
-            stats["left_alone"] = left
-        return stats
+    model: Model
+    layers: list[LinearLayer]
+    densities: dict[str, float]
+    data: SampleData
+    reference: Model
+    splice_rounds: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)   # node -> (W, b)
+
+
+def plan_densities(run: SparsifyRun) -> dict[str, float]:
+    """Each layer's kept fraction: ``densities`` by name, else ``density`` (``--target-params`` when the
+    option is not given); with ``scope=global`` what one magnitude threshold over all layers leaves."""
+    given = parse_densities(run.opt("densities"))
+    default = run.opt("density")
+    if run.ctx.target_params is not None and "density" not in run.ctx.options.get(Sparsify.name, {}):
+        default = float(run.ctx.target_params)   # the kept fraction of the prunable weights
+    out = {}
+    for layer in run.layers:
+        names = layer_key(layer)
+        out[layer.node.name] = next((given[n] for n in names if n in given), default)
+    if run.opt("scope") == "global":
+        # Han et al.: one magnitude threshold for every layer, keeping `density` of all their weights
+        mags = np.concatenate([np.abs(layer.weight).ravel() for layer in run.layers])
+        keep = int(round(default * mags.size))
+        thr = np.sort(mags)[::-1][max(keep - 1, 0)] if keep else np.inf
+        for layer in run.layers:
+            out[layer.node.name] = float((np.abs(layer.weight) >= thr).mean())
+    return {k: min(max(v, 0.0), 1.0) for k, v in out.items()}
+
+
+def prune_by_magnitude(run: SparsifyRun) -> list[dict[str, Any]]:
+    """``refit=False``: the largest ``|w|`` of each layer kept, nothing re-fitted."""
+    records = []
+    for layer in run.layers:
+        w0 = layer.weight_matrix()
+        mask = magnitude_mask(w0, int(round(run.densities[layer.node.name] * w0.size)))
+        layer.set_weights(run.model.graph, np.where(mask, w0, 0),
+                          layer.bias_vector() if layer.bias is not None else None)
+        records.append({"node": layer.node.name, "weights": int(w0.size), "density": round(float(mask.mean()), 6),
+                        "kept": int(mask.sum())})
+    return records
+
+
+def prune_layers(run: SparsifyRun, job: PruneJob) -> list[dict[str, Any]]:
+    """Prune ``job``'s layers of its model in place, in order; returns the records (the weights in ``job``)."""
+    targets = {layer.node.name: layer.y.name for layer in job.layers}
+    grid = [float(v) for v in run.opt("ridge_grid").split(",") if v.strip()]
+    fit, held = job.data.split(int(round(job.data.n_samples * run.opt("holdout")))) if grid else (job.data, None)
+    for layer in job.layers:
+        run.ctx.say(f"sparsify: {layer.node.name}")
+        _prune_layer(run, job, layer, targets[layer.node.name], fit, held, grid)
+    return job.records
+
+
+def _prune_layer(run: SparsifyRun, job: PruneJob, layer: LinearLayer, target: str, fit: SampleData,
+                 held: SampleData | None, grid: list[float]) -> None:
+    """One layer: its statistics, the ridge (from ``grid`` on ``held`` when given), the support and the re-fit."""
+    key = layer.node.name
+    method, density = run.opt("method"), job.densities[key]
+    w0, b0 = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
+    mask = magnitude_mask(w0, int(round(density * w0.size))) if method == "magnitude" else None
+    gram = collect(job.model, {key: layer}, fit, reference=job.reference, targets={key: target},
+                   max_rows=run.opt("max_rows"), seed=run.ctx.seed)[key]
+    ridge = run.opt("ridge")
+    choice = None
+    if held is not None:
+        hold = collect(job.model, {key: layer}, held, reference=job.reference, targets={key: target},
+                       max_rows=run.opt("max_rows"), seed=run.ctx.seed + 1)[key]
+        choice = {}
+        for candidate in grid:   # each ridge fitted on ``fit`` and measured on ``held``, without splicing
+            wc, bc, _ = prune_layer(gram, w0, b0, density, method=method, ridge=candidate, splice_rounds=0,
+                                    mask=mask, block=run.opt("block") or w0.shape[0])
+            choice[candidate] = hold.relative_error(wc, bc)
+        ridge = min(choice, key=choice.get)
+        gram = gram.merge(hold)
+    w, b, stats = prune_layer(gram, w0, b0, density, method=method, ridge=ridge, splice_rounds=job.splice_rounds,
+                              mask=mask, block=run.opt("block") or w0.shape[0],
+                              row_weight=downstream_weight(job.model.graph, layer) if run.opt("downstream")
+                              else None)
+    layer.set_weights(job.model.graph, w, b)
+    job.weights[key] = (w, b)
+    if choice is not None:
+        stats["ridge"] = ridge
+        stats["holdout_error"] = {str(k): round(v, 6) for k, v in choice.items()}
+    job.records.append({"node": key, "weights": int(w0.size), **stats})
+
+
+def report(run: SparsifyRun, records: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(r["weights"] for r in records)
+    kept = sum(r["kept"] for r in records)
+    stats: dict[str, Any] = {"pruned": len(records), "layers": records,
+                             "density": round(kept / total, 6) if total else 1.0}
+    return run.left.into(stats)
+
+
+# =============================================================================================
+# the accuracy guard
+
+
+@dataclass
+class Guard:
+    """The guard's held-out split, budget and reference verdicts, and the tries it made."""
+
+    fit: SampleData
+    held: SampleData
+    max_drop: float
+    correct: np.ndarray            # per held-out sample: the reference model's top-1 is right
+    reference: float               # the reference accuracy on the held-out samples (percent)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    tried: dict[float, tuple[bool, PruneJob]] = field(default_factory=dict)
+
+
+def guard_setup(run: SparsifyRun, data: SampleData) -> Guard | str:
+    """The guard, or why it is off."""
+    if not run.opt("guard"):
+        return "option guard=False"
+    if data.labels is None:
+        return "calibration data has no labels"
+    fit, held = data.split(int(round(data.n_samples * run.opt("guard_holdout"))))
+    if held is None:
+        return "guard_holdout leaves no held-out samples"
+    scores = _class_scores(run.model, held)
+    if scores is None:
+        return "the first graph output is not [N, classes] scores"
+    max_drop = run.ctx.max_drop if run.ctx.max_drop is not None else run.opt("max_drop")
+    correct = scores.argmax(1) == held.labels
+    return Guard(fit, held, float(max_drop), correct, 100.0 * float(correct.mean()))
+
+
+def guarded(run: SparsifyRun, guard: Guard) -> PassResult:
+    """Bisect ``t`` in ``d(t) = d + t (1 − d)`` (per layer) for the sparsest model within the budget."""
+    # the requested densities as asked (with splicing); the bisection's denser tries without it:
+    # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at it makes
+    # the search many times slower for no difference the held-out samples see
+    best: float | None = 0.0 if attempt(run, guard, 0.0, run.opt("splice_rounds")) else None
+    if best is None:
+        lo, hi = 0.0, 1.0
+        for _ in range(run.opt("guard_steps")):
+            mid = (lo + hi) / 2
+            if attempt(run, guard, mid, 0):
+                best, hi = mid, mid
+            else:
+                lo = mid
+    info = {"max_drop": guard.max_drop, "z": run.opt("guard_z"), "held_out_samples": guard.held.n_samples,
+            "fit_samples": guard.fit.n_samples, "reference_accuracy": round(guard.reference, 3),
+            "trace": guard.trace}
+    if best is None:
+        # nothing within the budget: leave the model as it was (no pruning is the only safe density)
+        info["chosen"] = None
+        stats = report(run, [])
+        stats.update(pruned=0, guard=info, skipped="no density tried met the accuracy budget on held-out samples")
+        return PassResult(False, stats)
+    _, job = guard.tried[best]
+    for layer in run.layers:
+        if layer.node.name in job.weights:
+            w, b = job.weights[layer.node.name]
+            layer.set_weights(run.model.graph, w, b)
+    info["chosen"] = {"t": round(best, 4),
+                      "density": next(e["density"] for e in guard.trace if e["t"] == round(best, 4))}
+    stats = report(run, job.records)
+    stats["guard"] = info
+    return PassResult(True, stats)
+
+
+def attempt(run: SparsifyRun, guard: Guard, t: float, splice_rounds: int) -> bool:
+    """Prune a copy at densities ``d(t)``, fitted on the guard's fit samples; within the budget on the held-out
+    ones when ``drop + guard_z · SE <= max_drop`` (``SE`` paired: only changed verdicts carry variance)."""
+    trial = copy_model(run.model)
+    trial_layers = [lay for lay in linear_layers(trial, run.opt("min_weights"), LeftAlone())
+                    if lay.node.name in run.densities]
+    dens = {k: v + t * (1.0 - v) for k, v in run.densities.items()}
+    run.ctx.say(f"sparsify guard: t={t:.3f}")
+    started = time.perf_counter()
+    job = PruneJob(trial, trial_layers, dens, guard.fit, run.model, splice_rounds)
+    records = prune_layers(run, job)
+    correct = _class_scores(trial, guard.held).argmax(1) == guard.held.labels
+    acc = 100.0 * float(correct.mean())
+    drop = guard.reference - acc
+    changed = int(np.sum(correct != guard.correct))
+    se = 100.0 * float(np.sqrt(changed)) / guard.held.n_samples
+    upper = drop + run.opt("guard_z") * se
+    ok = upper <= guard.max_drop + 1e-9
+    kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
+    guard.trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
+                        "drop": round(drop, 3), "changed": changed, "upper": round(upper, 3), "ok": ok,
+                        "splice_rounds": splice_rounds, "seconds": round(time.perf_counter() - started, 2)})
+    guard.tried[t] = (ok, job)
+    return ok
