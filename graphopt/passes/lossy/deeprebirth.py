@@ -351,7 +351,7 @@ class DeepRebirthApprox(Pass):
         "max_features": Option(4096, "largest least-squares system (Cin * K'h * K'w + 1 unknowns per output)", int,
                                low=1),
         "batch_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
-        **calibration(samples=(512, "to fit and to measure"), holdout=(0.5, "the merges are measured on them"),
+        **calibration(samples=(512, "to fit and to measure"), holdout=0.5,
                       ridge=1e-6),
     }
 

@@ -890,7 +890,7 @@ class LowRank(Pass):
                              bool),
         **calibration(samples=(512, "for the statistics, the compensation and the guard"),
                       max_rows=(8192, "the input rows of the statistics, subsampled"),
-                      ridge=(1e-4, "added to the input covariance"), min_weights=1024,
+                      ridge=(1e-4, "here of the input covariance, added to it before whitening"), min_weights=1024,
                       levels=(8, "select=target: ranks tried per layer"),
                       sensitivity_samples=(256, "select=target, sensitivity=model")),
         **guard(guard=(True, "select=target with --max-drop: relax the target until the accuracy drop on the "
