@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 import graphopt.passes.lossy.deeprebirth as dr
@@ -131,3 +132,13 @@ def test_without_data_nothing_happens():
     result = dr.DeepRebirthApprox().run(model, PassContext())
     assert not result.changed and "no calibration data" in result.stats["skipped"]
     assert onnx_io.to_proto(model) == proto
+
+
+def test_max_rows_is_refused_with_a_pointer_to_batch_rows():
+    """deeprebirth_approx counts rows per calibration batch, not per layer as max_rows does elsewhere."""
+    from graphopt.core.manager import OptionError, build_pipeline, parse_options
+
+    pipeline = build_pipeline("deeprebirth")
+    with pytest.raises(OptionError, match="deeprebirth_approx.max_rows is now deeprebirth_approx.batch_rows"):
+        parse_options(["deeprebirth_approx.max_rows=64"], pipeline)
+    assert parse_options(["deeprebirth_approx.batch_rows=64"], pipeline) == {"deeprebirth_approx": {"batch_rows": 64}}

@@ -20,7 +20,7 @@ RNG = np.random.default_rng(0)
 def apply(proto, data=None, **options):
     model = onnx_io.from_proto(proto)
     options.setdefault("latency", "off")
-    options.setdefault("min_params", 0)
+    options.setdefault("min_weights", 0)
     options.setdefault("min_rank", 1)
     ctx = PassContext(data=data, options={"lowrank": options})
     result = lr.LowRank().run(model, ctx)
@@ -183,8 +183,8 @@ def test_small_layer_and_non_constant_weight_are_left_alone():
     result, out = apply(dyn)
     assert not result.changed and result.stats["left_alone"][0]["reason"] == "weight is not constant"
     assert op_types(out) == ["MatMul"]
-    result, _ = apply(proto, min_params=1000)
-    assert not result.changed and "min_params" in result.stats["left_alone"][0]["reason"]
+    result, _ = apply(proto, min_weights=1000)
+    assert not result.changed and "min_weights" in result.stats["left_alone"][0]["reason"]
     depthwise = conv_model(cin=8, cout=8, group=8)
     result, _ = apply(depthwise, form="channel")  # per group a 1 x 9 matrix: no rank saves weights
     assert not result.changed and "no rank saves weights" in result.stats["left_alone"][0]["reason"]
@@ -298,7 +298,7 @@ def test_global_target_through_the_allocator(sensitivity):
     proto, data = mlp()
     model = onnx_io.from_proto(proto)
     ctx = PassContext(data=data, target_params=0.6, options={"lowrank": {
-        "latency": "off", "min_params": 0, "min_rank": 1, "target_scope": "layers", "sensitivity": sensitivity}})
+        "latency": "off", "min_weights": 0, "min_rank": 1, "target_scope": "layers", "sensitivity": sensitivity}})
     result = lr.LowRank().run(model, ctx)
     stats = result.stats
     assert stats["select"] == "target" and stats["allocation"]["met"]
@@ -341,7 +341,7 @@ def test_deterministic_and_preset():
     assert "merge_linear" not in names[names.index("lowrank"):]  # the cleanup must not multiply factors back
     model = onnx_io.from_proto(proto)
     changed, _ = run_pipeline(pipeline, model, PassContext(data=data, options={"lowrank": {
-        "latency": "off", "min_params": 0, "min_rank": 1}}))
+        "latency": "off", "min_weights": 0, "min_rank": 1}}))
     out = onnx_io.to_proto(model)
     assert changed and op_types(out).count("Gemm") == 4
 
@@ -398,11 +398,42 @@ def test_gemm_alpha_beta_data_aware_keeps_whitened_factors_when_refit_refuses():
     assert err == pytest.approx(layer["rel_output_error"], rel=0.05)  # alpha and beta folded correctly
 
 
+def test_run_steps_key_the_allocation_units_by_their_index():
+    """select -> fit -> target units: one unit per candidate layer (topological order), keyed 0, 1, ...;
+    a layer that cannot be a unit is in the ledger, not a gap in the keys."""
+    proto, data = mlp()
+    model = onnx_io.from_proto(proto)
+    ctx = PassContext(data=data, target_params=0.6, options={"lowrank": {
+        "latency": "off", "min_weights": 0, "min_rank": 1, "target_scope": "layers"}})
+    run = lr.LowRank().start(model, ctx)
+    assert run.select == "target" and run.aware
+    lr.select_candidates(run)
+    lr.fit_forms(run)
+    units = lr.target_units(run, 0.6, by_params=True)
+    assert [u.key for u in units.units] == list(range(len(run.candidates))) == [0, 1]
+    assert [f.site for f in units.forms] == [c.site for c in run.candidates]
+    assert all(set(plans) == set(u.levels[1:]) for u, plans in zip(units.units, units.plans))
+    run.opt = lambda key, base=run.opt: 1000 if key == "min_rank" else base(key)   # no rank saves weights
+    assert lr.target_units(run, 0.6, by_params=True).units == []
+    assert run.left.reasons() == {"no rank >= min_rank=1000 saves weights"}
+
+
+def test_start_says_why_the_pass_does_nothing():
+    proto, _ = mlp()
+    model = onnx_io.from_proto(proto)
+    no_target = PassContext(options={"lowrank": {"select": "target"}})
+    assert lr.LowRank().start(model, no_target) == "select=target without --target-params/--target-macs"
+    no_data = PassContext(options={"lowrank": {"data_aware": "on"}})
+    assert lr.LowRank().start(model, no_data) == "data_aware=on but the run has no data"
+    result = lr.LowRank().run(model, no_data)
+    assert not result.changed and result.stats == {"factorized": 0, "skipped": "data_aware=on but the run has no data"}
+
+
 def test_accuracy_guard_relaxes_the_target():
     proto, data = mlp()
     labels = run(proto, {"x": data.inputs["x"]})[0].argmax(axis=1)
     data = SampleData(data.inputs, labels)
-    options = {"latency": "off", "min_params": 0, "min_rank": 1, "target_scope": "layers", "sensitivity": "layer",
+    options = {"latency": "off", "min_weights": 0, "min_rank": 1, "target_scope": "layers", "sensitivity": "layer",
                "compensate": False}
     stats = {}
     for max_drop in (None, 1.0):
@@ -416,3 +447,12 @@ def test_accuracy_guard_relaxes_the_target():
     guard = stats[1.0]["guard"]
     assert guard["trace"][0]["target"] == 0.15 and not guard["trace"][0]["ok"]
     assert stats[1.0]["drop"] <= 1.0 and stats[1.0]["cost"] > stats[None]["cost"]
+
+
+def test_old_option_names_are_refused_with_a_pointer_to_the_new_one():
+    from graphopt.core.manager import OptionError, build_pipeline, parse_options
+
+    pipeline = build_pipeline("lowrank")
+    with pytest.raises(OptionError, match="lowrank.min_params is now lowrank.min_weights"):
+        parse_options(["lowrank.min_params=0"], pipeline)
+    assert parse_options(["lowrank.min_weights=0"], pipeline) == {"lowrank": {"min_weights": 0}}

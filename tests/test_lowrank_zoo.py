@@ -11,6 +11,7 @@ import pytest
 import graphopt.passes.lossy.lowrank as lr
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext, build_pipeline, run_pipeline
+from graphopt.core.ops import LAYER_OPS
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import load_data
 
@@ -37,7 +38,7 @@ def test_every_vgg_layer_at_full_rank_is_exact_in_every_form():
     shapes = lr.ShapeTable(model)
     count = 0
     for node in list(model.graph.toposort()):
-        site = lr.find_site(model.graph, node, shapes) if node.op_type in lr.OPS else None
+        site = lr.find_site(model.graph, node, shapes) if node.op_type in LAYER_OPS else None
         if site is None or isinstance(site, str):
             continue
         # alternate the forms over the layers so both are exercised inside one deep network
@@ -68,7 +69,7 @@ def test_data_aware_beats_plain_and_keeps_accuracy(name):
         result = lr.LowRank().run(cand, PassContext(data=calib, options={"lowrank": {
             "ratio": 0.5, "data_aware": mode, "latency": "off", "ops": ops, "samples": 128}}))
         assert result.changed
-        if name == "transformer":  # every projection of every block (the 10x64 head is below min_params)
+        if name == "transformer":  # every projection of every block (the 10x64 head is below min_weights)
             assert result.stats["factorized"] == 24
         cand.check_invariants()
         y = logits(cand, ev)

@@ -158,7 +158,8 @@ def test_per_layer_densities_and_small_layers_left_alone():
     out = onnx_io.to_proto(model)
     assert (_weights(out, "fc1") != 0).mean() == pytest.approx(0.5, abs=0.01)
     assert np.all(_weights(out, "fc2") != 0)
-    assert result.stats["left_alone"][0]["node"] == "fc2"
+    assert result.stats["left_alone"][0]["examples"] == ["fc2"]
+    assert result.stats["left_alone"][0]["reason"] == "fewer than min_weights=200 weights"
 
 
 def test_without_data_the_refit_leaves_the_model_unchanged():

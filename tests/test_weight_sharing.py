@@ -9,11 +9,10 @@ from onnx import helper
 
 import graphopt.passes.lossy.weight_sharing as ws
 from graphopt.compress import kmeans as km
-from graphopt.compress.lstsq import CrossGram
+from graphopt.compress.lstsq import CrossGram, penalised
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext
 from graphopt.measure.calibration import SampleData
-from graphopt.passes.lossy.sparsify import penalised
 from tests.util import init, make_model, op_types, run, tensor
 
 # ----------------------------------------------------------------------------------------- k-means

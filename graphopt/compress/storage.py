@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, is_op
+
 FLOAT_BITS = 32
 MAX_SHARED = 256      # more distinct values than this: stored as float32
 MAX_GAP_BITS = 12
@@ -259,15 +261,12 @@ class ModelStorage:
                 "weights": [w.to_dict() for w in self.weights]}
 
 
-LAYER_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
-
-
 def layer_weights(model: Any) -> dict[str, np.ndarray]:
     """``name -> array`` of every constant float weight read by a Conv/Gemm/MatMul (slot 1) or MatMul (either slot)."""
     graph = model.graph
     out: dict[str, np.ndarray] = {}
     for node in graph.toposort():
-        if node.op_type not in LAYER_OPS or node.domain not in ("", "ai.onnx"):
+        if not is_op(node, *LAYER_OPS_WITH_TRANSPOSE):
             continue
         slots = (0, 1) if node.op_type == "MatMul" else (1,)
         for slot in slots:

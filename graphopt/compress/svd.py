@@ -68,11 +68,6 @@ class Factorization:
         """Squared error left at ``rank``: ``Σ_{i ≥ r} s_i²``."""
         return float(np.sum(self.s[rank:] ** 2))
 
-    def rel_error(self, rank: int) -> float:
-        """``sqrt(tail / total)``: relative weight error (plain) or relative output error (whitened)."""
-        total = self.total
-        return float(np.sqrt(self.tail(rank) / total)) if total > 0 else 0.0
-
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``(P [F, r], Q [r, O])`` with ``P·Q`` the best rank-``r`` approximation in this metric."""
         root = np.sqrt(self.s[:rank])
@@ -80,21 +75,6 @@ class Factorization:
         if self.l is not None:
             p = np.linalg.solve(self.l.T, p)  # L⁻ᵀ U_r S_r^½ (triangular, solved as dense: small matrices)
         return p, root[:, None] * self.vt[:rank]
-
-    def rank_for_energy(self, energy: float) -> int:
-        """Smallest ``r`` keeping at least ``energy`` of ``Σ s²``."""
-        return rank_for_energy(self.s, energy)
-
-    def rank_for_error(self, max_error: float) -> int:
-        """Smallest ``r`` whose :meth:`rel_error` is at most ``max_error``."""
-        return rank_for_energy(self.s, 1.0 - max_error ** 2)
-
-
-def rank_for_energy(s: np.ndarray, energy: float) -> int:
-    e = np.cumsum(s.astype(np.float64) ** 2)
-    if e.size == 0 or e[-1] <= 0:
-        return 1
-    return int(min(np.searchsorted(e / e[-1], min(max(energy, 0.0), 1.0) - 1e-12) + 1, s.size))
 
 
 def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6) -> Factorization:

@@ -32,8 +32,7 @@ The budget
 ----------
 Each candidate is fitted, then applied to a *trial copy* of the model and measured against the model as it
 was when the pass started, on calibration samples the fit did not see (option ``holdout``: measured on the
-fitting samples the drop is optimistic, 0.4 points there were 1.5 points on the eval set for the VGG zoo
-model): the block output's relative RMS error, and the whole model's accuracy with
+fitting samples the drop is optimistic): the block output's relative RMS error, and the whole model's accuracy with
 :func:`graphopt.measure.verify.verify` in accuracy mode (the accuracy drop with labels, else the top-1 disagreement
 in percentage points). The merge is kept only when the block error is at most ``max_block_error``, the
 drop caused by this merge is at most ``max_drop_per_merge`` and the total drop at most ``ctx.max_drop``
@@ -57,10 +56,11 @@ import numpy as np
 from onnx import helper
 
 from graphopt.compress.lstsq import CrossGram
+from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
-from graphopt.core.ops import conv_info, drop_unused, is_op, remove_dead, sole_consumer
+from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import cost as costs
 from graphopt.measure.calibration import Calibrator, SampleData
@@ -141,42 +141,65 @@ def find_block(graph: Graph, conv: Node, shapes: ShapeTable) -> Block | str | No
         return "only 2-D convs"
     if info.group != 1:
         return "groups > 1"
-    kernel, stride, begin = [], [], []
-    for axis in range(2):
-        k, s, d, p = info.kernel[axis], info.strides[axis], info.dilations[axis], info.pads_begin[axis]
-        kp, sp, pp = 1, 1, 0
-        for node in chain:
-            if node.op_type in POOLS:
-                auto_pad = node.attr("auto_pad", b"NOTSET")
-                if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
-                    return f"{node.op_type} with auto_pad SAME_*"
-                if any(v != 1 for v in node.attr("dilations", [1, 1])):
-                    return f"{node.op_type} with dilations"
-                kp = node.attr("kernel_shape")[axis]
-                sp = node.attr("strides", [1, 1])[axis]
-                pp = node.attr("pads", [0, 0, 0, 0])[axis]
-        kernel.append((kp - 1) * s + d * (k - 1) + 1)
-        stride.append(sp * s)
-        begin.append(pp * s + p)
+    pool = next((n for n in reversed(chain) if n.op_type in POOLS), None)
+    refused = _pool_refusal(pool)
+    if refused:
+        return refused
+    kernel, stride, begin = _merged_geometry(info, pool)
     x_dims = shapes.concrete(graph, info.x)
     y = chain[-1].outputs[0]
     y_dims = shapes.concrete(graph, y)
     if x_dims is None or y_dims is None:
         return "spatial size unknown"
-    end = []
-    for axis in range(2):
-        n, target = x_dims[2 + axis], y_dims[2 + axis]
-        found = None
-        for pe in range(0, kernel[axis] + stride[axis]):
-            if (n + begin[axis] + pe - kernel[axis]) // stride[axis] + 1 == target:
-                found = pe
-                break
-        if found is None:
-            return "the output size cannot be reproduced by one strided conv"
-        end.append(found)
-    return Block(conv, chain, info.x, y, tuple(kernel), tuple(stride), tuple(begin), tuple(end),
+    end = _end_pads(x_dims[2:], y_dims[2:], kernel, stride, begin)
+    if end is None:
+        return "the output size cannot be reproduced by one strided conv"
+    return Block(conv, chain, info.x, y, kernel, stride, begin, end,
                  (y_dims[2], y_dims[3]), info.cin, info.cout, any(n.op_type == "Relu" for n in chain),
                  shapes.dims(graph, y))
+
+
+def _pool_refusal(pool: Node | None) -> str | None:
+    """Why the pool of a chain cannot be merged (``auto_pad=SAME_*``, dilations), or ``None``."""
+    if pool is None:
+        return None
+    auto_pad = pool.attr("auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
+        return f"{pool.op_type} with auto_pad SAME_*"
+    if any(v != 1 for v in pool.attr("dilations", [1, 1])):
+        return f"{pool.op_type} with dilations"
+    return None
+
+
+def _merged_geometry(info: ConvInfo, pool: Node | None) -> tuple[tuple[int, ...], ...]:
+    """``(K', S', P'_b)`` per spatial axis (module docstring): ``K' = (k_p − 1)·s + d·(k − 1) + 1``,
+    ``S' = s_p·s``, ``P'_b = p_p·s + p``."""
+    kernel, stride, begin = [], [], []
+    for axis in range(2):
+        k, s, d, p = info.kernel[axis], info.strides[axis], info.dilations[axis], info.pads_begin[axis]
+        kp, sp, pp = 1, 1, 0
+        if pool is not None:
+            kp = pool.attr("kernel_shape")[axis]
+            sp = pool.attr("strides", [1, 1])[axis]
+            pp = pool.attr("pads", [0, 0, 0, 0])[axis]
+        kernel.append((kp - 1) * s + d * (k - 1) + 1)
+        stride.append(sp * s)
+        begin.append(pp * s + p)
+    return tuple(kernel), tuple(stride), tuple(begin)
+
+
+def _end_pads(x_spatial: tuple[int, ...], y_spatial: tuple[int, ...], kernel: tuple[int, ...],
+              stride: tuple[int, ...], begin: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The smallest end pad per axis that gives the block's output size, or ``None`` when none does."""
+    end = []
+    for axis in range(2):
+        n, target = x_spatial[axis], y_spatial[axis]
+        found = next((pe for pe in range(0, kernel[axis] + stride[axis])
+                      if (n + begin[axis] + pe - kernel[axis]) // stride[axis] + 1 == target), None)
+        if found is None:
+            return None
+        end.append(found)
+    return tuple(end)
 
 
 def block_costs(graph: Graph, block: Block, shapes: ShapeTable) -> tuple[Cost, Cost]:
@@ -320,17 +343,16 @@ class DeepRebirthApprox(Pass):
     name = "deeprebirth_approx"
     summary = "LOSSY: conv + pool/LRN/Relu blocks -> one strided conv fitted by least squares (DeepRebirth)"
     lossless = False
+    renamed = {"max_rows": "batch_rows"}  # it counts rows per calibration batch, not per layer
     options = {
-        "max_drop": Option(1.0, "total accuracy drop (points) when the run gives no budget", float, low=0),
+        **guard(max_drop=(1.0, "the total drop of all merges")),
         "max_drop_per_merge": Option(0.5, "accuracy drop (points) one merge may cost", float, low=0),
         "max_block_error": Option(0.5, "largest relative RMS error of a replaced block's output", float, low=0),
         "max_features": Option(4096, "largest least-squares system (Cin * K'h * K'w + 1 unknowns per output)", int,
                                low=1),
-        "max_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
-        "samples": Option(512, "calibration samples used to fit and to measure", int, low=1),
-        "holdout": Option(0.5, "fraction of those samples kept out of the fit and used to measure", float,
-                          low=0, high=1, high_open=True),
-        "ridge": Option(1e-6, "ridge regularisation, relative to the mean diagonal of X^T X", float, low=0),
+        "batch_rows": Option(4096, "patch rows sampled per calibration batch", int, low=1),
+        **calibration(samples=(512, "to fit and to measure"), holdout=0.5,
+                      ridge=1e-6),
     }
 
     @staticmethod
@@ -384,7 +406,7 @@ class DeepRebirthApprox(Pass):
                 break
             block, before, after = found
             ctx.say(f"deeprebirth_approx: fitting {block.describe()}")
-            weight, bias = fit_block(model, reference, block, fit_data, rng, self.opt(ctx, "max_rows"),
+            weight, bias = fit_block(model, reference, block, fit_data, rng, self.opt(ctx, "batch_rows"),
                                      self.opt(ctx, "ridge"), batch)
             # Trial on a copy: a merge that breaks the budget is never applied to the model.
             trial = from_proto(to_proto(model))
@@ -401,13 +423,7 @@ class DeepRebirthApprox(Pass):
                 **{k: _round(v) for k, v in measured.items()},
                 "drop_this_merge": _round(drop - current_drop),
             }
-            reasons = []
-            if err["rel_rms_error"] > max_err:
-                reasons.append(f"block error {err['rel_rms_error']:.3g} > max_block_error {max_err}")
-            if drop - current_drop > per_merge:
-                reasons.append(f"this merge costs {drop - current_drop:.3g} points > max_drop_per_merge {per_merge}")
-            if drop > budget:
-                reasons.append(f"total drop {drop:.3g} points > budget {budget}")
+            reasons = _over_budget(err["rel_rms_error"], drop, current_drop, max_err, per_merge, budget)
             record["accepted"] = not reasons
             if reasons:
                 record["rolled_back"] = "; ".join(reasons)
@@ -424,6 +440,19 @@ class DeepRebirthApprox(Pass):
         if left:
             stats["left_alone"] = left
         return PassResult(replaced > 0, stats)
+
+
+def _over_budget(block_err: float, drop: float, drop_before: float, max_err: float, per_merge: float,
+                 budget: float) -> list[str]:
+    """Why a merge is rolled back: its block error, its own drop or the total drop over the budget."""
+    reasons = []
+    if block_err > max_err:
+        reasons.append(f"block error {block_err:.3g} > max_block_error {max_err}")
+    if drop - drop_before > per_merge:
+        reasons.append(f"this merge costs {drop - drop_before:.3g} points > max_drop_per_merge {per_merge}")
+    if drop > budget:
+        reasons.append(f"total drop {drop:.3g} points > budget {budget}")
+    return reasons
 
 
 def transfer(block: Block, graph: Graph, other: Graph) -> Block:

@@ -22,7 +22,7 @@ by ``P·Q`` of rank ``r`` (:mod:`graphopt.compress.svd`): two layers, the bias o
 
 A layer is factorized only where it saves weights, ``r·(F + O) < F·O`` per group (a depthwise conv's
 channel form never does; its spatial form, ``3×1`` then ``1×3`` per channel, does), and never below rank
-``min_rank`` (a 10-class head squeezed to rank 4 loses classes: LeNet-5 fell from 92% to 61%).
+``min_rank`` (a 10-class head squeezed to rank 4 loses classes).
 With ``form=auto`` the pass evaluates the valid forms of a conv and takes, at the same kept-parameter
 budget (``select=ratio``/``target``), the one with the smaller output error, otherwise (``energy``,
 ``error``) the one with fewer MACs (:mod:`graphopt.measure.cost` formulas).
@@ -42,8 +42,8 @@ inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or 
 against the original layer's outputs, relative to their variance).
 
 ``Σ`` is shrunk towards ``tr(Σ)/F·I`` by ``ridge + shrink·F/R`` (``R`` rows): a Gemm sees one row per
-sample, and 512 samples for 576 features would whiten by noise (measured on VGG's fc1: data-aware was then
-*worse* than plain on the eval set).
+sample, and with about as many samples as features the sample covariance whitens by noise (data-aware
+then does worse than plain on unseen data).
 
 Compensation (``compensate``, data-aware only; Zhang et al. 2015's asymmetric reconstruction): the layers
 are then factorized in topological order, each refitted from its inputs *in the model factorized so far*
@@ -78,18 +78,19 @@ the global target, the allocator is only offered such ranks): it is deterministi
 byte-identical run to run. ``latency=measure`` times each factorization
 against the original layer alone instead (a one-layer model at the layer's shape, batch 1, onnxruntime
 with all graph optimizations and one thread, A and B alternating, fastest rounds compared); on a loaded
-machine repeats of the same layer vary by 2x, so decisions may differ between runs. Either way the ratio
+machine repeats of the same layer vary, so decisions may differ between runs. Either way the ratio
 is in the stats and a factorization is dropped when it is not below ``max_latency_ratio``;
 ``latency=off`` keeps every factorization (forces).
 
 Refused (reason in the stats' ``left_alone``): weight not constant or not a float matrix; Gemm with
 ``transA`` or a bias that is not per output; a constant on the left of a MatMul; a weight of rank > 2 in a
-MatMul; convs that are not 2-D or use ``auto_pad=SAME_*``; layers smaller than ``min_params``; no rank that
+MatMul; convs that are not 2-D or use ``auto_pad=SAME_*``; layers smaller than ``min_weights``; no rank that
 saves weights; the chosen rank saving nothing; slower after factorization.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import ceil, prod
 from typing import Any
@@ -97,17 +98,18 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from graphopt.compress import lstsq, svd
+from graphopt.compress import budget, lstsq, svd
+from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
-from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
+from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
 from graphopt.core.shapes import ShapeTable
 from graphopt.measure import latency as lat
+from graphopt.measure.analysis import analyze
 from graphopt.measure.calibration import Calibrator, Gram, SampleData
-
-OPS = ("Gemm", "MatMul", "Conv")
-
+from graphopt.measure.executor import EvalContext, InProcess
 
 # =============================================================================================
 # sites: the layers the pass can factorize
@@ -173,67 +175,91 @@ def _no_weight(graph: Graph, x: Value, op: str) -> str:
 
 def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str:
     """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
-    if not is_op(node, *OPS):
+    if not is_op(node, *LAYER_OPS):
         return f"{node.op_type} is not a Gemm, MatMul or Conv"
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return "missing input"
-    x, y = node.inputs[0], node.outputs[0]
-    if node.op_type == "Conv":
-        info = conv_info(graph, node)
-        if isinstance(info, str):
-            return info
-        if info.weight.ndim != 4:
-            return "only 2-D convs"
-        site = Site(node, "conv", x, y, info.weight, info.bias, info.weight.dtype, conv=info)
-    elif node.op_type == "Gemm":
-        if node.attr("transA", 0):
-            return "Gemm with transA (the activation is transposed)"
-        b = graph.constant_array(node.inputs[1])
-        if b is None:
-            return _no_weight(graph, x, "Gemm")
-        if b.ndim != 2 or b.dtype.kind != "f":
-            return "weight is not a float matrix"
-        w = (b.T if node.attr("transB", 0) else b) * np.asarray(node.attr("alpha", 1.0), dtype=b.dtype)
-        bias = None
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            c = graph.constant_array(node.inputs[2])
-            if c is None:
-                return "Gemm bias is not constant"
-            c = _per_output(c, w.shape[1])
-            if c is None:
-                return "Gemm bias is not per output column"
-            bias = c * np.asarray(node.attr("beta", 1.0), dtype=c.dtype)
-        site = Site(node, "gemm", x, y, w, bias, b.dtype)
-    else:
-        w = graph.constant_array(node.inputs[1])
-        if w is None:
-            t = producer_op(graph, node.inputs[1], "Transpose")
-            if t is not None:
-                wt = graph.constant_array(t.inputs[0])
-                perm = t.attr("perm")
-                if wt is not None and wt.ndim == 2 and (perm is None or list(perm) == [1, 0]):
-                    w = wt.T  # weight stored transposed
-        if w is None:
-            return _no_weight(graph, x, "MatMul")
-        if w.ndim != 2 or w.dtype.kind != "f":
-            return "MatMul weight is not a float matrix (batched weights are not factorized)"
-        site = Site(node, "matmul", x, y, w, None, w.dtype)
-    if shapes is not None:
-        site.x_dims = shapes.concrete(graph, x)
-        site.y_dims = shapes.concrete(graph, y)
-        site.x_sym = shapes.dims(graph, x)
-        if site.kind != "conv" and site.x_dims is not None and site.x_dims[-1] != site.weight.shape[0]:
-            return "input features disagree with the weight"
-        if site.x_dims is not None:  # the output's own type may carry symbolic dims: derive it from the input
-            if site.kind == "conv":
-                c = site.conv
-                if len(site.x_dims) != 4:
-                    return "conv input is not 4-D"
-                site.y_dims = (site.x_dims[0], site.out_features) + tuple(
-                    svd.conv_out_size(site.x_dims[2 + a], c.kernel[a], c.strides[a], c.dilations[a],
-                                      c.pads_begin[a], c.pads_end[a]) for a in range(2))
-            else:
-                site.y_dims = tuple(site.x_dims[:-1]) + (site.out_features,)
+    read = {"Conv": _conv_site, "Gemm": _gemm_site, "MatMul": _matmul_site}[node.op_type]
+    site = read(graph, node)
+    if isinstance(site, str) or shapes is None:
+        return site
+    return _with_shapes(graph, site, shapes)
+
+
+def _conv_site(graph: Graph, node: Node) -> Site | str:
+    info = conv_info(graph, node)
+    if isinstance(info, str):
+        return info
+    if info.weight.ndim != 4:
+        return "only 2-D convs"
+    return Site(node, "conv", node.inputs[0], node.outputs[0], info.weight, info.bias, info.weight.dtype, conv=info)
+
+
+def _gemm_site(graph: Graph, node: Node) -> Site | str:
+    """``W = α·op(B)`` and the bias ``β·C`` per output column; refused with ``transA`` or a bias varying by row."""
+    x = node.inputs[0]
+    if node.attr("transA", 0):
+        return "Gemm with transA (the activation is transposed)"
+    b = graph.constant_array(node.inputs[1])
+    if b is None:
+        return _no_weight(graph, x, "Gemm")
+    if b.ndim != 2 or b.dtype.kind != "f":
+        return "weight is not a float matrix"
+    w = (b.T if node.attr("transB", 0) else b) * np.asarray(node.attr("alpha", 1.0), dtype=b.dtype)
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = graph.constant_array(node.inputs[2])
+        if c is None:
+            return "Gemm bias is not constant"
+        c = _per_output(c, w.shape[1])
+        if c is None:
+            return "Gemm bias is not per output column"
+        bias = c * np.asarray(node.attr("beta", 1.0), dtype=c.dtype)
+    return Site(node, "gemm", x, node.outputs[0], w, bias, b.dtype)
+
+
+def _matmul_site(graph: Graph, node: Node) -> Site | str:
+    """The constant right operand, or the constant behind a ``Transpose`` (a weight stored transposed)."""
+    w = graph.constant_array(node.inputs[1])
+    if w is None:
+        w = _transposed_weight(graph, node.inputs[1])
+    if w is None:
+        return _no_weight(graph, node.inputs[0], "MatMul")
+    if w.ndim != 2 or w.dtype.kind != "f":
+        return "MatMul weight is not a float matrix (batched weights are not factorized)"
+    return Site(node, "matmul", node.inputs[0], node.outputs[0], w, None, w.dtype)
+
+
+def _transposed_weight(graph: Graph, value: Value) -> np.ndarray | None:
+    """``Wᵀᵀ`` when ``value`` is ``Transpose(Wᵀ)`` of a constant matrix (perm absent or ``[1, 0]``)."""
+    t = producer_op(graph, value, "Transpose")
+    if t is None:
+        return None
+    wt = graph.constant_array(t.inputs[0])
+    perm = t.attr("perm")
+    if wt is not None and wt.ndim == 2 and (perm is None or list(perm) == [1, 0]):
+        return wt.T
+    return None
+
+
+def _with_shapes(graph: Graph, site: Site, shapes: ShapeTable) -> Site | str:
+    """``site`` with its input/output dims; the output's are derived from the input (its own type may be symbolic)."""
+    site.x_dims = shapes.concrete(graph, site.x)
+    site.y_dims = shapes.concrete(graph, site.y)
+    site.x_sym = shapes.dims(graph, site.x)
+    if site.kind != "conv" and site.x_dims is not None and site.x_dims[-1] != site.weight.shape[0]:
+        return "input features disagree with the weight"
+    if site.x_dims is None:
+        return site
+    if site.kind != "conv":
+        site.y_dims = tuple(site.x_dims[:-1]) + (site.out_features,)
+        return site
+    if len(site.x_dims) != 4:
+        return "conv input is not 4-D"
+    c = site.conv
+    site.y_dims = (site.x_dims[0], site.out_features) + tuple(
+        svd.conv_out_size(site.x_dims[2 + a], c.kernel[a], c.strides[a], c.dilations[a],
+                          c.pads_begin[a], c.pads_end[a]) for a in range(2))
     return site
 
 
@@ -789,11 +815,48 @@ def _model_error(context: Any, item: tuple[str, int]) -> float:
 # the pass
 
 
+@dataclass
+class Candidate:
+    """A site the pass may factorize and its forms that can save weights."""
+
+    site: Site
+    forms: list[Form]
+
+
+@dataclass
+class LowRankRun:
+    """What the steps of one run share: the model, the pass's options, the resolved settings and the ledger."""
+
+    model: Model
+    ctx: PassContext
+    opt: Callable[[str], Any]      # option key -> the user's value or the default
+    select: str                    # ratio | energy | error | target ("auto" resolved)
+    aware: bool                    # data-aware factorization
+    left: LeftAlone = field(default_factory=LeftAlone)
+    candidates: list[Candidate] = field(default_factory=list)
+    stats: dict[int, Stats] = field(default_factory=dict)   # id(node) -> input statistics
+
+    def leave(self, node: Node, reason: str) -> None:
+        self.left.add(reason, node.name or node.op_type)
+
+    @property
+    def correct_bias(self) -> bool:
+        return self.opt("correct_bias") and self.aware
+
+    def samples(self, key: str = "samples") -> SampleData:
+        """The first ``opt(key)`` calibration samples."""
+        return self.ctx.data.head(min(self.opt(key), self.ctx.data.n_samples))
+
+    def site_stats(self, site: Site) -> Stats | None:
+        return self.stats.get(id(site.node))
+
+
 @register
 class LowRank(Pass):
     name = "lowrank"
     summary = "LOSSY: Gemm/MatMul/Conv -> two thin layers by truncated SVD (data-aware whitening with calibration data)"
     lossless = False
+    renamed = {"min_params": "min_weights"}
     options = {
         "ops": Option("Gemm,MatMul,Conv", "comma-separated op types to factorize", str),
         "select": Option("auto", "rank selection", str, ("auto", "ratio", "energy", "error", "target")),
@@ -806,18 +869,14 @@ class LowRank(Pass):
         "data_aware": Option("auto", "whiten by the input covariance (auto: when the run has data)", str,
                              ("auto", "on", "off")),
         "correct_bias": Option(True, "data-aware: fold the mean output error into the bias", bool),
-        "min_params": Option(1024, "leave layers with fewer weights alone", int, low=0),
         "min_rank": Option(8, "never factorize below this rank (a 10-class head squeezed to rank 4 loses classes)",
                            int, low=1),
         "latency": Option("cost", "drop factorizations that are not faster: by the calibrated latency model "
-                                  "(graphopt.measure.latency; deterministic), measured (onnxruntime, not deterministic), "
-                                  "or off (keep all)", str, ("cost", "measure", "off")),
+                                  "(graphopt.measure.latency; deterministic), measured (onnxruntime, not "
+                                  "deterministic), or off (keep all)", str, ("cost", "measure", "off")),
         "latency_batch": Option(1, "batch size the latency model predicts at (latency=cost)", int, low=1),
         "max_latency_ratio": Option(1.0, "keep a factorization when factorized/original time is below this", float,
                                     low=0, low_open=True),
-        "samples": Option(512, "calibration samples for the statistics", int, low=1),
-        "max_rows": Option(8192, "input rows per layer for the statistics (subsampled)", int, low=1),
-        "ridge": Option(1e-4, "ridge added to the input covariance, relative to its mean diagonal", float, low=0),
         "shrink": Option(0.5, "covariance shrinkage: ridge + shrink * features / rows (weak statistics -> plain SVD)",
                          float, low=0),
         "refit_min_rows": Option(4.0, "compensate: refit only layers with at least this many rows per feature",
@@ -829,235 +888,301 @@ class LowRank(Pass):
         "compensate": Option(True, "data-aware: refit each layer, in order, from the inputs of the model "
                                    "factorized so far to the original layer's outputs (asymmetric, Zhang et al. 2015)",
                              bool),
-        "guard": Option(True, "select=target with --max-drop and labelled data: relax the target until the "
-                              "accuracy drop on the calibration samples fits", bool),
-        "levels": Option(8, "select=target: ranks tried per layer", int, low=1),
-        "sensitivity_samples": Option(256, "select=target, sensitivity=model: samples per evaluation", int, low=1),
+        **calibration(samples=(512, "for the statistics, the compensation and the guard"),
+                      max_rows=(8192, "the input rows of the statistics, subsampled"),
+                      ridge=(1e-4, "here of the input covariance, added to it before whitening"), min_weights=1024,
+                      levels=(8, "select=target: ranks tried per layer"),
+                      sensitivity_samples=(256, "select=target, sensitivity=model")),
+        **guard(guard=(True, "select=target with --max-drop: relax the target until the accuracy drop on the "
+                             "calibration samples fits")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        graph = model.graph
-        ops = {o.strip() for o in self.opt(ctx, "ops").split(",") if o.strip()}
+        run = self.start(model, ctx)
+        if isinstance(run, str):
+            return PassResult(False, {"factorized": 0, "skipped": run})
+        select_candidates(run)
+        fit_forms(run)
+        plans, allocation = plan_for_target(run) if run.select == "target" else (plan_by_rule(run), None)
+        kept = keep_faster(run, plans)
+        records = apply_plans(run, kept)
+        return report(run, plans, kept, records, allocation)
+
+    def start(self, model: Model, ctx: PassContext) -> LowRankRun | str:
+        """The run's settings (``select=auto`` and ``data_aware=auto`` resolved), or why the pass does nothing."""
+        has_target = ctx.target_params is not None or ctx.target_macs is not None
         select = self.opt(ctx, "select")
         if select == "auto":
-            select = "target" if (ctx.target_params is not None or ctx.target_macs is not None) else "ratio"
-        if select == "target" and ctx.target_params is None and ctx.target_macs is None:
-            return PassResult(False, {"factorized": 0, "skipped": "select=target without --target-params/--target-macs"})
+            select = "target" if has_target else "ratio"
+        if select == "target" and not has_target:
+            return "select=target without --target-params/--target-macs"
         aware = self.opt(ctx, "data_aware")
         if aware == "on" and ctx.data is None:
-            return PassResult(False, {"factorized": 0, "skipped": "data_aware=on but the run has no data"})
+            return "data_aware=on but the run has no data"
         aware = aware == "on" or (aware == "auto" and ctx.data is not None)
-        left: dict[str, dict[str, Any]] = {}
+        return LowRankRun(model, ctx, lambda key: self.opt(ctx, key), select, aware)
 
-        def leave(node: Node, reason: str) -> None:
-            entry = left.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
-            entry["count"] += 1
-            if len(entry["examples"]) < 3:
-                entry["examples"].append(node.name or node.op_type)
 
-        shapes = ShapeTable(model)
-        sites: list[Site] = []
-        for node in graph.toposort():
-            if not is_op(node, *OPS) or node.op_type not in ops:
-                continue
-            site = find_site(graph, node, shapes)
-            if isinstance(site, str):
-                leave(node, site)
-            elif site.params < self.opt(ctx, "min_params"):
-                leave(node, f"fewer than min_params={self.opt(ctx, 'min_params')} weights")
-            else:
-                sites.append(site)
+# =============================================================================================
+# the steps of a run: select -> fit -> plan -> keep the faster -> apply -> report
 
-        form_opt = self.opt(ctx, "form")
-        candidates: list[tuple[Site, list[Form]]] = []
-        for site in sites:
-            forms = [f for f in forms_of(site, form_opt) if f.max_rank >= 1]
-            if not forms:
-                leave(site.node, "no rank saves weights (r(F+O) >= F·O at r = 1)" if forms_of(site, form_opt)
-                      else f"no {form_opt} form for this layer (kernel {list(site.weight.shape[2:])})")
-                continue
-            candidates.append((site, forms))
 
-        stats: dict[int, Stats] = {}
-        need_stats = ctx.data is not None and candidates
-        if need_stats:
-            data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-            ctx.say(f"lowrank: input statistics of {len(candidates)} layers")
-            stats = collect_stats(model, [s for s, _ in candidates], data, ctx.rng(self.name),
-                                  self.opt(ctx, "max_rows"))
-        ridge, shrink = self.opt(ctx, "ridge"), self.opt(ctx, "shrink")
-        correct = self.opt(ctx, "correct_bias") and aware
-        for site, forms in candidates:
-            for form in forms:
-                factorize_form(form, stats.get(id(site.node)) if aware else None, ridge, shrink)
-
-        ratio, energy, max_error = self.opt(ctx, "ratio"), self.opt(ctx, "energy"), self.opt(ctx, "max_error")
-        min_rank = self.opt(ctx, "min_rank")
-        plans: list[Plan] = []
-        extra: dict[str, Any] = {}
-        if select == "target":
-            plans, extra = self._allocate(model, ctx, candidates, stats, correct, leave)
+def select_candidates(run: LowRankRun) -> None:
+    """The layers of ``ops`` (topological order) with a form that saves weights; the rest go to the ledger."""
+    graph = run.model.graph
+    ops = {o.strip() for o in run.opt("ops").split(",") if o.strip()}
+    shapes = ShapeTable(run.model)
+    form_opt = run.opt("form")
+    for node in graph.toposort():
+        if not is_op(node, *LAYER_OPS) or node.op_type not in ops:
+            continue
+        site = find_site(graph, node, shapes)
+        if isinstance(site, str):
+            run.leave(node, site)
+        elif site.params < run.opt("min_weights"):
+            run.leave(node, f"fewer than min_weights={run.opt('min_weights')} weights")
         else:
-            for site, forms in candidates:
-                st = stats.get(id(site.node))
-                options = []
-                for form in forms:
-                    r = rank_for(form, select, ratio, energy, max_error)
-                    if r > form.max_rank:
-                        options.append((form, r, None))
-                        continue
-                    options.append((form, r, make_plan(form, r, st, correct)))
-                valid = [p for _, _, p in options if p is not None]
-                if not valid:
-                    form, r, _ = options[0]
-                    leave(site.node, f"the selected rank does not save weights (needs r < {form.max_rank + 1})")
-                    continue
-                valid = [p for p in valid if p.rank >= min_rank]
-                if not valid:
-                    leave(site.node, f"the selected rank is below min_rank={min_rank}")
-                    continue
-                if select == "ratio":
-                    best = min(valid, key=lambda p: (p.rel_error, p.form.macs(p.rank) or 0))
-                else:
-                    best = min(valid, key=lambda p: (p.form.macs(p.rank) or 0, p.rel_error))
-                plans.append(best)
+            _add_candidate(run, site, form_opt)
 
-        # latency: a factorization that is not faster is left alone unless latency=off
-        mode = self.opt(ctx, "latency")
-        limit = self.opt(ctx, "max_latency_ratio")
-        kept: list[Plan] = []
-        for plan in plans:
-            if mode == "measure":
-                plan.latency_ratio = measure_latency(plan)
-            elif mode == "cost":
-                plan.latency_ratio = predicted_ratio(plan.form, plan.rank, lat.load(), self.opt(ctx, "latency_batch"))
-            if mode != "off" and plan.latency_ratio is not None and plan.latency_ratio >= limit:
-                leave(plan.site.node, f"factorized layer is not faster ({mode})")
-                continue
-            kept.append(plan)
 
-        records = []
-        if self.opt(ctx, "compensate") and aware and kept:
-            # in topological order: each refit sees the layers factorized before it
-            data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-            records = compensate(model, kept, data, ridge=ridge, shrink=shrink,
-                                 min_rows=self.opt(ctx, "refit_min_rows"), max_rows=self.opt(ctx, "max_rows"),
-                                 rng=ctx.rng(self.name + ".refit"), say=ctx.say)
+def _add_candidate(run: LowRankRun, site: Site, form_opt: str) -> None:
+    forms = forms_of(site, form_opt)
+    saving = [f for f in forms if f.max_rank >= 1]
+    if saving:
+        run.candidates.append(Candidate(site, saving))
+    elif forms:
+        run.leave(site.node, "no rank saves weights (r(F+O) >= F·O at r = 1)")
+    else:
+        run.leave(site.node, f"no {form_opt} form for this layer (kernel {list(site.weight.shape[2:])})")
+
+
+def fit_forms(run: LowRankRun) -> None:
+    """Input statistics of every candidate (with data), then the SVD of each form (whitened when data-aware)."""
+    ctx = run.ctx
+    if ctx.data is not None and run.candidates:
+        ctx.say(f"lowrank: input statistics of {len(run.candidates)} layers")
+        run.stats = collect_stats(run.model, [c.site for c in run.candidates], run.samples(),
+                                  ctx.rng(LowRank.name), run.opt("max_rows"))
+    ridge, shrink = run.opt("ridge"), run.opt("shrink")
+    for c in run.candidates:
+        for form in c.forms:
+            factorize_form(form, run.site_stats(c.site) if run.aware else None, ridge, shrink)
+
+
+def plan_by_rule(run: LowRankRun) -> list[Plan]:
+    """``select`` = ratio / energy / error: per layer, the best valid form at the rank the rule gives."""
+    plans = []
+    for c in run.candidates:
+        plan = _rule_plan(run, c)
+        if isinstance(plan, str):
+            run.leave(c.site.node, plan)
         else:
-            for plan in kept:
-                records.append(plan.record())
-                apply_plan(graph, plan)
-        out: dict[str, Any] = {"factorized": len(kept), "select": select, "data_aware": aware, "layers": records,
-                               "params_before": sum(p.site.params for p in kept),
-                               "params_after": sum(p.form.params(p.rank) for p in kept), **extra}
-        if select == "target" and len(kept) < len(plans):
-            out["allocation"]["note"] = (f"{len(plans) - len(kept)} allocated layers were left alone (latency); "
-                                         "the target may not be met: latency=off forces them")
-        if left:
-            out["left_alone"] = sorted(left.values(), key=lambda e: e["reason"])
-        return PassResult(bool(kept), out)
+            plans.append(plan)
+    return plans
 
-    # -----------------------------------------------------------------------------------------
 
-    def _allocate(self, model: Model, ctx: PassContext, candidates: list[tuple[Site, list[Form]]],
-                  stats: dict[int, Stats], correct: bool, leave) -> tuple[list[Plan], dict[str, Any]]:
-        """Ranks for ``--target-params`` / ``--target-macs`` from :func:`graphopt.compress.budget.allocate`."""
-        from graphopt.compress import budget
-        from graphopt.measure.analysis import analyze
-        from graphopt.measure.executor import EvalContext, InProcess
+def _rule_plan(run: LowRankRun, c: Candidate) -> Plan | str:
+    """The candidate's plan: among forms whose rank saves weights and is >= ``min_rank``, the least error
+    (``ratio``: the same weights kept by every form) or the fewest MACs (``energy``/``error``)."""
+    st = run.site_stats(c.site)
+    ranked = [(form, rank_for(form, run.select, run.opt("ratio"), run.opt("energy"), run.opt("max_error")))
+              for form in c.forms]
+    valid = [make_plan(form, r, st, run.correct_bias) for form, r in ranked if r <= form.max_rank]
+    if not valid:
+        return f"the selected rank does not save weights (needs r < {ranked[0][0].max_rank + 1})"
+    min_rank = run.opt("min_rank")
+    valid = [p for p in valid if p.rank >= min_rank]
+    if not valid:
+        return f"the selected rank is below min_rank={min_rank}"
+    if run.select == "ratio":
+        return min(valid, key=lambda p: (p.rel_error, p.form.macs(p.rank) or 0))
+    return min(valid, key=lambda p: (p.form.macs(p.rank) or 0, p.rel_error))
 
-        by_params = ctx.target_params is not None
-        target = ctx.target_params if by_params else ctx.target_macs
-        # The form of each conv: the one with the smaller error at the target's share of weights.
-        units, chosen, plans_at = [], {}, {}
-        for site, forms in candidates:
-            st = stats.get(id(site.node))
-            best = None
-            for form in forms:
-                r = min(form.max_rank, max(1, int(target * form.f * form.o / (form.f + form.o))))
-                p = make_plan(form, r, st, correct)
-                if best is None or p.rel_error < best.rel_error:
-                    best = p
-            form = best.form
-            if not by_params and form.macs(1) is None:
-                leave(site.node, "MACs unknown (shapes)")
-                continue
-            key = f"layer:{len(units)}:{site.name}"
-            levels = _unit_levels(form, self.opt(ctx, "levels"), self.opt(ctx, "min_rank"))
-            if len(levels) == 1:
-                leave(site.node, f"no rank >= min_rank={self.opt(ctx, 'min_rank')} saves weights")
-                continue
-            if self.opt(ctx, "latency") == "cost":  # offer the allocator only ranks the cost model finds faster
-                limit = self.opt(ctx, "max_latency_ratio")
-                fast = [lv for lv in levels[1:]
-                        if (ratio := predicted_ratio(form, lv, lat.load(), self.opt(ctx, "latency_batch"))) is None
-                        or ratio < limit]
-                if not fast:
-                    leave(site.node, "factorized layer is not faster at any rank (cost)")
-                    continue
-                levels = [levels[0], *fast]
-            units.append(budget.Unit(key, levels))
-            chosen[key] = form
-            plans_at[key] = {lv: make_plan(form, lv, st, correct) for lv in levels[1:]}
-        if not units:
-            return [], {}
-        total = analyze(model)
-        whole = float(total.params if by_params else total.macs)
 
-        def unit_cost(form: Form, level: int, full: bool) -> float:
-            s = form.site
-            if full:
-                return float(s.params if by_params else s.macs())
-            return float(form.params(level) if by_params else form.macs(level))
+def keep_faster(run: LowRankRun, plans: list[Plan]) -> list[Plan]:
+    """The plans whose factorized layers are faster (``latency`` = cost or measure); all with ``latency=off``."""
+    mode = run.opt("latency")
+    limit = run.opt("max_latency_ratio")
+    kept: list[Plan] = []
+    for plan in plans:
+        if mode == "measure":
+            plan.latency_ratio = measure_latency(plan)
+        elif mode == "cost":
+            plan.latency_ratio = predicted_ratio(plan.form, plan.rank, lat.load(), run.opt("latency_batch"))
+        if mode != "off" and plan.latency_ratio is not None and plan.latency_ratio >= limit:
+            run.leave(plan.site.node, f"factorized layer is not faster ({mode})")
+            continue
+        kept.append(plan)
+    return kept
 
-        base = {u.key: unit_cost(chosen[u.key], u.levels[0], True) for u in units}
-        scope = whole if self.opt(ctx, "target_scope") == "model" else sum(base.values())
-        rest = whole - sum(base.values())
 
-        def cost(keep: dict[str, int]) -> float:
-            total_cost = rest if self.opt(ctx, "target_scope") == "model" else 0.0
-            for u in units:
-                lv = keep.get(u.key, u.levels[0])
-                total_cost += unit_cost(chosen[u.key], lv, lv == u.levels[0])
-            return total_cost / scope
+def apply_plans(run: LowRankRun, plans: list[Plan]) -> list[dict[str, Any]]:
+    """Rewrite the graph; with ``compensate`` (data-aware) each layer is refitted in topological order first."""
+    if run.opt("compensate") and run.aware and plans:
+        return compensate(run.model, plans, run.samples(), ridge=run.opt("ridge"), shrink=run.opt("shrink"),
+                          min_rows=run.opt("refit_min_rows"), max_rows=run.opt("max_rows"),
+                          rng=run.ctx.rng(LowRank.name + ".refit"), say=run.ctx.say)
+    records = []
+    for plan in plans:
+        records.append(plan.record())
+        apply_plan(run.model.graph, plan)
+    return records
 
-        if self.opt(ctx, "sensitivity") == "model" and ctx.data is not None:
-            data = ctx.data.head(min(self.opt(ctx, "sensitivity_samples"), ctx.data.n_samples))
-            ectx = EvalContext(to_proto(model).SerializeToString(), data, batch_size=64)
-            ctx.say(f"lowrank: sensitivity of {len(units)} layers")
-            sens = budget.sensitivity(units, _model_error, executor=InProcess(), context=(ectx, plans_at))
-        else:
-            sens = {u.key: {u.levels[0]: 0.0, **{lv: plans_at[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}
-                    for u in units}
-        def allocate_at(t: float) -> budget.Allocation:
-            return budget.allocate(units, sens, cost, t)
 
-        def chosen_plans(alloc: budget.Allocation) -> list[Plan]:
-            return [plans_at[u.key][alloc.keep[u.key]] for u in units if alloc.keep[u.key] != u.levels[0]]
+def report(run: LowRankRun, plans: list[Plan], kept: list[Plan], records: list[dict[str, Any]],
+           allocation: dict[str, Any] | None) -> PassResult:
+    out: dict[str, Any] = {"factorized": len(kept), "select": run.select, "data_aware": run.aware, "layers": records,
+                           "params_before": sum(p.site.params for p in kept),
+                           "params_after": sum(p.form.params(p.rank) for p in kept)}
+    if allocation is not None:
+        out["allocation"] = allocation
+        if len(kept) < len(plans):
+            allocation["note"] = (f"{len(plans) - len(kept)} allocated layers were left alone (latency); "
+                                  "the target may not be met: latency=off forces them")
+    return PassResult(bool(kept), run.left.into(out))
 
-        labels = None if ctx.data is None else ctx.data.labels
-        trace = None
-        if self.opt(ctx, "guard") and ctx.max_drop is not None and labels is not None:
-            # --max-drop: relax the target (bisection) until the measured accuracy drop fits
-            gdata = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-            gctx = EvalContext(to_proto(model).SerializeToString(), gdata, batch_size=64)
-            reference_acc = gctx.accuracy(gctx.reference())
 
-            def measure_drop(alloc: budget.Allocation) -> float:
-                return reference_acc - gctx.accuracy(gctx.run(model=_with_plans(gctx, chosen_plans(alloc))))
+# =============================================================================================
+# select=target: ranks from the allocator of graphopt.compress.budget
 
-            ctx.say("lowrank: accuracy guard")
-            alloc, trace = budget.guarded(allocate_at, measure_drop, ctx.max_drop, target)
-        else:
-            alloc = allocate_at(target)
-        info: dict[str, Any] = {"target": target, "kind": "params" if by_params else "macs",
-                                "scope": self.opt(ctx, "target_scope"), "cost": round(alloc.cost, 6),
-                                "met": alloc.met, "predicted_error": alloc.predicted_error}
-        if trace is not None:
-            info["guard"] = {"max_drop": ctx.max_drop, "samples": gdata.n_samples,
-                             "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()}
-                                       for t in trace]}
-        return chosen_plans(alloc), {"allocation": info}
+
+@dataclass
+class TargetUnits:
+    """The allocator's units: unit ``k`` (its key is ``k``) is ``forms[k]`` at its ``plans[k][rank]``."""
+
+    units: list[budget.Unit] = field(default_factory=list)
+    forms: list[Form] = field(default_factory=list)
+    plans: list[dict[int, Plan]] = field(default_factory=list)
+
+    def chosen(self, alloc: budget.Allocation) -> list[Plan]:
+        """The plans of the units the allocation factorizes, in unit order."""
+        return [self.plans[u.key][alloc.keep[u.key]] for u in self.units if alloc.keep[u.key] != u.levels[0]]
+
+
+def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]:
+    """Ranks for ``--target-params`` / ``--target-macs`` from :func:`graphopt.compress.budget.allocate`
+    (relaxed by :func:`graphopt.compress.budget.guarded` under ``--max-drop`` with labelled data)."""
+    ctx = run.ctx
+    by_params = ctx.target_params is not None
+    target = ctx.target_params if by_params else ctx.target_macs
+    units = target_units(run, target, by_params)
+    if not units.units:
+        return [], None
+    cost = _target_cost(run, units, by_params)
+    sens = _sensitivities(run, units)
+
+    def allocate_at(t: float) -> budget.Allocation:
+        return budget.allocate(units.units, sens, cost, t)
+
+    guarded = run.opt("guard") and ctx.max_drop is not None and ctx.data is not None and ctx.data.labels is not None
+    alloc, guard_info = _guarded(run, units, allocate_at, target) if guarded else (allocate_at(target), None)
+    info: dict[str, Any] = {"target": target, "kind": "params" if by_params else "macs",
+                            "scope": run.opt("target_scope"), "cost": round(alloc.cost, 6),
+                            "met": alloc.met, "predicted_error": alloc.predicted_error}
+    if guard_info is not None:
+        info["guard"] = guard_info
+    return units.chosen(alloc), info
+
+
+def target_units(run: LowRankRun, target: float, by_params: bool) -> TargetUnits:
+    """One unit per candidate in its best form; levels are ranks (the full rank first: not factorized)."""
+    out = TargetUnits()
+    for c in run.candidates:
+        form = _target_form(run, c, target)
+        levels = _target_levels(run, form, by_params)
+        if isinstance(levels, str):
+            run.leave(c.site.node, levels)
+            continue
+        st = run.site_stats(c.site)
+        out.units.append(budget.Unit(len(out.units), levels))
+        out.forms.append(form)
+        out.plans.append({lv: make_plan(form, lv, st, run.correct_bias) for lv in levels[1:]})
+    return out
+
+
+def _target_form(run: LowRankRun, c: Candidate, target: float) -> Form:
+    """The form with the smaller error at the target's share of the weights (the first on a tie)."""
+    st = run.site_stats(c.site)
+    best = None
+    for form in c.forms:
+        r = min(form.max_rank, max(1, int(target * form.f * form.o / (form.f + form.o))))
+        p = make_plan(form, r, st, run.correct_bias)
+        if best is None or p.rel_error < best.rel_error:
+            best = p
+    return best.form
+
+
+def _target_levels(run: LowRankRun, form: Form, by_params: bool) -> list[int] | str:
+    """The unit's levels, or why the layer is not a unit. With ``latency=cost`` only ranks the cost model
+    finds faster are offered."""
+    if not by_params and form.macs(1) is None:
+        return "MACs unknown (shapes)"
+    levels = _unit_levels(form, run.opt("levels"), run.opt("min_rank"))
+    if len(levels) == 1:
+        return f"no rank >= min_rank={run.opt('min_rank')} saves weights"
+    if run.opt("latency") != "cost":
+        return levels
+    limit = run.opt("max_latency_ratio")
+    fast = [lv for lv in levels[1:]
+            if (ratio := predicted_ratio(form, lv, lat.load(), run.opt("latency_batch"))) is None or ratio < limit]
+    if not fast:
+        return "factorized layer is not faster at any rank (cost)"
+    return [levels[0], *fast]
+
+
+def _target_cost(run: LowRankRun, units: TargetUnits, by_params: bool) -> Callable[[dict[int, int]], float]:
+    """``keep -> cost`` as a fraction of the whole model (``target_scope=model``) or of the candidate layers."""
+    total = analyze(run.model)
+    whole = float(total.params if by_params else total.macs)
+
+    def unit_cost(form: Form, level: int, full: bool) -> float:
+        s = form.site
+        if full:
+            return float(s.params if by_params else s.macs())
+        return float(form.params(level) if by_params else form.macs(level))
+
+    base = [unit_cost(units.forms[u.key], u.levels[0], True) for u in units.units]
+    of_model = run.opt("target_scope") == "model"
+    scope = whole if of_model else sum(base)
+    rest = whole - sum(base)
+
+    def cost(keep: dict[int, int]) -> float:
+        total_cost = rest if of_model else 0.0
+        for u in units.units:
+            lv = keep.get(u.key, u.levels[0])
+            total_cost += unit_cost(units.forms[u.key], lv, lv == u.levels[0])
+        return total_cost / scope
+
+    return cost
+
+
+def _sensitivities(run: LowRankRun, units: TargetUnits) -> dict[int, dict[int, float]]:
+    """Per unit and level: the model's relative output error with that layer alone factorized
+    (``sensitivity=model``, with data) or the layer's own squared relative error."""
+    ctx = run.ctx
+    if run.opt("sensitivity") == "model" and ctx.data is not None:
+        ectx = EvalContext(to_proto(run.model).SerializeToString(), run.samples("sensitivity_samples"), batch_size=64)
+        ctx.say(f"lowrank: sensitivity of {len(units.units)} layers")
+        return budget.sensitivity(units.units, _model_error, executor=InProcess(), context=(ectx, units.plans))
+    return {u.key: {u.levels[0]: 0.0, **{lv: units.plans[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}
+            for u in units.units}
+
+
+def _guarded(run: LowRankRun, units: TargetUnits, allocate_at: Callable[[float], budget.Allocation],
+             target: float) -> tuple[budget.Allocation, dict[str, Any]]:
+    """``--max-drop``: relax the target (bisection) until the accuracy drop on the calibration samples fits."""
+    ctx = run.ctx
+    data = run.samples()
+    gctx = EvalContext(to_proto(run.model).SerializeToString(), data, batch_size=64)
+    reference_acc = gctx.accuracy(gctx.reference())
+
+    def measure_drop(alloc: budget.Allocation) -> float:
+        return reference_acc - gctx.accuracy(gctx.run(model=_with_plans(gctx, units.chosen(alloc))))
+
+    ctx.say("lowrank: accuracy guard")
+    alloc, trace = budget.guarded(allocate_at, measure_drop, ctx.max_drop, target)
+    return alloc, {"max_drop": ctx.max_drop, "samples": data.n_samples,
+                   "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in trace]}
 
 
 def site_seconds(site: Site, latency: lat.LatencyModel, batch: int = 1) -> float | None:

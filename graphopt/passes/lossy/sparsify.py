@@ -10,8 +10,8 @@ bias column appended to ``X``, :class:`graphopt.compress.lstsq.CrossGram`) the p
 
     L(w_o) = ‖X w_o − y_o‖² + λ ‖w_o − w0_o‖²    subject to  w_o[f] = 0 outside the support S_o,
 
-a ridge pulled towards the *original* weights ``w0`` rather than towards zero: with 512 calibration
-samples and 785 inputs (LeNet-300's first layer) ``H`` is singular, and a plain least-squares fit
+a ridge pulled towards the *original* weights ``w0`` rather than towards zero: with fewer calibration
+samples than inputs ``H`` is singular, and a plain least-squares fit
 throws away every component of ``w0`` the calibration inputs do not excite, which unseen inputs do.
 ``λ = ridge · mean(diag H)``; the bias is not penalised. With ``H_λ = H + λI`` and ``R = G + λ W0``,
 ``L(w) = wᵀH_λw − 2 Rᵀw + c``, minimised on a support by ``w_S = (H_λ)_SS⁻¹ R_S`` (the re-fit).
@@ -31,8 +31,7 @@ Choosing the supports (option ``method``)
     each pruned weight's error onto the columns not yet visited through the Cholesky factor of
     ``H_λ⁻¹``. Only the mask is kept: the re-fit below gives the exact optimum of each support.
     With ``downstream`` the score of output ``o`` is scaled by ``Σ_j W_next[o, j]²`` (how strongly the
-    next layer reads it), so weakly-read outputs are pruned harder. (On LeNet-300 it changed nothing
-    measurable: 89.90 % vs 90.05 % with fc1 at 8 %; off by default.)
+    next layer reads it), so weakly-read outputs are pruned harder (off by default: no measurable gain).
 
 Splicing (Dynamic Network Surgery, Guo et al. 2016, after training)
 --------------------------------------------------------------------
@@ -44,25 +43,23 @@ loss ``−Rᵀw`` fell; ``splice_rounds`` rounds. The density of each output is 
 
 The accuracy guard (options ``guard``, ``max_drop``, ``guard_z``, ``guard_holdout``, ``guard_steps``)
 -----------------------------------------------------------------------------------------------
-A density tuned for one model (0.1 suits the LeNets) costs another 20 points (ShuffleNet). When the
+A density tuned for one model can cost another model many points of accuracy. When the
 calibration data has labels and the first graph output is ``[N, classes]`` scores, the pass is on by
 default: the budget is the run's ``--max-drop`` or, without one, the option ``max_drop`` (1.0 point,
 the verifier's default). The last ``guard_holdout`` fraction of the samples is held out: every try is
 fitted on the other samples only, and its top-1 accuracy drop ``d`` is measured on the held-out ones.
-One held-out sample is 0.5–0.8 point, so the drop alone is too noisy a verdict (ShuffleNet: 0.0 on
-128 held-out samples, 1.95 on the 2000 evaluation samples). A try passes when
+One held-out sample is ``100 / n`` points, so the drop alone is too noisy a verdict. A try passes when
 ``d + guard_z · SE ≤ max_drop`` with the paired standard error ``SE = 100 · sqrt(c) / n`` (``c`` = held-out
 samples whose verdict changed, ``n`` = held-out samples): the fewer verdicts a try changes, the more
-its measured drop can be trusted. ``guard_z = 2`` (one-sided ~98 %): with ``guard_z = 1`` ShuffleNet's
-``compress`` still lost 1.05 points on the evaluation samples (0.49 held-out). With 205 held-out
-samples (512 · 0.4) this accepts at most one changed verdict at a 1-point budget: more labelled
-calibration samples let the guard prune further. Each layer's density moves towards dense along
+its measured drop can be trusted. ``guard_z = 2`` (one-sided ~98 %; ``guard_z = 1`` let drops through
+that the evaluation samples showed over budget). Few held-out samples accept few changed verdicts: more
+labelled calibration samples let the guard prune further. Each layer's density moves towards dense along
 ``d(t) = d + t (1 − d)``, ``t = 0`` being the requested densities: ``t = 0`` is tried first (as configured);
 if it fails, ``t`` is bisected on ``(0, 1)`` for ``guard_steps`` tries (without splicing: at these
-densities it made the search 18x slower on vgg, 441 s vs 25 s), and the sparsest try that passes is
-kept (the model measured is the model returned, not a re-fit on all samples). If no try passes, the
-model is left unchanged. ``stats["guard"]["trace"]`` lists every try. With ``--target-params`` (and no
-``density`` option) the starting density is that fraction.
+densities it makes the search many times slower for no difference the held-out samples see), and the
+sparsest try that passes is kept (the model measured is the model returned, not a re-fit on all
+samples). If no try passes, the model is left unchanged. ``stats["guard"]["trace"]`` lists every try.
+With ``--target-params`` (and no ``density`` option) the starting density is that fraction.
 
 Refused (with the reason in ``left_alone``): layers that :class:`LinearLayer` refuses (grouped convs,
 non-constant weights, ``transA``...), layers with fewer than ``min_weights`` weights, a weight read by
@@ -72,14 +69,19 @@ another node, no calibration data (nothing is done).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, column_quadratic, penalised
+from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Model
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
+from graphopt.core.ops import LAYER_OPS
 from graphopt.measure.calibration import SampleData, reference_outputs
 
 # =============================================================================================
@@ -252,24 +254,22 @@ def prune_layer(gram: CrossGram, w0: np.ndarray, b0: np.ndarray, density: float,
 # the pass
 
 
-def linear_layers(model: Model, min_weights: int, left: list[dict[str, Any]]) -> list[LinearLayer]:
+def linear_layers(model: Model, min_weights: int, left: LeftAlone) -> list[LinearLayer]:
     """Every prunable layer of the main graph, topological order; refusals go to ``left``."""
     graph = model.graph
     out = []
     for node in graph.toposort():
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in LAYER_OPS:
             continue
         layer = LinearLayer.of(graph, node)
         if isinstance(layer, str):
-            left.append({"node": node.name, "reason": layer})
-            continue
-        if len(graph.consumers(node.inputs[1])) > 1:
-            left.append({"node": node.name, "reason": "weight read by another node"})
-            continue
-        if layer.weight.size < min_weights:
-            left.append({"node": node.name, "reason": f"{layer.weight.size} weights < min_weights"})
-            continue
-        out.append(layer)
+            left.add(layer, node.name)
+        elif len(graph.consumers(node.inputs[1])) > 1:
+            left.add("weight read by another node", node.name)
+        elif layer.weight.size < min_weights:
+            left.add(f"fewer than min_weights={min_weights} weights", node.name)
+        else:
+            out.append(layer)
     return out
 
 
@@ -343,208 +343,239 @@ class Sparsify(Pass):
         "downstream": Option(False, "weigh each output's error by the next layer's squared weights when choosing masks",
                              bool),
         "block": Option(128, "SparseGPT column block (0: the whole layer at once)", int, low=0),
-        "ridge": Option(0.1, "pull towards the original weights, relative to mean diag(X^T X)", float, low=0),
         "ridge_grid": Option("", "ridges to choose from per layer on held-out samples, e.g. 0.01,0.1,1 "
                                  "(empty: use ridge)", str),
-        "holdout": Option(0.25, "fraction of the samples held out to choose the ridge and for the accuracy guard",
-                          float, low=0, high=1, high_open=True),
-        "guard": Option(True, "with labelled data: search the sparsest density within the accuracy budget", bool),
-        "max_drop": Option(1.0, "accuracy budget (points) of the guard when the run sets no --max-drop", float, low=0),
-        "guard_z": Option(2.0, "the guard accepts drop + guard_z * its standard error (paired, from the "
-                               "samples whose verdict changed) <= max_drop", float, low=0),
-        "guard_holdout": Option(0.4, "fraction of the samples the guard holds out (the tries are fitted on the rest)",
-                                float, low=0, high=1, low_open=True, high_open=True),
-        "guard_steps": Option(4, "bisection steps of the guard after the requested density fails", int, low=0),
-        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
-        "min_weights": Option(64, "layers with fewer weights are left alone", int, low=0),
-        "samples": Option(512, "calibration samples used", int, low=1),
+        **calibration(samples=512, max_rows=16384, min_weights=64,
+                      ridge=(0.1, "the re-fit's pull towards the original weights"),
+                      holdout=(0.25, "to choose the ridge from ridge_grid")),
+        **guard(guard=(True, "the sparsest density within the budget"), max_drop=1.0,
+                guard_z=(2.0, "paired, from the held-out samples whose verdict changed"),
+                guard_holdout=(0.4, "the tries are fitted on the rest"),
+                guard_steps=(4, "after the requested density fails")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        left: list[dict[str, Any]] = []
-        layers = linear_layers(model, self.opt(ctx, "min_weights"), left)
-        if not layers:
-            return PassResult(False, {"pruned": 0, "left_alone": left})
-        densities = self._densities(layers, ctx)
-        if not self.opt(ctx, "refit"):
-            return self._plain(model, layers, densities, left)
+        run = SparsifyRun(model, ctx, lambda key: self.opt(ctx, key))
+        run.layers = linear_layers(model, run.opt("min_weights"), run.left)
+        if not run.layers:
+            return PassResult(False, run.left.into({"pruned": 0}))
+        run.densities = plan_densities(run)
+        if not run.opt("refit"):
+            return PassResult(True, report(run, prune_by_magnitude(run)))
         if ctx.data is None:
             return PassResult(False, {"pruned": 0, "skipped": "no calibration data (the re-fit needs ctx.data)"})
-        data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-        guard, why_not = self._guard_setup(model, data, ctx)
-        if guard is None:
-            records, _ = self._prune(model, layers, densities, data, ctx)
-            stats = self._stats(records, left)
-            if why_not:
-                stats["guard"] = {"off": why_not}
-            return PassResult(True, stats)
-        return self._guarded(model, layers, densities, guard, ctx, left)
-
-    # ---------------------------------------------------------------------------------------
-    # the accuracy guard
-
-    def _guard_setup(self, model: Model, data: SampleData, ctx: PassContext) -> tuple[dict | None, str | None]:
-        """The guard's held-out split, budget and reference accuracy, or ``(None, why not)``."""
-        if not self.opt(ctx, "guard"):
-            return None, "option guard=False"
-        if data.labels is None:
-            return None, "calibration data has no labels"
-        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "guard_holdout"))))
-        if held is None:
-            return None, "guard_holdout leaves no held-out samples"
-        scores = _class_scores(model, held)
-        if scores is None:
-            return None, "the first graph output is not [N, classes] scores"
-        max_drop = ctx.max_drop if ctx.max_drop is not None else self.opt(ctx, "max_drop")
-        correct = scores.argmax(1) == held.labels
-        return {"fit": fit, "held": held, "max_drop": float(max_drop), "correct": correct,
-                "reference": 100.0 * float(correct.mean())}, None
-
-    def _guarded(self, model: Model, layers: list[LinearLayer], densities: dict[str, float], guard: dict,
-                 ctx: PassContext, left: list[dict[str, Any]]) -> PassResult:
-        """Bisect ``t`` in ``d(t) = d + t (1 − d)`` (per layer) for the sparsest model within the budget."""
-        fit, held = guard["fit"], guard["held"]
-        trace: list[dict[str, Any]] = []
-        tried: dict[float, tuple[bool, list, dict]] = {}
-
-        def attempt(t: float, splice_rounds: int) -> bool:
-            trial = copy_model(model)
-            trial_layers = [lay for lay in linear_layers(trial, self.opt(ctx, "min_weights"), [])
-                            if lay.node.name in densities]
-            dens = {k: v + t * (1.0 - v) for k, v in densities.items()}
-            ctx.say(f"sparsify guard: t={t:.3f}")
-            started = time.perf_counter()
-            records, weights = self._prune(trial, trial_layers, dens, fit, ctx, splice_rounds, reference=model)
-            correct = _class_scores(trial, held).argmax(1) == held.labels
-            acc = 100.0 * float(correct.mean())
-            drop = guard["reference"] - acc
-            # paired standard error of the drop: only the samples whose verdict changed carry variance
-            changed = int(np.sum(correct != guard["correct"]))
-            se = 100.0 * float(np.sqrt(changed)) / held.n_samples
-            upper = drop + self.opt(ctx, "guard_z") * se
-            ok = upper <= guard["max_drop"] + 1e-9
-            kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
-            trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
-                          "drop": round(drop, 3), "changed": changed, "upper": round(upper, 3), "ok": ok, "splice_rounds": splice_rounds,
-                          "seconds": round(time.perf_counter() - started, 2)})
-            tried[t] = (ok, records, weights)
-            return ok
-
-        # the requested densities as asked (with splicing); the bisection's denser tries without it:
-        # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at (0.4-0.8)
-        # it made the search 18x slower on vgg (441 s vs 25 s) for no difference the held-out samples see
-        best: float | None = 0.0 if attempt(0.0, self.opt(ctx, "splice_rounds")) else None
-        if best is None:
-            lo, hi = 0.0, 1.0
-            for _ in range(self.opt(ctx, "guard_steps")):
-                mid = (lo + hi) / 2
-                if attempt(mid, 0):
-                    best, hi = mid, mid
-                else:
-                    lo = mid
-        info = {"max_drop": guard["max_drop"], "z": self.opt(ctx, "guard_z"), "held_out_samples": held.n_samples,
-                "fit_samples": fit.n_samples, "reference_accuracy": round(guard["reference"], 3), "trace": trace}
-        if best is None:
-            # nothing within the budget: leave the model as it was (no pruning is the only safe density)
-            info["chosen"] = None
-            stats = self._stats([], left)
-            stats.update(pruned=0, guard=info, skipped="no density tried met the accuracy budget on held-out samples")
-            return PassResult(False, stats)
-        _, records, weights = tried[best]
-        for layer in layers:
-            if layer.node.name in weights:
-                w, b = weights[layer.node.name]
-                layer.set_weights(model.graph, w, b)
-        info["chosen"] = {"t": round(best, 4), "density": next(e["density"] for e in trace if e["t"] == round(best, 4))}
-        stats = self._stats(records, left)
-        stats["guard"] = info
+        data = ctx.data.head(min(run.opt("samples"), ctx.data.n_samples))
+        guard = guard_setup(run, data)
+        if isinstance(guard, Guard):
+            return guarded(run, guard)
+        job = PruneJob(model, run.layers, run.densities, data, copy_model(model), run.opt("splice_rounds"))
+        stats = report(run, prune_layers(run, job))
+        stats["guard"] = {"off": guard}
         return PassResult(True, stats)
 
-    # ---------------------------------------------------------------------------------------
 
-    def _prune(self, model: Model, layers: list[LinearLayer], densities: dict[str, float], data: SampleData,
-               ctx: PassContext, splice_rounds: int | None = None, reference: Model | None = None,
-               ) -> tuple[list[dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Prune ``layers`` of ``model`` in place, fitted on ``data``; returns (records, node -> (W, b)).
+@dataclass
+class SparsifyRun:
+    """What the steps of one run share: the model, the options, its layers and their densities."""
 
-        ``reference`` is the unpruned model the targets are read from (default: a copy of ``model``
-        taken before pruning; the guard passes its untouched original instead of copying per try).
-        """
-        method = self.opt(ctx, "method")
-        reference = copy_model(model) if reference is None else reference
-        ref_layers = {layer.node.name: layer.y.name for layer in layers}
-        records = []
-        weights = {}
-        grid = [float(v) for v in self.opt(ctx, "ridge_grid").split(",") if v.strip()]
-        fit, held = data.split(int(round(data.n_samples * self.opt(ctx, "holdout")))) if grid else (data, None)
-        for layer in layers:
-            ctx.say(f"sparsify: {layer.node.name}")
-            key = layer.node.name
-            w0, b0 = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
-            mask = magnitude_mask(w0, int(round(densities[key] * w0.size))) if method == "magnitude" else None
-            gram = collect(model, {key: layer}, fit, reference=reference, targets={key: ref_layers[key]},
-                           max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed)[key]
-            ridge = self.opt(ctx, "ridge")
-            choice = None
-            if held is not None:
-                hold = collect(model, {key: layer}, held, reference=reference, targets={key: ref_layers[key]},
-                               max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed + 1)[key]
-                choice = {}
-                for candidate in grid:
-                    wc, bc, _ = prune_layer(gram, w0, b0, densities[key], method=method, ridge=candidate,
-                                            splice_rounds=0, mask=mask, block=self.opt(ctx, "block") or w0.shape[0])
-                    choice[candidate] = hold.relative_error(wc, bc)
-                ridge = min(choice, key=choice.get)
-                gram = gram.merge(hold)
-            w, b, stats = prune_layer(gram, w0, b0, densities[key], method=method, ridge=ridge,
-                                      splice_rounds=self.opt(ctx, "splice_rounds") if splice_rounds is None
-                                      else splice_rounds, mask=mask,
-                                      block=self.opt(ctx, "block") or w0.shape[0],
-                                      row_weight=downstream_weight(model.graph, layer) if self.opt(ctx, "downstream")
-                                      else None)
-            layer.set_weights(model.graph, w, b)
-            weights[key] = (w, b)
-            if choice is not None:
-                stats["ridge"] = ridge
-                stats["holdout_error"] = {str(k): round(v, 6) for k, v in choice.items()}
-            records.append({"node": key, "weights": int(w0.size), **stats})
-        return records, weights
+    model: Model
+    ctx: PassContext
+    opt: Callable[[str], Any]                     # option key -> the user's value or the default
+    left: LeftAlone = field(default_factory=LeftAlone)
+    layers: list[LinearLayer] = field(default_factory=list)
+    densities: dict[str, float] = field(default_factory=dict)   # node name -> kept fraction
 
-    def _densities(self, layers: list[LinearLayer], ctx: PassContext) -> dict[str, float]:
-        given = parse_densities(self.opt(ctx, "densities"))
-        default = self.opt(ctx, "density")
-        if ctx.target_params is not None and "density" not in ctx.options.get(self.name, {}):
-            default = float(ctx.target_params)   # the kept fraction of the prunable weights
-        out = {}
-        for layer in layers:
-            names = layer_key(layer)
-            out[layer.node.name] = next((given[n] for n in names if n in given), default)
-        if self.opt(ctx, "scope") == "global":
-            # Han et al.: one magnitude threshold for every layer, keeping `density` of all their weights
-            mags = np.concatenate([np.abs(layer.weight).ravel() for layer in layers])
-            keep = int(round(default * mags.size))
-            thr = np.sort(mags)[::-1][max(keep - 1, 0)] if keep else np.inf
-            for layer in layers:
-                out[layer.node.name] = float((np.abs(layer.weight) >= thr).mean())
-        return {k: min(max(v, 0.0), 1.0) for k, v in out.items()}
 
-    def _plain(self, model: Model, layers: list[LinearLayer], densities: dict[str, float],
-               left: list[dict[str, Any]]) -> PassResult:
-        records = []
-        for layer in layers:
-            w0 = layer.weight_matrix()
-            mask = magnitude_mask(w0, int(round(densities[layer.node.name] * w0.size)))
-            layer.set_weights(model.graph, np.where(mask, w0, 0), layer.bias_vector() if layer.bias is not None else None)
-            records.append({"node": layer.node.name, "weights": int(w0.size), "density": round(float(mask.mean()), 6),
-                            "kept": int(mask.sum())})
-        return PassResult(True, self._stats(records, left))
+@dataclass
+class PruneJob:
+    """One pruning of ``model``: ``layers`` at ``densities``, fitted on ``data``, targets from ``reference``."""
 
-    @staticmethod
-    def _stats(records: list[dict[str, Any]], left: list[dict[str, Any]]) -> dict[str, Any]:
-        total = sum(r["weights"] for r in records)
-        kept = sum(r["kept"] for r in records)
-        stats: dict[str, Any] = {"pruned": len(records), "layers": records,
-                                 "density": round(kept / total, 6) if total else 1.0}
-        if left:
-            stats["left_alone"] = left
-        return stats
+    model: Model
+    layers: list[LinearLayer]
+    densities: dict[str, float]
+    data: SampleData
+    reference: Model
+    splice_rounds: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)   # node -> (W, b)
+
+
+def plan_densities(run: SparsifyRun) -> dict[str, float]:
+    """Each layer's kept fraction: ``densities`` by name, else ``density`` (``--target-params`` when the
+    option is not given); with ``scope=global`` what one magnitude threshold over all layers leaves."""
+    given = parse_densities(run.opt("densities"))
+    default = run.opt("density")
+    if run.ctx.target_params is not None and "density" not in run.ctx.options.get(Sparsify.name, {}):
+        default = float(run.ctx.target_params)   # the kept fraction of the prunable weights
+    out = {}
+    for layer in run.layers:
+        names = layer_key(layer)
+        out[layer.node.name] = next((given[n] for n in names if n in given), default)
+    if run.opt("scope") == "global":
+        # Han et al.: one magnitude threshold for every layer, keeping `density` of all their weights
+        mags = np.concatenate([np.abs(layer.weight).ravel() for layer in run.layers])
+        keep = int(round(default * mags.size))
+        thr = np.sort(mags)[::-1][max(keep - 1, 0)] if keep else np.inf
+        for layer in run.layers:
+            out[layer.node.name] = float((np.abs(layer.weight) >= thr).mean())
+    return {k: min(max(v, 0.0), 1.0) for k, v in out.items()}
+
+
+def prune_by_magnitude(run: SparsifyRun) -> list[dict[str, Any]]:
+    """``refit=False``: the largest ``|w|`` of each layer kept, nothing re-fitted."""
+    records = []
+    for layer in run.layers:
+        w0 = layer.weight_matrix()
+        mask = magnitude_mask(w0, int(round(run.densities[layer.node.name] * w0.size)))
+        layer.set_weights(run.model.graph, np.where(mask, w0, 0),
+                          layer.bias_vector() if layer.bias is not None else None)
+        records.append({"node": layer.node.name, "weights": int(w0.size), "density": round(float(mask.mean()), 6),
+                        "kept": int(mask.sum())})
+    return records
+
+
+def prune_layers(run: SparsifyRun, job: PruneJob) -> list[dict[str, Any]]:
+    """Prune ``job``'s layers of its model in place, in order; returns the records (the weights in ``job``)."""
+    targets = {layer.node.name: layer.y.name for layer in job.layers}
+    grid = [float(v) for v in run.opt("ridge_grid").split(",") if v.strip()]
+    fit, held = job.data.split(int(round(job.data.n_samples * run.opt("holdout")))) if grid else (job.data, None)
+    for layer in job.layers:
+        run.ctx.say(f"sparsify: {layer.node.name}")
+        _prune_layer(run, job, layer, targets[layer.node.name], fit, held, grid)
+    return job.records
+
+
+def _prune_layer(run: SparsifyRun, job: PruneJob, layer: LinearLayer, target: str, fit: SampleData,
+                 held: SampleData | None, grid: list[float]) -> None:
+    """One layer: its statistics, the ridge (from ``grid`` on ``held`` when given), the support and the re-fit."""
+    key = layer.node.name
+    method, density = run.opt("method"), job.densities[key]
+    w0, b0 = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
+    mask = magnitude_mask(w0, int(round(density * w0.size))) if method == "magnitude" else None
+    gram = collect(job.model, {key: layer}, fit, reference=job.reference, targets={key: target},
+                   max_rows=run.opt("max_rows"), seed=run.ctx.seed)[key]
+    ridge = run.opt("ridge")
+    choice = None
+    if held is not None:
+        hold = collect(job.model, {key: layer}, held, reference=job.reference, targets={key: target},
+                       max_rows=run.opt("max_rows"), seed=run.ctx.seed + 1)[key]
+        choice = {}
+        for candidate in grid:   # each ridge fitted on ``fit`` and measured on ``held``, without splicing
+            wc, bc, _ = prune_layer(gram, w0, b0, density, method=method, ridge=candidate, splice_rounds=0,
+                                    mask=mask, block=run.opt("block") or w0.shape[0])
+            choice[candidate] = hold.relative_error(wc, bc)
+        ridge = min(choice, key=choice.get)
+        gram = gram.merge(hold)
+    w, b, stats = prune_layer(gram, w0, b0, density, method=method, ridge=ridge, splice_rounds=job.splice_rounds,
+                              mask=mask, block=run.opt("block") or w0.shape[0],
+                              row_weight=downstream_weight(job.model.graph, layer) if run.opt("downstream")
+                              else None)
+    layer.set_weights(job.model.graph, w, b)
+    job.weights[key] = (w, b)
+    if choice is not None:
+        stats["ridge"] = ridge
+        stats["holdout_error"] = {str(k): round(v, 6) for k, v in choice.items()}
+    job.records.append({"node": key, "weights": int(w0.size), **stats})
+
+
+def report(run: SparsifyRun, records: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(r["weights"] for r in records)
+    kept = sum(r["kept"] for r in records)
+    stats: dict[str, Any] = {"pruned": len(records), "layers": records,
+                             "density": round(kept / total, 6) if total else 1.0}
+    return run.left.into(stats)
+
+
+# =============================================================================================
+# the accuracy guard
+
+
+@dataclass
+class Guard:
+    """The guard's held-out split, budget and reference verdicts, and the tries it made."""
+
+    fit: SampleData
+    held: SampleData
+    max_drop: float
+    correct: np.ndarray            # per held-out sample: the reference model's top-1 is right
+    reference: float               # the reference accuracy on the held-out samples (percent)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    tried: dict[float, tuple[bool, PruneJob]] = field(default_factory=dict)
+
+
+def guard_setup(run: SparsifyRun, data: SampleData) -> Guard | str:
+    """The guard, or why it is off."""
+    if not run.opt("guard"):
+        return "option guard=False"
+    if data.labels is None:
+        return "calibration data has no labels"
+    fit, held = data.split(int(round(data.n_samples * run.opt("guard_holdout"))))
+    if held is None:
+        return "guard_holdout leaves no held-out samples"
+    scores = _class_scores(run.model, held)
+    if scores is None:
+        return "the first graph output is not [N, classes] scores"
+    max_drop = run.ctx.max_drop if run.ctx.max_drop is not None else run.opt("max_drop")
+    correct = scores.argmax(1) == held.labels
+    return Guard(fit, held, float(max_drop), correct, 100.0 * float(correct.mean()))
+
+
+def guarded(run: SparsifyRun, guard: Guard) -> PassResult:
+    """Bisect ``t`` in ``d(t) = d + t (1 − d)`` (per layer) for the sparsest model within the budget."""
+    # the requested densities as asked (with splicing); the bisection's denser tries without it:
+    # splicing costs O(rounds * s^3) per output, and at the densities the guard ends up at it makes
+    # the search many times slower for no difference the held-out samples see
+    best: float | None = 0.0 if attempt(run, guard, 0.0, run.opt("splice_rounds")) else None
+    if best is None:
+        lo, hi = 0.0, 1.0
+        for _ in range(run.opt("guard_steps")):
+            mid = (lo + hi) / 2
+            if attempt(run, guard, mid, 0):
+                best, hi = mid, mid
+            else:
+                lo = mid
+    info = {"max_drop": guard.max_drop, "z": run.opt("guard_z"), "held_out_samples": guard.held.n_samples,
+            "fit_samples": guard.fit.n_samples, "reference_accuracy": round(guard.reference, 3),
+            "trace": guard.trace}
+    if best is None:
+        # nothing within the budget: leave the model as it was (no pruning is the only safe density)
+        info["chosen"] = None
+        stats = report(run, [])
+        stats.update(pruned=0, guard=info, skipped="no density tried met the accuracy budget on held-out samples")
+        return PassResult(False, stats)
+    _, job = guard.tried[best]
+    for layer in run.layers:
+        if layer.node.name in job.weights:
+            w, b = job.weights[layer.node.name]
+            layer.set_weights(run.model.graph, w, b)
+    info["chosen"] = {"t": round(best, 4),
+                      "density": next(e["density"] for e in guard.trace if e["t"] == round(best, 4))}
+    stats = report(run, job.records)
+    stats["guard"] = info
+    return PassResult(True, stats)
+
+
+def attempt(run: SparsifyRun, guard: Guard, t: float, splice_rounds: int) -> bool:
+    """Prune a copy at densities ``d(t)``, fitted on the guard's fit samples; within the budget on the held-out
+    ones when ``drop + guard_z · SE <= max_drop`` (``SE`` paired: only changed verdicts carry variance)."""
+    trial = copy_model(run.model)
+    trial_layers = [lay for lay in linear_layers(trial, run.opt("min_weights"), LeftAlone())
+                    if lay.node.name in run.densities]
+    dens = {k: v + t * (1.0 - v) for k, v in run.densities.items()}
+    run.ctx.say(f"sparsify guard: t={t:.3f}")
+    started = time.perf_counter()
+    job = PruneJob(trial, trial_layers, dens, guard.fit, run.model, splice_rounds)
+    records = prune_layers(run, job)
+    correct = _class_scores(trial, guard.held).argmax(1) == guard.held.labels
+    acc = 100.0 * float(correct.mean())
+    drop = guard.reference - acc
+    changed = int(np.sum(correct != guard.correct))
+    se = 100.0 * float(np.sqrt(changed)) / guard.held.n_samples
+    upper = drop + run.opt("guard_z") * se
+    ok = upper <= guard.max_drop + 1e-9
+    kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
+    guard.trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
+                        "drop": round(drop, 3), "changed": changed, "upper": round(upper, 3), "ok": ok,
+                        "splice_rounds": splice_rounds, "seconds": round(time.perf_counter() - started, 2)})
+    guard.tried[t] = (ok, job)
+    return ok

@@ -45,6 +45,8 @@ to share; ``snap`` only).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from math import ceil
 from typing import Any
 
@@ -53,13 +55,13 @@ from onnx import TensorProto
 
 from graphopt.compress.kmeans import INITS, kmeans, refit_centroids
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, penalised
+from graphopt.compress.options import calibration
 from graphopt.core.ir import Graph, Model, Node
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import copy_model
-from graphopt.core.ops import drop_unused
+from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, drop_unused, is_op
 from graphopt.measure.calibration import SampleData
-
-OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 def container_bits(bits: int) -> int:
@@ -172,7 +174,7 @@ def shorten_names(model: Model) -> dict[str, int] | str:
 
     The graph's inputs and outputs keep their names (the interface, and what verification matches by
     name). Intermediate names like ``/stages/stages.2/branch2/branch2.1/conv/Conv_output_0`` are stored
-    once per reader and writer, ~20 % of a 4-bit compact file. Returns the counts renamed, or the
+    once per reader and writer, a large share of a compact file. Returns the counts renamed, or the
     reason nothing was renamed (subgraphs or functions could capture a name by its text).
     """
     graph = model.graph
@@ -219,10 +221,6 @@ def codebook_of(centroids: np.ndarray, labels: np.ndarray, has_zero: bool, dtype
     return book.astype(dtype), np.where(labels < 0, 0, idx)
 
 
-def _weight_slots(graph: Graph, node: Node) -> list[int]:
-    return [1] if len(node.inputs) > 1 else []
-
-
 @register
 class WeightSharing(Pass):
     name = "weight_sharing"
@@ -235,119 +233,175 @@ class WeightSharing(Pass):
         "refit": Option(True, "re-fit the centroids by least squares on calibration data (needs data)", bool),
         "encoding": Option("snap", "snap: float weights; compact: packed indices + codebook decoded at load", str,
                            ("snap", "compact")),
-        "ridge": Option(1e-2, "re-fit pull towards the unshared weights, relative to mean diag(X^T X)", float, low=0),
         "short_names": Option(True, "compact: rename internal values and nodes to short names (inputs and outputs "
                                     "keep theirs)", bool),
-        "min_weights": Option(192, "layers with fewer weights are left alone (compact: below ~50 weights the codebook "
-                                   "and two decoder nodes cost more than the float weights; 4-bit sharing of "
-                                   "mobilenetv2's two 144-weight layers cost 1.1 points for 640 bytes)", int, low=0),
-        "max_rows": Option(16384, "calibration rows per layer", int, low=1),
-        "samples": Option(512, "calibration samples used", int, low=1),
+        **calibration(samples=512, max_rows=16384,
+                      ridge=(1e-2, "the re-fit's pull towards the unshared weights"),
+                      min_weights=(192, "compact: the codebook and two decoder nodes cost more than few weights")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        bits = self.opt(ctx, "bits")
-        encoding = self.opt(ctx, "encoding")
+        run = self.start(model, ctx)
+        for node in model.graph.toposort():
+            weight = select_weight(run, node)
+            if weight is not None:
+                share_layer(run, node, weight)
+        encode(run)
+        return report(run)
+
+    def start(self, model: Model, ctx: PassContext) -> SharingRun:
+        """The run's settings; the calibration samples and the reference model when the data is used."""
         needs_data = self.opt(ctx, "refit") or self.opt(ctx, "weighted")
         data: SampleData | None = None
         if needs_data and ctx.data is not None:
             data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
-        reference = copy_model(model) if data is not None else None
-        rng = ctx.rng(self.name)
-        graph = model.graph
-        left: dict[str, dict[str, Any]] = {}
-        records = []
-        notes = []
-        pending: list[tuple[Node, int, np.ndarray, np.ndarray, tuple[int, ...]]] = []
-        short_names: dict[str, int] | None = None
+        run = SharingRun(model, ctx, lambda key: self.opt(ctx, key), self.opt(ctx, "bits"), self.opt(ctx, "encoding"),
+                         needs_data, data, copy_model(model) if data is not None else None, ctx.rng(self.name))
         if needs_data and data is None:
-            notes.append("no calibration data: plain k-means, no re-fit or activation weighting")
+            run.notes.append("no calibration data: plain k-means, no re-fit or activation weighting")
+        return run
 
-        def refuse(node: Node, reason: str) -> None:
-            entry = left.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
-            entry["count"] += 1
-            if len(entry["examples"]) < 3:
-                entry["examples"].append(node.name)
 
-        for node in graph.toposort():
-            if node.op_type not in OPS or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-                continue
-            wv = node.inputs[1]
-            weight = graph.constant_array(wv)
-            if weight is None or weight.dtype.kind != "f":
-                refuse(node, "weight is not a constant float tensor")
-                continue
-            if len(graph.consumers(wv)) > 1 or graph.is_graph_output(wv):
-                refuse(node, "weight read by several nodes")
-                continue
-            if weight.size < self.opt(ctx, "min_weights"):
-                refuse(node, "fewer weights than min_weights (too few to share well or to pay for a codebook)")
-                continue
-            nonzero = np.unique(weight[weight != 0]).size
-            if encoding == "snap" and nonzero <= (1 << bits) - int(bool((weight == 0).any())):
-                refuse(node, "already at most 2^bits distinct values")
-                continue
-            ctx.say(f"weight_sharing: {node.name}")
-            layer = LinearLayer.of(graph, node) if data is not None else "no calibration data"
-            gram: CrossGram | None = None
-            record: dict[str, Any] = {"node": node.name, "weights": int(weight.size), "bits": bits}
-            if isinstance(layer, LinearLayer):
-                gram = collect(model, {"l": layer}, data, reference=reference, targets={"l": layer.y.name},
-                               max_rows=self.opt(ctx, "max_rows"), seed=ctx.seed)["l"]
-            elif needs_data and data is not None:
-                record["no_refit"] = layer
-            importance = None
-            if self.opt(ctx, "weighted") and gram is not None:
-                energy = np.diagonal(gram.xtx)[:-1]                       # per input feature (row of W [F, O])
-                importance = layer.weight_from_matrix(np.repeat(energy[:, None], layer.out_features, axis=1))
-            centroids, labels, has_zero = share(weight, bits, init=self.opt(ctx, "init"), importance=importance,
-                                                rng=rng)
-            bias = None
-            if gram is not None and layer.kind == "matmul" and encoding == "compact":
-                record["no_refit"] = "MatMul in compact encoding (the LS bias would need an extra Add)"
-            elif gram is not None and self.opt(ctx, "refit") and centroids.size:
-                w_mat, b_vec = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
-                h, r, _ = penalised(gram, w_mat, b_vec, self.opt(ctx, "ridge"))
-                lab_mat = _as_matrix(layer, labels)
-                before = gram.relative_error(_snap(centroids, lab_mat), b_vec)
-                fitted, fitted_bias = refit_centroids(h, r, lab_mat, centroids.size)
-                used = np.bincount(labels[labels >= 0], minlength=centroids.size) > 0
-                fitted = np.where(used, fitted, centroids)
-                after = gram.relative_error(_snap(fitted, lab_mat), fitted_bias)
-                record.update(rel_error_kmeans=round(before, 6), rel_error_refit=round(after, 6))
-                if after < before:
-                    centroids, bias = fitted, fitted_bias
-            book, idx = codebook_of(centroids, labels, has_zero, weight.dtype)
-            snapped = book[idx]
-            record["distinct"] = int(np.unique(snapped).size)
-            if encoding == "compact":
-                # snapped floats for now (the next layers' re-fit reads the model as shared so far);
-                # the one shared decoder replaces them after the last layer
-                pending.append((node, 1, book, idx, tuple(weight.shape)))
-            if isinstance(layer, LinearLayer):
-                layer.set_weights(graph, _as_matrix(layer, snapped), bias)
-            else:
-                new = graph.add_initializer(snapped.astype(weight.dtype), f"{node.name or node.op_type}_W")
-                graph.set_input(node, 1, new)
-                drop_unused(graph, [wv])
-            records.append(record)
-        if pending:
-            for record, info in zip(records, add_shared_decoder(graph, pending, bits)):
-                record.update(info)
-            if self.opt(ctx, "short_names"):
-                renamed = shorten_names(model)
-                if isinstance(renamed, str):
-                    notes.append(f"names kept: {renamed}")
-                else:
-                    short_names = renamed
-        stats: dict[str, Any] = {"shared": len(records), "layers": records, "encoding": encoding, "bits": bits}
-        if short_names:
-            stats["renamed"] = short_names
-        if left:
-            stats["left_alone"] = list(left.values())
-        if notes:
-            stats["notes"] = notes
-        return PassResult(bool(records), stats)
+@dataclass
+class SharingRun:
+    """What the steps of one run share: the model, the options, the data and what the layers produced."""
+
+    model: Model
+    ctx: PassContext
+    opt: Callable[[str], Any]            # option key -> the user's value or the default
+    bits: int
+    encoding: str                        # snap | compact
+    needs_data: bool                     # refit or weighted asked for calibration data
+    data: SampleData | None              # the samples used (None: plain k-means)
+    reference: Model | None              # the model before the pass: the re-fit's targets
+    rng: np.random.Generator
+    left: LeftAlone = field(default_factory=LeftAlone)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pending: list[tuple[Node, int, np.ndarray, np.ndarray, tuple[int, ...]]] = field(default_factory=list)
+    renamed: dict[str, int] | None = None
+
+
+def select_weight(run: SharingRun, node: Node) -> np.ndarray | None:
+    """The layer weight of ``node`` to share, or ``None`` (refusals go to the ledger)."""
+    if not is_op(node, *LAYER_OPS_WITH_TRANSPOSE) or len(node.inputs) < 2:
+        return None
+    graph = run.model.graph
+    wv = node.inputs[1]
+    weight = graph.constant_array(wv)
+    reason = None
+    if weight is None or weight.dtype.kind != "f":
+        reason = "weight is not a constant float tensor"
+    elif len(graph.consumers(wv)) > 1 or graph.is_graph_output(wv):
+        reason = "weight read by several nodes"
+    elif weight.size < run.opt("min_weights"):
+        reason = "fewer weights than min_weights (too few to share well or to pay for a codebook)"
+    elif run.encoding == "snap" and _distinct_nonzero(weight) <= (1 << run.bits) - int(bool((weight == 0).any())):
+        reason = "already at most 2^bits distinct values"
+    if reason is not None:
+        run.left.add(reason, node.name)
+        return None
+    return weight
+
+
+def _distinct_nonzero(weight: np.ndarray) -> int:
+    return np.unique(weight[weight != 0]).size
+
+
+def share_layer(run: SharingRun, node: Node, weight: np.ndarray) -> None:
+    """k-means of one weight, the least-squares re-fit of its centroids, and the snapped weight in the graph."""
+    run.ctx.say(f"weight_sharing: {node.name}")
+    record: dict[str, Any] = {"node": node.name, "weights": int(weight.size), "bits": run.bits}
+    layer, gram = _layer_statistics(run, node, record)
+    centroids, labels, has_zero = share(weight, run.bits, init=run.opt("init"),
+                                        importance=_importance(run, layer, gram), rng=run.rng)
+    bias = None
+    if gram is not None and layer.kind == "matmul" and run.encoding == "compact":
+        record["no_refit"] = "MatMul in compact encoding (the LS bias would need an extra Add)"
+    elif gram is not None and run.opt("refit") and centroids.size:
+        centroids, bias = _refit(run, layer, gram, centroids, labels, record)
+    book, idx = codebook_of(centroids, labels, has_zero, weight.dtype)
+    snapped = book[idx]
+    record["distinct"] = int(np.unique(snapped).size)
+    if run.encoding == "compact":
+        # snapped floats for now (the next layers' re-fit reads the model as shared so far);
+        # the one shared decoder replaces them after the last layer
+        run.pending.append((node, 1, book, idx, tuple(weight.shape)))
+    _set_weight(run.model.graph, node, layer, snapped, bias, weight.dtype)
+    run.records.append(record)
+
+
+def _layer_statistics(run: SharingRun, node: Node,
+                      record: dict[str, Any]) -> tuple[LinearLayer | str, CrossGram | None]:
+    """The layer's least-squares view and its statistics (inputs as shared so far, targets from the reference)."""
+    graph = run.model.graph
+    layer = LinearLayer.of(graph, node) if run.data is not None else "no calibration data"
+    if isinstance(layer, LinearLayer):
+        gram = collect(run.model, {"l": layer}, run.data, reference=run.reference, targets={"l": layer.y.name},
+                       max_rows=run.opt("max_rows"), seed=run.ctx.seed)["l"]
+        return layer, gram
+    if run.needs_data and run.data is not None:
+        record["no_refit"] = layer
+    return layer, None
+
+
+def _importance(run: SharingRun, layer: LinearLayer | str, gram: CrossGram | None) -> np.ndarray | None:
+    """``weighted``: each weight's k-means weight is the energy ``diag(XᵀX)`` of its input feature."""
+    if not run.opt("weighted") or gram is None:
+        return None
+    energy = np.diagonal(gram.xtx)[:-1]                       # per input feature (row of W [F, O])
+    return layer.weight_from_matrix(np.repeat(energy[:, None], layer.out_features, axis=1))
+
+
+def _refit(run: SharingRun, layer: LinearLayer, gram: CrossGram, centroids: np.ndarray, labels: np.ndarray,
+           record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The centroids (and bias) re-fitted with the assignments fixed; kept only when the output error falls."""
+    w_mat, b_vec = layer.weight_matrix().astype(np.float64), layer.bias_vector().astype(np.float64)
+    h, r, _ = penalised(gram, w_mat, b_vec, run.opt("ridge"))
+    lab_mat = _as_matrix(layer, labels)
+    before = gram.relative_error(_snap(centroids, lab_mat), b_vec)
+    fitted, fitted_bias = refit_centroids(h, r, lab_mat, centroids.size)
+    used = np.bincount(labels[labels >= 0], minlength=centroids.size) > 0
+    fitted = np.where(used, fitted, centroids)
+    after = gram.relative_error(_snap(fitted, lab_mat), fitted_bias)
+    record.update(rel_error_kmeans=round(before, 6), rel_error_refit=round(after, 6))
+    return (fitted, fitted_bias) if after < before else (centroids, None)
+
+
+def _set_weight(graph: Graph, node: Node, layer: LinearLayer | str, snapped: np.ndarray, bias: np.ndarray | None,
+                dtype: np.dtype) -> None:
+    if isinstance(layer, LinearLayer):
+        layer.set_weights(graph, _as_matrix(layer, snapped), bias)
+        return
+    old = node.inputs[1]
+    graph.set_input(node, 1, graph.add_initializer(snapped.astype(dtype), f"{node.name or node.op_type}_W"))
+    drop_unused(graph, [old])
+
+
+def encode(run: SharingRun) -> None:
+    """``compact``: one decoder for every shared layer, then (``short_names``) short internal names."""
+    if not run.pending:
+        return
+    for record, info in zip(run.records, add_shared_decoder(run.model.graph, run.pending, run.bits)):
+        record.update(info)
+    if not run.opt("short_names"):
+        return
+    renamed = shorten_names(run.model)
+    if isinstance(renamed, str):
+        run.notes.append(f"names kept: {renamed}")
+    else:
+        run.renamed = renamed
+
+
+def report(run: SharingRun) -> PassResult:
+    stats: dict[str, Any] = {"shared": len(run.records), "layers": run.records, "encoding": run.encoding,
+                             "bits": run.bits}
+    if run.renamed:
+        stats["renamed"] = run.renamed
+    run.left.into(stats)
+    if run.notes:
+        stats["notes"] = run.notes
+    return PassResult(bool(run.records), stats)
 
 
 def _as_matrix(layer: LinearLayer, stored: np.ndarray) -> np.ndarray:
