@@ -10,8 +10,8 @@ from onnx import helper
 import graphopt.passes.lossy.deeprebirth as dr
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext
+from graphopt.core.shapes import ShapeView
 from graphopt.measure.calibration import SampleData
-from graphopt.passes.lossless.branch import ShapeTable
 from tests.util import init, make_model, op_types, run, tensor
 
 N = 256
@@ -109,7 +109,7 @@ def test_conv_averagepool_is_linear_so_the_fit_is_exact_and_passes_a_zero_budget
 def test_lrn_block_keeps_the_conv_geometry():
     proto, data = tiny_net([helper.make_node("LRN", ["c"], ["p"], name="lrn", size=3)], 10)
     model = onnx_io.from_proto(proto)
-    block = dr.find_block(model.graph, model.graph.toposort()[0], ShapeTable(model))
+    block = dr.find_block(model.graph, model.graph.toposort()[0], ShapeView(model))
     assert isinstance(block, dr.Block)
     assert (block.kernel, block.strides, block.pads_begin, block.pads_end) == ((3, 3), (1, 1), (1, 1), (1, 1))
     result, out = apply(proto, data, max_drop=100.0, max_drop_per_merge=100.0, max_block_error=1.0)
@@ -121,7 +121,7 @@ def test_geometry_of_padded_overlapping_pool():
     proto, _ = tiny_net([helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2],
                                           pads=[1, 1, 1, 1])], 5)
     model = onnx_io.from_proto(proto)
-    block = dr.find_block(model.graph, model.graph.toposort()[0], ShapeTable(model))
+    block = dr.find_block(model.graph, model.graph.toposort()[0], ShapeView(model))
     assert (block.kernel, block.strides, block.pads_begin, block.out_spatial) == ((5, 5), (2, 2), (2, 2), (5, 5))
     assert (10 + 2 + block.pads_end[0] - 5) // 2 + 1 == 5
 

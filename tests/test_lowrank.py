@@ -11,6 +11,7 @@ import graphopt.passes.lossy.lowrank as lr
 from graphopt.compress import svd
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext
+from graphopt.core.shapes import ShapeView
 from graphopt.measure.calibration import Gram, SampleData
 from tests.util import init, make_model, op_types, run, tensor
 
@@ -78,7 +79,7 @@ def test_gemm_at_full_rank_is_exact(trans_b, alpha, beta):
     # ratio large enough for the largest rank that still saves weights; check exactness with the plain SVD
     # at full rank through the module's own pieces, then the pass's structure at a saving rank.
     model = onnx_io.from_proto(proto)
-    site = lr.find_site(model.graph, model.graph.nodes[0], lr.ShapeTable(model))
+    site = lr.find_site(model.graph, model.graph.nodes[0], ShapeView(model))
     form = lr.forms_of(site, "auto")[0]
     lr.factorize_form(form, None, 0.0)
     lr.apply_plan(model.graph, lr.make_plan(form, form.full_rank, None, False))
@@ -103,7 +104,7 @@ def test_matmul_batched_input_and_weight_stored_transposed():
              helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")]
     proto = make_model(nodes, [tensor("x", ["N", 5, 24])], [tensor("y", ["N", 5, 20])], [init("Wt", wt)])
     model = onnx_io.from_proto(proto)
-    site = lr.find_site(model.graph, model.graph.nodes[1], lr.ShapeTable(model))
+    site = lr.find_site(model.graph, model.graph.nodes[1], ShapeView(model))
     assert not isinstance(site, str) and site.weight.shape == (24, 20)
     form = lr.forms_of(site, "auto")[0]
     lr.factorize_form(form, None, 0.0)
@@ -127,7 +128,7 @@ def test_matmul_batched_input_and_weight_stored_transposed():
 def test_conv_forms_at_full_rank_are_exact(geometry, form_name):
     proto = conv_model(**geometry)
     model = onnx_io.from_proto(proto)
-    site = lr.find_site(model.graph, model.graph.nodes[0], lr.ShapeTable(model))
+    site = lr.find_site(model.graph, model.graph.nodes[0], ShapeView(model))
     form, = lr.forms_of(site, form_name)
     lr.factorize_form(form, None, 0.0)
     lr.apply_plan(model.graph, lr.make_plan(form, form.full_rank, None, False))
@@ -366,7 +367,7 @@ def test_latency_model_decides_per_layer_and_records_its_prediction():
     assert result.changed and op_types(out) == ["Conv", "Conv"]
     layer = result.stats["layers"][0]
     model = lr.from_proto(one_by_one(14))
-    site = lr.find_site(model.graph, model.graph.nodes[0], lr.ShapeTable(model))
+    site = lr.find_site(model.graph, model.graph.nodes[0], ShapeView(model))
     form = [f for f in lr.forms_of(site, "auto") if f.name == layer["form"]][0]
     assert layer["latency_ratio"] == pytest.approx(lr.predicted_ratio(form, layer["rank"], lat.load(), 1), rel=1e-3)
     assert layer["latency_ratio"] < 1

@@ -12,6 +12,7 @@ import graphopt.passes.lossy.lowrank as lr
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext, build_pipeline, run_pipeline
 from graphopt.core.ops import LAYER_OPS
+from graphopt.core.shapes import ShapeView
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import load_data
 
@@ -35,7 +36,7 @@ def test_every_vgg_layer_at_full_rank_is_exact_in_every_form():
     model = cleaned("vgg")
     data = load_data(ROOT / "models" / "fmnist_eval.npz", onnx_io.to_proto(model)).head(16)
     ref = logits(model, data)
-    shapes = lr.ShapeTable(model)
+    shapes = ShapeView(model)
     count = 0
     for node in list(model.graph.toposort()):
         site = lr.find_site(model.graph, node, shapes) if node.op_type in LAYER_OPS else None

@@ -1,6 +1,7 @@
-"""Shape and type inference on the IR, through ``onnx.shape_inference``.
+"""Shape and type inference on the IR, through ``onnx.shape_inference``, and the one view passes ask.
 
-Two entry points:
+:class:`ShapeView` answers what is known of a value's dims (static, named, concrete at batch 1, or
+related symbols) without touching the IR. Two functions change or feed it:
 
 * :func:`infer_shapes` writes inferred types back into the IR. Passes that change shapes (pruning,
   factorization) call it after their rewrite with ``reset=True``, which first forgets every
@@ -195,120 +196,6 @@ def infer_shapes(model: Model, *, reset: bool = False, strict: bool = False) -> 
             t = types.get(value.name)
             if t is not None and t.WhichOneof("value") is not None:
                 value.type = t
-
-
-class TypeTable:
-    """What is known for sure about values' element types and dims.
-
-    Initializers answer from their data; other values from onnx shape inference (run once, on an
-    export of the IR, without touching it), falling back to the type the IR carries. A dim is an
-    ``int`` only when it is static: symbolic and unknown dims are ``None``. Keyed by value object, so
-    a rename (a model output taking over a name) does not confuse it.
-    """
-
-    def __init__(self, model: Model) -> None:
-        self._types: dict[Value, onnx.TypeProto] = {}
-        self._model = model
-        self._symbolic: dict | None = None
-        self._main_values = set(model.graph.values())
-        try:
-            inferred = inferred_types(model)
-        except GraphoptError:
-            inferred = {}
-        for graph, by_name in inferred.items():
-            for value in graph.values():
-                found = by_name.get(value.name)
-                if found is not None and not graph.is_captured(value):
-                    self._types.setdefault(value, found)
-
-    def _tensor_type(self, value: Value) -> onnx.TypeProto.Tensor | None:
-        t = self._types.get(value) or value.type
-        if t is None or not t.HasField("tensor_type"):
-            return None
-        return t.tensor_type
-
-    def dtype(self, value: Value) -> int | None:
-        if value.is_initializer:
-            return value.dtype
-        tt = self._tensor_type(value)
-        return (tt.elem_type or None) if tt is not None else None
-
-    def dims(self, value: Value) -> tuple[int | None, ...] | None:
-        """One entry per dim (``None`` when not static); ``None`` when the rank is unknown."""
-        if value.is_initializer:
-            return tuple(int(d) for d in value.shape)
-        dims = dims_of(self._types.get(value) or value.type)
-        return None if dims is None else tuple(d if isinstance(d, int) else None for d in dims)
-
-    def symbols(self, value: Value) -> tuple[int | str | None, ...] | None:
-        """Like :meth:`dims`, but a dynamic dim is a symbol (a string) when its identity is known.
-
-        Two equal symbols hold the same value at run time. For values of the main graph the symbols
-        come from onnxruntime's symbolic shape inference (:func:`graphopt.core.shapes.symbolic_dims`, run on
-        first use), which relates dims through shape arithmetic; elsewhere, or when it fails, from onnx's
-        inference, whose fresh names (``unk__N``) are unique too. The two namespaces are never mixed.
-        """
-        if value.is_initializer:
-            return tuple(int(d) for d in value.shape)
-        dims = self.dims(value)
-        if self._symbolic is None:
-            self._symbolic = symbolic_dims(self._model) or {}
-        if self._symbolic and value in self._main_values:
-            found = self._symbolic.get(value.name)
-            if found is None or (dims is not None and len(found) != len(dims)):
-                return dims
-            dims = dims if dims is not None else (None,) * len(found)
-            return tuple(d if d is not None else (f"s:{f}" if isinstance(f, str) else f)
-                         for d, f in zip(dims, found))
-        dims = dims_of(self._types.get(value) or value.type)
-        return None if dims is None else tuple(f"o:{d}" if isinstance(d, str) else d for d in dims)
-
-    def static_shape(self, value: Value) -> tuple[int, ...] | None:
-        dims = self.dims(value)
-        return None if dims is None or any(d is None for d in dims) else dims  # type: ignore[return-value]
-
-    def static_bytes(self, value: Value) -> int | None:
-        shape, dtype = self.static_shape(value), self.dtype(value)
-        if shape is None or dtype is None:
-            return None
-        return int(np.prod(shape, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize
-
-
-class ShapeTable:
-    """Dims of values: the IR's own type when set, else what onnx shape inference found at pass start.
-
-    New values made by a rewrite get their type set by the rewrite, so they never need the table.
-    """
-
-    def __init__(self, model: Model) -> None:
-        try:
-            self._types = inferred_types(model)
-        except Exception:  # noqa: BLE001 - inference failing only means "unknown shapes": merges are refused
-            self._types = {}
-
-    def dims(self, graph: Graph, value: Value | None) -> tuple[int | str | None, ...] | None:
-        if value is None:
-            return None
-        if value.type is not None or value.is_initializer:
-            shape = value.shape
-            if shape is not None:
-                return shape
-        return dims_of(self._types.get(graph, {}).get(value.name))
-
-    def concrete(self, graph: Graph, value: Value | None) -> tuple[int, ...] | None:
-        """Dims with a dynamic leading (batch) dim read as 1; ``None`` if any other dim is unknown."""
-        dims = self.dims(graph, value)
-        if dims is None:
-            return None
-        out = []
-        for axis, d in enumerate(dims):
-            if isinstance(d, int) and d > 0:
-                out.append(d)
-            elif axis == 0:
-                out.append(1)
-            else:
-                return None
-        return tuple(out)
 
 
 Dims = tuple[int | str | None, ...]

@@ -81,7 +81,7 @@ from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, PassContext, register
 from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
 from graphopt.core.rewrite import Match, Rule, RulePass
-from graphopt.core.shapes import ShapeTable
+from graphopt.core.shapes import ShapeView
 from graphopt.measure import cost as costs
 from graphopt.measure.cost import Cost
 
@@ -97,8 +97,8 @@ Dims = tuple  # of int | str | None
 # shapes for the cost model
 
 
-def in_spatial(shapes: ShapeTable, graph: Graph, x: Value) -> tuple[int, ...] | None:
-    dims = shapes.concrete(graph, x)
+def in_spatial(shapes: ShapeView, graph: Graph, x: Value) -> tuple[int, ...] | None:
+    dims = shapes.concrete(x)
     return None if dims is None else dims[2:]
 
 
@@ -200,15 +200,15 @@ def identity_kernel(al: Alignment, info: ConvInfo, taps: tuple[int, ...]) -> np.
     return w
 
 
-def conv_layer_cost(shapes: ShapeTable, graph: Graph, x: Value, out: Value | None, cin: int, cout: int,
+def conv_layer_cost(shapes: ShapeView, graph: Graph, x: Value, out: Value | None, cin: int, cout: int,
                     kernel: Sequence[int], group: int, strides: Sequence[int] | None = None,
                     dilations: Sequence[int] | None = None, pads: tuple[Sequence[int], Sequence[int]] | None = None
                     ) -> Cost | None:
     """The cost of a conv reading ``x``: output grid from ``out``'s shape, or computed from the geometry."""
-    xd = shapes.concrete(graph, x)
+    xd = shapes.concrete(x)
     if xd is None:
         return None
-    od = shapes.concrete(graph, out) if out is not None else None
+    od = shapes.concrete(out) if out is not None else None
     if od is not None:
         spatial = od[2:]
     elif strides is not None and dilations is not None and pads is not None:
@@ -295,8 +295,8 @@ def reorder_cost(elements: int) -> Cost:
     return Cost(0, 2 * elements, 1)
 
 
-def elementwise(shapes: ShapeTable, graph: Graph, value: Value, nodes: int = 1) -> Cost | None:
-    dims = shapes.concrete(graph, value)
+def elementwise(shapes: ShapeView, graph: Graph, value: Value, nodes: int = 1) -> Cost | None:
+    dims = shapes.concrete(value)
     if dims is None:
         return None
     c = costs.elementwise_cost(prod(dims))
@@ -337,7 +337,7 @@ class MergeConcatConvs(Rule):
     name = "merge_concat_convs"
     root_ops = ("Concat",)
 
-    def __init__(self, shapes: ShapeTable, allow_padding: bool = True) -> None:
+    def __init__(self, shapes: ShapeView, allow_padding: bool = True) -> None:
         self.shapes = shapes
         self.allow_padding = allow_padding
 
@@ -506,7 +506,7 @@ class MergeConcatConvs(Rule):
         bias = np.concatenate([bias_of(i) for i in infos], axis=0)
         name = f"{first.node.name or 'conv'}_merged"
         dtype = helper.np_dtype_to_tensor_dtype(weight.dtype)
-        o_dims = self.shapes.dims(graph, first.out)
+        o_dims = self.shapes.shape(first.out)
         dims = None if o_dims is None else (o_dims[0], weight.shape[0], *o_dims[2:])
         act = seg[0].act
         conv_out: Value | str = out if out is not None and act is None else f"{name}_out"
@@ -610,7 +610,7 @@ class HorizontalFusion(Rule):
     name = "horizontal_fusion"
     root_ops = LAYER_OPS
 
-    def __init__(self, shapes: ShapeTable, opset: int, allow_padding: bool = True, blocked_layout: bool = True) -> None:
+    def __init__(self, shapes: ShapeView, opset: int, allow_padding: bool = True, blocked_layout: bool = True) -> None:
         self.shapes = shapes
         self.opset = opset
         self.allow_padding = allow_padding
@@ -739,7 +739,7 @@ class HorizontalFusion(Rule):
 
     def _dense_costs(self, graph: Graph, x: Value, members: list[_Sibling]) -> tuple[Cost, Cost] | str:
         """(the sibling GEMMs and their bias Adds, the one wide GEMM and its Add), or why not."""
-        xd = self.shapes.concrete(graph, x)
+        xd = self.shapes.concrete(x)
         if xd is None:
             return _UNKNOWN
         rows = xd[-1] if members[0].trans_a else prod(xd[:-1])
@@ -818,7 +818,7 @@ class HorizontalFusion(Rule):
         # The values the siblings' readers read are re-produced by the Split: names and readers stay.
         outs = [m.out if act is not None else m.head_out for m in members]
         dtype = helper.np_dtype_to_tensor_dtype(first.weight.dtype)
-        out_dims = self.shapes.dims(graph, outs[0])
+        out_dims = self.shapes.shape(outs[0])
         chain = [n for m in members for n in (m.node, m.bias_add, m.act.node if act is not None else None)
                  if n is not None]
         weights = [v for n in chain for v in n.inputs]  # drop_unused keeps whatever is still read
@@ -926,7 +926,7 @@ class MergeSumBranches(Rule):
     name = "merge_sum_branches"
     root_ops = _SUM_OPS
 
-    def __init__(self, shapes: ShapeTable) -> None:
+    def __init__(self, shapes: ShapeView) -> None:
         self.shapes = shapes
 
     def _leaves(self, graph: Graph, root: Node) -> tuple[list[Value], list[Node]]:
@@ -1040,7 +1040,7 @@ class MergeSumBranches(Rule):
         conv = add_conv(graph, first, al, weight.astype(first.weight.dtype), bias.astype(first.weight.dtype),
                         out if len(terms) == 1 else f"{name}_out", name)
         if len(terms) > 1:
-            _set_type(conv.outputs[0], dtype, self.shapes.dims(graph, first.out))
+            _set_type(conv.outputs[0], dtype, self.shapes.shape(first.out))
             terms = [conv.outputs[0] if t is None else t for t in terms]
             acc = terms[0]
             for k, t in enumerate(terms[1:], start=1):
@@ -1071,7 +1071,7 @@ class PoolThroughConcat(Rule):
     name = "pool_through_concat"
     root_ops = tuple(sorted(POOLS))
 
-    def __init__(self, shapes: ShapeTable) -> None:
+    def __init__(self, shapes: ShapeView) -> None:
         self.shapes = shapes
 
     def match(self, graph: Graph, node: Node) -> Match | str | None:
@@ -1095,7 +1095,7 @@ class PoolThroughConcat(Rule):
 
     def _axis_refusal(self, graph: Graph, concat: Node) -> str | None:
         """Why the Concat's axis is not the batch or channel axis, or None."""
-        dims = self.shapes.dims(graph, concat.outputs[0])
+        dims = self.shapes.shape(concat.outputs[0])
         axis = concat.attr("axis")
         if axis is None or (axis < 0 and dims is None):
             return "concat axis unknown"
@@ -1136,7 +1136,7 @@ class MergeConcatConvsPass(RulePass):
     options = _PADDING
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        return [MergeConcatConvs(ShapeTable(model), self.opt(ctx, "allow_padding"))]
+        return [MergeConcatConvs(ShapeView(model), self.opt(ctx, "allow_padding"))]
 
 
 @register
@@ -1148,7 +1148,7 @@ class HorizontalFusionPass(RulePass):
                                               "on runtimes with channel-blocked conv kernels (onnxruntime CPU)", bool)}
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        rule = HorizontalFusion(ShapeTable(model), _opset(model), self.opt(ctx, "allow_padding"),
+        rule = HorizontalFusion(ShapeView(model), _opset(model), self.opt(ctx, "allow_padding"),
                                 self.opt(ctx, "blocked_layout"))
         return [rule]
 
@@ -1159,7 +1159,7 @@ class MergeSumBranchesPass(RulePass):
     summary = "summed conv branches of one tensor (RepVGG/ACNet: kxk + 1x1 + identity) -> one conv"
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        return [MergeSumBranches(ShapeTable(model))]
+        return [MergeSumBranches(ShapeView(model))]
 
 
 @register
@@ -1168,4 +1168,4 @@ class PoolThroughConcatPass(RulePass):
     summary = "pool(Concat(a, b, ...)) -> Concat(pool(a), pool(b), ...) when the pool shrinks the tensor"
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        return [PoolThroughConcat(ShapeTable(model))]
+        return [PoolThroughConcat(ShapeView(model))]

@@ -110,7 +110,7 @@ from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.ops import constant_value, remove_dead, slice_bounds
-from graphopt.core.shapes import TypeTable
+from graphopt.core.shapes import ShapeView
 
 # Domains whose ops are pure functions of their inputs: unused results can be dropped.
 PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -264,7 +264,7 @@ PURE_FOLD_DOMAINS = PURE_DOMAINS  # what onnxruntime can evaluate and has no sid
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _static_shape_values(graph: Graph, order: list[Node], types: TypeTable) -> dict[Value, np.ndarray]:
+def _static_shape_values(graph: Graph, order: list[Node], types: ShapeView) -> dict[Value, np.ndarray]:
     """Values of ``Shape``/``Size`` nodes (and ``Gather``/``Slice`` of a ``Shape``) fixed by static dims."""
     out: dict[Value, np.ndarray] = {}
     for node in order:
@@ -286,7 +286,7 @@ def _constant_node_values(graph: Graph, order: list[Node]) -> dict[Value, np.nda
     return out
 
 
-def _shape_dims(node: Node, types: TypeTable) -> list[int | None] | None:
+def _shape_dims(node: Node, types: ShapeView) -> list[int | None] | None:
     """The dims a ``Shape`` node returns (``None`` per non-static dim), honouring ``start``/``end``."""
     dims = types.dims(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
     if dims is None:
@@ -299,7 +299,7 @@ def _shape_dims(node: Node, types: TypeTable) -> list[int | None] | None:
     return list(dims[clamp(node.attr("start", 0)):clamp(node.attr("end", rank))])
 
 
-def _shape_value(node: Node, graph: Graph, types: TypeTable) -> np.ndarray | None:
+def _shape_value(node: Node, graph: Graph, types: ShapeView) -> np.ndarray | None:
     """The value of ``Shape``, ``Size``, or a ``Gather``/``Slice`` of a ``Shape``, when every dim it
     returns is static; else None."""
     if node.op_type == "Shape":
@@ -362,7 +362,7 @@ class _GraphsurgeonFold:
     and records why it left foldable nodes alone (:attr:`refused`) and what it warned (:attr:`notes`).
     """
 
-    def __init__(self, model: Model, graphs: list[tuple[Graph, list[Node]]], types: TypeTable, max_bytes: int,
+    def __init__(self, model: Model, graphs: list[tuple[Graph, list[Node]]], types: ShapeView, max_bytes: int,
                  fold_shapes: bool) -> None:
         self.model, self.types, self.max_bytes, self.fold_shapes = model, types, max_bytes, fold_shapes
         self.order = dict(graphs)  # the IR does not change while graphsurgeon works: sort once
@@ -508,7 +508,7 @@ class FoldConstants(Pass):
         could_fold = any(_could_fold(g, n) for g, order in graphs for n in order)
         if not could_fold and not (fold_shapes and any(n.op_type in ("Shape", "Size") for _, o in graphs for n in o)):
             return PassResult(False, {"folded": 0})
-        types = TypeTable(model)
+        types = ShapeView(model)
         if not could_fold and not any(_static_shape_values(g, order, types) for g, order in graphs):
             return PassResult(False, {"folded": 0})
         try:
@@ -528,7 +528,7 @@ class FoldConstants(Pass):
         return PassResult(stats["folded"] > 0 or stats["removed_nodes"] > 0, stats)
 
     @staticmethod
-    def _evaluate(model: Model, graphs: list[tuple[Graph, list[Node]]], types: TypeTable, max_bytes: int,
+    def _evaluate(model: Model, graphs: list[tuple[Graph, list[Node]]], types: ShapeView, max_bytes: int,
                   fold_shapes: bool) -> tuple[_GraphsurgeonFold, dict[Graph, list[tuple[Value, Any]]], bool]:
         """graphsurgeon's answer: the oracle run, what it evaluated, and whether it had to partition."""
         oracle = _GraphsurgeonFold(model, graphs, types, max_bytes, fold_shapes)
@@ -544,7 +544,7 @@ class FoldConstants(Pass):
 
     @staticmethod
     def _apply(model: Model, graphs: list[Graph], found: dict[Graph, list[tuple[Value, Any]]],
-               types: TypeTable, max_bytes: int, refused: list[tuple[str, str, str]]) -> dict[str, Any]:
+               types: ShapeView, max_bytes: int, refused: list[tuple[str, str, str]]) -> dict[str, Any]:
         """Store the frontier of ``found`` and remove what computed it; appends ``(why, value, op)`` to
         ``refused`` for each value it must not store."""
         new_values: dict[Value, tuple[Graph, str, int]] = {}
@@ -617,7 +617,7 @@ def _folded_stats(new_values: dict[Value, tuple[Graph, str, int]], removed: Coun
             "removed_nodes": sum(removed.values()), "removed_by_op": dict(sorted(removed.items()))}
 
 
-def _frontier(graph: Graph, found: list[tuple[Value, Any]], types: TypeTable,
+def _frontier(graph: Graph, found: list[tuple[Value, Any]], types: ShapeView,
               max_bytes: int) -> list[tuple[Value, Any, str | None]]:
     """The evaluated values worth storing, each with the reason it must not be stored (or None).
 
@@ -636,7 +636,7 @@ def _frontier(graph: Graph, found: list[tuple[Value, Any]], types: TypeTable,
             and (graph.is_graph_output(value) or any(stays(n) for n in graph.consumers(value)))]
 
 
-def _refuse_folded(value: Value, array: Any, types: TypeTable, max_bytes: int) -> str | None:
+def _refuse_folded(value: Value, array: Any, types: ShapeView, max_bytes: int) -> str | None:
     """Why an evaluated value must not be stored (checked after graphsurgeon), or None."""
     if not isinstance(array, np.ndarray):
         return "not a tensor"

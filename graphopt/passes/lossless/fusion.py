@@ -53,7 +53,7 @@ from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import constant_value, is_float, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import Gelu, LayerNorm, match_gelu, match_layer_norm
 from graphopt.core.rewrite import Match, Rule, RulePass
-from graphopt.core.shapes import TypeTable
+from graphopt.core.shapes import ShapeView
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
@@ -63,9 +63,9 @@ def _opset(model: Model) -> int:
 
 
 class _TypedRule(Rule):
-    """A rule that reads dtypes and dims from the pass's :class:`TypeTable` (inferred once per run)."""
+    """A rule that reads dtypes and dims from the pass's :class:`ShapeView` (inferred once per run)."""
 
-    def __init__(self, types: TypeTable) -> None:
+    def __init__(self, types: ShapeView) -> None:
         self.types = types
 
 
@@ -285,7 +285,7 @@ class FusePatterns(RulePass):
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
         opset = _opset(model)
-        types = TypeTable(model)
+        types = ShapeView(model)
         rules: list[Rule] = []  # LayerNormalization needs opset 17, Gelu opset 20
         if opset >= 17:
             rules.append(LayerNormFusion(types))

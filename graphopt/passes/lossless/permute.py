@@ -51,7 +51,7 @@ from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, conv_info, drop_unused, is_op, producer_op, remove_dead, sole_consumer
 from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
-from graphopt.core.shapes import TypeTable
+from graphopt.core.shapes import ShapeView
 
 
 def _remove(graph: Graph, nodes: list[Node]) -> None:
@@ -62,7 +62,7 @@ def _remove(graph: Graph, nodes: list[Node]) -> None:
 
 
 class _Rule(Rule):
-    def __init__(self, types: TypeTable) -> None:
+    def __init__(self, types: ShapeView) -> None:
         self.types = types
 
     def emit_gather(self, graph: Graph, out: Value, x: Value, axis: int, idx: np.ndarray, anchor: Node) -> None:
@@ -410,7 +410,7 @@ class GatherThroughDepthwise(_Rule):
         _remove(graph, [match.gather])
 
 
-def rules(types: TypeTable) -> list[Rule]:
+def rules(types: ShapeView) -> list[Rule]:
     return [cls(types) for cls in (ShuffleToGather, SliceOfGather, SplitOfGather, GatherOfGather, NoopGather,
                                    GatherIntoConv, GatherThroughDepthwise)]
 
@@ -422,4 +422,4 @@ class ChannelPermute(RulePass):
                "and conv weights")
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        return rules(TypeTable(model))
+        return rules(ShapeView(model))

@@ -4,7 +4,7 @@ Every rule below either proves ``y = x`` (then readers of ``y`` read ``x`` and t
 rewrites a pair of nodes into one that computes the same tensor. A rule acts only on what is known for
 sure: constant operands (initializers or ``Constant`` nodes that are not overridable inputs) and element
 types and dims that are static, from onnx shape inference or the IR (see
-:class:`graphopt.core.shapes.TypeTable`). A symbolic dim is never assumed to be any value.
+:class:`graphopt.core.shapes.ShapeView`). A symbolic dim is never assumed to be any value.
 
 Cancellations and chains
 ------------------------
@@ -32,7 +32,7 @@ Exporters rebuild a dynamic batch dim at run time: ``Reshape(x, Concat(Unsqueeze
 :func:`shape_entries` evaluates such an int64 vector symbolically (Shape, Gather, Slice, Unsqueeze, Squeeze,
 Concat, int64 Cast, constants): each entry is a static int or the set of names of a dynamic dim (``dim i of
 value v``, or its symbol from shape inference — onnx's, or onnxruntime's symbolic engine for main-graph values,
-see :meth:`TypeTable.symbols`).
+see :meth:`ShapeView.symbols`).
 
 ``reshape_shape_target``
     Reshape(x, computed) -> Reshape(x, constant); see :class:`ReshapeShapeTarget` for when an entry becomes
@@ -75,7 +75,7 @@ from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import const_input, constant_value, producer_op, remove_dead, slice_bounds, sole_consumer
 from graphopt.core.rewrite import Match, NoMatch, Rule, RulePass
-from graphopt.core.shapes import TypeTable
+from graphopt.core.shapes import ShapeView
 
 INT64_MAX = 2**63 - 1
 
@@ -115,7 +115,7 @@ def _normalized(axes: list[int], rank: int | None) -> set[int] | None:
 
 
 class _TypedRule(Rule):
-    def __init__(self, types: TypeTable) -> None:
+    def __init__(self, types: ShapeView) -> None:
         self.types = types
 
     def rank(self, value: Value | None) -> int | None:
@@ -511,7 +511,7 @@ Entry = int | frozenset
 _MAX_DEPTH = 12
 
 
-def _dim_keys(types: TypeTable, value: Value, index: int) -> Entry | None:
+def _dim_keys(types: ShapeView, value: Value, index: int) -> Entry | None:
     """Dim ``index`` of ``value``: its static size, or the names it is known by; None if out of range."""
     symbols = types.symbols(value)
     if symbols is None or not 0 <= index < len(symbols):
@@ -525,7 +525,7 @@ def _dim_keys(types: TypeTable, value: Value, index: int) -> Entry | None:
     return frozenset(keys)
 
 
-def shape_entries(graph: Graph, types: TypeTable, value: Value | None,
+def shape_entries(graph: Graph, types: ShapeView, value: Value | None,
                   depth: int = 0) -> tuple[list[Entry], bool] | None:
     """Evaluate an int64 shape tensor built from ``Shape`` (Gather/Slice/Unsqueeze/Squeeze/Concat of it
     and constants) into entries; returns ``(entries, is_scalar)`` or None when it cannot be followed.
@@ -549,7 +549,7 @@ def shape_entries(graph: Graph, types: TypeTable, value: Value | None,
 _Entries = tuple[list[Entry], bool]
 
 
-def _entries_of_shape(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_shape(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     symbols = types.symbols(node.inputs[0])
     if symbols is None:
         return None
@@ -563,18 +563,18 @@ def _entries_of_shape(graph: Graph, types: TypeTable, node: Node, depth: int) ->
     return entries, False  # type: ignore[return-value]
 
 
-def _entries_of_identity(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_identity(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     return shape_entries(graph, types, node.inputs[0], depth + 1)
 
 
-def _entries_of_cast(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_cast(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     inner = shape_entries(graph, types, node.inputs[0], depth + 1)
     src = types.dtype(node.inputs[0])
     # int32 <-> int64 keeps every dim (dims are < 2**31 in practice, but only int64 -> int64 is exact)
     return inner if inner is not None and node.attr("to") == src == TensorProto.INT64 else None
 
 
-def _entries_of_gather(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_gather(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     if node.attr("axis", 0) != 0:
         return None
     data = shape_entries(graph, types, node.inputs[0], depth + 1)
@@ -590,7 +590,7 @@ def _entries_of_gather(graph: Graph, types: TypeTable, node: Node, depth: int) -
     return picked, idx.ndim == 0
 
 
-def _entries_of_slice(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_slice(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     data = shape_entries(graph, types, node.inputs[0], depth + 1)
     bounds = slice_bounds(node, graph)
     if data is None or data[1] or bounds is None:
@@ -601,7 +601,7 @@ def _entries_of_slice(graph: Graph, types: TypeTable, node: Node, depth: int) ->
     return data[0][starts[0]:ends[0]], False  # ONNX clamps like Python slicing for step 1
 
 
-def _entries_of_unsqueeze_or_squeeze(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_unsqueeze_or_squeeze(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     data = shape_entries(graph, types, node.inputs[0], depth + 1)
     axes = _axes(graph, node)
     if data is None or axes in ("unknown", None) or axes not in ([0], [-1]):
@@ -612,7 +612,7 @@ def _entries_of_unsqueeze_or_squeeze(graph: Graph, types: TypeTable, node: Node,
     return (entries, True) if not scalar and len(entries) == 1 else None
 
 
-def _entries_of_concat(graph: Graph, types: TypeTable, node: Node, depth: int) -> _Entries | None:
+def _entries_of_concat(graph: Graph, types: ShapeView, node: Node, depth: int) -> _Entries | None:
     if node.attr("axis") not in (0, -1):
         return None
     out: list[Entry] = []
@@ -815,7 +815,7 @@ class ShapeWhereEqual(_TypedRule):
         remove_dead(graph, [node, *_producers(graph, node.inputs[0])])
 
 
-def rules(types: TypeTable) -> list[Rule]:
+def rules(types: ShapeView) -> list[Rule]:
     """The rules of ``simplify``, no-ops before pairs on the same op."""
     return [cls(types) for cls in (NoopTranspose, TransposePair, SqueezeUnsqueeze, UnsqueezeSqueeze, NoopReshape,
                                    ReshapeChain, NoopCast, NoopSlice, NoopExpand, NoopPad, SingleConcat, SingleSplit,
@@ -828,4 +828,4 @@ class Simplify(RulePass):
     summary = "remove shape no-ops (same-type Cast, whole Slice, x*1...) and cancel Transpose/Squeeze/Reshape pairs"
 
     def rules(self, model: Model, ctx: PassContext) -> list[Rule]:
-        return rules(TypeTable(model))
+        return rules(ShapeView(model))

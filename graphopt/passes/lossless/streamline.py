@@ -124,13 +124,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import protected_role
 from graphopt.core.rewrite import Match, Rule, RulePass
-from graphopt.core.shapes import inferred_types, symbolic_dims
+from graphopt.core.shapes import ShapeView
 from graphopt.measure.cost import Cost, cheaper, conv_cost, elementwise_cost, gemm_cost
 
 Shape = tuple  # dims: int, str (symbolic) or None (unknown)
@@ -140,55 +139,13 @@ Shape = tuple  # dims: int, str (symbolic) or None (unknown)
 # shared state of one pass run
 
 
-class _Env:
-    """What the rules of one pass run share: the model's opset and shapes (inferred once, lazily)."""
+class _Env(ShapeView):
+    """What the rules of one pass run share: the shape view (inferred once, at the first question that
+    needs it; with ``symbolic``, onnxruntime's static sizes where onnx lost them) and the opset."""
 
     def __init__(self, model: Model, symbolic: bool = False) -> None:
-        self.model = model
-        self.symbolic = symbolic  # also ask onnxruntime's symbolic shape inference (see _infer)
+        super().__init__(model, lazy=True, symbolic=symbolic)
         self.opset = model.opset("") or 1
-        self._inferred: dict[Value, Shape] | None = None
-
-    def shape(self, value: Value | None) -> Shape | None:
-        if value is None:
-            return None
-        stored = value.shape
-        if stored is not None and all(isinstance(d, int) for d in stored):
-            return stored
-        if self._inferred is None:
-            self._inferred = self._infer()
-        inferred = self._inferred.get(value)
-        if inferred is None or (stored is not None and _known(stored) >= _known(inferred)):
-            return stored
-        return inferred
-
-    def rank(self, value: Value | None) -> int | None:
-        shape = self.shape(value)
-        return None if shape is None else len(shape)
-
-    def _infer(self) -> dict[Value, Shape]:
-        # Keyed by Value object: the rewrites here keep every surviving value's shape, and a value that
-        # takes over a model output's name keeps the shape that name had.
-        try:
-            types = inferred_types(self.model)
-        except GraphoptError:
-            return {}
-        out = _dims_by_value(types)
-        # onnx loses static dims behind shape arithmetic (Expand to a computed shape, then Concat); the
-        # symbolic engine evaluates it. Only its static sizes are taken, for dims onnx left unknown.
-        if self.symbolic and any(not all(isinstance(d, int) for d in dims) for dims in out.values()):
-            self._fill_static_from_symbolic(out)
-        return out
-
-    def _fill_static_from_symbolic(self, out: dict[Value, Shape]) -> None:
-        symbolic = symbolic_dims(self.model) or {}
-        for value in self.model.graph.values():
-            found, have = symbolic.get(value.name), out.get(value)
-            if found is None or (have is not None and len(have) != len(found)):
-                continue
-            have = have if have is not None else (None,) * len(found)
-            out[value] = tuple(h if isinstance(h, int) else (f if isinstance(f, int) else h)
-                               for h, f in zip(have, found))
 
 
 def _dims_by_value(types: dict) -> dict[Value, Shape]:
@@ -202,10 +159,6 @@ def _dims_by_value(types: dict) -> dict[Value, Shape]:
             out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                for d in tp.tensor_type.shape.dim)
     return out
-
-
-def _known(dims: Shape) -> int:
-    return sum(isinstance(d, int) for d in dims)
 
 
 def _static(dims: Shape, default: int = 1) -> list[int]:

@@ -61,7 +61,7 @@ from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
-from graphopt.core.shapes import ShapeTable
+from graphopt.core.shapes import ShapeView
 from graphopt.measure import cost as costs
 from graphopt.measure.calibration import Calibrator, SampleData
 from graphopt.measure.cost import Cost
@@ -127,7 +127,7 @@ def _chain(graph: Graph, conv: Node) -> list[Node]:
     return chain
 
 
-def find_block(graph: Graph, conv: Node, shapes: ShapeTable) -> Block | str | None:
+def find_block(graph: Graph, conv: Node, shapes: ShapeView) -> Block | str | None:
     """The block starting at ``conv``; ``None`` when no non-tensor layer follows it, a reason when refused."""
     if not is_op(conv, "Conv"):
         return None
@@ -146,9 +146,9 @@ def find_block(graph: Graph, conv: Node, shapes: ShapeTable) -> Block | str | No
     if refused:
         return refused
     kernel, stride, begin = _merged_geometry(info, pool)
-    x_dims = shapes.concrete(graph, info.x)
+    x_dims = shapes.concrete(info.x)
     y = chain[-1].outputs[0]
-    y_dims = shapes.concrete(graph, y)
+    y_dims = shapes.concrete(y)
     if x_dims is None or y_dims is None:
         return "spatial size unknown"
     end = _end_pads(x_dims[2:], y_dims[2:], kernel, stride, begin)
@@ -156,7 +156,7 @@ def find_block(graph: Graph, conv: Node, shapes: ShapeTable) -> Block | str | No
         return "the output size cannot be reproduced by one strided conv"
     return Block(conv, chain, info.x, y, kernel, stride, begin, end,
                  (y_dims[2], y_dims[3]), info.cin, info.cout, any(n.op_type == "Relu" for n in chain),
-                 shapes.dims(graph, y))
+                 shapes.shape(y))
 
 
 def _pool_refusal(pool: Node | None) -> str | None:
@@ -202,15 +202,15 @@ def _end_pads(x_spatial: tuple[int, ...], y_spatial: tuple[int, ...], kernel: tu
     return tuple(end)
 
 
-def block_costs(graph: Graph, block: Block, shapes: ShapeTable) -> tuple[Cost, Cost]:
+def block_costs(graph: Graph, block: Block, shapes: ShapeView) -> tuple[Cost, Cost]:
     """(before, after) in the cost model's units, at batch 1."""
     info = conv_info(graph, block.conv)
-    x_dims = shapes.concrete(graph, block.x)
-    c_dims = shapes.concrete(graph, block.conv.outputs[0])
+    x_dims = shapes.concrete(block.x)
+    c_dims = shapes.concrete(block.conv.outputs[0])
     before = costs.conv_cost(x_dims[0], info.cin, info.cout, info.kernel, c_dims[2:], x_dims[2:], 1)
     for node in block.chain:
-        dims_in = shapes.concrete(graph, node.inputs[0]) or c_dims
-        dims_out = shapes.concrete(graph, node.outputs[0]) or dims_in
+        dims_in = shapes.concrete(node.inputs[0]) or c_dims
+        dims_out = shapes.concrete(node.outputs[0]) or dims_in
         n_in, n_out = prod(dims_in), prod(dims_out)
         if node.op_type in POOLS:
             window = prod(node.attr("kernel_shape"))
@@ -356,7 +356,7 @@ class DeepRebirthApprox(Pass):
     }
 
     @staticmethod
-    def _next_block(graph: Graph, shapes: ShapeTable, tried: set[int], left: list[dict[str, str]],
+    def _next_block(graph: Graph, shapes: ShapeView, tried: set[int], left: list[dict[str, str]],
                     max_features: int) -> tuple[Block, Cost, Cost] | None:
         """The first untried block (topological order) worth fitting; refusals go to ``left``."""
         for node in graph.toposort():
@@ -395,7 +395,7 @@ class DeepRebirthApprox(Pass):
         reference_proto = to_proto(model)
         reference = from_proto(reference_proto)
         graph = model.graph
-        shapes = ShapeTable(model)
+        shapes = ShapeView(model)
         merges: list[dict[str, Any]] = []
         left: list[dict[str, str]] = []
         tried: set[int] = set()
@@ -430,7 +430,7 @@ class DeepRebirthApprox(Pass):
             else:
                 replace_block(graph, block, weight, bias)
                 current_drop = drop
-                shapes = ShapeTable(model)
+                shapes = ShapeView(model)
             merges.append(record)
         replaced = sum(1 for m in merges if m["accepted"])
         stats: dict[str, Any] = {"replaced": replaced, "merges": merges, "budget": {

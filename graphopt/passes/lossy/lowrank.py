@@ -105,7 +105,7 @@ from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
-from graphopt.core.shapes import ShapeTable
+from graphopt.core.shapes import ShapeView
 from graphopt.measure import latency as lat
 from graphopt.measure.analysis import analyze
 from graphopt.measure.calibration import Calibrator, Gram, SampleData
@@ -173,7 +173,7 @@ def _no_weight(graph: Graph, x: Value, op: str) -> str:
     return "weight is not constant"
 
 
-def find_site(graph: Graph, node: Node, shapes: ShapeTable | None) -> Site | str:
+def find_site(graph: Graph, node: Node, shapes: ShapeView | None) -> Site | str:
     """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
     if not is_op(node, *LAYER_OPS):
         return f"{node.op_type} is not a Gemm, MatMul or Conv"
@@ -242,11 +242,11 @@ def _transposed_weight(graph: Graph, value: Value) -> np.ndarray | None:
     return None
 
 
-def _with_shapes(graph: Graph, site: Site, shapes: ShapeTable) -> Site | str:
+def _with_shapes(graph: Graph, site: Site, shapes: ShapeView) -> Site | str:
     """``site`` with its input/output dims; the output's are derived from the input (its own type may be symbolic)."""
-    site.x_dims = shapes.concrete(graph, site.x)
-    site.y_dims = shapes.concrete(graph, site.y)
-    site.x_sym = shapes.dims(graph, site.x)
+    site.x_dims = shapes.concrete(site.x)
+    site.y_dims = shapes.concrete(site.y)
+    site.x_sym = shapes.shape(site.x)
     if site.kind != "conv" and site.x_dims is not None and site.x_dims[-1] != site.weight.shape[0]:
         return "input features disagree with the weight"
     if site.x_dims is None:
@@ -755,7 +755,7 @@ def measure_latency(plan: Plan, rounds: int = 11, target_seconds: float = 0.005)
     if a is None:
         return None
     b = _one_layer_model(plan.site)
-    site_b = find_site(b.graph, b.graph.nodes[0], ShapeTable(b))
+    site_b = find_site(b.graph, b.graph.nodes[0], ShapeView(b))
     if isinstance(site_b, str):
         return None
     apply_plan(b.graph, Plan(replace_form(plan.form, site_b), plan.rank, plan.factors, plan.bias))
@@ -931,7 +931,7 @@ def select_candidates(run: LowRankRun) -> None:
     """The layers of ``ops`` (topological order) with a form that saves weights; the rest go to the ledger."""
     graph = run.model.graph
     ops = {o.strip() for o in run.opt("ops").split(",") if o.strip()}
-    shapes = ShapeTable(run.model)
+    shapes = ShapeView(run.model)
     form_opt = run.opt("form")
     for node in graph.toposort():
         if not is_op(node, *LAYER_OPS) or node.op_type not in ops:
