@@ -222,7 +222,7 @@ def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], referenc
                min_ridge: float = 1e-5, activation_aware: bool = True, progress=None) -> dict[str, Any]:
     """Shrink ``model`` (mutated) to ``keep_idx`` and re-fit; returns the shrink and re-fit stats."""
     from graphopt.compress import reconstruct as rec
-    from graphopt.compress import shrink
+    from graphopt.compress.channels import shrink
     from graphopt.compress.lstsq import LinearLayer
 
     graph = model.graph
@@ -276,7 +276,8 @@ class SensitivityContext:
 
 def measure_level(ctx: SensitivityContext, item: tuple[str, int]) -> float:
     """Relative output error of the model with only group ``item[0]`` kept at ``item[1]`` channels."""
-    from graphopt.compress import channels, shrink
+    from graphopt.compress import channels
+    from graphopt.compress.channels import shrink
     from graphopt.compress.lstsq import LinearLayer
 
     key, k = item
