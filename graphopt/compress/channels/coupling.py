@@ -61,7 +61,7 @@ from graphopt.compress.channels.index_mapping import (
 )
 from graphopt.compress.channels.layers import conv_rule, conv_transpose_rule, gemm_rule, matmul_rule
 from graphopt.compress.channels.shape_eval import SHAPE_OPS
-from graphopt.core.ir import Node
+from graphopt.core.ir import Node, Value
 
 if TYPE_CHECKING:
     from graphopt.compress.channels.walk import CouplingWalk
@@ -84,11 +84,25 @@ _REDUCES = frozenset("""ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd Redu
 #: Ops whose output channels are a new dimension (the sources of the walk).
 
 
+def _shape_value_passes_on(b: CouplingWalk, v: Value, user: Node, uslot: int | tuple) -> bool:
+    """Whether a shape value ``v`` read by ``user`` flows on (True: follow its outputs) or ends harmlessly
+    in a bound the shrink rewrites (False); raises when it reaches anything else."""
+    if isinstance(uslot, tuple):
+        raise CannotFollow(f"its value is read inside {user.op_type} {user.name!r}")
+    if (user.op_type == "Reshape" and uslot == 1) or (user.op_type == "Slice" and uslot >= 1) \
+            or user.op_type == "Shape":  # the length of a shape vector does not depend on its values
+        return False
+    if (user.op_type in SHAPE_OPS and user.op_type != "Shape") or (user.op_type == "Reshape" and uslot == 0
+                                                                     and b.rank(v) <= 1):
+        return True
+    raise CannotFollow(f"its value flows into {user.op_type} {user.name!r}")
+
+
 def shape_reader_rule(b: CouplingWalk, node: Node, d: Dim, side: str, slot: int) -> None:
     """Shape: allowed when its value only ever feeds Reshape targets and Slice bounds.
 
-    Those get constants for the pruned shapes (:func:`graphopt.compress.shrink.apply`), so what the old
-    computation would have said no longer matters.
+    Those get constants for the pruned shapes (:func:`.shrink.apply`), so what the old computation would have
+    said no longer matters.
     """
     stack = [o for o in node.outputs if o is not None]
     seen: set[str] = set()
@@ -100,16 +114,8 @@ def shape_reader_rule(b: CouplingWalk, node: Node, d: Dim, side: str, slot: int)
         if b.graph.is_graph_output(v):
             raise CannotFollow(f"its value reaches the graph output {v.name!r}")
         for user, uslot in b.graph.uses(v):
-            if isinstance(uslot, tuple):
-                raise CannotFollow(f"its value is read inside {user.op_type} {user.name!r}")
-            if (user.op_type == "Reshape" and uslot == 1) or (user.op_type == "Slice" and uslot >= 1) \
-                    or user.op_type == "Shape":  # the length of a shape vector does not depend on its values
-                continue
-            if (user.op_type in SHAPE_OPS and user.op_type != "Shape") or (user.op_type == "Reshape" and uslot == 0
-                                                                             and b.rank(v) <= 1):
+            if _shape_value_passes_on(b, v, user, uslot):
                 stack.extend(o for o in user.outputs if o is not None)
-                continue
-            raise CannotFollow(f"its value flows into {user.op_type} {user.name!r}")
 
 
 def _only_axes(d: Dim, allowed: Sequence[int], what: str) -> None:
