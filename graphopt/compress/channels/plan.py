@@ -38,14 +38,30 @@ def _use_signatures(groups: list[Group]) -> dict[tuple, tuple]:
     return {key: tuple(sorted(v)) for key, v in memberships.items()}
 
 
-class _PlanShapes(measure_analysis.NodeShapes):
-    """``analysis.NodeShapes`` over a dict of concrete shapes (for re-costing one node with analysis's MAC rules)."""
+class _PlanShapes:
+    """What a MAC rule of :mod:`graphopt.measure.analysis` sees of a node (``NodeShapes``'s public face: ``node``,
+    ``n_inputs``, ``input``, ``output``, ``attr``), over a dict of concrete shapes: re-costs one node of the
+    pruned model without building it."""
 
     def __init__(self, node: Node, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self.node = node
         self.shapes = shapes
 
-    def _concrete(self, value: Value | None, what: str) -> tuple[int, ...]:
+    @property
+    def n_inputs(self) -> int:
+        return sum(1 for v in self.node.inputs if v is not None)
+
+    def input(self, slot: int) -> tuple[int, ...]:
+        return self._shape(self.node.inputs[slot] if slot < len(self.node.inputs) else None, f"input {slot}")
+
+    def output(self, slot: int = 0) -> tuple[int, ...]:
+        return self._shape(self.node.outputs[slot] if slot < len(self.node.outputs) else None, f"output {slot}")
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        value = self.node.attr(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def _shape(self, value: Value | None, what: str) -> tuple[int, ...]:
         if value is None:
             raise measure_analysis.UnknownShape(f"{what} is missing")
         dims = self.shapes.get(shape_key(value.name, self.node.name))  # this reader's copy of a shared weight
