@@ -1,4 +1,4 @@
-"""Channel dependency analysis (graphopt/channels.py): groups, index maps, roles and refusals."""
+"""Channel dependency analysis (graphopt/compress/channels/): groups, index maps, roles and refusals."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -476,6 +477,37 @@ def test_dynamic_reshape_target_from_shape_is_followed():
     assert g2.frozen is not None and "ConstantOfShape" in g2.frozen
 
 
+def test_plan_cost_names_the_nodes_a_plan_reaches_in_graph_order():
+    """``PlanCost.changed_nodes`` (what the shrink fixes and the cost re-costs): every producer and reader of a
+    changed shape, once each, in graph order; an empty plan reaches nothing."""
+    proto = chain()
+    result = analyse(proto)
+    c1, _ = conv_outputs(proto)
+    (g1,) = group_of(result, c1)
+    cost = result.plan_cost
+    nodes = cost.changed_nodes(cost.new_shapes(result.dim_sizes({g1.gid: 4})))
+    assert [n.op_type for n in nodes] == ["Conv", "BatchNormalization", "Relu", "Conv"]
+    assert [n.seq for n in nodes] == sorted({n.seq for n in nodes})
+    assert cost.changed_nodes({}) == []
+    assert result.walk.nx is result.graph
+
+
+def test_shape_evaluation_truncates_integer_division_and_refuses_other_ops():
+    from graphopt.compress.channels.dims import CannotFollow
+    from graphopt.compress.channels.shape_eval import eval_shape_op
+    proto = onnx.parser.parse_model('''
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1] a, int64[1] b, int64[1] c) => (int64[1] q, int64[N] r) {
+            q = Div (a, b)
+            r = Range (a, b, c)
+        }''')
+    div, rng = from_proto(proto).graph.toposort()
+    # ONNX integer Div rounds toward zero: -7 / 2 = -3 (numpy's // gives -4)
+    assert eval_shape_op(div, [np.array([-7]), np.array([2])]).tolist() == [-3]
+    with pytest.raises(CannotFollow, match="Range"):
+        eval_shape_op(rng, [np.array([0]), np.array([4]), np.array([1])])
+
+
 # ------------------------------------------------------------------------------------------------
 # the zoo
 
@@ -523,4 +555,8 @@ def test_zoo_shufflenet_after_lossless_is_prunable(tmp_path):
 
 def test_docstring_examples():
     import doctest
-    assert doctest.testmod(channels).failed == 0
+    import importlib
+    results = [doctest.testmod(importlib.import_module(f"graphopt.compress.channels.{name}"))
+               for name in channels.__all__]
+    assert sum(r.failed for r in results) == 0
+    assert sum(r.attempted for r in results) > 0  # the analysis example ran

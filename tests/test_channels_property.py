@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt.compress import channels, shrink
+from graphopt.compress import channels
+from graphopt.compress.channels import shrink
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import analysis
 from tests.test_channels import Net

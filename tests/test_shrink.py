@@ -1,4 +1,4 @@
-"""Physical channel removal (graphopt/shrink.py): validity, exactness, cost agreement and refusals.
+"""Physical channel removal (graphopt/compress/channels/shrink.py): validity, exactness, cost agreement and refusals.
 
 The strong check: channels whose contribution downstream is exactly zero (their consumers' input
 weights are zero, or their producers' filters, bias and BN shift are zero so the output is 0 after
@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt.compress import channels, shrink
+from graphopt.compress import channels
+from graphopt.compress.channels import shrink
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
 from graphopt.core.onnx_io import from_proto, to_proto

@@ -58,7 +58,7 @@ Plan
 
 Apply
 -----
-4. **Removal.** :func:`graphopt.compress.shrink.apply` slices every producer/consumer parameter and fixes shape
+4. **Removal.** :func:`graphopt.compress.channels.shrink.apply` slices every producer/consumer parameter and fixes shape
    constants; surviving values keep their names.
 5. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
    other in topological order, every plain linear layer whose input changed (option ``refit_scope``:
@@ -85,9 +85,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt.compress import budget, channels, shrink
+from graphopt.compress import budget, channels
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
+from graphopt.compress.channels import shrink
 from graphopt.compress.lstsq import LinearLayer, collect
 from graphopt.compress.options import calibration
 from graphopt.core.errors import OptionError

@@ -1,4 +1,4 @@
-"""Physical channel removal: apply a pruning plan from :mod:`graphopt.compress.channels` to a model.
+"""Physical channel removal: apply a pruning plan from :mod:`.analysis` to a model.
 
 ``apply(model, analysis, keep)`` keeps, for every group ``gid`` in ``keep``, only the channels
 ``keep[gid]`` (sorted indices into the group's channels) and removes the others everywhere the
@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.compress import channels as _channels
-from graphopt.compress.channels import ChannelAnalysis
+from graphopt.compress.channels.analysis import ChannelAnalysis
+from graphopt.compress.channels.dims import Dim
+from graphopt.compress.channels.plan import PlanCost
+from graphopt.compress.channels.shapes import ShapeFix, patch_runs, shape_fixes
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.shapes import infer_shapes
@@ -75,61 +77,81 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: Mapping[int, Sequence[i
     stats: dict[str, Any] = {"groups": [], "params_removed": 0, "rewritten": []}
     if not plan:
         return stats
-    b = analysis._builder
-    cm = analysis._cost
-    graph = model.graph
+    cost = analysis.plan_cost
+    stats["groups"] = [{"gid": gid, "before": analysis.group(gid).size, "after": int(kept.size)}
+                       for gid, kept in plan.items()]
+    kept_axes = _kept_axes(analysis, plan)
+    old = cost.shapes
+    new = _new_shapes(old, kept_axes)
+    changed = {k for k, s in new.items() if s != old[k]}
+    shapes = dict(old)
+    shapes.update(new)
+    # decide shape-input rewrites before anything changes (they read the original constants)
+    fixes, attr_updates = _decide_rewrites(analysis, old, shapes, changed, kept_axes)
+    stats["params_removed"] = _slice_weights(model.graph, cost, old, changed, kept_axes)
+    stats["rewritten"] = _rewrite_shape_inputs(model.graph, fixes, attr_updates)
+    infer_shapes(model, reset=True)
+    _check_new_shapes(model.graph, cost, new, changed, kept_axes)
+    return stats
 
-    # 1. kept positions of every dimension the plan touches
+
+def _kept_axes(analysis: ChannelAnalysis, plan: Mapping[int, np.ndarray]) -> dict[str, dict[int, np.ndarray]]:
+    """Shape key (value, or ``value@reader`` for a shared weight) -> axis -> kept indices, for every dimension
+    the plan touches."""
     removed: dict[tuple, list[np.ndarray]] = {}
     for gid, kept in plan.items():
         g = analysis.group(gid)
         drop = np.setdiff1d(np.arange(g.size), kept)
         for m in g.members:
             removed.setdefault((m.value, m.axes, m.use), []).append(m.index_map[drop].ravel())
-        stats["groups"].append({"gid": gid, "before": g.size, "after": int(kept.size)})
-    # shape key (value, or "value@reader" for a shared weight) -> axis -> kept indices
     kept_axes: dict[str, dict[int, np.ndarray]] = {}
     for key, parts in removed.items():
-        d = cm.dims[key]
+        d = analysis.plan_cost.dims[key]
         kept_flat = np.setdiff1d(np.arange(d.size), np.concatenate(parts))
         kept_axes.setdefault(d.shape_key, {}).update(_per_axis(d, kept_flat))
+    return kept_axes
 
-    old = cm.shapes
+
+def _new_shapes(old: Mapping[str, tuple[int, ...]], kept_axes: Mapping[str, Mapping[int, np.ndarray]]
+                ) -> dict[str, tuple[int, ...]]:
     new: dict[str, tuple[int, ...]] = {}
     for key, axes in kept_axes.items():
         shape = list(old[key])
         for a, idx in axes.items():
             shape[a] = len(idx)
         new[key] = tuple(shape)
-    changed = {k for k, s in new.items() if s != old[k]}
-    shapes = dict(old)
-    shapes.update(new)
+    return new
 
-    # 2. decide shape-input rewrites before anything changes (they read the original constants)
-    nodes: dict[str, Node] = {}
-    for key in changed:
-        for n in (*cm.nodes_of_key.get(key, []), *cm.dynamic_readers.get(key, [])):
-            nodes[n.name] = n
-    ordered = sorted(nodes.values(), key=lambda n: n.seq)
-    fixes: list[tuple[Node, _channels.ShapeFix]] = []
+
+def _decide_rewrites(analysis: ChannelAnalysis, old: Mapping[str, tuple[int, ...]],
+                     shapes: Mapping[str, tuple[int, ...]], changed: set[str],
+                     kept_axes: Mapping[str, Mapping[int, np.ndarray]]
+                     ) -> tuple[list[tuple[Node, ShapeFix]], list[tuple[Node, str, Any]]]:
+    """The shape-input fixes and attribute updates of every node a changed shape reaches, in graph order."""
+    fixes: list[tuple[Node, ShapeFix]] = []
     attr_updates: list[tuple[Node, str, Any]] = []
-    for n in ordered:
-        for fix in _channels.shape_fixes(b, n, old, shapes, changed, kept_axes):
+    for n in analysis.plan_cost.changed_nodes(changed):
+        for fix in shape_fixes(analysis.walk, n, old, shapes, changed, kept_axes):
             if fix.values is None:
                 raise GraphoptError(f"internal: no value for the {fix.kind} of {n.op_type} {n.name!r}")
             if fix.kind == "attr":
                 attr_updates.append((n, fix.attr, [int(t) for t in fix.values]))
             else:
                 fixes.append((n, fix))
-        attr_updates.extend(_attribute_updates(b, n, old, shapes, kept_axes))
+        attr_updates.extend(_attribute_updates(n, old, shapes))
+    return fixes, attr_updates
 
-    # 3. slice the weights: one new tensor per weight, or per distinct slicing of a shared weight's readers
-    weights = sorted(k for k in changed if cm.key_info[k][0].name in graph.initializers
-                     or graph.constant_array(cm.key_info[k][0]) is not None)
+
+def _slice_weights(graph: Graph, cost: PlanCost, old: Mapping[str, tuple[int, ...]], changed: set[str],
+                   kept_axes: Mapping[str, Mapping[int, np.ndarray]]) -> int:
+    """Slice the weights: one new tensor per weight, or per distinct slicing of a shared weight's readers.
+    Returns the params removed."""
+    weights = sorted(k for k in changed if cost.key_info[k][0].name in graph.initializers
+                     or graph.constant_array(cost.key_info[k][0]) is not None)
     params_before = params_after = 0
     shared: dict[str, list[str]] = {}
     for key in weights:
-        value, use = cm.key_info[key]
+        value, use = cost.key_info[key]
         if use is not None:
             shared.setdefault(value.name, []).append(key)
             continue
@@ -138,43 +160,62 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: Mapping[int, Sequence[i
         params_after += arr.size
         _replace_weight(graph, value, arr)
     for keys in shared.values():
-        value = cm.key_info[keys[0]][0]
-        copies: dict[tuple, Value] = {}
-        for key in keys:
-            use = cm.key_info[key][1]
-            signature = cm.use_signature[(value.name, use)]
-            if signature not in copies:
-                arr = _sliced(graph, value, kept_axes[key])
-                copies[signature] = graph.add_initializer(arr, value.name)
-                params_after += arr.size
-            reader = next(n for n in graph.consumers(value) if n.name == use)
-            for slot, u in enumerate(reader.inputs):
-                if u is value:
-                    graph.set_input(reader, slot, copies[signature])
-        if not graph.uses(value):
-            params_before += int(np.asarray(graph.constant_array(value)).size)
-        _drop_if_unused(graph, value)
-    stats["params_removed"] = params_before - params_after
+        before, after = _slice_shared_weight(graph, cost, keys, kept_axes)
+        params_before += before
+        params_after += after
+    return params_before - params_after
 
-    # 4. shape inputs and attributes
+
+def _slice_shared_weight(graph: Graph, cost: PlanCost, keys: list[str],
+                         kept_axes: Mapping[str, Mapping[int, np.ndarray]]) -> tuple[int, int]:
+    """Give each reader of a shared weight its slicing (readers sliced alike share one copy); drop the old
+    tensor when no node reads it any more. Returns (params removed with it, params of the copies)."""
+    value = cost.key_info[keys[0]][0]
+    params_after = 0
+    copies: dict[tuple, Value] = {}
+    for key in keys:
+        use = cost.key_info[key][1]
+        signature = cost.use_signature[(value.name, use)]
+        if signature not in copies:
+            arr = _sliced(graph, value, kept_axes[key])
+            copies[signature] = graph.add_initializer(arr, value.name)
+            params_after += arr.size
+        reader = next(n for n in graph.consumers(value) if n.name == use)
+        for slot, u in enumerate(reader.inputs):
+            if u is value:
+                graph.set_input(reader, slot, copies[signature])
+    params_before = 0
+    if not graph.uses(value):
+        params_before = int(np.asarray(graph.constant_array(value)).size)
+    _drop_if_unused(graph, value)
+    return params_before, params_after
+
+
+def _rewrite_shape_inputs(graph: Graph, fixes: list[tuple[Node, ShapeFix]],
+                          attr_updates: list[tuple[Node, str, Any]]) -> list[str]:
+    """Apply the shape-input fixes and attribute updates; returns what was rewritten."""
+    rewritten = []
     for node, fix in fixes:
         if fix.kind == "replace":
             _set_constant_input(graph, node, fix.slot, fix.values)
         else:
             _patch_input(graph, node, fix)
-        stats["rewritten"].append(f"{node.op_type} {node.name} input {fix.slot}")
+        rewritten.append(f"{node.op_type} {node.name} input {fix.slot}")
     for node, attr, value in attr_updates:
         if value is None:
             node.del_attr(attr)
         else:
             node.set_attr(attr, value)
-        stats["rewritten"].append(f"{node.op_type} {node.name} {attr}")
+        rewritten.append(f"{node.op_type} {node.name} {attr}")
+    return rewritten
 
-    # 5. shapes
-    infer_shapes(model, reset=True)
+
+def _check_new_shapes(graph: Graph, cost: PlanCost, new: Mapping[str, tuple[int, ...]], changed: set[str],
+                      kept_axes: Mapping[str, Mapping[int, np.ndarray]]) -> None:
+    """Every coupled activation has, after re-inference, the channel counts the plan gives it."""
     by_name = {v.name: v for v in graph.values()}
     for name in changed:
-        value, _ = cm.key_info.get(name, (None, None))
+        value, _ = cost.key_info.get(name, (None, None))
         if value is None or graph.constant_array(value) is not None or name in graph.initializers:
             continue
         v = by_name.get(name)
@@ -185,10 +226,9 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: Mapping[int, Sequence[i
             if a < len(got) and isinstance(got[a], int) and got[a] != size and a in kept_axes[name]:
                 raise GraphoptError(f"internal: {name!r} axis {a} has {got[a]} channels after pruning, "
                                     f"expected {size}")
-    return stats
 
 
-def _per_axis(d: Any, kept_flat: np.ndarray) -> dict[int, np.ndarray]:
+def _per_axis(d: Dim, kept_flat: np.ndarray) -> dict[int, np.ndarray]:
     """Kept indices per axis of a dimension; a multi-axis dimension must keep a product of index sets."""
     if len(d.axes) == 1:
         return {d.axes[0]: kept_flat}
@@ -222,7 +262,7 @@ def _replace_weight(graph: Graph, value: Value, arr: np.ndarray) -> None:
 
 
 def _set_constant_input(graph: Graph, node: Node, slot: int, arr: np.ndarray) -> None:
-    """Input ``slot`` of ``node`` becomes the constant ``arr`` (see :func:`graphopt.compress.channels.param_delta`)."""
+    """Input ``slot`` of ``node`` becomes the constant ``arr`` (see :func:`.shapes.param_delta`)."""
     v = node.inputs[slot] if slot < len(node.inputs) else None
     if v is not None and v.is_initializer and graph.uses(v) == [(node, slot)] and not graph.is_graph_input(v):
         graph.set_initializer_array(v, arr)
@@ -246,15 +286,15 @@ def _drop_if_unused(graph: Graph, value: Value) -> None:
         graph.remove_node(producer)
 
 
-def _patch_input(graph: Graph, node: Node, fix: Any) -> None:
+def _patch_input(graph: Graph, node: Node, fix: ShapeFix) -> None:
     """Input ``fix.slot`` (computed at runtime) gets ``fix.values`` at ``fix.positions``; the other entries
-    are sliced from the runtime value and everything is concatenated again (see :func:`channels.patch_runs`)."""
+    are sliced from the runtime value and everything is concatenated again (see :func:`.shapes.patch_runs`)."""
     v = node.inputs[fix.slot]
     dtype = np.int32 if v.dtype == 6 else np.int64
     length = fix.length
     values = dict(zip(fix.positions.tolist(), fix.values.tolist()))
     pieces = []
-    for kind, lo, hi in _channels.patch_runs(length, fix.positions.tolist()):
+    for kind, lo, hi in patch_runs(length, fix.positions.tolist()):
         if kind == "set":
             pieces.append(graph.add_initializer(np.array([values[i] for i in range(lo, hi)], dtype=dtype),
                                                 f"{node.name}_fix"))
@@ -269,8 +309,9 @@ def _patch_input(graph: Graph, node: Node, fix: Any) -> None:
     graph.set_input(node, fix.slot, cat.outputs[0])
 
 
-def _attribute_updates(b: Any, node: Node, old: Mapping[str, tuple[int, ...]], new: Mapping[str, tuple[int, ...]],
-                       kept_axes: Mapping[str, Mapping[int, np.ndarray]]) -> list[tuple[Node, str, Any]]:
+def _attribute_updates(node: Node, old: Mapping[str, tuple[int, ...]], new: Mapping[str, tuple[int, ...]]
+                       ) -> list[tuple[Node, str, Any]]:
+    """The ``group`` of a grouped Conv whose channels shrink; a Split's ``num_outputs`` (replaced by sizes)."""
     op = node.op_type
     out: list[tuple[Node, str, Any]] = []
     if op == "Conv" and int(node.attr("group", 1)) > 1:
