@@ -9,7 +9,7 @@ import pytest
 
 import graphopt.passes.lossless.fusion  # noqa: F401  (registers the pass)
 from tests.util import apply_pass as apply
-from tests.util import op_types, run
+from tests.util import assert_outputs_close, op_types, run
 
 HEADER = '<ir_version: 8, opset_import: ["" : {opset}]>\n'
 RNG = np.random.default_rng(0)
@@ -22,10 +22,7 @@ def parse(body: str, opset: int) -> onnx.ModelProto:
 
 
 def assert_close(a: onnx.ModelProto, b: onnx.ModelProto, shape=(3, 5, 8)) -> None:
-    feeds = {"x": RNG.standard_normal(shape).astype(np.float32) * 3}
-    for x, y in zip(run(a, feeds), run(b, feeds), strict=True):
-        assert x.shape == y.shape
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5)
+    assert_outputs_close(a, b, {"x": RNG.standard_normal(shape).astype(np.float32) * 3}, rtol=1e-5, atol=1e-5)
 
 
 def layer_norm(opset: int, affine: bool = True, axes: str = "-1", square: str = "Pow(d, two)") -> onnx.ModelProto:

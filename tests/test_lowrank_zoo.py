@@ -66,7 +66,7 @@ def test_data_aware_beats_plain_and_keeps_accuracy(name):
     ops = "Gemm,MatMul" if name == "transformer" else "Gemm,MatMul,Conv"
     err, acc = {}, {}
     for mode in ("off", "on"):
-        cand = onnx_io.copy_model(model)
+        cand = model.clone()
         result = lr.LowRank().run(cand, PassContext(data=calib, options={"lowrank": {
             "ratio": 0.5, "data_aware": mode, "latency": "off", "ops": ops, "samples": 128}}))
         assert result.changed

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect
-from graphopt.core.onnx_io import copy_model, from_proto, to_proto
+from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, run, tensor
 
@@ -158,7 +158,7 @@ def test_refusals_name_the_reason():
 def test_collect_and_refit_restore_a_damaged_conv_from_a_reference():
     proto = _conv_model(strides=(2, 1), pads=(1, 0, 1, 2))
     reference = from_proto(proto)
-    damaged = copy_model(reference)
+    damaged = reference.clone()
     graph = damaged.graph
     conv = next(n for n in graph.nodes if n.op_type == "Conv")
     layer = LinearLayer.of(graph, conv)

@@ -94,12 +94,11 @@ def test_helpers():
     assert producer_op(g, relu.inputs[0], "Mul") is mul and producer_op(g, relu.inputs[0], "Add") is None
 
 
-def test_copy_model_is_independent():
-    from graphopt.core.onnx_io import copy_model
+def test_clone_is_independent():
     proto = make_model([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
                         helper.make_node("Exp", ["b"], ["y"])], [tensor("x", [3])], [tensor("y", [3])])
     model = onnx_io.from_proto(proto)
-    clone = copy_model(model)
+    clone = model.clone()
     apply_rules(clone, [DoubleNeg()])
     assert len(clone.graph) == 1 and len(model.graph) == 3
     assert onnx_io.to_proto(model) == proto

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphopt.compress import storage  # noqa: E402
 from graphopt.core.manager import PassContext, build_pipeline, get_pass, run_pipeline  # noqa: E402
-from graphopt.core.onnx_io import copy_model, from_proto, load, to_proto  # noqa: E402
+from graphopt.core.onnx_io import from_proto, load, to_proto  # noqa: E402
 from graphopt.measure.calibration import SampleData, load_data, reference_outputs  # noqa: E402
 from graphopt.measure.ort import session  # noqa: E402
 
@@ -95,9 +95,9 @@ def lenet(args) -> None:
         configs = args.densities.split(";") if args.densities else LENET_CONFIGS[name][: args.configs or None]
         for config in configs:
             t = time.perf_counter()
-            plain = copy_model(original)
+            plain = original.clone()
             run_pass(plain, "sparsify", {"densities": config, "refit": False, "min_weights": 0}, None)
-            pruned = copy_model(original)
+            pruned = original.clone()
             # guard off: the table sweeps the densities itself (the guard would move them towards dense)
             res = run_pass(pruned, "sparsify", {"densities": config, "min_weights": 0, "ridge": args.ridge,
                                                 "guard": False,
@@ -112,7 +112,7 @@ def lenet(args) -> None:
                 rows.append((name, config, label, 32, density, acc, base - acc, acct.ratio, acct.bits_per_weight))
                 _print(rows[-1])
             for bits in args.bits:
-                shared = copy_model(pruned)
+                shared = pruned.clone()
                 run_pass(shared, "weight_sharing", {"bits": bits, "min_weights": 0, "samples": fit.n_samples,
                                                     "max_rows": 8 * fit.n_samples, "ridge": args.ridge}, fit,
                          seed=args.seed)
@@ -177,7 +177,7 @@ def zoo(args) -> None:
         original = load(path)
         calib = load_data(MODELS / "fmnist_calib.npz", original)
         ev = load_data(MODELS / "fmnist_eval.npz", original)
-        model = copy_model(original)
+        model = original.clone()
         data = calib.head(args.samples)
         # lossless first: BN folded into the convs (else its parameters stay float32 in the file)
         run_pipeline(build_pipeline("lossless"), model, PassContext(data=data))
@@ -255,7 +255,7 @@ def bytes_table(args) -> None:
         original = load(MODELS / f"{name}.onnx")
         data = load_data(MODELS / "fmnist_calib.npz", original).head(64)
         for short in (False, True):
-            model = copy_model(original)
+            model = original.clone()
             run_pipeline(build_pipeline("lossless"), model, PassContext(data=data))
             run_pass(model, "weight_sharing", {"bits": args.bits, "encoding": "compact", "refit": False,
                                                "short_names": short}, None)
@@ -286,7 +286,7 @@ def inits(args) -> None:
             for init in ("linear", "density", "kmeans++"):
                 for weighted in (False, True):
                     for refit in (False, True):
-                        m = copy_model(original)
+                        m = original.clone()
                         run_pass(m, "weight_sharing", {"bits": bits, "init": init, "weighted": weighted,
                                                        "refit": refit, "min_weights": 0}, calib)
                         acc = accuracy(m, ev)

@@ -59,7 +59,7 @@ def logits(model, data, batch: int = 250) -> np.ndarray:
 
 
 def lowrank(model, calib, options: dict[str, Any], **ctx_kw):
-    cand = onnx_io.copy_model(model)
+    cand = model.clone()
     result = LowRank().run(cand, PassContext(data=calib, options={"lowrank": options}, **ctx_kw))
     return cand, result
 

@@ -98,7 +98,7 @@ def _without_reconstruction(name: str, calib: SampleData, stats: dict) -> onnx.M
     cleaned = optimize(MODELS / f"{name}.onnx", preset="lossless", run_verify=False).ir
     analysis = channels.analyze(cleaned)
     keep = {g["group"]: np.array(g["kept"], dtype=np.int64) for g in stats["groups"] if g["kept"] != "all"}
-    apply_plan(cleaned, analysis, keep, from_proto(to_proto(cleaned)), None, refit=False,
+    apply_plan(cleaned, analysis, keep, cleaned.clone(), None, refit=False,
                refit_scope="consumers", max_rows=0, seed=0, batch=64)
     return to_proto(cleaned)
 

@@ -25,10 +25,10 @@ class LeftAlone:
     def __init__(self, examples: int = 3) -> None:
         self.max_examples = examples
         self.counts: Counter[tuple[str, str]] = Counter()
-        self.examples: dict[tuple[str, str], list[str]] = defaultdict(list)
+        self.examples: dict[tuple[str, str], list[str | int]] = defaultdict(list)
 
-    def add(self, reason: str, example: str | None = None, *, rule: str = "", count: int = 1) -> None:
-        """Record that ``example`` (a node, value or layer name) was left alone for ``reason``."""
+    def add(self, reason: str, example: str | int | None = None, *, rule: str = "", count: int = 1) -> None:
+        """Record that ``example`` (a node, value or layer name, or a group id) was left alone for ``reason``."""
         key = (rule, reason)
         self.counts[key] += count
         if example is not None and len(self.examples[key]) < self.max_examples:

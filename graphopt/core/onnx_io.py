@@ -671,10 +671,3 @@ def _copy_fields_of(src: google.protobuf.message.Message, dst: google.protobuf.m
 def round_trip(proto: onnx.ModelProto) -> onnx.ModelProto:
     """``to_proto(from_proto(proto))`` — handy in tests and sweeps."""
     return to_proto(from_proto(proto))
-
-
-def copy_model(model: Model) -> Model:
-    """An independent deep copy of ``model`` (through a proto round trip), e.g. for trial rewrites."""
-    clone = from_proto(to_proto(model))
-    clone.uses_external_data = model.uses_external_data
-    return clone

@@ -58,6 +58,7 @@ from onnx import helper
 from graphopt.compress.lstsq import CrossGram
 from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.core.ops import ConvInfo, conv_info, drop_unused, is_op, remove_dead, sole_consumer
@@ -356,7 +357,7 @@ class DeepRebirthApprox(Pass):
     }
 
     @staticmethod
-    def _next_block(graph: Graph, shapes: ShapeView, tried: set[int], left: list[dict[str, str]],
+    def _next_block(graph: Graph, shapes: ShapeView, tried: set[int], left: LeftAlone,
                     max_features: int) -> tuple[Block, Cost, Cost] | None:
         """The first untried block (topological order) worth fitting; refusals go to ``left``."""
         for node in graph.toposort():
@@ -367,15 +368,14 @@ class DeepRebirthApprox(Pass):
                 continue
             tried.add(id(node))
             if isinstance(found, str):
-                left.append({"node": node.name, "reason": found})
+                left.add(found, node.name)
                 continue
             before, after = block_costs(graph, found, shapes)
             if not costs.cheaper(after, before):
-                left.append({"node": node.name, "reason": "the slim conv does not pay (cost model)"})
+                left.add("the slim conv does not pay (cost model)", node.name)
                 continue
             if found.features > max_features:
-                left.append({"node": node.name,
-                             "reason": f"least-squares system of {found.features} unknowns exceeds max_features"})
+                left.add(f"least-squares system of {found.features} unknowns exceeds max_features", node.name)
                 continue
             return found, before, after
         return None
@@ -397,7 +397,7 @@ class DeepRebirthApprox(Pass):
         graph = model.graph
         shapes = ShapeView(model)
         merges: list[dict[str, Any]] = []
-        left: list[dict[str, str]] = []
+        left = LeftAlone()
         tried: set[int] = set()
         current_drop = 0.0
         while True:
@@ -409,7 +409,7 @@ class DeepRebirthApprox(Pass):
             weight, bias = fit_block(model, reference, block, fit_data, rng, self.opt(ctx, "batch_rows"),
                                      self.opt(ctx, "ridge"), batch)
             # Trial on a copy: a merge that breaks the budget is never applied to the model.
-            trial = from_proto(to_proto(model))
+            trial = model.clone()
             replace_block(trial.graph, transfer(block, graph, trial.graph), weight, bias)
             err = block_error(trial, reference, block.y.name, eval_data, batch)
             measured = model_drop(reference_proto, trial, eval_data, batch)
@@ -437,8 +437,7 @@ class DeepRebirthApprox(Pass):
             "max_drop": budget, "max_drop_per_merge": per_merge, "max_block_error": max_err},
             "fit_samples": fit_data.n_samples, "measure_samples": eval_data.n_samples,
             "total_drop": _round(current_drop)}
-        if left:
-            stats["left_alone"] = left
+        left.into(stats)
         return PassResult(replaced > 0, stats)
 
 

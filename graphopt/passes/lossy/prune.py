@@ -93,6 +93,7 @@ from graphopt.compress.lstsq import LinearLayer, collect
 from graphopt.compress.options import calibration
 from graphopt.core.errors import OptionError
 from graphopt.core.ir import Model
+from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import (
     Option,
     Pass,
@@ -507,7 +508,7 @@ class PruneRun:
 
     def pruned_copy(self, keep: Mapping[int, int], data) -> Model:
         """A copy of ``model`` pruned to ``keep`` and re-fitted on ``data`` (the trials of blend and guard)."""
-        trial = from_proto(to_proto(self.model))
+        trial = self.model.clone()
         keep_idx = self.keep_indices(keep)
         if keep_idx:
             # same model, same group ids; shrink needs an analysis of the copy
@@ -648,7 +649,7 @@ class PruneFilters(Pass):
     def _select(self, model: Model, ctx: PassContext, analysis, groups: list) -> PruneRun:
         """The run: calibration data, an untouched reference copy, and every prunable group ranked."""
         data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples)) if ctx.data is not None else None
-        run = PruneRun(self, ctx, model, analysis, groups, from_proto(to_proto(model)), data,
+        run = PruneRun(self, ctx, model, analysis, groups, model.clone(), data,
                        seed=int(ctx.rng(self.name).integers(2 ** 31)))
         criterion = run.opt("criterion")
         ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
@@ -1077,12 +1078,12 @@ def _outputs(model: Model, data, batch: int) -> dict[str, np.ndarray]:
 
 
 def _frozen_summary(analysis) -> list[dict[str, Any]]:
-    reasons: dict[str, list[int]] = {}
+    """The frozen groups in the ledger's form: reason, count, a few group ids."""
+    left = LeftAlone(examples=5)
     for g in analysis.groups:
         if g.frozen:
-            reasons.setdefault(str(g.frozen), []).append(g.gid)
-    return [{"reason": f"group frozen: {r}", "count": len(ids), "examples": ids[:5]}
-            for r, ids in sorted(reasons.items(), key=lambda kv: -len(kv[1]))]
+            left.add(f"group frozen: {g.frozen}", g.gid)
+    return left.to_list()
 
 
 def _r(v: Any) -> Any:

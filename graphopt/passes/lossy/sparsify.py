@@ -80,7 +80,6 @@ from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Model
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
-from graphopt.core.onnx_io import copy_model
 from graphopt.core.ops import LAYER_OPS
 from graphopt.measure.calibration import SampleData, reference_outputs
 
@@ -368,7 +367,7 @@ class Sparsify(Pass):
         guard = guard_setup(run, data)
         if isinstance(guard, Guard):
             return guarded(run, guard)
-        job = PruneJob(model, run.layers, run.densities, data, copy_model(model), run.opt("splice_rounds"))
+        job = PruneJob(model, run.layers, run.densities, data, model.clone(), run.opt("splice_rounds"))
         stats = report(run, prune_layers(run, job))
         stats["guard"] = {"off": guard}
         return PassResult(True, stats)
@@ -558,7 +557,7 @@ def guarded(run: SparsifyRun, guard: Guard) -> PassResult:
 def attempt(run: SparsifyRun, guard: Guard, t: float, splice_rounds: int) -> bool:
     """Prune a copy at densities ``d(t)``, fitted on the guard's fit samples; within the budget on the held-out
     ones when ``drop + guard_z · SE <= max_drop`` (``SE`` paired: only changed verdicts carry variance)."""
-    trial = copy_model(run.model)
+    trial = run.model.clone()
     trial_layers = [lay for lay in linear_layers(trial, run.opt("min_weights"), LeftAlone())
                     if lay.node.name in run.densities]
     dens = {k: v + t * (1.0 - v) for k, v in run.densities.items()}

@@ -59,7 +59,6 @@ from graphopt.compress.options import calibration
 from graphopt.core.ir import Graph, Model, Node
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
-from graphopt.core.onnx_io import copy_model
 from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, drop_unused, is_op
 from graphopt.measure.calibration import SampleData
 
@@ -256,7 +255,7 @@ class WeightSharing(Pass):
         if needs_data and ctx.data is not None:
             data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples))
         run = SharingRun(model, ctx, lambda key: self.opt(ctx, key), self.opt(ctx, "bits"), self.opt(ctx, "encoding"),
-                         needs_data, data, copy_model(model) if data is not None else None, ctx.rng(self.name))
+                         needs_data, data, model.clone() if data is not None else None, ctx.rng(self.name))
         if needs_data and data is None:
             run.notes.append("no calibration data: plain k-means, no re-fit or activation weighting")
         return run
