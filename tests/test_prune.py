@@ -67,7 +67,7 @@ def _weight(model, name):
 
 def test_uniform_ratio_removes_half_of_every_group_and_stays_valid():
     proto = _cnn()
-    model, result = _run(proto, _ctx(_data(), ratio=0.5))
+    model, result = _run(proto, _ctx(_data(), remove_fraction=0.5))
     assert result.changed
     assert _weight(model, "conv1").shape == (4, 1, 3, 3)
     assert _weight(model, "conv2").shape == (4, 4, 3, 3)
@@ -91,7 +91,7 @@ def test_reconstruction_reduces_output_error():
     y_ref = run(proto, {"x": x})[0]
     errors = {}
     for rec in (False, True):
-        model, result = _run(proto, _ctx(data, ratio=0.5, refit=rec, criterion="l1"))
+        model, result = _run(proto, _ctx(data, remove_fraction=0.5, refit=rec, criterion="l1"))
         assert result.changed
         errors[rec] = float(np.linalg.norm(run(to_proto(model), {"x": x})[0] - y_ref))
         if rec:
@@ -102,7 +102,7 @@ def test_reconstruction_reduces_output_error():
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "mean", "apoz", "thinet"])
 def test_every_criterion_prunes(criterion):
-    model, result = _run(_cnn(bn=True), _ctx(_data(), ratio=0.25, criterion=criterion))
+    model, result = _run(_cnn(bn=True), _ctx(_data(), remove_fraction=0.25, criterion=criterion))
     assert result.changed
     onnx.checker.check_model(to_proto(model))
     crits = {g["scores"]["criterion"] for g in result.stats["groups"]}
@@ -180,7 +180,7 @@ def test_nothing_prunable_comes_back_unchanged():
                        [init("w", np.ones((3, 6), np.float32))])
     model = from_proto(proto)
     before = to_proto(model).SerializeToString()
-    result = get_pass("prune_filters").run(model, _ctx(SampleData({"x": np.ones((4, 6), np.float32)}), ratio=0.5))
+    result = get_pass("prune_filters").run(model, _ctx(SampleData({"x": np.ones((4, 6), np.float32)}), remove_fraction=0.5))
     assert not result.changed
     assert result.stats["skipped"] == "no prunable group"
     assert to_proto(model).SerializeToString() == before
@@ -296,7 +296,7 @@ def _random_net(seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_random_networks_prune_to_valid_models(seed):
     proto = _random_net(seed)
-    model, result = _run(proto, _ctx(_data(32), ratio=0.5, sensitivity_samples=16))
+    model, result = _run(proto, _ctx(_data(32), remove_fraction=0.5, sensitivity_samples=16))
     out = to_proto(model)
     onnx.checker.check_model(out)
     y = run(out, {"x": _data(4, seed=3).inputs["x"]})[0]
@@ -320,7 +320,7 @@ def test_depthwise_conv_is_sliced_not_refitted_and_said_so():
              init("wd", rng.normal(size=(8, 1, 3, 3)).astype(np.float32)), init("bd", np.zeros(8, np.float32)),
              init("w2", rng.normal(size=(4, 8, 1, 1)).astype(np.float32)), init("b2", np.zeros(4, np.float32))]
     proto = make_model(nodes, [tensor("x", ["N", 1, 8, 8])], [tensor("logits", ["N", 4])], inits)
-    model, result = _run(proto, _ctx(_data(), ratio=0.5))
+    model, result = _run(proto, _ctx(_data(), remove_fraction=0.5))
     assert result.changed
     assert _weight(model, "dw").shape == (4, 1, 3, 3)
     assert next(n for n in model.graph.nodes if n.name == "dw").attr("group") == 4
@@ -335,7 +335,8 @@ def test_depthwise_conv_is_sliced_not_refitted_and_said_so():
                                       ("sens_levels=4", "prune_filters.levels"),
                                       ("reconstruct=false", "prune_filters.refit"),
                                       ("refit=downstream", "prune_filters.refit_scope"),
-                                      ("refit=consumers", "prune_filters.refit_scope")])
+                                      ("refit=consumers", "prune_filters.refit_scope"),
+                                      ("ratio=0.5", "prune_filters.remove_fraction")])
 def test_renamed_options_are_refused_with_a_pointer_to_the_new_name(old, new):
     from graphopt.core.errors import OptionError
     from graphopt.core.manager import parse_options

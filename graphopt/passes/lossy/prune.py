@@ -550,7 +550,7 @@ class PruneFilters(Pass):
     lossless = False
     options: ClassVar[dict[str, Option]] = {
         "criterion": Option("thinet", "channel ranking", str, choices=imp.CRITERIA),
-        "ratio": Option(0.0, "uniform fraction of channels removed from every prunable group (0: use the global "
+        "remove_fraction": Option(0.0, "uniform fraction of channels removed from every prunable group (0: use the global "
                              "--target-macs/--target-params)", float, low=0, high=1, high_open=True),
         "multiple": Option(8, "kept channel counts are multiples of this (8: onnxruntime's CPU conv kernels work in "
                               "blocks of 8 channels; other counts ran slower than the unpruned model)", int,
@@ -600,6 +600,7 @@ class PruneFilters(Pass):
         "sens_metric": "sensitivity_metric",
         "sens_levels": "levels",
         "reconstruct": "refit",
+        "ratio": "remove_fraction",  # lowrank's ratio is a fraction kept: one name, two meanings
     }
 
     # -----------------------------------------------------------------------------------------
@@ -637,10 +638,10 @@ class PruneFilters(Pass):
 
     def _no_budget(self, ctx: PassContext) -> str | None:
         """Why the pass cannot run at all (no budget, a ratio out of range), or ``None``."""
-        ratio = float(self.opt(ctx, "ratio"))
+        ratio = float(self.opt(ctx, "remove_fraction"))
         explicit = str(self.opt(ctx, "channels")).strip()
         if ratio <= 0 and not explicit and ctx.target_macs is None and ctx.target_params is None:
-            return ("no budget: give --target-macs, --target-params or the option prune_filters.ratio or "
+            return ("no budget: give --target-macs, --target-params or the option prune_filters.remove_fraction or "
                     "prune_filters.channels")
         if not 0 <= ratio < 1:
             return f"ratio {ratio} is not in [0, 1)"
@@ -653,7 +654,7 @@ class PruneFilters(Pass):
                        seed=int(ctx.rng(self.name).integers(2 ** 31)))
         criterion = run.opt("criterion")
         ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
-        if data is not None and (criterion == "thinet" or (float(run.opt("ratio")) <= 0
+        if data is not None and (criterion == "thinet" or (float(run.opt("remove_fraction")) <= 0
                                                            and run.opt("allocation") == "sensitivity")):
             # The sensitivity measurement fits its own statistics on the non-held-out samples: statistics
             # of all samples are only needed by ThiNet or when nothing can be held out.
@@ -673,7 +674,7 @@ class PruneFilters(Pass):
         """Kept channel count per group (explicit, uniform ratio, or allocated to the targets) and the
         allocation's stats."""
         explicit = str(run.opt("channels")).strip()
-        ratio = float(run.opt("ratio"))
+        ratio = float(run.opt("remove_fraction"))
         if explicit:
             return self._explicit_keep(explicit, run.groups, run.analysis), {"mode": "explicit", "channels": explicit}
         if ratio > 0:
