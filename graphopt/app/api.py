@@ -157,11 +157,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     pipeline = build_pipeline(preset, passes)
     option_pairs = [f"{k}={v}" for k, v in options.items()] if isinstance(options, Mapping) else list(options)
     parsed_options = parse_options(option_pairs, pipeline)
-    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise OptionError(f"--{name.replace('_', '-')} must be a fraction in (0, 1], got {value}")
-    if max_drop is not None and max_drop < 0:
-        raise OptionError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+    _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
@@ -185,14 +181,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     mode = "equivalence" if pipeline.lossless else "accuracy"
     if run_verify:
         ctx_progress("verifying with onnxruntime")
-        tol = tolerance
-        if max_drop is not None:
-            tol = dataclasses.replace(tol or Tolerance(), max_drop=max_drop)
-        verdict = run_verification(reference, proto, check, tolerance=tol, mode=mode)
-        verify_dict, passed = verdict.to_dict(), verdict.passed
-        verify_dict.update(data=check.source, samples=check.n_samples, held_out=verify_data is not None)
-    else:
-        verify_dict, passed = {"passed": True, "mode": mode, "skipped": True, "reasons": []}, True
+    verify_dict, passed = _verdict(reference, proto, check, mode, tolerance, max_drop, run_verify,
+                                   held_out=verify_data is not None)
 
     report: dict[str, Any] = {
         "graphopt_version": __version__,
@@ -216,6 +206,30 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         report["after"]["file_bytes"] = _file_bytes(output_path)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return OptimizeResult(proto, report, passed, ir)
+
+
+def _check_budgets(target_macs: float | None, target_params: float | None, max_drop: float | None) -> None:
+    """Targets are fractions in (0, 1]; an accuracy budget is never negative."""
+    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise OptionError(f"--{name.replace('_', '-')} must be a fraction in (0, 1], got {value}")
+    if max_drop is not None and max_drop < 0:
+        raise OptionError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
+
+
+def _verdict(reference: onnx.ModelProto, proto: onnx.ModelProto, check: Any, mode: str,
+             tolerance: Tolerance | None, max_drop: float | None, run_verify: bool,
+             held_out: bool) -> tuple[dict[str, Any], bool]:
+    """The verification's report entry and whether it passed (a skipped verification passes, and says so)."""
+    if not run_verify:
+        return {"passed": True, "mode": mode, "skipped": True, "reasons": []}, True
+    tol = tolerance
+    if max_drop is not None:
+        tol = dataclasses.replace(tol or Tolerance(), max_drop=max_drop)
+    verdict = run_verification(reference, proto, check, tolerance=tol, mode=mode)
+    out = verdict.to_dict()
+    out.update(data=check.source, samples=check.n_samples, held_out=held_out)
+    return out, verdict.passed
 
 
 def _check_sampling(samples: int | None, seed: int) -> None:

@@ -700,39 +700,9 @@ class Graph:
         seen_names: dict[str, Value] = {}
         for item in self.nx:
             if isinstance(item, Node):
-                if item.graph is not self:
-                    raise IRError(f"{item!r} belongs to another graph")
-                for slot, v in enumerate(item.inputs):
-                    if v is not None and not self.nx.has_edge(v, item, key=slot):
-                        raise IRError(f"{item!r} input {slot} ({v.name!r}) has no edge")
-                for slot, v in enumerate(item.outputs):
-                    if v is not None and not self.nx.has_edge(item, v, key=slot):
-                        raise IRError(f"{item!r} output {slot} ({v.name!r}) has no edge")
-                for u, _, key in self.nx.in_edges(item, keys=True):
-                    if isinstance(key, tuple):
-                        if not any(u in sub.nx for sub in item.iter_subgraphs()):
-                            raise IRError(f"{item!r} captures {u.name!r} but no subgraph reads it")
-                    elif key >= len(item.inputs) or item.inputs[key] is not u:
-                        raise IRError(f"edge {u.name!r}->{item!r} slot {key} not in the node's inputs")
-                for _, v, key in self.nx.out_edges(item, keys=True):
-                    if key >= len(item.outputs) or item.outputs[key] is not v:
-                        raise IRError(f"edge {item!r}->{v.name!r} slot {key} not in the node's outputs")
-                for sub in item.iter_subgraphs():
-                    if sub.parent is not item:
-                        raise IRError(f"subgraph of {item!r} has the wrong parent")
-                    for outer in sub.captured_values():
-                        if not self._capture_keys(outer, item):
-                            raise IRError(f"{item!r}: subgraph reads {outer.name!r} without a capture edge")
-                    sub.check_invariants()
+                self._check_node(item)
             else:
-                other = seen_names.setdefault(item.name, item)
-                if other is not item:
-                    raise IRError(f"two values named {item.name!r}")
-                producers = list(self.nx.predecessors(item))
-                if len(producers) > 1:
-                    raise IRError(f"value {item.name!r} has {len(producers)} producers")
-                if producers and (item.is_initializer or self.is_graph_input(item)):
-                    raise IRError(f"value {item.name!r} is produced by a node and is also an input/initializer")
+                self._check_value(item, seen_names)
         for v in self.outputs + self.inputs:
             if v not in self.nx:
                 raise IRError(f"graph input/output {v.name!r} is not in the graph")
@@ -741,6 +711,47 @@ class Graph:
                 raise IRError(f"initializer table key {name!r} != value name {v.name!r}")
         if not nx.is_directed_acyclic_graph(self.nx):
             raise IRError(f"graph {self.name!r} has a cycle")
+
+    def _check_node(self, node: Node) -> None:
+        """The node's input/output lists and its edges agree both ways; its subgraphs are sound."""
+        if node.graph is not self:
+            raise IRError(f"{node!r} belongs to another graph")
+        self._check_edges(node)
+        for sub in node.iter_subgraphs():
+            if sub.parent is not node:
+                raise IRError(f"subgraph of {node!r} has the wrong parent")
+            for outer in sub.captured_values():
+                if not self._capture_keys(outer, node):
+                    raise IRError(f"{node!r}: subgraph reads {outer.name!r} without a capture edge")
+            sub.check_invariants()
+
+    def _check_edges(self, node: Node) -> None:
+        for slot, v in enumerate(node.inputs):
+            if v is not None and not self.nx.has_edge(v, node, key=slot):
+                raise IRError(f"{node!r} input {slot} ({v.name!r}) has no edge")
+        for slot, v in enumerate(node.outputs):
+            if v is not None and not self.nx.has_edge(node, v, key=slot):
+                raise IRError(f"{node!r} output {slot} ({v.name!r}) has no edge")
+        for u, _, key in self.nx.in_edges(node, keys=True):
+            if isinstance(key, tuple):
+                if not any(u in sub.nx for sub in node.iter_subgraphs()):
+                    raise IRError(f"{node!r} captures {u.name!r} but no subgraph reads it")
+            elif key >= len(node.inputs) or node.inputs[key] is not u:
+                raise IRError(f"edge {u.name!r}->{node!r} slot {key} not in the node's inputs")
+        for _, v, key in self.nx.out_edges(node, keys=True):
+            if key >= len(node.outputs) or node.outputs[key] is not v:
+                raise IRError(f"edge {node!r}->{v.name!r} slot {key} not in the node's outputs")
+
+    def _check_value(self, value: Value, seen_names: dict[str, Value]) -> None:
+        """One value per name, at most one producer, and none for an input or initializer."""
+        other = seen_names.setdefault(value.name, value)
+        if other is not value:
+            raise IRError(f"two values named {value.name!r}")
+        producers = list(self.nx.predecessors(value))
+        if len(producers) > 1:
+            raise IRError(f"value {value.name!r} has {len(producers)} producers")
+        if producers and (value.is_initializer or self.is_graph_input(value)):
+            raise IRError(f"value {value.name!r} is produced by a node and is also an input/initializer")
 
 
 def _constant_node_array(node: Node) -> np.ndarray | None:

@@ -142,6 +142,17 @@ def _imported_domains(opset_import) -> frozenset[str]:
     return frozenset(domains)
 
 
+def _node_extras(np_: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The node's fields the IR does not model, or None when there are none."""
+    extras = onnx.NodeProto()
+    _copy_fields(np_, extras, skip={"input", "output", "attribute", "name", "op_type", "domain"})
+    # An explicitly empty name or domain is a present field in the proto: keep that presence.
+    for field in ("name", "domain"):
+        if np_.HasField(field) and not getattr(np_, field):
+            setattr(extras, field, "")
+    return extras if extras.ByteSize() else None
+
+
 def _copy_fields(src: google.protobuf.message.Message, dst: google.protobuf.message.Message, skip: set[str]) -> None:
     for field, value in src.ListFields():
         if field.name not in skip:
@@ -200,14 +211,28 @@ class _Builder:
         return value
 
     def fill(self, graph: Graph, gp: onnx.GraphProto, outer: Mapping[str, Value]) -> None:
+        """Build ``graph`` from ``gp``: inputs, initializers, nodes (outputs defined first, so nodes may
+        come in any order), graph outputs, then value_info."""
         local: dict[str, Value] = {}
+        self._fill_inputs_and_initializers(graph, gp, local, outer)
+        for index, np_ in enumerate(gp.node):
+            for out in np_.output:
+                if out:
+                    self.define(local, outer, out, f"output of node #{index} {np_.op_type} {np_.name!r}")
+        scope = _Scope(local, outer)
+        for index, np_ in enumerate(gp.node):
+            self._fill_node(graph, index, np_, local, outer, scope)
+        self._fill_outputs(graph, gp, local, outer)
+        self._fill_value_info(graph, gp, local)
 
-        def resolve(name: str, reader: str) -> Value:
-            value = local.get(name) or outer.get(name)
-            if value is None:
-                raise self.error(f"{reader} reads {name!r}, which nothing defines")
-            return value
+    def _resolve(self, local: Mapping[str, Value], outer: Mapping[str, Value], name: str, reader: str) -> Value:
+        value = local.get(name) or outer.get(name)
+        if value is None:
+            raise self.error(f"{reader} reads {name!r}, which nothing defines")
+        return value
 
+    def _fill_inputs_and_initializers(self, graph: Graph, gp: onnx.GraphProto, local: dict[str, Value],
+                                      outer: Mapping[str, Value]) -> None:
         for vi in gp.input:
             value = self.define(local, outer, vi.name, "graph input")
             _take_value_info(value, vi)
@@ -226,57 +251,47 @@ class _Builder:
             graph.sparse_initializers[name] = value
             graph.nx.add_node(value)
 
-        # Outputs first, so nodes may appear in any order in the file (we sort on export anyway).
-        for index, np_ in enumerate(gp.node):
-            for out in np_.output:
-                if out:
-                    self.define(local, outer, out, f"output of node #{index} {np_.op_type} {np_.name!r}")
+    def _fill_node(self, graph: Graph, index: int, np_: onnx.NodeProto, local: dict[str, Value],
+                   outer: Mapping[str, Value], scope: _Scope) -> None:
+        where = f"node #{index}"
+        node = Node(self.text(np_.op_type, where), self.text(np_.domain, where), self.text(np_.name, where))
+        node.seq = (index, 0)
+        node.graph = graph
+        if np_.name:
+            graph.namer.nodes.add(np_.name)
+        graph.nx.add_node(node)
+        reader = f"node #{index} {np_.op_type} {np_.name!r}"
+        if np_.domain not in self.domains:
+            # Also what a file cut between two opset_import entries looks like.
+            raise self.error(f"{reader} has domain {np_.domain!r}, which the model does not import "
+                             f"(no opset_import entry)")
+        node.extras = _node_extras(np_)
+        for attr in np_.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                node.subgraphs[attr.name] = self.graph(attr.g, node, scope)
+                node.attrs[attr.name] = _without_payload(attr)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                node.subgraphs[attr.name] = [self.graph(g, node, scope) for g in attr.graphs]
+                node.attrs[attr.name] = _without_payload(attr)
+            else:
+                node.attrs[attr.name] = attr
+        for slot, name in enumerate(np_.input):
+            node.inputs.append(None)
+            if name:
+                graph.set_input(node, slot, self._resolve(local, outer, name, reader))
+        for slot, name in enumerate(np_.output):
+            node.outputs.append(None)
+            if name:
+                graph._set_output(node, slot, local[name])
+        for sub in node.iter_subgraphs():
+            for captured in sub.captured_values():
+                graph.add_capture(node, captured)
 
-        scope = _Scope(local, outer)
-        for index, np_ in enumerate(gp.node):
-            where = f"node #{index}"
-            node = Node(self.text(np_.op_type, where), self.text(np_.domain, where), self.text(np_.name, where))
-            node.seq = (index, 0)
-            node.graph = graph
-            if np_.name:
-                graph.namer.nodes.add(np_.name)
-            graph.nx.add_node(node)
-            reader = f"node #{index} {np_.op_type} {np_.name!r}"
-            if np_.domain not in self.domains:
-                # Also what a file cut between two opset_import entries looks like.
-                raise self.error(f"{reader} has domain {np_.domain!r}, which the model does not import "
-                                 f"(no opset_import entry)")
-            extras = onnx.NodeProto()
-            _copy_fields(np_, extras, skip={"input", "output", "attribute", "name", "op_type", "domain"})
-            # An explicitly empty name or domain is a present field in the proto: keep that presence.
-            for field in ("name", "domain"):
-                if np_.HasField(field) and not getattr(np_, field):
-                    setattr(extras, field, "")
-            node.extras = extras if extras.ByteSize() else None
-            for attr in np_.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    node.subgraphs[attr.name] = self.graph(attr.g, node, scope)
-                    node.attrs[attr.name] = _without_payload(attr)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    node.subgraphs[attr.name] = [self.graph(g, node, scope) for g in attr.graphs]
-                    node.attrs[attr.name] = _without_payload(attr)
-                else:
-                    node.attrs[attr.name] = attr
-            for slot, name in enumerate(np_.input):
-                node.inputs.append(None)
-                if name:
-                    graph.set_input(node, slot, resolve(name, reader))
-            for slot, name in enumerate(np_.output):
-                node.outputs.append(None)
-                if name:
-                    graph._set_output(node, slot, local[name])
-            for sub in node.iter_subgraphs():
-                for captured in sub.captured_values():
-                    graph.add_capture(node, captured)
-
+    def _fill_outputs(self, graph: Graph, gp: onnx.GraphProto, local: dict[str, Value],
+                      outer: Mapping[str, Value]) -> None:
         kept_outputs: dict[int, tuple[Value, onnx.TypeProto | None, onnx.ValueInfoProto]] = {}
         for index, vi in enumerate(gp.output):
-            value = resolve(vi.name, "graph output")
+            value = self._resolve(local, outer, vi.name, "graph output")
             graph.nx.add_node(value)
             if local.get(vi.name) is value and not graph.is_graph_input(value) and not graph.is_graph_output(value):
                 _take_value_info(value, vi)
@@ -287,6 +302,8 @@ class _Builder:
             graph.outputs.append(value)
         graph.kept_output_info = kept_outputs  # type: ignore[attr-defined]
 
+    @staticmethod
+    def _fill_value_info(graph: Graph, gp: onnx.GraphProto, local: dict[str, Value]) -> None:
         orphans = []
         for order, vi in enumerate(gp.value_info):
             value = local.get(vi.name)

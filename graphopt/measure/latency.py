@@ -254,33 +254,43 @@ def node_work(node: Node, dims: Callable[[Value], Dims | None], *, path: Nchwc =
 
 def _node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchwc, padded: bool,
                blocked: bool | None = None) -> Work | None:
+    """The work features of one node by its kind (conv, gemm, element-wise); None when unknown."""
     if node.domain not in ("", "ai.onnx") or node.op_type in UNKNOWN:
         return None
     if node.op_type in FREE:
         return Work("elementwise", (0.0,) * len(FEATURES))
     if node.op_type == "Conv":
-        x, w, y = (dims(node.inputs[0]), dims(node.inputs[1]) if len(node.inputs) > 1 else None,
-                   dims(node.outputs[0]))
-        if x is None or w is None or y is None or len(x) < 3:
-            return None
-        # the group count from the shapes, not the attribute: a pruning plan shrinks a depthwise conv's
-        # channels (and so its group) before the attribute is rewritten
-        group = x[1] // w[1] if w[1] and x[1] % w[1] == 0 else int(node.attr("group", 1) or 1)
-        return conv_work(x[0], x[1], w[0], w[2:], x[2:], y[2:], group, path=path, padded=padded, blocked=blocked)
+        return _conv_node_work(node, dims, path, padded, blocked)
     if node.op_type in ("Gemm", "MatMul"):
-        a, b = dims(node.inputs[0]), dims(node.inputs[1])
-        if a is None or b is None or len(b) != 2 or not a:
-            return None
-        trans_a = node.op_type == "Gemm" and int(node.attr("transA", 0) or 0)
-        trans_b = node.op_type == "Gemm" and int(node.attr("transB", 0) or 0)
-        k = a[0] if trans_a else a[-1]
-        m = a[-1] if trans_a else prod(a[:-1])
-        n = b[0] if trans_b else b[1]
-        return gemm_work(int(m), int(k), int(n))
+        return _gemm_node_work(node, dims)
     sizes = [dims(v) for v in (*node.inputs, *node.outputs) if v is not None]
     if not node.outputs or any(s is None for s in sizes):
         return None
     return elementwise_work(max(prod(s) for s in sizes))  # type: ignore[arg-type]
+
+
+def _conv_node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchwc, padded: bool,
+                    blocked: bool | None) -> Work | None:
+    x, w, y = (dims(node.inputs[0]), dims(node.inputs[1]) if len(node.inputs) > 1 else None,
+               dims(node.outputs[0]))
+    if x is None or w is None or y is None or len(x) < 3:
+        return None
+    # the group count from the shapes, not the attribute: a pruning plan shrinks a depthwise conv's
+    # channels (and so its group) before the attribute is rewritten
+    group = x[1] // w[1] if w[1] and x[1] % w[1] == 0 else int(node.attr("group", 1) or 1)
+    return conv_work(x[0], x[1], w[0], w[2:], x[2:], y[2:], group, path=path, padded=padded, blocked=blocked)
+
+
+def _gemm_node_work(node: Node, dims: Callable[[Value], Dims | None]) -> Work | None:
+    a, b = dims(node.inputs[0]), dims(node.inputs[1])
+    if a is None or b is None or len(b) != 2 or not a:
+        return None
+    trans_a = node.op_type == "Gemm" and int(node.attr("transA", 0) or 0)
+    trans_b = node.op_type == "Gemm" and int(node.attr("transB", 0) or 0)
+    k = a[0] if trans_a else a[-1]
+    m = a[-1] if trans_a else prod(a[:-1])
+    n = b[0] if trans_b else b[1]
+    return gemm_work(int(m), int(k), int(n))
 
 
 def model_time(model: Any, latency: LatencyModel | None = None, *, batch: int = 1,
