@@ -273,7 +273,7 @@ def test_failed_shape_inference_falls_back_to_stored_shapes(monkeypatch):
     def fail(*args, **kwargs):
         raise GraphoptError("shape inference failed: boom")
 
-    monkeypatch.setattr(graphopt.measure.analysis, "inferred_types", fail)
+    monkeypatch.setattr(graphopt.core.shapes, "inferred_types", fail)
     model = build("""g (float[1, 4] x) => (float[1, 3] y) { y = MatMul (x, w) }""", w=zeros(4, 3))
     cost = analyze(model)
     assert cost.macs == 12 and "boom" in cost.warnings[0]

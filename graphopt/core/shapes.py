@@ -204,6 +204,9 @@ Dims = tuple[int | str | None, ...]
 class ShapeView:
     """What is known of each value's element type and dims: the one shape view passes ask.
 
+    ``input_shapes`` starts onnx's inference from concrete input dims (analysis at a probe shape, see
+    ``graphopt.measure.analysis.ConcreteShapes``); failures go to ``warnings`` when it is given.
+
     Sources, per dim: an initializer's data; the type the IR carries; onnx shape inference on an
     export of the IR (run once, without touching it: at construction, or at the first question that
     needs it with ``lazy=True``); with ``symbolic=True`` also onnxruntime's symbolic inference (its
@@ -219,9 +222,12 @@ class ShapeView:
     * :meth:`dtype`, :meth:`static_shape`, :meth:`static_bytes`.
     """
 
-    def __init__(self, model: Model, *, lazy: bool = False, symbolic: bool = False) -> None:
+    def __init__(self, model: Model, *, lazy: bool = False, symbolic: bool = False,
+                 input_shapes: InputShapes | None = None, warnings: list[str] | None = None) -> None:
         self.model = model
         self.symbolic = symbolic
+        self.input_shapes = input_shapes  # concrete dims the inference starts from (a probe shape)
+        self.warnings = warnings  # inference failures are appended here when given
         self._inferred: dict[Value, onnx.TypeProto] | None = None
         self._symbolic: SymbolicDims | None = None
         self._main_values = set(model.graph.values())
@@ -234,9 +240,11 @@ class ShapeView:
         if self._inferred is None:
             self._inferred = {}
             try:
-                inferred = inferred_types(self.model)
-            except GraphoptError:
+                inferred = inferred_types(self.model, self.input_shapes)
+            except GraphoptError as exc:
                 inferred = {}
+                if self.warnings is not None:
+                    self.warnings.append(f"{exc}; using the shapes stored in the model")
             for graph, by_name in inferred.items():
                 for value in graph.values():
                     found = by_name.get(value.name)

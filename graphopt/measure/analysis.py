@@ -78,10 +78,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.core.errors import GraphoptError, OptionError
-from graphopt.core.ir import Graph, Model, Node, Value, dims_of
+from graphopt.core.errors import OptionError
+from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.numbers import format_count
-from graphopt.core.shapes import inferred_types
+from graphopt.core.shapes import ShapeView
 
 Dims = tuple[int | str | None, ...]
 
@@ -261,13 +261,13 @@ def budget_cost(model: Model) -> tuple[int | None, int | None]:
     return cost.macs, cost.params
 
 def shape_table(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1,
-                warnings: list[str] | None = None) -> _ShapeTable:
-    """The shapes :func:`analyze` costs with: ``table.dims(graph, value)`` (``None`` or symbolic dims when
+                warnings: list[str] | None = None) -> ConcreteShapes:
+    """The shapes :func:`analyze` costs with: ``table.shape(value)`` (``None`` or symbolic dims when
     unknown). ``input_shapes`` and ``batch`` as in :func:`analyze`; inference warnings go to ``warnings``."""
     if batch < 1:
         raise OptionError(f"batch must be a positive integer, got {batch}")
     fixed, symbols = _resolve_inputs(model.graph, dict(input_shapes or {}), batch)
-    return _ShapeTable(_types(model, fixed, [] if warnings is None else warnings), fixed, symbols)
+    return ConcreteShapes(model, fixed, symbols, [] if warnings is None else warnings)
 
 
 @dataclass
@@ -415,38 +415,27 @@ def _is_concrete(dims: Dims | None) -> bool:
     return dims is not None and all(isinstance(d, int) for d in dims)
 
 
-def _types(model: Model, fixed: Mapping[Value, Dims], warnings: list[str]) -> dict[Graph, dict[str, onnx.TypeProto]]:
-    """Inferred types; on failure, none (the IR's own types are used) and a warning."""
-    concrete = {v.name: d for v, d in fixed.items() if _is_concrete(d)}
-    try:
-        return inferred_types(model, concrete)
-    except GraphoptError as exc:
-        warnings.append(f"{exc}; using the shapes stored in the model")
-        return {}
+class ConcreteShapes(ShapeView):
+    """The shape view at a probe shape: the given (or batch-1) input dims, every dim name they fix
+    substituted wherever it appears, and a constant's own dims before anything inferred."""
 
-
-class _ShapeTable:
-    """Shapes of values, best source first: fixed inputs, constants, inferred types, the IR's types."""
-
-    def __init__(self, types: Mapping[Graph, Mapping[str, onnx.TypeProto]], fixed: Mapping[Value, Dims],
-                 symbols: Mapping[str, int]) -> None:
-        self.types = types
+    def __init__(self, model: Model, fixed: Mapping[Value, Dims], symbols: Mapping[str, int],
+                 warnings: list[str]) -> None:
+        concrete = {v.name: d for v, d in fixed.items() if _is_concrete(d)}
+        super().__init__(model, input_shapes=concrete, warnings=warnings)
         self.fixed = fixed
         self.symbols = symbols
+        self._constants = {value: dims for graph in model.graphs() for value in graph.values()
+                           if (dims := _constant_dims(graph, value)) is not None}
 
-    def dims(self, graph: Graph, value: Value) -> Dims | None:
+    def shape(self, value: Value | None) -> Dims | None:
+        if value is None:
+            return None
         if value in self.fixed:
             return self.fixed[value]
-        constant = _constant_dims(graph, value)
-        if constant is not None:
-            return constant
-        scope: Graph | None = graph
-        while scope is not None:  # a captured value is typed in the graph that defines it
-            tp = self.types.get(scope, {}).get(value.name)
-            if tp is not None and dims_of(tp) is not None:
-                return _substitute(dims_of(tp), self.symbols)
-            scope = _enclosing(scope)
-        return _substitute(value.shape, self.symbols)
+        if value in self._constants:
+            return self._constants[value]
+        return _substitute(super().shape(value), self.symbols)
 
 
 def _enclosing(graph: Graph) -> Graph | None:
@@ -621,14 +610,14 @@ def _node_label(node: Node, index: int) -> str:
     return node.name or f"<{node.op_type}#{index}>"
 
 
-def _node_cost(site: _Site, table: _ShapeTable, ledger: _ParamLedger) -> NodeCost:
+def _node_cost(site: _Site, table: ConcreteShapes, ledger: _ParamLedger) -> NodeCost:
     node = site.node
     params, param_bytes = ledger.claim(site.graph, node)
     macs, note = _macs(site, table)
     return NodeCost(
         name=_node_label(node, site.index), op_type=node.op_type, domain=node.domain, scope=site.scope,
         params=params, param_bytes=param_bytes, macs=macs,
-        output_shapes=[table.dims(site.graph, v) if v is not None else None for v in node.outputs],
+        output_shapes=[table.shape(v) if v is not None else None for v in node.outputs],
         note=note,
     )
 
@@ -637,7 +626,7 @@ class UnknownShape(Exception):
     """Raised by a MAC rule that lacks what it needs; the message says what."""
 
 
-def _macs(site: _Site, table: _ShapeTable) -> tuple[int | None, str]:
+def _macs(site: _Site, table: ConcreteShapes) -> tuple[int | None, str]:
     node = site.node
     if node.domain not in ("", "ai.onnx"):
         return None, f"no MAC rule for {node.domain}:{node.op_type}"
@@ -656,7 +645,7 @@ def _macs(site: _Site, table: _ShapeTable) -> tuple[int | None, str]:
 class NodeShapes:
     """What a MAC rule sees of a node: concrete shapes (or :class:`UnknownShape`) and attributes."""
 
-    def __init__(self, site: _Site, table: _ShapeTable) -> None:
+    def __init__(self, site: _Site, table: ConcreteShapes) -> None:
         self.node = site.node
         self.graph = site.graph
         self.table = table
@@ -678,7 +667,7 @@ class NodeShapes:
     def _concrete(self, value: Value | None, what: str) -> tuple[int, ...]:
         if value is None:
             raise UnknownShape(f"{what} is missing")
-        dims = self.table.dims(self.graph, value)
+        dims = self.table.shape(value)
         if dims is None:
             raise UnknownShape(f"shape of {value.name!r} unknown")
         if not _is_concrete(dims):

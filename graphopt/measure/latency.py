@@ -303,7 +303,7 @@ def model_time(model: Any, latency: LatencyModel | None = None, *, batch: int = 
     graph = model.graph
 
     def dims(v: Value) -> Dims | None:
-        d = table.dims(graph, v)
+        d = table.shape(v)
         return None if d is None or not all(isinstance(t, int) for t in d) else tuple(int(t) for t in d)
 
     per: dict[str, float] = {}

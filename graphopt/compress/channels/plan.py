@@ -123,7 +123,7 @@ class PlanCost:
     def _note(self, u: Value) -> None:
         """Record the concrete shape of ``u`` (a value a re-costed node reads or writes), once."""
         if u.name not in self.shapes:
-            dims = self._table.dims(self.graph, u)
+            dims = self._table.shape(u)
             if dims is not None and all(isinstance(t, int) for t in dims):
                 self.shapes[u.name] = tuple(int(t) for t in dims)
 
@@ -145,7 +145,7 @@ class PlanCost:
 
     def _add_dim(self, d: Dim) -> None:
         self.key_info[d.shape_key] = (d.value, d.use)
-        self.shapes[d.shape_key] = tuple(int(t) for t in self._table.dims(self.graph, d.value))
+        self.shapes[d.shape_key] = tuple(int(t) for t in self._table.shape(d.value))
         nodes = self._nodes_of(d)
         self.nodes_of_key[d.shape_key] = nodes
         for n in nodes:

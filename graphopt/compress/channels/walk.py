@@ -58,7 +58,7 @@ class CouplingWalk:
         cached = self._shapes.get(value)
         if cached is not None:
             return cached
-        dims = self.table.dims(self.graph, value)
+        dims = self.table.shape(value)
         if dims is None or not all(isinstance(d, int) for d in dims):
             raise CannotFollow(f"shape of {value.name!r} is not known statically ({dims}); onnx shape inference could not "
                         f"follow it (graphopt's fold_constants / the lossless preset usually makes it static)")
