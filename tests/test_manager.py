@@ -215,3 +215,10 @@ def test_shared_option_vocabulary_means_the_same_in_every_lossy_pass():
             o = cls.options[key]
             shape = (o.type, o.low, o.high, o.low_open, o.high_open)
             assert seen.setdefault(key, shape) == shape, f"{cls.name}.{key} differs from another pass's {key}"
+
+
+def test_a_value_that_moved_to_another_key_is_refused_with_a_pointer():
+    opt = Option(True, "re-fit or not", bool, moved_values=(("downstream", "p.scope"),))
+    assert opt.parse("false", "p.refit") is False
+    with pytest.raises(OptionError, match="'Downstream' is a value of p.scope now"):
+        opt.parse("Downstream", "p.refit")

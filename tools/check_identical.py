@@ -63,8 +63,7 @@ def _digest(path: Path) -> str | None:
 
 
 def _environment(root: Path) -> dict[str, str]:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    return env
+    return dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
 
 
 def _run_one(root: Path, model: Path, config: str, scratch: Path) -> tuple[str, dict]:

@@ -65,9 +65,15 @@ class Option:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    # Values this key once took that another key takes now (value -> "pass.key"): refused with a
+    # pointer, like a renamed key (``Pass.renamed``), when a key's meaning moved but its name stayed.
+    moved_values: tuple[tuple[str, str], ...] = ()
 
     def parse(self, text: str, where: str) -> Any:
         """Convert the command-line text to this option's type (OptionError when it does not fit)."""
+        moved_to = dict(self.moved_values).get(text.strip().lower())
+        if moved_to is not None:
+            raise OptionError(f"option {where}: {text.strip()!r} is a value of {moved_to} now")
         try:
             if self.type is bool:
                 lowered = text.strip().lower()

@@ -141,6 +141,16 @@ class _NoOp(_TypedRule):
     def rewrite(self, graph: Graph, match: Match) -> None:
         _bypass(graph, match.node.outputs[0], match.node.inputs[0], [match.node])
 
+    def target_and_dims(self, graph: Graph, node: Node) -> tuple[list[int], tuple] | str:
+        """A Reshape's / Expand's constant target shape and its input's dims, or why they are not known."""
+        target = const_input(graph, node, 1)
+        if target is None:
+            return NoMatch("target shape is not constant")
+        dims = self.types.dims(node.inputs[0])
+        if dims is None:
+            return "input rank unknown"
+        return [int(s) for s in target.reshape(-1)], dims
+
 
 def _perm(node: Node, rank: int | None) -> list[int] | None:
     perm = node.attr("perm")
@@ -341,13 +351,10 @@ class NoopReshape(_NoOp):
     root_ops = ("Reshape",)
 
     def why_not(self, graph: Graph, node: Node) -> str | None:
-        target = const_input(graph, node, 1)
-        if target is None:
-            return NoMatch("target shape is not constant")
-        dims = self.types.dims(node.inputs[0])
-        if dims is None:
-            return "input rank unknown"
-        target = [int(s) for s in target.reshape(-1)]
+        found = self.target_and_dims(graph, node)
+        if isinstance(found, str):
+            return found
+        target, dims = found
         if len(target) != len(dims):
             return NoMatch("rank changes")
         why = _changed_dim(target, dims, bool(node.attr("allowzero", 0)))
@@ -410,13 +417,8 @@ class NoopExpand(_NoOp):
     root_ops = ("Expand",)
 
     def why_not(self, graph: Graph, node: Node) -> str | None:
-        target = const_input(graph, node, 1)
-        if target is None:
-            return NoMatch("target shape is not constant")
-        dims = self.types.dims(node.inputs[0])
-        if dims is None:
-            return "input rank unknown"
-        return _broadcast_refusal([int(s) for s in target.reshape(-1)], dims)
+        found = self.target_and_dims(graph, node)
+        return found if isinstance(found, str) else _broadcast_refusal(*found)
 
 
 def _broadcast_refusal(other: list[int], dims: tuple[int | None, ...]) -> str | None:

@@ -454,21 +454,6 @@ def _round_down(k: float, multiple: int) -> int:
 def _lcm(a: int, b: int) -> int:
     return a * b // gcd(a, b)
 
-@dataclass(frozen=True)
-class _SwitchOption(Option):
-    """A bool option whose key once took a string: those old values are refused with the key that
-    takes them now (``prune_filters.refit=downstream`` -> ``refit_scope``)."""
-
-    moved_values: tuple[str, ...] = ()
-    moved_to: str = ""
-
-    def parse(self, text: str, where: str) -> Any:
-        if text.strip().lower() in self.moved_values:
-            raise OptionError(f"option {where}: {text.strip()!r} is a value of {self.moved_to} now "
-                              f"({where} is a bool: re-fit or not)")
-        return super().parse(text, where)
-
-
 @dataclass
 class PruneRun:
     """One run of :class:`PruneFilters` on one model: what its steps share, so that none takes a
@@ -572,9 +557,9 @@ class PruneFilters(Pass):
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
         "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int, low=0),
-        "refit": _SwitchOption(True, "re-fit the layers after the pruned tensors by least squares (which ones: "
-                                     "refit_scope)", bool, moved_values=("consumers", "downstream"),
-                               moved_to="prune_filters.refit_scope"),
+        "refit": Option(True, "re-fit the layers after the pruned tensors by least squares (which ones: "
+                              "refit_scope)", bool, moved_values=(("consumers", "prune_filters.refit_scope"),
+                                                                  ("downstream", "prune_filters.refit_scope"))),
         "activation_aware": Option(True, "fit a layer followed by Relu/Clip through the activation (targets "
                                          "where the original is clipped only need the same side of the bound)", bool),
         "refit_scope": Option("downstream", "which layers to re-fit: the consumers of the pruned tensors, or "
