@@ -215,7 +215,7 @@ def test_npy_for_multi_input_model(tmp_path):
     ({"labels": np.zeros(4, np.int64)}, "no array for model input 'x'"),
     ({"x": _x(4), "y": _x(4)}, "array 'y' matches no model input"),
     ({"x": _x(4).astype(np.int64)}, "holds int64 but the model expects float"),
-    ({"x": _x(4)[:, 0]}, r"rank 3\); the model expects rank 4"),
+    ({"x": _x(4)[:, 0]}, r"rank 3\); the model input is \[N,3,5,5\]: expected rank 4"),
     ({"x": np.zeros((4, 3, 6, 5), np.float32)}, "fixes axis 2 to 5"),
     ({"x": np.zeros((0, 3, 5, 5), np.float32)}, "0 samples"),
     ({"x": _x(4), "labels": np.zeros(5, np.int64)}, r"different numbers of samples \(x: 4, labels: 5\)"),

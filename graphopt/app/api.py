@@ -32,7 +32,8 @@ from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.ir import Model
 from graphopt.core.manager import PassContext, build_pipeline, parse_options, run_pipeline
 from graphopt.measure import analysis, calibration
-from graphopt.measure.verify import Tolerance, VerifyReport
+from graphopt.measure import probe as probes
+from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
 from graphopt.measure.verify import verify as run_verification
 
 ModelLike = str | os.PathLike | onnx.ModelProto | Model
@@ -72,16 +73,31 @@ def load_model(model: ModelLike) -> tuple[Model, ModelLike]:
 
 
 def sample_data(model: Model, data: DataLike, *, samples: int | None = None, seed: int = 0,
-                input_shapes: Mapping[str, Sequence[int]] | None = None) -> calibration.SampleData:
-    """User data (validated against the model), or seeded random inputs when ``data`` is None."""
+                input_shapes: Mapping[str, Sequence[int]] | None = None,
+                probe: probes.Probe | None = None) -> calibration.SampleData:
+    """User data (validated against the model), or seeded random inputs when ``data`` is None, drawn at
+    ``probe``'s shapes with its value rules (``input_shapes`` when there is no probe)."""
     if isinstance(data, calibration.SampleData):
         out = data
     elif data is not None:
         out = calibration.load_data(data, model)
     else:
-        return calibration.random_data(model, samples or DEFAULT_RANDOM_SAMPLES, seed=seed,
-                                       input_shapes=dict(input_shapes or {}))
+        shapes = probe.shapes if probe is not None else dict(input_shapes or {})
+        return calibration.random_data(model, samples or DEFAULT_RANDOM_SAMPLES, seed=seed, input_shapes=shapes,
+                                       values=probe.values if probe is not None else None)
     return out.head(samples) if samples else out
+
+
+def probe_inputs(model: Model, data: DataLike, *, samples: int | None = None, seed: int = 0,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None
+                 ) -> tuple[calibration.SampleData, probes.Probe]:
+    """The samples to work on and the probe they were drawn at (see :mod:`graphopt.measure.probe`).
+
+    User data fixes the first shape; random data is drawn at the probe's. Either way the probe carries
+    a second shape the original runs on, for verification, when the model has dynamic dims."""
+    user = None if data is None else sample_data(model, data, samples=samples, seed=seed)
+    probe = probes.choose(model, input_shapes, seed=seed, data=user)
+    return (user if user is not None else sample_data(model, None, samples=samples, seed=seed, probe=probe)), probe
 
 
 def _cost(model: Model, input_shapes: Mapping[str, Sequence[int]] | None, file_bytes: int | None) -> dict[str, Any]:
@@ -165,24 +181,27 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     if output_path is not None:
         _check_output(output_path, reference)
     ctx_progress("preparing sample data")
-    sample = sample_data(ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
-    check = sample if verify_data is None else sample_data(ir, verify_data, samples=samples, seed=seed,
-                                                           input_shapes=input_shapes)
-    before = _cost(ir, input_shapes, _file_bytes(reference))
+    sample, probe = probe_inputs(ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
+    check = sample if verify_data is None else sample_data(ir, verify_data, samples=samples, seed=seed)
+    shapes = _analysis_shapes(input_shapes, probe)
+    before = _cost(ir, shapes, _file_bytes(reference))
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
-                      debug=debug,
+                      input_shapes=shapes, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
     proto = onnx_io.to_proto(ir)
-    after = _cost(ir, input_shapes, proto.ByteSize())
+    after = _cost(ir, shapes, proto.ByteSize())
 
     mode = "equivalence" if pipeline.lossless else "accuracy"
     if run_verify:
         ctx_progress("verifying with onnxruntime")
     verify_dict, passed = _verdict(reference, proto, check, mode, tolerance, max_drop, run_verify,
                                    held_out=verify_data is not None)
+    if run_verify and probe.alternate is not None:
+        ctx_progress("verifying at a second input shape")
+        passed = _verify_alternate(reference, proto, ir, probe, mode, tolerance, seed, verify_dict) and passed
 
     report: dict[str, Any] = {
         "graphopt_version": __version__,
@@ -193,6 +212,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         "options": {f"{p}.{k}": v for p, kv in parsed_options.items() for k, v in kv.items()},
         "data": sample.source,
         "samples": sample.n_samples,
+        "probe": probe.to_dict(),
         "seed": seed,
         "before": before,
         "after": after,
@@ -206,6 +226,49 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         report["after"]["file_bytes"] = _file_bytes(output_path)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return OptimizeResult(proto, report, passed, ir)
+
+
+def _analysis_shapes(given: Mapping[str, Sequence[int]] | None,
+                     probe: probes.Probe) -> dict[str, tuple[int, ...]] | None:
+    """The shapes costs are counted at: the given ones, else the probe's when the model has dynamic dims
+    besides the batch (a batch-only model is counted at batch 1 without them)."""
+    if given:
+        return {k: tuple(v) for k, v in given.items()}
+    return dict(probe.shapes) if probe.dynamic else None
+
+
+#: Samples verified at the second probe shape.
+ALTERNATE_SAMPLES = 8
+
+
+def _verify_alternate(reference: ModelLike, proto: onnx.ModelProto, ir: Model, probe: probes.Probe, mode: str,
+                      tolerance: Tolerance | None, seed: int, verify_dict: dict[str, Any]) -> bool:
+    """:func:`second_shape_problems`, recorded in the report's verification entry; True when there are none."""
+    problems = second_shape_problems(reference, proto, ir, probe, mode=mode, tolerance=tolerance, seed=seed)
+    verify_dict["shapes"] = [{k: list(v) for k, v in shape.items()} for shape in (probe.shapes, probe.alternate)]
+    verify_dict["second_shape"] = {"shapes": {k: list(v) for k, v in probe.alternate.items()},
+                                   "samples": ALTERNATE_SAMPLES, "passed": not problems}
+    if problems:
+        verify_dict["passed"] = False
+        verify_dict.setdefault("reasons", []).extend(problems)
+    return not problems
+
+
+def second_shape_problems(reference: ModelLike, candidate: ModelLike, ir: Model, probe: probes.Probe, *,
+                          mode: str, tolerance: Tolerance | None = None, seed: int = 0) -> list[str]:
+    """Verify again on random samples at the probe's second shape (a rewrite right at one shape only fails
+    here); empty when it passes or there is no second shape. Lossless runs need equivalence there too. A
+    lossy run's verdict is given on the first shape's data, so at the second the candidate must only run and
+    give outputs of the reference's shapes and types."""
+    if probe.alternate is None:
+        return []
+    data = calibration.random_data(ir, ALTERNATE_SAMPLES, seed=seed, input_shapes=probe.alternate,
+                                   values=probe.values)
+    where = f"at the second shape ({probes.describe_shapes(probe.alternate)})"
+    if mode == "equivalence":
+        report = run_verification(reference, candidate, data, tolerance=tolerance, mode=mode)
+        return [] if report.passed else [f"{where}: {r}" for r in report.reasons or ["outputs differ"]]
+    return [f"{where}: {r}" for r in run_alike(reference, candidate, data)]
 
 
 def _check_budgets(target_macs: float | None, target_params: float | None, max_drop: float | None) -> None:
@@ -250,13 +313,24 @@ def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
     _check_sampling(samples, seed)
     ref_ir, ref = load_model(reference)
     _, cand = load_model(candidate)
-    sample = sample_data(ref_ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
-    return run_verification(ref, cand, sample, tolerance=tolerance, mode=mode)
+    sample, probe = probe_inputs(ref_ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
+    report = run_verification(ref, cand, sample, tolerance=tolerance, mode=mode)
+    problems = second_shape_problems(ref, cand, ref_ir, probe, mode=mode, tolerance=tolerance, seed=seed)
+    if probe.alternate is not None:
+        report.notes.append(f"also verified at {probes.describe_shapes(probe.alternate)}: "
+                            f"{'failed' if problems else 'passed'}")
+    if problems:
+        report.passed = False
+        report.reasons.extend(problems)
+    return report
 
 
 def inspect(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> analysis.ModelCost:
-    """Params, MACs, bytes and the per-layer table of ``model`` (see :mod:`graphopt.measure.analysis`)."""
+    """Params, MACs, bytes and the per-layer table of ``model`` (see :mod:`graphopt.measure.analysis`), at
+    ``input_shapes``, else at probe shapes when the model has dynamic dims besides the batch."""
     ir, source = load_model(model)
+    if not input_shapes and probes.has_dynamic_dims(ir):
+        input_shapes = probes.choose(ir).shapes
     cost = analysis.analyze(ir, input_shapes=dict(input_shapes or {}) or None)
     cost.file_bytes = _file_bytes(source)
     return cost

@@ -87,10 +87,14 @@ class Namer:
 def dims_of(tp: onnx.TypeProto | None) -> tuple[int | str | None, ...] | None:
     """The dims of a tensor type: an ``int`` when static, the symbol (``dim_param``) when named, ``None``
     when unknown; ``None`` when the type is not a tensor or its rank is unknown. The one place a
-    ``TypeProto`` becomes dims."""
+    ``TypeProto`` becomes dims.
+
+    A negative ``dim_value`` is unknown too: Paddle's exporter (and others) write a dynamic dim as
+    ``-1``, which no tensor can have."""
     if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim)
+    return tuple((d.dim_value if d.dim_value >= 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in tp.tensor_type.shape.dim)
 
 
 class Value:

@@ -155,6 +155,8 @@ class PassContext:
     measure : ``model -> (MACs, params)`` (``graphopt.measure.analysis.budget_cost``), given by the layer
         that knows how to measure; the core cannot (it is below ``graphopt.measure``).
     max_drop : the accuracy drop (points) lossy passes may spend.
+    input_shapes : the concrete input shapes costs are counted at (given, or the probe's for a model with
+        dynamic dims besides the batch; ``graphopt.measure.probe``), or ``None`` for batch 1.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
     """
@@ -167,6 +169,7 @@ class PassContext:
     max_drop: float | None = None
     baseline: tuple[int | None, int | None] | None = None
     measure: Callable[[Model], tuple[int | None, int | None]] | None = None
+    input_shapes: dict[str, tuple[int, ...]] | None = None
     debug: bool = False
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None

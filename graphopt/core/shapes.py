@@ -55,7 +55,7 @@ def _fix_dims(vi: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
         raise GraphoptError(f"input {vi.name!r} has rank {len(shape.dim)}, but the given shape {tuple(dims)} "
                             f"has rank {len(dims)}")
     for d, size in zip(shape.dim, dims):
-        if d.HasField("dim_value") and d.dim_value != size:
+        if d.HasField("dim_value") and d.dim_value >= 0 and d.dim_value != size:
             raise GraphoptError(f"input {vi.name!r} dim is fixed to {d.dim_value}, cannot set it to {size}")
         d.Clear()
         d.dim_value = int(size)

@@ -1,5 +1,5 @@
-"""Measuring models: onnxruntime sessions, sample data and calibration statistics, verification,
+"""Measuring models: onnxruntime sessions, sample data, probe shapes and calibration statistics, verification,
 analysis (params, MACs, bytes), the cost and latency models, and the executors that run evaluations.
 """
 
-__all__ = ["analysis", "calibration", "cost", "executor", "latency", "ort", "verify"]
+__all__ = ["analysis", "calibration", "cost", "executor", "latency", "ort", "probe", "verify"]

@@ -79,36 +79,78 @@ RANDOM_INT_HIGH = 10  # random integer inputs are drawn from [0, RANDOM_INT_HIGH
 # sample data
 
 
+STACKED, PER_SAMPLE, SHARED = "stacked", "per_sample", "shared"
+SHARED_PREFIX = "shared/"  # .npz key prefix of an input fed unchanged with every sample
+
+
 @dataclass(eq=False)  # arrays have no single truth value; compare SampleData by identity
 class SampleData:
-    """Sample inputs for a model: one array per input, first axis = samples.
+    """Sample inputs for a model: sample ``i`` is one feed dict, built from one array per input.
+
+    How an input's array holds the samples is its *layout* (:attr:`layout`, default ``stacked``):
+
+    * ``stacked``: ``[n_samples, *rest]`` with the model input's first axis as the sample axis. Several
+      samples go into one onnxruntime run (``array[i:i + k]``); this is the layout of a batched model.
+    * ``per_sample``: ``[n_samples, *feed_shape]``, one complete feed per sample (``array[i]`` is fed as
+      is). A scalar input, a recurrent state ``[2, 1, 128]`` or inputs whose first axes differ take this
+      layout; any per-sample input makes every run a single sample.
+    * ``shared``: ``feed_shape``, the same array fed with every run (a sample rate, a fixed state).
 
     Attributes
     ----------
-    inputs : input name -> array of shape ``[n_samples, *sample_shape]``.
+    inputs : input name -> array (see the layouts).
     labels : integer class ids, shape ``[n_samples]``, or ``None``.
     source : where the data came from (a path, ``random(seed=0)``...), used in messages.
     notes : what loading did to the data (casts), one line each.
+    layout : input name -> ``per_sample`` or ``shared``; inputs not listed are ``stacked``.
     """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "<in-memory data>"
     notes: list[str] = field(default_factory=list)
+    layout: dict[str, str] = field(default_factory=dict)
+
+    def layout_of(self, name: str) -> str:
+        return self.layout.get(name, STACKED)
+
+    @property
+    def one_per_run(self) -> bool:
+        """Every onnxruntime run takes exactly one sample (some input is fed as a complete per-sample feed)."""
+        return PER_SAMPLE in self.layout.values()
 
     @property
     def n_samples(self) -> int:
-        """Number of samples (the common length of the first axes; 0 when there are no inputs)."""
-        for array in self.inputs.values():
-            return int(array.shape[0])
-        return 0 if self.labels is None else int(len(self.labels))
+        """Number of samples: the common length of the non-shared arrays' first axes (1 when every input
+        is shared, 0 when there are no inputs and no labels)."""
+        for name, array in self.inputs.items():
+            if self.layout_of(name) != SHARED:
+                return int(array.shape[0])
+        if self.labels is not None:
+            return int(len(self.labels))
+        return 1 if self.inputs else 0
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive feeds of ``batch_size`` samples (the last one may be shorter). Views, no copies."""
+        """Consecutive feeds of ``batch_size`` samples (the last one may be shorter; one sample per feed when
+        :attr:`one_per_run`). Views, no copies."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for start in range(0, self.n_samples, batch_size):
-            yield {name: array[start:start + batch_size] for name, array in self.inputs.items()}
+        for start, stop in self.spans(batch_size):
+            yield self.feed(start, stop)
+
+    def spans(self, batch_size: int) -> Iterator[tuple[int, int]]:
+        """The ``(start, stop)`` sample ranges :meth:`batches` feeds."""
+        step = 1 if self.one_per_run else batch_size
+        for start in range(0, self.n_samples, step):
+            yield start, min(start + step, self.n_samples)
+
+    def feed(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The feed dict of samples ``start:stop`` (exactly one sample when :attr:`one_per_run`)."""
+        out = {}
+        for name, array in self.inputs.items():
+            kind = self.layout_of(name)
+            out[name] = array if kind == SHARED else array[start, ...] if kind == PER_SAMPLE else array[start:stop]
+        return out
 
     def head(self, n: int) -> SampleData:
         """The first ``n`` samples (views)."""
@@ -127,14 +169,34 @@ class SampleData:
         index = np.asarray(indices, dtype=np.int64)
         return self._derive(index, f"{self.source}[{len(index)} selected]")
 
+    def subset(self, names: Iterable[str]) -> SampleData:
+        """The same samples restricted to the inputs ``names`` (other models' inputs dropped)."""
+        keep = set(names)
+        return SampleData({k: v for k, v in self.inputs.items() if k in keep}, self.labels, self.source,
+                          list(self.notes), {k: v for k, v in self.layout.items() if k in keep})
+
     def _derive(self, index: slice | np.ndarray, source: str) -> SampleData:
         labels = None if self.labels is None else self.labels[index]
-        return SampleData({k: v[index] for k, v in self.inputs.items()}, labels, source, list(self.notes))
+        inputs = {k: v if self.layout_of(k) == SHARED else v[index] for k, v in self.inputs.items()}
+        return SampleData(inputs, labels, source, list(self.notes), dict(self.layout))
 
     def __repr__(self) -> str:
-        arrays = ", ".join(f"{k!r}: {_describe_array(v)}" for k, v in self.inputs.items())
+        tags = {k: "" if self.layout_of(k) == STACKED else " " + self.layout_of(k) for k in self.inputs}
+        arrays = ", ".join(f"{k!r}: {_describe_array(v)}{tags[k]}" for k, v in self.inputs.items())
         labels = "" if self.labels is None else f", labels={_describe_array(self.labels)}"
         return f"SampleData(source={self.source!r}, n_samples={self.n_samples}, inputs={{{arrays}}}{labels})"
+
+
+def sample_rows(output: np.ndarray, data: SampleData) -> np.ndarray:
+    """One run's output with the samples of that run on its first axis.
+
+    A stacked run's outputs already have them there. A single-sample run (:attr:`SampleData.one_per_run`)
+    keeps an output whose first dim is 1 (the model's batch axis of one sample) and gives any other (a
+    state ``[2, 1, 128]``, a scalar) a leading axis of 1.
+    """
+    if not data.one_per_run or (output.ndim and output.shape[0] == 1):
+        return output
+    return output[np.newaxis]
 
 
 def _describe_array(array: np.ndarray) -> str:
@@ -198,19 +260,25 @@ def input_specs(model: Model | onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def feed_batch_size(model: Model | onnx.ModelProto, batch_size: int) -> int:
-    """The batch size to feed ``model``: its static batch dim when it has one, else ``batch_size``.
+def feed_batch_size(model: Model | onnx.ModelProto, batch_size: int, data: SampleData | None = None) -> int:
+    """The batch size to feed ``model``: 1 when ``data`` feeds one sample per run, else its static batch
+    dim when it has one, else ``batch_size``.
 
     Raises
     ------
     DataError
-        Inputs fix different static batch sizes (then their first axes are not one sample axis).
+        Stacked inputs fix different static batch sizes (then their first axes are not one sample axis).
     """
-    static = {s.name: s.static_batch for s in input_specs(model) if not s.optional and s.static_batch}
+    if data is not None and data.one_per_run:
+        return 1
+    stacked = None if data is None else {n for n in data.inputs if data.layout_of(n) == STACKED}
+    static = {s.name: s.static_batch for s in input_specs(model)
+              if not s.optional and s.static_batch and (stacked is None or s.name in stacked)}
     sizes = set(static.values())
     if len(sizes) > 1:
         listing = ", ".join(f"{k}={v}" for k, v in static.items())
-        raise DataError(f"model inputs fix different batch sizes ({listing}); cannot feed them as one sample axis")
+        raise DataError(f"model inputs fix different first dims ({listing}), so they cannot share a sample axis; "
+                        f"give one complete feed per sample (arrays with one more axis than the input)")
     return sizes.pop() if sizes else batch_size
 
 
@@ -228,50 +296,87 @@ def check_data(model: Model | onnx.ModelProto, data: SampleData) -> SampleData:
         The first problem found, as one line naming ``data.source`` and the array at fault.
     """
     specs = input_specs(model)
-    arrays = dict(data.inputs)
+    arrays = {_key(name, data.layout_of(name)): array for name, array in data.inputs.items()}
     if data.labels is not None:
         arrays[LABELS] = data.labels
-    return _validated(arrays, specs, data.source, list(data.notes))
+    return _validated(arrays, specs, data.source, list(data.notes), dict(data.layout))
+
+
+def _key(name: str, layout: str) -> str:
+    return SHARED_PREFIX + name if layout == SHARED else name
 
 
 def _validated(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], source: str,
-               notes: list[str]) -> SampleData:
+               notes: list[str], layout: Mapping[str, str] | None = None) -> SampleData:
+    """Check ``arrays`` (keyed by input name, ``shared/<name>`` or ``labels``) against the model inputs.
+
+    An array's layout is ``shared`` for a ``shared/`` key; otherwise ``layout`` says it, or its rank does:
+    the input's rank means ``stacked``, one more means ``per_sample``."""
     by_name = {s.name: s for s in specs}
     listing = ", ".join(s.name for s in specs if not s.optional) or "none"
     labels = arrays.get(LABELS) if LABELS not in by_name else None
-    for key in arrays:
-        if key not in by_name and key != LABELS:
+    named: dict[str, tuple[np.ndarray, str | None]] = {}
+    for key, array in arrays.items():
+        if key == LABELS and LABELS not in by_name:
+            continue
+        shared = key.startswith(SHARED_PREFIX) and key not in by_name
+        name = key[len(SHARED_PREFIX):] if shared else key
+        if name not in by_name:
             raise DataError(f"{source}: array {key!r} matches no model input (model inputs: {listing})")
+        if name in named:
+            raise DataError(f"{source}: input {name!r} is given twice ({name!r} and {SHARED_PREFIX + name!r})")
+        named[name] = (array, SHARED if shared else (layout or {}).get(name))
     for spec in specs:
-        if not spec.optional and spec.name not in arrays:
+        if not spec.optional and spec.name not in named:
             raise DataError(f"{source}: no array for model input {spec.name!r} "
                             f"(expected {spec.type_name} {spec.shape_text()})")
-    inputs = {s.name: _checked_input(arrays[s.name], s, source, notes) for s in specs if s.name in arrays}
-    n = _common_sample_count(inputs, labels, source)
-    _check_batch_multiple(inputs, specs, n, source)
+    inputs, layouts = {}, {}
+    for spec in specs:
+        if spec.name in named:
+            array, kind = named[spec.name]
+            inputs[spec.name], layouts[spec.name] = _checked_input(array, spec, kind, source, notes)
+    out = SampleData(inputs, None, source, notes, {k: v for k, v in layouts.items() if v != STACKED})
+    n = _common_sample_count(out, labels, source)
+    _check_batch_multiple(out, specs, n, source)
     if labels is not None:
-        labels = _checked_labels(labels, n, source)
-    return SampleData(inputs, labels, source, notes)
+        out.labels = _checked_labels(labels, n, source)
+    return out
 
 
-def _checked_input(array: np.ndarray, spec: InputSpec, source: str, notes: list[str]) -> np.ndarray:
+def _checked_input(array: np.ndarray, spec: InputSpec, layout: str | None, source: str,
+                   notes: list[str]) -> tuple[np.ndarray, str]:
+    """The array (cast if safe) and its layout, or a DataError naming what does not fit."""
     where = f"{source}: input {spec.name!r}"
     if not isinstance(array, np.ndarray):
         raise DataError(f"{where}: expected a numpy array, got {type(array).__name__}")
-    if spec.shape is not None and len(spec.shape) == 0:
-        raise DataError(f"{where}: the model input is a scalar (rank 0); graphopt needs a leading sample axis")
-    if array.ndim == 0:
-        raise DataError(f"{where}: is a scalar; expected one row per sample (shape {spec.shape_text()})")
     array = _checked_dtype(array, spec, where, notes)
-    if spec.shape is not None:
-        if array.ndim != len(spec.shape):
-            raise DataError(f"{where}: has shape {list(array.shape)} (rank {array.ndim}); the model expects rank "
-                            f"{len(spec.shape)} {spec.shape_text()} with samples on the first axis")
-        for axis, (want, got) in enumerate(zip(spec.shape[1:], array.shape[1:]), start=1):
-            if isinstance(want, int) and want > 0 and want != got:
-                raise DataError(f"{where}: has shape {list(array.shape)}; the model fixes axis {axis} to {want} "
-                                f"{spec.shape_text()}")
-    return array
+    if spec.shape is None:
+        if layout == SHARED:
+            return array, SHARED
+        if array.ndim == 0:
+            raise DataError(f"{where}: is a scalar; give one value per sample, or use the key "
+                            f"{SHARED_PREFIX + spec.name!r} for a value every sample shares")
+        return array, layout or STACKED
+    rank = len(spec.shape)
+    if layout is None:
+        layout = PER_SAMPLE if array.ndim == rank + 1 else STACKED
+    if layout == STACKED and rank == 0:
+        raise DataError(f"{where}: has shape {list(array.shape)} for a scalar input; give one value per sample "
+                        f"(shape [n]) or use the key {SHARED_PREFIX + spec.name!r} for one value all samples share")
+    want_rank = rank + 1 if layout == PER_SAMPLE else rank
+    if array.ndim != want_rank:
+        raise DataError(f"{where}: has shape {list(array.shape)} (rank {array.ndim}); the model input is "
+                        f"{spec.shape_text()}: expected rank {rank} (samples on its first axis) or {rank + 1} "
+                        f"(one complete input per sample)" if layout != SHARED else
+                        f"{where}: has shape {list(array.shape)}; a shared array is one complete input "
+                        f"{spec.shape_text()} (rank {rank})")
+    feed_dims = array.shape[1:] if layout == PER_SAMPLE else array.shape
+    first = 0 if layout != STACKED else 1  # a stacked array's first axis is the sample axis
+    for axis, (want, got) in enumerate(zip(spec.shape[first:], feed_dims[first:]), start=first):
+        if isinstance(want, int) and want > 0 and want != got:
+            raise DataError(f"{where}: has shape {list(array.shape)}; the model fixes axis {axis} to {want} "
+                            f"{spec.shape_text()}")
+    return array, layout
 
 
 def _checked_dtype(array: np.ndarray, spec: InputSpec, where: str, notes: list[str]) -> np.ndarray:
@@ -292,11 +397,13 @@ def _checked_dtype(array: np.ndarray, spec: InputSpec, where: str, notes: list[s
                     f"convert the data (no implicit int/float/bool conversion)")
 
 
-def _common_sample_count(inputs: Mapping[str, np.ndarray], labels: np.ndarray | None, source: str) -> int:
-    counts = {name: int(a.shape[0]) for name, a in inputs.items()}
+def _common_sample_count(data: SampleData, labels: np.ndarray | None, source: str) -> int:
+    counts = {name: int(a.shape[0]) for name, a in data.inputs.items() if data.layout_of(name) != SHARED}
     if labels is not None and np.ndim(labels) > 0:
         counts[LABELS] = int(np.shape(labels)[0])
     if not counts:
+        if data.inputs:
+            return 1  # every input shared: one sample
         raise DataError(f"{source}: holds no arrays")
     if len(set(counts.values())) > 1:
         listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
@@ -307,10 +414,18 @@ def _common_sample_count(inputs: Mapping[str, np.ndarray], labels: np.ndarray | 
     return n
 
 
-def _check_batch_multiple(inputs: Mapping[str, np.ndarray], specs: Sequence[InputSpec], n: int, source: str) -> None:
+def _check_batch_multiple(data: SampleData, specs: Sequence[InputSpec], n: int, source: str) -> None:
+    """A stacked input with a static batch ``k`` takes ``k`` samples per run: exactly 1 when runs hold one
+    sample (a per-sample input is present), else any multiple of ``k``."""
     for spec in specs:
         k = spec.static_batch
-        if spec.name in inputs and k and n % k:
+        if spec.name not in data.inputs or data.layout_of(spec.name) != STACKED or not k:
+            continue
+        if data.one_per_run and k != 1:
+            raise DataError(f"{source}: input {spec.name!r} has a static batch of {k} {spec.shape_text()} but other "
+                            f"inputs give one complete feed per sample; give {spec.name!r} that way too "
+                            f"(shape [n, {', '.join(str(d) for d in spec.shape)}])")
+        if n % k:
             raise DataError(f"{source}: input {spec.name!r} has a static batch of {k} {spec.shape_text()}; "
                             f"the sample count {n} is not a multiple of {k}")
 
@@ -451,26 +566,59 @@ def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@dataclass(frozen=True)
+class ValueRule:
+    """How random values of one integer (or mask) input are drawn, and why.
+
+    kind : ``range`` (uniform integers in ``[low, high)``), ``choices`` (sample ``i`` takes
+        ``choices[i % len(choices)]``, so every value is exercised) or ``mask`` (ones followed by zeros
+        along the last axis, at least one one: a valid attention/padding mask).
+    reason : what in the graph set the rule (``Gather table 'emb' has 2 rows``), for the report.
+    """
+
+    kind: str
+    low: int = 0
+    high: int = RANDOM_INT_HIGH
+    choices: tuple = ()
+    reason: str = ""
+
+
+def sample_layout(model: Model | onnx.ModelProto) -> str:
+    """``stacked`` when the required inputs can share one sample axis (each has rank >= 1 and their first
+    dims are all dynamic or all the same fixed size), else ``per_sample`` (scalars, recurrent states with
+    their own leading axes, inputs with different fixed first dims)."""
+    required = [s for s in input_specs(model) if not s.optional]
+    if any(s.shape is not None and len(s.shape) == 0 for s in required):
+        return PER_SAMPLE
+    firsts = {s.shape[0] if isinstance(s.shape[0], int) and s.shape[0] > 0 else None
+              for s in required if s.shape}
+    return STACKED if len(firsts) <= 1 else PER_SAMPLE
+
+
 def random_data(model: Model | onnx.ModelProto, n_samples: int, *, seed: int,
-                input_shapes: Mapping[str, Sequence[int]] | None = None) -> SampleData:
+                input_shapes: Mapping[str, Sequence[int]] | None = None,
+                values: Mapping[str, ValueRule] | None = None) -> SampleData:
     """Seeded random inputs for every input of ``model`` that has no default value.
 
-    Floating inputs: standard normal. Integer inputs: uniform in ``[0, 10)``. Bool: fair coin.
-    Each input gets its own generator, seeded from ``(seed, input position)``, so the data is a pure
-    function of the model's inputs and ``seed``.
+    Floating inputs: standard normal. Integer inputs: uniform in ``[0, 10)`` unless ``values`` gives a
+    rule (:class:`ValueRule`). Bool: fair coin. Each input gets its own generator, seeded from
+    ``(seed, input position)``, so the data is a pure function of the model's inputs and ``seed``.
+    The layout is :func:`sample_layout`'s: stacked inputs get samples on their first axis, otherwise
+    every input gets one complete feed per sample.
 
     Parameters
     ----------
-    n_samples : samples to draw; rounded up to a multiple of a static batch dim.
-    input_shapes : name -> full input shape, fixing dynamic dims. Its first dim is ignored when the
-        model's batch dim is dynamic (``n_samples`` decides the sample axis).
+    n_samples : samples to draw; rounded up to a multiple of a static batch dim (stacked layout).
+    input_shapes : name -> full input shape, fixing dynamic dims. In the stacked layout its first dim
+        is ignored when the model's batch dim is dynamic (``n_samples`` decides the sample axis).
+    values : input name -> how to draw its values.
 
     Raises
     ------
     DataError
-        A dynamic or unknown dim after the first with no shape given (the message says which
-        ``--input-shape`` to pass), a given shape that contradicts the model, an unknown name in
-        ``input_shapes``, or an input type that cannot be generated (strings, bfloat16...).
+        A dynamic or unknown dim with no shape given (the message says which ``--input-shape`` to pass;
+        in the stacked layout the first dim needs none), a given shape that contradicts the model, an
+        unknown name in ``input_shapes``, or an input type that cannot be generated (strings, bfloat16...).
     """
     if n_samples < 1:
         raise DataError(f"random data: the number of samples must be >= 1, got {n_samples}")
@@ -481,56 +629,95 @@ def random_data(model: Model | onnx.ModelProto, n_samples: int, *, seed: int,
         raise DataError(f"input shape given for {unknown[0]!r}, which is not a model input "
                         f"(model inputs: {', '.join(s.name for s in specs)})")
     required = [s for s in specs if not s.optional]
+    layout = sample_layout(model)
     static = {s.static_batch for s in required if s.static_batch}
-    unit = max(static) if len(static) == 1 else 1  # disagreeing static batches are refused when fed
+    unit = max(static) if len(static) == 1 and layout == STACKED else 1
     n = -(-n_samples // unit) * unit
     inputs = {}
     for position, spec in enumerate(specs):
         if spec.optional:
             continue
-        sample_shape = _sample_shape(spec, shapes.get(spec.name))
         rng = np.random.default_rng([seed, position])
-        inputs[spec.name] = _draw(rng, spec, (n, *sample_shape))
-    return SampleData(inputs, None, f"random(seed={seed})")
+        rule = (values or {}).get(spec.name)
+        if layout == STACKED:
+            shape = (n, *_sample_shape(spec, shapes.get(spec.name)))
+        else:
+            shape = (n, *_feed_shape(spec, shapes.get(spec.name)))
+        inputs[spec.name] = _draw(rng, spec, shape, rule)
+    kinds = {} if layout == STACKED else {name: PER_SAMPLE for name in inputs}
+    return SampleData(inputs, None, f"random(seed={seed})", [], kinds)
+
+
+def _given_shape(spec: InputSpec, given: Sequence[int]) -> tuple[int, ...]:
+    """``given`` checked against the model input's rank and fixed dims."""
+    given = tuple(int(d) for d in given)
+    if spec.shape is not None:
+        if len(given) != len(spec.shape):
+            raise DataError(f"input shape for {spec.name!r} has rank {len(given)}; the model input is "
+                            f"{spec.shape_text()} (rank {len(spec.shape)})")
+        for axis, (want, got) in enumerate(zip(spec.shape, given)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise DataError(f"input shape for {spec.name!r} sets axis {axis} to {got}; the model fixes it "
+                                f"to {want} {spec.shape_text()}")
+    return given
 
 
 def _sample_shape(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
-    """The per-sample dims of ``spec`` (all but the first), from the model or from ``given``."""
-    hint = f"pass --input-shape {spec.name}:d0,d1,..."
+    """The per-sample dims of a stacked input (all but the first), from the model or from ``given``."""
     if given is not None:
-        given = tuple(int(d) for d in given)
-        if spec.shape is not None:
-            if len(given) != len(spec.shape):
-                raise DataError(f"input shape for {spec.name!r} has rank {len(given)}; the model input is "
-                                f"{spec.shape_text()} (rank {len(spec.shape)})")
-            for axis, (want, got) in enumerate(zip(spec.shape, given)):
-                if isinstance(want, int) and want > 0 and want != got:
-                    raise DataError(f"input shape for {spec.name!r} sets axis {axis} to {got}; the model fixes it "
-                                    f"to {want} {spec.shape_text()}")
+        given = _given_shape(spec, given)
         if len(given) == 0:
-            raise DataError(f"input shape for {spec.name!r} is empty; graphopt needs a leading sample axis")
+            raise DataError(f"input shape for {spec.name!r} is empty; a stacked input needs a leading sample axis")
         return given[1:]
     if spec.shape is None:
-        raise DataError(f"input {spec.name!r} has an unknown shape; {hint}")
-    if len(spec.shape) == 0:
-        raise DataError(f"input {spec.name!r} is a scalar (rank 0); graphopt needs a leading sample axis")
-    for axis, dim in enumerate(spec.shape[1:], start=1):
-        if not (isinstance(dim, int) and dim > 0):
-            label = f"dynamic dim {dim!r}" if isinstance(dim, str) else "an unknown dim"
-            raise DataError(f"input {spec.name!r} {spec.shape_text()} has {label} at axis {axis}; {hint}")
+        raise DataError(f"input {spec.name!r} has an unknown shape; pass --input-shape {spec.name}:d0,d1,...")
+    _require_static(spec, 1)
     return tuple(spec.shape[1:])  # type: ignore[arg-type]
 
 
-def _draw(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
+def _feed_shape(spec: InputSpec, given: Sequence[int] | None) -> tuple[int, ...]:
+    """The complete feed shape of a per-sample input, from ``given`` or the model's fixed dims."""
+    if given is not None:
+        return _given_shape(spec, given)
+    if spec.shape is None:
+        raise DataError(f"input {spec.name!r} has an unknown shape; pass --input-shape {spec.name}:d0,d1,...")
+    _require_static(spec, 0)
+    return tuple(spec.shape)  # type: ignore[arg-type]
+
+
+def _require_static(spec: InputSpec, first: int) -> None:
+    for axis, dim in enumerate(spec.shape[first:], start=first):
+        if not (isinstance(dim, int) and dim > 0):
+            label = f"dynamic dim {dim!r}" if isinstance(dim, str) else "an unknown dim"
+            raise DataError(f"input {spec.name!r} {spec.shape_text()} has {label} at axis {axis}; "
+                            f"pass --input-shape {spec.name}:d0,d1,...")
+
+
+def _draw(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...], rule: ValueRule | None) -> np.ndarray:
     dtype = spec.np_dtype
     if dtype is None or dtype.kind not in "fiub" or spec.dtype == onnx.TensorProto.BFLOAT16:
         raise DataError(f"input {spec.name!r}: cannot generate random data of type {spec.type_name}; "
                         f"give sample data")
+    if rule is not None and rule.kind == "mask":
+        return _prefix_mask(rng, shape).astype(dtype)
+    if rule is not None and rule.kind == "choices" and rule.choices:
+        picks = np.resize(np.asarray(rule.choices), shape[0])  # sample i takes choices[i % len]
+        return np.broadcast_to(picks.reshape((shape[0],) + (1,) * (len(shape) - 1)), shape).astype(dtype)
     if dtype.kind == "f":
         return rng.standard_normal(shape, dtype=np.float32).astype(dtype)
     if dtype.kind == "b":
         return rng.random(shape) < 0.5
-    return rng.integers(0, RANDOM_INT_HIGH, size=shape).astype(dtype)
+    low, high = (rule.low, rule.high) if rule is not None and rule.kind == "range" else (0, RANDOM_INT_HIGH)
+    return rng.integers(low, high, size=shape).astype(dtype)
+
+
+def _prefix_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Ones followed by zeros along the last axis, at least one one per row (a rank-0 mask is 1)."""
+    if len(shape) < 2:
+        return np.ones(shape, dtype=np.int64)
+    length = shape[-1]
+    keep = rng.integers(1, length + 1, size=shape[:-1])
+    return (np.arange(length) < keep[..., None]).astype(np.int64)
 
 
 # ===============================================================================================
@@ -831,7 +1018,7 @@ class Calibrator:
         if not names:  # onnxruntime reads an empty output list as "all outputs"
             return
         data = check_data(self.model, self.data)
-        batch = feed_batch_size(self.model, self.batch_size)
+        batch = feed_batch_size(self.model, self.batch_size, data)
         proto = gort.with_outputs(to_proto(self.model), names, inplace=True)
         sess = gort.session(proto, threads=self.threads)
         del proto  # the session holds its own copy of the weights
@@ -862,8 +1049,8 @@ def reference_outputs(model: gort.ModelLike, data: SampleData, *, batch_size: in
     data = check_data(proto, data)
     sess = gort.session(proto, threads=threads)
     chunks: dict[str, list[np.ndarray]] = {}
-    for feeds in data.batches(feed_batch_size(proto, batch_size)):
+    for feeds in data.batches(feed_batch_size(proto, batch_size, data)):
         for name, array in gort.run(sess, feeds, what=gort.describe(model)).items():
-            chunks.setdefault(name, []).append(array)
+            chunks.setdefault(name, []).append(sample_rows(array, data))
     return {name: np.concatenate(parts, axis=0) if parts[0].ndim else np.stack(parts)
             for name, parts in chunks.items()}

@@ -456,25 +456,25 @@ class EvalContext:
         ValueError : an override of an initializer not listed in :attr:`overridable`.
         """
         from graphopt.measure import ort as gort
-        from graphopt.measure.calibration import feed_batch_size
+        from graphopt.measure.calibration import feed_batch_size, sample_rows
         if overrides and model is None:
             unknown = sorted(set(overrides) - set(self.overridable))
             if unknown:
                 raise ValueError(f"not overridable (list them in EvalContext.overridable): {unknown}")
         if model is None:
             sess = self.session()
-            batch = self._memo.setdefault("batch", feed_batch_size(self.proto(), self.batch_size))
+            batch = self._memo.setdefault("batch", feed_batch_size(self.proto(), self.batch_size, self.data))
         else:
             proto = gort.as_proto(model)
             sess = gort.session(proto, threads=self._threads())
-            batch = feed_batch_size(proto, self.batch_size)
+            batch = feed_batch_size(proto, self.batch_size, self.data)
         names = self.output_names()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         extra = dict(overrides or {})
         for feed in self.data.batches(batch):
             out = gort.run(sess, {**feed, **extra}, names)
             for name in names:
-                parts[name].append(out[name])
+                parts[name].append(sample_rows(out[name], self.data))
         return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
 
     def reference(self) -> dict[str, np.ndarray]:

@@ -96,32 +96,35 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def session_options(*, optimize: bool = False, threads: int | None = None) -> ort.SessionOptions:
-    """The :class:`onnxruntime.SessionOptions` every graphopt session uses (see the module docstring)."""
+def session_options(*, optimize: bool = False, threads: int | None = None, quiet: bool = False) -> ort.SessionOptions:
+    """The :class:`onnxruntime.SessionOptions` every graphopt session uses (see the module docstring);
+    ``quiet`` silences onnxruntime's own error log (for runs expected to fail, such as shape probes)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4 if quiet else 3
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     return opts
 
 
-def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None) -> ort.InferenceSession:
+def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None,
+            quiet: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` (an IR Model, a ModelProto, serialized bytes or a path).
 
     Parameters
     ----------
     optimize : run onnxruntime's graph optimizations (``ORT_ENABLE_ALL``); off by default.
     threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
+    quiet : no onnxruntime error log on stderr (failures still raise).
 
     Raises
     ------
     GraphoptError
         onnxruntime cannot load the model: ``"<model>: onnxruntime rejects the model: <reason>"``.
     """
-    opts = session_options(optimize=optimize, threads=threads)
+    opts = session_options(optimize=optimize, threads=threads, quiet=quiet)
     where = describe(model)
     keep_alive = None
     if isinstance(model, (str, os.PathLike)):

@@ -98,7 +98,7 @@ from graphopt.core.errors import DataError, GraphoptError, OptionError
 from graphopt.core.ir import dims_of
 from graphopt.core.onnx_io import from_proto
 from graphopt.measure import ort as gort
-from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs
+from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs, sample_rows
 
 MODES = ("equivalence", "accuracy")
 
@@ -518,7 +518,7 @@ def _interface(ref: onnx.ModelProto, cand: onnx.ModelProto, n: int) -> tuple[lis
 def _candidate_data(cand: onnx.ModelProto, data: SampleData) -> tuple[SampleData | None, str | None]:
     """The data restricted to the candidate's inputs and checked against them, or the reason it cannot run."""
     names = {s.name for s in input_specs(cand)}
-    subset = SampleData({k: v for k, v in data.inputs.items() if k in names}, data.labels, data.source)
+    subset = data.subset(names)
     try:
         return check_data(cand, subset), None
     except DataError as exc:
@@ -593,14 +593,15 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     cand = _Model(gort.as_proto(candidate), f"candidate {gort.describe(candidate)}")
     data = check_data(ref.proto, data)
     comparisons, blocking = _interface(ref.proto, cand.proto, data.n_samples)
+    blocking.extend(lost_dynamic_dims(ref.proto, cand.proto))
     notes = list(data.notes)
     ref.session = gort.session(ref.proto, threads=threads)
     cand.session = _candidate_session(cand, data, threads, blocking)
     opt_session = _optimized_session(ref.proto, threads, notes) if tol.rel is None else None
     ran, measured = False, False
     if cand.session is not None:
-        ran, measured = _stream(ref, cand, opt_session, data, comparisons, feed_batch_size(ref.proto, batch_size),
-                                blocking, notes)
+        batch = feed_batch_size(ref.proto, batch_size, data)
+        ran, measured = _stream(ref, cand, opt_session, data, comparisons, batch, blocking, notes)
     resolved = _resolve(tol, comparisons, ref.proto, measured, mode)
     for c in comparisons:
         c.finish(resolved["rel"], resolved["abs"], tol.min_cosine)
@@ -646,26 +647,29 @@ def _stream(ref: _Model, cand: _Model, opt_session: Any, data: SampleData, compa
     """
     names = [c.m.name for c in comparisons]
     wanted = [c for c in comparisons if c.m.compared]
-    for start in range(0, data.n_samples, batch):
-        feeds = {k: v[start:start + batch] for k, v in data.inputs.items()}
-        rows = next(iter(feeds.values())).shape[0]
-        a = gort.run(ref.session, feeds, names, what=ref.label)
+    for start, stop in data.spans(batch):
+        feeds = data.feed(start, stop)
+        a = _rows(gort.run(ref.session, feeds, names, what=ref.label), data)
         try:
-            b = gort.run(cand.session, feeds, [c.m.name for c in wanted], what=cand.label)
+            b = _rows(gort.run(cand.session, feeds, [c.m.name for c in wanted], what=cand.label), data)
         except GraphoptError as exc:
             blocking.append(f"candidate: {exc}")
             return False, False
         a_opt = None
         if opt_session is not None:
             try:
-                a_opt = gort.run(opt_session, feeds, names, what=ref.label)
+                a_opt = _rows(gort.run(opt_session, feeds, names, what=ref.label), data)
             except GraphoptError as exc:
                 notes.append(f"auto tolerance: the optimized reference failed to run ({exc}); using the floor")
                 opt_session = None
         for c in wanted:
-            c.update(a[c.m.name], b[c.m.name], start, rows, None if a_opt is None else a_opt[c.m.name])
+            c.update(a[c.m.name], b[c.m.name], start, stop - start, None if a_opt is None else a_opt[c.m.name])
     blocking.extend(c.m.reason for c in wanted if c.broken)
     return True, opt_session is not None
+
+
+def _rows(outputs: dict[str, np.ndarray], data: SampleData) -> dict[str, np.ndarray]:
+    return {name: sample_rows(array, data) for name, array in outputs.items()}
 
 
 def _resolve(tol: Tolerance, comparisons: Sequence[_Comparison], ref: onnx.ModelProto, measured: bool,
@@ -755,7 +759,7 @@ def _worst_samples(comparisons: Sequence[_Comparison], n: int, count: int) -> np
 
 def _locate(report: VerifyReport, ref: _Model, cand: _Model, data: SampleData, comparisons: Sequence[_Comparison],
             resolved: dict[str, Any], batch_size: int, threads: int | None) -> None:
-    unit = feed_batch_size(ref.proto, 1)  # a static batch dim, else 1: take whole batches of samples
+    unit = feed_batch_size(ref.proto, 1, data)  # a static batch dim, else 1: take whole batches of samples
     count = min(data.n_samples, -(-DIVERGENCE_SAMPLES // unit) * unit)
     subset = data.take(_worst_samples(comparisons, data.n_samples, count))
     try:
@@ -801,7 +805,8 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     cand_data, problem = _candidate_data(cand_proto, ref_data)
     if problem:
         raise GraphoptError(problem)
-    batch = feed_batch_size(ref_proto, max(batch_size, data.n_samples))  # one run unless the batch is static
+    # one run, unless the batch is static or runs take one sample each
+    batch = feed_batch_size(ref_proto, max(batch_size, data.n_samples), ref_data)
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
         a = _run_exposed(ref_proto, part, ref_data, batch, threads, "reference")
@@ -828,7 +833,7 @@ def _run_exposed(proto: onnx.ModelProto, names: list[str], data: SampleData, bat
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in data.batches(batch):
         for name, array in gort.run(sess, feeds, names, what=label).items():
-            parts[name].append(array)
+            parts[name].append(sample_rows(array, data))
     return {name: _join(p) for name, p in parts.items()}
 
 
@@ -874,3 +879,53 @@ def _next_comparable(graph, node, name: str, checks: Mapping[str, _Check]) -> se
 
 __all__ = ["Tolerance", "OutputMetrics", "Divergence", "VerifyReport", "verify", "first_divergence",
            "auto_tolerance", "mac_depth"]
+
+
+# ===============================================================================================
+# shape-only checks
+
+
+def run_alike(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleData, *,
+              threads: int | None = None) -> list[str]:
+    """Problems found running both models on ``data``: the candidate fails, or an output's shape or element
+    type differs from the reference's (values are not compared). Empty when they run alike."""
+    ref, cand = gort.as_proto(reference), gort.as_proto(candidate)
+    data = check_data(ref, data)
+    cand_data, problem = _candidate_data(cand, data)
+    if problem:
+        return [problem]
+    names = [vi.name for vi in ref.graph.output]
+    ref_session = gort.session(ref, threads=threads)
+    try:
+        cand_session = gort.session(cand, threads=threads)
+    except GraphoptError as exc:
+        return [f"candidate: {exc}"]
+    for feeds in data.batches(feed_batch_size(ref, 64, data)):
+        a = gort.run(ref_session, feeds, names, what="reference")
+        try:
+            b = gort.run(cand_session, {k: v for k, v in feeds.items() if k in cand_data.inputs}, names,
+                         what="candidate")
+        except GraphoptError as exc:
+            return [f"candidate: {exc}"]
+        problems = [f"output {n!r}: candidate {b[n].dtype}{list(b[n].shape)}, reference {a[n].dtype}{list(a[n].shape)}"
+                    for n in names if a[n].shape != b[n].shape or a[n].dtype != b[n].dtype]
+        if problems:
+            return problems
+    return []
+
+
+def lost_dynamic_dims(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[str]:
+    """Graph inputs and outputs whose dynamic dim (a name, unnamed or ``-1``) the candidate fixed to a size: the
+    optimized model must take every shape the original took."""
+    problems = []
+    for kind, ref_vis, cand_vis in (("input", reference.graph.input, candidate.graph.input),
+                                    ("output", reference.graph.output, candidate.graph.output)):
+        cand_dims = {vi.name: dims_of(vi.type) for vi in cand_vis}
+        for vi in ref_vis:
+            before, after = dims_of(vi.type), cand_dims.get(vi.name)
+            if before is None or after is None or len(before) != len(after):
+                continue
+            for axis, (a, b) in enumerate(zip(before, after)):
+                if not isinstance(a, int) and isinstance(b, int):
+                    problems.append(f"{kind} {vi.name!r} axis {axis} was dynamic ({a or '?'}) and is fixed to {b}")
+    return problems

@@ -124,7 +124,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphopt.core.ir import Graph, Model, Node, Value
+from graphopt.core.ir import Graph, Model, Node, Value, dims_of
 from graphopt.core.manager import PassContext, register
 from graphopt.core.ops import LAYER_OPS_WITH_TRANSPOSE, is_op, remove_dead, sole_consumer
 from graphopt.core.patterns import protected_role
@@ -153,11 +153,9 @@ def _dims_by_value(types: dict) -> dict[Value, Shape]:
     out: dict[Value, Shape] = {}
     for graph, by_name in types.items():
         for value in graph.values():
-            tp = by_name.get(value.name)
-            if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
-                continue
-            out[value] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                               for d in tp.tensor_type.shape.dim)
+            dims = dims_of(by_name.get(value.name))
+            if dims is not None:
+                out[value] = dims
     return out
 
 
