@@ -106,6 +106,15 @@ BAD_CASES = {
     "data_wrong_shape": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", input=np.zeros(
         (2, 3, 8, 8), np.float32))], "input"),
     "bad_input_shape": lambda d: (["optimize", d / "cnn.onnx", "--input-shape", "input=1,2"], "input"),
+    "data_shared_unknown": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", **{
+        "input": np.zeros((2, 1, 8, 8), np.float32), "shared/nope": np.zeros(3, np.float32)})],
+        "array 'shared/nope' matches no model input"),
+    "data_shared_wrong_rank": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", **{
+        "shared/input": np.zeros((2, 2, 1, 8, 8), np.float32)})], "a shared array is one complete input"),
+    "data_per_sample_wrong_dims": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", **{
+        "input": np.zeros((2, 1, 2, 8, 8), np.float32)})], "fixes axis 1 to 1"),
+    "data_scalar_for_tensor": lambda d: (["optimize", d / "cnn.onnx", "--data", _npz(d / "d.npz", **{
+        "input": np.array(1.0, np.float32)})], "(rank 0)"),
     "target_out_of_range": lambda d: (["optimize", d / "cnn.onnx", "--target-macs", "2"], "fraction"),
     "zero_samples": lambda d: (["optimize", d / "cnn.onnx", "--samples", "0"], "--samples must be >= 1"),
     "negative_seed": lambda d: (["optimize", d / "cnn.onnx", "--seed", "-1"], "--seed must be >= 0"),

@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graphopt  # noqa: E402
-from graphopt.app import cli  # noqa: E402
+from graphopt.app import api, cli  # noqa: E402
 from graphopt.core import onnx_io  # noqa: E402
 from graphopt.core.errors import GraphoptError  # noqa: E402
 from graphopt.measure import analysis, ort  # noqa: E402
-from graphopt.measure.calibration import SampleData, feed_batch_size, load_data, random_data  # noqa: E402
+from graphopt.measure.calibration import SampleData, feed_batch_size, load_data  # noqa: E402
 from graphopt.measure.verify import verify  # noqa: E402
 
 ZOO = ROOT / "models" / "zoo.json"
@@ -136,8 +136,8 @@ class Row:
     ratio: dict[str, float] = field(default_factory=dict)
 
 
-def _static(row: Row, proto: onnx.ModelProto) -> None:
-    cost = analysis.analyze(onnx_io.from_proto(proto))
+def _static(row: Row, proto: onnx.ModelProto, shapes: dict | None = None) -> None:
+    cost = analysis.analyze(onnx_io.from_proto(proto), input_shapes=shapes)
     row.params, row.macs, row.nodes = cost.params, cost.macs, cost.nodes
     row.file_bytes = proto.ByteSize()
 
@@ -199,9 +199,9 @@ def measure(model: Path, candidates: dict[str, Producer], *, data: SampleData | 
     """Make every candidate from ``model`` and measure them all in one run. Row 0 is the original."""
     original = onnx.load(model)
     ir = onnx_io.from_proto(original)
-    if data is None:
-        data = random_data(ir, batch, seed=0)
-    feeds = data.head(feed_batch_size(ir, batch)).inputs
+    data, probe = api.probe_inputs(ir, data, samples=None if data is not None else batch)
+    feeds = next(data.batches(feed_batch_size(ir, batch, data)))
+    shapes = dict(probe.shapes) if probe.dynamic else None
     rows = [Row("original")]
     protos = {"original": original}
     reference_accuracy: list[float | None] = [None]
@@ -220,7 +220,7 @@ def measure(model: Path, candidates: dict[str, Producer], *, data: SampleData | 
         except GraphoptError as exc:
             row.status = f"rejected by onnxruntime: {str(exc)[:160]}"
             continue
-        _static(row, protos[row.name])
+        _static(row, protos[row.name], shapes)
         try:
             _quality(row, original, protos[row.name], data, reference_accuracy)
         except Exception as exc:

@@ -2,21 +2,26 @@
 
 Sample data
 -----------
-:class:`SampleData` holds one array per model input, the first axis indexing samples, plus optional
+:class:`SampleData` holds the samples, one feed dict each, as one array per model input plus optional
 integer class labels. It comes from a file (:func:`load_data`), from a seeded generator
 (:func:`random_data`), or from the caller. Every array is checked against the model's inputs
 (:func:`check_data`) before anything runs, so a bad file fails with one line naming the file and the
 input at fault instead of an onnxruntime traceback halfway through.
 
-The first axis of a model input is its batch axis. When it is dynamic, samples are fed in batches of
-any size; when it is static (``[1, 1, 28, 28]``), samples are fed in batches of exactly that size, so a
-batch-1 model still takes N samples (one by one). The sample count must then be a multiple of it.
+An input's array holds its samples in one of three layouts (:class:`SampleData`): *stacked* on the
+model input's first axis, its batch axis (several samples per onnxruntime run); *per sample*, one
+complete input per sample on an extra leading axis (scalars, recurrent states, inputs whose first axes
+differ; every run then takes one sample); or *shared*, one array fed with every run. A stacked input
+whose batch dim is dynamic is fed in batches of any size; a static one (``[1, 1, 28, 28]``) in batches
+of exactly that size, so a batch-1 model still takes N samples (one by one), and the sample count must
+then be a multiple of it.
 
 Data file rules (:func:`load_data`):
 
-* ``.npz``: one array per model input, keyed by input name, plus an optional ``labels`` array
-  (integer class ids ``>= 0``, one per sample). Any other key is an error (a typo would otherwise be
-  silently ignored). ``.npy``: the single array of a model with one input (no labels).
+* ``.npz``: one array per model input, keyed by input name, or by ``shared/<input name>`` for a shared
+  array, plus an optional ``labels`` array (integer class ids ``>= 0``, one per sample). Any other key is
+  an error (a typo would otherwise be silently ignored). ``.npy``: the single array of a model with one
+  input (no labels).
 * Inputs backed by an initializer (IR < 4 models list weights as inputs with defaults) need no data;
   when given, they are validated and fed.
 * dtypes: an exact match is fed as is. Floating data for a floating input of another width
@@ -24,15 +29,17 @@ Data file rules (:func:`load_data`):
   integer input when every value fits the target type; each cast is recorded in ``SampleData.notes``.
   Integer <-> float and anything <-> bool are errors: a ``uint8`` image fed to a ``float32`` input is
   almost always missing its normalisation, and guessing would hide that.
-* shapes: the rank must equal the model input's rank, and every static dim after the first must
-  match. Symbolic and unknown dims accept any size. Rank-0 (scalar) inputs are refused: there is no
-  axis to put samples on.
-* every array (and ``labels``) must hold the same number of samples, at least one.
+* shapes: an array with the input's rank is stacked (every static dim after the first must match), one
+  with one more axis is per sample (every static dim of the input must match), a shared array has the
+  input's rank and static dims. Symbolic and unknown dims accept any size. A scalar input is per sample
+  (``[n]``) or shared.
+* every non-shared array (and ``labels``) must hold the same number of samples, at least one.
 
 Random data (:func:`random_data`) is reproducible from its seed: floating inputs are standard normal,
 integer inputs uniform in ``[0, 10)`` (small non-negative values are valid indices for Gather /
-embedding tables and valid counts), bool inputs fair coin flips. Dynamic dims after the first must be
-given with ``input_shapes`` (``--input-shape name:d0,d1,...`` on the command line).
+embedding tables and valid counts) unless a :class:`ValueRule` says otherwise, bool inputs fair coin
+flips. Dynamic dims must be given with ``input_shapes`` (``graphopt.measure.probe`` chooses them when the
+user does not); in the stacked layout the first dim needs none.
 
 Calibration
 -----------
