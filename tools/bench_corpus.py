@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import graphopt  # noqa: E402
 from bench import _onnxslim, measure  # noqa: E402
+
+import graphopt  # noqa: E402
 from graphopt.core.errors import GraphoptError  # noqa: E402
 from graphopt.measure.probe import describe_shapes  # noqa: E402
 

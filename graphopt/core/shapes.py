@@ -182,6 +182,10 @@ def infer_shapes(model: Model, *, reset: bool = False, strict: bool = False) -> 
 
     ``reset=True`` first clears the type of every value that is not a graph input, a graph output or
     an initializer, so only freshly inferred shapes remain (required after a shape-changing rewrite).
+
+    A graph output keeps every dynamic dim it declares (a name, or unknown): inference at the model's
+    current shapes may find a size the exporter left open on purpose, and the optimized model must take
+    every shape the original took.
     """
     if reset:
         for graph in model.graphs():
@@ -195,7 +199,20 @@ def infer_shapes(model: Model, *, reset: bool = False, strict: bool = False) -> 
                 continue
             t = types.get(value.name)
             if t is not None and t.WhichOneof("value") is not None:
-                value.type = t
+                value.type = _keep_dynamic_dims(value.type, t) if graph.is_graph_output(value) else t
+
+
+def _keep_dynamic_dims(declared: onnx.TypeProto | None, inferred: onnx.TypeProto) -> onnx.TypeProto:
+    """``inferred`` with each dim that ``declared`` leaves dynamic put back as declared (same rank only)."""
+    before, after = dims_of(declared), dims_of(inferred)
+    if before is None or after is None or len(before) != len(after) or all(isinstance(d, int) for d in before):
+        return inferred
+    out = onnx.TypeProto()
+    out.CopyFrom(inferred)
+    for dim, old in zip(out.tensor_type.shape.dim, declared.tensor_type.shape.dim):
+        if not (old.HasField("dim_value") and old.dim_value >= 0):
+            dim.CopyFrom(old)
+    return out
 
 
 Dims = tuple[int | str | None, ...]

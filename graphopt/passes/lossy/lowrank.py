@@ -931,7 +931,7 @@ def select_candidates(run: LowRankRun) -> None:
     """The layers of ``ops`` (topological order) with a form that saves weights; the rest go to the ledger."""
     graph = run.model.graph
     ops = {o.strip() for o in run.opt("ops").split(",") if o.strip()}
-    shapes = ShapeView(run.model)
+    shapes = ShapeView(run.model, input_shapes=run.ctx.input_shapes)
     form_opt = run.opt("form")
     for node in graph.toposort():
         if not is_op(node, *LAYER_OPS) or node.op_type not in ops:
@@ -1132,7 +1132,7 @@ def _target_levels(run: LowRankRun, form: Form, by_params: bool) -> list[int] | 
 
 def _target_cost(run: LowRankRun, units: TargetUnits, by_params: bool) -> Callable[[dict[int, int]], float]:
     """``keep -> cost`` as a fraction of the whole model (``target_scope=model``) or of the candidate layers."""
-    total = analyze(run.model)
+    total = analyze(run.model, input_shapes=run.ctx.input_shapes)
     whole = float(total.params if by_params else total.macs)
 
     def unit_cost(form: Form, level: int, full: bool) -> float:

@@ -78,7 +78,7 @@ pointer to their new names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import gcd
 from typing import Any, ClassVar
@@ -297,13 +297,14 @@ class SensitivityContext:
     refits: dict[int, list]                # gid -> [(node, CrossGram, blocks)]
     ridge: float = 1e-3
     metric: str = "rel"                    # "rel": relative squared output error; "kl": softmax KL
+    input_shapes: dict | None = None       # the shapes costs are counted at (PassContext.input_shapes)
 
 
 def measure_level(ctx: SensitivityContext, item: tuple[int, int]) -> float:
     """Relative output error of the model with only group ``item[0]`` (a group id) kept at ``item[1]`` channels."""
     gid, k = item
     model = from_proto(ctx.ev.fresh_proto())
-    analysis = channels.analyze(model)
+    analysis = channels.analyze(model, ctx.input_shapes)
     order = ctx.orders[gid]
     kept = np.sort(order[len(order) - int(k):])
     dropped = np.sort(order[:len(order) - int(k)])
@@ -417,7 +418,8 @@ def _node_weight(node, cout: int, produces: bool) -> float:
     return 1.0
 
 
-def latency_weights(model: Model, groups: list) -> dict[int, float]:
+def latency_weights(model: Model, groups: list, input_shapes: Mapping[str, Sequence[int]] | None = None
+                    ) -> dict[int, float]:
     """Estimated time saved per MAC saved by pruning each group: ``w_g = Σ_n ρ_n MACs_n / Σ_n MACs_n``.
 
     ``n`` runs over the group's producers and consumers (the nodes whose MACs shrink with it) and
@@ -426,7 +428,7 @@ def latency_weights(model: Model, groups: list) -> dict[int, float]:
     group's channels removes that fraction of each node's MACs, so the time saved per MAC saved is
     ``w_g`` (in units of a large dense conv's time per MAC).
     """
-    per = {n.name: n for n in ana.analyze(model).per_node}
+    per = {n.name: n for n in ana.analyze(model, input_shapes=input_shapes).per_node}
     nodes = {n.name: n for n in model.graph.nodes}
     out: dict[int, float] = {}
     for g in groups:
@@ -497,8 +499,9 @@ class PruneRun:
         keep_idx = self.keep_indices(keep)
         if keep_idx:
             # same model, same group ids; shrink needs an analysis of the copy
-            apply_plan(trial, channels.analyze(trial), keep_idx, self.reference, data, seed=self.seed,
-                       batch=self.batch, **self.refit_options())
+            analysis = channels.analyze(trial, self.ctx.input_shapes)
+            apply_plan(trial, analysis, keep_idx, self.reference, data, seed=self.seed, batch=self.batch,
+                       **self.refit_options())
         return trial
 
     def heldout(self):
@@ -598,7 +601,7 @@ class PruneFilters(Pass):
         refusal = self._no_budget(ctx)
         if refusal is not None:
             return PassResult(False, {"skipped": refusal})
-        analysis = channels.analyze(model)
+        analysis = channels.analyze(model, ctx.input_shapes)
         groups = analysis.prunable()
         left_alone = _frozen_summary(analysis)
         if not groups:
@@ -803,7 +806,7 @@ class PruneFilters(Pass):
         stays in MACs. A params target buys params: no weights."""
         if run.opt("latency") != "ops" or problem.target_macs is None:
             return sens, None
-        weights = latency_weights(run.model, run.groups)
+        weights = latency_weights(run.model, run.groups, run.ctx.input_shapes)
         return {u.key: {k: e / weights[u.key] for k, e in sens[u.key].items()} for u in problem.units}, weights
 
     def _time_price(self, run: PruneRun):
@@ -817,7 +820,8 @@ class PruneFilters(Pass):
         if poly is None:
             def poly(keep: Mapping[int, int]) -> float:
                 return analysis.time(dict(keep), model, batch)
-        whole, _ = lat.model_time(analysis.model, model, batch=batch)  # None when a shape is unknown
+        whole, _ = lat.model_time(analysis.model, model, batch=batch,  # None when a shape is unknown
+                                  input_shapes=run.ctx.input_shapes)
         return poly, {"price": "predicted time", "batch": batch, "profile": model.meta.get("cpu", "?"),
                       "whole_seconds": whole}
 
@@ -901,7 +905,7 @@ class PruneFilters(Pass):
                              for c in g.consumers if c.node in grams and c.node in run.layers]
         ev = EvalContext(to_proto(run.reference).SerializeToString(), sdata, batch_size=256)
         return SensitivityContext(ev, {gid: r.order for gid, r in run.rankings.items()}, refits,
-                                  metric=run.opt("sensitivity_metric"))
+                                  metric=run.opt("sensitivity_metric"), input_shapes=run.ctx.input_shapes)
 
     def _choose_blend(self, run: PruneRun, problem: AllocationProblem, sens: dict,
                       alloc: budget.Allocation) -> tuple[budget.Allocation, list[dict] | None]:
