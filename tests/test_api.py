@@ -89,3 +89,23 @@ def test_lossy_pipeline_verifies_on_held_out_data_when_given(tmp_path, capsys):
                      "-o", str(tmp_path / "out.onnx")])
     assert code == 0 and (tmp_path / "out.onnx").exists()
     assert "on 128 held-out samples" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_missed_target_is_reported_with_its_reason_and_writes_nothing(tmp_path):
+    # 4 filters cannot be pruned in multiples of 8: nothing can be removed, so 0.2 of the MACs is out of reach
+    out = tmp_path / "o.onnx"
+    result = graphopt.optimize(small_cnn(), output=out, preset="prune", target_macs=0.2)
+    target = result.report["target"]
+    assert result.passed and not result.target_met and not out.exists()
+    assert target["macs"]["target"] == 0.2 and target["macs"]["reached"] > 0.9 and not target["met"]
+    assert target["reason"].startswith("prune_filters:")
+    partial = graphopt.optimize(small_cnn(), output=out, preset="prune", target_macs=0.2, allow_partial=True)
+    assert not partial.target_met and out.exists()
+
+
+def test_a_reached_target_and_no_target():
+    assert graphopt.optimize(small_cnn()).report["target"] is None
+    outcome = graphopt.app.api.target_outcome(0.5, None, {"macs": 100}, {"macs": 52}, [])
+    assert outcome == {"macs": {"target": 0.5, "reached": 0.52, "met": True}, "met": True}
+    missed = graphopt.app.api.target_outcome(0.5, 0.5, {"macs": 100, "params": 10}, {"macs": None, "params": 9}, [])
+    assert not missed["met"] and missed["reason"] == "macs unknown at the analysed shapes"

@@ -30,7 +30,7 @@ from graphopt import __version__
 from graphopt.core import onnx_io
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.ir import Model
-from graphopt.core.manager import PassContext, build_pipeline, parse_options, run_pipeline
+from graphopt.core.manager import PassContext, build_pipeline, parse_options, registered, run_pipeline
 from graphopt.measure import analysis, calibration
 from graphopt.measure import probe as probes
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
@@ -53,12 +53,15 @@ class OptimizeResult:
     report : the report dict (the JSON report's content).
     passed : the verification verdict (``True`` when verification was skipped).
     ir : the optimized IR, for further work in Python.
+    target_met : every ``--target-macs`` / ``--target-params`` was reached (``True`` without targets);
+        ``report["target"]`` says what was reached and, when missed, the main reason.
     """
 
     model: onnx.ModelProto
     report: dict[str, Any]
     passed: bool
     ir: Model
+    target_met: bool = True
 
 
 def load_model(model: ModelLike) -> tuple[Model, ModelLike]:
@@ -138,7 +141,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              tolerance: Tolerance | None = None, samples: int | None = None, seed: int = 0,
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
-             progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             allow_partial: bool = False, progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
     Parameters
@@ -156,7 +159,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     tolerance : verification tolerance; ``None`` derives it (see :mod:`graphopt.measure.verify`).
     samples : cap on the number of samples used.
     run_verify : verify the result (default). When off, ``passed`` is True and the report says so.
-    write_failed : write the output even when verification fails (for inspection).
+    write_failed : write the output even when verification fails or a target is missed (for inspection).
+    allow_partial : a missed ``target_macs`` / ``target_params`` still writes the output (the report and
+        ``target_met`` say it was missed). Without it a missed target writes nothing, like a failed verdict.
     debug, dump_dir : check IR invariants after each pass; dump the model after each pass.
 
     Returns
@@ -203,6 +208,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         ctx_progress("verifying at a second input shape")
         passed = _verify_alternate(reference, proto, ir, probe, mode, tolerance, seed, verify_dict) and passed
 
+    target = target_outcome(target_macs, target_params, before, after, records)
     report: dict[str, Any] = {
         "graphopt_version": __version__,
         "model": str(model) if isinstance(model, (str, os.PathLike)) else "<in memory>",
@@ -218,14 +224,16 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         "after": after,
         "passes": [r.to_dict() for r in records],
         "verify": verify_dict,
+        "target": target,
     }
-    if output_path is not None and (passed or write_failed):
+    target_met = target is None or target["met"] or allow_partial
+    if output_path is not None and ((passed and target_met) or write_failed):
         ctx_progress(f"writing {output_path}")
         onnx_io.save(ir, output_path)
         report["output"] = str(output_path)
         report["after"]["file_bytes"] = _file_bytes(output_path)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return OptimizeResult(proto, report, passed, ir)
+    return OptimizeResult(proto, report, passed, ir, target is None or target["met"])
 
 
 def _analysis_shapes(given: Mapping[str, Sequence[int]] | None,
@@ -269,6 +277,52 @@ def second_shape_problems(reference: ModelLike, candidate: ModelLike, ir: Model,
         report = run_verification(reference, candidate, data, tolerance=tolerance, mode=mode)
         return [] if report.passed else [f"{where}: {r}" for r in report.reasons or ["outputs differ"]]
     return [f"{where}: {r}" for r in run_alike(reference, candidate, data)]
+
+
+#: A target counts as reached when the result is within this fraction above it (0.5 -> at most 0.525).
+TARGET_SLACK = 0.05
+
+
+def target_outcome(target_macs: float | None, target_params: float | None, before: Mapping[str, Any],
+                   after: Mapping[str, Any], records: Sequence[Any]) -> dict[str, Any] | None:
+    """What the run reached against its targets (fractions of the input model's MACs / params, counted at the
+    analysis shapes): ``{"macs": {"target", "reached", "met"}, "params": ..., "met", "reason"}``, or ``None``
+    without targets. Reached within :data:`TARGET_SLACK` counts as met; an unknown count (a MAC whose shape is
+    data-dependent) is not met. The reason of a miss is read from the lossy passes' stats (why they stopped,
+    what they left alone)."""
+    if target_macs is None and target_params is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, target in (("macs", target_macs), ("params", target_params)):
+        if target is None:
+            continue
+        b, a = before.get(key), after.get(key)
+        reached = round(a / b, 4) if a is not None and b else None
+        out[key] = {"target": target, "reached": reached,
+                    "met": reached is not None and reached <= target * (1 + TARGET_SLACK)}
+    out["met"] = all(v["met"] for v in out.values())
+    if not out["met"]:
+        unknown = [k for k in ("macs", "params") if k in out and out[k]["reached"] is None]
+        out["reason"] = (f"{' and '.join(unknown)} unknown at the analysed shapes" if unknown
+                         else _miss_reason(records))
+    return out
+
+
+def _miss_reason(records: Sequence[Any]) -> str:
+    """The first lossy pass's own account of why it did less: why it skipped, else what it left alone most."""
+    passes = registered()
+    for record in records:
+        if record.name not in passes or passes[record.name].lossless:
+            continue
+        stats = record.stats if isinstance(record.stats, Mapping) else {}
+        if stats.get("skipped"):
+            return f"{record.name}: {stats['skipped']}"
+        left = stats.get("left_alone") or []
+        if left:
+            worst = max(left, key=lambda e: e.get("count", 1))
+            total = sum(e.get("count", 1) for e in left)
+            return f"{record.name}: {total} left alone, most because {worst.get('reason')}"
+    return "the passes found nothing more to remove without breaking their accuracy guard"
 
 
 def _check_budgets(target_macs: float | None, target_params: float | None, max_drop: float | None) -> None:
