@@ -399,3 +399,39 @@ def test_analysis_does_not_change_the_model():
 
 def test_docstring_examples_run():
     assert doctest.testmod(graphopt.measure.analysis).failed == 0
+
+
+def _position_table_model() -> onnx.ModelProto:
+    """x [batch, seq, 8] + table[position_ids[:, :seq]] as the TorchScript exporter writes a BERT position
+    embedding (the Slice's end from Shape -> Gather -> Unsqueeze, the ids a Constant), then a MatMul by [8, 4]:
+    onnx's inference cannot size the Slice, so without evaluating the shape arithmetic the rows are open."""
+    rng = np.random.default_rng(0)
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name + "_v"))
+
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             const("one", np.array(1, np.int64)),
+             helper.make_node("Gather", ["shape", "one"], ["seq"], axis=0),
+             const("ids", np.arange(128, dtype=np.int64)[None]),
+             const("axis", np.array([1], np.int64)), const("start", np.array([0], np.int64)),
+             const("zero", np.array([0], np.int64)), const("step", np.array([1], np.int64)),
+             helper.make_node("Unsqueeze", ["seq", "zero"], ["end"]),
+             helper.make_node("Slice", ["ids", "start", "end", "axis", "step"], ["pos_ids"]),
+             helper.make_node("Gather", ["table", "pos_ids"], ["pe"]),
+             helper.make_node("Add", ["x", "pe"], ["s"]),
+             helper.make_node("MatMul", ["s", "w"], ["y"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((128, 8)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_shape_arithmetic_is_evaluated_at_the_analysed_shape():
+    cost = analyze(from_proto(_position_table_model()), input_shapes={"x": (1, 16, 8)})
+    assert cost.unknown_macs_nodes == [] and cost.macs is not None
+    matmul = next(n for n in cost.per_node if n.op_type == "MatMul")
+    assert matmul.macs == 16 * 8 * 4
+    # without a size for seq the MatMul stays unknown (a lower bound), it is not guessed
+    assert analyze(from_proto(_position_table_model())).macs is None

@@ -125,16 +125,25 @@ def _symbolic_engine() -> Any:
     return _ENGINE[0]
 
 
-def symbolic_dims(model: Model) -> SymbolicDims | None:
+def symbolic_dims(model: Model, input_shapes: InputShapes | None = None) -> SymbolicDims | None:
     """``name -> dims`` (int, symbol string, or None) of main-graph values from onnxruntime's symbolic
     shape inference; None when it is unavailable or fails on this model (it is an extra source of
     knowledge, never required). The IR's own stored shapes are not fed in, so nothing stale survives.
+    ``input_shapes`` starts it from concrete input dims: it then evaluates the shape arithmetic
+    (``Shape -> Gather -> Slice`` of a position table, a head split's Reshape) that onnx's own inference
+    leaves open.
     """
     engine = _symbolic_engine()
     if engine is None:
         return None
     proto = to_proto(model, weights=False)
     proto.graph.ClearField("value_info")
+    try:
+        for vi in proto.graph.input:
+            if vi.name in (input_shapes or {}):
+                _fix_dims(vi, input_shapes[vi.name])
+    except GraphoptError:
+        return None
     # Weights written as data-less stubs become typed inputs: the engine evaluates small constant
     # tensors (and would read a stub as empty), and it needs only the dims of a weight.
     kept = []
@@ -273,7 +282,7 @@ class ShapeView:
         if value not in self._main_values:
             return None
         if self._symbolic is None:
-            self._symbolic = symbolic_dims(self.model) or {}
+            self._symbolic = symbolic_dims(self.model, self.input_shapes) or {}
         return self._symbolic.get(value.name)
 
     # -- questions

@@ -435,7 +435,18 @@ class ConcreteShapes(ShapeView):
             return self.fixed[value]
         if value in self._constants:
             return self._constants[value]
-        return _substitute(super().shape(value), self.symbols)
+        dims = _substitute(super().shape(value), self.symbols)
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            return dims
+        # onnx's inference stops at shape arithmetic (a Slice whose end comes from Shape); onnxruntime's
+        # symbolic engine evaluates it at these concrete inputs. Asked only here, so a model onnx resolves
+        # never pays for it.
+        found = self._symbolic_dims(value)
+        if found is None or (dims is not None and len(found) != len(dims)):
+            return dims
+        if dims is None:
+            return tuple(d if isinstance(d, int) else None for d in found)
+        return tuple(d if isinstance(d, int) else (f if isinstance(f, int) else d) for d, f in zip(dims, found))
 
 
 def _enclosing(graph: Graph) -> Graph | None:
