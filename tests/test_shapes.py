@@ -85,3 +85,23 @@ def test_the_output_comparison_catches_a_difference():
         assert_outputs_close(relu, neg, feeds)
     with pytest.raises(AssertionError):
         assert_outputs_close(relu, neg, feeds, of_range=True, atol=0.1)
+
+
+def test_inference_never_fixes_a_graph_output_dim_the_model_leaves_dynamic():
+    from graphopt.core.shapes import infer_shapes
+    # Concat of [batch, 4] and [batch, 5] is [batch, 9], but the exporter declared the width open
+    proto = make_model([helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+                       [tensor("a", ["batch", 4]), tensor("b", ["batch", 5])], [tensor("y", ["batch", "width"])])
+    model = onnx_io.from_proto(proto)
+    infer_shapes(model, reset=True)
+    assert model.graph.outputs[0].shape == ("batch", "width")
+    fixed = onnx_io.from_proto(make_model([helper.make_node("Concat", ["a", "b"], ["y"], axis=1)],
+                                          [tensor("a", ["batch", 4]), tensor("b", ["batch", 5])],
+                                          [tensor("y", ["batch", 9])]))
+    infer_shapes(fixed, reset=True)
+    assert fixed.graph.outputs[0].shape == ("batch", 9)
+
+
+def test_a_minus_one_dim_is_unknown():
+    vi = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])
+    assert dims_of(vi.type) == (None, 3, None, None)

@@ -91,6 +91,11 @@ def sample_data(model: Model, data: DataLike, *, samples: int | None = None, see
     return out.head(samples) if samples else out
 
 
+def probe_shapes(model: Model) -> dict[str, tuple[int, ...]] | None:
+    """The probe's input shapes when ``model`` has dynamic dims besides the batch (else ``None``: batch 1)."""
+    return dict(probes.choose(model).shapes) if probes.has_dynamic_dims(model) else None
+
+
 def probe_inputs(model: Model, data: DataLike, *, samples: int | None = None, seed: int = 0,
                  input_shapes: Mapping[str, Sequence[int]] | None = None
                  ) -> tuple[calibration.SampleData, probes.Probe]:
@@ -383,8 +388,6 @@ def inspect(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | Non
     """Params, MACs, bytes and the per-layer table of ``model`` (see :mod:`graphopt.measure.analysis`), at
     ``input_shapes``, else at probe shapes when the model has dynamic dims besides the batch."""
     ir, source = load_model(model)
-    if not input_shapes and probes.has_dynamic_dims(ir):
-        input_shapes = probes.choose(ir).shapes
-    cost = analysis.analyze(ir, input_shapes=dict(input_shapes or {}) or None)
+    cost = analysis.analyze(ir, input_shapes=dict(input_shapes or {}) or probe_shapes(ir))
     cost.file_bytes = _file_bytes(source)
     return cost

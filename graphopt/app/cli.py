@@ -215,7 +215,7 @@ def _inspect_groups(args: argparse.Namespace, out: Console) -> int:
         ir = api.optimize(args.model, preset="lossless", input_shapes=shapes, run_verify=False).ir
     else:
         ir, _ = api.load_model(args.model)
-    result = channels.analyze(ir, shapes)
+    result = channels.analyze(ir, shapes or api.probe_shapes(ir))
     if args.json:
         out.print_json(json.dumps(result.to_dict()))
     elif not args.quiet:
