@@ -299,3 +299,18 @@ def test_trained_models_record_quality() -> None:
     for entry in ENTRIES:
         if not entry["training"].startswith("untrained"):
             assert any(isinstance(v, (int, float)) for v in entry["quality"].values()), entry["name"]
+
+
+# The BERT family shares inputs and tables; contrib_ops is the TorchScript encoder after onnxruntime's fusions.
+SAME_TRAP_FAMILY = {"bert_encoder", "bert_encoder_dynamo", "contrib_ops"}
+
+
+@pytest.mark.parametrize("name", sorted(TRAPS))
+def test_trap_check_rejects_the_other_models(name: str) -> None:
+    """Each check is specific: it fails on every corpus model that does not stand for its trap."""
+    family = SAME_TRAP_FAMILY if name in SAME_TRAP_FAMILY - {"contrib_ops"} else {name}
+    for entry in ENTRIES:
+        if entry["name"] in family:
+            continue
+        with pytest.raises((AssertionError, KeyError, ValueError, TypeError, AttributeError)):
+            TRAPS[name](load(entry["name"]), entry)

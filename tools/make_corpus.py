@@ -1252,7 +1252,7 @@ has rank = input rank + 1 holds one full feed per sample along its first axis
 holds one array fed unchanged with every sample (`shared/sr` = 16000).
 
 ```
-python tools/make_corpus.py                  # whole corpus (~10 min, 1 thread)
+python tools/make_corpus.py                  # whole corpus (~17 min, 1 thread)
 python tools/make_corpus.py --only crnn      # one model
 pytest tests/test_corpus_models.py           # checks every file against corpus.json
 ```
