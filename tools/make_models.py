@@ -77,6 +77,10 @@ DYNAMO_EXPORT_OPSET = 23
 # onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 stamps 14.
 MAX_ORT_IR_VERSION = 13
 
+# models/README.md ends with the corpus section that tools/make_corpus.py
+# writes after this marker; write_readme keeps it.
+CORPUS_README_MARKER = "<!-- corpus section: written by tools/make_corpus.py -->"
+
 # A variant must match torch this closely (max |diff| of logits).
 MAX_ABS_DIFF = 1e-3
 
@@ -1019,7 +1023,15 @@ def write_readme(entries: list[dict]) -> None:
     text = README_TEMPLATE.format(
         mean=MEAN, std=STD, arch_table="\n".join(archs),
         model_table="\n".join(rows))
-    (MODELS_DIR / "README.md").write_text(text)
+    (MODELS_DIR / "README.md").write_text(text + corpus_section())
+
+
+def corpus_section() -> str:
+    """The corpus section of models/README.md (marker included), or "" when absent."""
+    path = MODELS_DIR / "README.md"
+    old = path.read_text() if path.exists() else ""
+    at = old.find(CORPUS_README_MARKER)
+    return "" if at < 0 else "\n" + old[at:]
 
 
 README_TEMPLATE = """\
