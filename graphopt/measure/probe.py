@@ -27,8 +27,8 @@ verified at one shape and the notes say so.
 Values
 ------
 Integer inputs are drawn from what they index (:func:`value_rules`): ids that reach a ``Gather`` as its
-indices (through Cast / Reshape / Unsqueeze / Squeeze / Flatten / Identity) stay below the table's size
-on the gathered axis; an input whose name says ``mask`` gets valid masks (ones, then zeros); an input
+indices (through Cast / Reshape / Unsqueeze / Squeeze / Flatten / Identity), or one of onnxruntime's fused
+``EmbedLayerNormalization`` tables, stay below the table's size on the gathered axis; an input whose name says ``mask`` gets valid masks (ones, then zeros); an input
 compared with constants (``Equal`` / ``Less`` / ``Greater``..., the condition of an ``If`` on a sample
 rate) cycles through those constants, so every branch the graph tests for is fed; a bool input that is
 an ``If`` condition alternates True/False. Everything else keeps the default draws.
@@ -338,15 +338,24 @@ def _reached(graph: Graph, value: Value) -> list[tuple[Any, int]]:
     return out
 
 
+#: Ops that index a table with an input: ``(domain, op) -> {ids slot: table slot}`` (rows on axis 0 unless the
+#: node's ``axis`` says otherwise). onnxruntime's fused BERT embedding takes the word, position and segment ids.
+_TABLE_READERS = {("", "Gather"): {1: 0},
+                  ("com.microsoft", "EmbedLayerNormalization"): {0: 2, 1: 4, 8: 3}}
+
+
 def _index_rule(graph: Graph, view: ShapeView, value: Value) -> ValueRule | None:
-    """Ids below the smallest table size they index (a Gather's data on its axis)."""
+    """Ids below the smallest table size they index (the rows of a Gather's data on its axis, or of a
+    fused embedding's tables)."""
     bounds = []
     for node, slot in _reached(graph, value):
-        if is_op(node, "Gather") and slot == 1:
-            dims = view.dims(node.inputs[0])
-            axis = int(node.attrs["axis"].i) if "axis" in node.attrs else 0
-            if dims and -len(dims) <= axis < len(dims) and dims[axis]:
-                bounds.append((int(dims[axis]), node.inputs[0].name))
+        table_slot = _TABLE_READERS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type), {}).get(slot)
+        if table_slot is None or table_slot >= len(node.inputs) or node.inputs[table_slot] is None:
+            continue
+        dims = view.dims(node.inputs[table_slot])
+        axis = int(node.attrs["axis"].i) if node.op_type == "Gather" and "axis" in node.attrs else 0
+        if dims and -len(dims) <= axis < len(dims) and dims[axis]:
+            bounds.append((int(dims[axis]), node.inputs[table_slot].name))
     if not bounds:
         return None
     high, table = min(bounds)
