@@ -687,3 +687,19 @@ def test_names_that_are_not_utf8_are_load_errors(tmp_path, field):
     path.write_bytes(blob.replace(marker.encode(), b"\xe2qqq"))
     with pytest.raises(ModelLoadError, match="UTF-8"):
         load(path)
+
+
+def test_a_value_info_entry_of_a_reshaped_initializer_follows_the_tensor():
+    # the dynamo exporter lists initializers in value_info; a pruned weight must not keep its old dims there
+    w = onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", None])], [w])
+    graph.value_info.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3]))
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model = from_proto(proto)
+    assert to_proto(model).graph.value_info[0] == proto.graph.value_info[0]  # untouched: verbatim
+    model.graph.set_initializer_array(model.graph.initializers["w"], np.ones((4, 2), np.float32))
+    out = to_proto(model)
+    assert [d.dim_value for d in out.graph.value_info[0].type.tensor_type.shape.dim] == [4, 2]
+    onnx.shape_inference.infer_shapes(out, strict_mode=True)

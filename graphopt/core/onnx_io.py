@@ -438,7 +438,7 @@ def _value_info_list(graph: Graph, order: list[Node]) -> list[onnx.ValueInfoProt
     A source entry stays even without a type; values produced in this graph that are graph outputs are
     described in ``output`` instead.
     """
-    listed: list[tuple[int, onnx.ValueInfoProto]] = list(getattr(graph, "orphan_value_info", ()))
+    listed = [(order, _current_info(graph, vi)) for order, vi in getattr(graph, "orphan_value_info", ())]
     new = []
     for node in order:
         for value in node.outputs:
@@ -450,6 +450,17 @@ def _value_info_list(graph: Graph, order: list[Node]) -> list[onnx.ValueInfoProt
                 new.append(_value_info(value))
     listed.sort(key=lambda item: item[0])
     return [vi for _, vi in listed] + new
+
+
+def _current_info(graph: Graph, vi: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    """A source ``value_info`` entry kept verbatim, unless it describes an initializer whose tensor changed
+    shape or type since (a pruned weight): a stale entry would contradict the tensor and fail shape inference."""
+    value = graph.initializers.get(vi.name)
+    if value is None or value.type is None or not vi.type.HasField("tensor_type"):
+        return vi
+    same = (vi.type.tensor_type.elem_type == value.dtype
+            and tuple(d.dim_value for d in vi.type.tensor_type.shape.dim) == tuple(value.shape or ()))
+    return vi if same else _value_info(value)
 
 
 def _node_to_proto(node: Node, weights: bool = True, np_: onnx.NodeProto | None = None) -> onnx.NodeProto:
