@@ -29,6 +29,7 @@ from typing import Union
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import external_data_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from graphopt.core import scratch
@@ -60,8 +61,11 @@ def ort_message(exc: BaseException) -> str:
     return line.strip()
 
 
-def as_proto(model: ModelLike) -> onnx.ModelProto:
+def as_proto(model: ModelLike, *, external_data: bool = True) -> onnx.ModelProto:
     """``model`` as a ModelProto (external data loaded). A ModelProto is returned as is, not copied.
+
+    ``external_data=False`` reads a path's model file only: the graph, with the weights stored in a
+    data file left there (enough to read its structure, not to run it; no second copy of the weights).
 
     Raises
     ------
@@ -83,9 +87,21 @@ def as_proto(model: ModelLike) -> onnx.ModelProto:
     if not path.is_file():
         raise GraphoptError(f"{path}: no such model file")
     try:
-        return onnx.load_model(str(path))
+        proto = onnx.load_model(str(path), load_external_data=external_data)
     except Exception as exc:
         raise GraphoptError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    if not external_data:
+        _check_data_files(proto, path)
+    return proto
+
+
+def _check_data_files(proto: onnx.ModelProto, path: Path) -> None:
+    """The data files the main graph's initializers name exist (what loading them would check first)."""
+    for tensor in proto.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if not (path.parent / location).is_file():
+                raise GraphoptError(f"{path}: external data missing ({location})")
 
 
 def _first_line(exc: BaseException) -> str:
