@@ -4,8 +4,8 @@ The model (a Conv, eight 8192 x 8192 MatMul + Add + Relu layers and a Gemm: 2.00
 just over 2**31 bytes) is written straight to an external data file, one weight at a time, so the test
 process never holds it. The command must load it, run the lossless preset, verify it with onnxruntime
 and write ``big.opt.onnx`` + ``big.opt.onnx.data``, leaving nothing else in the working directory or
-``TMPDIR`` and the input unchanged. It needs about 13 GB of memory and a few minutes (most of it
-writing and reading 2 GiB files), hence ``slow``; the README's test command runs it all the same.
+``TMPDIR`` and the input unchanged. It needs several times the model's size in memory and minutes,
+mostly writing and reading 2 GiB files, hence ``slow``; the README's test command runs it all the same.
 """
 
 from __future__ import annotations
