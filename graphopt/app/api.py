@@ -1,9 +1,10 @@
 """The Python API: ``optimize``, ``verify`` and ``inspect``, mirroring the command line.
 
 Each takes a model as a path, an ``onnx.ModelProto`` or an IR :class:`~graphopt.core.ir.Model`, and
-returns the result together with a report. Each is one scratch run (:mod:`graphopt.core.scratch`):
-it writes no file but the outputs it is asked for, and removes its temporary files however it ends. Errors in the input raise
+returns the result together with a report. Errors in the input raise
 :class:`~graphopt.core.errors.GraphoptError` (the CLI turns them into one line and exit code 2).
+Each call is one scratch run (:mod:`graphopt.core.scratch`): it writes no file but the outputs it is
+asked for, and removes its temporary files however it ends.
 
 Example
 -------
