@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,22 @@ def test_run_is_removed_when_the_block_raises(private_tmp, error):
             leaked = block.__enter__()
             (leaked / "partial.onnx").write_bytes(b"x" * 100)
             raise error()
+    assert not any(private_tmp.iterdir())
+
+
+def test_runs_are_per_thread(private_tmp):
+    """Two API calls in two threads never share a directory (one would remove it under the other)."""
+    seen = {}
+
+    def other_thread():
+        with scratch.run(), scratch.directory("ort") as folder:
+            seen["other"] = folder.parent
+
+    with scratch.run(), scratch.directory("ort") as folder:
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert seen["other"] != folder.parent and folder.exists()
     assert not any(private_tmp.iterdir())
 
 

@@ -19,14 +19,15 @@ and it is removed when the ``with`` block exits: on return, on an exception, on 
 The command line turns ``SIGTERM`` into an exception so that it unwinds the same way; only
 ``SIGKILL`` can leave the directory behind, and its name says what it is.
 
-Outside a run (a pass called directly from Python), :func:`directory` makes a standalone temporary
-folder in ``TMPDIR`` with the same lifetime: its ``with`` block.
+Outside a run (a pass called directly from Python, or another thread: runs are per thread),
+:func:`directory` makes a standalone temporary folder in ``TMPDIR`` with the same lifetime: its
+``with`` block.
 
 Example
 -------
 >>> with run():
 ...     with directory("ort") as folder:
-...         (folder / "model.onnx").write_bytes(b"")
+...         _ = (folder / "model.onnx").write_bytes(b"")
 ...     with directory("ort") as other:
 ...         same_run = folder.parent == other.parent
 >>> same_run, folder.exists(), folder.parent.exists()
@@ -38,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +58,15 @@ class _Run:
         return self.path
 
 
-_active: list[_Run] = []  # at most one: a nested run() joins the outer one
+class _Runs(threading.local):
+    """The thread's active run (at most one: a nested ``run()`` joins the outer one). Per thread, so
+    two API calls in two threads never share, or remove, each other's directory."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Run] = []
+
+
+_runs = _Runs()
 
 
 @contextlib.contextmanager
@@ -66,15 +76,15 @@ def run() -> Iterator[None]:
     Re-entrant: inside a run, ``run()`` joins it (the API's ``optimize`` called by the command line
     makes one directory, not two). Usable as a decorator.
     """
-    if _active:
+    if _runs.stack:
         yield
         return
     current = _Run()
-    _active.append(current)
+    _runs.stack.append(current)
     try:
         yield
     finally:
-        _active.remove(current)
+        _runs.stack.remove(current)
         if current.path is not None:
             shutil.rmtree(current.path, ignore_errors=True)
 
@@ -85,8 +95,8 @@ def directory(purpose: str) -> Iterator[Path]:
 
     Inside a run it is a subfolder of the run's directory; outside, a folder in ``TMPDIR``.
     """
-    if _active:
-        path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=_active[-1].folder()))
+    if _runs.stack:
+        path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=_runs.stack[-1].folder()))
     else:
         path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{purpose}-"))
     try:
@@ -97,4 +107,4 @@ def directory(purpose: str) -> Iterator[Path]:
 
 def current() -> Path | None:
     """The active run's directory, or ``None`` outside a run or before its first scratch file."""
-    return _active[-1].path if _active else None
+    return _runs.stack[-1].path if _runs.stack else None
