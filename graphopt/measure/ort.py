@@ -9,6 +9,10 @@ all share one configuration:
   calibration loop that does numpy work between runs does not fight ORT's threads for the cores.
 * ``log_severity_level = 3`` (errors only) and the CPU execution provider.
 
+A model given as a path is loaded from that path (onnxruntime reads its external data itself); a
+ModelProto or IR model over protobuf's 2 GiB limit, which onnxruntime cannot take as bytes, is
+written to a scratch folder of the run (:mod:`graphopt.core.scratch`) and loaded from there.
+
 An onnxruntime failure becomes a :class:`~graphopt.core.errors.GraphoptError` with one line naming the
 model (``"model.onnx: onnxruntime rejects the model: ..."``), never a pybind traceback.
 
