@@ -20,6 +20,7 @@ from onnx import helper
 
 import graphopt
 from graphopt.core import manager, onnx_io, scratch, shapes
+from graphopt.core.errors import GraphoptError
 from graphopt.core.manager import Pass, PassResult, register
 from graphopt.core.onnx_io import from_proto
 from graphopt.measure import ort as gort
@@ -84,6 +85,16 @@ def test_directory_outside_a_run_is_a_standalone_temporary_folder(private_tmp):
         assert folder.parent == private_tmp and folder.name.startswith(scratch.PREFIX + "targets-")
         (folder / "0.npz").write_bytes(b"x")
     assert not any(private_tmp.iterdir())
+
+
+def test_an_unusable_tmpdir_is_one_line_of_bad_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(GraphoptError, match="cannot create a temporary directory in .*missing.*set TMPDIR"):
+        with scratch.run(), scratch.directory("ort"):
+            pass
+    with pytest.raises(GraphoptError, match="set TMPDIR"):
+        with scratch.directory("ort"):
+            pass
 
 
 def test_api_functions_are_runs(private_tmp, tmp_path, monkeypatch):

@@ -19,6 +19,9 @@ and it is removed when the ``with`` block exits: on return, on an exception, on 
 The command line turns ``SIGTERM`` into an exception so that it unwinds the same way; only
 ``SIGKILL`` can leave the directory behind, and its name says what it is.
 
+A ``TMPDIR`` where no folder can be made is bad input (:class:`~graphopt.core.errors.GraphoptError`,
+exit 2 on the command line), raised when the first scratch file is needed.
+
 Outside a run (a pass called directly from Python, or another thread: runs are per thread),
 :func:`directory` makes a standalone temporary folder in ``TMPDIR`` with the same lifetime: its
 ``with`` block.
@@ -43,6 +46,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from graphopt.core.errors import GraphoptError
+
 PREFIX = "graphopt-"
 
 
@@ -54,8 +59,18 @@ class _Run:
 
     def folder(self) -> Path:
         if self.path is None:
-            self.path = Path(tempfile.mkdtemp(prefix=PREFIX))
+            self.path = _mkdtemp(PREFIX, None)
         return self.path
+
+
+def _mkdtemp(prefix: str, parent: Path | None) -> Path:
+    """``tempfile.mkdtemp``; an unusable ``TMPDIR`` is the user's to fix, so it is one line, not a traceback."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:
+        where = parent if parent is not None else (tempfile.tempdir or "TMPDIR")
+        raise GraphoptError(f"cannot create a temporary directory in {where} ({exc.strerror or exc}); "
+                            f"set TMPDIR to a writable folder") from None
 
 
 class _Runs(threading.local):
@@ -96,9 +111,9 @@ def directory(purpose: str) -> Iterator[Path]:
     Inside a run it is a subfolder of the run's directory; outside, a folder in ``TMPDIR``.
     """
     if _runs.stack:
-        path = Path(tempfile.mkdtemp(prefix=f"{purpose}-", dir=_runs.stack[-1].folder()))
+        path = _mkdtemp(f"{purpose}-", _runs.stack[-1].folder())
     else:
-        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{purpose}-"))
+        path = _mkdtemp(f"{PREFIX}{purpose}-", None)
     try:
         yield path
     finally:
