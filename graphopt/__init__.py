@@ -12,6 +12,13 @@ presets) and :mod:`graphopt.app` (the API, the command line, reports).
 
 from __future__ import annotations
 
+import os
+
+# onnxruntime (1.32 on Linux) records usage telemetry on import: a `.ses` file in TMPDIR and a device
+# id and an event database under ~/.cache/Microsoft. graphopt writes no file but its outputs, so it
+# turns that off before onnxruntime is first imported; a user who sets the variable keeps their value.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"  # before the imports: api.py reads it
 
 from graphopt.app.api import OptimizeResult, inspect, optimize, verify  # noqa: E402

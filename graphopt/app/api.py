@@ -3,6 +3,8 @@
 Each takes a model as a path, an ``onnx.ModelProto`` or an IR :class:`~graphopt.core.ir.Model`, and
 returns the result together with a report. Errors in the input raise
 :class:`~graphopt.core.errors.GraphoptError` (the CLI turns them into one line and exit code 2).
+Each call is one scratch run (:mod:`graphopt.core.scratch`): it writes no file but the outputs it is
+asked for, and removes its temporary files however it ends.
 
 Example
 -------
@@ -27,7 +29,7 @@ import onnx
 
 import graphopt.passes  # noqa: F401  (registers every pass and preset)
 from graphopt import __version__
-from graphopt.core import onnx_io
+from graphopt.core import onnx_io, scratch
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.ir import Model
 from graphopt.core.manager import PassContext, build_pipeline, parse_options, registered, run_pipeline
@@ -119,7 +121,7 @@ def _file_bytes(source: ModelLike) -> int | None:
         data = source.with_name(source.name + ".data")
         return source.stat().st_size + (data.stat().st_size if data.exists() else 0)
     if isinstance(source, onnx.ModelProto):
-        return source.ByteSize()
+        return onnx_io.serialized_size(source)
     return None
 
 
@@ -139,6 +141,7 @@ def _check_output(output: Path, source: ModelLike) -> None:
         raise GraphoptError(f"{output}: refusing to overwrite the input model; choose another output")
 
 
+@scratch.run()
 def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, preset: str | None = None,
              passes: Sequence[str] | None = None, options: Sequence[str] | Mapping[str, Any] = (),
              data: DataLike = None, input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -202,7 +205,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
     proto = onnx_io.to_proto(ir)
-    after = _cost(ir, shapes, proto.ByteSize())
+    after = _cost(ir, shapes, onnx_io.serialized_size(proto))
 
     mode = "equivalence" if pipeline.lossless else "accuracy"
     if run_verify:
@@ -362,6 +365,7 @@ def _check_sampling(samples: int | None, seed: int) -> None:
         raise OptionError(f"--seed must be >= 0, got {seed}")
 
 
+@scratch.run()
 def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
            input_shapes: Mapping[str, Sequence[int]] | None = None, mode: str = "equivalence",
            tolerance: Tolerance | None = None, samples: int | None = None,
@@ -384,6 +388,7 @@ def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
     return report
 
 
+@scratch.run()
 def inspect(model: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None) -> analysis.ModelCost:
     """Params, MACs, bytes and the per-layer table of ``model`` (see :mod:`graphopt.measure.analysis`), at
     ``input_shapes``, else at probe shapes when the model has dynamic dims besides the batch."""

@@ -1,8 +1,10 @@
 """The ``graphopt`` command line.
 
 Exit codes: 0 success / verification passed; 1 verification failed; 2 bad input (a missing or
-broken model, bad data, an unknown pass or option); 3 internal error (a bug: please report it).
-Errors are one line on stderr; ``--debug`` shows the traceback instead.
+broken model, bad data, an unknown pass or option); 3 internal error (a bug: please report it);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Errors are one line on stderr; ``--debug`` shows
+the traceback instead. A command is one scratch run (:mod:`graphopt.core.scratch`): whatever the exit
+code, it leaves no file but the outputs it wrote.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,7 +22,7 @@ from rich.console import Console
 
 from graphopt import __version__
 from graphopt.app import api, report
-from graphopt.core import manager
+from graphopt.core import manager, scratch
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.measure import analysis, calibration
 from graphopt.measure.verify import Tolerance
@@ -313,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import onnxruntime
     onnxruntime.set_default_logger_severity(3)
     try:
-        return COMMANDS[args.command](args, out, err)
+        with _sigterm_unwinds(), scratch.run():  # the handler outlives the run, so cleanup finishes too
+            return COMMANDS[args.command](args, out, err)
     except GraphoptError as exc:
         if args.debug:
             raise
@@ -322,12 +326,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("graphopt: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # a bug: one line, and the way to see more
         if args.debug:
             raise
         print(f"graphopt: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so the run unwinds (scratch files removed, no output)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` instead of killing the process on the
+    spot, so every ``finally`` runs, as for Ctrl-C. Only the main thread can take signals; elsewhere
+    (``main`` called from a thread) nothing changes."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:

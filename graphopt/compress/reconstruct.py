@@ -41,19 +41,21 @@ downstream is re-fitted and compensates.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from math import ceil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphopt.compress.lstsq import CrossGram, LinearLayer
+from graphopt.core import scratch
 from graphopt.core.ir import Model, Node
 from graphopt.measure.calibration import Calibrator, SampleData
 
@@ -63,7 +65,7 @@ DEFAULT_RIDGE = 1e-3
 KEPT_ROW_BYTES = 256 * 2**20
 #: ...but never below this many rows (the former default, whatever ``F``).
 MIN_ROWS = 16384
-#: The reference targets of all layers held in memory at once; the rest wait in a temporary directory.
+#: The reference targets of all layers held in memory at once; the rest wait in a scratch folder.
 TARGET_RAM_BYTES = 512 * 2**20
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
 
@@ -189,8 +191,8 @@ def layer_rows(max_rows: int, features: int, outputs: int = 0) -> int:
 
 class TargetStore:
     """Per layer and batch, the sampled row positions and the target rows: in memory while the total stays
-    within ``ram_bytes``, in a temporary directory (one ``.npz`` per batch, removed by :meth:`pop` and
-    :meth:`close`) beyond it.
+    within ``ram_bytes``, in a scratch folder of the run (``graphopt.core.scratch``; one ``.npz`` per
+    batch, removed by :meth:`pop` and :meth:`close`) beyond it.
 
     Batches are added batch-major (batch 0 of every layer, then batch 1...), so a spilled layer keeps its
     first batches in memory and reads the rest back in :meth:`pop`. Use as a context manager.
@@ -201,7 +203,8 @@ class TargetStore:
         self.in_memory = 0
         self.on_disk = 0
         self._batches: dict[str, list[tuple[np.ndarray | None, np.ndarray] | str]] = {}
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._dir: contextlib.ExitStack | None = None  # holds the scratch folder while something is spilled
+        self._folder: Path | None = None
         self._files = 0
 
     def add(self, key: str, select: np.ndarray | None, rows: np.ndarray) -> None:
@@ -212,8 +215,9 @@ class TargetStore:
             batches.append((select, rows))
             return
         if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="graphopt-targets-")
-        path = os.path.join(self._dir.name, f"{self._files}.npz")
+            self._dir = contextlib.ExitStack()
+            self._folder = self._dir.enter_context(scratch.directory("targets"))
+        path = os.path.join(self._folder, f"{self._files}.npz")
         self._files += 1
         np.savez(path, rows=rows, **({} if select is None else {"select": select}))
         self.on_disk += size
@@ -235,7 +239,7 @@ class TargetStore:
     def close(self) -> None:
         self._batches.clear()
         if self._dir is not None:
-            self._dir.cleanup()
+            self._dir.close()
             self._dir = None
 
     def __enter__(self) -> "TargetStore":

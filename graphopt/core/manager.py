@@ -370,10 +370,9 @@ class _Runner:
         return result
 
     def _debug_check(self, p: Pass, model: Model) -> None:
-        from graphopt.core.onnx_io import to_proto
         try:
             model.check_invariants()
-            onnx.checker.check_model(to_proto(model))
+            _check_onnx(model)
         except (IRError, onnx.checker.ValidationError) as exc:
             raise PassError(f"after pass {p.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
@@ -382,6 +381,20 @@ class _Runner:
         self.dumps += 1
         dump_dir.mkdir(parents=True, exist_ok=True)
         save(model, dump_dir / f"{self.dumps:03d}_{p.name}.onnx")
+
+
+def _check_onnx(model: Model) -> None:
+    """``onnx.checker.check_model`` on the model; from a file in the run's scratch directory when the
+    model is over protobuf's 2 GiB limit (the checker serializes a ModelProto in memory)."""
+    from graphopt.core import scratch
+    from graphopt.core.onnx_io import fits_protobuf, save, to_proto
+    proto = to_proto(model)
+    if fits_protobuf(proto):
+        onnx.checker.check_model(proto)
+        return
+    with scratch.directory("check") as folder:
+        save(proto, folder / "model.onnx", external_data=True)
+        onnx.checker.check_model(str(folder / "model.onnx"))
 
 
 def run_pipeline(pipeline: Pass, model: Model, ctx: PassContext) -> tuple[bool, list[PassRecord]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,7 +31,7 @@ from onnx import external_data_helper
 from graphopt.core.errors import GraphoptError, ModelLoadError
 from graphopt.core.ir import Function, Graph, Model, Namer, Node, Value
 
-_PROTOBUF_LIMIT = 2**31 - 2**20  # leave headroom under 2 GiB for the non-tensor fields
+PROTOBUF_LIMIT = 2**31 - 2**20  # under 2 GiB, with headroom for fields added around a model (more outputs)
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -519,10 +519,11 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
     into place with ``os.replace``; the model file appears last, so a reader never sees a model whose
     data is incomplete, and a failure leaves nothing behind.
 
-    A :class:`~graphopt.core.ir.Model` is written as ``to_proto(model).SerializeToString()`` would write it,
-    byte for byte, but streamed (see :class:`_StreamWriter`). With external data, the main graph's
+    The file holds the bytes ``to_proto(model).SerializeToString()`` (or, for a ModelProto, its own
+    ``SerializeToString()``) would give, but streamed (see :class:`_StreamWriter`): no second copy of
+    the weights is made, and a model over 2 GB can be written. With external data, the main graph's
     initializers stored as ``raw_data`` of at least ``size_threshold`` bytes go to the data file;
-    subgraph weights stay inline.
+    subgraph weights stay inline. A ModelProto is never modified.
 
     Raises
     ------
@@ -530,37 +531,22 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         ``external_data=False`` for a model over protobuf's 2 GB limit.
     """
     path = Path(path)
-    writer = None
-    if isinstance(model, Model):
-        writer = _StreamWriter(model)
-        if external_data is None:
-            external_data = model.uses_external_data or writer.inline_size() > _PROTOBUF_LIMIT
-        if not external_data and writer.inline_size() > _PROTOBUF_LIMIT:
-            raise GraphoptError(f"{path}: the model is {writer.inline_size()} bytes, over protobuf's 2 GB limit; "
-                                f"save it with external data")
-        proto = None
-    else:
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)  # writing external data rewrites the tensors; never touch the caller's proto
-        if external_data is None:
-            external_data = proto.ByteSize() > _PROTOBUF_LIMIT
+    writer = _StreamWriter.of_model(model) if isinstance(model, Model) else _StreamWriter.of_proto(model)
+    if external_data is None:
+        external_data = getattr(model, "uses_external_data", False) or writer.inline_size() > PROTOBUF_LIMIT
+    if not external_data and writer.inline_size() > PROTOBUF_LIMIT:
+        raise GraphoptError(f"{path}: the model is {writer.inline_size()} bytes, over protobuf's 2 GB limit; "
+                            f"save it with external data")
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp_model = tmpdir / path.name
         data_name = path.name + ".data"
-        if writer is not None:
-            with open(tmp_model, "wb") as fh:
-                if external_data:
-                    with open(tmpdir / data_name, "wb") as data:
-                        writer.write(fh, _ExternalData(data, data_name, size_threshold))
-                else:
-                    writer.write(fh)
-        elif external_data:
-            onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=size_threshold, convert_attribute=False)
-        else:
-            with open(tmp_model, "wb") as fh:
-                fh.write(proto.SerializeToString())
+        with open(tmp_model, "wb") as fh:
+            if external_data:
+                with open(tmpdir / data_name, "wb") as data:
+                    writer.write(fh, _ExternalData(data, data_name, size_threshold))
+            else:
+                writer.write(fh)
         data_file = tmpdir / data_name
         if data_file.exists() and data_file.stat().st_size == 0:
             data_file.unlink()  # nothing was large enough to move out, as with onnx.save_model
@@ -571,6 +557,22 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike, *, external_da
         for leftover in tmpdir.iterdir():
             leftover.unlink()
         tmpdir.rmdir()
+
+
+def serialized_size(model: Model | onnx.ModelProto) -> int:
+    """Bytes of ``model`` serialized without external data, also past protobuf's 2 GiB limit (where
+    ``ModelProto.ByteSize()`` raises)."""
+    if isinstance(model, onnx.ModelProto):
+        try:
+            return model.ByteSize()
+        except google.protobuf.message.EncodeError:
+            return _StreamWriter.of_proto(model).inline_size()
+    return _StreamWriter.of_model(model).inline_size()
+
+
+def fits_protobuf(model: Model | onnx.ModelProto) -> bool:
+    """Whether ``model`` can be serialized as one protobuf message (onnx and onnxruntime take it in memory)."""
+    return serialized_size(model) <= PROTOBUF_LIMIT
 
 
 def _varint(n: int) -> bytes:
@@ -617,7 +619,8 @@ class _ExternalData:
 class _StreamWriter:
     """Writes ``to_proto(model).SerializeToString()`` without holding a second copy of the weights.
 
-    The skeleton (the model without the main graph's dense initializers) is built as usual. The file is
+    The skeleton (the model without the main graph's dense initializers) is built as usual (an IR
+    model is exported; a ModelProto's other fields are copied). The file is
     then the skeleton's fields before ``graph``, the graph field's header, the graph's fields before
     ``initializer`` (``node``, ``name``), each initializer serialized on its own, the graph's other
     fields, and the model's fields after ``graph``. Protobuf writes fields in field-number order and a
@@ -625,9 +628,8 @@ class _StreamWriter:
     writes for the whole model (the tests compare them).
     """
 
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        skeleton = _model_to_proto(model, main_initializers=False)
+    def __init__(self, skeleton: onnx.ModelProto, tensors: Callable[[], Iterator[onnx.TensorProto]]) -> None:
+        self._tensors = tensors
         graph = skeleton.graph
         head, tail = onnx.ModelProto(), onnx.ModelProto()
         for field, value in skeleton.ListFields():
@@ -643,9 +645,19 @@ class _StreamWriter:
         self.graph_head = graph_bytes[:len(graph_bytes) - len(self.graph_tail)]
         self._inline: int | None = None
 
-    def _tensors(self) -> Iterator[onnx.TensorProto]:
-        for value in self.model.graph.initializers.values():
-            yield value.tensor_proto()
+    @classmethod
+    def of_model(cls, model: Model) -> _StreamWriter:
+        """The writer of an IR model: its export without the main graph's initializers, then those."""
+        return cls(_model_to_proto(model, main_initializers=False),
+                   lambda: (value.tensor_proto() for value in model.graph.initializers.values()))
+
+    @classmethod
+    def of_proto(cls, proto: onnx.ModelProto) -> _StreamWriter:
+        """The writer of a ModelProto, whose tensors it reads in place (never copied, never changed)."""
+        skeleton = onnx.ModelProto()
+        _copy_fields(proto, skeleton, skip={"graph"})
+        _copy_fields(proto.graph, skeleton.graph, skip={"initializer"})
+        return cls(skeleton, lambda: iter(proto.graph.initializer))
 
     def inline_size(self) -> int:
         """Bytes of the whole model written without external data."""

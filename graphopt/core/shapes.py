@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Graph, Model, Value, dims_of
-from graphopt.core.onnx_io import to_proto
+from graphopt.core.onnx_io import fits_protobuf, save, to_proto
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -44,9 +45,23 @@ def _inferred_proto(model: Model, input_shapes: InputShapes | None, strict: bool
             if vi.name in input_shapes:
                 _fix_dims(vi, input_shapes[vi.name])
     try:
-        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
+        return _onnx_inference(proto, strict)
     except onnx.shape_inference.InferenceError as exc:
         raise GraphoptError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def _onnx_inference(proto: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """onnx's shape inference of ``proto``; through files in the run's scratch directory when the
+    model is over protobuf's 2 GiB limit (``infer_shapes`` serializes it in memory, only
+    ``infer_shapes_path`` takes such a model). The weight stubs keep most models far below it."""
+    if fits_protobuf(proto):
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=strict, data_prop=True)
+    with scratch.directory("shapes") as folder:
+        source, inferred = folder / "model.onnx", folder / "inferred.onnx"
+        save(proto, source, external_data=True)
+        onnx.shape_inference.infer_shapes_path(str(source), str(inferred), check_type=False, strict_mode=strict,
+                                               data_prop=True)
+        return onnx.load_model(str(inferred), load_external_data=False)  # the types are all it is read for
 
 
 def _fix_dims(vi: onnx.ValueInfoProto, dims: Sequence[int]) -> None:
@@ -166,7 +181,7 @@ def symbolic_dims(model: Model, input_shapes: InputShapes | None = None) -> Symb
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        out = engine.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+        out = _run_symbolic_engine(engine, proto)
     except Exception:  # noqa: BLE001 - any failure there only means "no extra knowledge"
         return None
     finally:
@@ -179,6 +194,27 @@ def symbolic_dims(model: Model, input_shapes: InputShapes | None = None) -> Symb
         if found is not None:
             dims[vi.name] = found
     return dims
+
+
+def _run_symbolic_engine(engine: Any, proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)``, step by
+    step: the inferred model, or None when inference is incomplete or the opset is below 7.
+
+    onnxruntime's ``infer_shapes`` does the same, but on incomplete inference it first saves the model
+    as ``sym_shape_infer_temp.onnx`` with uuid-named external data files *in the current directory*
+    (and it has no parameter for the place). Changing the process's directory around the call would
+    move every relative path of the run, in every thread, so its few lines are repeated here instead.
+    """
+    opset = next((imp.version for imp in proto.opset_import if imp.domain in ("", "onnx", "ai.onnx")), None)
+    if not opset or opset < 7:
+        return None
+    inference = engine(2**31 - 1, False, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(proto)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
 
 
 def _has_typed_data(tensor: onnx.TensorProto) -> bool:

@@ -9,6 +9,10 @@ all share one configuration:
   calibration loop that does numpy work between runs does not fight ORT's threads for the cores.
 * ``log_severity_level = 3`` (errors only) and the CPU execution provider.
 
+A model given as a path is loaded from that path (onnxruntime reads its external data itself); a
+ModelProto or IR model over protobuf's 2 GiB limit, which onnxruntime cannot take as bytes, is
+written to a scratch folder of the run (:mod:`graphopt.core.scratch`) and loaded from there.
+
 An onnxruntime failure becomes a :class:`~graphopt.core.errors.GraphoptError` with one line naming the
 model (``"model.onnx: onnxruntime rejects the model: ..."``), never a pybind traceback.
 
@@ -22,7 +26,6 @@ element type when the model states it and never a shape.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Union
@@ -30,11 +33,13 @@ from typing import Union
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import external_data_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
+from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
-from graphopt.core.onnx_io import save, to_proto
+from graphopt.core.onnx_io import fits_protobuf, save, to_proto
 
 ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
 
@@ -43,9 +48,6 @@ ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
 ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
     obj for obj in vars(_ort_state).values()
     if isinstance(obj, type) and issubclass(obj, Exception)) + (RuntimeError,)
-
-_PROTOBUF_LIMIT = 2**31 - 2**20  # a serialized ModelProto must stay under 2 GiB
-
 
 def describe(model: ModelLike) -> str:
     """A short name for ``model`` in messages: its path, or ``<in-memory model>``."""
@@ -63,8 +65,11 @@ def ort_message(exc: BaseException) -> str:
     return line.strip()
 
 
-def as_proto(model: ModelLike) -> onnx.ModelProto:
+def as_proto(model: ModelLike, *, external_data: bool = True) -> onnx.ModelProto:
     """``model`` as a ModelProto (external data loaded). A ModelProto is returned as is, not copied.
+
+    ``external_data=False`` reads a path's model file only: the graph, with the weights stored in a
+    data file left there (enough to read its structure, not to run it; no second copy of the weights).
 
     Raises
     ------
@@ -86,9 +91,21 @@ def as_proto(model: ModelLike) -> onnx.ModelProto:
     if not path.is_file():
         raise GraphoptError(f"{path}: no such model file")
     try:
-        return onnx.load_model(str(path))
+        proto = onnx.load_model(str(path), load_external_data=external_data)
     except Exception as exc:
         raise GraphoptError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+    if not external_data:
+        _check_data_files(proto, path)
+    return proto
+
+
+def _check_data_files(proto: onnx.ModelProto, path: Path) -> None:
+    """The data files the main graph's initializers name exist (what loading them would check first)."""
+    for tensor in proto.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            location = external_data_helper.ExternalDataInfo(tensor).location
+            if not (path.parent / location).is_file():
+                raise GraphoptError(f"{path}: external data missing ({location})")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -126,34 +143,28 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
     """
     opts = session_options(optimize=optimize, threads=threads, quiet=quiet)
     where = describe(model)
-    keep_alive = None
     if isinstance(model, (str, os.PathLike)):
-        source: str | bytes = str(model)  # ORT resolves external data relative to the file
         if not Path(model).is_file():
             raise GraphoptError(f"{where}: no such model file")
-    else:
-        proto = model if isinstance(model, (onnx.ModelProto, bytes)) else to_proto(model)
-        if isinstance(proto, bytes):
-            source = proto
-        elif proto.ByteSize() < _PROTOBUF_LIMIT:
-            source = proto.SerializeToString()
-        else:
-            keep_alive, source = _spill_to_disk(proto)
+        return _new_session(str(model), opts, where)  # ORT resolves external data relative to the file
+    if isinstance(model, bytes):
+        return _new_session(model, opts, where)
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    if fits_protobuf(proto):
+        return _new_session(proto.SerializeToString(), opts, where)
+    # Over protobuf's 2 GiB limit onnxruntime takes a model only from a path, with external data. The
+    # folder goes as soon as the session exists: onnxruntime has read (or mapped) the weights by then.
+    with scratch.directory("ort") as folder:
+        path = folder / "model.onnx"
+        save(proto, path, external_data=True)
+        return _new_session(str(path), opts, where)
+
+
+def _new_session(source: str | bytes, opts: ort.SessionOptions, where: str) -> ort.InferenceSession:
     try:
-        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         raise GraphoptError(f"{where}: onnxruntime rejects the model: {ort_message(exc)}") from None
-    if keep_alive is not None:
-        sess._graphopt_tmpdir = keep_alive  # the weights file must outlive the session
-    return sess
-
-
-def _spill_to_disk(proto: onnx.ModelProto) -> tuple[tempfile.TemporaryDirectory, str]:
-    """Write a model over protobuf's 2 GiB limit with external data, for onnxruntime to load by path."""
-    tmp = tempfile.TemporaryDirectory(prefix="graphopt-ort-")
-    path = os.path.join(tmp.name, "model.onnx")
-    save(proto, path, external_data=True)
-    return tmp, path
 
 
 def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], output_names: Iterable[str] | None = None,

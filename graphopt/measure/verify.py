@@ -87,6 +87,7 @@ after it also diverges, or when nothing comparable follows it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
@@ -458,11 +459,23 @@ class _Comparison:
 
 @dataclass
 class _Model:
-    """One side of the comparison: its proto, a name for messages, and its session."""
+    """One side of the comparison: its proto (the structure), what sessions load (the path when it is
+    one: onnxruntime reads the weights itself, and a model over 2 GiB is never held twice), a name for
+    messages, and its session."""
 
     proto: onnx.ModelProto
+    source: gort.ModelLike
     label: str
     session: Any = None
+
+    @classmethod
+    def of(cls, model: gort.ModelLike, role: str) -> _Model:
+        is_path = isinstance(model, (str, os.PathLike))
+        return cls(gort.as_proto(model, external_data=not is_path), model if is_path else None,
+                   f"{role} {gort.describe(model)}")
+
+    def runnable(self) -> gort.ModelLike:
+        return self.source if self.source is not None else self.proto
 
 
 def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
@@ -589,15 +602,15 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     if mode not in MODES:
         raise OptionError(f"unknown verify mode {mode!r}; expected one of {', '.join(MODES)}")
     tol = tolerance or Tolerance()
-    ref = _Model(gort.as_proto(reference), f"reference {gort.describe(reference)}")
-    cand = _Model(gort.as_proto(candidate), f"candidate {gort.describe(candidate)}")
+    ref = _Model.of(reference, "reference")
+    cand = _Model.of(candidate, "candidate")
     data = check_data(ref.proto, data)
     comparisons, blocking = _interface(ref.proto, cand.proto, data.n_samples)
     blocking.extend(lost_dynamic_dims(ref.proto, cand.proto))
     notes = list(data.notes)
-    ref.session = gort.session(ref.proto, threads=threads)
+    ref.session = gort.session(ref.runnable(), threads=threads)
     cand.session = _candidate_session(cand, data, threads, blocking)
-    opt_session = _optimized_session(ref.proto, threads, notes) if tol.rel is None else None
+    opt_session = _optimized_session(ref.runnable(), threads, notes) if tol.rel is None else None
     ran, measured = False, False
     if cand.session is not None:
         batch = feed_batch_size(ref.proto, batch_size, data)
@@ -624,15 +637,15 @@ def _candidate_session(cand: _Model, data: SampleData, threads: int | None, bloc
         blocking.append(problem)
         return None
     try:
-        return gort.session(cand.proto, threads=threads)
+        return gort.session(cand.runnable(), threads=threads)
     except GraphoptError as exc:
         blocking.append(f"candidate: {exc}")
         return None
 
 
-def _optimized_session(proto: onnx.ModelProto, threads: int | None, notes: list[str]) -> Any:
+def _optimized_session(model: gort.ModelLike, threads: int | None, notes: list[str]) -> Any:
     try:
-        return gort.session(proto, optimize=True, threads=threads)
+        return gort.session(model, optimize=True, threads=threads)
     except GraphoptError as exc:
         notes.append(f"auto tolerance: onnxruntime's optimized session failed ({exc}); using the floor")
         return None
@@ -763,7 +776,7 @@ def _locate(report: VerifyReport, ref: _Model, cand: _Model, data: SampleData, c
     count = min(data.n_samples, -(-DIVERGENCE_SAMPLES // unit) * unit)
     subset = data.take(_worst_samples(comparisons, data.n_samples, count))
     try:
-        report.first_divergence = first_divergence(ref.proto, cand.proto, subset, rel=resolved["rel"],
+        report.first_divergence = first_divergence(ref.runnable(), cand.runnable(), subset, rel=resolved["rel"],
                                                    abs_tol=resolved["abs"], batch_size=batch_size, threads=threads)
     except GraphoptError as exc:
         report.notes.append(f"first divergence not searched: {exc}")

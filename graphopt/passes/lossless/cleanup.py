@@ -723,6 +723,14 @@ def _content_digest(array: np.ndarray) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _peek_array(value: Value) -> np.ndarray:
+    """The initializer's data without caching a numpy copy in the IR: hashing every weight of a large
+    model must not hold it twice (the stored TensorProto stays the one copy)."""
+    if value.const is not None and value.const.HasField("raw_data"):
+        return numpy_helper.to_array(value.const)
+    return value.array
+
+
 @register
 class DedupeInitializers(Pass):
     name = "dedupe_initializers"
@@ -743,7 +751,7 @@ class DedupeInitializers(Pass):
                     continue  # a unique shape is never read into memory
                 by_bytes: dict[bytes, list[Value]] = defaultdict(list)
                 for value in candidates:
-                    by_bytes[_content_digest(value.array)].append(value)
+                    by_bytes[_content_digest(_peek_array(value))].append(value)
                 for group in by_bytes.values():
                     keep = next((v for v in group if graph.is_graph_output(v)), group[0])
                     for dup in group:
