@@ -245,7 +245,9 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as plain dicts, lists, str, int, float, bool and None (no numpy types; NaN -> None)."""
+        """The report as plain dicts, lists, str, int, float, bool and None: no numpy types, NaN -> None,
+        and the infinite SNR of an output the candidate reproduces exactly -> ``"Infinity"`` (strict JSON
+        has no infinity; the same spelling as the optimize report's)."""
         return _plain(asdict(self))
 
     def summary(self) -> str:
@@ -274,6 +276,8 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
+        if math.isinf(obj):
+            return "Infinity" if obj > 0 else "-Infinity"
         return float(obj) if math.isfinite(obj) else None
     if obj is None or isinstance(obj, str):
         return obj
@@ -809,9 +813,9 @@ def _equivalence_rule(m: OutputMetrics, tolerance: Mapping[str, Any]) -> str | N
         return None
     if m.kind == "exact":
         return "equal"
-    parts = [f"max error <= {m.bound:.3g} ({tolerance['rel']:.2e} of range)"] if m.bound is not None else []
+    parts = [f"error <= {tolerance['rel']:.1e} of range"] if m.bound is not None else []
     if tolerance.get("min_cosine") is not None:
-        parts.append(f"cosine >= {tolerance['min_cosine']:g}")
+        parts.append(f"cos >= {tolerance['min_cosine']:g}")
     if tolerance.get("min_snr_db") is not None:
         parts.append(f"SNR >= {tolerance['min_snr_db']:g} dB")
     return ", ".join(parts) or None
@@ -840,7 +844,7 @@ def _judge_class_scores(report: VerifyReport, m: OutputMetrics, tol: Tolerance) 
     """The labelled class output by its accuracy drop, any other class scores by top-1 agreement."""
     m.reason = None
     if m.name == report.class_output and report.accuracy_drop is not None:
-        m.rule = f"accuracy drop <= {tol.max_drop:g} points"
+        m.rule = f"accuracy drop <= {tol.max_drop:g} pt"
         m.passed = report.accuracy_drop <= tol.max_drop
         if not m.passed:
             m.reason = (f"accuracy dropped {report.accuracy_drop:.2f} points ({report.accuracy_reference:.2f}% -> "
@@ -857,7 +861,7 @@ def _judge_class_scores(report: VerifyReport, m: OutputMetrics, tol: Tolerance) 
 def _judge_similarity(m: OutputMetrics, min_snr_db: float, min_cosine: float) -> None:
     """A float output that is not class scores: ``snr_db >= min_snr_db``, ``cosine_min >= min_cosine``
     and no NaN/inf where the reference has another value."""
-    m.rule = f"SNR >= {min_snr_db:g} dB, cosine >= {min_cosine:g}"
+    m.rule = f"SNR >= {min_snr_db:g} dB, cos >= {min_cosine:g}"
     problems = []
     if m.nonfinite_mismatches:
         problems.append(f"{m.nonfinite_mismatches} NaN/inf values where the other model has a different value")
