@@ -805,7 +805,8 @@ def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
       drop with labels, else ``100 · (1 − top-1 agreement)``), rounded up to 0.1 point;
     * ``--min-snr-db`` / ``--min-cosine`` with the measured values (rounded down) when another float
       output failed on them, unless the value is negative (no tolerance accepts it);
-    * ``data_flag FILE.npz`` when the verdict ran on random inputs, or judged class scores without labels;
+    * ``data_flag FILE.npz`` when the verdict judged class scores without labels, or real samples
+      (``--data / --verify-data``) when it ran on random inputs;
     * ``--write-failed`` when ``write_failed`` is false (``None``: the command has no such flag).
 
     Nothing for a lossless (equivalence) or passing run: a lossless rewrite that fails is a bug.
@@ -827,7 +828,8 @@ def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
     unlabelled = any(m.get("name") != verify.get("class_output") or verify.get("accuracy_drop") is None
                      for m in classes)
     if random_data:
-        hints.append(f"to verify on real samples: {data_flag} FILE.npz")
+        real = "--data / --verify-data" if data_flag == "--verify-data" else data_flag
+        hints.append(f"to verify on real samples: {real} FILE.npz")
     elif unlabelled:
         hints.append(f"to judge class scores by the accuracy drop: {data_flag} FILE.npz with 'labels'")
     if write_failed is False:
