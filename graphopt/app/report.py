@@ -794,7 +794,9 @@ def _print_outputs(verify: Any, console: Console) -> None:
         table.add_row(*cells)
     console.print(table)
     if not wide:
-        console.print(Text("rules: " + "; ".join(f"{r.name}: {r.rule}" for r in rows), style="dim"))
+        rules = [f"{r.name}: {r.rule}" for r in rows if r.rule != "-"]
+        if rules:
+            console.print(Text("rules: " + "; ".join(rules), style="dim"))
 
 
 def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
@@ -804,7 +806,7 @@ def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
     * ``--max-drop D`` when class scores failed, ``D`` the smallest budget that passes (their accuracy
       drop with labels, else ``100 · (1 − top-1 agreement)``), rounded up to 0.1 point;
     * ``--min-snr-db`` / ``--min-cosine`` with the measured values (rounded down) when another float
-      output failed on them, unless the value is negative (no tolerance accepts it);
+      output failed on them, unless one of them cannot be accepted (SNR < 0 dB, cosine <= 0, NaN/inf);
     * ``data_flag FILE.npz`` when the verdict judged class scores without labels, or real samples
       (``--data / --verify-data``) when it ran on random inputs;
     * ``--write-failed`` when ``write_failed`` is false (``None``: the command has no such flag).
@@ -849,14 +851,21 @@ def _drop_needed(verify: Mapping[str, Any], classes: list[Mapping[str, Any]]) ->
 
 
 def _similarity_needed(failed: list[Mapping[str, Any]], tolerance: Mapping[str, Any]) -> list[str]:
+    """The flags that accept every failed similarity, or none when one cannot be accepted (noise above
+    the signal, a cosine at or below 0, NaN/inf where the reference has numbers)."""
+    hopeless = [m for m in failed if m.get("nonfinite_mismatches")
+                or not isinstance(m.get("snr_db"), (int, float)) or m["snr_db"] < 0
+                or not isinstance(m.get("cosine_min"), (int, float)) or m["cosine_min"] <= 0]
+    if hopeless:
+        return []
     flags = []
     snrs = [m.get("snr_db") for m in failed if isinstance(m.get("snr_db"), (int, float))]
     min_snr = tolerance.get("min_snr_db")
-    if snrs and isinstance(min_snr, (int, float)) and 0 <= min(snrs) < min_snr:
+    if snrs and isinstance(min_snr, (int, float)) and min(snrs) < min_snr:
         flags.append(f"--min-snr-db {math.floor(min(snrs) * 10) / 10:g}")
     cosines = [m.get("cosine_min") for m in failed if isinstance(m.get("cosine_min"), (int, float))]
     min_cos = tolerance.get("min_cosine")
-    if cosines and isinstance(min_cos, (int, float)) and 0 <= min(cosines) < min_cos:
+    if cosines and isinstance(min_cos, (int, float)) and min(cosines) < min_cos:
         flags.append(f"--min-cosine {math.floor(min(cosines) * 1e4) / 1e4:g}")
     return flags
 
