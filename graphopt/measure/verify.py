@@ -13,6 +13,11 @@ Metrics, per output ``a`` (reference) / ``b`` (candidate)
   the range puts every element's error on the scale of the output as a whole.
 * cosine similarity of each sample's flattened output, then its minimum and mean over samples
   (two zero vectors count as 1);
+* the signal-to-noise ratio ``snr_db = 10 · log10(Σ a² / Σ (a − b)²)`` in dB over the finite elements
+  of all samples, and ``snr_db_min``, the same ratio per sample, at the worst sample (``inf`` when
+  ``b = a``, ``−inf`` for a difference on an all-zero reference). Unlike the cosine it sees a scale
+  error (``b = 1.25 · a`` is 12 dB); unlike the range-relative error it weighs the whole output, not
+  its worst element;
 * top-1 agreement when the output looks like class scores (2-D ``[N, C]`` float, ``C > 1``);
 * with labels, the accuracy of both models on the first class-score output, and the drop
   ``reference − candidate`` in percentage points.
@@ -21,13 +26,42 @@ Integer, bool and string outputs must be equal element for element. Non-finite v
 the same places with the same values (NaN matches NaN). Outputs must match by name, element type
 and shape; a mismatch fails with a reason instead of raising.
 
+Roles
+-----
+Each compared output gets a role (``OutputMetrics.role``), which decides its lossy rule:
+
+* ``"class scores"``: a 2-D ``[N, C]`` float output (``C > 1``) that does not end like an embedding
+  (:func:`embedding_outputs`: seen through reshapes, casts and Q/DQ, it comes from a normalisation,
+  a pooling, a Tanh pooler, a Gather/Slice/Concat or a Relu); with labels, also the output they
+  are scored on;
+* ``"exact"``: integer, bool and string outputs;
+* every other float output by rank: ``"map"`` (rank >= 3: segmentation and probability maps,
+  feature maps, per-step logits, boxes per anchor, recurrent state), ``"vector"`` (rank 2:
+  embeddings) or ``"scalar"`` (rank <= 1).
+
 Verdict
 -------
 ``mode="equivalence"`` (lossless rewrites) passes when every output is within tolerance:
-``max_abs_error <= max(tol.abs, tol.rel · R)``, plus ``cosine_min >= tol.min_cosine`` when that is set.
-``mode="accuracy"`` (lossy passes) passes when the accuracy drop is ``<= tol.max_drop`` points (with
-labels), else when top-1 agreement is ``>= 1 − max_drop / 100``, else (no class scores) when every
-float output has ``cosine_min >= tol.min_cosine`` (auto 0.99) and every exact output is equal.
+``max_abs_error <= max(tol.abs, tol.rel · R)``, plus ``cosine_min >= tol.min_cosine`` and
+``snr_db >= tol.min_snr_db`` when those are set.
+
+``mode="accuracy"`` (lossy passes) judges every output by the rule of its role and passes when all pass:
+
+1. class scores: with labels, the labelled output by its accuracy drop ``<= tol.max_drop`` points;
+   other class scores, and all of them without labels, by top-1 agreement ``>= 1 − max_drop / 100``;
+2. exact outputs: equal element for element;
+3. every other float output (map, vector, scalar) by similarity, no labels needed:
+   ``snr_db >= tol.min_snr_db`` (auto :data:`AUTO_MIN_SNR_DB_ACCURACY`) and
+   ``cosine_min >= tol.min_cosine`` (auto :data:`AUTO_MIN_COSINE_ACCURACY`), and no NaN/inf where the
+   reference has another value. The SNR bounds the error energy of the output as a whole (and so
+   fails a scaled output, whose cosine stays 1); the worst cosine fails a single sample the
+   compression turned away, which the SNR over all samples would average out.
+
+The two thresholds were chosen by applying graphopt's lossy presets at several targets, and
+deliberate breakages (a wrong sign, a dropped channel, a scaled output, noise), to trained models'
+map, embedding and per-step outputs and to zoo classifiers' intermediate feature maps, and comparing
+the gate's verdict with the task score a user sees (``tools/bench_verdicts.py``; the numbers and the
+rule's misses are in BENCHMARKS.md).
 
 The automatic tolerance
 -----------------------
@@ -112,6 +146,7 @@ _AUTO_LIMITS = {  # output element type -> (floor_0, cap)
     onnx.TensorProto.FLOAT16: (1e-2, 5e-2),
     onnx.TensorProto.BFLOAT16: (1e-2, 5e-2),
 }
+# The lossy gate for outputs that are not class scores (module docstring, "Verdict"; BENCHMARKS.md).
 AUTO_MIN_COSINE_ACCURACY = 0.99
 AUTO_MIN_SNR_DB_ACCURACY = 20.0
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
@@ -221,9 +256,10 @@ class VerifyReport:
     Attributes
     ----------
     metrics : reference output name -> :class:`OutputMetrics`.
-    tolerance : the tolerance applied: ``rel``, ``abs``, ``max_drop``, ``min_cosine``, and under ``auto``
+    tolerance : the tolerance applied: ``rel``, ``abs``, ``max_drop``, ``min_cosine``, ``min_snr_db``, and under ``auto``
         the derivation of an automatic ``rel`` (``ort_rel_diff``, ``k``, ``floor``, ``cap``, ``mac_depth``).
-    reasons : one line per cause of failure (empty when passed).
+    reasons : one line per cause of failure (empty when passed); each output's own verdict, role and
+        rule are in its :class:`OutputMetrics`.
     accuracy_reference, accuracy_candidate, accuracy_drop : percent and percentage points, with labels.
     top1_agreement, class_output : fraction of samples whose top-1 class agrees, on that output.
     first_divergence : on an equivalence failure, where the models first differ (or ``None``).
