@@ -298,7 +298,8 @@ def output_rows(verify: Any) -> list[_OutputRow]:
         compared = m.get("compared", True)
         passed = m.get("passed") if compared else None
         rows.append(_OutputRow(
-            str(m.get("name", name)), str(m.get("role") or m.get("kind") or "?"), format_cosine(m.get("cosine_min")), format_cosine(m.get("cosine_mean")), format_snr(m.get("snr_db")),
+            str(m.get("name", name)), str(m.get("role") or m.get("kind") or "?"), format_cosine(m.get("cosine_min")),
+            format_cosine(m.get("cosine_mean")), format_snr(m.get("snr_db")),
             format_snr(m.get("snr_db_min")), str(m.get("rule") or "-"),
             "not compared" if passed is None else "pass" if passed else "fail", passed))
     return rows

@@ -256,8 +256,9 @@ class VerifyReport:
     Attributes
     ----------
     metrics : reference output name -> :class:`OutputMetrics`.
-    tolerance : the tolerance applied: ``rel``, ``abs``, ``max_drop``, ``min_cosine``, ``min_snr_db``, and under ``auto``
-        the derivation of an automatic ``rel`` (``ort_rel_diff``, ``k``, ``floor``, ``cap``, ``mac_depth``).
+    tolerance : the tolerance applied: ``rel``, ``abs``, ``max_drop``, ``min_cosine``, ``min_snr_db``, and
+        under ``auto`` the derivation of an automatic ``rel`` (``ort_rel_diff``, ``k``, ``floor``, ``cap``,
+        ``mac_depth``).
     reasons : one line per cause of failure (empty when passed); each output's own verdict, role and
         rule are in its :class:`OutputMetrics`.
     accuracy_reference, accuracy_candidate, accuracy_drop : percent and percentage points, with labels.
