@@ -528,6 +528,7 @@ def test_every_output_is_judged_by_its_own_rule():
     assert not report.passed and m["scores"].passed and m["map"].passed and not m["emb"].passed
     assert m["scores"].rule == "top-1 agreement >= 99%" and report.top1_agreement == 1.0
     assert report.reasons == [m["emb"].reason] and "output 'emb': SNR 0.0 dB is below" in m["emb"].reason
+    assert "worst output SNR 0.0 dB" in report.summary()
     # the embedding's argmax is not a class: an embedding that keeps its argmax but not its values fails
     assert verify(_outputs_model(outputs=("emb",)), _outputs_model(emb_scale=1.5, outputs=("emb",)), MAP_DATA,
                   mode="accuracy").reasons[0].startswith("output 'emb': SNR")

@@ -46,6 +46,7 @@ from rich.text import Text
 
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.numbers import format_bytes, format_count, format_ratio, format_seconds
+from graphopt.measure.verify import SIMILARITY_ROLES
 
 MAX_TABLE_ROWS = 100
 MAX_LIST_ITEMS = 20
@@ -824,7 +825,7 @@ def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
     drop = _drop_needed(verify, classes)
     if drop is not None:
         hints.append(f"to accept the loss: --max-drop {drop:g}")
-    similarity = _similarity_needed([m for m in failed if m.get("role") in ("map", "vector", "scalar")],
+    similarity = _similarity_needed([m for m in failed if m.get("role") in SIMILARITY_ROLES],
                                     verify.get("tolerance") or {})
     if similarity:
         hints.append("to accept the error: " + " ".join(similarity))

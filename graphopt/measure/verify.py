@@ -146,6 +146,7 @@ _AUTO_LIMITS = {  # output element type -> (floor_0, cap)
     onnx.TensorProto.FLOAT16: (1e-2, 5e-2),
     onnx.TensorProto.BFLOAT16: (1e-2, 5e-2),
 }
+SIMILARITY_ROLES = ("map", "vector", "scalar")  # float outputs the lossy verdict judges by similarity
 # The lossy gate for outputs that are not class scores (module docstring, "Verdict"; BENCHMARKS.md).
 AUTO_MIN_COSINE_ACCURACY = 0.99
 AUTO_MIN_SNR_DB_ACCURACY = 20.0
@@ -298,6 +299,9 @@ class VerifyReport:
             parts.append(f"accuracy {self.accuracy_reference:.2f}% -> {self.accuracy_candidate:.2f}%")
         elif self.top1_agreement is not None:
             parts.append(f"top-1 agreement {100 * self.top1_agreement:.2f}%")
+        judged = [m.snr_db for m in self.metrics.values() if m.role in SIMILARITY_ROLES and m.snr_db is not None]
+        if self.mode == "accuracy" and judged:
+            parts.append(f"worst output SNR {min(judged):.1f} dB")
         return ", ".join(parts)
 
 
