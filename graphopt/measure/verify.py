@@ -846,7 +846,9 @@ def _assign_roles(report: VerifyReport, comparisons: Sequence[_Comparison]) -> N
         elif m.name == report.class_output or (c.is_class_output and not c.embedding):
             m.role = "class scores"
         else:
-            m.role = "map" if c.rank >= 3 else "vector" if c.rank == 2 else "scalar"
+            # The declared rank when there is one: the arrays may carry a sample axis the model has not.
+            rank = len(m.shape) if m.shape is not None else c.rank
+            m.role = "map" if rank >= 3 else "vector" if rank == 2 else "scalar"
 
 
 def _equivalence_rule(m: OutputMetrics, tolerance: Mapping[str, Any]) -> str | None:
