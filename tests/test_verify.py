@@ -15,6 +15,7 @@ from graphopt.core.errors import DataError, GraphoptError, OptionError
 from graphopt.core.onnx_io import from_proto
 from graphopt.measure.calibration import SampleData, random_data, reference_outputs
 from graphopt.measure.verify import (
+    AUTO_MIN_COSINE_ACCURACY,
     AUTO_MIN_SNR_DB_ACCURACY,
     Tolerance,
     auto_tolerance,
@@ -400,10 +401,11 @@ def _scale3d(scale: float) -> onnx.ModelProto:
 def test_accuracy_mode_without_class_scores_uses_cosine():
     data = SampleData({"x": AFFINE_DATA.inputs["x"].reshape(6, 2, 2)})
     report = verify(_scale3d(2.0), _scale3d(2.1), data, mode="accuracy")
-    assert report.passed and report.tolerance["min_cosine"] == 0.99  # a scale keeps the direction
+    assert report.passed and report.tolerance["min_cosine"] == AUTO_MIN_COSINE_ACCURACY  # a scale keeps the direction
     assert report.top1_agreement is None and report.class_output is None
     flipped = verify(_scale3d(2.0), _scale3d(-2.0), data, mode="accuracy")
-    assert not flipped.passed and "min cosine similarity -1.000000 is below 0.99" in flipped.reasons[0]
+    assert not flipped.passed
+    assert f"min cosine similarity -1.000000 is below {AUTO_MIN_COSINE_ACCURACY}" in flipped.reasons[0]
 
 
 def test_labels_out_of_range_are_a_data_error():
@@ -499,11 +501,11 @@ def test_lossy_gate_on_a_map_by_snr_and_worst_cosine(scale, passed):
     expected_snr = -20 * math.log10(abs(scale - 1))  # b − a = (scale − 1)·a
     assert m.snr_db == pytest.approx(expected_snr) and m.cosine_min == pytest.approx(1.0 if scale > 0 else -1.0)
     assert report.passed is passed and m.passed is passed
-    assert m.rule == f"SNR >= {AUTO_MIN_SNR_DB_ACCURACY:g} dB, cos >= 0.99"
+    assert m.rule == f"SNR >= {AUTO_MIN_SNR_DB_ACCURACY:g} dB, cos >= {AUTO_MIN_COSINE_ACCURACY:g}"
     assert report.tolerance["min_snr_db"] == AUTO_MIN_SNR_DB_ACCURACY
     if not passed:
         assert report.reasons == [m.reason] and f"SNR {expected_snr:.1f} dB is below" in m.reason
-        assert ("min cosine similarity -1.000000 is below 0.99" in m.reason) is (scale < 0)
+        assert (f"min cosine similarity -1.000000 is below {AUTO_MIN_COSINE_ACCURACY}" in m.reason) is (scale < 0)
 
 
 def test_lossy_gate_thresholds_are_options():
@@ -514,7 +516,7 @@ def test_lossy_gate_thresholds_are_options():
     shift[0] = 0.8  # channel 0 moves: some samples turn away from the reference
     turned = _outputs_model(map_shift=shift)
     worst = verify(ref, turned, MAP_DATA, mode="accuracy", tolerance=Tolerance(min_snr_db=0.0)).metrics["map"]
-    assert worst.cosine_min < 0.99
+    assert worst.cosine_min < AUTO_MIN_COSINE_ACCURACY
     assert verify(ref, turned, MAP_DATA, mode="accuracy",
                   tolerance=Tolerance(min_snr_db=0.0, min_cosine=worst.cosine_min)).passed
     with pytest.raises(OptionError, match="min_snr_db must be a non-negative number"):

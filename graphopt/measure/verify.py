@@ -148,8 +148,8 @@ _AUTO_LIMITS = {  # output element type -> (floor_0, cap)
 }
 SIMILARITY_ROLES = ("map", "vector", "scalar")  # float outputs the lossy verdict judges by similarity
 # The lossy gate for outputs that are not class scores (module docstring, "Verdict"; BENCHMARKS.md).
-AUTO_MIN_COSINE_ACCURACY = 0.99
-AUTO_MIN_SNR_DB_ACCURACY = 20.0
+AUTO_MIN_COSINE_ACCURACY = 0.95
+AUTO_MIN_SNR_DB_ACCURACY = 24.0
 MAC_OPS = frozenset({"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "Gemm", "MatMul", "MatMulInteger",
                      "QLinearMatMul", "Einsum", "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN"})
 
