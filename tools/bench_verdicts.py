@@ -504,6 +504,23 @@ def sweep(cases: list[Case], snr: float = 20.0, cos: float = 0.95) -> None:
         print(f"| {c.model} | `{c.output}` | {c.role} | {c.change} | {c.snr_db:.1f} | {c.snr_db_min:.1f} | "
               f"{c.cosine_min:.4f} | {c.cosine_mean:.4f} | {c.score_ref:.2f} | {c.drop:.2f} | "
               f"{'yes' if c.acceptable else 'no'} | {verdict} |")
+    print("\nBreakages, over all outputs they were applied to:\n")
+    print("| breakage | outputs | SNR dB | cos min | task drop (points) | gate fails |")
+    print("|---|--:|--:|--:|--:|--:|")
+    for change in dict.fromkeys(c.change for c in cases if category(c) == "breakage"):
+        rows = [c for c in cases if c.change == change and c.role != "class scores"]
+        print(f"| {change} | {len(rows)} | {_span([c.snr_db for c in rows], '.1f')} | "
+              f"{_span([c.cosine_min for c in rows], '.3f')} | {_span([c.drop for c in rows], '.2f')} | "
+              f"{sum(not gate(c, snr, cos) for c in rows)} |")
+    print("\nZoo feature maps under compression:\n")
+    print("| model | maps x compressions | acceptable | SNR dB of the acceptable | gate fails of the acceptable "
+          "| unacceptable | gate passes of the unacceptable |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for model in dict.fromkeys(c.model for c in cases if category(c) == "feature map"):
+        rows = [c for c in cases if c.model == model and category(c) == "feature map" and c.role != "class scores"]
+        good, bad = [c for c in rows if c.acceptable], [c for c in rows if not c.acceptable]
+        print(f"| {model} | {len(rows)} | {len(good)} | {_span([c.snr_db for c in good], '.1f')} | "
+              f"{sum(not gate(c, snr, cos) for c in good)} | {len(bad)} | {sum(gate(c, snr, cos) for c in bad)} |")
     sizes = misses(cases, 0, 0)
     print("\nMisses per threshold pair: acceptable cases failed / unacceptable cases passed (breakages: the "
           "controls scale 1.05 and noise 1 % failed / the other breakages, noise 10 % left out, passed). "
@@ -515,6 +532,13 @@ def sweep(cases: list[Case], snr: float = 20.0, cos: float = 0.95) -> None:
             m = misses(cases, x, y)
             cells = " | ".join(f"{m[k][0]} / {m[k][1]}" for k in ("final output", "feature map", "breakage"))
             print(f"| {x} | {y:g} | {cells} |")
+
+
+def _span(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}} .. {hi:{fmt}}"
 
 
 def main() -> None:
