@@ -856,7 +856,8 @@ def _equivalence_rule(m: OutputMetrics, tolerance: Mapping[str, Any]) -> str | N
         return None
     if m.kind == "exact":
         return "equal"
-    parts = [f"error <= {tolerance['rel']:.1e} of range"] if m.bound is not None else []
+    rel = f"{tolerance['rel']:.1e} of range"
+    parts = [f"error <= max({tolerance['abs']:g}, {rel})" if tolerance.get("abs") else f"error <= {rel}"]
     if tolerance.get("min_cosine") is not None:
         parts.append(f"cos >= {tolerance['min_cosine']:g}")
     if tolerance.get("min_snr_db") is not None:
@@ -865,7 +866,7 @@ def _equivalence_rule(m: OutputMetrics, tolerance: Mapping[str, Any]) -> str | N
 
 
 def _lossy_verdict(report: VerifyReport, comparisons: Sequence[_Comparison], tol: Tolerance) -> bool:
-    """Every compared output passes its own criterion (module docstring, "The lossy verdict")."""
+    """Every compared output passes the rule of its role (module docstring, "Verdict")."""
     ok = True
     for c in comparisons:
         m = c.m
