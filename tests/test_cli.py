@@ -325,3 +325,20 @@ def test_failed_lossy_run_on_a_map_names_the_similarity_flags(tmp_path, capsys, 
     # noise above the signal: no tolerance accepts it, so no flag is offered for it
     code, _, err = run_cli("optimize", path, "-o", out_path, "--passes", "test_lossy_scale", capsys=capsys)
     assert code == 1 and "to accept" not in _last_line(err) and "--write-failed" in _last_line(err)
+
+
+def test_verify_accuracy_mode_hint_names_data_not_write_failed(tmp_path, capsys):
+    cnn = _seeded_cnn()
+    del cnn.graph.output[:]
+    cnn.graph.output.append(tensor("r", ["N", 4, 8, 8]))
+    scaled = onnx.ModelProto()
+    scaled.CopyFrom(cnn)
+    scaled.graph.initializer[0].CopyFrom(init("w", onnx.numpy_helper.to_array(cnn.graph.initializer[0]) * 1.5))
+    onnx.save(cnn, tmp_path / "ref.onnx")
+    onnx.save(scaled, tmp_path / "cand.onnx")
+    code, out, err = run_cli("verify", tmp_path / "ref.onnx", tmp_path / "cand.onnx", "--mode", "accuracy",
+                             capsys=capsys)
+    last = _last_line(err)
+    assert code == 1 and last.startswith("graphopt: verification failed; to accept the error: --min-snr-db ")
+    assert last.endswith("; to verify on real samples: --data FILE.npz") and "--write-failed" not in last
+    assert "rules: r: SNR >= 24 dB, cos >= 0.95" in " ".join(out.split())  # the per-output verdict
