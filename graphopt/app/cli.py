@@ -53,6 +53,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rel-tol", type=_fraction, metavar="X", help="max error relative to the output range")
     p.add_argument("--abs-tol", type=_fraction, metavar="X", help="max absolute error")
     p.add_argument("--max-drop", type=_fraction, metavar="POINTS", help="max accuracy drop for lossy pipelines")
+    p.add_argument("--min-snr-db", type=_fraction, metavar="DB",
+                   help="lossy: min SNR in dB of outputs that are not class scores (maps, embeddings...)")
+    p.add_argument("--min-cosine", type=_fraction, metavar="C",
+                   help="min per-sample cosine similarity (lossy: of outputs that are not class scores)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -121,9 +125,9 @@ def _status(console: Console, quiet: bool) -> Iterator[Any]:
 
 
 def _tolerance(args: argparse.Namespace) -> Tolerance | None:
-    if args.rel_tol is None and args.abs_tol is None and args.max_drop is None:
+    if all(v is None for v in (args.rel_tol, args.abs_tol, args.max_drop, args.min_snr_db, args.min_cosine)):
         return None
-    kwargs = {"rel": args.rel_tol, "abs": args.abs_tol}
+    kwargs = {"rel": args.rel_tol, "abs": args.abs_tol, "min_snr_db": args.min_snr_db, "min_cosine": args.min_cosine}
     if args.max_drop is not None:
         kwargs["max_drop"] = args.max_drop
     return Tolerance(**kwargs)
@@ -149,7 +153,9 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
         report.print_summary(result.report, out)
         if not result.passed:
             kept = "written anyway (--write-failed)" if args.write_failed else "not written"
-            err.print(f"graphopt: verification failed; {output} {kept}")
+            hints = report.failure_hints(result.report.get("verify"), random_data=args.data is None
+                                         and args.verify_data is None, write_failed=args.write_failed)
+            err.print("; ".join([f"graphopt: verification failed; {output} {kept}", *hints]))
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
@@ -161,6 +167,10 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
         report.write_report(verdict.to_dict(), path)
     if not args.quiet:
         report.print_verdict(verdict.to_dict(), out)
+        hints = report.failure_hints(verdict.to_dict(), random_data=args.data is None, write_failed=None,
+                                     data_flag="--data")
+        if hints:
+            err.print("; ".join(["graphopt: verification failed", *hints]))
     return EXIT_OK if verdict.passed else EXIT_FAILED
 
 
