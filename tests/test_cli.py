@@ -351,3 +351,16 @@ def test_verify_accuracy_mode_hint_names_data_not_write_failed(tmp_path, capsys)
     assert code == 1 and last.startswith("graphopt: verification failed; to accept the error: --min-snr-db ")
     assert last.endswith("; to verify on real samples: --data FILE.npz") and "--write-failed" not in last
     assert "rules: r: SNR >= 24 dB, cos >= 0.95" in " ".join(out.split())  # the per-output verdict
+
+
+def test_a_missed_target_exits_4_says_why_and_writes_nothing(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, stdout, err = run_cli("optimize", model_path, "--preset", "prune", "--target-macs", "0.2", "-o", out,
+                                capsys=capsys)
+    assert code == 4 and not out.exists()
+    assert "target MACs 0.20: reached" in stdout and "missed: prune_filters:" in stdout
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("graphopt: target MACs 0.20") and "--allow-partial" in last
+    code, _, _ = run_cli("optimize", model_path, "--preset", "prune", "--target-macs", "0.2", "-o", out,
+                         "--allow-partial", "-q", capsys=capsys)
+    assert code == 0 and out.exists()

@@ -27,7 +27,7 @@ from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.measure import analysis, calibration
 from graphopt.measure.verify import Tolerance
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TARGET_MISSED = 0, 1, 2, 3, 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-data", metavar="FILE.npz",
                    help="held-out samples to verify on (default: --data; lossy passes fit to --data)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
-    p.add_argument("--write-failed", action="store_true", help="write the output even if verification fails")
+    p.add_argument("--write-failed", action="store_true",
+                   help="write the output even if verification fails or a target is missed")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="a missed --target-macs/--target-params still writes the output and exits 0")
     _add_data_args(p)
     _add_common(p)
 
@@ -146,17 +149,25 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             input_shapes=calibration.parse_input_shapes(args.input_shape), target_macs=args.target_macs,
             target_params=args.target_params, max_drop=args.max_drop, tolerance=_tolerance(args),
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,
-            debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data, progress=progress)
+            debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data,
+            allow_partial=args.allow_partial, progress=progress)
     for path in args.report:
         report.write_report(result.report, path)
     if not args.quiet:
         report.print_summary(result.report, out)
-        if not result.passed:
-            kept = "written anyway (--write-failed)" if args.write_failed else "not written"
+    kept = "written anyway (--write-failed)" if args.write_failed else "not written"
+    if not result.passed:
+        if not args.quiet:
             hints = report.failure_hints(result.report.get("verify"), random_data=args.data is None
                                          and args.verify_data is None, write_failed=args.write_failed)
             err.print("; ".join([f"graphopt: verification failed; {output} {kept}", *hints]))
-    return EXIT_OK if result.passed else EXIT_FAILED
+        return EXIT_FAILED
+    if not result.target_met and not args.allow_partial:
+        if not args.quiet:
+            err.print(f"graphopt: {report.target_line(result.report)}; {output} {kept}; "
+                      f"--allow-partial writes a model that misses its target")
+        return EXIT_TARGET_MISSED
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:

@@ -757,6 +757,32 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         console.print(Text.assemble((f"{name}: ", "bold yellow"), notice))
     _print_outputs(report.get("verify"), console)
     console.print(_rich_verdict(_verdict(report)))
+    for line in (shapes_line(report), target_line(report)):
+        if line:
+            console.print(Text(line))
+
+
+def shapes_line(report: Mapping[str, Any]) -> str | None:
+    """``verified at input[1,3,64,64]; input[1,3,96,128]`` when the model was verified at probe shapes."""
+    shapes = (report.get("verify") or {}).get("shapes")
+    if not shapes:
+        return None
+    return "verified at " + "; ".join(", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in s.items()) for s in shapes)
+
+
+def target_line(report: Mapping[str, Any]) -> str | None:
+    """``target MACs 0.70: reached 0.956 (missed: prune_filters: ...)`` when a target was given."""
+    target = report.get("target")
+    if not target:
+        return None
+    parts = []
+    for key, label in (("macs", "MACs"), ("params", "params")):
+        t = target.get(key)
+        if t:
+            reached = "unknown" if t["reached"] is None else f"{t['reached']:.3f}"
+            parts.append(f"{label} {t['target']:.2f}: reached {reached}")
+    verdict = "met" if target["met"] else f"missed: {target.get('reason', '?')}"
+    return f"target {', '.join(parts)} ({verdict})"
 
 
 def pass_notices(report: Mapping[str, Any]) -> list[tuple[str, str]]:
