@@ -60,3 +60,25 @@ def test_synthetic_models_data_writes_the_optimizer_s_random_inputs(tmp_path):
     name = model.graph.input[0].name
     assert list(written) == [name] and written[name].shape == (3, 3, 32, 32)
     np.testing.assert_array_equal(written[name], random_data(model, 3, seed=synthetic_models.DEFAULT_SEED).inputs[name])
+
+
+def test_verdict_breakages_change_the_output_only():
+    import bench_verdicts
+
+    from tests.util import run
+    # x -> Relu -> r (an output, also read by Neg -> n, another output)
+    model = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["n"])],
+                       [tensor("x", ["N", 3, 2])], [tensor("r", ["N", 3, 2]), tensor("n", ["N", 3, 2])])
+    x = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
+    r, n = run(model, {"x": x})
+    for kind, amount, expected in [("sign1", None, r * np.array([-1, 1, 1])[:, None]),
+                                   ("drop1", None, r * np.array([0, 1, 1])[:, None]),
+                                   ("scale", 1.25, r * 1.25)]:
+        broken = bench_verdicts.broken(model, "r", kind, amount, 1, r)
+        onnx.checker.check_model(broken)
+        br, bn = run(broken, {"x": x})
+        np.testing.assert_allclose(br, expected, rtol=1e-6)
+        np.testing.assert_array_equal(bn, n)  # the other reader still sees the true values
+    noisy, _ = run(bench_verdicts.broken(model, "r", "noise", 0.1, 1, r), {"x": x})
+    rms = np.sqrt(np.mean(r.astype(np.float64) ** 2))
+    assert 0 < np.sqrt(np.mean((noisy - r) ** 2)) < 0.3 * rms

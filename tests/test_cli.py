@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -248,3 +249,118 @@ def test_passes_name_shows_each_option_with_its_range_and_help(capsys):
     assert "thinet" in flat and "apoz" in flat  # choices
     code, out, _ = run_cli("passes", "simplify", capsys=capsys)
     assert code == 0 and "no options" in out
+
+
+class LossyScale(Pass):
+    """A 'lossy' pass that scales the first Conv's weights by ``factor``: predictions and maps move."""
+
+    name = "test_lossy_scale"
+    summary = "test only"
+    lossless = False
+    factor = -1.5
+
+    def run(self, model, ctx):
+        conv = next(n for n in model.graph.toposort() if n.op_type == "Conv")
+        weight = model.graph.add_initializer(conv.inputs[1].array * self.factor, "w_scaled")
+        model.graph.set_input(conv, 1, weight)
+        return PassResult(True)
+
+
+class LossyScaleUp(LossyScale):
+    name = "test_lossy_scale_up"
+    factor = 1.5
+
+
+@pytest.fixture
+def lossy_scale():
+    register(LossyScale)
+    register(LossyScaleUp)
+    yield
+    manager._REGISTRY.pop(LossyScale.name)
+    manager._REGISTRY.pop(LossyScaleUp.name)
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+def _seeded_cnn() -> onnx.ModelProto:
+    """small_cnn with weights of its own seed: the tests below do not depend on the shared RNG's state."""
+    model, rng = small_cnn(), np.random.default_rng(3)  # a seed whose predictions the -1.5 scale moves
+    for t in model.graph.initializer:
+        t.CopyFrom(init(t.name, rng.standard_normal(tuple(t.dims)).astype(np.float32)))
+    return model
+
+
+def test_failed_lossy_run_says_what_to_do_on_its_last_line(tmp_path, capsys, lossy_scale):
+    out_path, model_path = tmp_path / "o.onnx", tmp_path / "cnn.onnx"
+    onnx.save(_seeded_cnn(), model_path)
+    code, _, err = run_cli("optimize", model_path, "-o", out_path, "--passes", "test_lossy_scale", capsys=capsys)
+    last = _last_line(err)
+    assert code == 1 and last.startswith(f"graphopt: verification failed; {out_path} not written; ")
+    assert "to accept the loss: --max-drop " in last  # random inputs, class scores judged by agreement
+    assert "to verify on real samples: --data / --verify-data FILE.npz" in last
+    assert last.endswith("; to write it anyway: --write-failed")
+    drop = float(last.split("--max-drop ")[1].split(";")[0])
+    assert run_cli("optimize", model_path, "-o", out_path, "--passes", "test_lossy_scale", "--max-drop", drop, "-q",
+                   capsys=capsys)[0] == 0  # the budget the line names is enough
+    # real samples without labels: labels would let the accuracy drop decide; written anyway: no such hint
+    data = tmp_path / "d.npz"
+    np.savez(data, input=RNG.standard_normal((16, 1, 8, 8)).astype(np.float32))
+    code, _, err = run_cli("optimize", model_path, "-o", out_path, "--passes", "test_lossy_scale", "--data", data,
+                           "--write-failed", capsys=capsys)
+    last = _last_line(err)
+    assert code == 1 and "written anyway" in last and "to write it anyway" not in last
+    assert "to judge class scores by the accuracy drop: --verify-data FILE.npz with 'labels'" in last
+
+
+def test_failed_lossy_run_on_a_map_names_the_similarity_flags(tmp_path, capsys, lossy_scale):
+    cnn = _seeded_cnn()
+    del cnn.graph.output[:]
+    cnn.graph.output.append(tensor("r", ["N", 4, 8, 8]))  # the ReLU map is the output
+    path, out_path = tmp_path / "map.onnx", tmp_path / "o.onnx"
+    onnx.save(cnn, path)
+    code, out, err = run_cli("optimize", path, "-o", out_path, "--passes", "test_lossy_scale_up",
+                             "--report", tmp_path / "r.json", capsys=capsys)
+    last = _last_line(err)
+    assert code == 1 and "--max-drop" not in last and "to accept the error: --min-snr-db " in last
+    verdict = json.loads((tmp_path / "r.json").read_text())["verify"]["metrics"]["r"]
+    assert verdict["role"] == "map" and verdict["passed"] is False and verdict["rule"].startswith("SNR >= ")
+    assert "map" in out and "fail" in out  # the per-output table
+    snr = float(last.split("--min-snr-db ")[1].split()[0].rstrip(";"))
+    assert snr == math.floor(verdict["snr_db"] * 10) / 10
+    assert run_cli("optimize", path, "-o", out_path, "--passes", "test_lossy_scale_up", "--min-snr-db", snr, "-q",
+                   capsys=capsys)[0] == 0  # the value the line names is enough
+    # noise above the signal: no tolerance accepts it, so no flag is offered for it
+    code, _, err = run_cli("optimize", path, "-o", out_path, "--passes", "test_lossy_scale", capsys=capsys)
+    assert code == 1 and "to accept" not in _last_line(err) and "--write-failed" in _last_line(err)
+
+
+def test_verify_accuracy_mode_hint_names_data_not_write_failed(tmp_path, capsys):
+    cnn = _seeded_cnn()
+    del cnn.graph.output[:]
+    cnn.graph.output.append(tensor("r", ["N", 4, 8, 8]))
+    scaled = onnx.ModelProto()
+    scaled.CopyFrom(cnn)
+    scaled.graph.initializer[0].CopyFrom(init("w", onnx.numpy_helper.to_array(cnn.graph.initializer[0]) * 1.5))
+    onnx.save(cnn, tmp_path / "ref.onnx")
+    onnx.save(scaled, tmp_path / "cand.onnx")
+    code, out, err = run_cli("verify", tmp_path / "ref.onnx", tmp_path / "cand.onnx", "--mode", "accuracy",
+                             capsys=capsys)
+    last = _last_line(err)
+    assert code == 1 and last.startswith("graphopt: verification failed; to accept the error: --min-snr-db ")
+    assert last.endswith("; to verify on real samples: --data FILE.npz") and "--write-failed" not in last
+    assert "rules: r: SNR >= 24 dB, cos >= 0.95" in " ".join(out.split())  # the per-output verdict
+
+
+def test_a_missed_target_exits_4_says_why_and_writes_nothing(model_path, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, stdout, err = run_cli("optimize", model_path, "--preset", "prune", "--target-macs", "0.2", "-o", out,
+                                capsys=capsys)
+    assert code == 4 and not out.exists()
+    assert "target MACs 0.20: reached" in stdout and "missed: prune_filters:" in stdout
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("graphopt: target MACs 0.20") and "--allow-partial" in last
+    code, _, _ = run_cli("optimize", model_path, "--preset", "prune", "--target-macs", "0.2", "-o", out,
+                         "--allow-partial", "-q", capsys=capsys)
+    assert code == 0 and out.exists()

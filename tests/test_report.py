@@ -291,3 +291,71 @@ def test_verdict_says_which_samples_the_accuracy_was_measured_on(mode, held_out,
     text = console.export_text()
     assert expected in text
     assert ("calibration" in text) == (mode == "accuracy" and not held_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-output verdict and the hints after a failed lossy run
+
+
+def _lossy_verify(**changes) -> dict:
+    verify = {"passed": False, "mode": "accuracy", "reasons": ["x"], "class_output": "logits",
+              "accuracy_drop": None, "tolerance": {"max_drop": 1.0, "min_snr_db": 20.0, "min_cosine": 0.99},
+              "metrics": {
+                  "logits": {"name": "logits", "kind": "float", "role": "class scores", "compared": True,
+                             "cosine_min": 0.97, "cosine_mean": 0.995, "snr_db": 21.93, "snr_db_min": 13.0,
+                             "top1_agreement": 0.958, "rule": "top-1 agreement >= 99%", "passed": False},
+                  "mask": {"name": "mask", "kind": "float", "role": "map", "compared": True, "cosine_min": 0.9999996,
+                           "cosine_mean": 0.9999999, "snr_db": "Infinity", "snr_db_min": "Infinity",
+                           "rule": "SNR >= 20 dB, cos >= 0.99", "passed": True},
+                  "ids": {"name": "ids", "kind": "exact", "role": "exact", "compared": False, "rule": None,
+                          "passed": False}}}
+    verify.update(changes)
+    return verify
+
+
+def test_per_output_table_in_the_terminal_markdown_and_html():
+    wide, narrow = Console(record=True, width=160), Console(record=True, width=80)
+    for console in (wide, narrow):
+        graphopt.app.report.print_verdict(_lossy_verify(), console)
+    text = wide.export_text()
+    row = next(line for line in text.splitlines() if line.strip().startswith("logits"))
+    for cell in ("class scores", "0.970000", "0.995000", "21.9", "13.0", "top-1 agreement >= 99%", "fail"):
+        assert cell in row, cell
+    row = next(line for line in text.splitlines() if line.strip().startswith("mask"))
+    assert "0.999999" in row and "1.000000" not in row and "∞" in row and "pass" in row
+    assert "not compared" in next(line for line in text.splitlines() if line.strip().startswith("ids"))
+    assert "rules: logits: top-1 agreement >= 99%; mask: SNR >= 20 dB, cos >= 0.99" in \
+        narrow.export_text().replace("\n", " ")
+    report = {"model": "m.onnx", "verify": _lossy_verify()}
+    assert "| logits | class scores | 0.970000 |" in render_markdown(report)
+    assert "<td>top-1 agreement &gt;= 99%</td><td>fail</td>" in render_html(report)
+
+
+def test_no_output_table_for_metrics_that_are_not_per_output(report):
+    assert graphopt.app.report.output_rows(report["verify"]) == []
+    assert "Outputs" not in _printed(report)
+
+
+@pytest.mark.parametrize("changes, random_data, write_failed, expected", [
+    ({}, True, False, ["to accept the loss: --max-drop 4.2", "to verify on real samples: --data / --verify-data "
+                       "FILE.npz", "to write it anyway: --write-failed"]),
+    ({}, False, True, ["to accept the loss: --max-drop 4.2",
+                       "to judge class scores by the accuracy drop: --verify-data FILE.npz with 'labels'"]),
+    ({"accuracy_drop": 2.34}, False, None, ["to accept the loss: --max-drop 2.4"]),
+    ({"passed": True}, True, False, []),
+    ({"mode": "equivalence"}, True, False, []),
+])
+def test_failure_hints_name_only_what_applies(changes, random_data, write_failed, expected):
+    hints = graphopt.app.report.failure_hints(_lossy_verify(**changes), random_data=random_data,
+                                              write_failed=write_failed)
+    assert hints == expected
+
+
+def test_failure_hints_for_similarity_give_the_values_that_pass():
+    verify = _lossy_verify()
+    verify["metrics"]["logits"]["passed"] = True
+    verify["metrics"]["mask"].update(passed=False, snr_db=17.46, cosine_min=0.98765)
+    hints = graphopt.app.report.failure_hints(verify, random_data=False, write_failed=None)
+    assert hints == ["to accept the error: --min-snr-db 17.4 --min-cosine 0.9876"]
+    verify["metrics"]["mask"].update(snr_db=-3.0)  # more noise than signal: nothing to offer
+    assert graphopt.app.report.failure_hints(verify, random_data=False, write_failed=None) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -12,8 +13,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.errors import DataError, GraphoptError, OptionError
 from graphopt.core.onnx_io import from_proto
-from graphopt.measure.calibration import SampleData, random_data
-from graphopt.measure.verify import Tolerance, auto_tolerance, first_divergence, mac_depth, verify
+from graphopt.measure.calibration import SampleData, random_data, reference_outputs
+from graphopt.measure.verify import (
+    AUTO_MIN_COSINE_ACCURACY,
+    AUTO_MIN_SNR_DB_ACCURACY,
+    Tolerance,
+    auto_tolerance,
+    embedding_outputs,
+    first_divergence,
+    mac_depth,
+    verify,
+)
 
 DEPTH = 22
 
@@ -391,10 +401,11 @@ def _scale3d(scale: float) -> onnx.ModelProto:
 def test_accuracy_mode_without_class_scores_uses_cosine():
     data = SampleData({"x": AFFINE_DATA.inputs["x"].reshape(6, 2, 2)})
     report = verify(_scale3d(2.0), _scale3d(2.1), data, mode="accuracy")
-    assert report.passed and report.tolerance["min_cosine"] == 0.99  # a scale keeps the direction
+    assert report.passed and report.tolerance["min_cosine"] == AUTO_MIN_COSINE_ACCURACY  # a scale keeps the direction
     assert report.top1_agreement is None and report.class_output is None
     flipped = verify(_scale3d(2.0), _scale3d(-2.0), data, mode="accuracy")
-    assert not flipped.passed and "min cosine similarity -1.000000 is below 0.99" in flipped.reasons[0]
+    assert not flipped.passed
+    assert f"min cosine similarity -1.000000 is below {AUTO_MIN_COSINE_ACCURACY}" in flipped.reasons[0]
 
 
 def test_labels_out_of_range_are_a_data_error():
@@ -414,3 +425,141 @@ def test_static_batch_one_model_is_fed_sample_by_sample():
     report = verify(model, _affine(scale=2.5, out_shape=(1, 4)), AFFINE_DATA)
     assert report.n_samples == 6 and not report.passed
     assert report.first_divergence is not None and report.first_divergence.samples == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs that are not class scores: SNR, roles, the per-output lossy verdict
+
+MAP_RNG = np.random.default_rng(7)
+MAP_W = MAP_RNG.standard_normal((3, 18)).astype(np.float32)
+MAP_DATA = SampleData({"x": MAP_RNG.standard_normal((7, 2, 3, 3)).astype(np.float32)})
+
+
+def _outputs_model(map_scale: float = 1.0, map_shift=None, emb_scale: float = 1.0, class_w=MAP_W,
+                   outputs=("map", "scores", "emb")) -> onnx.ModelProto:
+    """x float[N, 2, 3, 3] -> map = x·map_scale (+ map_shift), scores = Gemm(flatten(x), W) [N, 3],
+    emb = flatten(x)·emb_scale / 2 [N, 18] (ends in Div: an embedding)."""
+    inits = [numpy_helper.from_array(np.array(map_scale, np.float32), "ms"),
+             numpy_helper.from_array(np.asarray(class_w, np.float32), "W"),
+             numpy_helper.from_array(np.array(emb_scale, np.float32), "es"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Mul", ["x", "ms"], ["map" if map_shift is None else "mapm"])]
+    if map_shift is not None:
+        inits.append(numpy_helper.from_array(np.asarray(map_shift, np.float32), "shift"))
+        nodes.append(helper.make_node("Add", ["mapm", "shift"], ["map"]))
+    nodes += [helper.make_node("Flatten", ["x"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "W"], ["scores"], transB=1),
+              helper.make_node("Mul", ["flat", "es"], ["embm"]),
+              helper.make_node("Div", ["embm", "two"], ["emb"])]
+    shapes = {"map": ["N", 2, 3, 3], "scores": ["N", 3], "emb": ["N", 18]}
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[o]) for o in outputs], inits)
+
+
+def _numpy_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    with np.errstate(divide="ignore"):  # an unchanged output: no noise, infinite SNR
+        per_sample_snr = 10 * np.log10((a ** 2).sum(1) / ((a - b) ** 2).sum(1))
+        snr = 10 * np.log10((a ** 2).sum() / ((a - b) ** 2).sum())
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"snr_db": snr, "snr_db_min": per_sample_snr.min(), "cosine_min": cos.min(), "cosine_mean": cos.mean()}
+
+
+@pytest.mark.parametrize("batch_size", [2, 64])
+def test_snr_and_cosine_match_numpy_streamed_over_batches(batch_size):
+    shift = MAP_RNG.standard_normal((2, 3, 3)) * 0.3
+    ref, cand = _outputs_model(), _outputs_model(map_scale=1.1, map_shift=shift, emb_scale=0.9)
+    report = verify(ref, cand, MAP_DATA, mode="accuracy", batch_size=batch_size)
+    a, b = reference_outputs(ref, MAP_DATA), reference_outputs(cand, MAP_DATA)
+    for name in ("map", "emb", "scores"):
+        m = report.metrics[name]
+        for key, value in _numpy_similarity(a[name], b[name]).items():
+            assert getattr(m, key) == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
+def test_identical_outputs_have_infinite_snr_spelled_for_json():
+    report = verify(_outputs_model(), _outputs_model(), MAP_DATA, mode="accuracy")
+    assert report.passed and report.metrics["map"].snr_db == math.inf and report.metrics["map"].snr_db_min == math.inf
+    as_dict = report.to_dict()
+    assert as_dict["metrics"]["map"]["snr_db"] == "Infinity"
+    json.dumps(as_dict, allow_nan=False)
+
+
+def test_roles_class_scores_embedding_map_exact():
+    report = verify(_outputs_model(), _outputs_model(), MAP_DATA, mode="accuracy")
+    assert {n: m.role for n, m in report.metrics.items()} == {"map": "map", "scores": "class scores",
+                                                              "emb": "vector"}
+    assert embedding_outputs(_outputs_model()) == {"emb"}
+    assert verify(_argmax_model(0.0), _argmax_model(0.0), SampleData({"x": ACC_X}),
+                  mode="accuracy").metrics["ids"].role == "exact"
+
+
+@pytest.mark.parametrize("scale, passed", [(1.05, True), (1.25, False), (-1.0, False)])
+def test_lossy_gate_on_a_map_by_snr_and_worst_cosine(scale, passed):
+    report = verify(_outputs_model(), _outputs_model(map_scale=scale), MAP_DATA, mode="accuracy")
+    m = report.metrics["map"]
+    expected_snr = -20 * math.log10(abs(scale - 1))  # b − a = (scale − 1)·a
+    assert m.snr_db == pytest.approx(expected_snr) and m.cosine_min == pytest.approx(1.0 if scale > 0 else -1.0)
+    assert report.passed is passed and m.passed is passed
+    assert m.rule == f"SNR >= {AUTO_MIN_SNR_DB_ACCURACY:g} dB, cos >= {AUTO_MIN_COSINE_ACCURACY:g}"
+    assert report.tolerance["min_snr_db"] == AUTO_MIN_SNR_DB_ACCURACY
+    if not passed:
+        assert report.reasons == [m.reason] and f"SNR {expected_snr:.1f} dB is below" in m.reason
+        assert (f"min cosine similarity -1.000000 is below {AUTO_MIN_COSINE_ACCURACY}" in m.reason) is (scale < 0)
+
+
+def test_lossy_gate_thresholds_are_options():
+    ref, cand = _outputs_model(), _outputs_model(map_scale=1.25)  # SNR 12.04 dB, cosine 1
+    assert verify(ref, cand, MAP_DATA, mode="accuracy", tolerance=Tolerance(min_snr_db=12.0)).passed
+    assert not verify(ref, cand, MAP_DATA, mode="accuracy", tolerance=Tolerance(min_snr_db=12.1)).passed
+    shift = np.zeros((2, 3, 3))
+    shift[0] = 0.8  # channel 0 moves: some samples turn away from the reference
+    turned = _outputs_model(map_shift=shift)
+    worst = verify(ref, turned, MAP_DATA, mode="accuracy", tolerance=Tolerance(min_snr_db=0.0)).metrics["map"]
+    assert worst.cosine_min < AUTO_MIN_COSINE_ACCURACY
+    assert verify(ref, turned, MAP_DATA, mode="accuracy",
+                  tolerance=Tolerance(min_snr_db=0.0, min_cosine=worst.cosine_min)).passed
+    with pytest.raises(OptionError, match="min_snr_db must be a non-negative number"):
+        Tolerance(min_snr_db=-1.0)
+
+
+def test_every_output_is_judged_by_its_own_rule():
+    # the class scores agree, the embedding is scaled twice: the verdict fails on the embedding alone
+    report = verify(_outputs_model(), _outputs_model(emb_scale=2.0), MAP_DATA, mode="accuracy")
+    m = report.metrics
+    assert not report.passed and m["scores"].passed and m["map"].passed and not m["emb"].passed
+    assert m["scores"].rule == "top-1 agreement >= 99%" and report.top1_agreement == 1.0
+    assert report.reasons == [m["emb"].reason] and "output 'emb': SNR 0.0 dB is below" in m["emb"].reason
+    assert "worst output SNR 0.0 dB" in report.summary()
+    # the embedding's argmax is not a class: an embedding that keeps its argmax but not its values fails
+    assert verify(_outputs_model(outputs=("emb",)), _outputs_model(emb_scale=1.5, outputs=("emb",)), MAP_DATA,
+                  mode="accuracy").reasons[0].startswith("output 'emb': SNR")
+
+
+def test_class_scores_with_labels_are_judged_by_the_drop_and_the_rest_by_similarity():
+    data = SampleData(MAP_DATA.inputs, labels=np.array([0, 1, 2, 0, 1, 2, 0]))
+    w = MAP_W.copy()
+    w[0] *= -1  # class 0 scores negated: predictions move
+    report = verify(_outputs_model(), _outputs_model(class_w=w, map_scale=1.01), data, mode="accuracy",
+                    tolerance=Tolerance(max_drop=100.0))
+    assert report.passed and report.class_output == "scores"
+    assert report.metrics["scores"].rule == "accuracy drop <= 100 pt" and report.metrics["map"].passed
+
+
+def test_nonfinite_mismatch_fails_the_similarity_gate():
+    ref = _outputs_model(outputs=("map",))
+    x = MAP_DATA.inputs["x"].copy()
+    x[0, 0, 0, 0] = np.inf
+    shift = np.zeros((2, 3, 3))
+    shift[0, 0, 0] = -np.inf  # inf + -inf = NaN where the reference has inf
+    report = verify(ref, _outputs_model(map_shift=shift, outputs=("map",)), SampleData({"x": x}), mode="accuracy")
+    assert not report.passed and "NaN/inf values" in report.reasons[0]
+
+
+def test_equivalence_verdict_ignores_the_lossy_gate_unless_asked():
+    ref, cand = _outputs_model(), _outputs_model(map_scale=1 + 1e-7)
+    report = verify(ref, cand, MAP_DATA)
+    assert report.passed and report.tolerance["min_snr_db"] is None
+    assert report.metrics["map"].rule.startswith("error <= ") and report.metrics["map"].snr_db > 100
+    strict = verify(ref, cand, MAP_DATA, tolerance=Tolerance(min_snr_db=200.0))
+    assert not strict.passed and "SNR" in strict.reasons[0]

@@ -11,6 +11,12 @@ first probe shape and prints the latency ratios.
     python tools/bench_corpus.py                       # every corpus model, table on stdout
     python tools/bench_corpus.py --models db_detector --runs 100
     python tools/bench_corpus.py --markdown out.md     # the table as Markdown too
+    python tools/bench_corpus.py --lossy               # each lossy preset the manifest lists: the default gate
+
+``--lossy`` runs every lossy preset a corpus entry lists (prune at ``--target-macs 0.7``, lowrank at
+``--target-params 0.7``, compress with its defaults; random inputs at the probe shape, no flags) and prints
+the verdict of the default gate per output (role, SNR over all samples and at the worst sample, worst
+cosine) with the target reached: what a user running the preset without data sees.
 
 onnxslim is a benchmark extra: ``pip install -e '.[bench]'``.
 """
@@ -69,15 +75,56 @@ def bench_one(entry: dict, runs: int, batch: int) -> list[str]:
             f"{seconds:.1f}"]
 
 
+LOSSY_TARGETS = {"prune": {"target_macs": 0.7}, "lowrank": {"target_params": 0.7}, "compress": {}}
+LOSSY_COLUMNS = ("model", "preset", "target reached", "output", "role", "SNR dB", "worst SNR", "worst cos", "verdict",
+                 "seconds")
+
+
+def lossy_rows(entry: dict) -> list[list[str]]:
+    """One row per output of every lossy preset the entry lists (or one refusal row)."""
+    rows = []
+    for preset in [p for p in entry.get("presets", []) if p in LOSSY_TARGETS]:
+        started = time.perf_counter()
+        try:
+            result = graphopt.optimize(ROOT / entry["file"], preset=preset, allow_partial=True,
+                                       **LOSSY_TARGETS[preset])
+        except GraphoptError as exc:
+            rows.append([entry["name"], preset, "-", "-", "-", "-", "-", "-", f"refused: {exc}", "-"])
+            continue
+        seconds = f"{time.perf_counter() - started:.1f}"
+        target = result.report.get("target") or {}
+        reached = "; ".join(f"{k} {v['reached']}" for k, v in target.items() if isinstance(v, dict)) or "-"
+        for name, m in (result.report["verify"].get("outputs") or {}).items():
+            rows.append([entry["name"], preset, reached, name, str(m.get("role", "?")), _num(m.get("snr_db")),
+                         _num(m.get("snr_db_min")), _num(m.get("cosine_min"), 4),
+                         "pass" if m.get("passed") else "FAIL", seconds])
+    return rows
+
+
+def _num(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.{digits}f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated corpus names (default: all)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per candidate")
     parser.add_argument("--batch", type=int, default=8, help="samples per run for batched models")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
+    parser.add_argument("--lossy", action="store_true", help="the lossy presets' default gate instead of latency")
     args = parser.parse_args(argv)
-    rows = [bench_one(e, args.runs, args.batch) for e in corpus(args.models.split(",") if args.models else None)]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    entries = corpus(args.models.split(",") if args.models else None)
+    if args.lossy:
+        columns = LOSSY_COLUMNS
+        rows = [row for e in entries for row in lossy_rows(e)]
+    else:
+        columns = COLUMNS
+        rows = [bench_one(e, args.runs, args.batch) for e in entries]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     print("\n".join(lines))
     if args.markdown:

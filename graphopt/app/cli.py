@@ -27,7 +27,7 @@ from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.measure import analysis, calibration
 from graphopt.measure.verify import Tolerance
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TARGET_MISSED = 0, 1, 2, 3, 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +53,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rel-tol", type=_fraction, metavar="X", help="max error relative to the output range")
     p.add_argument("--abs-tol", type=_fraction, metavar="X", help="max absolute error")
     p.add_argument("--max-drop", type=_fraction, metavar="POINTS", help="max accuracy drop for lossy pipelines")
+    p.add_argument("--min-snr-db", type=_fraction, metavar="DB",
+                   help="lossy: min SNR in dB of outputs that are not class scores (maps, embeddings...)")
+    p.add_argument("--min-cosine", type=_fraction, metavar="C",
+                   help="min per-sample cosine similarity (lossy: of outputs that are not class scores)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -80,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-data", metavar="FILE.npz",
                    help="held-out samples to verify on (default: --data; lossy passes fit to --data)")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
-    p.add_argument("--write-failed", action="store_true", help="write the output even if verification fails")
+    p.add_argument("--write-failed", action="store_true",
+                   help="write the output even if verification fails or a target is missed")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="a missed --target-macs/--target-params still writes the output and exits 0")
     _add_data_args(p)
     _add_common(p)
 
@@ -121,9 +128,9 @@ def _status(console: Console, quiet: bool) -> Iterator[Any]:
 
 
 def _tolerance(args: argparse.Namespace) -> Tolerance | None:
-    if args.rel_tol is None and args.abs_tol is None and args.max_drop is None:
+    if all(v is None for v in (args.rel_tol, args.abs_tol, args.max_drop, args.min_snr_db, args.min_cosine)):
         return None
-    kwargs = {"rel": args.rel_tol, "abs": args.abs_tol}
+    kwargs = {"rel": args.rel_tol, "abs": args.abs_tol, "min_snr_db": args.min_snr_db, "min_cosine": args.min_cosine}
     if args.max_drop is not None:
         kwargs["max_drop"] = args.max_drop
     return Tolerance(**kwargs)
@@ -142,15 +149,25 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             input_shapes=calibration.parse_input_shapes(args.input_shape), target_macs=args.target_macs,
             target_params=args.target_params, max_drop=args.max_drop, tolerance=_tolerance(args),
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,
-            debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data, progress=progress)
+            debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data,
+            allow_partial=args.allow_partial, progress=progress)
     for path in args.report:
         report.write_report(result.report, path)
     if not args.quiet:
         report.print_summary(result.report, out)
-        if not result.passed:
-            kept = "written anyway (--write-failed)" if args.write_failed else "not written"
-            err.print(f"graphopt: verification failed; {output} {kept}")
-    return EXIT_OK if result.passed else EXIT_FAILED
+    kept = "written anyway (--write-failed)" if args.write_failed else "not written"
+    if not result.passed:
+        if not args.quiet:
+            hints = report.failure_hints(result.report.get("verify"), random_data=args.data is None
+                                         and args.verify_data is None, write_failed=args.write_failed)
+            err.print("; ".join([f"graphopt: verification failed; {output} {kept}", *hints]))
+        return EXIT_FAILED
+    if not result.target_met and not args.allow_partial:
+        if not args.quiet:
+            err.print(f"graphopt: {report.target_line(result.report)}; {output} {kept}; "
+                      f"--allow-partial writes a model that misses its target")
+        return EXIT_TARGET_MISSED
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -161,6 +178,10 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
         report.write_report(verdict.to_dict(), path)
     if not args.quiet:
         report.print_verdict(verdict.to_dict(), out)
+        hints = report.failure_hints(verdict.to_dict(), random_data=args.data is None, write_failed=None,
+                                     data_flag="--data")
+        if hints:
+            err.print("; ".join(["graphopt: verification failed", *hints]))
     return EXIT_OK if verdict.passed else EXIT_FAILED
 
 

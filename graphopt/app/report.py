@@ -39,12 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.numbers import format_bytes, format_count, format_ratio, format_seconds
+from graphopt.measure.verify import SIMILARITY_ROLES
 
 MAX_TABLE_ROWS = 100
 MAX_LIST_ITEMS = 20
@@ -262,6 +264,68 @@ def _accuracy(reference: Any, candidate: Any) -> str | None:
     return f"accuracy {format_value(reference)} → {format_value(candidate)}"
 
 
+@dataclass
+class _OutputRow:
+    """One output's verdict: what it holds, its similarity numbers (SNR over all samples and its worst
+    sample), the rule that judged it."""
+
+    name: str
+    kind: str
+    cosine_min: str
+    cosine_mean: str
+    snr_db: str
+    snr_db_min: str
+    rule: str
+    verdict: str
+    passed: bool | None
+
+
+OUTPUT_COLUMNS = ("output", "kind", "cos min", "cos mean", "SNR dB", "worst", "rule", "verdict")
+
+
+def output_rows(verify: Any) -> list[_OutputRow]:
+    """One row per output of a :class:`~graphopt.measure.verify.VerifyReport` dict's ``metrics``.
+
+    ``kind`` is the output's role (class scores, map, vector, scalar, exact) when the verdict gave one;
+    metrics that are not per-output dicts (no ``kind``) give no rows.
+    """
+    metrics = verify.get("metrics") if isinstance(verify, Mapping) else None
+    if not isinstance(metrics, Mapping):
+        return []
+    rows = []
+    for name, m in metrics.items():
+        if not isinstance(m, Mapping) or "kind" not in m:
+            continue
+        compared = m.get("compared", True)
+        passed = m.get("passed") if compared else None
+        rows.append(_OutputRow(
+            str(m.get("name", name)), str(m.get("role") or m.get("kind") or "?"), format_cosine(m.get("cosine_min")),
+            format_cosine(m.get("cosine_mean")), format_snr(m.get("snr_db")),
+            format_snr(m.get("snr_db_min")), str(m.get("rule") or "-"),
+            "not compared" if passed is None else "pass" if passed else "fail", passed))
+    return rows
+
+
+def format_cosine(v: Any) -> str:
+    """Six decimals, rounded down: a cosine of 0.9999996 must not read as a perfect 1.000000."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        return "-"
+    return f"{math.floor(v * 1e6) / 1e6:.6f}"
+
+
+def format_snr(v: Any) -> str:
+    """An SNR in dB with one decimal; ``∞`` for an output reproduced exactly (``"Infinity"`` in JSON)."""
+    if v in ("Infinity", math.inf):
+        return "∞"
+    if v in ("-Infinity", -math.inf):
+        return "-∞"
+    return f"{v:.1f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _row_cells(r: _OutputRow) -> list[str]:
+    return [r.name, r.kind, r.cosine_min, r.cosine_mean, r.snr_db, r.snr_db_min, r.rule, r.verdict]
+
+
 def flatten(obj: Any, prefix: str = "") -> tuple[list[tuple[str, Any]], list[tuple[str, list[dict]]]]:
     """Split nested JSON into key/value rows (dotted keys) and sub-tables (lists of dicts).
 
@@ -398,6 +462,10 @@ def _md_verification(verdict: _Verdict, verify: Any) -> list[str]:
         out += [f"First diverging tensor: {_md_code(verdict.first_divergence)}", ""]
     if verdict.accuracy:
         out += [_md_text(verdict.accuracy.capitalize()), ""]
+    rows = output_rows(verify)
+    if rows:
+        out += ["### Outputs", ""] + _md_table(list(OUTPUT_COLUMNS), [_row_cells(r) for r in rows],
+                                               align="llrrrrll") + [""]
     for key, title in (("metrics", "Metrics"), ("tolerance", "Tolerance")):
         if isinstance(verify, Mapping) and verify.get(key):
             out += [f"### {title}", ""] + _md_block(verify[key])
@@ -579,6 +647,9 @@ def _html_verification(verdict: _Verdict, verify: Any) -> list[str]:
         out.append(f"<p>First diverging tensor: <code>{_h(verdict.first_divergence)}</code></p>")
     if verdict.accuracy:
         out.append(f"<p>{_h(verdict.accuracy.capitalize())}</p>")
+    rows = output_rows(verify)
+    if rows:
+        out += ["<h3>Outputs</h3>", _html_table(list(OUTPUT_COLUMNS), [_row_cells(r) for r in rows])]
     for key, title in (("metrics", "Metrics"), ("tolerance", "Tolerance")):
         if isinstance(verify, Mapping) and verify.get(key):
             out += [f"<h3>{title}</h3>", *_html_block(verify[key])]
@@ -684,7 +755,34 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         console.print(_rich_passes(passes))
     for name, notice in pass_notices(report):
         console.print(Text.assemble((f"{name}: ", "bold yellow"), notice))
+    _print_outputs(report.get("verify"), console)
     console.print(_rich_verdict(_verdict(report)))
+    for line in (shapes_line(report), target_line(report)):
+        if line:
+            console.print(Text(line))
+
+
+def shapes_line(report: Mapping[str, Any]) -> str | None:
+    """``verified at input[1,3,64,64]; input[1,3,96,128]`` when the model was verified at probe shapes."""
+    shapes = (report.get("verify") or {}).get("shapes")
+    if not shapes:
+        return None
+    return "verified at " + "; ".join(", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in s.items()) for s in shapes)
+
+
+def target_line(report: Mapping[str, Any]) -> str | None:
+    """``target MACs 0.70: reached 0.956 (missed: prune_filters: ...)`` when a target was given."""
+    target = report.get("target")
+    if not target:
+        return None
+    parts = []
+    for key, label in (("macs", "MACs"), ("params", "params")):
+        t = target.get(key)
+        if t:
+            reached = "unknown" if t["reached"] is None else f"{t['reached']:.3f}"
+            parts.append(f"{label} {t['target']:.2f}: reached {reached}")
+    verdict = "met" if target["met"] else f"missed: {target.get('reason', '?')}"
+    return f"target {', '.join(parts)} ({verdict})"
 
 
 def pass_notices(report: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -695,8 +793,109 @@ def pass_notices(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 
 def print_verdict(verify: Mapping[str, Any], console: Console) -> None:
-    """Print what ``graphopt verify`` shows: the verdict line, reasons and the first diverging tensor."""
+    """Print what ``graphopt verify`` shows: the per-output table, the verdict line, reasons and the
+    first diverging tensor."""
+    _print_outputs(verify, console)
     console.print(_rich_verdict(_verdict({"verify": verify})))
+
+
+def _print_outputs(verify: Any, console: Console) -> None:
+    rows = output_rows(verify)
+    if not rows:
+        return
+    # A narrow terminal (80 columns, a pipe) cannot hold the rule column: the rules follow the table.
+    wide = console.width >= 110
+    table = Table(title="Outputs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in OUTPUT_COLUMNS:
+        if col == "rule" and not wide:
+            continue
+        left = col in ("output", "rule")
+        table.add_column(col, justify="left" if left or col in ("kind", "verdict") else "right",
+                         overflow="fold", no_wrap=not left)
+    for r in rows:
+        style = "dim" if r.passed is None else "green" if r.passed else "red"
+        values = _row_cells(r)
+        if not wide:
+            del values[OUTPUT_COLUMNS.index("rule")]
+        cells = [Text(c) for c in values]
+        cells[-1].stylize(style)
+        table.add_row(*cells)
+    console.print(table)
+    if not wide:
+        rules = [f"{r.name}: {r.rule}" for r in rows if r.rule != "-"]
+        if rules:
+            console.print(Text("rules: " + "; ".join(rules), style="dim"))
+
+
+def failure_hints(verify: Any, *, random_data: bool, write_failed: bool | None,
+                  data_flag: str = "--verify-data") -> list[str]:
+    """What the user can do after a lossy run failed its gate: one short phrase per option that applies.
+
+    * ``--max-drop D`` when class scores failed, ``D`` the smallest budget that passes (their accuracy
+      drop with labels, else ``100 · (1 − top-1 agreement)``), rounded up to 0.1 point;
+    * ``--min-snr-db`` / ``--min-cosine`` with the measured values (rounded down) when another float
+      output failed on them, unless one of them cannot be accepted (SNR < 0 dB, cosine <= 0, NaN/inf);
+    * ``data_flag FILE.npz`` when the verdict judged class scores without labels, or real samples
+      (``--data / --verify-data``) when it ran on random inputs;
+    * ``--write-failed`` when ``write_failed`` is false (``None``: the command has no such flag).
+
+    Nothing for a lossless (equivalence) or passing run: a lossless rewrite that fails is a bug.
+    """
+    if not isinstance(verify, Mapping) or verify.get("passed") is not False or verify.get("mode") != "accuracy":
+        return []
+    metrics = verify.get("metrics") if isinstance(verify.get("metrics"), Mapping) else {}
+    failed = [m for m in metrics.values() if isinstance(m, Mapping) and m.get("compared", True)
+              and m.get("passed") is False]
+    classes = [m for m in failed if m.get("role") == "class scores"]
+    hints = []
+    drop = _drop_needed(verify, classes)
+    if drop is not None:
+        hints.append(f"to accept the loss: --max-drop {drop:g}")
+    similarity = _similarity_needed([m for m in failed if m.get("role") in SIMILARITY_ROLES],
+                                    verify.get("tolerance") or {})
+    if similarity:
+        hints.append("to accept the error: " + " ".join(similarity))
+    unlabelled = any(m.get("name") != verify.get("class_output") or verify.get("accuracy_drop") is None
+                     for m in classes)
+    if random_data:
+        real = "--data / --verify-data" if data_flag == "--verify-data" else data_flag
+        hints.append(f"to verify on real samples: {real} FILE.npz")
+    elif unlabelled:
+        hints.append(f"to judge class scores by the accuracy drop: {data_flag} FILE.npz with 'labels'")
+    if write_failed is False:
+        hints.append("to write it anyway: --write-failed")
+    return hints
+
+
+def _drop_needed(verify: Mapping[str, Any], classes: list[Mapping[str, Any]]) -> float | None:
+    needs = []
+    for m in classes:
+        if m.get("name") == verify.get("class_output") and isinstance(verify.get("accuracy_drop"), (int, float)):
+            needs.append(verify["accuracy_drop"])
+        elif isinstance(m.get("top1_agreement"), (int, float)):
+            needs.append(100.0 * (1.0 - m["top1_agreement"]))
+    # round(…, 6) first: 100 · (1 − 0.958) is 4.2000000000000002, which must read 4.2, not 4.3
+    return math.ceil(round(max(needs) * 10, 6)) / 10 if needs else None
+
+
+def _similarity_needed(failed: list[Mapping[str, Any]], tolerance: Mapping[str, Any]) -> list[str]:
+    """The flags that accept every failed similarity, or none when one cannot be accepted (noise above
+    the signal, a cosine at or below 0, NaN/inf where the reference has numbers)."""
+    hopeless = [m for m in failed if m.get("nonfinite_mismatches")
+                or not isinstance(m.get("snr_db"), (int, float)) or m["snr_db"] < 0
+                or not isinstance(m.get("cosine_min"), (int, float)) or m["cosine_min"] <= 0]
+    if hopeless:
+        return []
+    flags = []
+    snrs = [m.get("snr_db") for m in failed if isinstance(m.get("snr_db"), (int, float))]
+    min_snr = tolerance.get("min_snr_db")
+    if snrs and isinstance(min_snr, (int, float)) and min(snrs) < min_snr:
+        flags.append(f"--min-snr-db {math.floor(min(snrs) * 10) / 10:g}")
+    cosines = [m.get("cosine_min") for m in failed if isinstance(m.get("cosine_min"), (int, float))]
+    min_cos = tolerance.get("min_cosine")
+    if cosines and isinstance(min_cos, (int, float)) and min(cosines) < min_cos:
+        flags.append(f"--min-cosine {math.floor(min(cosines) * 1e4) / 1e4:g}")
+    return flags
 
 
 def _rich_header(report: Mapping[str, Any]) -> Text:
