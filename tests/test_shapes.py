@@ -105,3 +105,16 @@ def test_inference_never_fixes_a_graph_output_dim_the_model_leaves_dynamic():
 def test_a_minus_one_dim_is_unknown():
     vi = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])
     assert dims_of(vi.type) == (None, 3, None, None)
+
+
+def test_minus_one_dims_are_not_sizes_to_inference():
+    # onnx reads a -1 height literally: a 2x2 pool would come out 0 high and every cost after it vanish
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Relu", ["p"], ["y"])]
+    proto = make_model(nodes, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])],
+                       [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 3, -1, -1])])
+    model = onnx_io.from_proto(proto)
+    pooled = ShapeView(model).shape(model.graph.nodes[0].outputs[0])
+    assert pooled is not None and pooled[1] == 3 and not any(d == 0 for d in pooled)
+    concrete = ShapeView(model, input_shapes={"x": (1, 3, 8, 6)}).shape(model.graph.nodes[0].outputs[0])
+    assert concrete == (1, 3, 4, 3)

@@ -94,7 +94,7 @@ def lossy_rows(entry: dict) -> list[list[str]]:
         seconds = f"{time.perf_counter() - started:.1f}"
         target = result.report.get("target") or {}
         reached = "; ".join(f"{k} {v['reached']}" for k, v in target.items() if isinstance(v, dict)) or "-"
-        for name, m in (result.report["verify"].get("outputs") or {}).items():
+        for name, m in (result.report["verify"].get("metrics") or {}).items():
             rows.append([entry["name"], preset, reached, name, str(m.get("role", "?")), _num(m.get("snr_db")),
                          _num(m.get("snr_db_min")), _num(m.get("cosine_min"), 4),
                          "pass" if m.get("passed") else "FAIL", seconds])

@@ -38,8 +38,20 @@ from graphopt.core.onnx_io import fits_protobuf, save, to_proto
 InputShapes = Mapping[str, Sequence[int]]
 
 
+def _clear_negative_dims(proto: onnx.ModelProto) -> None:
+    """Make every ``dim_value < 0`` (Paddle's ``-1`` for a dynamic dim) an unknown dim in the main graph's
+    inputs, outputs and value_info. onnx's inference reads -1 as a size: a pool over a height of -1 comes out
+    0 high, and every cost after it vanishes."""
+    for vi in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.Clear()
+
+
 def _inferred_proto(model: Model, input_shapes: InputShapes | None, strict: bool) -> onnx.ModelProto:
     proto = to_proto(model, weights=False)
+    _clear_negative_dims(proto)
     if input_shapes:
         for vi in proto.graph.input:
             if vi.name in input_shapes:
@@ -153,6 +165,7 @@ def symbolic_dims(model: Model, input_shapes: InputShapes | None = None) -> Symb
         return None
     proto = to_proto(model, weights=False)
     proto.graph.ClearField("value_info")
+    _clear_negative_dims(proto)
     try:
         for vi in proto.graph.input:
             if vi.name in (input_shapes or {}):

@@ -129,7 +129,8 @@ class Site:
     conv: ConvInfo | None = None
     x_dims: tuple[int, ...] | None = None   # batch read as 1
     y_dims: tuple[int, ...] | None = None
-    x_sym: tuple | None = None              # with the symbolic batch, for new values' types
+    x_sym: tuple | None = None              # dynamic dims kept symbolic, for new values' types
+    y_sym: tuple | None = None
 
     @property
     def name(self) -> str:
@@ -173,8 +174,12 @@ def _no_weight(graph: Graph, x: Value, op: str) -> str:
     return "weight is not constant"
 
 
-def find_site(graph: Graph, node: Node, shapes: ShapeView | None) -> Site | str:
-    """The :class:`Site` of ``node`` or why the pass cannot factorize it."""
+def find_site(graph: Graph, node: Node, shapes: ShapeView | None, concrete: ShapeView | None = None) -> Site | str:
+    """The :class:`Site` of ``node`` or why the pass cannot factorize it.
+
+    ``shapes`` gives the dims new values are typed with (dynamic dims stay dynamic); ``concrete`` (default
+    ``shapes``) the sizes costs are counted at, e.g. a dynamic model's probe shape. Types must never come
+    from the probe: a Reshape built later from them would only take the probe's size."""
     if not is_op(node, *LAYER_OPS):
         return f"{node.op_type} is not a Gemm, MatMul or Conv"
     if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
@@ -183,7 +188,7 @@ def find_site(graph: Graph, node: Node, shapes: ShapeView | None) -> Site | str:
     site = read(graph, node)
     if isinstance(site, str) or shapes is None:
         return site
-    return _with_shapes(graph, site, shapes)
+    return _with_shapes(graph, site, shapes, concrete or shapes)
 
 
 def _conv_site(graph: Graph, node: Node) -> Site | str:
@@ -242,11 +247,12 @@ def _transposed_weight(graph: Graph, value: Value) -> np.ndarray | None:
     return None
 
 
-def _with_shapes(graph: Graph, site: Site, shapes: ShapeView) -> Site | str:
+def _with_shapes(graph: Graph, site: Site, shapes: ShapeView, concrete: ShapeView) -> Site | str:
     """``site`` with its input/output dims; the output's are derived from the input (its own type may be symbolic)."""
-    site.x_dims = shapes.concrete(site.x)
-    site.y_dims = shapes.concrete(site.y)
+    site.x_dims = concrete.concrete(site.x)
+    site.y_dims = concrete.concrete(site.y)
     site.x_sym = shapes.shape(site.x)
+    site.y_sym = shapes.shape(site.y)
     if site.kind != "conv" and site.x_dims is not None and site.x_dims[-1] != site.weight.shape[0]:
         return "input features disagree with the weight"
     if site.x_dims is None:
@@ -538,10 +544,12 @@ def _intermediate_dims(plan: Plan) -> list | None:
         return None
     if s.kind != "conv":
         return list(s.x_sym[:-1]) + [plan.rank]
-    if s.y_dims is None or s.x_dims is None:
+    if s.y_sym is None or len(s.y_sym) != 4 or len(s.x_sym) != 4:
         return None
-    width = s.y_dims[3] if plan.form.name == "channel" else s.x_dims[3]
-    return [s.x_sym[0], plan.form.groups * plan.rank, s.y_dims[2], width]
+    # the symbolic (not the concrete, probe-shape) spatial dims: the height is the output's; the width the
+    # output's after a full (channel) factorization, the input's after the vertical half of a spatial one
+    width = s.y_sym[3] if plan.form.name == "channel" else s.x_sym[3]
+    return [s.x_sym[0], plan.form.groups * plan.rank, s.y_sym[2], width]
 
 
 def _foldable_add(graph: Graph, value: Value, n: int) -> tuple[Node, int, np.ndarray] | None:
@@ -931,12 +939,13 @@ def select_candidates(run: LowRankRun) -> None:
     """The layers of ``ops`` (topological order) with a form that saves weights; the rest go to the ledger."""
     graph = run.model.graph
     ops = {o.strip() for o in run.opt("ops").split(",") if o.strip()}
-    shapes = ShapeView(run.model, input_shapes=run.ctx.input_shapes)
+    shapes = ShapeView(run.model)
+    concrete = ShapeView(run.model, input_shapes=run.ctx.input_shapes) if run.ctx.input_shapes else shapes
     form_opt = run.opt("form")
     for node in graph.toposort():
         if not is_op(node, *LAYER_OPS) or node.op_type not in ops:
             continue
-        site = find_site(graph, node, shapes)
+        site = find_site(graph, node, shapes, concrete)
         if isinstance(site, str):
             run.leave(node, site)
         elif site.params < run.opt("min_weights"):
