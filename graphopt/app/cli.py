@@ -191,7 +191,7 @@ def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.groups:
         return _inspect_groups(args, out)
     if args.lossless or args.heads:
-        err.print("graphopt: error: --lossless and --heads only apply with --groups")
+        err.print(f"graphopt: error: {'--lossless' if args.lossless else '--heads'} only applies with --groups")
         return EXIT_BAD_INPUT
     cost = api.inspect(args.model, input_shapes=calibration.parse_input_shapes(args.input_shape))
     if args.json:
