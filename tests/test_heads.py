@@ -48,11 +48,28 @@ class Layer:
         return out
 
     def proj(self, x: str, out: int) -> str:
-        w = (self.rng.standard_normal((HIDDEN, out)) / 3).astype(np.float32)
+        w = (self.rng.standard_normal((self.width(x), out)) / 3).astype(np.float32)
         b = (self.rng.standard_normal(out) * 0.1).astype(np.float32)
         if self.form == "gemm":
             return self.op("Gemm", [x, self.const(w.T.copy(), "w"), self.const(b, "b")], transB=1)
         return self.op("Add", [self.op("MatMul", [x, self.const(w, "w")]), self.const(b, "b")])
+
+    def width(self, x: str) -> int:
+        return HIDDEN  # every projection of the layer reads HIDDEN features
+
+    def qkv(self) -> list[str]:
+        """Separate projections, or one fused ``[HIDDEN, 3·HIDDEN]`` projection split into Q, K and V."""
+        if self.form == "interleaved":  # [N, S, H, 3, D]: q, k, v of each head side by side, picked by Gather
+            fused = self.op("Reshape", [self.proj("x", 3 * HIDDEN),
+                                        self.const(np.array([0, 0, HEADS, 3, HEAD_DIM], np.int64), "shape")])
+            return [self.op("Gather", [fused, self.const(np.array(i, np.int64), "i")], axis=3) for i in range(3)]
+        if self.form != "fused":
+            return [self.proj("x", HIDDEN) for _ in range(3)]
+        fused = self.proj("x", 3 * HIDDEN)
+        outs = [self.name("qkv") + f"_{i}" for i in range(3)]
+        self.nodes.append(helper.make_node("Split", [fused, self.const(np.array([HIDDEN] * 3, np.int64), "sizes")],
+                                           outs, name=outs[0] + "_split", axis=-1))
+        return outs
 
     def split_target(self, x: str) -> str:
         """``[N, S, H, D]`` (``[S, H, D]`` for 2-D tokens): a constant, or ``Shape``-computed batch and length."""
@@ -67,6 +84,8 @@ class Layer:
                                   self.const(np.array([HEAD_DIM], np.int64), "d")], axis=0)
 
     def heads(self, x: str, perm: list[int]) -> str:
+        if self.form == "interleaved":  # already split into heads
+            return self.op("Transpose", [x], perm=perm)
         return self.op("Transpose", [self.op("Reshape", [x, self.split_target(x)])], perm=perm)
 
     def rotate_half(self, x: str) -> str:
@@ -85,7 +104,7 @@ class Layer:
         three = self.form == "gemm"
         p = [1, 0, 2] if three else [0, 2, 1, 3]
         pk = [1, 2, 0] if three else [0, 2, 3, 1]
-        q, k, v = (self.heads(self.proj("x", HIDDEN), perm) for perm in (p, pk, p))
+        q, k, v = (self.heads(t, perm) for t, perm in zip(self.qkv(), (p, pk, p)))
         if self.rope:
             q = self.rotate_half(q)
         s = self.op("Div", [self.op("MatMul", [q, k]), self.const(np.array(2.0, np.float32), "scale")])
@@ -107,7 +126,7 @@ class Layer:
         return model
 
 
-FORMS = [("matmul", "const"), ("matmul", "shape"), ("gemm", "const")]
+FORMS = [("matmul", "const"), ("matmul", "shape"), ("gemm", "const"), ("fused", "const")]
 
 
 def head_group(result: channels.ChannelAnalysis) -> channels.Group:
@@ -140,8 +159,13 @@ def test_a_group_of_heads_spans_q_k_v_and_the_output_projection(form, target, ma
     assert g.prunable and g.size == HEADS and g.width == HEAD_DIM
     # each head: D rows of Q, K and V (their weights and biases) and D input rows of the output projection
     w_axis = 0 if form == "gemm" else 1
-    assert sorted(p.axis for p in g.producers if p.param.startswith("w")) == [w_axis] * 3
-    assert all(p.index_map.shape == (HEADS, HEAD_DIM) for p in g.producers)
+    weights = [p for p in g.producers if p.param.startswith("w")]
+    assert [p.axis for p in weights] == [w_axis] * len(weights)
+    if form == "fused":  # one weight: head h is its D columns in each of the Q, K and V blocks
+        (w,) = weights
+        np.testing.assert_array_equal(w.index_map[1], np.concatenate([np.arange(4, 8) + HIDDEN * j for j in range(3)]))
+    else:
+        assert len(weights) == 3 and all(p.index_map.shape == (HEADS, HEAD_DIM) for p in g.producers)
     (consumer,) = g.consumers
     assert consumer.index_map.shape == (HEADS, HEAD_DIM) and consumer.axis == (1 if form == "gemm" else 0)
     np.testing.assert_array_equal(consumer.index_map, np.arange(HIDDEN).reshape(HEADS, HEAD_DIM))
@@ -186,15 +210,18 @@ def test_constant_split_targets_are_rewritten_to_the_kept_head_count():
     assert targets.count([0, 0, 2, HEAD_DIM]) == 3 and [0, 0, 2 * HEAD_DIM] in targets
 
 
-@pytest.mark.parametrize("case", ["per_head_mask", "rotary"])
-def test_what_the_walk_cannot_prove_freezes_the_heads(case):
-    layer = Layer("matmul", "const", "per_head" if case == "per_head_mask" else "none", rope=case == "rotary")
+@pytest.mark.parametrize("case,reason", [("per_head_mask", "'mask' is a graph input"), ("rotary", "Slice"),
+                                         ("interleaved", "Gather")])
+def test_what_the_walk_cannot_prove_freezes_the_heads(case, reason):
+    layer = Layer("interleaved" if case == "interleaved" else "matmul", "const",
+                  "per_head" if case == "per_head_mask" else "none", rope=case == "rotary")
     result = channels.analyze(from_proto(layer.build()), heads=True)
-    g = head_group(result)
-    assert not g.prunable
-    assert g.frozen is not None
-    assert ("'mask' is a graph input" in g.frozen_all) if case == "per_head_mask" else \
-        any("Slice" in r for r in g.frozen_all)
+    frozen = [g for g in result.groups if any(reason in r for r in g.frozen_all)]
+    assert frozen and all(not g.prunable for g in frozen)
+    # no group of heads is left prunable: every group holding a tensor of the attention is frozen
+    inside = {n.outputs[0].name for n in result.model.graph.nodes if n.op_type in ("Reshape", "Transpose", "Gather")}
+    attention = [g for g in result.groups if any(m.value in inside for m in g.members)]
+    assert attention and all(g.frozen is not None for g in attention)
 
 
 def test_prune_filters_removes_a_forced_head_count_and_refits():
