@@ -10,6 +10,8 @@ change the outputs; the Reshape targets must then say ``H'``.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -75,6 +77,8 @@ class Layer:
         """``[N, S, H, D]`` (``[S, H, D]`` for 2-D tokens): a constant, or ``Shape``-computed batch and length."""
         if self.form == "gemm":
             return self.const(np.array([SEQ, HEADS, HEAD_DIM], np.int64), "shape")
+        if self.form == "d_outer":  # [N, S, D, H]: the head dim outside the heads
+            return self.const(np.array([0, 0, HEAD_DIM, HEADS], np.int64), "shape")
         if self.target == "const":
             return self.const(np.array([0, 0, HEADS, HEAD_DIM], np.int64), "shape")
         shape = self.op("Shape", [x])
@@ -104,6 +108,9 @@ class Layer:
         three = self.form == "gemm"
         p = [1, 0, 2] if three else [0, 2, 1, 3]
         pk = [1, 2, 0] if three else [0, 2, 3, 1]
+        back = p
+        if self.form == "d_outer":
+            p, pk, back = [0, 3, 1, 2], [0, 3, 2, 1], [0, 2, 3, 1]
         q, k, v = (self.heads(t, perm) for t, perm in zip(self.qkv(), (p, pk, p)))
         if self.rope:
             q = self.rotate_half(q)
@@ -115,7 +122,7 @@ class Layer:
             self.inputs.append(tensor("mask", ["N", HEADS, SEQ, SEQ]))
             s = self.op("Add", [s, "mask"])
         o = self.op("MatMul", [self.op("Softmax", [s], axis=-1), v])
-        o = self.op("Transpose", [o], perm=p)
+        o = self.op("Transpose", [o], perm=back)
         merge = [SEQ, HIDDEN] if three else [0, 0, HIDDEN]
         o = self.op("Reshape", [o, self.const(np.array(merge, np.int64), "shape")])
         h = self.op("Relu", [self.proj(o, HIDDEN)])  # the output projection, then a small FFN
@@ -211,9 +218,9 @@ def test_constant_split_targets_are_rewritten_to_the_kept_head_count():
 
 
 @pytest.mark.parametrize("case,reason", [("per_head_mask", "'mask' is a graph input"), ("rotary", "Slice"),
-                                         ("interleaved", "Gather")])
+                                         ("interleaved", "Gather"), ("d_outer", "moves the shrinking axis")])
 def test_what_the_walk_cannot_prove_freezes_the_heads(case, reason):
-    layer = Layer("interleaved" if case == "interleaved" else "matmul", "const",
+    layer = Layer(case if case in ("interleaved", "d_outer") else "matmul", "const",
                   "per_head" if case == "per_head_mask" else "none", rope=case == "rotary")
     result = channels.analyze(from_proto(layer.build()), heads=True)
     frozen = [g for g in result.groups if any(reason in r for r in g.frozen_all)]
@@ -233,3 +240,17 @@ def test_prune_filters_removes_a_forced_head_count_and_refits():
     (group,) = [g for g in res.stats["groups"] if g["group"] == gid]
     assert group["channels_after"] == 2
     assert reshape_head_counts(out) == [2, 2, 2]
+
+
+def test_inspect_groups_heads_lists_the_head_group(tmp_path, capsys):
+    from graphopt.app import cli
+
+    path = tmp_path / "layer.onnx"
+    onnx.save(Layer("matmul", "const", "none").build(), path)
+    sizes = {}
+    for flag in ([], ["--heads"]):
+        assert cli.main(["inspect", str(path), "--groups", "--json", *flag]) == 0
+        sizes[bool(flag)] = sorted(g["size"] for g in json.loads(capsys.readouterr().out)["groups"] if g["prunable"])
+    assert sizes[True].count(HEADS) == 1 and sizes[False].count(HEAD_DIM) == 2
+    assert cli.main(["inspect", str(path), "--heads"]) == 2
+    assert "--heads only applies with --groups" in capsys.readouterr().err

@@ -15,10 +15,23 @@ Select
    ``XᵀX``/``XᵀY`` of each consumer on the calibration data (one pass over the original model); a group
    whose consumers are not plain linear layers falls back to ``l1``. Keeping ``k`` channels keeps the
    ``k`` best ranked (nested sets).
+3. **Attention** (option ``attention``). ``head_dim`` (default): an attention channel is one position of
+   the head dim, shared by every head (q/k's head dims have no weight consumer and are ranked by ``l1``).
+   ``heads``: a channel is a whole head — its ``D`` rows of Q, K and V (weights and biases) and its ``D``
+   input rows of the output projection, the head count of every split/merge Reshape target rewritten
+   (``H -> H'``); the analysis runs with ``heads=True`` (:mod:`graphopt.compress.channels.walk`). ThiNet
+   then ranks heads by the least-squares error of the output projection with the head's ``D`` input
+   columns removed and the rest re-fitted (the columns are the head's block): that is what the removal
+   costs after the re-fit this pass does, which the l2 norm of a head's rows does not say (Q/K rows act
+   through a softmax, and a large V row may be one the other heads can stand in for). ``multiple``
+   counts weight rows: a head of ``D`` rows keeps a multiple of 8 rows whenever ``D`` is one, so any head
+   count is a level. Refused (the group frozen, the reason in ``left_alone``): what the walk cannot
+   follow — a mask with a head axis, rotary embeddings (a Slice of the head dim), a fused QKV picked per
+   head by Gather, a Transpose that puts the head dim before the heads (every head one channel).
 
 Plan
 ----
-3. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
+4. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
    NCHWc conv kernels work in blocks of 8 channels on AVX2, and arbitrary counts can make a pruned model
    slower than the original; a group smaller than the multiple is not pruned). Option ``ratio`` > 0
    removes that fraction of every prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts
@@ -58,9 +71,9 @@ Plan
 
 Apply
 -----
-4. **Removal.** :func:`graphopt.compress.channels.shrink.apply` slices every producer/consumer parameter and fixes shape
+5. **Removal.** :func:`graphopt.compress.channels.shrink.apply` slices every producer/consumer parameter and fixes shape
    constants; surviving values keep their names.
-5. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
+6. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
    other in topological order, every plain linear layer whose input changed (option ``refit_scope``:
    ``consumers`` = only the layers reading a pruned tensor; ``downstream`` (default) = those and every
    plain linear layer after them, the final classifier included), inputs from the pruned model, targets
