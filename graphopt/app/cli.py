@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lossless", action="store_true",
                    help="analyze the model after the lossless preset: the group ids prune_filters sees "
                         "under the prune preset (for its option channels)")
+    p.add_argument("--heads", action="store_true",
+                   help="with --groups: attention channels are whole heads (prune_filters.attention=heads)")
     _add_common(p)
 
     p = sub.add_parser("passes", help="list the registered passes and presets, or one pass's options")
@@ -188,8 +190,8 @@ def cmd_verify(args: argparse.Namespace, out: Console, err: Console) -> int:
 def cmd_inspect(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.groups:
         return _inspect_groups(args, out)
-    if args.lossless:
-        err.print("graphopt: error: --lossless only applies with --groups")
+    if args.lossless or args.heads:
+        err.print(f"graphopt: error: {'--lossless' if args.lossless else '--heads'} only applies with --groups")
         return EXIT_BAD_INPUT
     cost = api.inspect(args.model, input_shapes=calibration.parse_input_shapes(args.input_shape))
     if args.json:
@@ -239,7 +241,7 @@ def _inspect_groups(args: argparse.Namespace, out: Console) -> int:
         ir = api.optimize(args.model, preset="lossless", input_shapes=shapes, run_verify=False).ir
     else:
         ir, _ = api.load_model(args.model)
-    result = channels.analyze(ir, shapes or api.probe_shapes(ir))
+    result = channels.analyze(ir, shapes or api.probe_shapes(ir), heads=args.heads)
     if args.json:
         out.print_json(json.dumps(result.to_dict()))
     elif not args.quiet:

@@ -108,20 +108,25 @@ class ChannelAnalysis:
                 "prunable": len(self.prunable()), "frozen": len(self.frozen())}
 
 
-def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ChannelAnalysis:
+def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            heads: bool = False) -> ChannelAnalysis:
     """Channel groups of ``model``'s main graph (the model is not modified).
 
     Parameters
     ----------
     input_shapes : concrete shapes for graph inputs; dynamic first dims default to 1 (batch), like
         :func:`graphopt.measure.analysis.analyze`.
+    heads : attention's flat ``(heads, head_dim)`` dimensions (and a channel shuffle's ``(groups,
+        channels)``) shrink along their first axis: a channel is a whole head (its ``D`` rows of Q, K and V
+        and columns of the output projection), instead of one head-dim position shared by every head
+        (see :mod:`.walk`).
 
     Returns
     -------
     ChannelAnalysis
     """
     table, _ = _shape_table(model, input_shapes)
-    walk = CouplingWalk(model, table)
+    walk = CouplingWalk(model, table, heads=heads)
     walk.run()
     ea = np.concatenate(walk.edges_a) if walk.edges_a else np.zeros(0, np.int64)
     eb = np.concatenate(walk.edges_b) if walk.edges_b else np.zeros(0, np.int64)

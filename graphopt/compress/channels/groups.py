@@ -89,6 +89,10 @@ class Group:
     divisor: int = 1
     min_keep: int = 1
     frozen_all: list[str] = field(default_factory=list)
+    #: positions of one channel in each weight it slices (the fewest over its weights): ``D`` for a group of
+    #: attention heads, 1 for filters. A kept count of ``k`` channels keeps ``k·width`` weight rows, so
+    #: ``prune_filters``' block multiple applies to ``k·width`` (set by the walk's ``heads`` mode only).
+    width: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -101,7 +105,7 @@ class Group:
         """JSON-able summary (index maps left out: the sizes say how many positions a channel has)."""
         return {
             "gid": self.gid, "size": self.size, "frozen": self.frozen, "prunable": self.prunable,
-            "divisor": self.divisor, "min_keep": self.min_keep,
+            "divisor": self.divisor, "min_keep": self.min_keep, "width": self.width,
             "members": [{"value": m.value, "axis": m.axis, "axes": list(m.axes),
                          "per_channel": int(m.index_map.shape[1]),
                          "param": m.is_param} for m in self.members],
@@ -198,4 +202,9 @@ def build_groups(b: CouplingWalk, dims: list[Dim], labels: np.ndarray) -> list[G
     roles_by_dim: dict[int, list[tuple]] = {}
     for kind, node, value, d in b.roles.values():
         roles_by_dim.setdefault(d.index, []).append((kind, node, value, d))
-    return [_group(gid, sig, starts, order, dims, roles_by_dim) for gid, (_, _, sig, starts) in enumerate(entries)]
+    groups = [_group(gid, sig, starts, order, dims, roles_by_dim) for gid, (_, _, sig, starts) in enumerate(entries)]
+    if b.heads:
+        for g in groups:
+            weights = [m.index_map.shape[1] for m in g.members if m.is_param]
+            g.width = min(weights) if weights else 1
+    return groups

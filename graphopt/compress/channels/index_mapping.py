@@ -34,6 +34,9 @@ def transpose_rule(b: CouplingWalk, node: Node, d: Dim, side: str, slot: int) ->
     else:
         yd = d
         xd = b.dim(x, tuple(sorted(perm[a] for a in d.axes)))
+    if b.heads and len(xd.axes) > 1 and perm[yd.prunable_axis] != xd.prunable_axis:
+        # the heads (the first axis) would become the second: a split this walk does not recognise
+        raise CannotFollow(f"moves the shrinking axis {xd.prunable_axis} behind axis {perm[yd.prunable_axis]}")
     # y's sorted axes are x axes [perm[a] for a in yd.axes]; reorder x's flat grid into that order.
     order = [xd.axes.index(perm[a]) for a in yd.axes]
     grid = np.arange(xd.size).reshape(xd.sizes).transpose(order).ravel()

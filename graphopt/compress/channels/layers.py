@@ -4,7 +4,8 @@ A layer's output channels are a new dimension coupled to its weight's output axi
 are *producers* of the group); its input channels are coupled to the weight's input axis (the layer is a
 *consumer*: pruning the group slices that axis). A grouped / depthwise Conv couples input block ``j``, output
 block ``j`` and weight rows of block ``j`` into one channel. A MatMul of two activations (attention) couples
-flat ``(head, dim)`` dimensions whose batch axes keep their size. Refusals: a weight computed at runtime
+flat ``(head, dim)`` dimensions whose batch axes keep their size (with the walk's ``heads`` mode, the batch
+axis of the heads shrinks instead and couples the third tensor's head axis). Refusals: a weight computed at runtime
 (for a consumer or a grouped conv), a grouped ConvTranspose, Gemm operands that are not 2-D, a bias with rows.
 """
 
@@ -182,7 +183,7 @@ def _matmul_flat(b: CouplingWalk, node: Node, d: Dim) -> None:
     r = ranks[role]
     batch = [ax for ax in d.axes if ax < r - 2]
     matrix = [ax for ax in d.axes if ax >= r - 2]
-    if len(matrix) != 1 or d.prunable_axis != matrix[0]:
+    if len(matrix) != 1 or (d.prunable_axis != matrix[0] and not (b.heads and batch == [d.prunable_axis])):
         raise CannotFollow(f"flat dimension {d.axes} shrinks along a batch axis")
     # matrix axis as (operand, offset from the end)
     pairs = {("a", 1): ("w", 2), ("w", 2): ("a", 1), ("w", 1): ("y", 1), ("y", 1): ("w", 1),
@@ -195,4 +196,18 @@ def _matmul_flat(b: CouplingWalk, node: Node, d: Dim) -> None:
         raise CannotFollow(f"batch axes {batch} broadcast between the operands")
     od = b.dim(values[other], [*axes_o, ro - back])
     b.link(d, od)
+    if d.prunable_axis != matrix[0]:
+        _link_third_heads(b, d, values[next(k for k in values if k not in (role, other))], r)
+
+
+def _link_third_heads(b: CouplingWalk, d: Dim, third: Value, r: int) -> None:
+    """Heads mode: ``d`` shrinks along its batch axis (the heads), so the MatMul's third tensor loses the same
+    heads on that axis (``q·kᵀ``'s scores ``[B, H, S, S]``; ``attn·v``'s probabilities): flat position
+    ``(h, ·)`` of ``d`` is head ``h`` there. Refused when that axis broadcasts."""
+    rt = b.rank(third)
+    axis = d.prunable_axis - r + rt
+    if axis < 0 or b.shape(third)[axis] != b.shape(d.value)[d.prunable_axis]:
+        raise CannotFollow(f"the head axis {d.prunable_axis} broadcasts into {third.name!r}")
+    heads = np.unravel_index(np.arange(d.size), d.sizes)[d.axes.index(d.prunable_axis)]
+    b.link(d, b.dim(third, (axis,)), np.arange(d.size), heads)
 

@@ -10,6 +10,15 @@ inside subgraphs, custom domains and ops without a rule freeze too.
 
 A weight several nodes read (``dedupe_initializers`` merges equal biases of unrelated layers) does not couple
 them: each reader has its own dimensions of it (``Dim.use``).
+
+Which axis of a flat multi-axis dimension shrinks (attention's ``(heads, head_dim)``, a channel shuffle's
+``(groups, channels)``): by default the largest (the head dim); with ``heads=True`` the first one in the
+tensor's axis order, the outer factor of the split ``H·D -> (H, D)`` (the heads: the exporters' Transposes
+keep H before D), so that a channel is a whole head. In that mode a tensor may be reached both as the flat
+``(H, D)`` dimension and as its head axis alone (the attention scores ``[B, H, S, S]`` meet ``Q``'s
+``[B, H, S, D]`` in a MatMul's batch axes): the two are linked (position ``(h, d)`` is head ``h``) instead of
+freezing, since both say the same thing: the head axis shrinks. Two dimensions that disagree (a Transpose
+that puts D before H) still merge every head into one channel, a group that cannot be pruned.
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ LAYERS = frozenset("Conv ConvTranspose Gemm MatMul".split())
 class CouplingWalk:
     """Walks the main graph from every layer's output channels, applying op rules (see the module docstring)."""
 
-    def __init__(self, model: Model, table: Any) -> None:
+    def __init__(self, model: Model, table: Any, heads: bool = False) -> None:
         self.model = model
+        self.heads = heads  # flat multi-axis dims shrink along their first axis (whole attention heads)
         self.graph = model.graph
         self.table = table
         self.dims: dict[tuple[str, tuple[int, ...]], Dim] = {}
@@ -128,13 +138,13 @@ class CouplingWalk:
         if any(a < 0 or a >= len(shape) for a in axes):
             raise CannotFollow(f"axes {axes} out of range for {value.name!r} {shape}")
         sizes = tuple(shape[a] for a in axes)
-        prunable = axes[max(range(len(axes)), key=lambda i: (sizes[i], i))]
+        prunable = axes[0] if self.heads else axes[max(range(len(axes)), key=lambda i: (sizes[i], i))]
         d = Dim(len(self.dims), value, axes, sizes, self.total, prunable, self.is_param(value), use)
         self.total += d.size
         self.dims[key] = d
         self.nx.add_node(key, dim=d)
         for other in self.by_value.setdefault((value.name, use), []):
-            if set(other.axes) & set(axes):
+            if set(other.axes) & set(axes) and not self._same_heads(d, other):
                 reason = f"{value.name!r} is reached with two axis structures {other.axes} and {axes}"
                 other.frozen.append(reason)
                 d.frozen.append(reason)
@@ -149,6 +159,19 @@ class CouplingWalk:
             self._pairs(d, d, np.arange(d.size), base)
         self.queue.append(d)
         return d
+
+    def _same_heads(self, a: Dim, b: Dim) -> bool:
+        """In ``heads`` mode, link a flat ``(H, D)`` dimension with the same tensor's head axis ``H`` alone
+        (position ``(h, d)`` of the flat one is position ``h`` of the other) and say True; False when the
+        two are not that pair (the caller freezes them)."""
+        if not self.heads or len(a.axes) == len(b.axes):
+            return False
+        single, flat = (a, b) if len(a.axes) < len(b.axes) else (b, a)
+        if single.axes != (flat.prunable_axis,):
+            return False
+        heads = np.unravel_index(np.arange(flat.size), flat.sizes)[flat.axes.index(flat.prunable_axis)]
+        self._pairs(flat, single, np.arange(flat.size), heads)
+        return True
 
     def _pairs(self, a: Dim, b: Dim, pa: np.ndarray, pb: np.ndarray) -> None:
         pa = np.asarray(pa, dtype=np.int64).ravel()

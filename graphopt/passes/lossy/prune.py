@@ -15,10 +15,23 @@ Select
    ``XᵀX``/``XᵀY`` of each consumer on the calibration data (one pass over the original model); a group
    whose consumers are not plain linear layers falls back to ``l1``. Keeping ``k`` channels keeps the
    ``k`` best ranked (nested sets).
+3. **Attention** (option ``attention``). ``head_dim`` (default): an attention channel is one position of
+   the head dim, shared by every head (q/k's head dims have no weight consumer and are ranked by ``l1``).
+   ``heads``: a channel is a whole head — its ``D`` rows of Q, K and V (weights and biases) and its ``D``
+   input rows of the output projection, the head count of every split/merge Reshape target rewritten
+   (``H -> H'``); the analysis runs with ``heads=True`` (:mod:`graphopt.compress.channels.walk`). ThiNet
+   then ranks heads by the least-squares error of the output projection with the head's ``D`` input
+   columns removed and the rest re-fitted (the columns are the head's block): that is what the removal
+   costs after the re-fit this pass does, which the l2 norm of a head's rows does not say (Q/K rows act
+   through a softmax, and a large V row may be one the other heads can stand in for). ``multiple``
+   counts weight rows: a head of ``D`` rows keeps a multiple of 8 rows whenever ``D`` is one, so any head
+   count is a level. Refused (the group frozen, the reason in ``left_alone``): what the walk cannot
+   follow — a mask with a head axis, rotary embeddings (a Slice of the head dim), a fused QKV picked per
+   head by Gather, a Transpose that puts the head dim before the heads (every head one channel).
 
 Plan
 ----
-3. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
+4. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
    NCHWc conv kernels work in blocks of 8 channels on AVX2, and arbitrary counts can make a pruned model
    slower than the original; a group smaller than the multiple is not pruned). Option ``ratio`` > 0
    removes that fraction of every prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts
@@ -58,9 +71,9 @@ Plan
 
 Apply
 -----
-4. **Removal.** :func:`graphopt.compress.channels.shrink.apply` slices every producer/consumer parameter and fixes shape
+5. **Removal.** :func:`graphopt.compress.channels.shrink.apply` slices every producer/consumer parameter and fixes shape
    constants; surviving values keep their names.
-5. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
+6. **Reconstruction** (option ``refit``): :mod:`graphopt.compress.reconstruct` re-fits, one after the
    other in topological order, every plain linear layer whose input changed (option ``refit_scope``:
    ``consumers`` = only the layers reading a pruned tensor; ``downstream`` (default) = those and every
    plain linear layer after them, the final classifier included), inputs from the pruned model, targets
@@ -298,13 +311,14 @@ class SensitivityContext:
     ridge: float = 1e-3
     metric: str = "rel"                    # "rel": relative squared output error; "kl": softmax KL
     input_shapes: dict | None = None       # the shapes costs are counted at (PassContext.input_shapes)
+    heads: bool = False                    # option attention=heads: the analysis' unit of attention
 
 
 def measure_level(ctx: SensitivityContext, item: tuple[int, int]) -> float:
     """Relative output error of the model with only group ``item[0]`` (a group id) kept at ``item[1]`` channels."""
     gid, k = item
     model = from_proto(ctx.ev.fresh_proto())
-    analysis = channels.analyze(model, ctx.input_shapes)
+    analysis = channels.analyze(model, ctx.input_shapes, heads=ctx.heads)
     order = ctx.orders[gid]
     kept = np.sort(order[len(order) - int(k):])
     dropped = np.sort(order[:len(order) - int(k)])
@@ -499,7 +513,7 @@ class PruneRun:
         keep_idx = self.keep_indices(keep)
         if keep_idx:
             # same model, same group ids; shrink needs an analysis of the copy
-            analysis = channels.analyze(trial, self.ctx.input_shapes)
+            analysis = channels.analyze(trial, self.ctx.input_shapes, heads=self.opt("attention") == "heads")
             apply_plan(trial, analysis, keep_idx, self.reference, data, seed=self.seed, batch=self.batch,
                        **self.refit_options())
         return trial
@@ -547,6 +561,10 @@ class PruneFilters(Pass):
                                "this pass sees: under the prune preset, after the lossless cleanup; a run's report "
                                "lists them); groups not named keep all their channels; replaces the ratio and "
                                "the targets' allocation", str),
+        "attention": Option("head_dim", "what an attention channel is: one position of the head dim, shared by "
+                                        "every head (head_dim), or a whole head: its rows of Q, K, V and columns of "
+                                        "the output projection, the head count in the Reshape targets rewritten "
+                                        "(heads)", str, choices=("head_dim", "heads")),
         "allocation": Option("sensitivity", "how a global target is split between groups", str,
                              choices=("sensitivity", "uniform")),
         "blend": Option(False, "choose between the sensitivity allocation and ones blended with an even-spread "
@@ -601,7 +619,7 @@ class PruneFilters(Pass):
         refusal = self._no_budget(ctx)
         if refusal is not None:
             return PassResult(False, {"skipped": refusal})
-        analysis = channels.analyze(model, ctx.input_shapes)
+        analysis = channels.analyze(model, ctx.input_shapes, heads=self.opt(ctx, "attention") == "heads")
         groups = analysis.prunable()
         left_alone = _frozen_summary(analysis)
         if not groups:
@@ -700,7 +718,10 @@ class PruneFilters(Pass):
         return keep
 
     def _divisor(self, group, ctx) -> int:
-        return _lcm(int(self.opt(ctx, "multiple")), max(group.divisor, 1))
+        """Kept counts are multiples of this: the group's divisor, and ``multiple`` counted in weight rows
+        (a head of ``D`` rows already keeps a multiple of 8 rows when ``D`` is one)."""
+        multiple = int(self.opt(ctx, "multiple"))
+        return _lcm(multiple // gcd(multiple, max(group.width, 1)), max(group.divisor, 1))
 
     def _uniform_keep(self, group, fraction: float, ctx) -> int:
         m = self._divisor(group, ctx)
@@ -905,7 +926,8 @@ class PruneFilters(Pass):
                              for c in g.consumers if c.node in grams and c.node in run.layers]
         ev = EvalContext(to_proto(run.reference).SerializeToString(), sdata, batch_size=256)
         return SensitivityContext(ev, {gid: r.order for gid, r in run.rankings.items()}, refits,
-                                  metric=run.opt("sensitivity_metric"), input_shapes=run.ctx.input_shapes)
+                                  metric=run.opt("sensitivity_metric"), input_shapes=run.ctx.input_shapes,
+                                  heads=run.opt("attention") == "heads")
 
     def _choose_blend(self, run: PruneRun, problem: AllocationProblem, sens: dict,
                       alloc: budget.Allocation) -> tuple[budget.Allocation, list[dict] | None]:
