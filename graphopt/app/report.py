@@ -46,6 +46,7 @@ from rich.text import Text
 
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.numbers import format_bytes, format_count, format_ratio, format_seconds
+from graphopt.measure.probe import describe_shapes
 from graphopt.measure.verify import SIMILARITY_ROLES
 
 MAX_TABLE_ROWS = 100
@@ -767,7 +768,7 @@ def shapes_line(report: Mapping[str, Any]) -> str | None:
     shapes = (report.get("verify") or {}).get("shapes")
     if not shapes:
         return None
-    return "verified at " + "; ".join(", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in s.items()) for s in shapes)
+    return "verified at " + "; ".join(describe_shapes(s) for s in shapes)
 
 
 def target_line(report: Mapping[str, Any]) -> str | None:
