@@ -123,6 +123,21 @@ def trap_bert(model: onnx.ModelProto, entry: dict) -> None:
         assert isinstance(batch, str) and isinstance(sequence, str)
     tables = {tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
     assert (2, 64) in tables and (128, 64) in tables  # token type and position tables bound the inputs
+    assert [v.name for v in model.graph.output] == ["last_hidden_state", "pooler_output"]
+
+
+def trap_text_classifier(model: onnx.ModelProto, entry: dict) -> None:
+    """The BERT inputs and tables, one logits output [batch, classes] with the batch dynamic."""
+    inputs = {v.name: v for v in model.graph.input}
+    assert set(inputs) == {"input_ids", "attention_mask", "token_type_ids"}
+    for value in inputs.values():
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+        assert all(isinstance(d, str) for d in dims(value))
+    tables = {tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
+    assert (2, 64) in tables and (128, 64) in tables
+    (logits,) = model.graph.output
+    batch, classes = dims(logits)
+    assert logits.name == "logits" and isinstance(batch, str) and classes == 8
 
 
 def trap_contrib_ops(model: onnx.ModelProto, entry: dict) -> None:
@@ -192,6 +207,8 @@ TRAPS = {
     "fp16": trap_fp16,
     "qdq_int8": trap_qdq_int8,
     "contrib_ops": trap_contrib_ops,
+    "text_classifier": trap_text_classifier,
+    "text_classifier_dynamo": trap_text_classifier,
 }
 
 
@@ -303,14 +320,36 @@ def test_trained_models_record_quality() -> None:
 
 # The BERT family shares inputs and tables; contrib_ops is the TorchScript encoder after onnxruntime's fusions.
 SAME_TRAP_FAMILY = {"bert_encoder", "bert_encoder_dynamo", "contrib_ops"}
+TEXT_FAMILY = {"text_classifier", "text_classifier_dynamo"}
 
 
 @pytest.mark.parametrize("name", sorted(TRAPS))
 def test_trap_check_rejects_the_other_models(name: str) -> None:
     """Each check is specific: it fails on every corpus model that does not stand for its trap."""
     family = SAME_TRAP_FAMILY if name in SAME_TRAP_FAMILY - {"contrib_ops"} else {name}
+    family = TEXT_FAMILY if name in TEXT_FAMILY else family
     for entry in ENTRIES:
         if entry["name"] in family:
             continue
         with pytest.raises((AssertionError, KeyError, ValueError, TypeError, AttributeError)):
             TRAPS[name](load(entry["name"]), entry)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_FAMILY))
+def test_text_classifier_scores_well_above_chance_on_held_out_windows(name: str) -> None:
+    """The eval npz holds labelled windows the classifier never trained on; both exports score as recorded."""
+    entry = next(e for e in ENTRIES if e["name"] == name)
+    with np.load(CORPUS / "text_classifier_eval.npz") as f:
+        data = {k: f[k] for k in f.files}
+    with np.load(CORPUS / "text_classifier_calib.npz") as f:
+        calib = {k: f[k] for k in f.files}
+    assert set(data) == set(calib) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert len(data["labels"]) >= 300 and np.bincount(data["labels"]).min() >= 30
+    # Evaluation windows come from held-out blocks; the only token-for-token repeats of calibration windows
+    # are runs of MPL-2.0's dashed rules ("- - - ..."), a few windows at most.
+    seen = {row.tobytes() for row in calib["input_ids"]}
+    assert sum(row.tobytes() in seen for row in data["input_ids"]) <= 0.01 * len(data["labels"])
+    logits = gort.session(load(name)).run(None, {k: v for k, v in data.items() if k != "labels"})[0]
+    accuracy = float((logits.argmax(1) == data["labels"]).mean() * 100)
+    assert accuracy == pytest.approx(entry["quality"]["accuracy_percent"], abs=0.01)
+    assert accuracy > 3 * entry["quality"]["chance_percent"]

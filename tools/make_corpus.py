@@ -3,7 +3,10 @@
 
 Each model stands for one trap that models from the field set for an
 optimizer (dynamic H x W, dynamic sequence, scalar and state inputs, If
-subgraphs, NHWC transposes, ``-1`` dims, fp16, QDQ int8, contrib ops). They
+subgraphs, NHWC transposes, ``-1`` dims, fp16, QDQ int8, contrib ops), plus a
+text classifier on the BERT encoder (which license a token window comes
+from) whose labelled calibration and evaluation windows are committed next to
+it, so lossy passes are judged on a real task (issue 16). They
 are built with PyTorch's real exporters (TorchScript ``dynamo=False`` and,
 for ``bert_encoder_dynamo``, torch.export), onnxruntime's quantizer and its
 transformer optimizer; trained briefly on real data where a quality figure is
@@ -760,6 +763,161 @@ def build_bert_encoder_dynamo() -> list[Built]:
                   max_abs_diff=diff, quality=bert_quality(proto, mlm, info), training=bert_training_note(info))]
 
 
+# --------------------------------------------------------------------------
+# text_classifier (+ _dynamo): which license a token window comes from
+# --------------------------------------------------------------------------
+
+# Licenses with enough distinct text (GFDL-1.2 and LGPL-2 are near-copies of GFDL-1.3 and LGPL-2.1;
+# GPL-2 / LGPL-2.1 / GPL-3 share whole passages, which keeps the task from being trivial).
+TEXT_LICENSES = ("Apache-2.0", "Artistic", "CC0-1.0", "GFDL-1.3", "GPL-2", "GPL-3", "LGPL-2.1", "MPL-2.0")
+TEXT_WINDOW = 32        # [CLS] + 15..31 tokens, padded
+TEXT_BLOCK = 128        # held-out blocks of this many tokens
+TEXT_HELD_OUT_EVERY = 5  # every 5th block of each license text: evaluation windows only
+TEXT_MASK_RATE = 0.1    # training windows: this share of real tokens replaced by [MASK] (regularises)
+TEXT_STEPS = 3000
+TEXT_CALIBRATION = 256  # windows from the training part
+TEXT_EVAL_PER_CLASS = 50
+TEXT_OUTPUTS = ["logits"]
+
+
+class TextClassifier(nn.Module):
+    """The corpus BERT encoder (fresh weights) with a linear head on its pooler output -> logits."""
+
+    def __init__(self, classes: int = len(TEXT_LICENSES)) -> None:
+        super().__init__()
+        self.encoder = BertEncoder()
+        self.classifier = nn.Linear(BERT_HIDDEN, classes)
+        bert_init(self.classifier)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.classifier(self.encoder(input_ids, attention_mask, token_type_ids)[1])
+
+
+def license_windows(segments: list[list[np.ndarray]], rng: np.random.Generator, per_class: int
+                    ) -> dict[str, np.ndarray]:
+    """``per_class`` windows of each license (a list of token segments, drawn by length): [CLS] + a run
+    of 15..31 consecutive tokens of one segment, padded to TEXT_WINDOW; input_ids, attention_mask (1 on
+    real tokens), token_type_ids (0) and labels."""
+    count = per_class * len(segments)
+    ids = np.zeros((count, TEXT_WINDOW), np.int64)
+    mask = np.zeros_like(ids)
+    labels = np.repeat(np.arange(len(segments), dtype=np.int64), per_class)
+    for i, label in enumerate(labels):
+        sizes = np.array([len(s) for s in segments[label]], np.float64)
+        stream = segments[label][rng.choice(len(sizes), p=sizes / sizes.sum())]
+        length = int(rng.integers(TEXT_WINDOW // 2 - 1, TEXT_WINDOW))
+        start = int(rng.integers(0, len(stream) - length + 1))
+        ids[i, 0] = BERT_SPECIALS.index("[CLS]")
+        ids[i, 1:1 + length] = stream[start:start + length]
+        mask[i, :1 + length] = 1
+    order = rng.permutation(count)
+    return {"input_ids": ids[order], "attention_mask": mask[order], "token_type_ids": np.zeros_like(ids),
+            "labels": labels[order]}
+
+
+def license_streams() -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """Per license (TEXT_LICENSES order), its token ids cut into blocks of TEXT_BLOCK tokens: every
+    TEXT_HELD_OUT_EVERY-th block is held out (evaluation), the rest, merged where consecutive, train.
+    Interleaved blocks keep both parts drawn from the whole text (a license's last part is mostly its
+    "how to apply" appendix). A window never crosses a block boundary into the other part."""
+    texts, vocab = license_tokens()
+    index = {t: i for i, t in enumerate(vocab)}
+    unk = BERT_SPECIALS.index("[UNK]")
+    train, held = [], []
+    for name in TEXT_LICENSES:
+        ids = np.array([index.get(t, unk) for t in texts[name]], np.int64)
+        blocks = [ids[i:i + TEXT_BLOCK] for i in range(0, len(ids), TEXT_BLOCK)]
+        blocks = [b for b in blocks if len(b) >= TEXT_WINDOW]
+        is_held = [k % TEXT_HELD_OUT_EVERY == TEXT_HELD_OUT_EVERY - 1 for k in range(len(blocks))]
+        held.append([b for b, h in zip(blocks, is_held) if h])
+        runs: list[list[np.ndarray]] = [[]]
+        for b, h in zip(blocks, is_held):
+            if h:
+                runs.append([])
+            else:
+                runs[-1].append(b)
+        train.append([np.concatenate(r) for r in runs if r])
+    return train, held
+
+
+@cache
+def trained_text_classifier() -> tuple[TextClassifier, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Train from scratch on windows of the training blocks of each license; returns the model, the
+    calibration windows (training part) and the evaluation windows (held-out part)."""
+    torch.manual_seed(zoo.SEED)
+    train, held = license_streams()
+    model = TextClassifier()
+    rng = np.random.default_rng(zoo.SEED + 5)
+
+    def batch(_step: int):
+        w = license_windows(train, rng, 4)
+        drop = (rng.random(w["input_ids"].shape) < TEXT_MASK_RATE) & (w["input_ids"] >= len(BERT_SPECIALS))
+        w["input_ids"][drop] = BERT_SPECIALS.index("[MASK]")
+        return (tuple(torch.from_numpy(w[n]) for n in BERT_INPUTS), torch.from_numpy(w["labels"]))
+
+    fit("text_classifier", model, batch, F.cross_entropy, steps=TEXT_STEPS, lr=2e-3, weight_decay=0.01)
+    calib = license_windows(train, np.random.default_rng(zoo.SEED + 105), TEXT_CALIBRATION // len(TEXT_LICENSES))
+    evaluation = license_windows(held, np.random.default_rng(zoo.SEED + 106), TEXT_EVAL_PER_CLASS)
+    return model, calib, evaluation
+
+
+def text_accuracy(proto: onnx.ModelProto, data: dict[str, np.ndarray]) -> float:
+    logits = run_ort(proto, {n: data[n] for n in BERT_INPUTS})[0]
+    return round(float((logits.argmax(1) == data["labels"]).mean() * 100), 2)
+
+
+TEXT_DATA_FILES = ["models/corpus/text_classifier_calib.npz", "models/corpus/text_classifier_eval.npz"]
+TEXT_TRAP = ("a classifier on a BERT encoder: " + BERT_TRAP + "; one logits output [batch, 8]")
+
+
+def text_built(name: str, proto: onnx.ModelProto, exporter: str) -> Built:
+    model, calib, evaluation = trained_text_classifier()
+    diff = verify_probes(proto, bert_probes(), torch_reference(model, BERT_INPUTS))
+    for path, data in zip(TEXT_DATA_FILES, (calib, evaluation), strict=True):
+        zoo.write_npz_if_changed(zoo.REPO / path, **data)
+    return Built(
+        name, proto, trap=TEXT_TRAP, exporter=exporter, probes=bert_probes(), presets=["lossless", *ALL_LOSSY],
+        params=count_params(model), max_abs_diff=diff,
+        quality={"accuracy_percent": text_accuracy(proto, evaluation),
+                 "chance_percent": round(100 / len(TEXT_LICENSES), 2),
+                 "eval": f"{len(evaluation['labels'])} windows ({TEXT_EVAL_PER_CLASS} per license) of the held-out "
+                         f"blocks (every {TEXT_HELD_OUT_EVERY}th block of {TEXT_BLOCK} tokens) of each license text, "
+                         "text_classifier_eval.npz (onnxruntime)"},
+        training=f"from scratch, {TEXT_STEPS} steps x 32 windows ([CLS] + 15..31 tokens, padded to {TEXT_WINDOW}, "
+                 f"{TEXT_MASK_RATE:.0%} of tokens masked) of the training blocks of "
+                 f"/usr/share/common-licenses/{{{','.join(TEXT_LICENSES)}}}, label = which license, "
+                 "bert_encoder's vocabulary, cross-entropy, AdamW one-cycle; "
+                 f"text_classifier_calib.npz: {TEXT_CALIBRATION} windows of the training part",
+        data_files=TEXT_DATA_FILES)
+
+
+def build_text_classifier() -> list[Built]:
+    model, _, _ = trained_text_classifier()
+    example = (torch.zeros(1, 16, dtype=torch.long), torch.ones(1, 16, dtype=torch.long),
+               torch.zeros(1, 16, dtype=torch.long))
+    axes = {n: {0: "batch", 1: "sequence"} for n in BERT_INPUTS}
+    axes["logits"] = {0: "batch"}
+    proto = export_torchscript(model, example, BERT_INPUTS, TEXT_OUTPUTS, axes)
+    return [text_built("text_classifier", proto, "torch.onnx TorchScript (dynamo=False)")]
+
+
+def build_text_classifier_dynamo() -> list[Built]:
+    model, _, _ = trained_text_classifier()
+    example = (torch.randint(0, BERT_VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.long),
+               torch.zeros(2, 16, dtype=torch.long))
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=BERT_POSITIONS)
+    shapes = tuple({0: batch, 1: sequence} for _ in BERT_INPUTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, example, dynamo=True, input_names=BERT_INPUTS,
+                                    output_names=TEXT_OUTPUTS, dynamic_shapes=shapes, verbose=False)
+    proto = program.model_proto
+    zoo.strip_stack_traces(proto)
+    fix_ir_version(proto)
+    return [text_built("text_classifier_dynamo", proto,
+                       f"torch.onnx dynamo (torch.export), default opset {zoo.opset_of(proto)}")]
+
+
 def in_scratch_dir(fn: Callable, *args, **kwargs):
     """Run fn with the cwd in a private temporary directory (onnxruntime's tools write scratch files there)."""
     old = os.getcwd()
@@ -1187,6 +1345,8 @@ BUILDERS: dict[str, Callable[[], list[Built]]] = {
     "fp16": build_fp16,
     "qdq_int8": build_qdq_int8,
     "contrib_ops": build_contrib_ops,
+    "text_classifier": build_text_classifier,
+    "text_classifier_dynamo": build_text_classifier_dynamo,
 }
 
 
