@@ -353,6 +353,8 @@ def cases() -> list[Case]:
         Case("text_classifier_dynamo", CORPUS / "text_classifier_dynamo.onnx", text, "accuracy", True,
              _classifier_score),
         Case("transformer", ROOT / "models" / "transformer.onnx", fmnist, "accuracy", True, _classifier_score),
+        Case("transformer.opset11", ROOT / "models" / "variants" / "transformer.opset11.onnx", fmnist, "accuracy",
+             True, _classifier_score),
         Case("transformer.opset_newest", ROOT / "models" / "variants" / "transformer.opset_newest.onnx", fmnist,
              "accuracy", True, _classifier_score),
         Case("db_detector", CORPUS / "db_detector.onnx", _db_data, "IoU", False, _db_score),
