@@ -120,6 +120,45 @@ def test_thinet_removes_negligible_channels_first_and_predicts_refit_error():
         assert set(res.kept(k).tolist()) <= set(res.kept(k + 1).tolist())
 
 
+def test_thinet_in_rounds_ends_each_round_at_a_multiple_with_the_exact_error():
+    g, blocks, c = _thinet_data(2)
+    problem = imp.ThiNetProblem(g.xtx, g.xty, blocks, float(g.target_ss().sum()))
+    one = imp.thinet([problem], c, ridge=1e-9)
+    res = imp.thinet([problem], c, ridge=1e-9, step=2)
+    assert sorted(res.order.tolist()) == list(range(c))
+    base = g.sse(*g.solve(1e-9)).sum() / g.target_ss().sum()
+    # c = 6: rounds remove 2, 2, 1 (min_keep 1), so kept counts 4 and 2 end rounds
+    for kept in (4, 2):
+        cols = np.concatenate([blocks[i] for i in res.kept(kept)])
+        w, b = g.solve(1e-9, cols)
+        actual = g.sse(w, b, cols).sum() / g.target_ss().sum() - base
+        assert res.error_at(kept) == pytest.approx(actual, rel=1e-4, abs=1e-9)
+        # a round removes its channels together; greedy one at a time is at most a little better
+        assert res.error_at(kept) <= 1.5 * one.error_at(kept) + 1e-9
+    assert set(res.order[:2].tolist()) == {1, 3}          # the two negligible channels go in the first round
+    assert np.all(np.diff(res.error) >= -1e-12)
+    for k in range(1, c):
+        assert set(res.kept(k).tolist()) <= set(res.kept(k + 1).tolist())
+
+
+def test_thinet_step_is_one_until_the_sweeps_pass_the_budget():
+    assert imp.thinet_step(64, [576], 8) == 1                       # a zoo-sized group
+    assert imp.thinet_step(2048, [2048] * 3, 8) == 8                # ResNet-50's last residual group
+    assert imp.thinet_step(256, [2304], 8, budget=1e9) == 2         # 1.36e9 updates: halved
+    assert imp.thinet_step(100, [1000], 6, budget=1e7) == 6         # nothing smaller fits: the level step
+    assert imp.thinet_step(100, [1000], 6, budget=4e7) == 3         # divisors of the level step only
+
+
+def test_thinet_first_round_takes_the_remainder():
+    g, blocks, c = _thinet_data(3)
+    problem = imp.ThiNetProblem(g.xtx, g.xty, blocks, float(g.target_ss().sum()))
+    res = imp.thinet([problem], c, ridge=1e-9, step=4, min_keep=0)  # 6 = 2 + 4
+    base = g.sse(*g.solve(1e-9)).sum() / g.target_ss().sum()
+    cols = np.concatenate([blocks[i] for i in res.kept(4)])
+    w, b = g.solve(1e-9, cols)
+    assert res.error_at(4) == pytest.approx(g.sse(w, b, cols).sum() / g.target_ss().sum() - base, rel=1e-4)
+
+
 def test_thinet_greedy_beats_random_choice():
     g, blocks, c = _thinet_data(1)
     res = imp.thinet([imp.ThiNetProblem(g.xtx, g.xty, blocks, float(g.target_ss().sum()))], c, ridge=1e-9)

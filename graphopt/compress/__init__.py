@@ -2,4 +2,4 @@
 SVD, k-means, storage accounting, filter importance, re-fit, and the channel coupling analysis.
 """
 
-__all__ = ["budget", "channels", "importance", "kmeans", "lstsq", "options", "reconstruct", "storage", "svd"]
+__all__ = ["blas", "budget", "channels", "importance", "kmeans", "lstsq", "options", "reconstruct", "storage", "svd"]

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.compress.blas import for_work
 from graphopt.core.ir import Graph
 
 CRITERIA = ("l1", "l2", "bn", "mean", "apoz", "thinet")
@@ -214,59 +215,46 @@ class ThiNetResult:
 
 
 def thinet(problems: Sequence[ThiNetProblem], size: int, *, ridge: float = 1e-4,
-           min_keep: int = 1) -> ThiNetResult:
+           min_keep: int = 1, step: int = 1) -> ThiNetResult:
     """Greedy backward elimination of ``size`` channels (see the module docstring for the math).
 
     ``ridge`` is relative to the mean diagonal of ``XᵀX`` (the bias is not penalised). Channels are
     eliminated until ``min_keep`` remain; the survivors are appended to the order by their last
     scores, so ``order`` is a full permutation.
+
+    ``step`` > 1 eliminates that many channels per round (the first round ``size mod step``, so that
+    every round ends at a multiple of ``step`` kept): the ``step`` with the smallest ``Δ`` of the round,
+    then one block update of ``W`` and ``P`` for all of them. Each update reads and writes all of ``P``
+    (``F²`` numbers, memory-bound), so a 3072-wide consumer costs about ``size`` such sweeps one at a time
+    and ``size / step`` in rounds. Kept counts that are multiples of ``step`` (the only ones the pruning
+    levels use) then end rounds; ``error`` there is exact (the joint ``Δ`` of the channels removed in
+    the round, which accounts for their interaction), inside a round it is spread in proportion to the
+    channels' own ``Δ``.
     """
-    states = []
-    for prob in problems:
-        f1 = prob.xtx.shape[0]
-        a = prob.xtx.astype(np.float64).copy()
-        n_w = f1 - 1
-        lam = ridge * max(float(np.diagonal(a)[:n_w].mean()) if n_w else 0.0, 1e-12)
-        a[np.arange(n_w), np.arange(n_w)] += lam
-        try:
-            p = np.linalg.inv(a)
-        except np.linalg.LinAlgError:
-            p = np.linalg.pinv(a)
-        w = p @ prob.xty
-        states.append([p, w, max(prob.energy, 1e-30), prob.blocks])
+    step = max(int(step), 1)
+    states = [_thinet_state(prob, ridge) for prob in problems]
     alive = np.ones(size, dtype=bool)
     order: list[int] = []
     errors: list[float] = []
     total = 0.0
     last = np.zeros(size)
+    first = size % step or step
     while alive.sum() > max(min_keep, 0):
+        count = min(first if not order else step, int(alive.sum()) - max(min_keep, 0))
         delta = np.zeros(size)
         for p, w, energy, blocks in states:
             _add_removal_costs(delta, p, w, energy, blocks, alive)
         candidates = np.flatnonzero(alive)
-        c = int(candidates[np.argmin(delta[candidates])])
+        picked = candidates[np.argsort(delta[candidates], kind="stable")[:count]]
         last = delta
-        total += max(float(delta[c]), 0.0)
-        order.append(c)
-        errors.append(total)
-        alive[c] = False
-        for state in states:
-            p, w, _, blocks = state
-            b = blocks[c]
-            if b.size == 0:
-                continue
-            pbb = p[np.ix_(b, b)]
-            try:
-                inv = np.linalg.inv(pbb)
-            except np.linalg.LinAlgError:
-                inv = np.linalg.pinv(pbb)
-            pcol = p[:, b]  # fancy indexing: copies, so the in-place updates below cannot alias them
-            # In place: a new F×F result per removed channel made this loop 3x slower at F = 2304.
-            w -= pcol @ (inv @ w[b])
-            p -= (pcol @ inv) @ p[b, :]
-            w[b] = 0.0
-            p[b, :] = 0.0
-            p[:, b] = 0.0
+        joint = sum(_remove_blocks(state, picked) for state in states)
+        own = np.maximum(delta[picked], 0.0)
+        share = own / own.sum() if own.sum() > 0 else np.full(len(picked), 1.0 / len(picked))
+        running = total + np.cumsum(share) * max(float(joint), 0.0)
+        order.extend(int(c) for c in picked)
+        errors.extend(float(e) for e in running)
+        total = float(running[-1])
+        alive[picked] = False
     survivors = np.flatnonzero(alive)
     # Survivors by their last removal cost, cheapest first, so the most important comes last.
     survivors = survivors[np.argsort(last[survivors], kind="stable")]
@@ -276,16 +264,84 @@ def thinet(problems: Sequence[ThiNetProblem], size: int, *, ridge: float = 1e-4,
     return ThiNetResult(full, np.array(errors + [total] * len(survivors)), scores)
 
 
+#: Element updates of ``P`` one ThiNet ranking may make one channel at a time (``size · Σ F²`` over the
+#: group's consumers): about 2 s of memory-bound sweeps here. Beyond it, :func:`thinet_step` removes
+#: channels in rounds: one at a time measured 0.2-0.4 points better than rounds of 8 on the zoo's
+#: mobilenetv2 (BENCHMARKS.md), so rounds are only for the groups that would otherwise take minutes.
+THINET_SWEEP_BUDGET = 1e9
+
+
+def thinet_step(size: int, features: Sequence[int], level_step: int, budget: float = THINET_SWEEP_BUDGET) -> int:
+    """Channels per ThiNet round for a group of ``size`` channels whose consumers have ``features``
+    inputs each: the smallest divisor of ``level_step`` (the pruning levels' spacing, so rounds still
+    end on every level) whose ``size / step · Σ F²`` element updates fit ``budget``, else ``level_step``."""
+    work = float(size) * float(sum(int(f) ** 2 for f in features))
+    level_step = max(int(level_step), 1)
+    for step in range(1, level_step + 1):
+        if level_step % step == 0 and work / step <= budget:
+            return step
+    return level_step
+
+
+def _thinet_state(prob: ThiNetProblem, ridge: float) -> list:
+    """``[P, W, energy, blocks]`` of one consumer: ``P = (XᵀX + λI)⁻¹``, ``W = P XᵀY``."""
+    a = prob.xtx.astype(np.float64).copy()
+    n_w = a.shape[0] - 1
+    lam = ridge * max(float(np.diagonal(a)[:n_w].mean()) if n_w else 0.0, 1e-12)
+    a[np.arange(n_w), np.arange(n_w)] += lam
+    try:
+        with for_work(a.shape[0] ** 3):
+            p = np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        p = np.linalg.pinv(a)
+    return [p, p @ prob.xty, max(prob.energy, 1e-30), prob.blocks]
+
+
+_ROWS = 128
+
+
+def _remove_blocks(state: list, channels: np.ndarray) -> float:
+    """Remove the feature blocks of ``channels`` from one consumer's ``P`` and ``W`` (in place) and return
+    the relative error that adds: ``tr(W_Sᵀ P_SS⁻¹ W_S) / energy`` over their union ``S``."""
+    p, w, energy, blocks = state
+    b = np.concatenate([blocks[c] for c in channels]) if len(channels) else np.zeros(0, np.int64)
+    if b.size == 0:
+        return 0.0
+    pbb = p[np.ix_(b, b)]
+    try:
+        inv = np.linalg.inv(pbb)
+    except np.linalg.LinAlgError:
+        inv = np.linalg.pinv(pbb)
+    wb = w[b]
+    added = float(np.einsum("ko,ko->", wb, inv @ wb)) / energy
+    pcol = p[:, b]  # fancy indexing: copies, so the in-place updates below cannot alias them
+    w -= pcol @ (inv @ wb)
+    left, right = pcol @ inv, p[b, :]
+    # In place and by row blocks: a new F×F result per removal made this loop 3x slower at F = 2304, and
+    # blocks whose product stays in cache read P once instead of three times (1.5x at F = 2048).
+    for r in range(0, p.shape[0], _ROWS):
+        p[r:r + _ROWS] -= left[r:r + _ROWS] @ right
+    w[b] = 0.0
+    p[b, :] = 0.0
+    p[:, b] = 0.0
+    return added
+
+
 def _add_removal_costs(delta: np.ndarray, p: np.ndarray, w: np.ndarray, energy: float,
                        blocks: list[np.ndarray], alive: np.ndarray) -> None:
     """``delta[c] += tr(W_Bᵀ P_BB⁻¹ W_B) / energy`` for every alive channel ``c`` (blocks of equal size
-    are solved as one stacked batch)."""
+    are solved as one stacked batch; one-column blocks in closed form, ``Σ_o W_co² / P_cc``)."""
     by_len: dict[int, list[int]] = {}
     for c in np.flatnonzero(alive):
         if blocks[c].size:
             by_len.setdefault(int(blocks[c].size), []).append(int(c))
-    for chans in by_len.values():
+    for k, chans in by_len.items():
         idx = np.stack([blocks[c] for c in chans])                  # [n, k]
+        if k == 1:
+            col = idx[:, 0]
+            wb = w[col]                                             # [n, O]
+            delta[chans] += np.einsum("no,no->n", wb, wb) / p[col, col] / energy
+            continue
         pbb = p[idx[:, :, None], idx[:, None, :]]                   # [n, k, k]
         wb = w[idx]                                                 # [n, k, O]
         try:

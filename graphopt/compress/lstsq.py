@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from graphopt.compress.blas import for_work
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ops import conv_info, drop_unused
 from graphopt.measure.calibration import Calibrator, SampleData
@@ -72,8 +73,9 @@ class CrossGram:
             self.y_sq = np.zeros(y.shape[1])
         elif x.shape[1] != self.xtx.shape[0] or y.shape[1] != self.xty.shape[1]:
             raise ValueError(f"batch shapes {x.shape}, {y.shape} differ from earlier batches")
-        self.xtx += x.T @ x
-        self.xty += x.T @ y
+        with for_work(2.0 * x.shape[0] * x.shape[1] * (x.shape[1] + y.shape[1])):
+            self.xtx += x.T @ x
+            self.xty += x.T @ y
         self.y_sum += y.sum(axis=0)
         self.y_sq += np.einsum("ij,ij->j", y, y)
         self.count += x.shape[0]
@@ -141,7 +143,8 @@ class CrossGram:
             lam = ridge * max(float(diag.mean()), 1e-12)
             a[np.arange(n_w), np.arange(n_w)] += lam
         try:
-            sol = np.linalg.solve(a, rhs)
+            with for_work(2 / 3 * a.shape[0] ** 3):
+                sol = np.linalg.solve(a, rhs)
         except np.linalg.LinAlgError:  # singular even with the ridge (e.g. ridge=0, constant columns)
             sol = np.linalg.lstsq(a, rhs, rcond=None)[0]
         if self.bias:
@@ -343,13 +346,12 @@ class LinearLayer:
 
     def weight_from_matrix(self, w: np.ndarray) -> np.ndarray:
         """The stored-layout weight for a ``[F', O]`` matrix (``F'`` may be fewer channels than now)."""
-        w = np.asarray(w)
-        if self.kind == "conv":
-            taps = self.kernel[0] * self.kernel[1]
-            if w.shape[0] % taps:
-                raise ValueError(f"{w.shape[0]} rows are not whole channels of a {self.kernel} kernel")
-            return np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0] // taps, *self.kernel))
-        return np.ascontiguousarray(w.T if self.trans_b else w)
+        return stored_weight(self.layout, w)
+
+    @property
+    def layout(self) -> tuple[str, tuple[int, int], bool]:
+        """``(kind, kernel, trans_b)``: what :func:`stored_weight` needs (small and picklable)."""
+        return self.kind, tuple(self.kernel), bool(self.trans_b)
 
     def set_weights(self, graph: Graph, w: np.ndarray, b: np.ndarray | None = None) -> None:
         """Write ``W [F', O]`` and ``b [O]`` into the graph as new initializers (never in place).
@@ -381,6 +383,19 @@ class LinearLayer:
 
 # =============================================================================================
 # gathering statistics
+
+
+def stored_weight(layout: tuple[str, tuple[int, int], bool], w: np.ndarray) -> np.ndarray:
+    """The weight as a layer of ``layout`` (:attr:`LinearLayer.layout`) stores it, for a ``[F, O]`` matrix:
+    a conv's ``[O, F / taps, kh, kw]``, a Gemm's ``[O, F]`` with ``transB``, else ``[F, O]``."""
+    kind, kernel, trans_b = layout
+    w = np.asarray(w)
+    if kind == "conv":
+        taps = kernel[0] * kernel[1]
+        if w.shape[0] % taps:
+            raise ValueError(f"{w.shape[0]} rows are not whole channels of a {kernel} kernel")
+        return np.ascontiguousarray(w.T.reshape(w.shape[1], w.shape[0] // taps, *kernel))
+    return np.ascontiguousarray(w.T if trans_b else w)
 
 
 def collect(model: Model, layers: Mapping[str, LinearLayer], data: SampleData, *,

@@ -42,11 +42,8 @@ downstream is re-fitted and compensates.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
@@ -54,10 +51,13 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.compress.blas import for_work
 from graphopt.compress.lstsq import CrossGram, LinearLayer
 from graphopt.core import scratch
 from graphopt.core.ir import Model, Node
-from graphopt.measure.calibration import Calibrator, SampleData
+from graphopt.core.onnx_io import to_proto
+from graphopt.measure.calibration import Calibrator, SampleData, feed_batch_size
+from graphopt.measure.segments import Frontier
 
 DEFAULT_RIDGE = 1e-3
 #: A layer's targets (float32 ``[rows, O]``, all layers' held from one reference pass) and an
@@ -67,49 +67,10 @@ KEPT_ROW_BYTES = 256 * 2**20
 MIN_ROWS = 16384
 #: The reference targets of all layers held in memory at once; the rest wait in a scratch folder.
 TARGET_RAM_BYTES = 512 * 2**20
+#: One reference run's outputs (every re-fitted layer's output for a batch of samples): fewer samples per
+#: run beyond it (ResNet-50 at 224x224 writes 45 MB of layer outputs per image).
+TARGET_BATCH_BYTES = 256 * 2**20
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
-
-
-def _openblas() -> tuple[object, object] | None:
-    """``(get, set)`` thread-count functions of numpy's bundled OpenBLAS, or ``None``."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", ""), ("scipy_openblas", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                return get, put
-    return None
-
-
-@contextmanager
-def blas_threads(n: int = 1) -> Iterator[None]:
-    """Run the block with ``n`` BLAS threads (threadpoolctl when installed, else numpy's OpenBLAS directly).
-
-    The fits here are many mid-sized products and solves; on a busy machine OpenBLAS's thread pool
-    spins against other processes and made the whole pass about twice as slow. Unknown BLAS builds: no-op.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        fns = _openblas()
-        if fns is None:
-            yield
-            return
-        get, put = fns
-        old = int(get())
-        put(int(n))
-        try:
-            yield
-        finally:
-            put(old)
-        return
-    with threadpool_limits(n, user_api="blas"):
-        yield
 
 
 @dataclass
@@ -139,7 +100,8 @@ def solve_towards(gram: CrossGram, ridge: float, w0: np.ndarray, b0: np.ndarray)
     a[np.arange(f), np.arange(f)] += lam
     rhs[:f] += lam * w0
     try:
-        sol = np.linalg.solve(a, rhs)
+        with for_work(2 / 3 * a.shape[0] ** 3):
+            sol = np.linalg.solve(a, rhs)
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(a, rhs, rcond=None)[0]
     return sol[:-1], sol[-1]
@@ -163,10 +125,13 @@ def choose_ridge(folds: Sequence[CrossGram], w0: np.ndarray, b0: np.ndarray,
 
 def _layer_gram_pass(model: Model, reference_rows: list[tuple[np.ndarray | None, np.ndarray]], layer: LinearLayer,
                      data: SampleData, batch_size: int,
-                     kept: list[np.ndarray] | None = None) -> tuple[CrossGram, CrossGram]:
-    """Two-fold statistics of the layer's rows; ``kept`` (a list) also receives the rows (float32)."""
+                     kept: list[np.ndarray] | None = None, batches=None) -> tuple[CrossGram, CrossGram]:
+    """Two-fold statistics of the layer's rows; ``kept`` (a list) also receives the rows (float32).
+    ``batches`` yields the layer's input per batch (default: a run of the whole model)."""
     folds = (CrossGram(bias=True), CrossGram(bias=True))
-    for i, batch in enumerate(Calibrator(model, data, batch_size).run([layer.x.name])):
+    if batches is None:
+        batches = Calibrator(model, data, batch_size).run([layer.x.name])
+    for i, batch in enumerate(batches):
         select, y_rows = reference_rows[i]
         x = batch[layer.x.name]
         rows = layer.rows(x, select)
@@ -335,8 +300,9 @@ def fit_through_activation(full: CrossGram, x: np.ndarray, y: np.ndarray, w: np.
     g = CrossGram(bias=True)
     g.xtx, g.count = full.xtx, full.count
     for _ in range(iterations):
-        t = activation_targets(y, x @ best[0] + best[1], lo, hi)
-        g.xty = np.concatenate([x.T.astype(np.float64) @ t, t.sum(axis=0, keepdims=True)], axis=0)
+        with for_work(4.0 * x.shape[0] * x.shape[1] * y.shape[1]):
+            t = activation_targets(y, x @ best[0] + best[1], lo, hi)
+            g.xty = np.concatenate([x.T.astype(np.float64) @ t, t.sum(axis=0, keepdims=True)], axis=0)
         g.y_sum, g.y_sq = t.sum(axis=0), (t * t).sum(axis=0)
         w2, b2 = solve_towards(g, ridge, w0, b0)
         err = _act_error(x, y, w2, b2, lo, hi)
@@ -370,6 +336,7 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
             continue
         layers[t.node] = layer
         specs[t.node] = (layer.y.name, t.out_keep, layer)
+    batch_size = _target_batch(reference, [name for name, _, _ in specs.values()], data, batch_size)
     with TargetStore(target_ram_bytes) as store:
         reference_targets(reference, specs, data, store, max_rows=max_rows, seed=seed, batch_size=batch_size)
         if usage is not None:
@@ -379,11 +346,24 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
     return records
 
 
+def _target_batch(reference: Model, names: Sequence[str], data: SampleData, batch_size: int) -> int:
+    """``batch_size``, or fewer samples per run when one run's target outputs (every re-fitted layer's
+    output at once) would pass :data:`TARGET_BATCH_BYTES`: measured on one sample."""
+    names = sorted(set(names))
+    if not names or data.one_per_run or data.n_samples <= 1:
+        return batch_size
+    one = next(Calibrator(reference, data.head(1), 1).run(names))
+    per_sample = sum(int(a.nbytes) for a in one.values())
+    return int(max(1, min(batch_size, TARGET_BATCH_BYTES // max(per_sample, 1))))
+
+
 def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dict[str, LinearLayer],
                 store: TargetStore, data: SampleData, batch_size: int, ridges: Sequence[float],
                 activation_aware: bool, progress) -> list[dict[str, Any]]:
     """The per-layer loop of :func:`refit`: each layer's targets are taken from ``store`` as it is fitted."""
     records = []
+    frontier = Frontier(data, feed_batch_size(model, batch_size, data))
+    pending = [t.node for t in targets if t.node in layers]
     for t in targets:
         if t.node not in layers:
             continue
@@ -395,7 +375,14 @@ def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dic
         act = activation_after(graph, layer) if activation_aware else None
         kept_rows: list[np.ndarray] | None = [] if act is not None else None
         rows = store.pop(t.node)
-        folds = _layer_gram_pass(model, rows, layer, data, batch_size, kept_rows)
+        # Every node before the first layer still to fit is final: the frontier's cut moves up to it.
+        proto = to_proto(model)
+        position = {n.name: i for i, n in enumerate(proto.graph.node)}
+        frontier.advance(proto, min(position[name] for name in pending if name in position))
+        pending.remove(t.node)
+        folds = _layer_gram_pass(model, rows, layer, data, batch_size, kept_rows,
+                                 batches=frontier.batches(proto, [layer.x.name]))
+        del proto
         w0 = layer.weight_matrix().astype(np.float64)
         b0 = layer.bias_vector().astype(np.float64)
         full = folds[0].merge(folds[1])
