@@ -210,3 +210,74 @@ def test_feed_batches_follow_the_sample_layout():
     cp = segments.Checkpoints.none(_block(), data, batch_size=2)
     out = cp.run(prune.gort.session(_block()), 0)
     assert out["y"].shape == (5, 2, 6, 6)
+
+
+def test_frontier_moves_forward_and_gives_the_whole_models_values():
+    proto = _block()
+    x = np.random.default_rng(2).standard_normal((5, 4, 6, 6)).astype(np.float32)
+    data = SampleData({"x": x})
+    names = ["b", "rs"]
+    whole = prune.gort.run(prune.gort.session(prune.gort.with_outputs(proto, names)), {"x": x}, names)
+    frontier = segments.Frontier(data, 2)
+    assert frontier.advance(proto, 2) and frontier.prefix == {"conv_a", "relu_a"}
+    assert set(frontier.values[0]) == {"ra"}            # x is a graph input: taken from the data
+    got = list(frontier.batches(proto, names))
+    assert len(got) == 3                                 # 5 samples in batches of 2
+    for name in names:
+        np.testing.assert_allclose(np.concatenate([b[name] for b in got]), whole[name], rtol=1e-5, atol=1e-5)
+    assert not frontier.advance(proto, 1)                # never backwards
+    tight = segments.Frontier(data, 2, budget=10)
+    assert not tight.advance(proto, 2) and tight.skipped == 1 and tight.prefix == frozenset()
+
+
+def test_frontier_refuses_a_cut_that_no_longer_feeds_the_model():
+    proto = _block()
+    data = SampleData({"x": np.zeros((2, 4, 6, 6), np.float32)})
+    frontier = segments.Frontier(data, 2)
+    assert frontier.advance(proto, 2)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(proto)
+    changed.graph.node[2].input[0] = "a"                 # conv_b now reads a value before the cut, not held
+    with pytest.raises(ValueError, match="does not hold"):
+        list(frontier.batches(changed, ["b"]))
+
+
+def _table(options: dict) -> dict:
+    path = MODELS / "resnet.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    calib = load_data(MODELS / "fmnist_calib.npz", load(path)).head(96)
+    result = optimize(path, preset="prune", data=calib, target_macs=0.5, run_verify=False,
+                      options={"prune_filters.samples": 96, "prune_filters.sensitivity_samples": 32,
+                               "prune_filters.levels": 6, "prune_filters.max_rows": 4096, **options})
+    stats = next(p["stats"] for p in result.report["passes"] if p["name"] == "prune_filters")
+    return stats["allocation"]["sensitivity"]
+
+
+def test_the_sensitivity_table_keeps_within_its_work_budget_and_says_what_it_measured():
+    free = _table({"prune_filters.sensitivity_tmacs": 0})
+    table = free["table"]
+    assert table["measured"] == table["asked"] and table["asked"]["samples"] == 32
+    asked = table["asked"]["tmacs"]
+    half = _table({"prune_filters.sensitivity_tmacs": asked / 2})["table"]
+    assert half["measured"]["levels"] == 6 and 16 <= half["measured"]["samples"] < 32
+    assert half["measured"]["tmacs"] <= asked / 2
+    tiny = _table({"prune_filters.sensitivity_tmacs": asked / 1000})["table"]
+    assert tiny["measured"]["levels"] == 4 and tiny["measured"]["samples"] == 8 and "over_budget" in tiny
+
+
+def test_a_refitted_conv_without_bias_gets_one_to_override():
+    proto = _block()                                       # conv_b has no bias and feeds an Add, not a BN
+    model = from_proto(proto)
+    groups = channels.analyze(model, None).prunable()
+    data = SampleData({"x": np.random.default_rng(3).standard_normal((24, 4, 6, 6)).astype(np.float32)})
+    fit, held = data.split(8)
+    grams, layers = prune.consumer_grams(model, groups, fit, max_rows=4096, seed=0, batch=64, max_features=4096)
+    orders = {g.gid: np.random.default_rng(0).permutation(g.size) for g in groups}
+    ctx, _ = prune.sensitivity_context(model, groups, orders, grams, layers, held, {g.gid: 2 for g in groups})
+    group = next(g for g in groups if any(p.node == "conv_a" for p in g.producers))
+    slot = ctx.overrides[group.gid].refit["conv_b"]
+    assert slot.new_bias
+    removed = prune.level_outputs_by_removal(ctx, group.gid, 4)
+    overridden = prune.level_outputs_by_overrides(ctx, group.gid, 4)
+    assert relative_error(removed, overridden) <= 1e-6 * relative_error(ctx.ev.reference(), removed)

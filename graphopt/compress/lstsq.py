@@ -31,7 +31,7 @@ import numpy as np
 from graphopt.compress.blas import for_work
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ops import conv_info, drop_unused
-from graphopt.measure.calibration import Calibrator, SampleData
+from graphopt.measure.calibration import Calibrator, SampleData, batch_within
 
 DEFAULT_RIDGE = 1e-6
 
@@ -428,9 +428,14 @@ def collect(model: Model, layers: Mapping[str, LinearLayer], data: SampleData, *
     if not layers:
         return grams
     rng = np.random.default_rng(seed) if rng is None else rng
-    per_batch = max(1, ceil(max_rows / max(1, ceil(data.n_samples / batch_size))))
     x_names = sorted({layer.x.name for layer in layers.values()})
     y_names = sorted(set(targets.values()))
+    if target_batches is None:
+        # One run holds every layer's X and Y for a batch: fewer samples per run for a large model.
+        batch_size = (batch_within(model, set(x_names) | set(y_names), data, batch_size) if reference is model
+                      else min(batch_within(model, x_names, data, batch_size),
+                               batch_within(reference, y_names, data, batch_size)))
+    per_batch = max(1, ceil(max_rows / max(1, ceil(data.n_samples / batch_size))))
     if target_batches is not None:
         batches = zip(Calibrator(model, data, batch_size, threads=threads).run(x_names), target_batches)
     elif reference is model:

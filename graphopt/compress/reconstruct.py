@@ -56,7 +56,7 @@ from graphopt.compress.lstsq import CrossGram, LinearLayer
 from graphopt.core import scratch
 from graphopt.core.ir import Model, Node
 from graphopt.core.onnx_io import to_proto
-from graphopt.measure.calibration import Calibrator, SampleData, feed_batch_size
+from graphopt.measure.calibration import Calibrator, SampleData, batch_within, feed_batch_size
 from graphopt.measure.segments import Frontier
 
 DEFAULT_RIDGE = 1e-3
@@ -67,9 +67,6 @@ KEPT_ROW_BYTES = 256 * 2**20
 MIN_ROWS = 16384
 #: The reference targets of all layers held in memory at once; the rest wait in a scratch folder.
 TARGET_RAM_BYTES = 512 * 2**20
-#: One reference run's outputs (every re-fitted layer's output for a batch of samples): fewer samples per
-#: run beyond it (ResNet-50 at 224x224 writes 45 MB of layer outputs per image).
-TARGET_BATCH_BYTES = 256 * 2**20
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, float("inf"))
 
 
@@ -336,7 +333,7 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
             continue
         layers[t.node] = layer
         specs[t.node] = (layer.y.name, t.out_keep, layer)
-    batch_size = _target_batch(reference, [name for name, _, _ in specs.values()], data, batch_size)
+    batch_size = batch_within(reference, [name for name, _, _ in specs.values()], data, batch_size)
     with TargetStore(target_ram_bytes) as store:
         reference_targets(reference, specs, data, store, max_rows=max_rows, seed=seed, batch_size=batch_size)
         if usage is not None:
@@ -344,17 +341,6 @@ def refit(model: Model, reference: Model, targets: Sequence[RefitTarget], data: 
         records += _refit_each(model, graph, targets, layers, store, data, batch_size, ridges, activation_aware,
                                progress)
     return records
-
-
-def _target_batch(reference: Model, names: Sequence[str], data: SampleData, batch_size: int) -> int:
-    """``batch_size``, or fewer samples per run when one run's target outputs (every re-fitted layer's
-    output at once) would pass :data:`TARGET_BATCH_BYTES`: measured on one sample."""
-    names = sorted(set(names))
-    if not names or data.one_per_run or data.n_samples <= 1:
-        return batch_size
-    one = next(Calibrator(reference, data.head(1), 1).run(names))
-    per_sample = sum(int(a.nbytes) for a in one.values())
-    return int(max(1, min(batch_size, TARGET_BATCH_BYTES // max(per_sample, 1))))
 
 
 def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dict[str, LinearLayer],

@@ -328,13 +328,16 @@ class RefitSlot:
     initializer the fitted bias ``b`` goes to: ``bias_sign`` 0 replaces the layer's own bias (Conv/Gemm
     ``B``) by ``b``; 1 adds ``b`` to the bias of the ``Add`` after a MatMul; -1 subtracts it from the
     running mean of the ``BatchNormalization`` after a Conv without bias (``BN(y + b)`` is ``BN`` with
-    mean ``μ − b``)."""
+    mean ``μ − b``). A Conv/Gemm without a bias and no such neighbour gets a zero bias input of its own
+    in the measuring session's model (``new_bias``; the function is unchanged)."""
 
     weight: str
     layout: tuple
     features: int
     bias: str
     bias_sign: int
+    node: str = ""
+    new_bias: bool = False             # a Conv/Gemm without bias: the suffix model gets a zero one to override
 
 
 @dataclass
@@ -441,7 +444,7 @@ def level_outputs_by_overrides(ctx: SensitivityContext, gid: int, k: int, *,
         full[cols] = w
         dtype = _initializer(ctx, slot.weight).dtype
         values[slot.weight] = stored_weight(slot.layout, full).astype(dtype)
-        base = _initializer(ctx, slot.bias)
+        base = np.zeros(w.shape[1], dtype) if slot.new_bias else _initializer(ctx, slot.bias)
         bias = np.asarray(b, dtype=np.float64).reshape(base.shape)
         values[slot.bias] = (base + slot.bias_sign * bias if slot.bias_sign else bias).astype(base.dtype)
     checkpoints = _checkpoints(ctx)
@@ -452,9 +455,30 @@ def level_outputs_by_overrides(ctx: SensitivityContext, gid: int, k: int, *,
     if held is None or held[0] != gid:
         ctx.ev.cache.pop("suffix session", None)
         drop = checkpoints.prefix[cut] if cut else ()
-        suffix, _ = segments.suffix_model(ctx.ev.proto(), drop, overridable=spec.params, types=checkpoints.types)
+        suffix, _ = segments.suffix_model(_with_new_biases(ctx.ev.proto(), spec), drop, overridable=spec.params,
+                                          types=checkpoints.types)
         held = ctx.ev.cache["suffix session"] = (gid, gort.session(suffix, optimize=True, threads=_threads(ctx), quiet=True))
     return checkpoints.run(held[1], cut, values, limit=limit)
+
+
+def _with_new_biases(proto: onnx.ModelProto, spec: Overrides) -> onnx.ModelProto:
+    """``proto`` itself, or a copy in which each re-fitted Conv/Gemm without a bias reads a zero one
+    (:attr:`RefitSlot.new_bias`) that the overrides can set."""
+    new = [slot for slot in spec.refit.values() if slot.new_bias]
+    if not new:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    for slot in new:
+        node, weight = nodes[slot.node], onnx.numpy_helper.to_array(inits[slot.weight])
+        outputs = weight.shape[0] if slot.layout[0] == "conv" or slot.layout[2] else weight.shape[1]
+        out.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(outputs, weight.dtype), slot.bias))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = slot.bias
+    return out
 
 
 def _checkpoints(ctx: SensitivityContext):
@@ -537,7 +561,8 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
         slot = _bias_slot(node, layer, readers, inits)
         if isinstance(slot, str):
             return slot
-        refit[name] = RefitSlot(node.input[1], layer.layout, layer.features, *slot)
+        refit[name] = RefitSlot(node.input[1], layer.layout, layer.features, slot[0], slot[1], node=name,
+                                new_bias=len(slot) > 2)
     params = {p for p, _, _ in zeroed} | {s.weight for s in refit.values()} | {s.bias for s in refit.values()}
     return Overrides(zeroed, refit, tuple(sorted(params)), checked=mixed is None,
                      mixing=f"{mixed.op_type} {mixed.name!r}" if mixed is not None else "")
@@ -552,32 +577,33 @@ def _depthwise(node: onnx.NodeProto, inits: Mapping[str, Any]) -> bool:
 
 
 def _bias_slot(node: onnx.NodeProto, layer, readers: Mapping[str, list], inits: Mapping[str, Any]
-               ) -> tuple[str, int] | str:
-    """``(initializer, sign)`` that takes a re-fitted ``node``'s bias (see :class:`RefitSlot`), or why
-    there is none."""
+               ) -> tuple[str, int] | tuple[str, int, bool] | str:
+    """``(initializer, sign[, new])`` that takes a re-fitted ``node``'s bias (see :class:`RefitSlot`), or
+    why there is none."""
     if layer.kind in ("conv", "gemm") and len(node.input) >= 3 and node.input[2]:
         if node.input[2] not in inits or len(readers.get(node.input[2], [])) != 1:
             return f"the bias of {node.name!r} is not an initializer of its own"
         return node.input[2], 0
     after = readers.get(node.output[0], [])
-    if len(after) != 1:
-        return f"{node.op_type} {node.name!r} has no bias and is read by {len(after)} nodes"
-    nxt = after[0]
-    if layer.kind == "conv" and nxt.op_type == "BatchNormalization" and len(nxt.input) >= 4:
+    nxt = after[0] if len(after) == 1 else None
+    if nxt is not None and layer.kind == "conv" and nxt.op_type == "BatchNormalization" and len(nxt.input) >= 4:
         mean = nxt.input[3]
         if mean in inits and len(readers.get(mean, [])) == 1 and nxt.input[0] == node.output[0]:
             return mean, -1
-    if layer.kind == "matmul" and nxt.op_type == "Add":
+    if nxt is not None and layer.kind == "matmul" and nxt.op_type == "Add":
         other = [n for n in nxt.input if n != node.output[0]]
         if (len(other) == 1 and other[0] in inits and len(readers.get(other[0], [])) == 1
                 and int(np.prod(inits[other[0]].dims)) == layer.out_features):
             return other[0], 1
+    if layer.kind in ("conv", "gemm"):
+        return f"graphopt_refit_bias/{node.name}", 0, True
     return f"{node.op_type} {node.name!r} has no bias initializer of its own to take the re-fitted bias"
 
 
 def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int, np.ndarray], grams: Mapping[str, Any],
                         layers: Mapping[str, Any], data, evaluations: Mapping[int, int], *, metric: str = "rel",
-                        input_shapes: Mapping | None = None, heads: bool = False
+                        input_shapes: Mapping | None = None, heads: bool = False, proto: onnx.ModelProto | None = None,
+                        starts: Mapping[int, int] | None = None, node_macs: Sequence[float] | None = None
                         ) -> tuple[SensitivityContext, dict[str, Any]]:
     """The :class:`SensitivityContext` of ``groups`` of ``reference`` measured on ``data``, and its stats.
 
@@ -587,7 +613,8 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
     listed by reason under ``by_removal``); cuts are chosen by :mod:`graphopt.measure.segments` at the
     groups' first nodes (:func:`group_starts`), weighted by their evaluations and priced by the MACs
     before them at ``input_shapes``. ``work_fraction`` is the share of the whole model's MACs the
-    evaluations still run."""
+    evaluations still run. ``proto``, ``starts`` and ``node_macs`` (of ``reference``) are computed when not
+    given."""
     refits: dict[int, list] = {}
     for g in groups:
         # A consumer that also produces the group's channels (a residual block's last conv) loses outputs
@@ -595,7 +622,7 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         producing = {p.node for p in g.producers}
         refits[g.gid] = [(c.node, grams[c.node], consumer_blocks(layers[c.node], c))
                          for c in g.consumers if c.node in grams and c.node in layers and c.node not in producing]
-    proto = to_proto(reference)
+    proto = to_proto(reference) if proto is None else proto
     ev = EvalContext(proto.SerializeToString(), data, batch_size=256)
     context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads)
     by_removal: dict[str, list[int]] = {}
@@ -605,9 +632,8 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
             by_removal.setdefault(spec, []).append(g.gid)
         else:
             context.overrides[g.gid] = spec
-    starts = group_starts(proto.graph, groups)
-    per_node = {n.name: n.macs or 0 for n in ana.analyze(reference, input_shapes=input_shapes).per_node if not n.scope}
-    node_macs = [per_node.get(n.name, 0) for n in proto.graph.node]
+    starts = group_starts(proto.graph, groups) if starts is None else starts
+    node_macs = _node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
     context.checkpoints, context.cuts = segments.Checkpoints.build(
         proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
         batch_size=256)
@@ -649,6 +675,12 @@ def _overrides_differ(ctx: SensitivityContext, gid: int) -> str | None:
     if np.isfinite(gap) and gap <= 1e-6 * max(scale, 1e-9):
         return None
     return f"zeroing its producers is not its removal here (relative gap {gap:.3g})"
+
+
+def _node_macs(model: Model, proto: onnx.ModelProto, input_shapes: Mapping | None) -> list[float]:
+    """MACs of each main-graph node of ``proto`` (the export of ``model``) at ``input_shapes`` (0 unknown)."""
+    per_node = {n.name: n.macs or 0 for n in ana.analyze(model, input_shapes=input_shapes).per_node if not n.scope}
+    return [float(per_node.get(n.name, 0)) for n in proto.graph.node]
 
 
 def group_starts(graph: onnx.GraphProto, groups: Sequence) -> dict[int, int]:
@@ -929,6 +961,10 @@ class PruneFilters(Pass):
                       levels=(8, "kept fractions per group, evenly spaced; the rest interpolated"),
                       max_rows=(65536, "fewer for layers with very many features, see "
                                        "graphopt.compress.reconstruct.layer_rows")),
+        "sensitivity_tmacs": Option(12.0, "most multiply-accumulates (in 10^12) the sensitivity table may spend: "
+                                          "samples x evaluations x the MACs each runs (about 3 minutes on 2 cores); "
+                                          "beyond it fewer samples, then fewer levels are measured and the stats "
+                                          "say so (0: no limit)", float, low=0),
         "sensitivity_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
                                             "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
@@ -1016,6 +1052,8 @@ class PruneFilters(Pass):
         act = activation_stats(run.reference, groups, data, run.batch) if criterion in ("mean", "apoz") else {}
         run.rankings = {g.gid: rank_group(run.reference.graph, g, criterion, run.grams, run.layers, act,
                                           run.opt("thinet_ridge"), step=self._divisor(g, ctx)) for g in groups}
+        if run.fit_grams is not None:
+            run.grams = {}  # the merged statistics served the ranking only; the sensitivity reads fit_grams
         run.macs0, run.params0 = analysis.cost({})
         return run
 
@@ -1228,43 +1266,86 @@ class PruneFilters(Pass):
     def _sensitivity(self, run: PruneRun, units: list[budget.Unit]) -> dict[int, dict[int, float]]:
         """``{gid: {level: error}}``: a few levels per group measured (module docstring), the rest
         interpolated, relative to the unit's first level (the allocator takes it as error 0)."""
-        measured_units = [budget.Unit(u.key, self._measured_levels(u, run.size(u.key), run.ctx)) for u in units]
-        # The allocator's level 0 may already be pruned (every_group): measure from the full size, which
-        # budget.sensitivity takes as error 0 without evaluating it.
-        items_units = [budget.Unit(u.key, sorted({run.size(u.key), *u.levels}, reverse=True))
-                       for u in measured_units]
-        context = self._sensitivity_context(run, {u.key: len(u.levels) - 1 for u in items_units})
+        proto = to_proto(run.reference)
+        starts = group_starts(proto.graph, run.groups)
+        node_macs = _node_macs(run.reference, proto, run.ctx.input_shapes)
+        total = float(sum(node_macs))
+        suffix = {gid: total - float(sum(node_macs[:p])) for gid, p in starts.items()}
+        # Held-out measurement: the consumers are re-fitted on the first samples (fit_grams) and the error
+        # is measured on the last ones. Measured on the fitting samples, a Gemm consumer with about as many
+        # features as samples fits them almost perfectly, and its group looks far less sensitive than it is.
+        split = run.heldout()
+        sdata = split[1] if split is not None else run.data
+        n_levels, n_samples, table = self._table_size(run, units, suffix, sdata.n_samples)
+        if n_samples < sdata.n_samples:
+            sdata = sdata.head(n_samples)
+        items_units = self._items(run, units, n_levels)
+        grams = run.fit_grams if run.fit_grams is not None else run.grams
+        context, run.sensitivity_stats = sensitivity_context(
+            run.reference, run.groups, {gid: r.order for gid, r in run.rankings.items()}, grams, run.layers,
+            sdata, {u.key: len(u.levels) - 1 for u in items_units}, metric=run.opt("sensitivity_metric"),
+            input_shapes=run.ctx.input_shapes, heads=run.opt("attention") == "heads",
+            proto=proto, starts=starts, node_macs=node_macs)
+        run.sensitivity_stats["table"] = table
         run.ctx.say(f"prune: sensitivity of {len(units)} groups")
         executor = make_executor(run.opt("workers"))
         measured = budget.sensitivity(items_units, measure_level, executor=executor, context=context)
         return {u.key: _interpolated(measured[u.key], u.levels) for u in units}
 
-    def _measured_levels(self, unit: budget.Unit, size: int, ctx) -> list[int]:
-        """The levels of ``unit`` nearest to ``levels`` evenly spaced fractions of ``size``, plus its first
+    def _items(self, run: PruneRun, units: list[budget.Unit], n_levels: int) -> list[budget.Unit]:
+        """The levels measured per unit at ``n_levels`` evenly spaced fractions. The allocator's level 0
+        may already be pruned (every_group): they start from the full size, which
+        :func:`graphopt.compress.budget.sensitivity` takes as error 0 without evaluating it."""
+        measured = [budget.Unit(u.key, self._measured_levels(u, run.size(u.key), n_levels)) for u in units]
+        return [budget.Unit(u.key, sorted({run.size(u.key), *u.levels}, reverse=True)) for u in measured]
+
+    def _table_size(self, run: PruneRun, units: list[budget.Unit], suffix: Mapping[int, float],
+                    n_samples: int) -> tuple[int, int, dict[str, Any]]:
+        """``(levels, samples, stats)`` for the sensitivity table within option ``sensitivity_tmacs``.
+
+        The table's work is ``samples · Σ_g evaluations_g · MACs_g`` (``MACs_g``: one sample through the
+        nodes from the group's first node on, the part its evaluations run). Over the budget, fewer samples
+        are measured first (down to 16: each still yields a whole output), then fewer levels (down to 4,
+        interpolated between), then fewer samples (down to 8); what was measured is in the stats."""
+        asked_levels = max(int(run.opt("levels")), 1)
+        cap = float(run.opt("sensitivity_tmacs")) * 1e12
+
+        def per_sample(n_levels: int) -> float:
+            return sum((len(u.levels) - 1) * suffix.get(u.key, 0.0) for u in self._items(run, units, n_levels))
+
+        def stats(n_levels: int, samples: int) -> dict[str, Any]:
+            return {"levels": n_levels, "samples": samples, "tmacs": _r(samples * per_sample(n_levels) / 1e12)}
+
+        table: dict[str, Any] = {"asked": stats(asked_levels, n_samples),
+                                 "tmacs_budget": _r(cap / 1e12) if cap > 0 else None}
+        choice: tuple[int, int] | None = (asked_levels, n_samples)
+        if cap > 0 and n_samples * per_sample(asked_levels) > cap:
+            choice = None
+            tries = [(asked_levels, 16)] + [(k, 16) for k in range(asked_levels - 1, 3, -1)]
+            tries.append((min(asked_levels, 4), 8))
+            for n_levels, floor in tries:
+                fits = int(cap // max(per_sample(n_levels), 1.0))
+                if fits >= min(floor, n_samples):
+                    choice = (n_levels, min(fits, n_samples))
+                    break
+            if choice is None:
+                choice = (min(asked_levels, 4), min(8, n_samples))
+                table["over_budget"] = "the smallest table (4 levels, 8 samples) still passes the budget"
+        table["measured"] = stats(*choice)
+        return choice[0], choice[1], table
+
+    @staticmethod
+    def _measured_levels(unit: budget.Unit, size: int, n_levels: int) -> list[int]:
+        """The levels of ``unit`` nearest to ``n_levels`` evenly spaced fractions of ``size``, plus its first
         and last, descending."""
         pick = []
-        n_levels = max(int(self.opt(ctx, "levels")), 1)
+        n_levels = max(int(n_levels), 1)
         for r in np.linspace(1.0, 1.0 / n_levels, n_levels) if n_levels > 1 else [1.0, 0.5]:
             target = r * size
             k = min(unit.levels, key=lambda lv: abs(lv - target))
             if k not in pick:
                 pick.append(k)
         return sorted(set(pick) | {unit.levels[0], unit.levels[-1]}, reverse=True)
-
-    def _sensitivity_context(self, run: PruneRun, evaluations: Mapping[int, int]) -> SensitivityContext:
-        """What the workers need: the reference model, the samples measured on, each group's removal order
-        and its consumers' re-fit statistics.
-
-        Held-out measurement: the consumers are re-fitted on the first samples and the error is measured
-        on the last ones. Measured on the fitting samples, a Gemm consumer with about as many features as
-        samples fits them almost perfectly, and its group looks far less sensitive than it is."""
-        grams = run.fit_grams if run.fit_grams is not None else run.grams
-        split = run.heldout()
-        context, run.sensitivity_stats = sensitivity_context(
-            run.reference, run.groups, {gid: r.order for gid, r in run.rankings.items()}, grams, run.layers,
-            split[1] if split is not None else run.data, evaluations, metric=run.opt("sensitivity_metric"),
-            input_shapes=run.ctx.input_shapes, heads=run.opt("attention") == "heads")
-        return context
 
     def _choose_blend(self, run: PruneRun, problem: AllocationProblem, sens: dict,
                       alloc: budget.Allocation) -> tuple[budget.Allocation, list[dict] | None]:
