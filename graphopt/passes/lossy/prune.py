@@ -519,7 +519,7 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
     :func:`sensitivity_context` compares them with a real removal once before using them.
 
     Refused when: a consumer's weight is not an initializer only the group's own layers read (a shared or
-    computed weight); a member is one reader's view of a shared weight; a mixing op reads the group and a
+    computed weight, or one reader's view of a weight several nodes share); a mixing op reads the group and a
     producer's parameter is not an initializer of its own; a re-fitted consumer has no bias initializer of
     its own to take the fitted bias (a Conv/Gemm without ``B`` and no BatchNormalization after it, a MatMul
     not followed by ``Add`` of a constant)."""
@@ -531,9 +531,9 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
     own = {c.node for c in group.consumers} | {p.node for p in group.producers}
     consumers = {c.node for c in group.consumers}
     mixed = None
+    # A weight several nodes read, seen per reader: zeroing one reader's view would change the others'.
+    per_reader = {m.value for m in group.members if m.use is not None}
     for m in group.members:
-        if m.use is not None:
-            return f"member {m.value!r} is one reader's view of a shared weight"
         if group.width > 1 or m.is_param:
             continue
         for node in readers.get(m.value, []):
@@ -541,6 +541,8 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
                 mixed = mixed or node
     zeroed = []
     for c in group.consumers:
+        if c.param in per_reader:
+            return f"consumer {c.node!r} reads one view of a weight several nodes share"
         if c.param not in inits:
             return f"consumer {c.node!r} reads a weight that is not an initializer"
         if any(n.name not in own for n in readers.get(c.param, [])):
@@ -548,7 +550,7 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
         zeroed.append((c.param, c.axis, np.asarray(c.index_map)))
     if mixed is not None:
         for p in group.producers:
-            if p.param not in inits or any(n.name not in own for n in readers.get(p.param, [])):
+            if p.param not in inits or p.param in per_reader or any(n.name not in own for n in readers.get(p.param, [])):
                 return (f"{mixed.op_type} {mixed.name!r} mixes the channels without the group's weights, and "
                         f"the parameter {p.param!r} of {p.node!r} is not an initializer of its own")
             zeroed.append((p.param, p.axis, np.asarray(p.index_map)))
@@ -1047,8 +1049,9 @@ class PruneFilters(Pass):
             else:
                 run.fit_grams, run.layers = consumer_grams(run.reference, groups, split[0], seed=run.seed, **options)
                 held, _ = consumer_grams(run.reference, groups, split[1], seed=run.seed + 1, **options)
-                run.grams = {k: g.merge(held[k]) for k, g in run.fit_grams.items()}
-                del held
+                run.grams = {}
+                for k in list(held):  # one key at a time: two sets of F² statistics in memory, not three
+                    run.grams[k] = run.fit_grams[k].merge(held.pop(k))
         act = activation_stats(run.reference, groups, data, run.batch) if criterion in ("mean", "apoz") else {}
         run.rankings = {g.gid: rank_group(run.reference.graph, g, criterion, run.grams, run.layers, act,
                                           run.opt("thinet_ridge"), step=self._divisor(g, ctx)) for g in groups}
