@@ -266,6 +266,15 @@ def markdown(model_name: str, rows: list[Row], configs: Sequence[str]) -> list[s
     return lines
 
 
+def emit_table(columns: Sequence[str], rows: Sequence[Sequence[str]], markdown_path: str | None = None) -> None:
+    """Print a markdown table and, with ``markdown_path``, write it there too."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    print("\n".join(lines))
+    if markdown_path:
+        Path(markdown_path).write_text("\n".join(lines) + "\n")
+
+
 def print_table(model_name: str, rows: list[Row], configs: Sequence[str]) -> None:
     print("\n".join(markdown(model_name, rows, configs)), flush=True)
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import _onnxslim, measure  # noqa: E402
+from bench import _onnxslim, emit_table, measure  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.core.errors import GraphoptError  # noqa: E402
@@ -124,11 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         columns = COLUMNS
         rows = [bench_one(e, args.runs, args.batch) for e in entries]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    print("\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    emit_table(columns, rows, args.markdown)
 
 
 if __name__ == "__main__":

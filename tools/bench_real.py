@@ -51,6 +51,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench import emit_table  # noqa: E402
 from bench_pair import ab_seconds  # noqa: E402
 
 CORPUS = ROOT / "models" / "corpus"
@@ -470,14 +471,11 @@ def main(argv: list[str] | None = None) -> None:
     keep = Path(args.keep) if args.keep else None
     if keep:
         keep.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    rows: list = []
     with tempfile.TemporaryDirectory(prefix="bench_real_") as tmp:
         for case in selected:
-            rows = bench_case(case, targets, Path(tmp), keep, args.rounds, args.runs, args.latency_batch)
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
-    print("\n".join(lines))
-    if args.markdown:
-        Path(args.markdown).write_text("\n".join(lines) + "\n")
+            rows += bench_case(case, targets, Path(tmp), keep, args.rounds, args.runs, args.latency_batch)
+    emit_table(COLUMNS, rows, args.markdown)
 
 
 if __name__ == "__main__":

@@ -743,19 +743,25 @@ def build_bert_encoder() -> list[Built]:
                   max_abs_diff=diff, quality=bert_quality(proto, mlm, info), training=bert_training_note(info))]
 
 
-def build_bert_encoder_dynamo() -> list[Built]:
-    encoder, mlm, info = trained_bert()
+def export_bert_dynamo(model: nn.Module, output_names: list[str]) -> onnx.ModelProto:
+    """torch.onnx's dynamo export of a BERT-style model (``BERT_INPUTS``, dynamic batch and sequence)."""
     example = (torch.randint(0, BERT_VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.long),
                torch.zeros(2, 16, dtype=torch.long))
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=BERT_POSITIONS)
     shapes = tuple({0: batch, 1: sequence} for _ in BERT_INPUTS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(encoder, example, dynamo=True, input_names=BERT_INPUTS,
-                                    output_names=BERT_OUTPUTS, dynamic_shapes=shapes, verbose=False)
+        program = torch.onnx.export(model, example, dynamo=True, input_names=BERT_INPUTS,
+                                    output_names=output_names, dynamic_shapes=shapes, verbose=False)
     proto = program.model_proto
     zoo.strip_stack_traces(proto)
     fix_ir_version(proto)
+    return proto
+
+
+def build_bert_encoder_dynamo() -> list[Built]:
+    encoder, mlm, info = trained_bert()
+    proto = export_bert_dynamo(encoder, BERT_OUTPUTS)
     diff = verify_probes(proto, bert_probes(), torch_reference(encoder, BERT_INPUTS))
     return [Built("bert_encoder_dynamo", proto, trap=BERT_TRAP + "; dynamo's own dim names and ops",
                   exporter=f"torch.onnx dynamo (torch.export), default opset {zoo.opset_of(proto)}",
@@ -903,17 +909,7 @@ def build_text_classifier() -> list[Built]:
 
 def build_text_classifier_dynamo() -> list[Built]:
     model, _, _ = trained_text_classifier()
-    example = (torch.randint(0, BERT_VOCAB, (2, 16)), torch.ones(2, 16, dtype=torch.long),
-               torch.zeros(2, 16, dtype=torch.long))
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=BERT_POSITIONS)
-    shapes = tuple({0: batch, 1: sequence} for _ in BERT_INPUTS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, example, dynamo=True, input_names=BERT_INPUTS,
-                                    output_names=TEXT_OUTPUTS, dynamic_shapes=shapes, verbose=False)
-    proto = program.model_proto
-    zoo.strip_stack_traces(proto)
-    fix_ir_version(proto)
+    proto = export_bert_dynamo(model, TEXT_OUTPUTS)
     return [text_built("text_classifier_dynamo", proto,
                        f"torch.onnx dynamo (torch.export), default opset {zoo.opset_of(proto)}")]
 

@@ -6,8 +6,7 @@ OpenBLAS's thread pool spins against other processes, which made a whole prune a
 the passes run with one BLAS thread (:func:`blas_threads`). The largest operations — a ``F × F`` solve
 or ``XᵀX`` product with ``F`` in the thousands (ResNet-50's 3x3 convs have ``F = 4608``) — are long
 enough for threads to pay, and nothing else runs in the process meanwhile: :func:`for_work` lets them
-use every core (on 2 cores the ridge solves of a ResNet-50 re-fit went from 108 s to the figures in
-BENCHMARKS.md).
+use every core (on 2 cores the ridge solves of a ResNet-50 re-fit went from 108 s to 78 s).
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+
+from graphopt.measure.executor import in_worker
 
 #: Floating-point operations from which one BLAS call gets every core.
 LARGE = 2e9
@@ -66,11 +67,8 @@ def blas_threads(n: int = 1) -> Iterator[None]:
 
 
 def for_work(flops: float):
-    """:func:`blas_threads` with every core for an operation of at least :data:`LARGE` flops, else a
-    context that changes nothing."""
-    from graphopt.measure.executor import (
-        in_worker,  # a pool worker has one core of its own
-    )
+    """:func:`blas_threads` with every core for an operation of at least :data:`LARGE` flops (not in a
+    process-pool worker, which has one core of its own), else a context that changes nothing."""
     if flops >= LARGE and not in_worker():
         return blas_threads(os.cpu_count() or 1)
     return _unchanged()

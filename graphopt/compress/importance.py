@@ -265,9 +265,9 @@ def thinet(problems: Sequence[ThiNetProblem], size: int, *, ridge: float = 1e-4,
 
 
 #: Element updates of ``P`` one ThiNet ranking may make one channel at a time (``size · Σ F²`` over the
-#: group's consumers): about 2 s of memory-bound sweeps here. Beyond it, :func:`thinet_step` removes
-#: channels in rounds: one at a time measured 0.2-0.4 points better than rounds of 8 on the zoo's
-#: mobilenetv2 (BENCHMARKS.md), so rounds are only for the groups that would otherwise take minutes.
+#: group's consumers), each a memory-bound sweep. Beyond it, :func:`thinet_step` removes channels in
+#: rounds: rounds of 8 for every group cost the zoo's mobilenetv2 0.4 points at half the MACs
+#: (docs/decisions/sensitivity-at-scale.md), so rounds are only for the groups that would take minutes.
 THINET_SWEEP_BUDGET = 1e9
 
 

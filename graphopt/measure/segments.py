@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 
 from graphopt.measure import ort as gort
-from graphopt.measure.calibration import SampleData, feed_batch_size, sample_rows
+from graphopt.measure.calibration import SampleData, feed_batch_size, first_sample, sample_rows
+from graphopt.measure.executor import relative_error
 
 #: Bytes of cached activations (all samples, all cuts) one :class:`Checkpoints` may hold.
 CHECKPOINT_BYTES = 384 * 2**20
@@ -51,6 +52,15 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
                 names |= node_reads(inner)
             names |= {o.name for o in g.output}
     return names
+
+
+def readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes of ``graph`` that read it (:func:`node_reads`: inside subgraphs too)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node_reads(node):
+            out.setdefault(name, []).append(node)
+    return out
 
 
 def live_values(graph: onnx.GraphProto, position: int) -> list[str]:
@@ -286,16 +296,12 @@ class Checkpoints:
         if not set(inputs) <= set(self.live[cut]):
             return f"the suffix reads values the cut does not hold: {sorted(set(inputs) - set(self.live[cut]))[:3]}"
         sess = gort.session(suffix, threads=threads)
-        got = self.run(sess, cut, limit=1)
-        num = sum(float(np.sum((np.asarray(got[o], np.float64) - np.asarray(r, np.float64)) ** 2))
-                  for o, r in reference.items())
-        den = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference.values())
-        error = num / den if den > 0 else num
+        error = relative_error(reference, self.run(sess, cut, limit=1))
         return None if error <= EXACT else f"the suffix differs from the full model (relative error {error:.3g})"
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for batches in self.values.values() for b in batches for a in b.values()))
+        return sum(_nbytes(b) for batches in self.values.values() for b in batches)
 
     def suffix_inputs_ok(self, cut: int, inputs: Iterable[str]) -> bool:
         """Whether a suffix that reads ``inputs`` can be fed from ``cut`` (graph inputs come from the data)."""
@@ -322,15 +328,13 @@ class Checkpoints:
 def _one_sample(proto: onnx.ModelProto, data: SampleData, names: set[str]
                 ) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
     """Bytes, and ONNX element type and rank, of each named value for one sample (a run on the first)."""
-    if not names:
-        return {}, {}
-    one = data.head(1)
-    ordered = sorted(names)
-    sess = gort.session(gort.with_outputs(proto, ordered))
-    feed = next(iter(one.batches(1)))
-    got = gort.run(sess, feed, ordered, what="checkpoint sizes")
-    return ({n: int(a.nbytes) for n, a in got.items()},
-            {n: (int(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)), a.ndim) for n, a in got.items()})
+    got = first_sample(proto, names, data) if names else {}
+    return {n: int(a.nbytes) for n, a in got.items()}, _types(got)
+
+
+def _types(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """``(ONNX element type, rank)`` of each array: how a suffix model declares the value as an input."""
+    return {n: (int(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)), a.ndim) for n, a in arrays.items()}
 
 
 class Frontier:
@@ -350,7 +354,9 @@ class Frontier:
         self.types: dict[str, tuple[int, int]] = {}
         self.skipped = 0                       # cuts not taken for the budget
 
-    def _runs(self, proto: onnx.ModelProto, names: Sequence[str]):
+    def batches(self, proto: onnx.ModelProto, names: Sequence[str]):
+        """``{name: batch}`` for every batch of the data (as :class:`graphopt.measure.calibration.Calibrator`
+        yields them), computed from the cut."""
         names = list(dict.fromkeys(names))
         held = set(self.values[0]) if self.values else set()
         compute = [n for n in names if n not in held]
@@ -367,11 +373,6 @@ class Frontier:
             got = gort.run(sess, {**feed, **cached}, compute, what="a model segment") if sess is not None else {}
             yield {n: (got[n] if n in got else cached[n]) for n in names}
 
-    def batches(self, proto: onnx.ModelProto, names: Sequence[str]):
-        """``{name: batch}`` for every batch of the data (as :class:`graphopt.measure.calibration.Calibrator`
-        yields them), computed from the cut."""
-        return self._runs(proto, names)
-
     def advance(self, proto: onnx.ModelProto, position: int) -> bool:
         """Move the cut to ``position`` of ``proto``'s node order (every node before it final); ``False``
         when it stays (not forward, or its live values pass the budget)."""
@@ -381,14 +382,17 @@ class Frontier:
         inputs = {vi.name for vi in proto.graph.input}
         live = [n for n in live_values(proto.graph, position) if n not in inputs]
         values: list[dict[str, np.ndarray]] = []
-        n_batches = max(1, -(-self.data.n_samples // self.batch)) if not self.data.one_per_run else self.data.n_samples
-        for batch in self._runs(proto, live):
+        n_batches = len(list(self.data.spans(self.batch)))
+        for batch in self.batches(proto, live):
             values.append({n: np.ascontiguousarray(a) for n, a in batch.items()})
-            if sum(a.nbytes for a in values[0].values()) * n_batches > self.budget:
+            if len(values) == 1 and _nbytes(values[0]) * n_batches > self.budget:
                 self.skipped += 1
                 return False
         self.values, self.prefix = values, prefix
         if values:
-            self.types.update({n: (int(onnx.helper.np_dtype_to_tensor_dtype(a.dtype)), a.ndim)
-                               for n, a in values[0].items()})
+            self.types.update(_types(values[0]))
         return True
+
+
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in arrays.values()))

@@ -51,11 +51,13 @@ Plan
    that runs only the model's suffix from a cut before the group, on activations cached once
    (:mod:`graphopt.measure.segments`). A dropped channel still flows to its consumers but nothing reads
    it, so the outputs are those of the model with it removed (tests/test_segments.py checks this group
-   by group on the zoo). Where that does not hold — an op that mixes the channels without the group's
-   weights (attention's ``q·kᵀ`` over head-dim channels, a grouped conv), a weight shared outside the
-   group, a re-fitted layer with no bias initializer of its own — the level is measured on the model
-   really pruned by ``shrink`` (stats: ``allocation.sensitivity``). The greedy allocator then removes, step by step, the
-   channels that cost the least error per unit saved, until the target is met. What a unit is (option
+   by group on the zoo). Where an op mixes the channels without the group's weights (attention's
+   ``q·kᵀ`` over head-dim channels) the producers are zeroed too and the group is checked once against
+   a real removal; a group that fails that check, or whose weights other layers share, is measured on
+   the model really pruned by ``shrink`` (stats: ``allocation.sensitivity``). The table's work is
+   capped by ``sensitivity_tmacs`` (fewer samples, then fewer levels; the stats say what was measured).
+   The greedy allocator then removes, step by step, the channels that cost the least error per unit
+   saved, until the target is met. What a unit is (option
    ``latency``): ``ops`` (default) — MACs, each group's errors divided by a hand-set time-per-MAC weight
    (:func:`latency_weights`); ``time`` — predicted seconds of the nodes the groups touch
    (:mod:`graphopt.measure.latency`, calibrated per-kernel times, at ``latency_batch``), with the time
@@ -103,6 +105,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from math import gcd
 from typing import Any, ClassVar
 
@@ -450,23 +453,30 @@ def level_outputs_by_overrides(ctx: SensitivityContext, gid: int, k: int, *,
     checkpoints = _checkpoints(ctx)
     cut = ctx.cuts.get(gid, 0)
     # One session at a time: the items come group by group, and every session holds its own copy of the
-    # suffix's weights (37 of them held 5 GB on ResNet-50).
+    # suffix's weights (one per group held drove a ResNet-50 run to 9.8 GB).
     held = ctx.ev.cache.get("suffix session")
     if held is None or held[0] != gid:
         ctx.ev.cache.pop("suffix session", None)
         drop = checkpoints.prefix[cut] if cut else ()
-        suffix, _ = segments.suffix_model(_with_new_biases(ctx.ev.proto(), spec), drop, overridable=spec.params,
+        suffix, _ = segments.suffix_model(_overrides_proto(ctx), drop, overridable=spec.params,
                                           types=checkpoints.types)
         held = ctx.ev.cache["suffix session"] = (gid, gort.session(suffix, optimize=True, threads=_threads(ctx), quiet=True))
     return checkpoints.run(held[1], cut, values, limit=limit)
 
 
-def _with_new_biases(proto: onnx.ModelProto, spec: Overrides) -> onnx.ModelProto:
-    """``proto`` itself, or a copy in which each re-fitted Conv/Gemm without a bias reads a zero one
-    (:attr:`RefitSlot.new_bias`) that the overrides can set."""
-    new = [slot for slot in spec.refit.values() if slot.new_bias]
-    if not new:
-        return proto
+def _overrides_proto(ctx: SensitivityContext) -> onnx.ModelProto:
+    """The unchanged model the overrides' sessions start from, once per process: the evaluation context's
+    model itself, or a copy in which every re-fitted Conv/Gemm without a bias (:attr:`RefitSlot.new_bias`,
+    of any group) reads a zero one the overrides can set (the function is unchanged)."""
+    if "overrides proto" not in ctx.ev.cache:
+        new = {slot.bias: slot for spec in ctx.overrides.values() for slot in spec.refit.values() if slot.new_bias}
+        proto = ctx.ev.proto()
+        ctx.ev.cache["overrides proto"] = _with_new_biases(proto, list(new.values())) if new else proto
+    return ctx.ev.cache["overrides proto"]
+
+
+def _with_new_biases(proto: onnx.ModelProto, new: Sequence[RefitSlot]) -> onnx.ModelProto:
+    """A copy of ``proto`` in which the node of each of the ``new`` slots reads a zero bias of its own."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     inits = {t.name: t for t in out.graph.initializer}
@@ -506,8 +516,8 @@ def _threads(ctx: SensitivityContext) -> int | None:
 _MIXING_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "MatMulInteger", "QLinearMatMul"})
 
 
-def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], layers: Mapping[str, Any]
-                      ) -> Overrides | str:
+def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], layers: Mapping[str, Any],
+                      readers: Mapping[str, list[onnx.NodeProto]] | None = None) -> Overrides | str:
     """``group``'s removal as :class:`Overrides` of the unchanged model's initializers, or why it cannot be.
 
     When an op mixes the group's positions without the group's weights (attention's ``q·kᵀ`` over head-dim
@@ -520,13 +530,10 @@ def removal_overrides(graph: onnx.GraphProto, group, refitted: Sequence[str], la
 
     Refused when: a consumer's weight is not an initializer only the group's own layers read (a shared or
     computed weight, or one reader's view of a weight several nodes share); a mixing op reads the group and a
-    producer's parameter is not an initializer of its own; a re-fitted consumer has no bias initializer of
-    its own to take the fitted bias (a Conv/Gemm without ``B`` and no BatchNormalization after it, a MatMul
-    not followed by ``Add`` of a constant)."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in segments.node_reads(node):
-            readers.setdefault(name, []).append(node)
+    producer's parameter is not an initializer of its own; a re-fitted MatMul has no bias to take the
+    fitted one (not followed by ``Add`` of a constant of its own). ``readers`` (:func:`segments.readers`
+    of ``graph``) is computed when not given; pass it when asking for many groups."""
+    readers = segments.readers(graph) if readers is None else readers
     inits = {t.name: t for t in graph.initializer}
     own = {c.node for c in group.consumers} | {p.node for p in group.producers}
     consumers = {c.node for c in group.consumers}
@@ -627,9 +634,10 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
     proto = to_proto(reference) if proto is None else proto
     ev = EvalContext(proto.SerializeToString(), data, batch_size=256)
     context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads)
+    readers = segments.readers(proto.graph)
     by_removal: dict[str, list[int]] = {}
     for g in groups:
-        spec = removal_overrides(proto.graph, g, [node for node, _, _ in refits[g.gid]], layers)
+        spec = removal_overrides(proto.graph, g, [node for node, _, _ in refits[g.gid]], layers, readers)
         if isinstance(spec, str):
             by_removal.setdefault(spec, []).append(g.gid)
         else:
@@ -647,7 +655,8 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
             if why is not None:
                 del context.overrides[gid]
                 by_removal.setdefault(f"{spec.mixing} mixes the channels; {why}", []).append(gid)
-    full = float(sum(node_macs)) or 1.0
+    before = np.concatenate([[0.0], np.cumsum(node_macs)])
+    full = float(before[-1]) or 1.0
     runs = sum(int(evaluations.get(g, 1)) for g in starts) or 1
     stats: dict[str, Any] = {
         "evaluations": int(sum(evaluations.values())),
@@ -655,7 +664,7 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         "overrides_checked": checked,
         "cuts": len(context.checkpoints.values),
         "cached_mb": _r(context.checkpoints.nbytes / 2**20),
-        "work_fraction": _r(sum(int(evaluations.get(g, 1)) * (full - sum(node_macs[:context.cuts.get(g, 0)]))
+        "work_fraction": _r(sum(int(evaluations.get(g, 1)) * (full - before[context.cuts.get(g, 0)])
                                 for g in starts) / (full * runs)),
     }
     if by_removal:
@@ -1002,7 +1011,7 @@ class PruneFilters(Pass):
                                       **({"left_alone": left_alone} if left_alone else {})})
         run = self._select(model, ctx, analysis, groups)
         keep, allocation_stats = self._plan(run)
-        run.grams, run.fit_grams = {}, None  # F² per consumer: not needed after the plan (GBs on ResNet-50)
+        run.grams, run.fit_grams = {}, None  # F² per consumer, hundreds of MB on ResNet-50: not needed after the plan
         keep_idx = run.keep_indices(keep)
         if not keep_idx:
             stats = {"pruned_groups": 0, "allocation": allocation_stats,
@@ -1272,8 +1281,8 @@ class PruneFilters(Pass):
         proto = to_proto(run.reference)
         starts = group_starts(proto.graph, run.groups)
         node_macs = _node_macs(run.reference, proto, run.ctx.input_shapes)
-        total = float(sum(node_macs))
-        suffix = {gid: total - float(sum(node_macs[:p])) for gid, p in starts.items()}
+        before = np.concatenate([[0.0], np.cumsum(node_macs)])
+        suffix = {gid: float(before[-1] - before[p]) for gid, p in starts.items()}
         # Held-out measurement: the consumers are re-fitted on the first samples (fit_grams) and the error
         # is measured on the last ones. Measured on the fitting samples, a Gemm consumer with about as many
         # features as samples fits them almost perfectly, and its group looks far less sensitive than it is.
@@ -1313,6 +1322,7 @@ class PruneFilters(Pass):
         asked_levels = max(int(run.opt("levels")), 1)
         cap = float(run.opt("sensitivity_tmacs")) * 1e12
 
+        @cache
         def per_sample(n_levels: int) -> float:
             return sum((len(u.levels) - 1) * suffix.get(u.key, 0.0) for u in self._items(run, units, n_levels))
 
