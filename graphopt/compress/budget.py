@@ -250,6 +250,38 @@ def sensitivity(units: Sequence[Unit], evaluate: Callable[[Any, tuple[Hashable, 
 # costs
 
 
+def table_size(per_sample: Callable[[int], float], asked_levels: int, n_samples: int, cap: float, *,
+               min_levels: int) -> tuple[int, int, dict[str, Any]]:
+    """``(levels, samples, stats)`` for a sensitivity table within ``cap`` multiply-accumulates.
+
+    ``per_sample(n)`` is the table's work for one sample with ``n`` levels measured per unit. Over the cap,
+    fewer samples are measured first (down to 16: each still yields a whole output), then fewer levels
+    (down to ``min_levels``; the caller fills the rest in), then 8 samples. ``cap <= 0``: no cap. The stats
+    say what was asked and what is measured (``over_budget`` when even the smallest table passes it)."""
+    def stats(n_levels: int, samples: int) -> dict[str, Any]:
+        return {"levels": n_levels, "samples": samples, "tmacs": round(samples * per_sample(n_levels) / 1e12, 6)}
+
+    table: dict[str, Any] = {"asked": stats(asked_levels, n_samples),
+                             "tmacs_budget": round(cap / 1e12, 6) if cap > 0 else None}
+    choice: tuple[int, int] | None = (asked_levels, n_samples)
+    smallest = (min(asked_levels, min_levels), min(8, n_samples))
+    if cap > 0 and n_samples * per_sample(asked_levels) > cap:
+        choice = None
+        tries = [(asked_levels, 16)] + [(k, 16) for k in range(asked_levels - 1, min_levels - 1, -1)]
+        tries.append((smallest[0], 8))
+        for n_levels, floor in tries:
+            fits = int(cap // max(per_sample(n_levels), 1.0))
+            if fits >= min(floor, n_samples):
+                choice = (n_levels, min(fits, n_samples))
+                break
+        if choice is None:
+            choice = smallest
+            table["over_budget"] = (f"the smallest table ({smallest[0]} levels, {smallest[1]} samples) still "
+                                    "passes the budget")
+    table["measured"] = stats(*choice)
+    return choice[0], choice[1], table
+
+
 @dataclass
 class PolynomialCost:
     """``cost(keep) = constant + sum_t coef_t * prod_{k in keys_t} keep[k] / full[k]``.

@@ -26,20 +26,26 @@ the kernel columns, for the spatial ``k×1 → 1×k`` scheme). Streaming input m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 def whitener(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Lower Cholesky factor ``L`` of ``Σ + λI`` with ``λ = ridge · tr(Σ)/F`` (``L Lᵀ = Σ + λI``)."""
+    return shifted_whitener(cov, ridge)[0]
+
+
+def shifted_whitener(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, float]:
+    """``(L, λ')`` with ``L Lᵀ = sym(Σ) + λ'I``: ``λ' = ridge · tr(Σ)/F``, times 10 per retry while the
+    Cholesky factorization fails (a covariance indefinite by rounding)."""
     f = cov.shape[0]
     cov = (cov + cov.T) / 2  # a streamed XᵀX/n − μμᵀ can be asymmetric by rounding
     lam = ridge * max(float(np.trace(cov)) / f, 1e-12)
     jitter = lam
     for _ in range(8):  # a numerically indefinite covariance (rounding) needs a little more ridge
         try:
-            return np.linalg.cholesky(cov + jitter * np.eye(f))
+            return np.linalg.cholesky(cov + jitter * np.eye(f)), jitter
         except np.linalg.LinAlgError:
             jitter *= 10
     raise np.linalg.LinAlgError("covariance is not positive definite even with ridge")
@@ -54,6 +60,8 @@ class Factorization:
     s: np.ndarray          # [k]
     vt: np.ndarray         # [k, O]
     l: np.ndarray | None   # whitener (lower triangular) or None
+    shift: float = 0.0     # L Lᵀ = Σ + shift·I (the ridge the whitener added)
+    _left: np.ndarray | None = field(default=None, repr=False)   # L⁻ᵀU, solved once for every rank
 
     @property
     def full_rank(self) -> int:
@@ -71,10 +79,33 @@ class Factorization:
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """``(P [F, r], Q [r, O])`` with ``P·Q`` the best rank-``r`` approximation in this metric."""
         root = np.sqrt(self.s[:rank])
-        p = self.u[:, :rank] * root
-        if self.l is not None:
-            p = np.linalg.solve(self.l.T, p)  # L⁻ᵀ U_r S_r^½ (triangular, solved as dense: small matrices)
-        return p, root[:, None] * self.vt[:rank]
+        return self.left[:, :rank] * root, root[:, None] * self.vt[:rank]
+
+    @property
+    def left(self) -> np.ndarray:
+        """``L⁻ᵀU`` (``U`` without whitening): the columns every rank's ``P`` scales. Solved once: one
+        solve per rank cost a layer of 3072 inputs about a second each."""
+        if self._left is None:
+            self._left = self.u if self.l is None else np.linalg.solve(self.l.T, self.u)
+        return self._left
+
+    def whitened_errors(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per component ``i`` of a whitened factorization, the terms of the error of a truncation, read
+        off the SVD instead of forming ``ΔW`` at every rank.
+
+        With ``M = LᵀW = U S Vᵀ`` the rank-``r`` error is ``ΔW = L⁻ᵀ U_t S_t V_tᵀ`` over the discarded
+        components ``t = r..k``, so with ``L Lᵀ = Σ + shift·I``::
+
+            tr(ΔWᵀ Σ ΔW) = Σ_t s_t² (1 − shift·‖L⁻ᵀu_t‖²)        ΔWᵀμ = Σ_t v_t s_t (u_tᵀ L⁻¹ μ)
+
+        Returns ``(s_t²(1 − shift·‖L⁻ᵀu_t‖²), s_t·u_tᵀL⁻¹μ)`` for every component; the sums of their tails
+        (the second through ``vt``) give a rank's output error and mean error. Exact for the covariance
+        the whitener was built from."""
+        if self.l is None:
+            raise ValueError("not a whitened factorization")
+        left = self.left
+        energy = self.s ** 2 * (1.0 - self.shift * np.einsum("ij,ij->j", left, left))
+        return energy, self.s * (left.T @ np.asarray(mean, dtype=np.float64))
 
 
 def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6) -> Factorization:
@@ -82,11 +113,36 @@ def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6)
     w = np.asarray(w, dtype=np.float64)
     l = None
     target = w
+    shift = 0.0
     if cov is not None:
-        l = whitener(np.asarray(cov, dtype=np.float64), ridge)
+        l, shift = shifted_whitener(np.asarray(cov, dtype=np.float64), ridge)
         target = l.T @ w
-    u, s, vt = np.linalg.svd(target, full_matrices=False)
-    return Factorization(w, u, s, vt, l)
+    u, s, vt = thin_svd(target)
+    return Factorization(w, u, s, vt, l, shift)
+
+
+def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, s, Vᵀ`` of ``M [F, O]`` (``k = min(F, O)`` components, ``s`` descending) from the eigenvectors
+    of the smaller Gram matrix (``MᵀM`` or ``MMᵀ``): 4-6 times faster than LAPACK's SVD for a
+    3072×768 layer. The squared singular values carry an absolute error of about ``ε·s₁²``, far below any
+    tail a rank choice reads; a component with ``s ≈ 0`` gets zero singular vectors on the side computed
+    from the other. Every truncation stays the exact projection of ``M`` on the kept components
+    (``U_r S_r V_rᵀ = M V_r V_rᵀ``, or ``U_r U_rᵀ M``), whatever the orthogonality of the computed side."""
+    from graphopt.compress.blas import for_work
+
+    f, o = m.shape
+    tall = f >= o
+    with for_work(2.0 * f * o * min(f, o) + 9.0 * min(f, o) ** 3):
+        gram = m.T @ m if tall else m @ m.T
+        vals, vecs = np.linalg.eigh(gram)
+        order = np.argsort(vals)[::-1]
+        vals, vecs = vals[order], vecs[:, order]
+        s = np.sqrt(np.maximum(vals, 0.0))
+        live = s > s[0] * 1e-12 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
+        inv = np.where(live, 1.0 / np.where(live, s, 1.0), 0.0)
+        if tall:
+            return (m @ vecs) * inv, s, vecs.T
+        return vecs, s, (vecs.T @ m) * inv[:, None]
 
 
 def output_error(dw: np.ndarray, cov: np.ndarray) -> float:

@@ -74,6 +74,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from graphopt.compress.blas import for_work
 from graphopt.core.errors import DataError
 from graphopt.core.ir import Model, dims_of
 from graphopt.core.onnx_io import to_proto
@@ -978,7 +979,8 @@ class Gram:
             self.sum = np.zeros(x.shape[1])
         elif x.shape[1] != self.xtx.shape[0]:
             raise ValueError(f"a batch has {x.shape[1]} features, earlier ones had {self.xtx.shape[0]}")
-        self.xtx += x.T @ x
+        with for_work(2.0 * x.shape[0] * x.shape[1] ** 2):
+            self.xtx += x.T @ x
         self.sum += x.sum(axis=0)
         self.count += x.shape[0]
 

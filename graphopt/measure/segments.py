@@ -186,6 +186,15 @@ def _ordered_reads(nodes: Sequence[onnx.NodeProto], outputs: Sequence[onnx.Value
     return list(out)
 
 
+def node_macs(model: Any, proto: onnx.ModelProto, input_shapes: Mapping | None) -> list[float]:
+    """MACs of each main-graph node of ``proto`` (the export of the IR ``model``) at ``input_shapes``
+    (0 where unknown): what :func:`choose_cuts` prices a cut by."""
+    from graphopt.measure.analysis import analyze
+
+    per_node = {n.name: n.macs or 0 for n in analyze(model, input_shapes=input_shapes).per_node if not n.scope}
+    return [float(per_node.get(n.name, 0)) for n in proto.graph.node]
+
+
 def choose_cuts(starts: Mapping[Any, tuple[int, int]], macs_before: Sequence[float],
                 cut_bytes: Callable[[int], int], budget: int = CHECKPOINT_BYTES) -> dict[Any, int]:
     """For each key, the cut it is evaluated from (0 = the whole model).

@@ -47,7 +47,8 @@ then does worse than plain on unseen data).
 
 Compensation (``compensate``, data-aware only; Zhang et al. 2015's asymmetric reconstruction): the layers
 are then factorized in topological order, each refitted from its inputs *in the model factorized so far*
-``X_c`` to its outputs in the model before the pass ``Y`` — reduced-rank regression: least squares
+``X_c`` (computed from a cut that moves forward with the factorization) to its outputs in the model before
+the pass ``Y`` (row-sampled once, held within a memory budget) — reduced-rank regression: least squares
 ``W_ls`` from :class:`graphopt.compress.lstsq.CrossGram`, then the whitened truncation of ``W_ls`` by ``X_c``'s
 covariance, so each layer also absorbs the error of the layers before it. Layers with fewer than
 ``refit_min_rows`` rows per feature, or that :class:`graphopt.compress.lstsq.LinearLayer` refuses (grouped convs,
@@ -62,7 +63,10 @@ Rank selection (``select``)
 ``target``  the run's ``--target-params`` / ``--target-macs`` (fractions of the whole model, or of the
             candidate layers with ``target_scope=layers``) through :mod:`graphopt.compress.budget`: units are layers,
             levels are ranks, the sensitivity of a level is the model's relative output error with only that
-            layer factorized (``sensitivity=model``) or the layer's own relative output error (``layer``).
+            layer factorized (``sensitivity=model``: its factorized weight written into the unchanged model
+            and run from a cached cut, :mod:`graphopt.passes.lossy.lowrank_table`; within
+            ``sensitivity_tmacs``, ranks not measured scaled from the layer's own error) or the layer's own
+            relative output error (``layer``).
             With ``--max-drop`` and labelled data (``guard``), the target is relaxed by bisection
             (:func:`graphopt.compress.budget.guarded`) until the accuracy drop measured on the calibration samples
             (factors before compensation, so on the safe side) fits; the trace is in the stats.
@@ -99,6 +103,8 @@ import numpy as np
 from onnx import helper
 
 from graphopt.compress import budget, lstsq, svd
+from graphopt.compress import reconstruct as rec
+from graphopt.compress.blas import blas_threads
 from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ledger import LeftAlone
@@ -108,8 +114,11 @@ from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op
 from graphopt.core.shapes import ShapeView
 from graphopt.measure import latency as lat
 from graphopt.measure.analysis import analyze
-from graphopt.measure.calibration import Calibrator, Gram, SampleData
+from graphopt.measure.calibration import Calibrator, Gram, SampleData, batch_within, feed_batch_size
+from graphopt.measure import segments
+from graphopt.measure.segments import Frontier
 from graphopt.measure.executor import EvalContext, InProcess
+from graphopt.passes.lossy import lowrank_table as lrt
 
 # =============================================================================================
 # sites: the layers the pass can factorize
@@ -281,6 +290,9 @@ class Form:
     site: Site
     mats: list[np.ndarray]        # per group, [F, O] in this form's layout (float64)
     facs: list[svd.Factorization] = field(default_factory=list)
+    # per group: the output variance tr(Wᵀ(Σ + μμᵀ)W) and the whitened error terms (svd.whitened_errors),
+    # computed once per factorization and shared by every rank
+    terms: dict[int, tuple] = field(default_factory=dict, repr=False)
 
     @property
     def f(self) -> int:
@@ -415,13 +427,28 @@ def site_rows(site: Site, x: np.ndarray, rng: np.random.Generator, max_rows: int
 
 def collect_stats(model: Model, sites: list[Site], data: SampleData, rng: np.random.Generator, max_rows: int,
                   batch_size: int = 64) -> dict[int, Stats]:
-    """Stream every site's input rows over ``data`` (one onnxruntime run for all); keyed by ``id(node)``."""
-    stats = {id(s.node): Stats(Gram()) for s in sites}
+    """Stream every site's input rows over ``data`` (one onnxruntime run for all); keyed by ``id(node)``.
+    Dense sites reading one tensor (attention's query/key/value) share one :class:`Stats`: their rows are
+    the same."""
+    shared: dict[str, Stats] = {}
+    stats: dict[int, Stats] = {}
+    first: list[Site] = []               # the site that feeds each statistic
+    for s in sites:
+        if s.kind == "conv":
+            stats[id(s.node)] = Stats(Gram())
+            first.append(s)
+        else:
+            if s.x.name not in shared:
+                shared[s.x.name] = Stats(Gram())
+                first.append(s)
+            stats[id(s.node)] = shared[s.x.name]
     names = sorted({s.x.name for s in sites})
+    # One run holds every site's input for a batch: fewer samples per run for a large model.
+    batch_size = batch_within(model, names, data, batch_size)
     batches = max(1, ceil(data.n_samples / batch_size))
     per_batch = max(1, ceil(max_rows / batches))
     for batch in Calibrator(model, data, batch_size).run(names):
-        for s in sites:
+        for s in first:
             stats[id(s.node)].moments.update(site_rows(s, batch[s.x.name], rng, per_batch))
     return stats
 
@@ -459,14 +486,19 @@ class Plan:
         return out
 
 
-def make_plan(form: Form, rank: int, stats: Stats | None, correct_bias: bool) -> Plan:
-    """Truncate ``form``'s factorizations at ``rank``; the bias absorbs the mean error when ``stats`` exist."""
+def make_plan(form: Form, rank: int, stats: Stats | None, correct_bias: bool, *, factors: bool = True) -> Plan:
+    """Truncate ``form``'s factorizations at ``rank``; the bias absorbs the mean error when ``stats`` exist.
+
+    ``factors=False`` leaves ``Plan.factors`` empty (the error and bias only: what a table of many ranks
+    needs; the factors of a large layer at every rank would not fit in memory)."""
     site = form.site
-    factors = [fac.factors(rank) for fac in form.facs]
+    if stats is not None and form.name != "spatial" and all(f.l is not None for f in form.facs):
+        return _plan_from_spectrum(form, rank, stats, correct_bias, factors)
+    pairs = [fac.factors(rank) for fac in form.facs]
     bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float64).copy()
     err_num = err_den = 0.0
     og = site.out_features // form.groups
-    for g, (p, q) in enumerate(factors):
+    for g, (p, q) in enumerate(pairs):
         w = form.original(g)
         dw = w - form.reconstruct(g, p, q)
         if stats is not None:
@@ -483,7 +515,37 @@ def make_plan(form: Form, rank: int, stats: Stats | None, correct_bias: bool) ->
             err_num += float(np.sum(dw ** 2))
             err_den += float(np.sum(w ** 2))
     rel = float(np.sqrt(err_num / err_den)) if err_den > 0 else 0.0
-    return Plan(form, rank, factors, bias, rel, "output" if stats is not None else "weight")
+    return Plan(form, rank, pairs if factors else [], bias, rel, "output" if stats is not None else "weight")
+
+
+def _plan_from_spectrum(form: Form, rank: int, stats: Stats, correct_bias: bool, factors: bool) -> Plan:
+    """:func:`make_plan` of a whitened form by the closed forms of :meth:`graphopt.compress.svd.Factorization.
+    whitened_errors` (the same numbers up to rounding, at ``O(k·O)`` per rank instead of ``O(F²·O)``); valid
+    where the whitener was built from the covariance the error is measured with (not the spatial form's
+    column average)."""
+    site = form.site
+    bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float64).copy()
+    og = site.out_features // form.groups
+    err_num = err_den = 0.0
+    for g, fac in enumerate(form.facs):
+        if g not in form.terms:
+            cov, mean = stats.group(site, g)
+            w = form.original(g)
+            form.terms[g] = (svd.output_error(w, cov) + float(np.sum((w.T @ mean) ** 2)),
+                             *fac.whitened_errors(mean))
+        den, energy, along = form.terms[g]
+        shift = fac.vt[rank:].T @ along[rank:]           # ΔWᵀμ
+        err_den += den
+        err_num += float(np.sum(energy[rank:]))
+        if correct_bias:
+            if bias is None:
+                bias = np.zeros(site.out_features)
+            bias[g * og:(g + 1) * og] += shift
+        else:
+            err_num += float(shift @ shift)
+    rel = float(np.sqrt(max(err_num, 0.0) / err_den)) if err_den > 0 else 0.0
+    pairs = [fac.factors(rank) for fac in form.facs] if factors else []
+    return Plan(form, rank, pairs, bias, rel, "output")
 
 
 def shrunk_ridge(ridge: float, shrink: float, features: int, rows: int) -> float:
@@ -500,6 +562,7 @@ def shrunk_ridge(ridge: float, shrink: float, features: int, rows: int) -> float
 def factorize_form(form: Form, stats: Stats | None, ridge: float, shrink: float = 0.0) -> None:
     """SVD of each group (whitened by the form's input covariance when ``stats`` are given)."""
     form.facs = []
+    form.terms = {}
     s = form.site
     for g, mat in enumerate(form.mats):
         cov, lam = None, ridge
@@ -677,42 +740,71 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
                max_rows: int, rng: np.random.Generator, say=None, batch_size: int = 64) -> list[dict[str, Any]]:
     """Apply ``plans`` in order, refitting each to the original outputs from the inputs of the model so far.
 
-    The targets (each layer's output before the pass) are computed once; layers reading the same tensor
-    (attention's query/key/value) are refitted from one run. Returns one record per plan.
+    The targets (each layer's output before the pass, at the rows sampled for it) come from one run of
+    the model before the pass, held in a :class:`graphopt.compress.reconstruct.TargetStore` (in memory up
+    to its budget, the rest in the run's scratch folder). Each layer's inputs are computed from a cut
+    that moves forward as layers are factorized (:class:`graphopt.measure.segments.Frontier`): every node
+    before the first layer still to factorize is final, so the model runs about twice in all instead of
+    once per layer. Layers reading the same tensor (attention's query/key/value) are refitted from one
+    pass. Returns one record per plan.
     """
     graph = model.graph
-    names = sorted({p.site.y.name for p in plans})
-    targets = list(Calibrator(model, data, batch_size).run(names))  # kept: the original outputs, run once
+    layers = {p.site.name: lstsq.LinearLayer.of(graph, p.site.node) for p in plans}
+    fitted = {name: layer for name, layer in layers.items() if not isinstance(layer, str)}
+    batch_size = batch_within(model, {layer.y.name for layer in fitted.values()}, data, batch_size)
+    seed = int(rng.integers(2**31))
     records: list[dict[str, Any]] = []
-    i = 0
-    while i < len(plans):
-        group = [plans[i]]
-        while i + len(group) < len(plans) and plans[i + len(group)].site.x is plans[i].site.x:
-            group.append(plans[i + len(group)])
-        i += len(group)
-        layers = {k: lstsq.LinearLayer.of(graph, p.site.node) for k, p in enumerate(group)}
-        fitted = {k: layer for k, layer in layers.items() if not isinstance(layer, str)}
-        grams: dict[int, lstsq.CrossGram] = {}
-        if fitted:
-            if say is not None:
-                say(f"lowrank: refitting {', '.join(group[k].site.name for k in fitted)}")
-            grams = lstsq.collect(model, fitted, data, target_batches=targets,
-                                  targets={k: group[k].site.y.name for k in fitted}, max_rows=max_rows, rng=rng,
-                                  batch_size=batch_size)
-        for k, plan in enumerate(group):
-            extra: dict[str, Any] = {}
-            if k not in grams:
-                extra["refit"] = f"not refitted: {layers[k]}"
-            else:
-                refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
-                if isinstance(refit, str):
-                    extra["refit"] = refit
+    with rec.TargetStore() as store:
+        rec.reference_targets(model, {name: (layer.y.name, None, layer) for name, layer in fitted.items()}, data,
+                              store, max_rows=max_rows, seed=seed, batch_size=batch_size)
+        frontier = Frontier(data, feed_batch_size(model, batch_size, data))
+        pending = [p.site.name for p in plans]
+        i = 0
+        while i < len(plans):
+            group = [plans[i]]
+            while i + len(group) < len(plans) and plans[i + len(group)].site.x is plans[i].site.x:
+                group.append(plans[i + len(group)])
+            i += len(group)
+            grams: dict[int, lstsq.CrossGram] = {}
+            names = [k for k, p in enumerate(group) if p.site.name in fitted]
+            if names:
+                if say is not None:
+                    say(f"lowrank: refitting {', '.join(group[k].site.name for k in names)}")
+                proto = to_proto(model)
+                position = {n.name: idx for idx, n in enumerate(proto.graph.node)}
+                frontier.advance(proto, min(position[n] for n in pending if n in position))
+                grams = _group_grams(frontier, proto, [fitted[group[k].site.name] for k in names],
+                                     [store.pop(group[k].site.name) for k in names], names)
+                del proto
+            for k, plan in enumerate(group):
+                pending.remove(plan.site.name)
+                extra: dict[str, Any] = {}
+                if k not in grams:
+                    extra["refit"] = f"not refitted: {layers[plan.site.name]}"
                 else:
-                    plan, err = refit
-                    extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
-            records.append({**plan.record(), **extra})
-            apply_plan(graph, plan)
+                    refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
+                    if isinstance(refit, str):
+                        extra["refit"] = refit
+                    else:
+                        plan, err = refit
+                        extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
+                records.append({**plan.record(), **extra})
+                apply_plan(graph, plan)
     return records
+
+
+def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer], targets: list[list],
+                 keys: list[int]) -> dict[int, lstsq.CrossGram]:
+    """``X_cᵀ[X_c, Y]`` of layers reading one input: ``X_c`` from the frontier (one pass), ``Y`` the stored
+    target rows of each layer (the same rows of ``X_c`` as were sampled for the targets)."""
+    grams = {k: lstsq.CrossGram(bias=True) for k in keys}
+    x_name = layers[0].x.name
+    for b, batch in enumerate(frontier.batches(proto, [x_name])):
+        x = batch[x_name]
+        for k, layer, rows in zip(keys, layers, targets):
+            select, y_rows = rows[b]
+            grams[k].update(layer.rows(x, select), y_rows)
+    return grams
 
 
 # =============================================================================================
@@ -812,11 +904,12 @@ def _with_plans(ectx: Any, plans: list[Plan]) -> Model:
     return model
 
 
-def _model_error(context: Any, item: tuple[str, int]) -> float:
-    """Relative output error of the model with only unit ``item[0]`` factorized at rank ``item[1]``."""
-    ectx, plans = context
+def _model_error(context: Any, item: tuple[int, int]) -> float:
+    """Relative output error of the model with only unit ``item[0]`` factorized at rank ``item[1]``, on a
+    copy of the model with the layer split in two (units whose weights cannot be overridden)."""
+    ectx, units = context
     key, level = item
-    return ectx.error(ectx.run(model=_with_plans(ectx, [plans[key][level]])))
+    return ectx.error(ectx.run(model=_with_plans(ectx, [units.plan(key, level)])))
 
 
 # =============================================================================================
@@ -901,11 +994,19 @@ class LowRank(Pass):
                       ridge=(1e-4, "here of the input covariance, added to it before whitening"), min_weights=1024,
                       levels=(8, "select=target: ranks tried per layer"),
                       sensitivity_samples=(256, "select=target, sensitivity=model")),
+        "sensitivity_tmacs": Option(3.0, "select=target, sensitivity=model: most multiply-accumulates (in 10^12) "
+                                         "the table may spend: over it, fewer samples, then fewer measured "
+                                         "ranks (the rest from the layer errors, scaled)", float, low=0),
         **guard(guard=(True, "select=target with --max-drop: relax the target until the accuracy drop on the "
                              "calibration samples fits")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        # One BLAS thread for the many mid-sized products (graphopt.compress.blas); the large ones take every core.
+        with blas_threads(1):
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext) -> PassResult:
         run = self.start(model, ctx)
         if isinstance(run, str):
             return PassResult(False, {"factorized": 0, "skipped": run})
@@ -1057,15 +1158,22 @@ def report(run: LowRankRun, plans: list[Plan], kept: list[Plan], records: list[d
 
 @dataclass
 class TargetUnits:
-    """The allocator's units: unit ``k`` (its key is ``k``) is ``forms[k]`` at its ``plans[k][rank]``."""
+    """The allocator's units: unit ``k`` (its key is ``k``) is ``forms[k]`` at a rank. ``plans[k][rank]``
+    holds each rank's error and bias without the factors (all ranks of every layer would not fit in
+    memory on a large model); :meth:`plan` makes the full plan of one."""
 
     units: list[budget.Unit] = field(default_factory=list)
     forms: list[Form] = field(default_factory=list)
     plans: list[dict[int, Plan]] = field(default_factory=list)
+    stats: list[Stats | None] = field(default_factory=list)
+    correct_bias: bool = True
+
+    def plan(self, key: int, rank: int) -> Plan:
+        return make_plan(self.forms[key], rank, self.stats[key], self.correct_bias)
 
     def chosen(self, alloc: budget.Allocation) -> list[Plan]:
         """The plans of the units the allocation factorizes, in unit order."""
-        return [self.plans[u.key][alloc.keep[u.key]] for u in self.units if alloc.keep[u.key] != u.levels[0]]
+        return [self.plan(u.key, alloc.keep[u.key]) for u in self.units if alloc.keep[u.key] != u.levels[0]]
 
 
 def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]:
@@ -1078,7 +1186,7 @@ def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]
     if not units.units:
         return [], None
     cost = _target_cost(run, units, by_params)
-    sens = _sensitivities(run, units)
+    sens, sens_stats = _sensitivities(run, units)
 
     def allocate_at(t: float) -> budget.Allocation:
         return budget.allocate(units.units, sens, cost, t)
@@ -1087,7 +1195,7 @@ def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]
     alloc, guard_info = _guarded(run, units, allocate_at, target) if guarded else (allocate_at(target), None)
     info: dict[str, Any] = {"target": target, "kind": "params" if by_params else "macs",
                             "scope": run.opt("target_scope"), "cost": round(alloc.cost, 6),
-                            "met": alloc.met, "predicted_error": alloc.predicted_error}
+                            "met": alloc.met, "predicted_error": alloc.predicted_error, "sensitivity": sens_stats}
     if guard_info is not None:
         info["guard"] = guard_info
     return units.chosen(alloc), info
@@ -1095,7 +1203,7 @@ def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]
 
 def target_units(run: LowRankRun, target: float, by_params: bool) -> TargetUnits:
     """One unit per candidate in its best form; levels are ranks (the full rank first: not factorized)."""
-    out = TargetUnits()
+    out = TargetUnits(correct_bias=run.correct_bias)
     for c in run.candidates:
         form = _target_form(run, c, target)
         levels = _target_levels(run, form, by_params)
@@ -1105,7 +1213,8 @@ def target_units(run: LowRankRun, target: float, by_params: bool) -> TargetUnits
         st = run.site_stats(c.site)
         out.units.append(budget.Unit(len(out.units), levels))
         out.forms.append(form)
-        out.plans.append({lv: make_plan(form, lv, st, run.correct_bias) for lv in levels[1:]})
+        out.stats.append(st)
+        out.plans.append({lv: make_plan(form, lv, st, run.correct_bias, factors=False) for lv in levels[1:]})
     return out
 
 
@@ -1115,7 +1224,7 @@ def _target_form(run: LowRankRun, c: Candidate, target: float) -> Form:
     best = None
     for form in c.forms:
         r = min(form.max_rank, max(1, int(target * form.f * form.o / (form.f + form.o))))
-        p = make_plan(form, r, st, run.correct_bias)
+        p = make_plan(form, r, st, run.correct_bias, factors=False)
         if best is None or p.rel_error < best.rel_error:
             best = p
     return best.form
@@ -1165,16 +1274,69 @@ def _target_cost(run: LowRankRun, units: TargetUnits, by_params: bool) -> Callab
     return cost
 
 
-def _sensitivities(run: LowRankRun, units: TargetUnits) -> dict[int, dict[int, float]]:
+def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
     """Per unit and level: the model's relative output error with that layer alone factorized
-    (``sensitivity=model``, with data) or the layer's own squared relative error."""
+    (``sensitivity=model``, with data; :mod:`graphopt.passes.lossy.lowrank_table`) or the layer's own
+    squared relative error; and the table's stats."""
     ctx = run.ctx
-    if run.opt("sensitivity") == "model" and ctx.data is not None:
-        ectx = EvalContext(to_proto(run.model).SerializeToString(), run.samples("sensitivity_samples"), batch_size=64)
-        ctx.say(f"lowrank: sensitivity of {len(units.units)} layers")
-        return budget.sensitivity(units.units, _model_error, executor=InProcess(), context=(ectx, units.plans))
-    return {u.key: {u.levels[0]: 0.0, **{lv: units.plans[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}
-            for u in units.units}
+    layer_sq = {u.key: {u.levels[0]: 0.0, **{lv: units.plans[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}
+                for u in units.units}
+    if run.opt("sensitivity") != "model" or ctx.data is None:
+        return layer_sq, {"kind": "layer"}
+    proto = to_proto(run.model)
+    position = {n.name: i for i, n in enumerate(proto.graph.node)}
+    starts = {u.key: position[units.forms[u.key].site.node.name] for u in units.units}
+    node_macs = segments.node_macs(run.model, proto, ctx.input_shapes)
+    before = np.concatenate([[0.0], np.cumsum(node_macs)])
+    suffix = {k: float(before[-1] - before[p]) for k, p in starts.items()}
+    data = run.samples("sensitivity_samples")
+
+    def per_sample(n_levels: int) -> float:
+        return sum(len(_measured_ranks(u, n_levels)) * suffix[u.key] for u in units.units)
+
+    n_levels, n_samples, table_stats = budget.table_size(
+        per_sample, max(len(u.levels) - 1 for u in units.units), data.n_samples,
+        float(run.opt("sensitivity_tmacs")) * 1e12, min_levels=1)
+    data = data.head(n_samples)
+    measured_units = [budget.Unit(u.key, [u.levels[0], *_measured_ranks(u, n_levels)]) for u in units.units]
+    slots, by_model = {}, {}
+    for u in units.units:
+        site = units.forms[u.key].site
+        spec = lrt.weight_slots(run.model.graph, site)
+        if isinstance(spec, str):
+            by_model.setdefault(spec, []).append(site.name)
+        elif spec.bias is None and run.correct_bias:
+            by_model.setdefault("no bias to write the mean correction to", []).append(site.name)
+        else:
+            slots[u.key] = spec
+    table, stats = lrt.build_table(proto, data, slots, units.plan, starts,
+                                   {u.key: len(u.levels) - 1 for u in measured_units}, node_macs)
+    del proto
+    ctx.say(f"lowrank: sensitivity of {len(units.units)} layers")
+    measured = budget.sensitivity([u for u in measured_units if u.key in slots], lrt.measure_by_override,
+                                  executor=InProcess(), context=table)
+    table.held = None
+    rest = [u for u in measured_units if u.key not in slots]
+    if rest:
+        ectx = EvalContext(table.ev.model, data, batch_size=64)
+        measured.update(budget.sensitivity(rest, _model_error, executor=InProcess(), context=(ectx, units)))
+    stats.update(table=table_stats, by_overrides=len(slots))
+    if by_model:
+        stats["by_model"] = by_model
+    return ({u.key: lrt.gain_filled(measured[u.key], layer_sq[u.key], u.levels) for u in units.units},
+            {"kind": "model", **stats})
+
+
+def _measured_ranks(unit: budget.Unit, n_levels: int) -> list[int]:
+    """``n_levels`` of the unit's ranks (its levels after the first), evenly spread from the highest to
+    the lowest (one: the middle one)."""
+    ranks = unit.levels[1:]
+    if n_levels >= len(ranks):
+        return list(ranks)
+    if n_levels == 1:
+        return [ranks[len(ranks) // 2]]
+    picks = np.linspace(0, len(ranks) - 1, n_levels).round().astype(int)
+    return [ranks[i] for i in sorted(set(picks.tolist()))]
 
 
 def _guarded(run: LowRankRun, units: TargetUnits, allocate_at: Callable[[float], budget.Allocation],

@@ -643,7 +643,7 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         else:
             context.overrides[g.gid] = spec
     starts = group_starts(proto.graph, groups) if starts is None else starts
-    node_macs = _node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
+    node_macs = segments.node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
     context.checkpoints, context.cuts = segments.Checkpoints.build(
         proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
         batch_size=256)
@@ -686,12 +686,6 @@ def _overrides_differ(ctx: SensitivityContext, gid: int) -> str | None:
     if np.isfinite(gap) and gap <= 1e-6 * max(scale, 1e-9):
         return None
     return f"zeroing its producers is not its removal here (relative gap {gap:.3g})"
-
-
-def _node_macs(model: Model, proto: onnx.ModelProto, input_shapes: Mapping | None) -> list[float]:
-    """MACs of each main-graph node of ``proto`` (the export of ``model``) at ``input_shapes`` (0 unknown)."""
-    per_node = {n.name: n.macs or 0 for n in ana.analyze(model, input_shapes=input_shapes).per_node if not n.scope}
-    return [float(per_node.get(n.name, 0)) for n in proto.graph.node]
 
 
 def group_starts(graph: onnx.GraphProto, groups: Sequence) -> dict[int, int]:
@@ -1280,7 +1274,7 @@ class PruneFilters(Pass):
         interpolated, relative to the unit's first level (the allocator takes it as error 0)."""
         proto = to_proto(run.reference)
         starts = group_starts(proto.graph, run.groups)
-        node_macs = _node_macs(run.reference, proto, run.ctx.input_shapes)
+        node_macs = segments.node_macs(run.reference, proto, run.ctx.input_shapes)
         before = np.concatenate([[0.0], np.cumsum(node_macs)])
         suffix = {gid: float(before[-1] - before[p]) for gid, p in starts.items()}
         # Held-out measurement: the consumers are re-fitted on the first samples (fit_grams) and the error
@@ -1319,33 +1313,12 @@ class PruneFilters(Pass):
         nodes from the group's first node on, the part its evaluations run). Over the budget, fewer samples
         are measured first (down to 16: each still yields a whole output), then fewer levels (down to 4,
         interpolated between), then fewer samples (down to 8); what was measured is in the stats."""
-        asked_levels = max(int(run.opt("levels")), 1)
-        cap = float(run.opt("sensitivity_tmacs")) * 1e12
-
         @cache
         def per_sample(n_levels: int) -> float:
             return sum((len(u.levels) - 1) * suffix.get(u.key, 0.0) for u in self._items(run, units, n_levels))
 
-        def stats(n_levels: int, samples: int) -> dict[str, Any]:
-            return {"levels": n_levels, "samples": samples, "tmacs": _r(samples * per_sample(n_levels) / 1e12)}
-
-        table: dict[str, Any] = {"asked": stats(asked_levels, n_samples),
-                                 "tmacs_budget": _r(cap / 1e12) if cap > 0 else None}
-        choice: tuple[int, int] | None = (asked_levels, n_samples)
-        if cap > 0 and n_samples * per_sample(asked_levels) > cap:
-            choice = None
-            tries = [(asked_levels, 16)] + [(k, 16) for k in range(asked_levels - 1, 3, -1)]
-            tries.append((min(asked_levels, 4), 8))
-            for n_levels, floor in tries:
-                fits = int(cap // max(per_sample(n_levels), 1.0))
-                if fits >= min(floor, n_samples):
-                    choice = (n_levels, min(fits, n_samples))
-                    break
-            if choice is None:
-                choice = (min(asked_levels, 4), min(8, n_samples))
-                table["over_budget"] = "the smallest table (4 levels, 8 samples) still passes the budget"
-        table["measured"] = stats(*choice)
-        return choice[0], choice[1], table
+        return budget.table_size(per_sample, max(int(run.opt("levels")), 1), n_samples,
+                                 float(run.opt("sensitivity_tmacs")) * 1e12, min_levels=4)
 
     @staticmethod
     def _measured_levels(unit: budget.Unit, size: int, n_levels: int) -> list[int]:
