@@ -119,7 +119,9 @@ def test_eval_context_matches_onnxruntime_and_caches_per_process():
     np.testing.assert_allclose(out, run(model, {"x": data.inputs["x"]})[0], rtol=1e-5, atol=1e-6)
     assert ctx.session() is ctx.session() and ctx.reference() is ctx.reference()
     copy = pickle.loads(pickle.dumps(ctx))
-    assert copy._memo == {} and copy.model == ctx.model  # caches stay behind, the model travels
+    # caches stay behind, the model travels (serialized: the context kept the proto it was given parsed)
+    assert copy._memo == {} and ctx.model is None and copy.model == model.SerializeToString()
+    assert copy.model_bytes() == ctx.model_bytes() and copy.proto() == ctx.proto()
     np.testing.assert_allclose(copy.run()["y"], out)
     assert ctx.accuracy(ctx.reference()) == pytest.approx(
         100 * np.mean(out.argmax(1) == data.labels))

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from graphopt.compress.blas import for_work
+
 
 def whitener(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Lower Cholesky factor ``L`` of ``Σ + λI`` with ``λ = ridge · tr(Σ)/F`` (``L Lᵀ = Σ + λI``)."""
@@ -53,15 +55,15 @@ def shifted_whitener(cov: np.ndarray, ridge: float = 1e-6) -> tuple[np.ndarray, 
 
 @dataclass
 class Factorization:
-    """The SVD of ``W`` (plain) or of ``LᵀW`` (whitened); truncate it at any rank with :meth:`factors`."""
+    """The SVD of ``W`` (plain) or of ``LᵀW`` (whitened), kept as what every truncation reads: ``L⁻ᵀU``
+    (``U`` itself when plain), the singular values and ``Vᵀ``. Truncate it at any rank with :meth:`factors`.
+    ``W``, ``U`` and ``L`` are not kept: on a BERT-base encoder they were three quarters of the pass's memory."""
 
-    w: np.ndarray          # [F, O], float64
-    u: np.ndarray          # [F, k]
+    left: np.ndarray       # [F, k]: L⁻ᵀU (whitened) or U (plain)
     s: np.ndarray          # [k]
     vt: np.ndarray         # [k, O]
-    l: np.ndarray | None   # whitener (lower triangular) or None
+    whitened: bool = False
     shift: float = 0.0     # L Lᵀ = Σ + shift·I (the ridge the whitener added)
-    _left: np.ndarray | None = field(default=None, repr=False)   # L⁻ᵀU, solved once for every rank
 
     @property
     def full_rank(self) -> int:
@@ -77,17 +79,10 @@ class Factorization:
         return float(np.sum(self.s[rank:] ** 2))
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(P [F, r], Q [r, O])`` with ``P·Q`` the best rank-``r`` approximation in this metric."""
+        """``(P [F, r], Q [r, O])`` with ``P·Q`` the best rank-``r`` approximation in this metric:
+        ``P = L⁻ᵀ U_r S_r^½``, ``Q = S_r^½ V_rᵀ``."""
         root = np.sqrt(self.s[:rank])
         return self.left[:, :rank] * root, root[:, None] * self.vt[:rank]
-
-    @property
-    def left(self) -> np.ndarray:
-        """``L⁻ᵀU`` (``U`` without whitening): the columns every rank's ``P`` scales. Solved once: one
-        solve per rank cost a layer of 3072 inputs about a second each."""
-        if self._left is None:
-            self._left = self.u if self.l is None else np.linalg.solve(self.l.T, self.u)
-        return self._left
 
     def whitened_errors(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per component ``i`` of a whitened factorization, the terms of the error of a truncation, read
@@ -101,7 +96,7 @@ class Factorization:
         Returns ``(s_t²(1 − shift·‖L⁻ᵀu_t‖²), s_t·u_tᵀL⁻¹μ)`` for every component; the sums of their tails
         (the second through ``vt``) give a rank's output error and mean error. Exact for the covariance
         the whitener was built from."""
-        if self.l is None:
+        if not self.whitened:
             raise ValueError("not a whitened factorization")
         left = self.left
         energy = self.s ** 2 * (1.0 - self.shift * np.einsum("ij,ij->j", left, left))
@@ -111,14 +106,14 @@ class Factorization:
 def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6) -> Factorization:
     """SVD of ``W [F, O]``; whitened by ``cov [F, F]`` (the input covariance) when given."""
     w = np.asarray(w, dtype=np.float64)
-    l = None
-    target = w
-    shift = 0.0
-    if cov is not None:
-        l, shift = shifted_whitener(np.asarray(cov, dtype=np.float64), ridge)
-        target = l.T @ w
-    u, s, vt = thin_svd(target)
-    return Factorization(w, u, s, vt, l, shift)
+    if cov is None:
+        u, s, vt = thin_svd(w)
+        return Factorization(u, s, vt)
+    l, shift = shifted_whitener(np.asarray(cov, dtype=np.float64), ridge)
+    u, s, vt = thin_svd(l.T @ w)
+    with for_work(2.0 * l.shape[0] ** 2 * u.shape[1]):
+        left = np.linalg.solve(l.T, u)   # L⁻ᵀU: what every rank's P scales
+    return Factorization(left, s, vt, True, shift)
 
 
 def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,8 +123,6 @@ def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tail a rank choice reads; a component with ``s ≈ 0`` gets zero singular vectors on the side computed
     from the other. Every truncation stays the exact projection of ``M`` on the kept components
     (``U_r S_r V_rᵀ = M V_r V_rᵀ``, or ``U_r U_rᵀ M``), whatever the orthogonality of the computed side."""
-    from graphopt.compress.blas import for_work
-
     f, o = m.shape
     tall = f >= o
     with for_work(2.0 * f * o * min(f, o) + 9.0 * min(f, o) ** 3):

@@ -359,7 +359,8 @@ class EvalContext:
 
     Parameters
     ----------
-    model : the serialized ``ModelProto`` (``proto.SerializeToString()``).
+    model : the serialized ``ModelProto`` (``proto.SerializeToString()``), or the ``ModelProto`` itself,
+        kept parsed (not copied: do not change it afterwards) and serialized only when pickled.
     data : the sample inputs (``graphopt.measure.calibration.SampleData``).
     batch_size : samples per onnxruntime run (a model with a static batch dim is fed at that size).
     overridable : initializer names made overridable: they become graph inputs (with their value as the
@@ -375,7 +376,7 @@ class EvalContext:
     parsed IR), keyed as the caller likes.
     """
 
-    model: bytes
+    model: bytes | None
     data: Any
     batch_size: int = 256
     overridable: tuple[str, ...] = ()
@@ -384,20 +385,28 @@ class EvalContext:
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._memo: dict[str, Any] = {}
         if isinstance(self.model, onnx.ModelProto):
-            self.model = self.model.SerializeToString()
+            # Kept parsed; serialized only when pickled for a pool: a large model held as both bytes and a
+            # parsed proto doubled its share of an in-process run's memory.
+            self._memo["proto"] = self.model
+            self.model = None
         self.overridable = tuple(self.overridable)
         if self.outputs is not None:
             self.outputs = tuple(self.outputs)
-        self._memo: dict[str, Any] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state["model"] = self.model_bytes()
         state["_memo"] = {}
         state["cache"] = {}
         return state
 
     # -- the model ----------------------------------------------------------------------------
+
+    def model_bytes(self) -> bytes:
+        """The serialized model."""
+        return self.model if self.model is not None else self._memo["proto"].SerializeToString()
 
     def proto(self) -> onnx.ModelProto:
         """The model, parsed once per process. Shared: do not mutate it (see :meth:`fresh_proto`)."""
@@ -406,9 +415,12 @@ class EvalContext:
         return self._memo["proto"]
 
     def fresh_proto(self) -> onnx.ModelProto:
-        """A new parse of the model, the caller's to mutate."""
+        """A new copy of the model, the caller's to mutate."""
         proto = onnx.ModelProto()
-        proto.ParseFromString(self.model)
+        if self.model is None:
+            proto.CopyFrom(self._memo["proto"])
+        else:
+            proto.ParseFromString(self.model)
         return proto
 
     def output_names(self) -> list[str]:
@@ -481,6 +493,8 @@ class EvalContext:
         """The unmodified model's outputs, computed once per process."""
         if "reference" not in self._memo:
             self._memo["reference"] = self.run()
+            if not self.overridable:   # only run() without a model needs it again: rebuilt then, not held
+                self._memo.pop("session", None)
         return self._memo["reference"]
 
     def error(self, outputs: Mapping[str, np.ndarray]) -> float:

@@ -288,7 +288,7 @@ class Form:
 
     name: str                     # "dense" | "channel" | "spatial"
     site: Site
-    mats: list[np.ndarray]        # per group, [F, O] in this form's layout (float64)
+    mats: list[np.ndarray]        # per group, [F, O] in this form's layout (the weight's dtype)
     facs: list[svd.Factorization] = field(default_factory=list)
     # per group: the output variance tr(Wᵀ(Σ + μμᵀ)W) and the whitened error terms (svd.whitened_errors),
     # computed once per factorization and shared by every rank
@@ -370,9 +370,10 @@ class Form:
 
 def forms_of(site: Site, which: str) -> list[Form]:
     """The valid forms of ``site`` (``which``: ``auto`` = all, or one form name)."""
+    # In the weight's own dtype (a float32 view of a dense weight costs nothing; svd.factorize computes in float64).
     if site.kind != "conv":  # ``which`` chooses among conv forms; a dense layer has one
-        return [Form("dense", site, [np.asarray(site.weight, dtype=np.float64)])]
-    w = np.asarray(site.weight, dtype=np.float64)
+        return [Form("dense", site, [site.weight])]
+    w = site.weight
     g = site.groups
     og = w.shape[0] // g
     out = []
@@ -492,7 +493,7 @@ def make_plan(form: Form, rank: int, stats: Stats | None, correct_bias: bool, *,
     ``factors=False`` leaves ``Plan.factors`` empty (the error and bias only: what a table of many ranks
     needs; the factors of a large layer at every rank would not fit in memory)."""
     site = form.site
-    if stats is not None and form.name != "spatial" and all(f.l is not None for f in form.facs):
+    if stats is not None and form.name != "spatial" and all(f.whitened for f in form.facs):
         return _plan_from_spectrum(form, rank, stats, correct_bias, factors)
     pairs = [fac.factors(rank) for fac in form.facs]
     bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float64).copy()
@@ -1318,7 +1319,7 @@ def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[
     table.held = None
     rest = [u for u in measured_units if u.key not in slots]
     if rest:
-        ectx = EvalContext(table.ev.model, data, batch_size=64)
+        ectx = EvalContext(table.ev.proto(), data, batch_size=64)
         measured.update(budget.sensitivity(rest, _model_error, executor=InProcess(), context=(ectx, units)))
     stats.update(table=table_stats, by_overrides=len(slots))
     if by_model:
@@ -1344,7 +1345,7 @@ def _guarded(run: LowRankRun, units: TargetUnits, allocate_at: Callable[[float],
     """``--max-drop``: relax the target (bisection) until the accuracy drop on the calibration samples fits."""
     ctx = run.ctx
     data = run.samples()
-    gctx = EvalContext(to_proto(run.model).SerializeToString(), data, batch_size=64)
+    gctx = EvalContext(to_proto(run.model), data, batch_size=64)
     reference_acc = gctx.accuracy(gctx.reference())
 
     def measure_drop(alloc: budget.Allocation) -> float:

@@ -43,6 +43,7 @@ from graphopt.core.ir import Graph, Node, Value
 from graphopt.core.ops import is_op, producer_op, sole_consumer
 from graphopt.measure import ort as gort
 from graphopt.measure import segments
+from graphopt.measure.calibration import activation_batch
 from graphopt.measure.executor import EvalContext, in_worker
 
 
@@ -195,8 +196,8 @@ def build_table(proto: onnx.ModelProto, data: Any, slots: Mapping[Any, WeightSlo
                 threads: int | None = None) -> tuple[OverrideTable, dict[str, Any]]:
     """The :class:`OverrideTable` of the units in ``slots`` (``starts[key]``: the position of the unit's
     node in ``proto.graph.node``) and its stats (cuts, cached MB)."""
-    ev = EvalContext(proto.SerializeToString(), data, batch_size=batch_size, threads=threads)
-    ev.proto()                                   # parsed once, shared by the checkpoints and the sessions
+    batch_size = activation_batch(proto, data, batch_size)
+    ev = EvalContext(proto, data, batch_size=batch_size, threads=threads)
     table = OverrideTable(ev, dict(slots), plan, threads=threads)
     table.checkpoints, table.cuts = segments.Checkpoints.build(
         ev.proto(), data, {k: (starts[k], int(evaluations.get(k, 1))) for k in slots}, node_macs,

@@ -134,7 +134,7 @@ from graphopt.measure import analysis as ana
 from graphopt.measure import latency as lat
 from graphopt.measure import ort as gort
 from graphopt.measure import segments
-from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
+from graphopt.measure.calibration import Calibrator, ChannelStats, activation_batch, reference_outputs
 from graphopt.measure.executor import EvalContext, in_worker, make_executor, relative_error
 from graphopt.measure.verify import Tolerance, verify
 
@@ -632,7 +632,8 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         refits[g.gid] = [(c.node, grams[c.node], consumer_blocks(layers[c.node], c))
                          for c in g.consumers if c.node in grams and c.node in layers and c.node not in producing]
     proto = to_proto(reference) if proto is None else proto
-    ev = EvalContext(proto.SerializeToString(), data, batch_size=256)
+    batch = activation_batch(proto, data, 256)
+    ev = EvalContext(proto, data, batch_size=batch)
     context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads)
     readers = segments.readers(proto.graph)
     by_removal: dict[str, list[int]] = {}
@@ -646,7 +647,7 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
     node_macs = segments.node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
     context.checkpoints, context.cuts = segments.Checkpoints.build(
         proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
-        batch_size=256)
+        batch_size=batch)
     checked = 0
     for gid, spec in list(context.overrides.items()):
         if not spec.checked:
