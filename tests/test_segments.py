@@ -111,10 +111,12 @@ def test_checkpoints_hold_the_unchanged_activations_and_refuse_a_wrong_cut():
         got = cp.run(prune.gort.session(suffix), cut)
         assert relative_error(reference, got) < 1e-10
     cut = next(iter(cp.values))
-    for batch in cp.values[cut]:                         # a corrupted cache is caught by the check
-        for name in batch:
-            batch[name] = batch[name] + 1.0
-    why = cp._check(proto, cut, {o: r[:16] for o, r in reference.items()}, None)
+    first = segments._FirstSample.of(proto, sdata, set(cp.live[cut]) | {o.name for o in proto.graph.output})
+    assert cp._check(proto, cut, first, None) is None
+    for name in cp.live[cut]:                            # values that are not the model's are caught
+        if name in first.values and name not in first.feed:
+            first.values[name] = first.values[name] + 1.0
+    why = cp._check(proto, cut, first, None)
     assert why is not None and "differs" in why
 
 

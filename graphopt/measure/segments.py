@@ -14,7 +14,7 @@ boundary is one tensor, so a few cuts there save most of the work; inside a Dens
 map stays live, so its cuts are dearer.
 
 Exactness: the suffix is the same nodes on the same values. :meth:`Checkpoints.build` runs the unchanged
-model's suffix from every kept cut on the first batch and drops a cut whose outputs differ from the full
+model's suffix from every kept cut on the first sample and drops a cut whose outputs differ from the full
 model's by more than float noise (relative squared error above :data:`EXACT`), so whatever the cut
 misses costs speed, never a wrong measurement. A caller whose changed model no longer reads the cut's
 values as the suffix expects gets ``None`` from :meth:`Checkpoints.suffix_inputs_ok` and runs the full
@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graphopt.measure import ort as gort
-from graphopt.measure.calibration import SampleData, feed_batch_size, first_sample, sample_rows
+from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, sample_rows
 from graphopt.measure.executor import relative_error
 
 #: Bytes of cached activations (all samples, all cuts) one :class:`Checkpoints` may hold.
@@ -262,7 +262,10 @@ class Checkpoints:
         inputs = {vi.name for vi in graph.input}
         candidates = sorted({p for p, _ in starts.values() if p > 0})
         live = {p: live_values(graph, p) for p in candidates}
-        per_sample, self.types = _one_sample(proto, data, {n for p in candidates for n in live[p] if n not in inputs})
+        outputs = [o.name for o in graph.output]
+        first = _FirstSample.of(proto, data, {n for p in candidates for n in live[p] if n not in inputs} | set(outputs))
+        per_sample = {n: int(a.nbytes) for n, a in first.values.items()}
+        self.types = _types({n: a for n, a in first.values.items() if n not in outputs})
         samples = data.n_samples
 
         def cut_bytes(p: int) -> int:
@@ -273,21 +276,17 @@ class Checkpoints:
         if not cuts:
             return self, cut_of
         names = list(dict.fromkeys(n for c in cuts for n in live[c] if n not in inputs))
-        outputs = [o.name for o in graph.output]
         sess = gort.session(gort.with_outputs(proto, names), threads=threads)
         cached: list[dict[str, np.ndarray]] = []
-        reference: list[dict[str, np.ndarray]] = []
         for feed in data.batches(self.batch):
-            got = gort.run(sess, feed, names + outputs, what="checkpoints")
+            got = gort.run(sess, feed, names, what="checkpoints")
             cached.append({n: got[n] for n in names})
-            if not reference:
-                reference.append({o: got[o] for o in outputs})
         del sess
         for c in cuts:
             self.prefix[c] = frozenset(n.name for n in graph.node[:c])
             self.live[c] = live[c]
             self.values[c] = [{n: b[n] for n in live[c] if n in b} for b in cached]
-            why = self._check(proto, c, reference[0], threads)
+            why = self._check(proto, c, first, threads)
             if why is not None:
                 self.dropped[c] = why
                 del self.prefix[c], self.live[c], self.values[c]
@@ -298,14 +297,18 @@ class Checkpoints:
         """No cut: :meth:`run` from cut 0 feeds the data alone (the whole model's suffix is itself)."""
         return cls(data, feed_batch_size(proto, batch_size, data))
 
-    def _check(self, proto: onnx.ModelProto, cut: int, reference: Mapping[str, np.ndarray],
-               threads: int | None) -> str | None:
-        """Why the unchanged model's suffix from ``cut`` is not the full model on the first batch, or ``None``."""
+    def _check(self, proto: onnx.ModelProto, cut: int, first: _FirstSample, threads: int | None) -> str | None:
+        """Why the unchanged model's suffix from ``cut`` is not the full model on the first sample, or
+        ``None``. One sample: a suffix wired wrong differs on any, and a batch of a large model through
+        every cut's suffix cost a BERT-base run a minute."""
         suffix, inputs = suffix_model(proto, self.prefix[cut], types=self.types)
         if not set(inputs) <= set(self.live[cut]):
             return f"the suffix reads values the cut does not hold: {sorted(set(inputs) - set(self.live[cut]))[:3]}"
         sess = gort.session(suffix, threads=threads)
-        error = relative_error(reference, self.run(sess, cut, limit=1))
+        names = [o.name for o in sess.get_outputs()]
+        held = {n: first.values[n] for n in self.live[cut] if n in first.values}
+        got = gort.run(sess, {**first.feed, **held}, names, what="a model suffix")
+        error = relative_error({n: first.values[n] for n in names}, got)
         return None if error <= EXACT else f"the suffix differs from the full model (relative error {error:.3g})"
 
     @property
@@ -334,11 +337,21 @@ class Checkpoints:
         return {n: np.concatenate(chunks, axis=0) for n, chunks in parts.items()}
 
 
-def _one_sample(proto: onnx.ModelProto, data: SampleData, names: set[str]
-                ) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-    """Bytes, and ONNX element type and rank, of each named value for one sample (a run on the first)."""
-    got = first_sample(proto, names, data) if names else {}
-    return {n: int(a.nbytes) for n, a in got.items()}, _types(got)
+@dataclass
+class _FirstSample:
+    """The first sample's feed and the named values the full model computes on it."""
+
+    feed: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, proto: onnx.ModelProto, data: SampleData, names: set[str]) -> _FirstSample:
+        one = check_data(proto, data.head(1))
+        feed = next(iter(one.batches(1)))
+        if not names:
+            return cls(feed, {})
+        sess = gort.session(gort.with_outputs(proto, sorted(names)))
+        return cls(feed, gort.run(sess, feed, sorted(names), what="one sample"))
 
 
 def _types(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
