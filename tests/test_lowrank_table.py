@@ -210,3 +210,22 @@ def test_table_size_shrinks_samples_then_levels():
     assert budget.table_size(per_sample, 8, 256, 3e9 * 16, min_levels=1)[:2] == (3, 16)  # then levels
     levels, samples, stats = budget.table_size(per_sample, 8, 256, 1e9, min_levels=1)
     assert (levels, samples) == (1, 8) and "over_budget" in stats
+
+
+def test_cross_gram_split_equals_gathering_each_block_alone():
+    from graphopt.compress.lstsq import CrossGram
+
+    x = RNG.standard_normal((200, 6))
+    ys = [RNG.standard_normal((200, n)) for n in (3, 5)]
+    joint = CrossGram()
+    joint.update(x, np.concatenate(ys, axis=1))
+    for part, y in zip(joint.split([3, 5]), ys):
+        alone = CrossGram()
+        alone.update(x, y)
+        w1, b1 = part.solve(1e-3)
+        w2, b2 = alone.solve(1e-3)
+        np.testing.assert_allclose(w1, w2, atol=1e-12)
+        np.testing.assert_allclose(b1, b2, atol=1e-12)
+        assert part.relative_error(w1, b1) == pytest.approx(alone.relative_error(w2, b2))
+    with pytest.raises(ValueError, match="do not cover"):
+        joint.split([3, 4])

@@ -95,6 +95,23 @@ class CrossGram:
         out.y_sum, out.y_sq, out.count = self.y_sum + other.y_sum, self.y_sq + other.y_sq, self.count + other.count
         return out
 
+    def split(self, sizes: Sequence[int]) -> list[CrossGram]:
+        """The statistics of consecutive blocks of ``sizes`` outputs, as if each block had been gathered
+        alone: layers reading the same input (attention's query, key and value) are gathered as one
+        ``Y = [Y₁ Y₂ …]``, so ``XᵀX`` is computed once. The parts share this ``xtx`` (do not change it)."""
+        self._require()
+        if sum(sizes) != self.outputs:
+            raise ValueError(f"blocks of {list(sizes)} outputs do not cover {self.outputs}")
+        parts, start = [], 0
+        for n in sizes:
+            part = CrossGram(bias=self.bias)
+            part.xtx, part.count = self.xtx, self.count
+            part.xty = self.xty[:, start:start + n].copy()
+            part.y_sum, part.y_sq = self.y_sum[start:start + n].copy(), self.y_sq[start:start + n].copy()
+            parts.append(part)
+            start += n
+        return parts
+
     def _copy(self) -> CrossGram:
         out = CrossGram(bias=self.bias)
         if self.xtx is not None:

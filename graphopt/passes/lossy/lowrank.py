@@ -797,15 +797,34 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
 def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer], targets: list[list],
                  keys: list[int]) -> dict[int, lstsq.CrossGram]:
     """``X_cᵀ[X_c, Y]`` of layers reading one input: ``X_c`` from the frontier (one pass), ``Y`` the stored
-    target rows of each layer (the same rows of ``X_c`` as were sampled for the targets)."""
-    grams = {k: lstsq.CrossGram(bias=True) for k in keys}
+    target rows of each layer (the same rows of ``X_c`` as were sampled for the targets). Layers whose rows
+    were sampled alike (dense layers of one input share the sampling: :func:`rec.reference_targets` draws
+    the same positions for the same row count) are gathered as one ``[Y₁ Y₂ …]`` and split, so ``X_cᵀX_c``
+    is computed once."""
+    grams: dict[int, lstsq.CrossGram] = {}
     x_name = layers[0].x.name
+    batches = list(zip(*targets)) if targets else []
+    same_rows = (all(layer.kind != "conv" for layer in layers)       # a conv's rows depend on its geometry
+                 and all(all(_same_select(rows[0][0], r[0]) for r in rows) for rows in batches))
+    joint = lstsq.CrossGram(bias=True) if same_rows and len(keys) > 1 else None
+    for k in keys:
+        grams[k] = lstsq.CrossGram(bias=True)
     for b, batch in enumerate(frontier.batches(proto, [x_name])):
         x = batch[x_name]
+        if joint is not None:
+            select = batches[b][0][0]
+            joint.update(layers[0].rows(x, select), np.concatenate([r[1] for r in batches[b]], axis=1))
+            continue
         for k, layer, rows in zip(keys, layers, targets):
             select, y_rows = rows[b]
             grams[k].update(layer.rows(x, select), y_rows)
+    if joint is not None:
+        grams = dict(zip(keys, joint.split([layer.out_features for layer in layers])))
     return grams
+
+
+def _same_select(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 # =============================================================================================
