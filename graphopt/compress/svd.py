@@ -111,8 +111,15 @@ def factorize(w: np.ndarray, cov: np.ndarray | None = None, ridge: float = 1e-6)
         return Factorization(u, s, vt)
     l, shift = shifted_whitener(np.asarray(cov, dtype=np.float64), ridge)
     u, s, vt = thin_svd(l.T @ w)
-    with for_work(2.0 * l.shape[0] ** 2 * u.shape[1]):
-        left = np.linalg.solve(l.T, u)   # L⁻ᵀU: what every rank's P scales
+    f, o = w.shape
+    if f >= o:
+        # U = LᵀW·V·S⁻¹ (thin_svd's tall side), so L⁻ᵀU = W·V·S⁻¹: no solve with the F×F whitener (a dense
+        # LU of 3072² per layer was most of a BERT-base factorization).
+        live = s > s[0] * 1e-12 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
+        left = (w @ vt.T) * np.where(live, 1.0 / np.where(live, s, 1.0), 0.0)
+    else:
+        with for_work(2.0 * f ** 3):
+            left = np.linalg.solve(l.T, u)   # L⁻ᵀU: what every rank's P scales (F < O: a small solve)
     return Factorization(left, s, vt, True, shift)
 
 
