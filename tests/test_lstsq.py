@@ -227,3 +227,23 @@ def test_merged_statistics_equal_one_pass_over_all_rows():
     other.update(x[:, :3], y)
     with pytest.raises(ValueError, match="shapes"):
         first.merge(other)
+
+
+def test_compact_statistics_solve_as_the_float64_ones_and_refuse_more_rows():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 12)) * np.logspace(0, 2, 12)
+    y = x @ rng.standard_normal((12, 4)) + rng.standard_normal((400, 4))
+    full = CrossGram()
+    full.update(x, y)
+    w64, b64 = full.solve(1e-3, columns=[0, 2, 5, 7])
+    err64 = full.relative_error(w64, b64, columns=[0, 2, 5, 7])
+    small = full._copy().compact()
+    assert small.xtx.dtype == np.float32 and small.xtx.nbytes * 2 == full.xtx.nbytes
+    w32, b32 = small.solve(1e-3, columns=[0, 2, 5, 7])
+    assert w32.dtype == np.float64
+    np.testing.assert_allclose(w32, w64, rtol=1e-4, atol=1e-6)
+    assert small.relative_error(w32, b32, columns=[0, 2, 5, 7]) == pytest.approx(err64, rel=1e-4)
+    with pytest.raises(ValueError, match="compact"):
+        small.update(x, y)
+    with pytest.raises(ValueError, match="compact"):
+        full.merge(small)

@@ -85,8 +85,8 @@ def solve_towards(gram: CrossGram, ridge: float, w0: np.ndarray, b0: np.ndarray)
     the bias row. ``ridge = inf`` returns ``(W₀, b)`` with only the bias re-fitted.
     """
     f = gram.features
-    a = gram.xtx.copy()
-    rhs = gram.xty.copy()
+    a = gram.xtx.astype(np.float64)
+    rhs = gram.xty.astype(np.float64)
     if not np.isfinite(ridge):
         # Keep W0; the best bias for it is mean(y) - mean(x) W0.
         n = max(gram.count, 1)
