@@ -79,15 +79,16 @@ def named(proto: onnx.ModelProto) -> onnx.ModelProto:
 def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str, weight_bits: int = 8,
                exclude: Iterable[str] = (), op_types: Iterable[str] | None = None) -> onnx.ModelProto:
     """The static QDQ model of ``proto`` (from :func:`named`) in format ``fmt`` (``u8s8`` / ``s8s8``), with
-    ``ranges`` for its activations, per-channel symmetric weights of ``weight_bits``, and the nodes named in
-    ``exclude`` left float."""
+    ``ranges`` for its activations, per-channel symmetric weights of ``weight_bits`` (8, 7: int8 storage with
+    onnxruntime's ``reduce_range``, codes in ``[−64, 64]``, or 4), and the nodes named in ``exclude`` left
+    float."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     activation = QuantType.QUInt8 if fmt == "u8s8" else QuantType.QInt8
-    weight = QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4
+    weight = QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8
     tensors = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.float32(r.lo), highest=np.float32(r.hi)) for name, r in ranges.items()})
     ops = sorted(op_types) if op_types is not None else sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
@@ -96,7 +97,7 @@ def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str,
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     with _quiet():
-        quantizer = QDQQuantizer(copy, True, False, weight, activation, tensors, [], sorted(exclude), ops, extra)
+        quantizer = QDQQuantizer(copy, True, weight_bits == 7, weight, activation, tensors, [], sorted(exclude), ops, extra)
         quantizer.quantize_model()
     out = quantizer.model.model
     out.ir_version = proto.ir_version

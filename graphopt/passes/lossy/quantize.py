@@ -50,7 +50,7 @@ from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import qdq
-from graphopt.measure.calibration import SampleData
+from graphopt.measure.calibration import SampleData, feed_batch_size
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, None)
 
@@ -106,9 +106,11 @@ class Quantize(Pass):
             ranges = qdq.activation_ranges(fmodel, data, activation_names(fmodel), method=opt("calibrate"),
                                            percentile=opt("percentile"))
             stats["calibrate"] = opt("calibrate")
-            proto, fmt, trials = build_static(float_proto, ranges, opt("format"), fmt, bits,
-                                              {n.name for n in layers}, opt("keep_unfused"), left)
-            stats["format"], stats["format_trials"] = fmt, trials
+            proto, fmt, trials, excluded = build_static(float_proto, ranges, opt("format"), fmt, bits,
+                                                        {n.name for n in layers}, opt("keep_unfused"), left)
+            if bits == 8:
+                proto, bits = narrow_if_saturating(proto, float_proto, ranges, fmt, excluded, data, trials)
+            stats["format"], stats["format_trials"] = fmt + ("" if bits != 7 else " (7-bit weights)"), trials
             if opt("refit") != "rtn":
                 stats["refit"] = refit(proto, fmodel, data, bits, opt, ctx)
             else:
@@ -175,10 +177,10 @@ def choose_format(requested: str, layers: list[Node], bits: int) -> str:
 
 def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], requested: str, fmt: str, bits: int,
                  layers: set[str], keep_unfused: bool, left: LeftAlone
-                 ) -> tuple[onnx.ModelProto, str, list[dict[str, Any]]]:
+                 ) -> tuple[onnx.ModelProto, str, list[dict[str, Any]], set[str]]:
     """The static QDQ model: the format with the fewest layers onnxruntime leaves float (``auto``), then
-    rebuilt with those layers excluded (module docstring, steps 3-4). Returns the model, its format and the
-    trials (format, layers left float)."""
+    rebuilt with those layers excluded (module docstring, steps 3-4). Returns the model, its format, the
+    trials (format, layers left float) and the layers excluded."""
     formats = ["u8s8", "s8s8"] if requested == "auto" and bits == 8 else [fmt]
     trials = []
     best: tuple[int, str, onnx.ModelProto, set[str]] | None = None
@@ -192,7 +194,7 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
     if bits == 4:
         left.add("int4 weights: onnxruntime has no fused 4-bit kernel for this layer; it runs in float on "
                  "dequantized weights (smaller, not faster)", next(iter(sorted(unfused)), None), count=len(unfused))
-        return proto, fmt, trials
+        return proto, fmt, trials, set()
     if unfused and not keep_unfused:
         for name in sorted(unfused):
             left.add(f"onnxruntime fuses no int8 kernel for it in {fmt}: quantized it would run in float "
@@ -200,7 +202,29 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
         proto = ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits, exclude=unfused)
         still = qdq.float_layers(qdq.optimized(proto)) & layers
         trials.append({"format": fmt, "excluded": len(unfused), "layers_left_float": len(still)})
-    return proto, fmt, trials
+        return proto, fmt, trials, unfused
+    return proto, fmt, trials, set()
+
+
+#: Below this SNR between onnxruntime's fused integer kernels and the QDQ arithmetic they replace, the
+#: kernels overflow (:func:`graphopt.measure.qdq.deployed_snr_db`: 11-28 dB overflowing, >= 50 dB not).
+SATURATION_SNR_DB = 40.0
+
+
+def narrow_if_saturating(proto: onnx.ModelProto, float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range],
+                         fmt: str, excluded: set[str], data: SampleData, trials: list[dict[str, Any]]
+                         ) -> tuple[onnx.ModelProto, int]:
+    """The model with 7-bit weights when its 8-bit one overflows in onnxruntime's integer kernels on this
+    CPU, else as it is; returns it and its weight bits. The layers left float stay float."""
+    feeds = data.feed(0, feed_batch_size(float_proto, 64, data))
+    snr = qdq.deployed_snr_db(proto, feeds)
+    trials.append({"format": fmt, "deployed_vs_qdq_snr_db": round(snr, 1)})
+    if snr >= SATURATION_SNR_DB:
+        return proto, 8
+    narrow = ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=7, exclude=excluded)
+    snr7 = qdq.deployed_snr_db(narrow, feeds)
+    trials.append({"format": f"{fmt} (7-bit weights)", "deployed_vs_qdq_snr_db": round(snr7, 1)})
+    return narrow, 7
 
 
 def refit(proto: onnx.ModelProto, fmodel: Model, data: SampleData, bits: int, opt: Any, ctx: PassContext
