@@ -158,14 +158,15 @@ def qdq_aliases(proto: onnx.ModelProto) -> dict[str, str]:
 
 def float_layers(optimized_proto: onnx.ModelProto) -> set[str]:
     """Names of the Conv / ConvTranspose / Gemm / MatMul nodes onnxruntime's optimized graph still runs in
-    float on dequantized inputs (an input produced by a ``DequantizeLinear``): not fused into an integer
-    kernel, so the quantization only adds work there."""
+    float on a dequantized weight (its weight produced by a ``DequantizeLinear``): quantized, but not fused
+    into an integer kernel, so the quantization only adds work there. (A layer left float on purpose reads
+    its float weight and is not counted.)"""
     producer = {out: node for node in optimized_proto.graph.node for out in node.output}
     names = set()
     for node in optimized_proto.graph.node:
-        if node.op_type not in _FLOAT_LAYER_OPS:
+        if node.op_type not in _FLOAT_LAYER_OPS or len(node.input) < 2:
             continue
-        if any(producer.get(name) is not None and producer[name].op_type == "DequantizeLinear"
-               for name in node.input if name):
+        weight = producer.get(node.input[1])
+        if weight is not None and weight.op_type == "DequantizeLinear":
             names.add(node.name)
     return names

@@ -90,7 +90,8 @@ class Quantize(Pass):
             return PassResult(False, {"quantized": 0, "skipped": "the model is already quantized"})
         fmodel = from_proto(float_proto)
         left = LeftAlone()
-        layers = candidate_layers(fmodel, opt("min_weights"), left)
+        small: set[str] = set()
+        layers = candidate_layers(fmodel, opt("min_weights"), left, small)
         if not layers:
             return PassResult(False, left.into({"quantized": 0, "skipped": "no Conv/ConvTranspose/Gemm/MatMul "
                                                                            "with a constant float weight"}))
@@ -99,7 +100,7 @@ class Quantize(Pass):
         fmt = choose_format(opt("format"), layers, bits)
         stats: dict[str, Any] = {"weights": opt("weights"), "format": fmt}
         if fmt == "dynamic":
-            proto = ortquant.dynamic(float_proto, op_types=("MatMul", "Gemm"))
+            proto = ortquant.dynamic(float_proto, exclude=small, op_types=("MatMul", "Gemm"))
             stats["refit"] = "none (dynamic quantization has no fixed input grid to fit against)"
         else:
             ctx.say("quantize: activation ranges")
@@ -107,7 +108,7 @@ class Quantize(Pass):
                                            percentile=opt("percentile"))
             stats["calibrate"] = opt("calibrate")
             proto, fmt, trials, excluded = build_static(float_proto, ranges, opt("format"), fmt, bits,
-                                                        {n.name for n in layers}, opt("keep_unfused"), left)
+                                                        {n.name for n in layers}, opt("keep_unfused"), left, small)
             if bits == 8:
                 proto, bits = narrow_if_saturating(proto, float_proto, ranges, fmt, excluded, data, trials)
             stats["format"], stats["format_trials"] = fmt + ("" if bits != 7 else " (7-bit weights)"), trials
@@ -136,8 +137,9 @@ def _count_dynamic(proto: onnx.ModelProto) -> int:
     return sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger") for node in proto.graph.node)
 
 
-def candidate_layers(model: Model, min_weights: int, left: LeftAlone) -> list[Node]:
-    """The main graph's layers with a constant float weight (topological order); the rest to ``left``."""
+def candidate_layers(model: Model, min_weights: int, left: LeftAlone, small: set[str]) -> list[Node]:
+    """The main graph's layers with a constant float weight (topological order); the rest to ``left``, and
+    the names of those below ``min_weights`` (which the quantizer must be told to leave float) to ``small``."""
     graph = model.graph
     out = []
     for node in graph.toposort():
@@ -150,6 +152,7 @@ def candidate_layers(model: Model, min_weights: int, left: LeftAlone) -> list[No
             continue
         if weight.size < min_weights:
             left.add(f"fewer than min_weights={min_weights} weights", node.name)
+            small.add(node.name)
             continue
         out.append(node)
     return out
@@ -176,7 +179,7 @@ def choose_format(requested: str, layers: list[Node], bits: int) -> str:
 
 
 def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], requested: str, fmt: str, bits: int,
-                 layers: set[str], keep_unfused: bool, left: LeftAlone
+                 layers: set[str], keep_unfused: bool, left: LeftAlone, small: set[str]
                  ) -> tuple[onnx.ModelProto, str, list[dict[str, Any]], set[str]]:
     """The static QDQ model: the format with the fewest layers onnxruntime leaves float (``auto``), then
     rebuilt with those layers excluded (module docstring, steps 3-4). Returns the model, its format, the
@@ -185,7 +188,7 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
     trials = []
     best: tuple[int, str, onnx.ModelProto, set[str]] | None = None
     for candidate in formats:
-        proto = ortquant.static_qdq(float_proto, ranges, fmt=candidate, weight_bits=bits)
+        proto = ortquant.static_qdq(float_proto, ranges, fmt=candidate, weight_bits=bits, exclude=small)
         unfused = qdq.float_layers(qdq.optimized(proto)) & layers
         trials.append({"format": candidate, "layers_left_float": len(unfused)})
         if best is None or len(unfused) < best[0]:
@@ -194,16 +197,16 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
     if bits == 4:
         left.add("int4 weights: onnxruntime has no fused 4-bit kernel for this layer; it runs in float on "
                  "dequantized weights (smaller, not faster)", next(iter(sorted(unfused)), None), count=len(unfused))
-        return proto, fmt, trials, set()
+        return proto, fmt, trials, set(small)
     if unfused and not keep_unfused:
         for name in sorted(unfused):
             left.add(f"onnxruntime fuses no int8 kernel for it in {fmt}: quantized it would run in float "
                      f"between DequantizeLinear and QuantizeLinear (slower); left float", name)
-        proto = ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits, exclude=unfused)
+        proto = ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits, exclude=unfused | small)
         still = qdq.float_layers(qdq.optimized(proto)) & layers
         trials.append({"format": fmt, "excluded": len(unfused), "layers_left_float": len(still)})
-        return proto, fmt, trials, unfused
-    return proto, fmt, trials, set()
+        return proto, fmt, trials, unfused | small
+    return proto, fmt, trials, set(small)
 
 
 #: Below this SNR between onnxruntime's fused integer kernels and the QDQ arithmetic they replace, the
