@@ -196,7 +196,11 @@ def _replace(target: onnx.TensorProto, new: onnx.TensorProto, data_type: int | N
     """Overwrite ``target`` in place with ``new``'s contents; int4 codes (``data_type``) are re-packed."""
     if data_type is not None and data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         array = numpy_helper.to_array(new).astype(np.int8)
-        new = onnx.helper.make_tensor(target.name, data_type, list(array.shape), array.flatten().tolist())
+        nibbles = (array.reshape(-1) & 0x0F).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)  # ONNX 4-bit layout: element 2i in the low nibble
+        new = onnx.helper.make_tensor(target.name, data_type, list(array.shape), packed.tobytes(), raw=True)
     target.CopyFrom(new)
 
 
