@@ -32,7 +32,8 @@ from graphopt import __version__
 from graphopt.core import onnx_io, scratch
 from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.ir import Model
-from graphopt.core.manager import PassContext, build_pipeline, parse_options, registered, run_pipeline
+from graphopt.core.manager import (Pass, PassContext, Sequential, build_pipeline, get_pass, parse_options,
+                                   registered, run_pipeline)
 from graphopt.measure import analysis, calibration
 from graphopt.measure import probe as probes
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
@@ -40,6 +41,9 @@ from graphopt.measure.verify import verify as run_verification
 
 ModelLike = str | os.PathLike | onnx.ModelProto | Model
 DataLike = str | os.PathLike | calibration.SampleData | None
+
+#: ``--quantize`` values: the quantize pass's weight bits they set.
+QUANTIZE = {"int8": "int8", "w4a8": "int4"}
 
 #: Samples drawn when the user gives no data: enough for a stable verdict, cheap on big models.
 DEFAULT_RANDOM_SAMPLES = 32
@@ -149,7 +153,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              tolerance: Tolerance | None = None, samples: int | None = None, seed: int = 0,
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
-             allow_partial: bool = False, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             allow_partial: bool = False, quantize: str | None = None,
+             progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
     Parameters
@@ -171,6 +176,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     allow_partial : a missed ``target_macs`` / ``target_params`` still writes the output (the report and
         ``target_met`` say it was missed). Without it a missed target writes nothing, like a failed verdict.
     debug, dump_dir : check IR invariants after each pass; dump the model after each pass.
+    quantize : ``"int8"`` or ``"w4a8"``: run the ``quantize`` pass last, after the preset or passes
+        (``prune`` then int8, ``lowrank`` then int8, ...); see :func:`with_quantize`.
 
     Returns
     -------
@@ -185,6 +192,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     ctx_progress = progress or (lambda message: None)
     pipeline = build_pipeline(preset, passes)
     option_pairs = [f"{k}={v}" for k, v in options.items()] if isinstance(options, Mapping) else list(options)
+    pipeline, option_pairs = with_quantize(pipeline, option_pairs, quantize)
     parsed_options = parse_options(option_pairs, pipeline)
     _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
@@ -222,6 +230,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         "model": str(model) if isinstance(model, (str, os.PathLike)) else "<in memory>",
         "output": None,
         "preset": None if passes else (preset or "lossless"),
+        "quantize": quantize,
         "passes_requested": [p.name for p in pipeline.leaves()],
         "options": {f"{p}.{k}": v for p, kv in parsed_options.items() for k, v in kv.items()},
         "data": sample.source,
@@ -242,6 +251,26 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         report["after"]["file_bytes"] = _file_bytes(output_path)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return OptimizeResult(proto, report, passed, ir, target is None or target["met"])
+
+
+def with_quantize(pipeline: Pass, option_pairs: list[str], quantize: str | None) -> tuple[Pass, list[str]]:
+    """``pipeline`` followed by the ``quantize`` pass (unless it already ends with it, as the ``int8``
+    preset does), with ``quantize.weights`` set from ``quantize`` unless the options set it.
+
+    Quantization goes last because every other pass works on float weights: a lossless cleanup after it
+    would fold the DequantizeLinear of each weight back into a float constant."""
+    if quantize is None:
+        return pipeline, option_pairs
+    if quantize not in QUANTIZE:
+        raise OptionError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    leaves = [p.name for p in pipeline.leaves()]
+    if "quantize" in leaves[:-1]:
+        raise OptionError("--quantize: the pipeline quantizes before its last pass; nothing may run after quantize")
+    if leaves[-1] != "quantize":
+        pipeline = Sequential([pipeline, get_pass("quantize")], name=f"{pipeline.name}+quantize")
+    if not any(pair.split("=", 1)[0].strip() == "quantize.weights" for pair in option_pairs):
+        option_pairs = [*option_pairs, f"quantize.weights={QUANTIZE[quantize]}"]
+    return pipeline, option_pairs
 
 
 def _analysis_shapes(given: Mapping[str, Sequence[int]] | None,

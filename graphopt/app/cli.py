@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--preset", help="a named pipeline (default: lossless); see `graphopt passes`")
     group.add_argument("--passes", help="comma-separated pass names, run in order")
     p.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE", help="set a pass option")
+    p.add_argument("--quantize", choices=api.QUANTIZE, help="quantize after the pipeline (last): int8 (W8A8) or "
+                                                            "w4a8 (4-bit weights, 8-bit activations)")
     p.add_argument("--target-macs", type=_fraction, metavar="R", help="keep this fraction of the MACs (lossy passes)")
     p.add_argument("--target-params", type=_fraction, metavar="R", help="keep this fraction of the parameters")
     p.add_argument("--report", action="append", default=[], metavar="FILE.json|.md|.html",
@@ -148,6 +150,7 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _status(err, args.quiet) as progress:
         result = api.optimize(
             args.model, output=output, preset=args.preset, passes=passes, options=args.option, data=args.data,
+            quantize=args.quantize,
             input_shapes=calibration.parse_input_shapes(args.input_shape), target_macs=args.target_macs,
             target_params=args.target_params, max_drop=args.max_drop, tolerance=_tolerance(args),
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,

@@ -2,4 +2,5 @@
 SVD, k-means, storage accounting, filter importance, re-fit, and the channel coupling analysis.
 """
 
-__all__ = ["blas", "budget", "channels", "importance", "kmeans", "lstsq", "options", "reconstruct", "storage", "svd"]
+__all__ = ["blas", "budget", "channels", "importance", "kmeans", "lstsq", "options", "ortquant", "quantgrid", "reconstruct",
+           "storage", "svd"]

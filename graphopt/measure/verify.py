@@ -133,6 +133,7 @@ from graphopt.core.errors import DataError, GraphoptError, OptionError
 from graphopt.core.ir import dims_of
 from graphopt.core.onnx_io import from_proto
 from graphopt.measure import ort as gort
+from graphopt.measure import qdq
 from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs, sample_rows
 
 MODES = ("equivalence", "accuracy")
@@ -718,7 +719,11 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     blocking.extend(lost_dynamic_dims(ref.proto, cand.proto))
     notes = list(data.notes)
     ref.session = gort.session(ref.runnable(), threads=threads)
-    cand.session = _candidate_session(cand, data, threads, blocking)
+    deployed = qdq.is_quantized(cand.proto) and not qdq.is_quantized(ref.proto)
+    if deployed:
+        notes.append("the candidate is quantized: it runs with onnxruntime's graph optimizations on, as deployed "
+                     "(its integer kernels are what is judged; the reference runs with them off)")
+    cand.session = _candidate_session(cand, data, threads, blocking, optimize=deployed)
     opt_session = _optimized_session(ref.runnable(), threads, notes) if tol.rel is None else None
     ran, measured = False, False
     if cand.session is not None:
@@ -733,20 +738,26 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
         _accuracy(report, comparisons, data)
     # Interface and run problems fail the candidate in both modes; only then do the metrics decide.
     report.passed = ran and not blocking and _verdict(report, comparisons, tol)
-    if (not report.passed and mode == "equivalence" and find_divergence and ran
+    if (not report.passed and find_divergence and ran
             and any(c.m.compared and not c.m.passed for c in comparisons)):
-        _locate(report, ref, cand, data, comparisons, resolved, batch_size, threads)
+        # A lossy candidate differs everywhere a little: there a tensor diverges when its SNR falls below
+        # the lossy gate's, not when it leaves float noise.
+        min_snr = resolved.get("min_snr_db") if mode == "accuracy" else None
+        _locate(report, ref, cand, data, comparisons, resolved, batch_size, threads,
+                min_snr_db=(min_snr if min_snr is not None else AUTO_MIN_SNR_DB_ACCURACY) if mode == "accuracy"
+                else None)
     return report
 
 
-def _candidate_session(cand: _Model, data: SampleData, threads: int | None, blocking: list[str]) -> Any:
+def _candidate_session(cand: _Model, data: SampleData, threads: int | None, blocking: list[str],
+                       optimize: bool = False) -> Any:
     """The candidate's session, or ``None`` with the reason in ``blocking`` (it cannot take the data or load)."""
     _, problem = _candidate_data(cand.proto, data)
     if problem:
         blocking.append(problem)
         return None
     try:
-        return gort.session(cand.runnable(), threads=threads)
+        return gort.session(cand.runnable(), threads=threads, optimize=optimize)
     except GraphoptError as exc:
         blocking.append(f"candidate: {exc}")
         return None
@@ -946,13 +957,14 @@ def _worst_samples(comparisons: Sequence[_Comparison], n: int, count: int) -> np
 
 
 def _locate(report: VerifyReport, ref: _Model, cand: _Model, data: SampleData, comparisons: Sequence[_Comparison],
-            resolved: dict[str, Any], batch_size: int, threads: int | None) -> None:
+            resolved: dict[str, Any], batch_size: int, threads: int | None, min_snr_db: float | None = None) -> None:
     unit = feed_batch_size(ref.proto, 1, data)  # a static batch dim, else 1: take whole batches of samples
     count = min(data.n_samples, -(-DIVERGENCE_SAMPLES // unit) * unit)
     subset = data.take(_worst_samples(comparisons, data.n_samples, count))
     try:
-        report.first_divergence = first_divergence(ref.runnable(), cand.runnable(), subset, rel=resolved["rel"],
-                                                   abs_tol=resolved["abs"], batch_size=batch_size, threads=threads)
+        report.first_divergence = first_divergence(ref.runnable(), cand.runnable(), subset,
+                                                   rel=resolved["rel"] or 0.0, abs_tol=resolved["abs"],
+                                                   batch_size=batch_size, threads=threads, min_snr_db=min_snr_db)
     except GraphoptError as exc:
         report.notes.append(f"first divergence not searched: {exc}")
 
@@ -971,7 +983,7 @@ class _Check:
 
 def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleData, *, rel: float,
                      abs_tol: float = 0.0, batch_size: int = 64, threads: int | None = None,
-                     chunk: int = DIVERGENCE_CHUNK) -> Divergence | None:
+                     chunk: int = DIVERGENCE_CHUNK, min_snr_db: float | None = None) -> Divergence | None:
     """The first tensor of ``reference`` (topological order) where ``candidate`` differs beyond tolerance.
 
     Compares every value both models define under the same name (the reference's node outputs; the
@@ -980,6 +992,11 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     diverges when ``max|a − b| > max(abs_tol, rel · range(a))``, or for exact types when any element
     differs. It is reported only when one of the nearest comparable values after it also diverges or
     none follows (see the module docstring). Returns ``None`` when nothing diverges.
+
+    With ``min_snr_db`` (lossy candidates), a float value diverges when its SNR against the reference is
+    below it instead. A quantized candidate's value is read where the model uses it: through the
+    QuantizeLinear → DequantizeLinear pair after it (:func:`graphopt.measure.qdq.qdq_aliases`; the quantizer
+    folds a Relu into the quantization range, so the raw tensor before the pair is not the reference's).
     """
     ref_proto, cand_proto = gort.as_proto(reference), gort.as_proto(candidate)
     graph = from_proto(ref_proto).graph
@@ -988,6 +1005,7 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
                     | {t.name for t in cand_proto.graph.initializer})
     producer = {v.name: node for node in order for v in node.outputs if v is not None}
     names = [name for name in producer if name in cand_defined]
+    alias = qdq.qdq_aliases(cand_proto)
     checks: dict[str, _Check] = {}
     ref_data = check_data(ref_proto, data)
     cand_data, problem = _candidate_data(cand_proto, ref_data)
@@ -998,9 +1016,10 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
         a = _run_exposed(ref_proto, part, ref_data, batch, threads, "reference")
-        b = _run_exposed(cand_proto, part, cand_data, batch, threads, "candidate")
+        b = _run_exposed(cand_proto, list(dict.fromkeys(alias.get(n, n) for n in part)), cand_data, batch, threads,
+                         "candidate")
         for name in part:
-            check = _compare_tensor(a[name], b[name], rel, abs_tol)
+            check = _compare_tensor(a[name], b[alias.get(name, name)], rel, abs_tol, min_snr_db)
             if check is not None:
                 checks[name] = check
     for name in names:
@@ -1032,7 +1051,8 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float) -> _Check | None:
+def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float,
+                    min_snr_db: float | None = None) -> _Check | None:
     """Compare one intermediate tensor; ``None`` when it cannot be compared (other shape or type)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return None
@@ -1042,7 +1062,11 @@ def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float) ->
     _, bad, diff = _float_diff(a64, b.astype(np.float64))
     scale = _range_of(*_finite_min_max(a64))
     max_abs = float(diff.max(initial=0.0))
-    diverged = bool(bad.any()) or max_abs > max(abs_tol, rel * scale)
+    if min_snr_db is not None:
+        snr = float(_snr_db(float(np.sum(a64[np.isfinite(a64)] ** 2)), float(np.sum(diff ** 2))))
+        diverged = bool(bad.any()) or snr < min_snr_db
+    else:
+        diverged = bool(bad.any()) or max_abs > max(abs_tol, rel * scale)
     return _Check(diverged, max_abs, max_abs / scale, list(a.shape))
 
 

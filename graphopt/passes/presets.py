@@ -55,3 +55,9 @@ def compress_preset() -> Pass:
     # not run after weight_sharing: fold_constants would evaluate the compact decoders back into floats.
     return Sequential([lossless(), get_pass("sparsify"), get_pass("weight_sharing"),
                        get_pass("dedupe_initializers")], name="compress")
+
+
+@register_preset("int8", "LOSSY: lossless, then int8 quantization (onnxruntime QDQ in the format it fuses, or dynamic "
+                         "for transformers) with a least-squares re-fit; --quantize adds it after any other preset")
+def int8_preset() -> Pass:
+    return Sequential([lossless(), get_pass("quantize")], name="int8")

@@ -1,0 +1,235 @@
+"""int8 / W4A8 quantization (passes/lossy/quantize.py, compress/quantgrid.py, compress/ortquant.py,
+measure/qdq.py) on small graphs and one zoo model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import graphopt
+from graphopt.compress import quantgrid
+from graphopt.compress.lstsq import CrossGram
+from graphopt.core.manager import PassContext, get_pass
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import qdq
+from graphopt.measure.calibration import SampleData
+from tests.util import init, make_model, tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def _cnn(seed=0, c1=8, c2=16):
+    """conv(1->c1) relu -> conv(c1->c2) relu -> GAP -> flatten -> gemm(c2->4)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(size=(c1, 1, 3, 3)).astype(np.float32)
+    w2 = (rng.normal(size=(c2, c1, 3, 3)) / np.sqrt(9 * c1)).astype(np.float32)
+    w3 = (rng.normal(size=(4, c2)) / np.sqrt(c2)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["a2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], name="fc", transB=1)]
+    inits = [init("w1", w1), init("b1", rng.normal(size=c1).astype(np.float32) * 0.1), init("w2", w2),
+             init("b2", rng.normal(size=c2).astype(np.float32) * 0.1), init("w3", w3),
+             init("b3", np.zeros(4, np.float32))]
+    return make_model(nodes, [tensor("x", ["N", 1, 8, 8])], [tensor("logits", ["N", 4])], inits)
+
+
+def _data(n=128, seed=1):
+    return SampleData({"x": np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)})
+
+
+def _quantize(proto, data=None, **options):
+    model = from_proto(proto)
+    ctx = PassContext(options={"quantize": options}, data=_data() if data is None else data)
+    result = get_pass("quantize").run(model, ctx)
+    model.check_invariants()
+    return result, to_proto(model)
+
+
+def _ort(proto, feeds, optimize=False):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _snr(a, b):
+    return 10 * np.log10(np.sum(a.astype(np.float64) ** 2) / max(np.sum((a - b).astype(np.float64) ** 2), 1e-30))
+
+
+def test_quantize_wraps_every_layer_in_qdq_and_runs_as_deployed():
+    proto = _cnn()
+    result, out = _quantize(proto)
+    assert result.changed and result.stats["quantized"] == 3 and result.stats["layers"] == 3
+    onnx.checker.check_model(out, full_check=True)
+    producer = {o: n for n in out.graph.node for o in n.output}
+    for node in (n for n in out.graph.node if n.op_type in ("Conv", "Gemm")):
+        assert producer[node.input[0]].op_type == "DequantizeLinear", node.name   # quantized input
+        assert producer[node.input[1]].op_type == "DequantizeLinear", node.name   # quantized weight
+    assert qdq.is_quantized(out)
+    # the format trials: both activation types were built and put through onnxruntime's optimizer
+    formats = [t["format"] for t in result.stats["format_trials"] if "layers_left_float" in t]
+    assert formats[:2] == ["u8s8", "s8s8"]
+    # onnxruntime fuses every layer of the chosen format
+    assert not qdq.float_layers(qdq.optimized(out))
+    feeds = {"x": _data(32, seed=5).inputs["x"]}
+    want = _ort(proto, feeds)[0]
+    assert _snr(want, _ort(out, feeds, optimize=True)[0]) > 25
+    assert _snr(want, _ort(out, feeds)[0]) > 25
+
+
+def test_float_layers_names_layers_left_float_between_dq_and_q():
+    w = init("w_q", np.ones((2, 1, 1, 1), np.int8))
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w_q", "s"], ["wd"], name="wdq"),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="left_float"),
+             helper.make_node("Conv", ["xd", "wf"], ["y2"], name="left_float_on_purpose")]
+    inits = [w, init("s", np.float32(0.1)), init("z", np.uint8(128)), init("wf", np.ones((2, 1, 1, 1), np.float32))]
+    proto = make_model(nodes, [tensor("x", [1, 1, 2, 2])], [tensor("y", [1, 2, 2, 2]), tensor("y2", [1, 2, 2, 2])], inits)
+    assert qdq.float_layers(proto) == {"left_float"}
+    assert qdq.qdq_aliases(proto) == {"x": "xd"}
+
+
+def test_refit_beats_round_to_nearest_on_a_layer():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(24, 24))
+    x = rng.normal(size=(4000, 24)) @ mix  # correlated inputs: where moving rounding errors pays
+    w = rng.normal(size=(24, 6))
+    b = rng.normal(size=6)
+    xq = x + rng.normal(scale=0.01, size=x.shape)  # the inputs as the quantized model sees them
+    gram = CrossGram(bias=True)
+    gram.update(xq, x @ w + b)
+    for bits in (8, 4):
+        rtn = quantgrid.quantize_layer(gram, w, b, bits, "rtn")
+        bias = quantgrid.quantize_layer(gram, w, b, bits, "bias")
+        fit = quantgrid.quantize_layer(gram, w, b, bits, "weights")
+        assert bias.error <= rtn.error + 1e-12
+        # at 8 bits the input noise bounds what any weights can recover; at 4 bits the rounding dominates
+        assert fit.error < (0.95 if bits == 8 else 0.8) * rtn.error, (bits, fit.error, rtn.error)
+        assert np.abs(fit.codes).max() <= quantgrid.qmax(bits)
+        np.testing.assert_allclose(fit.weight, fit.codes * fit.scale)
+
+
+def test_w4a8_refit_has_lower_layer_error_than_rtn_and_writes_int4():
+    proto = _cnn()
+    rtn, out_rtn = _quantize(proto, weights="int4", refit="rtn")
+    fit, out_fit = _quantize(proto, weights="int4")
+    assert rtn.changed and fit.changed
+    stats = fit.stats["refit"]
+    assert stats["method"] == "weights" and stats["layers"] == 3
+    assert stats["mean_error"] < stats["mean_rtn_error"]
+    codes = [t for t in out_fit.graph.initializer if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT4]
+    assert len(codes) == 3
+    feeds = {"x": _data(64, seed=7).inputs["x"]}
+    want = _ort(proto, feeds)[0]
+    assert _snr(want, _ort(out_fit, feeds, optimize=True)[0]) > _snr(want, _ort(out_rtn, feeds, optimize=True)[0])
+
+
+def test_conv_transpose_weights_are_per_output_channel():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 8, 2, 2)).astype(np.float32)  # [C_in, C_out, kh, kw]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("ConvTranspose", ["r", "w", "b"], ["y"], name="up", strides=[2, 2])]
+    inits = [init("w0", rng.normal(size=(4, 1, 3, 3)).astype(np.float32)), init("b0", np.zeros(4, np.float32)),
+             init("w", w), init("b", np.zeros(8, np.float32))]
+    proto = make_model(nodes, [tensor("x", ["N", 1, 8, 8])], [tensor("y", ["N", 8, 16, 16])], inits)
+    result, out = _quantize(proto, keep_unfused=True)
+    assert result.changed
+    producer = {o: n for n in out.graph.node for o in n.output}
+    up = next(n for n in out.graph.node if n.op_type == "ConvTranspose")
+    dq = producer[up.input[1]]
+    assert dq.op_type == "DequantizeLinear"
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    scale = next(t for t in out.graph.initializer if t.name == dq.input[1])
+    assert list(scale.dims) == [8]
+    feeds = {"x": _data(16, seed=2).inputs["x"]}
+    assert _snr(_ort(proto, feeds)[0], _ort(out, feeds)[0]) > 25
+
+
+def test_refusals_leave_the_model_alone():
+    relu = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], [tensor("x", ["N", 4])],
+                      [tensor("y", ["N", 4])])
+    result, out = _quantize(relu, data=SampleData({"x": np.ones((4, 4), np.float32)}))
+    assert not result.changed and "no Conv" in result.stats["skipped"]
+    assert [n.op_type for n in out.graph.node] == ["Relu"]
+    model = from_proto(_cnn())
+    result = get_pass("quantize").run(model, PassContext(options={}, data=None))
+    assert not result.changed and "sample data" in result.stats["skipped"]
+    _, quantized = _quantize(_cnn())
+    again, out = _quantize(quantized)
+    assert not again.changed and "already quantized" in again.stats["skipped"]
+    # a layer with fewer weights than min_weights stays float, with the reason
+    result, out = _quantize(_cnn(), min_weights=100)
+    assert result.stats["quantized"] == 1  # conv1 has 72 weights, fc 64
+    assert any("min_weights" in e["reason"] and e["examples"] == ["conv1", "fc"] for e in result.stats["left_alone"])
+    producer = {o: n for n in out.graph.node for o in n.output}
+    fc = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert fc.input[1] not in producer  # the float weight itself
+
+
+def test_prune_then_quantize_composes():
+    result = graphopt.optimize(_cnn(), preset="prune", quantize="int8", data=_data(), target_macs=0.6,
+                               options=["prune_filters.multiple=1"], run_verify=True)
+    names = [p["name"] for p in result.report["passes"]]
+    assert names.index("prune_filters") < names.index("quantize") == len(names) - 1
+    assert result.report["quantize"] == "int8"
+    assert qdq.is_quantized(result.model)
+    assert "deployed" in " ".join(result.report["verify"]["notes"])
+    with pytest.raises(graphopt.GraphoptError):
+        graphopt.optimize(_cnn(), passes=["quantize", "dead_code"], quantize="int8", data=_data())
+
+
+def test_cli_resnet_int8_end_to_end_writes_no_scratch_files(tmp_path):
+    """The int8 preset on a zoo model from an empty working directory, the model in a folder of its own:
+    the verdict passes on held-out data, and the only new file is the output."""
+    cwd, models, tmp = tmp_path / "cwd", tmp_path / "models", tmp_path / "tmp"
+    for folder in (cwd, models, tmp):
+        folder.mkdir()
+    shutil.copy(MODELS / "resnet.onnx", models / "resnet.onnx")
+    out = tmp_path / "resnet.int8.onnx"
+    env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "graphopt", "optimize", str(models / "resnet.onnx"), "--preset", "int8",
+           "--data", str(MODELS / "fmnist_calib.npz"), "--verify-data", str(MODELS / "fmnist_eval.npz"),
+           "--samples", "512", "-o", str(out), "--report", str(tmp_path / "r.json"), "-q"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(cwd)) == [] and sorted(os.listdir(tmp)) == []
+    assert sorted(os.listdir(models)) == ["resnet.onnx"]
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    stats = next(p for p in report["passes"] if p["name"] == "quantize")["stats"]
+    assert stats["quantized"] == stats["layers"] == 10
+    assert report["verify"]["passed"] and report["verify"]["accuracy_drop"] <= 0.5
+    # forcing signed activations: onnxruntime leaves some convs float; they stay float, each with the reason
+    result = graphopt.optimize(str(MODELS / "resnet.onnx"), preset="int8", data=str(MODELS / "fmnist_calib.npz"),
+                               options=["quantize.format=s8s8", "quantize.refit=rtn"], samples=64, run_verify=False)
+    stats = next(p for p in result.report["passes"] if p["name"] == "quantize")["stats"]
+    left = [e for e in stats["left_alone"] if "fuses no int8 kernel" in e["reason"]]
+    assert left and sum(e["count"] for e in left) == 10 - stats["quantized"]
+    producer = {o: n for n in result.model.graph.node for o in n.output}
+    floats = {n.name for n in result.model.graph.node if n.op_type == "Conv" and n.input[1] not in producer}
+    assert len(floats) == 10 - stats["quantized"]  # the written model keeps their float weights
+
+
+def test_cli_refuses_an_unknown_quantize_value(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "graphopt", "optimize", str(MODELS / "resnet.onnx"),
+                           "--quantize", "int16", "-o", str(tmp_path / "x.onnx")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "int16" in proc.stderr

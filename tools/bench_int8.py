@@ -1,0 +1,129 @@
+"""int8 benchmark (issue 18): accuracy, latency ratio and size of quantized zoo models, in one run.
+
+For each model (default: vgg, resnet, mobilenetv2, inception, transformer), on ``models/fmnist_eval.npz``
+(2000 held-out images; calibration on ``models/fmnist_calib.npz``):
+
+* ``float``: the original;
+* ``ort static``: onnxruntime's ``quantize_static`` with its defaults (QDQ, signed activations and weights,
+  MinMax) and per-channel weights, on the lossless output (run in a temporary working directory: it
+  writes files there);
+* ``graphopt int8``: ``--preset int8``;
+* ``prune``, ``prune → int8``: ``--preset prune --target-macs 0.5`` without and with ``--quantize int8`` (CNNs);
+* ``lowrank``, ``lowrank → int8``: ``--preset lowrank --target-macs 0.5`` without and with it (vgg, transformer);
+* ``W4A8 rtn`` / ``W4A8 re-fit``: ``--preset int8 --quantize w4a8`` with ``quantize.refit=rtn`` / the default.
+
+Accuracy is measured as deployed: onnxruntime ``ORT_ENABLE_ALL`` (the fused integer kernels). Latency:
+``ORT_ENABLE_ALL``, one intra-op thread, batch 64, each variant against the original float model,
+alternating A and B in one process (``tools/bench_pair.py``'s ``ab_seconds``), median CPU time; the
+ratio is variant / float. Size: the serialized model.
+
+    python tools/bench_int8.py [--models vgg,resnet] [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import graphopt  # noqa: E402
+from bench_pair import ab_seconds  # noqa: E402
+
+CNNS = ("vgg", "resnet", "mobilenetv2")
+LOWRANK = ("vgg", "transformer")
+
+
+def _accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    pred = np.concatenate([sess.run(None, {name: x[i:i + 256]})[0] for i in range(0, len(x), 256)])
+    return float((pred.argmax(axis=1) == y).mean() * 100)
+
+
+def _ort_static(float_proto: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i:i + 64]} for i in range(0, len(calib), 64)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    here = os.getcwd()
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)  # its pre-processing and symbolic inference write into the working directory
+        try:
+            onnx.save(float_proto, "float.onnx")
+            quantize_static("float.onnx", "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+            return onnx.load("int8.onnx")
+        finally:
+            os.chdir(here)
+
+
+def _optimize(path: str, calib: str, **kw) -> onnx.ModelProto:
+    return graphopt.optimize(path, data=calib, run_verify=False, **kw).model
+
+
+def variants(name: str, calib_path: str, calib: np.ndarray):
+    path = str(ROOT / "models" / f"{name}.onnx")
+    original = onnx.load(path)
+    yield "float", original
+    lossless = _optimize(path, calib_path)
+    yield "ort static (S8S8, per-channel)", _ort_static(lossless, calib)
+    yield "graphopt int8", _optimize(path, calib_path, preset="int8")
+    if name in CNNS:
+        yield "prune 0.5", _optimize(path, calib_path, preset="prune", target_macs=0.5)
+        yield "prune 0.5 → int8", _optimize(path, calib_path, preset="prune", target_macs=0.5, quantize="int8")
+    if name in LOWRANK:
+        yield "lowrank 0.5", _optimize(path, calib_path, preset="lowrank", target_macs=0.5)
+        yield "lowrank 0.5 → int8", _optimize(path, calib_path, preset="lowrank", target_macs=0.5, quantize="int8")
+    yield "W4A8 rtn", _optimize(path, calib_path, preset="int8", quantize="w4a8", options=["quantize.refit=rtn"])
+    yield "W4A8 re-fit", _optimize(path, calib_path, preset="int8", quantize="w4a8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vgg,resnet,mobilenetv2,inception,transformer")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args(argv)
+    calib_path = str(ROOT / "models" / "fmnist_calib.npz")
+    calib = np.load(calib_path)["input"]
+    evaluation = np.load(ROOT / "models" / "fmnist_eval.npz")
+    x, y = evaluation["input"], evaluation["labels"]
+    feeds = {"input": np.random.default_rng(0).standard_normal((args.batch, 1, 28, 28)).astype(np.float32)}
+    print("| model | variant | accuracy % | drop (points) | time / float | size KB |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        base = None
+        original = None
+        for label, proto in variants(name, calib_path, calib):
+            acc = _accuracy(proto, x, y)
+            if base is None:
+                base, original = acc, proto
+                ratio = 1.0
+            else:
+                a, b = ab_seconds(original, proto, batch=args.batch, runs=args.runs, feeds=feeds)
+                ratio = b / a
+            print(f"| {name} | {label} | {acc:.2f} | {base - acc:+.2f} | {ratio:.2f} | "
+                  f"{len(proto.SerializeToString()) / 1024:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
