@@ -245,5 +245,6 @@ def test_compact_statistics_solve_as_the_float64_ones_and_refuse_more_rows():
     assert small.relative_error(w32, b32, columns=[0, 2, 5, 7]) == pytest.approx(err64, rel=1e-4)
     with pytest.raises(ValueError, match="compact"):
         small.update(x, y)
-    with pytest.raises(ValueError, match="compact"):
-        full.merge(small)
+    merged = full.merge(small)                        # float64 again, and the sums of both
+    assert merged.xtx.dtype == np.float64 and merged.count == 2 * full.count
+    np.testing.assert_allclose(merged.xtx, 2 * full.xtx, rtol=1e-6)

@@ -87,16 +87,15 @@ class CrossGram:
         """The statistics of both row sets (e.g. a fitting split and its held-out split, refit on all)."""
         if self.bias != other.bias:
             raise ValueError("cannot merge statistics with and without a bias column")
-        if self.compacted or other.compacted:
-            raise ValueError("compact statistics are for solving: merge the float64 ones")
         if other.xtx is None:
             return self._copy()
         if self.xtx is None:
             return other._copy()
         if self.xtx.shape != other.xtx.shape or self.xty.shape != other.xty.shape:
             raise ValueError(f"cannot merge statistics of shapes {self.xty.shape} and {other.xty.shape}")
-        out = CrossGram(bias=self.bias)
-        out.xtx, out.xty = self.xtx + other.xtx, self.xty + other.xty
+        out = CrossGram(bias=self.bias)   # float64 even when one side is compact
+        out.xtx = np.add(self.xtx, other.xtx, dtype=np.float64)
+        out.xty = np.add(self.xty, other.xty, dtype=np.float64)
         out.y_sum, out.y_sq, out.count = self.y_sum + other.y_sum, self.y_sq + other.y_sq, self.count + other.count
         return out
 
@@ -122,7 +121,7 @@ class CrossGram:
         float64, and every solve and error casts back to float64): for statistics kept a long time and only
         solved, like prune's sensitivity re-fits (3073² per FFN consumer of BERT-base). A rounding of
         ``6·10⁻⁸`` relative per entry is far below the ridge every solve adds (``10⁻³`` of the diagonal).
-        Returns ``self``; :meth:`update` and :meth:`merge` refuse compact statistics."""
+        Returns ``self``; :meth:`update` refuses compact statistics (:meth:`merge` gives float64 ones)."""
         if self.xtx is not None:
             self.xtx, self.xty = self.xtx.astype(np.float32), self.xty.astype(np.float32)
         self.compacted = True
