@@ -105,6 +105,7 @@ def test_checkpoints_hold_the_unchanged_activations_and_refuse_a_wrong_cut():
     assert cp.values and not cp.dropped and set(cuts) == set(starts)
     assert all(c <= starts[g] for g, c in cuts.items())
     reference = prune.EvalContext(proto.SerializeToString(), sdata, batch_size=16).reference()
+    assert relative_error(reference, cp.reference) == 0.0      # the caching run's outputs are the reference
     for cut in cp.values:
         suffix, inputs = segments.suffix_model(proto, cp.prefix[cut], types=cp.types)
         assert cp.suffix_inputs_ok(cut, inputs)

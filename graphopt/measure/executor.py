@@ -489,6 +489,11 @@ class EvalContext:
                 parts[name].append(sample_rows(out[name], self.data))
         return {name: np.concatenate(chunks, axis=0) for name, chunks in parts.items()}
 
+    def set_reference(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Take the unmodified model's outputs from a run the caller already made (same samples, same
+        order, as :meth:`run` concatenates them) instead of computing them again."""
+        self._memo["reference"] = dict(outputs)
+
     def reference(self) -> dict[str, np.ndarray]:
         """The unmodified model's outputs, computed once per process."""
         if "reference" not in self._memo:

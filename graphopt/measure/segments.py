@@ -248,6 +248,7 @@ class Checkpoints:
     values: dict[int, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     types: dict[str, tuple[int, int]] = field(default_factory=dict)     # live value -> (ONNX type, rank)
     dropped: dict[int, str] = field(default_factory=dict)               # cut -> why it was not kept
+    reference: dict[str, np.ndarray] | None = None   # the unchanged model's outputs (when cuts were cached)
 
     @classmethod
     def build(cls, proto: onnx.ModelProto, data: SampleData, starts: Mapping[Any, tuple[int, int]],
@@ -278,10 +279,15 @@ class Checkpoints:
         names = list(dict.fromkeys(n for c in cuts for n in live[c] if n not in inputs))
         sess = gort.session(gort.with_outputs(proto, names), threads=threads)
         cached: list[dict[str, np.ndarray]] = []
+        reference: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for feed in data.batches(self.batch):
-            got = gort.run(sess, feed, names, what="checkpoints")
+            got = gort.run(sess, feed, names + outputs, what="checkpoints")
             cached.append({n: got[n] for n in names})
+            for o in outputs:
+                reference[o].append(sample_rows(got[o], data))
         del sess
+        # The same run gives the unchanged model's outputs: the table's reference without another session.
+        self.reference = {o: np.concatenate(chunks, axis=0) for o, chunks in reference.items()}
         for c in cuts:
             self.prefix[c] = frozenset(n.name for n in graph.node[:c])
             self.live[c] = live[c]

@@ -202,6 +202,8 @@ def build_table(proto: onnx.ModelProto, data: Any, slots: Mapping[Any, WeightSlo
     table.checkpoints, table.cuts = segments.Checkpoints.build(
         ev.proto(), data, {k: (starts[k], int(evaluations.get(k, 1))) for k in slots}, node_macs,
         batch_size=batch_size, threads=threads)
+    if table.checkpoints.reference is not None:
+        ev.set_reference(table.checkpoints.reference)
     stats: dict[str, Any] = {"cuts": len(table.checkpoints.values),
                              "cached_mb": round(table.checkpoints.nbytes / 2**20, 3)}
     if table.checkpoints.dropped:

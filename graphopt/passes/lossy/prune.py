@@ -655,6 +655,8 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
     context.checkpoints, context.cuts = segments.Checkpoints.build(
         proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
         batch_size=batch)
+    if context.checkpoints.reference is not None:
+        ev.set_reference(context.checkpoints.reference)
     checked = 0
     for gid, spec in list(context.overrides.items()):
         if not spec.checked:
