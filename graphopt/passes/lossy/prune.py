@@ -408,6 +408,7 @@ def level_outputs_by_removal(ctx: SensitivityContext, gid: int, k: int, *,
     """The outputs of the model with group ``gid`` shrunk to ``k`` channels and its consumers re-fitted
     (run from the group's cut when the pruned model's suffix can be fed from it); ``limit``: the first
     batches only."""
+    ctx.ev.cache.pop("suffix session", None)   # another group's overrides session: not two sessions at once
     model = from_proto(ctx.ev.fresh_proto())
     analysis = channels.analyze(model, ctx.input_shapes, heads=ctx.heads)
     kept, _, plan = _split(ctx, gid, k)
