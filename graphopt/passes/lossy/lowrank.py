@@ -397,6 +397,11 @@ class Stats:
 
     moments: Gram  # over the rows of site_rows (already 2-D: the default rows view keeps them)
 
+    def release(self) -> None:
+        """Drop ``XᵀX`` once every form's error terms are cached (``Form.terms``): what the plans still
+        read is there, and on BERT-base the statistics were 0.9 GB held through the table."""
+        self.moments.xtx = None
+
     def group(self, site: Site, g: int) -> tuple[np.ndarray, np.ndarray]:
         """``(Σ, μ)`` of group ``g``'s features in the ``[F_full]`` layout."""
         if site.kind != "conv":
@@ -1205,6 +1210,12 @@ def plan_for_target(run: LowRankRun) -> tuple[list[Plan], dict[str, Any] | None]
     units = target_units(run, target, by_params)
     if not units.units:
         return [], None
+    # target_units cached every whitened unit form's error terms (make_plan at every level); a spatial
+    # form computes its error from the statistics at every plan, so those stay.
+    keep = {id(st) for st, form in zip(units.stats, units.forms)
+            if form.name == "spatial" or not all(f.whitened for f in form.facs)}
+    for st in {id(st): st for st in units.stats if st is not None and id(st) not in keep}.values():
+        st.release()
     cost = _target_cost(run, units, by_params)
     sens, sens_stats = _sensitivities(run, units)
 
