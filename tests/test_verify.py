@@ -563,3 +563,34 @@ def test_equivalence_verdict_ignores_the_lossy_gate_unless_asked():
     assert report.metrics["map"].rule.startswith("error <= ") and report.metrics["map"].snr_db > 100
     strict = verify(ref, cand, MAP_DATA, tolerance=Tolerance(min_snr_db=200.0))
     assert not strict.passed and "SNR" in strict.reasons[0]
+
+
+def test_divergence_statistics_stream_over_batches_as_over_all_samples():
+    from graphopt.measure.verify import _compare_tensor, _RunningDiff
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * 0.01
+    b[3, 1, 2] = np.nan
+    for kwargs in ({"rel": 1e-3, "abs_tol": 0.0, "min_snr_db": None}, {"rel": 1.0, "abs_tol": 0.0, "min_snr_db": 30.0}):
+        whole = _compare_tensor(a, b, **kwargs)
+        running = _RunningDiff()
+        for i in range(8):
+            running.add(a[i:i + 1], b[i:i + 1])
+        streamed = running.check(**kwargs)
+        assert streamed == whole and streamed.shape == [8, 4, 5] and streamed.diverged
+    assert _compare_tensor(a, b[:, :3], 1e-3, 0.0) is None          # other shape: not comparable
+
+
+def test_divergence_search_walks_a_topology_without_weights():
+    from graphopt.core.onnx_io import from_proto
+    from graphopt.measure.verify import _topology
+
+    from pathlib import Path
+
+    proto = onnx.load(str(Path(__file__).resolve().parent.parent / "models" / "resnet.onnx"))
+    light = _topology(proto)
+    assert all(not t.raw_data and not t.float_data for t in light.graph.initializer)
+    assert light.ByteSize() < proto.ByteSize() / 20
+    order = [n.name for n in from_proto(light).graph.toposort()]
+    assert order == [n.name for n in from_proto(proto).graph.toposort()]

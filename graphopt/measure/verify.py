@@ -999,7 +999,7 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     folds a Relu into the quantization range, so the raw tensor before the pair is not the reference's).
     """
     ref_proto, cand_proto = gort.as_proto(reference), gort.as_proto(candidate)
-    graph = from_proto(ref_proto).graph
+    graph = from_proto(_topology(ref_proto)).graph
     order = graph.toposort()
     cand_defined = ({name for node in cand_proto.graph.node for name in node.output if name}
                     | {t.name for t in cand_proto.graph.initializer})
@@ -1011,15 +1011,24 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     cand_data, problem = _candidate_data(cand_proto, ref_data)
     if problem:
         raise GraphoptError(problem)
-    # one run, unless the batch is static or runs take one sample each
-    batch = feed_batch_size(ref_proto, max(batch_size, data.n_samples), ref_data)
+    # One sample per run (a static batch dim: one batch): every exposed value of a chunk is compared and
+    # dropped batch by batch, so memory holds one sample of a chunk's values (a BERT-base search held
+    # 8 samples of 64 values in each model at once, beside two sessions).
+    batch = feed_batch_size(ref_proto, 1, ref_data)
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
-        a = _run_exposed(ref_proto, part, ref_data, batch, threads, "reference")
-        b = _run_exposed(cand_proto, list(dict.fromkeys(alias.get(n, n) for n in part)), cand_data, batch, threads,
-                         "candidate")
+        cand_names = list(dict.fromkeys(alias.get(n, n) for n in part))
+        ref_sess = gort.session(gort.with_outputs(ref_proto, part), threads=threads)
+        cand_sess = gort.session(gort.with_outputs(cand_proto, cand_names), threads=threads)
+        diffs = {name: _RunningDiff() for name in part}
+        for ref_feed, cand_feed in zip(ref_data.batches(batch), cand_data.batches(batch)):
+            a = gort.run(ref_sess, ref_feed, part, what="reference")
+            b = gort.run(cand_sess, cand_feed, cand_names, what="candidate")
+            for name in part:
+                diffs[name].add(sample_rows(a[name], ref_data), sample_rows(b[alias.get(name, name)], cand_data))
+        del ref_sess, cand_sess
         for name in part:
-            check = _compare_tensor(a[name], b[alias.get(name, name)], rel, abs_tol, min_snr_db)
+            check = diffs[name].check(rel, abs_tol, min_snr_db)
             if check is not None:
                 checks[name] = check
     for name in names:
@@ -1034,40 +1043,81 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     return None
 
 
-def _run_exposed(proto: onnx.ModelProto, names: list[str], data: SampleData, batch: int, threads: int | None,
-                 label: str) -> dict[str, np.ndarray]:
-    sess = gort.session(gort.with_outputs(proto, names), threads=threads)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for feeds in data.batches(batch):
-        for name, array in gort.run(sess, feeds, names, what=label).items():
-            parts[name].append(sample_rows(array, data))
-    return {name: _join(p) for name, p in parts.items()}
+def _topology(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with every initializer's data left out (name, type and dims kept): what the search walks
+    is the graph's topology, and a copy of a large model's weights in an IR was most of its memory."""
+    light = onnx.ModelProto()
+    light.ir_version = proto.ir_version
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    graph = light.graph
+    for field_name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field_name).extend(getattr(proto.graph, field_name))
+    graph.name = proto.graph.name
+    for t in proto.graph.initializer:
+        stub = graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+    return light
 
 
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    """Batches of one tensor as one array; a tensor without a batch axis (a shape...) keeps its first batch."""
-    if len(parts) == 1 or not all(p.ndim and p.shape[1:] == parts[0].shape[1:] for p in parts):
-        return parts[0]
-    return np.concatenate(parts)
+class _RunningDiff:
+    """The comparison of one intermediate tensor, accumulated over batches (see :func:`_compare_tensor`
+    for the rule): max |a − b|, the reference's finite range, its energy and the error's, and whether any
+    non-finite value or (exact types) any element differs. ``None`` from :meth:`check` when a batch had
+    another shape or type in the two models."""
+
+    def __init__(self) -> None:
+        self.comparable = True
+        self.shape: list[int] | None = None
+        self.exact: bool | None = None
+        self.bad = False
+        self.max_abs, self.lo, self.hi = 0.0, math.inf, -math.inf
+        self.signal = self.noise = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if not self.comparable:
+            return
+        if a.shape != b.shape or a.dtype != b.dtype:
+            self.comparable = False
+            return
+        if self.shape is None:
+            self.shape, self.exact = list(a.shape), a.dtype.kind not in "fc"
+        elif a.ndim and self.shape and a.shape[1:] == tuple(self.shape[1:]):
+            self.shape[0] += a.shape[0]                 # samples along the batch axis
+        if self.exact:
+            self.bad = self.bad or bool(np.any(a != b))
+            return
+        a64 = a.astype(np.float64)
+        _, bad, diff = _float_diff(a64, b.astype(np.float64))
+        lo, hi = _finite_min_max(a64)
+        self.bad = self.bad or bool(bad.any())
+        self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.signal += float(np.sum(a64[np.isfinite(a64)] ** 2))
+        self.noise += float(np.sum(diff ** 2))
+
+    def check(self, rel: float, abs_tol: float, min_snr_db: float | None) -> _Check | None:
+        if not self.comparable or self.shape is None:
+            return None
+        if self.exact:
+            return _Check(self.bad, None, None, self.shape)
+        scale = _range_of(self.lo, self.hi)
+        if min_snr_db is not None:
+            diverged = self.bad or float(_snr_db(self.signal, self.noise)) < min_snr_db
+        else:
+            diverged = self.bad or self.max_abs > max(abs_tol, rel * scale)
+        return _Check(diverged, self.max_abs, self.max_abs / scale, self.shape)
 
 
 def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float,
                     min_snr_db: float | None = None) -> _Check | None:
-    """Compare one intermediate tensor; ``None`` when it cannot be compared (other shape or type)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return None
-    if a.dtype.kind not in "fc":
-        return _Check(bool(np.any(a != b)), None, None, list(a.shape))
-    a64 = a.astype(np.float64)
-    _, bad, diff = _float_diff(a64, b.astype(np.float64))
-    scale = _range_of(*_finite_min_max(a64))
-    max_abs = float(diff.max(initial=0.0))
-    if min_snr_db is not None:
-        snr = float(_snr_db(float(np.sum(a64[np.isfinite(a64)] ** 2)), float(np.sum(diff ** 2))))
-        diverged = bool(bad.any()) or snr < min_snr_db
-    else:
-        diverged = bool(bad.any()) or max_abs > max(abs_tol, rel * scale)
-    return _Check(diverged, max_abs, max_abs / scale, list(a.shape))
+    """Compare one intermediate tensor; ``None`` when it cannot be compared (other shape or type). Float
+    tensors diverge on a non-finite mismatch, or on ``max|a − b| > max(abs_tol, rel · range(a))`` (with
+    ``min_snr_db``: an SNR below it); exact types when any element differs."""
+    diff = _RunningDiff()
+    diff.add(a, b)
+    return diff.check(rel, abs_tol, min_snr_db)
 
 
 def _next_comparable(graph, node, name: str, checks: Mapping[str, _Check]) -> set[str]:
