@@ -81,6 +81,10 @@ def test_choose_cuts_buys_the_most_macs_per_byte_within_the_budget():
     assert segments.choose_cuts(starts, macs_before, size.__getitem__, budget=0) == {"a": 0, "b": 0, "c": 0}
     everything = segments.choose_cuts(starts, macs_before, size.__getitem__, budget=10**6)
     assert everything == {"a": 1, "b": 3, "c": 5}
+    # A cut that saves less than its sessions cost is not bought: once b's cut is kept, a's would save 10
+    # MACs and c's 20.
+    priced = segments.choose_cuts(starts, macs_before, size.__getitem__, budget=10**6, cut_cost=lambda p: 25.0)
+    assert priced == {"a": 0, "b": 3, "c": 3}
 
 
 def _zoo(name: str, lossless: bool):
@@ -101,7 +105,7 @@ def test_checkpoints_hold_the_unchanged_activations_and_refuse_a_wrong_cut():
     starts = prune.group_starts(proto.graph, groups)
     sdata = data.head(24)
     cp, cuts = segments.Checkpoints.build(proto, sdata, {g: (p, 3) for g, p in starts.items()},
-                                          [1.0] * len(proto.graph.node), batch_size=16)
+                                          segments.node_macs(model, proto, None), batch_size=16)
     assert cp.values and not cp.dropped and set(cuts) == set(starts)
     assert all(c <= starts[g] for g, c in cuts.items())
     reference = prune.EvalContext(proto.SerializeToString(), sdata, batch_size=16).reference()

@@ -36,6 +36,9 @@ from graphopt.measure.executor import relative_error
 
 #: Bytes of cached activations (all samples, all cuts) one :class:`Checkpoints` may hold.
 CHECKPOINT_BYTES = 384 * 2**20
+#: What building one onnxruntime session costs, in multiply-accumulates of model work per byte of its
+#: weights (BERT-base's 440 MB: about a second, against about 50·10⁹ MACs/s of inference on this machine).
+SESSION_MACS_PER_BYTE = 100.0
 #: Largest relative squared error between the unchanged model's suffix and the full model that counts
 #: as float noise (onnxruntime may order sums differently in a smaller graph).
 EXACT = 1e-8
@@ -196,14 +199,16 @@ def node_macs(model: Any, proto: onnx.ModelProto, input_shapes: Mapping | None) 
 
 
 def choose_cuts(starts: Mapping[Any, tuple[int, int]], macs_before: Sequence[float],
-                cut_bytes: Callable[[int], int], budget: int = CHECKPOINT_BYTES) -> dict[Any, int]:
+                cut_bytes: Callable[[int], int], budget: int = CHECKPOINT_BYTES,
+                cut_cost: Callable[[int], float] | None = None) -> dict[Any, int]:
     """For each key, the cut it is evaluated from (0 = the whole model).
 
     ``starts[key] = (position, evaluations)``: the first node the key's evaluations change and how many
     there are. ``macs_before[p]`` is the MACs of the nodes before position ``p``; ``cut_bytes(p)`` the
     bytes the live values at ``p`` take on all samples. Greedy: add the cut with the most MACs saved
     (over all evaluations it would serve better than the cuts already kept) per byte, while the bytes fit
-    ``budget``; each key then uses the last kept cut at or before its position."""
+    ``budget`` and the saving passes ``cut_cost(p)`` (what the cut's own sessions cost, in the same
+    per-sample MACs); each key then uses the last kept cut at or before its position."""
     candidates = sorted({p for p, _ in starts.values() if p > 0})
     kept: list[int] = [0]
     left = int(budget)
@@ -224,7 +229,7 @@ def choose_cuts(starts: Mapping[Any, tuple[int, int]], macs_before: Sequence[flo
             gain = sum(n * max(macs_before[c] - macs_before[serving(p, kept)], 0.0)
                        for p, n in starts.values() if p >= c)
             rate = gain / max(sizes[c], 1)
-            if gain > 0 and rate > best_rate:
+            if gain > 0 and rate > best_rate and (cut_cost is None or gain > cut_cost(c)):
                 best, best_rate = c, rate
         if best is None:
             break
@@ -272,7 +277,18 @@ class Checkpoints:
         def cut_bytes(p: int) -> int:
             return int(sum(per_sample.get(n, 0) for n in live[p] if n not in inputs) * samples)
 
-        cut_of = choose_cuts(starts, macs_before, cut_bytes, budget) if candidates else {k: 0 for k in starts}
+        # A cut costs two sessions of its suffix (the check here, the caller's measuring one): about
+        # SESSION_MACS_PER_BYTE per byte of the suffix's weights, taken here as the model's weights times
+        # the suffix's share of the MACs. Below that saving a cut is slower than running from an earlier one
+        # (BERT-base's table bought 59 cuts, one before every layer, and spent two minutes building sessions).
+        weight_bytes = float(sum(_tensor_bytes(t) for t in graph.initializer))
+        total = max(macs_before[-1], 1.0)
+
+        def cut_cost(p: int) -> float:
+            return 2 * SESSION_MACS_PER_BYTE * weight_bytes * (1.0 - macs_before[p] / total) / max(samples, 1)
+
+        cut_of = (choose_cuts(starts, macs_before, cut_bytes, budget, cut_cost) if candidates
+                  else {k: 0 for k in starts})
         cuts = sorted({c for c in cut_of.values() if c > 0})
         if not cuts:
             return self, cut_of
@@ -420,6 +436,11 @@ class Frontier:
         if values:
             self.types.update(_types(values[0]))
         return True
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """About the bytes of an initializer's data: its serialized size (reading ``raw_data`` would copy it)."""
+    return int(t.ByteSize())
 
 
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -772,7 +772,17 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
                 group.append(plans[i + len(group)])
             i += len(group)
             grams: dict[int, lstsq.CrossGram] = {}
-            names = [k for k, p in enumerate(group) if p.site.name in fitted]
+            too_few: dict[int, str] = {}
+            rows: dict[int, list] = {}
+            for k, p in enumerate(group):
+                if p.site.name not in fitted:
+                    continue
+                rows[k] = store.pop(p.site.name)
+                count, features = sum(r.shape[0] for _, r in rows[k]), fitted[p.site.name].features
+                if count < min_rows * features:   # refit_plan would refuse: no statistics to gather
+                    too_few[k] = f"not refitted: {count} rows for {features} features (the refit would fit noise)"
+                    del rows[k]
+            names = sorted(rows)
             if names:
                 if say is not None:
                     say(f"lowrank: refitting {', '.join(group[k].site.name for k in names)}")
@@ -780,12 +790,14 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
                 position = {n.name: idx for idx, n in enumerate(proto.graph.node)}
                 frontier.advance(proto, min(position[n] for n in pending if n in position))
                 grams = _group_grams(frontier, proto, [fitted[group[k].site.name] for k in names],
-                                     [store.pop(group[k].site.name) for k in names], names)
+                                     [rows.pop(k) for k in names], names)
                 del proto
             for k, plan in enumerate(group):
                 pending.remove(plan.site.name)
                 extra: dict[str, Any] = {}
-                if k not in grams:
+                if k in too_few:
+                    extra["refit"] = too_few[k]
+                elif k not in grams:
                     extra["refit"] = f"not refitted: {layers[plan.site.name]}"
                 else:
                     refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
