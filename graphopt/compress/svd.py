@@ -132,14 +132,18 @@ def thin_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (``U_r S_r V_rᵀ = M V_r V_rᵀ``, or ``U_r U_rᵀ M``), whatever the orthogonality of the computed side."""
     f, o = m.shape
     tall = f >= o
-    with for_work(2.0 * f * o * min(f, o) + 9.0 * min(f, o) ** 3):
+    k = min(f, o)
+    with for_work(2.0 * f * o * k):
         gram = m.T @ m if tall else m @ m.T
-        vals, vecs = np.linalg.eigh(gram)
-        order = np.argsort(vals)[::-1]
-        vals, vecs = vals[order], vecs[:, order]
-        s = np.sqrt(np.maximum(vals, 0.0))
-        live = s > s[0] * 1e-12 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
-        inv = np.where(live, 1.0 / np.where(live, s, 1.0), 0.0)
+    # The eigensolver on the caller's threads (one, in the lossy passes): OpenBLAS's threaded LAPACK ran a
+    # 768² eigh 7 times slower on 2 cores than on one while another process shared them.
+    vals, vecs = np.linalg.eigh(gram)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = vals[order], vecs[:, order]
+    s = np.sqrt(np.maximum(vals, 0.0))
+    live = s > s[0] * 1e-12 if s.size and s[0] > 0 else np.zeros(s.shape, bool)
+    inv = np.where(live, 1.0 / np.where(live, s, 1.0), 0.0)
+    with for_work(2.0 * f * o * k):
         if tall:
             return (m @ vecs) * inv, s, vecs.T
         return vecs, s, (vecs.T @ m) * inv[:, None]
