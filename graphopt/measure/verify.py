@@ -743,6 +743,7 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
         # A lossy candidate differs everywhere a little: there a tensor diverges when its SNR falls below
         # the lossy gate's, not when it leaves float noise.
         min_snr = resolved.get("min_snr_db") if mode == "accuracy" else None
+        ref.session = cand.session = opt_session = None   # the search builds its own: not four at once
         _locate(report, ref, cand, data, comparisons, resolved, batch_size, threads,
                 min_snr_db=(min_snr if min_snr is not None else AUTO_MIN_SNR_DB_ACCURACY) if mode == "accuracy"
                 else None)
