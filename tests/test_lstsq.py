@@ -248,3 +248,21 @@ def test_compact_statistics_solve_as_the_float64_ones_and_refuse_more_rows():
     merged = full.merge(small)                        # float64 again, and the sums of both
     assert merged.xtx.dtype == np.float64 and merged.count == 2 * full.count
     np.testing.assert_allclose(merged.xtx, 2 * full.xtx, rtol=1e-6)
+
+
+def test_fast_statistics_take_float32_products_and_solve_as_the_float64_ones():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3000, 20)) * np.logspace(0, 1.5, 20)).astype(np.float32)
+    y = (x @ rng.standard_normal((20, 6)) + rng.standard_normal((3000, 6))).astype(np.float32)
+    exact, fast = CrossGram(), CrossGram(fast=True)
+    for part in (slice(0, 1500), slice(1500, 3000)):
+        exact.update(x[part], y[part])
+        fast.update(x[part], y[part])
+    assert fast.xtx.dtype == np.float64 and fast.count == exact.count
+    scale = np.sqrt(np.outer(np.diag(exact.xtx), np.diag(exact.xtx)))   # each entry against its |x_i|·|x_j|
+    assert float(np.max(np.abs(fast.xtx - exact.xtx) / scale)) < 1e-5
+    np.testing.assert_allclose(fast.y_sq, exact.y_sq, rtol=1e-12)
+    w1, b1 = exact.solve(1e-4)
+    w2, b2 = fast.solve(1e-4)
+    np.testing.assert_allclose(w2, w1, rtol=1e-4, atol=1e-5)
+    assert fast.relative_error(w2, b2) == pytest.approx(exact.relative_error(w1, b1), rel=1e-4)

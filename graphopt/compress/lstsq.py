@@ -51,8 +51,13 @@ class CrossGram:
     count : rows seen.
     """
 
-    def __init__(self, bias: bool = True) -> None:
+    #: Rows per float32 product when ``fast``: the float32 sums stay short (relative error about
+    #: ``√1024·6·10⁻⁸ ≈ 2·10⁻⁶``, far below any ridge a solve adds), the totals accumulate in float64.
+    FAST_BLOCK = 1024
+
+    def __init__(self, bias: bool = True, *, fast: bool = False) -> None:
         self.bias = bias
+        self.fast = fast   # float32 products in blocks of FAST_BLOCK rows (twice the speed of float64 ones)
         self.xtx: np.ndarray | None = None
         self.xty: np.ndarray | None = None
         self.y_sum: np.ndarray | None = None
@@ -63,12 +68,13 @@ class CrossGram:
     def update(self, x: np.ndarray, y: np.ndarray) -> None:
         if self.compacted:
             raise ValueError("compact statistics are for solving: gather into float64 ones")
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
+        dtype = np.float32 if self.fast else np.float64
+        x = np.asarray(x, dtype=dtype)
+        y = np.asarray(y, dtype=dtype)
         if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
             raise ValueError(f"need X [R, F] and Y [R, O] with the same rows, got {x.shape} and {y.shape}")
         if self.bias:
-            x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            x = np.concatenate([x, np.ones((x.shape[0], 1), dtype)], axis=1)
         if self.xtx is None:
             self.xtx = np.zeros((x.shape[1], x.shape[1]))
             self.xty = np.zeros((x.shape[1], y.shape[1]))
@@ -76,11 +82,15 @@ class CrossGram:
             self.y_sq = np.zeros(y.shape[1])
         elif x.shape[1] != self.xtx.shape[0] or y.shape[1] != self.xty.shape[1]:
             raise ValueError(f"batch shapes {x.shape}, {y.shape} differ from earlier batches")
+        step = self.FAST_BLOCK if self.fast else max(x.shape[0], 1)
         with for_work(2.0 * x.shape[0] * x.shape[1] * (x.shape[1] + y.shape[1])):
-            self.xtx += x.T @ x
-            self.xty += x.T @ y
-        self.y_sum += y.sum(axis=0)
-        self.y_sq += np.einsum("ij,ij->j", y, y)
+            for i in range(0, x.shape[0], step):
+                xb, yb = x[i:i + step], y[i:i + step]
+                self.xtx += xb.T @ xb
+                self.xty += xb.T @ yb
+        y64 = y.astype(np.float64, copy=False)
+        self.y_sum += y64.sum(axis=0)
+        self.y_sq += np.einsum("ij,ij->j", y64, y64)
         self.count += x.shape[0]
 
     def merge(self, other: CrossGram) -> CrossGram:

@@ -823,9 +823,10 @@ def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer]
     batches = list(zip(*targets)) if targets else []
     same_rows = (all(layer.kind != "conv" for layer in layers)       # a conv's rows depend on its geometry
                  and all(all(_same_select(rows[0][0], r[0]) for r in rows) for rows in batches))
-    joint = lstsq.CrossGram(bias=True) if same_rows and len(keys) > 1 else None
+    # float32 products (CrossGram.fast): the refit's ridge and the rank truncation are far coarser than them
+    joint = lstsq.CrossGram(bias=True, fast=True) if same_rows and len(keys) > 1 else None
     for k in keys:
-        grams[k] = lstsq.CrossGram(bias=True)
+        grams[k] = lstsq.CrossGram(bias=True, fast=True)
     for b, batch in enumerate(frontier.batches(proto, [x_name])):
         x = batch[x_name]
         if joint is not None:
