@@ -149,7 +149,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              tolerance: Tolerance | None = None, samples: int | None = None, seed: int = 0,
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
-             allow_partial: bool = False, progress: Callable[[str], None] | None = None) -> OptimizeResult:
+             allow_partial: bool = False, train_data: str | os.PathLike | None = None,
+             progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
     Parameters
@@ -171,6 +172,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     allow_partial : a missed ``target_macs`` / ``target_params`` still writes the output (the report and
         ``target_met`` say it was missed). Without it a missed target writes nothing, like a failed verdict.
     debug, dump_dir : check IR invariants after each pass; dump the model after each pass.
+    train_data : unlabeled inputs for a training pass (``finetune``): a ``.npz`` file or a directory of
+        ``.npz`` shards, streamed. The calibration ``data`` is used when it is not given.
 
     Returns
     -------
@@ -188,6 +191,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     parsed_options = parse_options(option_pairs, pipeline)
     _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
+    _check_train_data(train_data, pipeline)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -201,7 +205,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
-                      input_shapes=shapes, debug=debug,
+                      input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
     proto = onnx_io.to_proto(ir)
@@ -355,6 +359,16 @@ def _verdict(reference: onnx.ModelProto, proto: onnx.ModelProto, check: Any, mod
     out = verdict.to_dict()
     out.update(data=check.source, samples=check.n_samples, held_out=held_out)
     return out, verdict.passed
+
+
+def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> None:
+    """``train_data`` names .npz shards, and some pass of the pipeline trains on them."""
+    if train_data is None:
+        return
+    from graphopt.compress.distill.data import shard_paths
+    if not any(p.name == "finetune" for p in pipeline.leaves()):
+        raise OptionError("--train-data: only the finetune pass reads it, and this pipeline has none (end a lossy preset with +finetune)")
+    shard_paths(train_data)
 
 
 def _check_sampling(samples: int | None, seed: int) -> None:
