@@ -362,11 +362,16 @@ def _verdict(reference: onnx.ModelProto, proto: onnx.ModelProto, check: Any, mod
 
 
 def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> None:
-    """``train_data`` names .npz shards, and some pass of the pipeline trains on them."""
+    """A pipeline that fine-tunes has its engine (else the install command, before any pass runs);
+    ``train_data`` names .npz shards, and a pass of the pipeline trains on them."""
+    from graphopt.compress.distill.data import shard_paths
+    from graphopt.compress.distill.engine import torch_or_reason
+    trains = any(p.name == "finetune" for p in pipeline.leaves())
+    if trains and isinstance(reason := torch_or_reason(), str):
+        raise OptionError(f"finetune {reason}")
     if train_data is None:
         return
-    from graphopt.compress.distill.data import shard_paths
-    if not any(p.name == "finetune" for p in pipeline.leaves()):
+    if not trains:
         raise OptionError("--train-data: only the finetune pass reads it, and this pipeline has none (end a lossy preset with +finetune)")
     shard_paths(train_data)
 
