@@ -74,6 +74,8 @@ CASES = [
     ("mul", "Mul", {"a": x(2, 3)}, {"b": x(2, 1)}, {}, None, 17),
     ("div", "Div", {"a": x(2, 3)}, {"b": np.abs(x(3)) + 1}, {}, None, 17),
     ("div-int", "Div", {"a": i64(7, -7, 9)}, {"b": i64(2, 2, -4)}, {}, [("y", TensorProto.INT64)], 17),
+    ("mod-int", "Mod", {"a": i64(7, -7, 9)}, {"b": i64(2, 3, -4)}, {}, [("y", TensorProto.INT64)], 17),
+    ("mod-fmod", "Mod", {"a": x(2, 3)}, {"b": np.abs(x(3)) + 0.5}, dict(fmod=1), None, 17),
     ("pow", "Pow", {"a": np.abs(x(2, 3)) + 0.1}, {"b": np.array(2.0, np.float32)}, {}, None, 17),
     ("sqrt", "Sqrt", {"a": np.abs(x(2, 3))}, {}, {}, None, 17),
     ("max", "Max", {"a": x(2, 3), "b": x(2, 3)}, {}, {}, None, 17),

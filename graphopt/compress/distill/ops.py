@@ -254,6 +254,11 @@ def variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Node, list, in
     return run
 
 
+def mod(node: Node, a: list, opset: int) -> list[Tensor]:
+    # fmod=0 (integers): the result takes the divisor's sign, as Python's %; fmod=1: the dividend's, as C's
+    return [torch.fmod(a[0], a[1]) if node.attr("fmod", 0) else torch.remainder(a[0], a[1])]
+
+
 def pow_(node: Node, a: list, opset: int) -> list[Tensor]:
     return [torch.pow(a[0], a[1].to(a[0].dtype) if a[0].dtype.is_floating_point else a[1])]
 
@@ -498,7 +503,7 @@ OPS: dict[str, Callable[[Node, list, int], list[Tensor]]] = {
     "HardSwish": elementwise(F.hardswish), "Softplus": elementwise(F.softplus), "PRelu": prelu,
     "Softmax": softmax_like(torch.softmax), "LogSoftmax": softmax_like(torch.log_softmax),
     "Add": elementwise(torch.add), "Sub": elementwise(torch.sub), "Mul": elementwise(torch.mul),
-    "Div": elementwise(_float_or_int_div), "Pow": pow_, "Sqrt": elementwise(torch.sqrt),
+    "Div": elementwise(_float_or_int_div), "Mod": mod, "Pow": pow_, "Sqrt": elementwise(torch.sqrt),
     "Neg": elementwise(torch.neg), "Abs": elementwise(torch.abs), "Exp": elementwise(torch.exp),
     "Log": elementwise(torch.log), "Reciprocal": elementwise(torch.reciprocal),
     "Max": variadic(torch.maximum), "Min": variadic(torch.minimum), "Sum": variadic(torch.add),

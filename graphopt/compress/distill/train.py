@@ -99,8 +99,13 @@ def fit(graph: TorchGraph, teacher: Teacher, batches: Iterator[Feeds], kinds: Ma
     started = time.perf_counter()
     params = list(graph.parameters())
     opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps,
-                                                pct_start=settings.warmup)
+    if settings.steps >= 4:
+        # OneCycleLR needs at least one step in each phase
+        pct = min(0.5, max(settings.warmup, 2.0 / settings.steps))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps,
+                                                    pct_start=pct)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     graph.train(False)   # inference semantics: nothing in the interpreter has a train mode, but say so
     smoothed = None
     for step in range(settings.steps):
