@@ -97,7 +97,8 @@ def augment_for(sample: SampleData, mode: str, shift: int, flip: bool) -> Augmen
 
 
 class Source:
-    """Batches of training feeds, forever: shuffled each epoch, shard by shard for a directory."""
+    """Batches of training feeds, forever: shuffled each epoch, shard by shard for a directory (whole
+    batches only)."""
 
     def __init__(self, model: Model, *, sample: SampleData | None = None, path: str | Path | None = None) -> None:
         self.model = model
@@ -128,7 +129,9 @@ class Source:
             for part in parts:
                 data = part if isinstance(part, SampleData) else self._load(part)
                 order = rng.permutation(data.n_samples)
-                for start in range(0, len(order), batch_size):
+                # whole batches only (a static batch dim takes nothing else); the order changes each epoch,
+                # so every sample is seen; a part smaller than one batch is one batch
+                for start in range(0, max(len(order) - batch_size, 0) + 1, batch_size):
                     yield data.take(np.sort(order[start:start + batch_size])).feed(0, batch_size)
 
 

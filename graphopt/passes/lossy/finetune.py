@@ -47,7 +47,7 @@ from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import to_proto
 from graphopt.measure import ort as gort
-from graphopt.measure.calibration import SampleData, check_data
+from graphopt.measure.calibration import SampleData, check_data, feed_batch_size
 
 #: The self-check's bound, relative to the output's largest magnitude (at least 1). Torch and
 #: onnxruntime differ by float32 summation order: 3.8e-7 to 6.1e-7 of it on vgg, resnet, mobilenetv2,
@@ -119,6 +119,9 @@ def _precondition(model: Model, ctx: PassContext) -> str | None:
         return "no teacher: run it in a pipeline (run_pipeline keeps the input model as the teacher)"
     if ctx.data is None and ctx.train_data is None:
         return "no inputs to train on (give --data or --train-data)"
+    if ctx.train_data is None and ctx.data.one_per_run:
+        return "the calibration data feeds one sample per run (per-sample layout); training needs samples " \
+               "stacked on the batch axis"
     return None
 
 
@@ -137,14 +140,16 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
     source = sources.Source(model, path=ctx.train_data) if ctx.train_data is not None else \
         sources.Source(model, sample=fit_data)
     augment = sources.augment_for(source.first(), opt("augment"), opt("shift"), opt("flip"))
+    # a model with a static batch dim takes exactly that many samples per run
+    batch_size = feed_batch_size(model, opt("batch_size"), source.first())
     steps = opt("steps")
     if opt("epochs") > 0:
-        steps = max(1, int(round(opt("epochs") * source.n_samples / opt("batch_size"))))
+        steps = max(1, int(round(opt("epochs") * source.n_samples / batch_size)))
     match = [n.strip() for n in opt("match").split(",") if n.strip()]
     settings = Settings(steps, opt("lr"), opt("temperature"), opt("loss"), opt("weight_decay"), match,
                         opt("match_weight"))
     check = held if held is not None else source.first()
-    check = check.head(min(CHECK_SAMPLES, check.n_samples))
+    check = check.head(min(CHECK_SAMPLES if batch_size == opt("batch_size") else batch_size, check.n_samples))
 
     torch.manual_seed(ctx.seed)
     graph = TorchGraph(model, kinds)
@@ -165,21 +170,21 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
     stats: dict[str, Any] = {
         "teacher": "the pipeline's input model (onnxruntime)", "data": source.description,
         "training_samples": source.n_samples, "augment": augment.describe(), "steps": steps,
-        "epochs": round(steps * opt("batch_size") / max(source.n_samples, 1), 3), "batch_size": opt("batch_size"),
+        "epochs": round(steps * batch_size / max(source.n_samples, 1), 3), "batch_size": batch_size,
         "lr": opt("lr"), "outputs": out_kinds,
         "trained": {"initializers": len(kinds), "numbers": graph.trained_count(),
                     "kinds": {k: sum(1 for v in kinds.values() if v == k) for k in ("dense", "masked", "shared")}},
     }
     rng = ctx.rng("finetune")
-    batches = (augment(feeds, rng) for feeds in source.batches(opt("batch_size"), rng))
-    before = evaluate(graph, teacher, held, out_kinds, settings) if held is not None else None
+    batches = (augment(feeds, rng) for feeds in source.batches(batch_size, rng))
+    before = evaluate(graph, teacher, held, out_kinds, settings, batch_size) if held is not None else None
     if before is not None and before["loss"] <= NOTHING_TO_RECOVER:
         return _refuse(f"nothing to recover: the student already matches the teacher (held-out loss "
                        f"{before['loss']:.3g})", **left.into(stats))
     log = fit(graph, teacher, batches, out_kinds, settings, _progress(ctx, steps))
     stats.update(loss=log.summary(), seconds_training=round(log.seconds, 2))
     if held is not None:
-        after = evaluate(graph, teacher, held, out_kinds, settings)
+        after = evaluate(graph, teacher, held, out_kinds, settings, batch_size)
         stats["held_out"] = {"samples": held.n_samples, "before": before, "after": after}
         if after["loss"] >= before["loss"]:
             return _refuse(f"the held-out distillation loss did not fall ({before['loss']:.4g} -> "
