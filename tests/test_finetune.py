@@ -270,3 +270,17 @@ def test_prune_plus_finetune_on_a_zoo_model_end_to_end(tmp_path):
     assert stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]
     assert stats["self_check"]["passed"] and stats["augment"].startswith("shifts")
     assert code in (0, 1) and (out.exists() == (code == 0))
+
+
+def test_a_student_equal_to_its_teacher_is_not_trained():
+    proto = _cnn()
+    before, after, stats, changed = _compress_then_finetune(proto, [], {"finetune": FT})
+    assert not changed and stats["skipped"].startswith("nothing to recover")
+    assert after.SerializeToString() == proto.SerializeToString()
+
+
+def test_per_sample_calibration_data_is_refused_in_one_line():
+    proto = _cnn()
+    data = SampleData({"x": np.zeros((4, 1, 1, 8, 8), np.float32)}, layout={"x": "per_sample"})
+    result = get_pass("finetune").run(from_proto(proto), PassContext(data=data, original=from_proto(proto)))
+    assert not result.changed and "per-sample" in result.stats["skipped"]
