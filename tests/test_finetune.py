@@ -284,3 +284,14 @@ def test_per_sample_calibration_data_is_refused_in_one_line():
     data = SampleData({"x": np.zeros((4, 1, 1, 8, 8), np.float32)}, layout={"x": "per_sample"})
     result = get_pass("finetune").run(from_proto(proto), PassContext(data=data, original=from_proto(proto)))
     assert not result.changed and "per-sample" in result.stats["skipped"]
+
+
+def test_matched_intermediate_tensors_join_the_loss_and_a_missing_one_is_bad_input():
+    from graphopt.core.errors import GraphoptError
+    options = {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+               "finetune": dict(FT, match="r1", match_weight=0.5)}
+    _, _, stats, changed = _compress_then_finetune(_cnn(), ["sparsify"], options)
+    assert changed and stats["outputs"] == {"logits": "classes", "r1": "float"}
+    options["finetune"]["match"] = "no_such_tensor"
+    with pytest.raises(GraphoptError, match="no_such_tensor"):
+        _compress_then_finetune(_cnn(), ["sparsify"], options)
