@@ -154,6 +154,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
              allow_partial: bool = False, quantize: str | None = None,
+             train_data: str | os.PathLike | None = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
@@ -178,6 +179,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     debug, dump_dir : check IR invariants after each pass; dump the model after each pass.
     quantize : ``"int8"`` or ``"w4a8"``: run the ``quantize`` pass last, after the preset or passes
         (``prune`` then int8, ``lowrank`` then int8, ...); see :func:`with_quantize`.
+    train_data : unlabeled inputs for a training pass (``finetune``): a ``.npz`` file or a directory of
+        ``.npz`` shards, streamed. The calibration ``data`` is used when it is not given.
 
     Returns
     -------
@@ -196,6 +199,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     parsed_options = parse_options(option_pairs, pipeline)
     _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
+    _check_train_data(train_data, pipeline)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -209,7 +213,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
-                      input_shapes=shapes, debug=debug,
+                      input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
     proto = onnx_io.to_proto(ir)
@@ -384,6 +388,21 @@ def _verdict(reference: onnx.ModelProto, proto: onnx.ModelProto, check: Any, mod
     out = verdict.to_dict()
     out.update(data=check.source, samples=check.n_samples, held_out=held_out)
     return out, verdict.passed
+
+
+def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> None:
+    """A pipeline that fine-tunes has its engine (else the install command, before any pass runs);
+    ``train_data`` names .npz shards, and a pass of the pipeline trains on them."""
+    from graphopt.compress.distill.data import shard_paths
+    from graphopt.compress.distill.engine import torch_or_reason
+    trains = any(p.name == "finetune" for p in pipeline.leaves())
+    if trains and isinstance(reason := torch_or_reason(), str):
+        raise OptionError(f"finetune {reason}")
+    if train_data is None:
+        return
+    if not trains:
+        raise OptionError("--train-data: only the finetune pass reads it, and this pipeline has none (end a lossy preset with +finetune)")
+    shard_paths(train_data)
 
 
 def _check_sampling(samples: int | None, seed: int) -> None:

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", metavar="DIR", help="write the model after every pass into DIR")
     p.add_argument("--verify-data", metavar="FILE.npz",
                    help="held-out samples to verify on (default: --data; lossy passes fit to --data)")
+    p.add_argument("--train-data", metavar="FILE.npz|DIR",
+                   help="unlabeled inputs for +finetune: a .npz file or a directory of .npz shards (streamed); "
+                        "default: --data")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--write-failed", action="store_true",
                    help="write the output even if verification fails or a target is missed")
@@ -155,7 +158,7 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             target_params=args.target_params, max_drop=args.max_drop, tolerance=_tolerance(args),
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,
             debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data,
-            allow_partial=args.allow_partial, progress=progress)
+            allow_partial=args.allow_partial, train_data=args.train_data, progress=progress)
     for path in args.report:
         report.write_report(result.report, path)
     if not args.quiet:

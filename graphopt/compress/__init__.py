@@ -1,6 +1,7 @@
 """The math of compression, independent of any pass: budgets and allocation, least squares,
-SVD, k-means, storage accounting, filter importance, re-fit, and the channel coupling analysis.
+SVD, k-means, storage accounting, filter importance, re-fit, the channel coupling analysis, and distillation
+fine-tuning in torch (``distill``, the optional ``graphopt[finetune]`` extra).
 """
 
-__all__ = ["blas", "budget", "channels", "importance", "kmeans", "lstsq", "options", "ortquant", "quantgrid", "reconstruct",
-           "storage", "svd"]
+__all__ = ["blas", "budget", "channels", "distill", "importance", "kmeans", "lstsq", "options", "ortquant", "quantgrid",
+           "reconstruct", "storage", "svd"]

@@ -687,6 +687,22 @@ class Graph:
         if self.sparse_initializers.pop(value.name, None) is not None:
             self.initializers[value.name] = value
 
+    def set_trained_array(self, value: Value, array: np.ndarray) -> None:
+        """New values for an initializer of this graph, of its dtype and shape, that are right for *every*
+        reader: a weight trained jointly for all the nodes that share it (fine-tuning) stays one shared
+        weight, which :meth:`set_initializer_array` refuses to rewrite for one reader."""
+        if self.initializers.get(value.name) is not value and self.sparse_initializers.get(value.name) is not value:
+            raise IRError(f"value {value.name!r} is not an initializer of graph {self.name!r}")
+        array = np.asarray(array)
+        if array.shape != tuple(value.shape or ()) or array.dtype != value.array.dtype:
+            raise IRError(f"trained values for {value.name!r} are {array.dtype}{list(array.shape)}, "
+                          f"not {value.array.dtype}{list(value.shape or ())}")
+        if self.is_graph_input(value):
+            raise IRError(f"initializer {value.name!r} is also a graph input (the caller may override it)")
+        value.set_array(array)
+        if self.sparse_initializers.pop(value.name, None) is not None:
+            self.initializers[value.name] = value
+
     def rename_value(self, value: Value, hint: str) -> str:
         """Give ``value`` a fresh unique name derived from ``hint``; returns it."""
         was_init = self.initializers.pop(value.name, None)

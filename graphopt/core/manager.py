@@ -118,6 +118,9 @@ class Pass:
     # Option keys this pass no longer has -> the key that replaced them: refused with a pointer, so a
     # script written for an older release fails loudly instead of silently meaning something else.
     renamed: ClassVar[dict[str, str]] = {}
+    # The pass reads ``ctx.original`` (the pipeline's input model, e.g. as a teacher): run_pipeline keeps a
+    # copy of it only when some pass in the pipeline asks, so other pipelines pay no copy.
+    wants_original: ClassVar[bool] = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -157,6 +160,10 @@ class PassContext:
     max_drop : the accuracy drop (points) lossy passes may spend.
     input_shapes : the concrete input shapes costs are counted at (given, or the probe's for a model with
         dynamic dims besides the batch; ``graphopt.measure.probe``), or ``None`` for batch 1.
+    original : the pipeline's input model, unchanged (a copy kept by :func:`run_pipeline` when a pass in
+        the pipeline sets ``wants_original``), else ``None``.
+    train_data : where a training pass reads unlabeled inputs besides ``data`` (a ``.npz`` file or a
+        directory of ``.npz`` shards; ``graphopt.compress.distill.data``), or ``None``.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
     """
@@ -170,6 +177,8 @@ class PassContext:
     baseline: tuple[int | None, int | None] | None = None
     measure: Callable[[Model], tuple[int | None, int | None]] | None = None
     input_shapes: dict[str, tuple[int, ...]] | None = None
+    original: Model | None = field(default=None, repr=False)
+    train_data: Any = None
     debug: bool = False
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None
@@ -234,16 +243,27 @@ def get_pass(name: str) -> Pass:
 
 
 def build_pipeline(preset: str | None = None, names: Sequence[str] | None = None) -> Pass:
-    """The pass to run: a preset by name, or a :class:`Sequential` of the named passes."""
+    """The pass to run: a preset by name, or a :class:`Sequential` of the named passes.
+
+    A preset may end with ``+pass`` suffixes (``prune+finetune``): the preset, then those passes, in
+    order. Only a lossy preset takes them: a pass after a lossless pipeline would make it lossy for
+    nothing to recover.
+    """
     if preset is not None and names:
         raise OptionError("give either a preset or a list of passes, not both")
     if names:
         return Sequential([get_pass(n) for n in names], name="passes")
     preset = preset or "lossless"
+    base, *suffixes = [part.strip() for part in preset.split("+")]
     known = presets()
-    if preset not in known:
-        raise OptionError(f"unknown preset {preset!r} (known: {', '.join(known)})")
-    return known[preset]()
+    if base not in known:
+        raise OptionError(f"unknown preset {base!r} (known: {', '.join(known)})")
+    pipeline = known[base]()
+    if not suffixes:
+        return pipeline
+    if pipeline.lossless:
+        raise OptionError(f"preset {preset!r}: a +pass suffix follows a lossy preset, and {base!r} is lossless")
+    return Sequential([pipeline, *(get_pass(name) for name in suffixes)], name=preset)
 
 
 def parse_options(pairs: Iterable[str], pipeline: Pass) -> dict[str, dict[str, Any]]:
@@ -402,6 +422,8 @@ def run_pipeline(pipeline: Pass, model: Model, ctx: PassContext) -> tuple[bool, 
     if ctx.baseline is None and ctx.measure is not None and (ctx.target_macs is not None
                                                              or ctx.target_params is not None):
         ctx.baseline = ctx.measure(model)
+    if ctx.original is None and any(p.wants_original for p in pipeline.leaves()):
+        ctx.original = model.clone()
     ctx.runner = _Runner()
     try:
         result = ctx.runner.run_one(pipeline, model, ctx)

@@ -1,0 +1,168 @@
+"""Unlabeled training inputs: shuffled batches, epoch after epoch, augmented to fit the input kind.
+
+Sources
+-------
+* the calibration samples (:class:`graphopt.measure.calibration.SampleData`, in memory);
+* ``--train-data FILE.npz``: one file, read once;
+* ``--train-data DIR``: every ``*.npz`` in it is a shard, read one at a time in a new shuffled order
+  each epoch, so a set larger than memory streams. Each shard is checked against the model's inputs
+  like ``--data`` (:func:`graphopt.measure.calibration.load_data`); a ``labels`` array is allowed and
+  ignored: distillation needs none.
+
+Only the stacked layout trains (samples on the batch axis); shared arrays are fed with every batch.
+
+Augmentation (``augment=auto``)
+-------------------------------
+A float input of rank 4 whose array looks like images (channels 1, 3 or 4 on axis 1 for NCHW, on
+axis 3 for NHWC, both spatial dims ≥ 8) gets, per sample, a random shift of up to ``shift`` pixels in
+each direction (edge-replicated, so a background stays background) and, with ``flip``, a horizontal
+flip with probability ½. Every other input (token ids and other integer inputs, masks, audio, states)
+is fed as it is: a shifted sentence or a flipped state is not a plausible input.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.core.errors import DataError
+from graphopt.core.ir import Model
+from graphopt.measure.calibration import SHARED, STACKED, SampleData, load_data
+
+IMAGE_CHANNELS = (1, 3, 4)
+MIN_IMAGE_SIDE = 8
+
+
+@dataclass
+class Augment:
+    """Per-sample random shifts and flips of the image inputs (``layout``: input name -> nchw | nhwc)."""
+
+    shift: int = 0
+    flip: bool = False
+    layout: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.layout or (self.shift == 0 and not self.flip):
+            return "none"
+        parts = ([f"shifts up to {self.shift} px"] if self.shift else []) + (["horizontal flips"] if self.flip else [])
+        return f"{' and '.join(parts)} on {', '.join(f'{k} ({v})' for k, v in sorted(self.layout.items()))}"
+
+    def __call__(self, feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if not self.layout or (self.shift == 0 and not self.flip):
+            return feeds
+        out = dict(feeds)
+        n = next(len(feeds[k]) for k in self.layout)
+        dy, dx = rng.integers(-self.shift, self.shift + 1, size=(2, n))
+        flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, dtype=bool)
+        for name, layout in self.layout.items():
+            x = feeds[name] if layout == "nchw" else np.transpose(feeds[name], (0, 3, 1, 2))
+            y = _shift_flip(x, dy, dx, flips, self.shift)
+            out[name] = y if layout == "nchw" else np.ascontiguousarray(np.transpose(y, (0, 2, 3, 1)))
+        return out
+
+
+def _shift_flip(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, flips: np.ndarray, s: int) -> np.ndarray:
+    """NCHW images shifted by (dy, dx) per sample with edge padding, flipped where ``flips``."""
+    h, w = x.shape[2], x.shape[3]
+    padded = np.pad(x, ((0, 0), (0, 0), (s, s), (s, s)), mode="edge") if s else x
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        crop = padded[i, :, s + dy[i]:s + dy[i] + h, s + dx[i]:s + dx[i] + w]
+        out[i] = crop[:, :, ::-1] if flips[i] else crop
+    return out
+
+
+def image_layout(array: np.ndarray) -> str | None:
+    """``nchw`` / ``nhwc`` when a stacked float array looks like images, else ``None``."""
+    if array.dtype.kind != "f" or array.ndim != 4:
+        return None
+    if array.shape[1] in IMAGE_CHANNELS and min(array.shape[2:]) >= MIN_IMAGE_SIDE:
+        return "nchw"
+    if array.shape[3] in IMAGE_CHANNELS and min(array.shape[1:3]) >= MIN_IMAGE_SIDE:
+        return "nhwc"
+    return None
+
+
+def augment_for(sample: SampleData, mode: str, shift: int, flip: bool) -> Augment:
+    """The augmentation ``mode`` (``auto`` | ``off``) gives the inputs of ``sample``."""
+    if mode == "off":
+        return Augment()
+    layout = {name: kind for name, array in sample.inputs.items()
+              if sample.layout_of(name) == STACKED and (kind := image_layout(array)) is not None}
+    return Augment(shift, flip, layout)
+
+
+class Source:
+    """Batches of training feeds, forever: shuffled each epoch, shard by shard for a directory (whole
+    batches only)."""
+
+    def __init__(self, model: Model, *, sample: SampleData | None = None, path: str | Path | None = None) -> None:
+        self.model = model
+        self.sample = sample
+        self.shards: list[Path] = []
+        if path is not None:
+            self.shards = shard_paths(path)
+            self.description = str(path) if len(self.shards) == 1 else f"{path} ({len(self.shards)} shards)"
+        else:
+            assert sample is not None
+            self.description = sample.source
+        self.n_samples = sample.n_samples if sample is not None and not self.shards else \
+            sum(count_samples(p) for p in self.shards)
+
+    def first(self) -> SampleData:
+        """The first shard (or the samples): its arrays decide the augmentation."""
+        return self._load(self.shards[0]) if self.shards else self.sample
+
+    def _load(self, path: Path) -> SampleData:
+        data = load_data(path, self.model)
+        if any(kind not in (STACKED, SHARED) for kind in data.layout.values()):
+            raise DataError(f"{path}: training data must hold its samples on the batch axis (stacked layout)")
+        return data
+
+    def batches(self, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            parts = [self.sample] if not self.shards else [self.shards[i] for i in rng.permutation(len(self.shards))]
+            for part in parts:
+                data = part if isinstance(part, SampleData) else self._load(part)
+                order = rng.permutation(data.n_samples)
+                # whole batches only (a static batch dim takes nothing else); the order changes each epoch,
+                # so every sample is seen; a part smaller than one batch is one batch
+                for start in range(0, max(len(order) - batch_size, 0) + 1, batch_size):
+                    yield data.take(np.sort(order[start:start + batch_size])).feed(0, batch_size)
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The ``.npz`` files of ``--train-data`` (a file, or a directory's ``*.npz``, sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        if not shards:
+            raise DataError(f"{path}: no .npz shards in this directory")
+        return shards
+    if not path.is_file():
+        raise DataError(f"{path}: no such file or directory")
+    if path.suffix != ".npz":
+        raise DataError(f"{path}: training data must be a .npz file or a directory of .npz shards")
+    return [path]
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a shard, from the header of its first non-shared array (nothing else is read)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in sorted(archive.namelist()):
+                if member.startswith("shared/") or member == "labels.npy" or not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape = read(f)[0]
+                    return int(shape[0]) if shape else 1
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    raise DataError(f"{path}: holds no input arrays")

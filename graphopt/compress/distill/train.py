@@ -1,0 +1,152 @@
+"""Knowledge distillation: the loss, the training loop, and the held-out measure.
+
+Loss (summed over the graph outputs and the matched intermediate tensors, teacher ``t``, student ``s``)
+--------------------------------------------------------------------------------------------------
+* class scores (a float ``[N, C]`` output, ``C > 1``, the verifier's rule): Hinton's soft targets,
+  ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per sample (the ``T²`` keeps the gradient's scale as ``T``
+  changes);
+* any other float output or matched tensor: ``mse`` — ``mean((s − t)²) / var(t)``, the mean squared
+  error relative to the teacher's variance, so outputs of different scales weigh alike — or ``cosine``,
+  ``1 − cos(s, t)`` per sample;
+* integer and bool outputs carry no gradient and are not in the loss.
+
+Optimiser: Adam with a one-cycle schedule (Smith & Topin 2019: the learning rate warms up over the
+first 10 % of the steps to ``lr``, then anneals to zero), the schedule the feasibility study of issue
+17 used. The student's float weights train as :mod:`graphopt.compress.distill.interpreter` parametrises
+them; nothing else moves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphopt.compress.distill.interpreter import TorchGraph
+from graphopt.measure.calibration import SampleData
+
+Feeds = dict[str, np.ndarray]
+Teacher = Callable[[Feeds], dict[str, np.ndarray]]
+
+
+@dataclass
+class Settings:
+    steps: int
+    lr: float = 1e-3
+    temperature: float = 2.0
+    loss: str = "mse"                  # for outputs that are not class scores: mse | cosine
+    weight_decay: float = 0.0
+    match: Sequence[str] = ()          # intermediate tensors matched besides the outputs
+    match_weight: float = 1.0
+    warmup: float = 0.1                # fraction of the steps the one-cycle schedule warms up
+
+
+@dataclass
+class Log:
+    """What a training run did: the loss per step (smoothed for the progress line) and its time."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        if not self.losses:
+            return {}
+        k = max(1, len(self.losses) // 10)  # means over the first and last tenth: one step is noisy
+        return {"first": round(float(np.mean(self.losses[:k])), 6), "last": round(float(np.mean(self.losses[-k:])), 6)}
+
+
+def is_class_scores(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+
+
+def output_kinds(teacher_out: Mapping[str, np.ndarray], match: Sequence[str]) -> dict[str, str]:
+    """``name -> classes | float`` for every tensor in the loss (integer and bool tensors are left out)."""
+    kinds = {}
+    for name, array in teacher_out.items():
+        if array.dtype.kind != "f":
+            continue
+        kinds[name] = "classes" if is_class_scores(array) and name not in match else "float"
+    return kinds
+
+
+def distill_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                 kinds: Mapping[str, str], settings: Settings) -> torch.Tensor:
+    """The module docstring's loss, averaged over the batch."""
+    total = torch.zeros((), dtype=torch.float32)
+    for name, kind in kinds.items():
+        s, t = student[name].float(), teacher[name].float()
+        weight = settings.match_weight if name in settings.match else 1.0
+        if kind == "classes":
+            temp = settings.temperature
+            term = F.kl_div(F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1), log_target=True,
+                            reduction="batchmean") * temp * temp
+        elif settings.loss == "cosine":
+            term = (1 - F.cosine_similarity(s.reshape(len(s), -1), t.reshape(len(t), -1), dim=1)).mean()
+        else:
+            term = F.mse_loss(s, t) / t.var(unbiased=False).clamp_min(1e-12)
+        total = total + weight * term
+    return total
+
+
+def fit(graph: TorchGraph, teacher: Teacher, batches: Iterator[Feeds], kinds: Mapping[str, str],
+        settings: Settings, progress: Callable[[int, float], None] | None = None) -> Log:
+    """Train ``graph``'s parameters for ``settings.steps`` batches; ``progress(step, smoothed loss)``."""
+    log = Log()
+    started = time.perf_counter()
+    params = list(graph.parameters())
+    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.steps >= 4:
+        # OneCycleLR needs at least one step in each phase
+        pct = min(0.5, max(settings.warmup, 2.0 / settings.steps))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.lr, total_steps=settings.steps,
+                                                    pct_start=pct)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    graph.train(False)   # inference semantics: nothing in the interpreter has a train mode, but say so
+    smoothed = None
+    for step in range(settings.steps):
+        feeds = next(batches)
+        target = {k: torch.from_numpy(v) for k, v in teacher(feeds).items() if k in kinds}
+        out = graph({k: torch.from_numpy(v) for k, v in feeds.items() if k in graph.input_names},
+                    extra=settings.match)
+        loss = distill_loss(out, target, kinds, settings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        log.losses.append(value)
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        if progress is not None:
+            progress(step + 1, smoothed)
+    log.seconds = time.perf_counter() - started
+    return log
+
+
+def evaluate(graph: TorchGraph, teacher: Teacher, data: SampleData, kinds: Mapping[str, str], settings: Settings,
+             batch_size: int = 64) -> dict[str, float]:
+    """Mean loss on ``data`` (no augmentation) and, with class scores, the student's top-1 agreement
+    with the teacher (percent)."""
+    total, n, agree, scored = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for start, stop in data.spans(batch_size):
+            feeds = data.feed(start, stop)
+            t_np = teacher(feeds)
+            out = graph({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()
+                         if k in graph.input_names}, extra=settings.match)
+            target = {k: torch.from_numpy(v) for k, v in t_np.items() if k in kinds}
+            rows = stop - start
+            total += float(distill_loss(out, target, kinds, settings)) * rows
+            n += rows
+            for name, kind in kinds.items():
+                if kind == "classes":
+                    agree += int((out[name].argmax(1).numpy() == t_np[name].argmax(1)).sum())
+                    scored += rows
+    result = {"loss": round(total / max(n, 1), 6)}
+    if scored:
+        result["agreement"] = round(100.0 * agree / scored, 3)
+    return result

@@ -1,0 +1,149 @@
+"""Distillation fine-tuning benchmark (issue 17): least squares only against + fine-tuning.
+
+For each model and MAC target: graphopt's ``prune`` preset (least-squares re-fit, calibration on
+``models/fmnist_calib.npz``), then the ``finetune`` pass with the original as teacher and no labels,
+
+* on the 512 calibration images (410 trained on, 102 held out by the pass) with shifts and flips, and
+* (``--full``) on the 60,000 unlabeled Fashion-MNIST training images (``apt-get install
+  dataset-fashion-mnist``), written as 6 ``.npz`` shards the pass streams,
+
+exactly what ``graphopt optimize MODEL --preset prune+finetune --target-macs T --data
+models/fmnist_calib.npz [--train-data DIR]`` runs (the pass is called on the pruned model here so one
+pruning serves both variants). Accuracy is top-1 on the 10,000 Fashion-MNIST test images in
+onnxruntime; ``time`` is the finetune pass's wall time (training and its checks). Speed-up is the
+pruned model against the original (onnxruntime ENABLE_ALL, 1 thread, batch 64, alternating runs,
+median of ``--rounds`` rounds). Torch and onnxruntime run on one thread, so the pass's CPU time is
+what it takes on an idle core; the wall time also counts waiting for a shared machine.
+
+Commands::
+
+    python tools/bench_finetune.py [--models vgg,resnet,mobilenetv2] [--targets 0.5,0.35,0.25]
+                                   [--full] [--epochs 2] [--lr 0.003] [--steps 300] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import gzip
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_pair import ab_seconds  # noqa: E402
+
+from graphopt.app.api import optimize  # noqa: E402
+from graphopt.core.manager import PassContext, get_pass  # noqa: E402
+from graphopt.core.onnx_io import load, to_proto  # noqa: E402
+from graphopt.measure import analysis  # noqa: E402
+from graphopt.measure import ort as gort  # noqa: E402
+from graphopt.measure.calibration import load_data  # noqa: E402
+
+MODELS = ROOT / "models"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+MEAN, STD = 0.286, 0.353   # the zoo's input normalisation (models/README.md)
+
+
+def read_images(prefix: str) -> np.ndarray:
+    with gzip.open(FMNIST / f"{prefix}-images-idx3-ubyte.gz", "rb") as f:
+        raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16)
+    return ((raw.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
+
+
+def read_labels(prefix: str) -> np.ndarray:
+    with gzip.open(FMNIST / f"{prefix}-labels-idx1-ubyte.gz", "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=8).astype(np.int64)
+
+
+def accuracy(proto, images: np.ndarray, labels: np.ndarray) -> float:
+    sess = gort.session(proto, threads=1)
+    correct = 0
+    for start in range(0, len(images), 500):
+        logits = gort.run(sess, {"input": images[start:start + 500]})["logits"]
+        correct += int((logits.argmax(1) == labels[start:start + 500]).sum())
+    return 100.0 * correct / len(images)
+
+
+def write_shards(folder: Path, images: np.ndarray, shards: int = 6) -> Path:
+    for i, part in enumerate(np.array_split(images, shards)):
+        np.savez(folder / f"train_{i}.npz", input=part)
+    return folder
+
+
+def finetune(name: str, pruned, calib, options: dict, train_data: Path | None):
+    model = pruned.clone()
+    ctx = PassContext(options={"finetune": options}, seed=0, data=calib, original=load(MODELS / f"{name}.onnx"),
+                      train_data=train_data)
+    started, cpu = time.perf_counter(), time.process_time()
+    result = get_pass("finetune").run(model, ctx)
+    # one torch thread and one onnxruntime thread: the CPU time is the wall time on an idle core
+    return model, result.stats, (time.perf_counter() - started, time.process_time() - cpu)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vgg,resnet,mobilenetv2")
+    parser.add_argument("--targets", default="0.5,0.35,0.25")
+    parser.add_argument("--full", action="store_true", help="also fine-tune on the 60k training images")
+    parser.add_argument("--epochs", type=float, default=2.0, help="epochs over the 60k images")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate on the 60k images")
+    parser.add_argument("--steps", type=int, default=0, help="steps on the calibration images (0: the default)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+
+    test_x, test_y = read_images("t10k"), read_labels("t10k")
+    tmp = tempfile.TemporaryDirectory(prefix="bench_finetune_")
+    shards = write_shards(Path(tmp.name), read_images("train")) if args.full else None
+    header = ["model", "target MACs", "reached", "original", "least squares only", "+ finetune, 512 calib (time)"]
+    if args.full:
+        header.append(f"+ finetune, 60k unlabeled, {args.epochs:g} epochs, lr {args.lr:g} (time)")
+    header.append("speed-up (batch 64)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.models.split(","):
+        path = MODELS / f"{name}.onnx"
+        original = load(path)
+        calib = load_data(MODELS / "fmnist_calib.npz", original)
+        acc0 = accuracy(to_proto(original), test_x, test_y)
+        macs0 = analysis.analyze(original).macs
+        for target in [float(t) for t in args.targets.split(",")]:
+            pruned = optimize(path, preset="prune", target_macs=target, data=calib, run_verify=False).ir
+            reached = analysis.analyze(pruned).macs / macs0
+            acc_ls = accuracy(to_proto(pruned), test_x, test_y)
+            row = [name, f"{target:g}", f"{reached:.3f}", f"{acc0:.2f}", f"{acc_ls:.2f}"]
+            calib_opts = {"threads": 1, **({"steps": args.steps} if args.steps else {})}
+            model, stats, seconds = finetune(name, pruned, calib, calib_opts, None)
+            row.append(_cell(model, stats, seconds, test_x, test_y))
+            if args.full:
+                model, stats, seconds = finetune(name, pruned, calib, {"threads": 1, "epochs": args.epochs, "lr": args.lr}, shards)
+                row.append(_cell(model, stats, seconds, test_x, test_y))
+            feeds = {"input": test_x[:64]}
+            ratios = [a / b for a, b in (ab_seconds(to_proto(original), to_proto(pruned), runs=40, feeds=feeds)
+                                         for _ in range(args.rounds))]
+            row.append(f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+            print("| " + " | ".join(row) + " |", flush=True)
+    tmp.cleanup()
+
+
+def _cell(model, stats: dict, seconds: tuple[float, float], test_x, test_y) -> str:
+    time_text = f"{seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU"
+    if stats.get("skipped"):
+        return f"unchanged: {stats['skipped']} ({time_text})"
+    return f"{accuracy(to_proto(model), test_x, test_y):.2f} ({time_text}, {stats['steps']} steps)"
+
+
+if __name__ == "__main__":
+    main()
