@@ -1,4 +1,4 @@
-"""Low-rank's sensitivity by weight overrides (passes/lossy/lowrank_table.py) and the spectrum's closed forms."""
+"""Low-rank's sensitivity by weight overrides (compress/lowrank_table.py) and the spectrum's closed forms."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 import graphopt.passes.lossy.lowrank as lr
-import graphopt.passes.lossy.lowrank_table as lrt
+import graphopt.compress.lowrank_table as lrt
 from graphopt.compress import budget, svd
 from graphopt.core import onnx_io
 from graphopt.core.manager import PassContext

@@ -3,5 +3,5 @@ SVD, k-means, storage accounting, filter importance, re-fit, the channel couplin
 fine-tuning in torch (``distill``, the optional ``graphopt[finetune]`` extra).
 """
 
-__all__ = ["blas", "budget", "channels", "distill", "importance", "kmeans", "lstsq", "options", "ortquant", "quantgrid",
+__all__ = ["budget", "channels", "distill", "importance", "kmeans", "lowrank_table", "lstsq", "options", "ortquant", "quantgrid",
            "reconstruct", "storage", "svd"]

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.compress.blas import for_work
+from graphopt.measure.blas import for_work
 from graphopt.core.ir import Graph
 
 CRITERIA = ("l1", "l2", "bn", "mean", "apoz", "thinet")

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from graphopt.compress.blas import for_work
+from graphopt.measure.blas import for_work
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ops import conv_info, drop_unused
 from graphopt.measure.calibration import Calibrator, SampleData, batch_within

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.compress.blas import for_work
+from graphopt.measure.blas import for_work
 from graphopt.compress.lstsq import CrossGram, LinearLayer
 from graphopt.core import scratch
 from graphopt.core.ir import Model, Node

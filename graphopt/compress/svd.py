@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphopt.compress.blas import for_work
+from graphopt.measure.blas import for_work
 
 
 def whitener(cov: np.ndarray, ridge: float = 1e-6) -> np.ndarray:

@@ -2,4 +2,4 @@
 analysis (params, MACs, bytes), the cost and latency models, and the executors that run evaluations.
 """
 
-__all__ = ["analysis", "calibration", "cost", "executor", "latency", "ort", "probe", "qdq", "segments", "verify"]
+__all__ = ["analysis", "blas", "calibration", "cost", "executor", "latency", "ort", "probe", "qdq", "segments", "verify"]

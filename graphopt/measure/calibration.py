@@ -74,7 +74,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.compress.blas import for_work
+from graphopt.measure.blas import for_work
 from graphopt.core.errors import DataError
 from graphopt.core.ir import Model, dims_of
 from graphopt.core.onnx_io import to_proto

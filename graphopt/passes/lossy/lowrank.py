@@ -64,7 +64,7 @@ Rank selection (``select``)
             candidate layers with ``target_scope=layers``) through :mod:`graphopt.compress.budget`: units are layers,
             levels are ranks, the sensitivity of a level is the model's relative output error with only that
             layer factorized (``sensitivity=model``: its factorized weight written into the unchanged model
-            and run from a cached cut, :mod:`graphopt.passes.lossy.lowrank_table`; within
+            and run from a cached cut, :mod:`graphopt.compress.lowrank_table`; within
             ``sensitivity_tmacs``, ranks not measured scaled from the layer's own error) or the layer's own
             relative output error (``layer``).
             With ``--max-drop`` and labelled data (``guard``), the target is relaxed by bisection
@@ -104,7 +104,7 @@ from onnx import helper
 
 from graphopt.compress import budget, lstsq, svd
 from graphopt.compress import reconstruct as rec
-from graphopt.compress.blas import blas_threads
+from graphopt.measure.blas import blas_threads
 from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ledger import LeftAlone
@@ -118,7 +118,7 @@ from graphopt.measure.calibration import Calibrator, Gram, SampleData, batch_wit
 from graphopt.measure import segments
 from graphopt.measure.segments import Frontier
 from graphopt.measure.executor import EvalContext, InProcess
-from graphopt.passes.lossy import lowrank_table as lrt
+from graphopt.compress import lowrank_table as lrt
 
 # =============================================================================================
 # sites: the layers the pass can factorize
@@ -1040,7 +1040,7 @@ class LowRank(Pass):
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        # One BLAS thread for the many mid-sized products (graphopt.compress.blas); the large ones take every core.
+        # One BLAS thread for the many mid-sized products (graphopt.measure.blas); the large ones take every core.
         with blas_threads(1):
             return self._run(model, ctx)
 
@@ -1320,7 +1320,7 @@ def _target_cost(run: LowRankRun, units: TargetUnits, by_params: bool) -> Callab
 
 def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
     """Per unit and level: the model's relative output error with that layer alone factorized
-    (``sensitivity=model``, with data; :mod:`graphopt.passes.lossy.lowrank_table`) or the layer's own
+    (``sensitivity=model``, with data; :mod:`graphopt.compress.lowrank_table`) or the layer's own
     squared relative error; and the table's stats."""
     ctx = run.ctx
     layer_sq = {u.key: {u.levels[0]: 0.0, **{lv: units.plans[u.key][lv].rel_error ** 2 for lv in u.levels[1:]}}

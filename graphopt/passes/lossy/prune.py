@@ -113,7 +113,7 @@ import numpy as np
 import onnx
 
 from graphopt.compress import budget, channels
-from graphopt.compress.blas import blas_threads
+from graphopt.measure.blas import blas_threads
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
 from graphopt.compress.channels import shrink
