@@ -16,6 +16,7 @@ from graphopt.core.shapes import ShapeView
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import Gram, SampleData
 from graphopt.measure.executor import EvalContext
+from tests.test_lowrank import mlp
 from tests.util import init, make_model, tensor
 
 RNG = np.random.default_rng(7)
@@ -163,18 +164,6 @@ def test_gain_fills_the_ranks_not_measured():
     assert lrt.gain_filled({32: 0.0}, layer_sq, [32, 16]) == {32: 0.0, 16: 0.04}
 
 
-def mlp(n=256):
-    k, h, m = 32, 24, 16
-    mix = RNG.standard_normal((k, k)) * np.logspace(0, -1.5, k)[None, :]
-    x = (RNG.standard_normal((n, k)) @ mix.T).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1", transB=1),
-             helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fc2", transB=1)]
-    inits = [init("W1", RNG.standard_normal((h, k)).astype(np.float32)), init("b1", np.full(h, 0.5, np.float32)),
-             init("W2", RNG.standard_normal((m, h)).astype(np.float32)), init("b2", np.zeros(m, np.float32))]
-    return make_model(nodes, [tensor("x", ["N", k])], [tensor("y", ["N", m])], inits), SampleData({"x": x}, None)
-
-
 def _target_run(proto, data, **options):
     model = onnx_io.from_proto(proto)
     ctx = PassContext(data=data, target_params=0.6, options={"lowrank": {
@@ -183,7 +172,7 @@ def _target_run(proto, data, **options):
 
 
 def test_the_table_by_overrides_and_within_its_work_budget():
-    proto, data = mlp()
+    proto, data = mlp(n=256)
     result, model = _target_run(proto, data)
     sens = result.stats["allocation"]["sensitivity"]
     assert sens["kind"] == "model" and sens["by_overrides"] == 2 and "by_model" not in sens

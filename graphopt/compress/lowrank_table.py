@@ -39,11 +39,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.compress.lstsq import stored_weight
 from graphopt.core.ir import Graph, Node, Value
 from graphopt.core.ops import is_op, producer_op, sole_consumer
-from graphopt.measure import ort as gort
 from graphopt.measure import segments
-from graphopt.measure.calibration import activation_batch
 from graphopt.measure.executor import EvalContext, in_worker
 
 
@@ -51,14 +50,14 @@ from graphopt.measure.executor import EvalContext, in_worker
 class WeightSlots:
     """Where a layer's factorized weight and bias are written as initializer values.
 
-    ``weight`` is stored as ``layout``: ``"dense"`` (``[F, O]``), ``"dense_t"`` (``[O, F]``: a Gemm with
-    ``transB`` or a MatMul reading ``Transpose(Wᵀ)``), ``"conv"`` (``[O, Cin/g, kh, kw]``), divided by
-    ``scale`` (a Gemm's α). ``bias`` (or ``None``): ``"replace"`` stores the plan's bias divided by
+    ``weight`` is stored as ``layout`` says (:attr:`graphopt.compress.lstsq.LinearLayer.layout`, what
+    :func:`graphopt.compress.lstsq.stored_weight` takes; ``trans_b`` also for a MatMul reading
+    ``Transpose(Wᵀ)``, whose ``Wᵀ`` is written), each conv group in turn, divided by ``scale`` (a Gemm's α). ``bias`` (or ``None``): ``"replace"`` stores the plan's bias divided by
     ``bias_scale`` (β) in the shape of ``bias_base``; ``"add"`` stores ``bias_base`` plus the plan's mean
     correction (the ``Add`` after a MatMul)."""
 
     weight: str
-    layout: str
+    layout: tuple[str, tuple[int, int], bool]
     dtype: np.dtype
     scale: float = 1.0
     bias: str | None = None
@@ -94,13 +93,13 @@ def weight_slots(graph: Graph, site: Any) -> WeightSlots | str:
         why = _sole_initializer(graph, t.inputs[0], t)
         if why is not None:
             return f"weight behind a Transpose: {why}"
-        slots = WeightSlots(t.inputs[0].name, "dense_t", site.dtype)
+        slots = WeightSlots(t.inputs[0].name, ("matmul", (1, 1), True), site.dtype)
     else:
         why = _sole_initializer(graph, w, node)
         if why is not None:
             return f"weight: {why}"
-        layout = "conv" if site.kind == "conv" else (
-            "dense_t" if site.kind == "gemm" and node.attr("transB", 0) else "dense")
+        kernel = tuple(site.weight.shape[2:]) if site.kind == "conv" else (1, 1)
+        layout = (site.kind, kernel, site.kind == "gemm" and bool(node.attr("transB", 0)))
         slots = WeightSlots(w.name, layout, site.dtype, float(node.attr("alpha", 1.0)) if site.kind == "gemm" else 1.0)
     if site.kind in ("gemm", "conv"):
         b = node.inputs[2] if len(node.inputs) > 2 else None
@@ -128,14 +127,10 @@ def weight_slots(graph: Graph, site: Any) -> WeightSlots | str:
 def override_values(slots: WeightSlots, plan: Any) -> dict[str, np.ndarray] | str:
     """The initializer values that make the unchanged layer compute ``plan`` (a
     :class:`graphopt.passes.lossy.lowrank.Plan` with its factors), or why they cannot."""
-    form, site = plan.form, plan.site
-    mats = [form.reconstruct(g, p, q) for g, (p, q) in enumerate(plan.factors)]   # [F, O] per group
-    if slots.layout == "conv":
-        cin_g, kh, kw = site.weight.shape[1:]
-        stored = np.concatenate([m.T.reshape(-1, cin_g, kh, kw) for m in mats])
-    else:
-        stored = mats[0] if slots.layout == "dense" else mats[0].T
-    out = {slots.weight: np.ascontiguousarray(stored / slots.scale).astype(slots.dtype)}
+    form = plan.form
+    stored = np.concatenate([stored_weight(slots.layout, form.reconstruct(g, p, q))   # [F, O] per group
+                             for g, (p, q) in enumerate(plan.factors)])
+    out = {slots.weight: (stored / slots.scale).astype(slots.dtype)}
     if plan.bias is None:
         return out
     bias = np.asarray(plan.bias, dtype=np.float64)
@@ -163,22 +158,19 @@ class OverrideTable:
     cuts: dict[Any, int] = field(default_factory=dict)
     checkpoints: Any = None
     threads: int | None = None
-    held: tuple[int, Any] | None = None  # (cut, session): one at a time
+    held: tuple[int, Any, int] | None = None  # (cut, session, the cut it runs from): one at a time
 
     def overridable(self, cut: int) -> list[str]:
         """Every slot of the units this cut serves: one session for all of them."""
         return sorted({n for key, s in self.slots.items() if self.cuts.get(key, 0) == cut for n in s.names})
 
-    def session(self, cut: int):
+    def session(self, cut: int) -> tuple[Any, int]:
+        """The session serving ``cut`` and the cut it runs from."""
         if self.held is None or self.held[0] != cut:
             self.held = None                      # free the last cut's session before building the next
-            proto = self.ev.proto()
-            drop = self.checkpoints.prefix[cut] if cut else ()
-            suffix, _ = segments.suffix_model(proto, drop, overridable=self.overridable(cut),
-                                              types=self.checkpoints.types)
-            threads = 1 if in_worker() else self.threads
-            self.held = (cut, gort.session(suffix, optimize=True, threads=threads, quiet=True))
-        return self.held[1]
+            self.held = (cut, *self.checkpoints.session(self.ev.proto(), cut, overridable=self.overridable(cut),
+                                                        threads=1 if in_worker() else self.threads))
+        return self.held[1], self.held[2]
 
 
 def measure_by_override(table: OverrideTable, item: tuple[Any, int]) -> float:
@@ -187,8 +179,8 @@ def measure_by_override(table: OverrideTable, item: tuple[Any, int]) -> float:
     values = override_values(table.slots[key], table.plan(key, level))
     if isinstance(values, str):  # weight_slots accepted the unit, so only a mean correction can land here
         raise ValueError(f"unit {key!r}: {values}")
-    cut = table.cuts.get(key, 0)
-    return float(table.ev.error(table.checkpoints.run(table.session(cut), cut, values)))
+    sess, start = table.session(table.cuts.get(key, 0))
+    return float(table.ev.error(table.checkpoints.run(sess, start, values)))
 
 
 def build_table(proto: onnx.ModelProto, data: Any, slots: Mapping[Any, WeightSlots], plan, starts: Mapping[Any, int],
@@ -196,12 +188,11 @@ def build_table(proto: onnx.ModelProto, data: Any, slots: Mapping[Any, WeightSlo
                 threads: int | None = None) -> tuple[OverrideTable, dict[str, Any]]:
     """The :class:`OverrideTable` of the units in ``slots`` (``starts[key]``: the position of the unit's
     node in ``proto.graph.node``) and its stats (cuts, cached MB)."""
-    batch_size = activation_batch(proto, data, batch_size)
-    ev = EvalContext(proto, data, batch_size=batch_size, threads=threads)
-    table = OverrideTable(ev, dict(slots), plan, threads=threads)
-    table.checkpoints, table.cuts = segments.Checkpoints.build(
-        ev.proto(), data, {k: (starts[k], int(evaluations.get(k, 1))) for k in slots}, node_macs,
+    checkpoints, cuts = segments.Checkpoints.build(
+        proto, data, {k: (starts[k], int(evaluations.get(k, 1))) for k in slots}, node_macs,
         batch_size=batch_size, threads=threads)
+    ev = EvalContext(proto, data, batch_size=checkpoints.batch, threads=threads)
+    table = OverrideTable(ev, dict(slots), plan, cuts, checkpoints, threads=threads)
     if table.checkpoints.reference is not None:
         ev.set_reference(table.checkpoints.reference)
     stats: dict[str, Any] = {"cuts": len(table.checkpoints.values),

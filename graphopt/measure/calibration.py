@@ -301,35 +301,27 @@ def batch_within(model: Model, names: Iterable[str], data: SampleData, batch_siz
     (measured on one sample). A model with a static batch dim or data fed one sample per run keeps
     :func:`feed_batch_size`."""
     names = sorted(set(names))
-    fixed = feed_batch_size(model, batch_size, data)
-    if not names or fixed != batch_size or data.n_samples <= 1:
-        return fixed
-    per_sample = sum(int(a.nbytes) for a in first_sample(model, names, data).values())
-    return int(max(1, min(batch_size, budget // max(per_sample, 1))))
+    if not names:
+        return feed_batch_size(model, batch_size, data)
+    return batch_for_bytes(model, data, batch_size,
+                           lambda: sum(int(a.nbytes) for a in first_sample(model, names, data).values()), budget)
 
 
-#: Bytes of the largest single activation one run of a measuring session may hold
-#: (:func:`activation_batch`): onnxruntime's arena grows to a few of them and keeps them.
-ACTIVATION_BYTES = 64 * 2**20
-
-
-def activation_batch(model: Model | onnx.ModelProto, data: SampleData, batch_size: int,
-                     budget: int = ACTIVATION_BYTES) -> int:
-    """``batch_size``, or fewer samples per run when the model's largest main-graph value for one sample
-    (of those whose element type the model states; measured on the first sample) times the batch would
-    pass ``budget``: what a session run many times over the samples (a sensitivity table) is fed, so
-    that its arena stays small on a large model. A static batch dim or one sample per run keeps
+def batch_for_bytes(model: Model | onnx.ModelProto, data: SampleData, batch_size: int,
+                    per_sample: Callable[[], int], budget: int) -> int:
+    """``batch_size``, or as many samples as keep ``per_sample()`` bytes (asked only when it matters) times
+    the batch within ``budget``; a static batch dim or data fed one sample per run keeps
     :func:`feed_batch_size`."""
     fixed = feed_batch_size(model, batch_size, data)
     if fixed != batch_size or data.n_samples <= 1:
         return fixed
-    proto = gort.as_proto(model)
-    typed = gort.known_elem_types(proto.graph)
-    names = [o for node in proto.graph.node for o in node.output if o and o in typed]
-    if not names:
-        return fixed
-    largest = max((int(a.nbytes) for a in first_sample(proto, names, data).values()), default=0)
-    return int(max(1, min(batch_size, budget // max(largest, 1))))
+    return int(max(1, min(batch_size, budget // max(int(per_sample()), 1))))
+
+
+#: Bytes of the largest single activation one run of a measuring session may hold
+#: (:meth:`graphopt.measure.segments.Checkpoints.build`): onnxruntime's arena grows to a few of them and
+#: keeps them.
+ACTIVATION_BYTES = 64 * 2**20
 
 
 def first_sample(model: Model | onnx.ModelProto, names: Iterable[str], data: SampleData) -> dict[str, np.ndarray]:

@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 
 from graphopt.measure import ort as gort
-from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, sample_rows
+from graphopt.measure.calibration import (ACTIVATION_BYTES, SampleData, batch_for_bytes, check_data,
+                                         feed_batch_size, sample_rows)
 from graphopt.measure.executor import relative_error
 
 #: Bytes of cached activations (all samples, all cuts) one :class:`Checkpoints` may hold.
@@ -261,7 +262,10 @@ class Checkpoints:
               threads: int | None = None) -> tuple[Checkpoints, dict[Any, int]]:
         """Choose the cuts for ``starts`` (see :func:`choose_cuts`; ``node_macs`` per node of ``proto``'s
         main graph, in order), cache their live values over ``data`` and check each; returns the cache
-        and each key's cut (0 for a key no kept cut serves)."""
+        and each key's cut (0 for a key no kept cut serves). The batch (:attr:`batch`, for every run of a
+        measuring session too) is ``batch_size``, or fewer samples when the model's largest value on the
+        first sample times the batch would pass :data:`calibration.ACTIVATION_BYTES`: onnxruntime's arena
+        keeps a few of them."""
         graph = proto.graph
         self = cls.none(proto, data, batch_size)
         macs_before = np.concatenate([[0.0], np.cumsum(np.asarray(node_macs, dtype=np.float64))]).tolist()
@@ -269,7 +273,13 @@ class Checkpoints:
         candidates = sorted({p for p, _ in starts.values() if p > 0})
         live = {p: live_values(graph, p) for p in candidates}
         outputs = [o.name for o in graph.output]
-        first = _FirstSample.of(proto, data, {n for p in candidates for n in live[p] if n not in inputs} | set(outputs))
+        needed = {n for p in candidates for n in live[p] if n not in inputs} | set(outputs)
+        typed = gort.known_elem_types(graph)
+        values = {o for node in graph.node for o in node.output if o in typed}
+        first = _FirstSample.of(proto, data, needed | values)   # one run: the sizes of both questions
+        self.batch = batch_for_bytes(proto, data, batch_size, lambda: max(
+            (int(a.nbytes) for n, a in first.values.items() if n in values), default=0), ACTIVATION_BYTES)
+        first.values = {n: a for n, a in first.values.items() if n in needed}
         per_sample = {n: int(a.nbytes) for n, a in first.values.items()}
         self.types = _types({n: a for n, a in first.values.items() if n not in outputs})
         samples = data.n_samples
@@ -280,7 +290,7 @@ class Checkpoints:
         # A cut costs two sessions of its suffix (the check here, the caller's measuring one): about
         # SESSION_MACS_PER_BYTE per byte of the suffix's weights, taken here as the model's weights times
         # the suffix's share of the MACs. Below that saving a cut is slower than running from an earlier one
-        # (BERT-base's table bought 59 cuts, one before every layer, and spent two minutes building sessions).
+        # (BERT-base's table bought 59 cuts, one before nearly every layer, each with its two sessions).
         weight_bytes = float(sum(_tensor_bytes(t) for t in graph.initializer))
         total = max(macs_before[-1], 1.0)
 
@@ -322,7 +332,7 @@ class Checkpoints:
     def _check(self, proto: onnx.ModelProto, cut: int, first: _FirstSample, threads: int | None) -> str | None:
         """Why the unchanged model's suffix from ``cut`` is not the full model on the first sample, or
         ``None``. One sample: a suffix wired wrong differs on any, and a batch of a large model through
-        every cut's suffix cost a BERT-base run a minute."""
+        every cut's suffix is a large model's whole run again."""
         suffix, inputs = suffix_model(proto, self.prefix[cut], types=self.types)
         if not set(inputs) <= set(self.live[cut]):
             return f"the suffix reads values the cut does not hold: {sorted(set(inputs) - set(self.live[cut]))[:3]}"
@@ -340,6 +350,23 @@ class Checkpoints:
     def suffix_inputs_ok(self, cut: int, inputs: Iterable[str]) -> bool:
         """Whether a suffix that reads ``inputs`` can be fed from ``cut`` (graph inputs come from the data)."""
         return cut in self.live and set(inputs) <= set(self.live[cut])
+
+    def session(self, proto: onnx.ModelProto, cut: int, *, overridable: Iterable[str] = (),
+                threads: int | None = None) -> tuple[Any, int]:
+        """A measuring session of ``proto`` (onnxruntime's graph optimizations on, quiet: a measurement, not
+        the verification) from ``cut``, with ``overridable`` initializers as inputs, and the cut it runs
+        from for :meth:`run`: ``cut``, or 0 (the whole model) when ``proto`` changed before the cut so that
+        its suffix reads values the cut does not hold. Only the session outlives the call: the suffix's
+        proto, a copy of most of the weights, goes as soon as onnxruntime has its own."""
+        overridable = list(overridable)
+        start = 0
+        if cut or overridable:
+            suffix, inputs = suffix_model(proto, self.prefix[cut] if cut else (), overridable=overridable,
+                                          types=self.types)
+            if not cut or self.suffix_inputs_ok(cut, inputs):
+                proto, start = suffix, cut
+            del suffix
+        return gort.session(proto, optimize=True, threads=threads, quiet=True), start
 
     def run(self, sess, cut: int, overrides: Mapping[str, np.ndarray] | None = None, *,
             limit: int | None = None) -> dict[str, np.ndarray]:

@@ -1067,10 +1067,11 @@ def _topology(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class _RunningDiff:
-    """The comparison of one intermediate tensor, accumulated over batches (see :func:`_compare_tensor`
-    for the rule): max |a − b|, the reference's finite range, its energy and the error's, and whether any
-    non-finite value or (exact types) any element differs. ``None`` from :meth:`check` when a batch had
-    another shape or type in the two models."""
+    """The comparison of one intermediate tensor, accumulated over batches: max |a − b|, the reference's
+    finite range, its energy and the error's, and whether any non-finite value or (exact types) any
+    element differs. The rule (:meth:`check`): a float tensor diverges on a non-finite mismatch or on
+    ``max|a − b| > max(abs_tol, rel · range(a))`` (with ``min_snr_db``: an SNR below it); an exact type
+    when any element differs; ``None`` when a batch had another shape or type in the two models."""
 
     def __init__(self) -> None:
         self.comparable = True
@@ -1113,16 +1114,6 @@ class _RunningDiff:
         else:
             diverged = self.bad or self.max_abs > max(abs_tol, rel * scale)
         return _Check(diverged, self.max_abs, self.max_abs / scale, self.shape)
-
-
-def _compare_tensor(a: np.ndarray, b: np.ndarray, rel: float, abs_tol: float,
-                    min_snr_db: float | None = None) -> _Check | None:
-    """Compare one intermediate tensor; ``None`` when it cannot be compared (other shape or type). Float
-    tensors diverge on a non-finite mismatch, or on ``max|a − b| > max(abs_tol, rel · range(a))`` (with
-    ``min_snr_db``: an SNR below it); exact types when any element differs."""
-    diff = _RunningDiff()
-    diff.add(a, b)
-    return diff.check(rel, abs_tol, min_snr_db)
 
 
 def _next_comparable(graph, node, name: str, checks: Mapping[str, _Check]) -> set[str]:

@@ -814,19 +814,16 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
 def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer], targets: list[list],
                  keys: list[int]) -> dict[int, lstsq.CrossGram]:
     """``X_cᵀ[X_c, Y]`` of layers reading one input: ``X_c`` from the frontier (one pass), ``Y`` the stored
-    target rows of each layer (the same rows of ``X_c`` as were sampled for the targets). Layers whose rows
-    were sampled alike (dense layers of one input share the sampling: :func:`rec.reference_targets` draws
-    the same positions for the same row count) are gathered as one ``[Y₁ Y₂ …]`` and split, so ``X_cᵀX_c``
-    is computed once."""
-    grams: dict[int, lstsq.CrossGram] = {}
+    target rows of each layer (the same rows of ``X_c`` as were sampled for the targets). Dense layers whose
+    targets kept the same rows (every row, when none had to be sampled: BERT's query/key/value) are gathered
+    as one ``[Y₁ Y₂ …]`` and split, so ``X_cᵀX_c`` is computed once."""
     x_name = layers[0].x.name
     batches = list(zip(*targets)) if targets else []
     same_rows = (all(layer.kind != "conv" for layer in layers)       # a conv's rows depend on its geometry
                  and all(all(_same_select(rows[0][0], r[0]) for r in rows) for rows in batches))
     # float32 products (CrossGram.fast): the refit's ridge and the rank truncation are far coarser than them
     joint = lstsq.CrossGram(bias=True, fast=True) if same_rows and len(keys) > 1 else None
-    for k in keys:
-        grams[k] = lstsq.CrossGram(bias=True, fast=True)
+    grams = {} if joint is not None else {k: lstsq.CrossGram(bias=True, fast=True) for k in keys}
     for b, batch in enumerate(frontier.batches(proto, [x_name])):
         x = batch[x_name]
         if joint is not None:
@@ -837,7 +834,7 @@ def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer]
             select, y_rows = rows[b]
             grams[k].update(layer.rows(x, select), y_rows)
     if joint is not None:
-        grams = dict(zip(keys, joint.split([layer.out_features for layer in layers])))
+        return dict(zip(keys, joint.split([layer.out_features for layer in layers])))
     return grams
 
 
@@ -1361,9 +1358,8 @@ def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[
                                   executor=InProcess(), context=table)
     table.held = None
     rest = [u for u in measured_units if u.key not in slots]
-    if rest:
-        ectx = EvalContext(table.ev.proto(), data, batch_size=64)
-        measured.update(budget.sensitivity(rest, _model_error, executor=InProcess(), context=(ectx, units)))
+    if rest:   # on a factorized copy, through the table's context (its reference is already there)
+        measured.update(budget.sensitivity(rest, _model_error, executor=InProcess(), context=(table.ev, units)))
     stats.update(table=table_stats, by_overrides=len(slots))
     if by_model:
         stats["by_model"] = by_model

@@ -134,7 +134,7 @@ from graphopt.measure import analysis as ana
 from graphopt.measure import latency as lat
 from graphopt.measure import ort as gort
 from graphopt.measure import segments
-from graphopt.measure.calibration import Calibrator, ChannelStats, activation_batch, reference_outputs
+from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
 from graphopt.measure.executor import EvalContext, in_worker, make_executor, relative_error
 from graphopt.measure.verify import Tolerance, verify
 
@@ -423,14 +423,7 @@ def level_outputs_by_removal(ctx: SensitivityContext, gid: int, k: int, *,
     # suffix is cut from it (on BERT-base each is 0.4-0.9 GB, and all of them held at once drove the peak).
     del model, analysis, by_name, plan
     checkpoints = _checkpoints(ctx)
-    cut = ctx.cuts.get(gid, 0)
-    start = 0
-    if cut:
-        suffix, inputs = segments.suffix_model(proto, checkpoints.prefix[cut], types=checkpoints.types)
-        if checkpoints.suffix_inputs_ok(cut, inputs):
-            proto, start = suffix, cut
-        del suffix
-    sess = gort.session(proto, optimize=True, threads=_threads(ctx), quiet=True)
+    sess, start = checkpoints.session(proto, ctx.cuts.get(gid, 0), threads=_threads(ctx))
     del proto
     return checkpoints.run(sess, start, limit=limit)
 
@@ -465,11 +458,9 @@ def level_outputs_by_overrides(ctx: SensitivityContext, gid: int, k: int, *,
     held = ctx.ev.cache.get("suffix session")
     if held is None or held[0] != gid:
         ctx.ev.cache.pop("suffix session", None)
-        drop = checkpoints.prefix[cut] if cut else ()
-        suffix, _ = segments.suffix_model(_overrides_proto(ctx), drop, overridable=spec.params,
-                                          types=checkpoints.types)
-        held = ctx.ev.cache["suffix session"] = (gid, gort.session(suffix, optimize=True, threads=_threads(ctx), quiet=True))
-    return checkpoints.run(held[1], cut, values, limit=limit)
+        held = ctx.ev.cache["suffix session"] = (
+            gid, *checkpoints.session(_overrides_proto(ctx), cut, overridable=spec.params, threads=_threads(ctx)))
+    return checkpoints.run(held[1], held[2], values, limit=limit)
 
 
 def _overrides_proto(ctx: SensitivityContext) -> onnx.ModelProto:
@@ -640,9 +631,16 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         refits[g.gid] = [(c.node, grams[c.node], consumer_blocks(layers[c.node], c))
                          for c in g.consumers if c.node in grams and c.node in layers and c.node not in producing]
     proto = to_proto(reference) if proto is None else proto
-    batch = activation_batch(proto, data, 256)
-    ev = EvalContext(proto, data, batch_size=batch)
-    context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads)
+    starts = group_starts(proto.graph, groups) if starts is None else starts
+    node_macs = segments.node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
+    checkpoints, cuts = segments.Checkpoints.build(
+        proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
+        batch_size=256)
+    ev = EvalContext(proto, data, batch_size=checkpoints.batch)
+    if checkpoints.reference is not None:
+        ev.set_reference(checkpoints.reference)
+    context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads,
+                                 cuts=cuts, checkpoints=checkpoints)
     readers = segments.readers(proto.graph)
     by_removal: dict[str, list[int]] = {}
     for g in groups:
@@ -651,13 +649,6 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
             by_removal.setdefault(spec, []).append(g.gid)
         else:
             context.overrides[g.gid] = spec
-    starts = group_starts(proto.graph, groups) if starts is None else starts
-    node_macs = segments.node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
-    context.checkpoints, context.cuts = segments.Checkpoints.build(
-        proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
-        batch_size=batch)
-    if context.checkpoints.reference is not None:
-        ev.set_reference(context.checkpoints.reference)
     checked = 0
     for gid, spec in list(context.overrides.items()):
         if not spec.checked:
