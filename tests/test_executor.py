@@ -131,6 +131,27 @@ def test_eval_context_matches_onnxruntime_and_caches_per_process():
         EvalContext(model, data, overridable=("nope",)).session()
 
 
+def test_eval_context_of_an_ir_model_holds_its_weights_by_reference():
+    """An IR model's large weights stay its arrays (the context's proto carries stubs); sessions, a
+    fresh IR and the pickled bytes (for a pool's workers) still see the whole model."""
+    from graphopt.core.onnx_io import from_proto, to_proto
+    proto, data = tiny_cnn(), tiny_data(20)
+    model = from_proto(proto)
+    model.graph.set_initializer_array(model.graph.initializers["w2"], model.graph.initializers["w2"].array * 2)
+    ctx = EvalContext(model, data, batch_size=8, overridable=("w2",))
+    assert set(ctx.weights) == {"w2"} and ctx.weights["w2"] is model.graph.initializers["w2"].array
+    assert ctx.proto().ByteSize() < 1024
+    full = to_proto(model)
+    np.testing.assert_allclose(ctx.run()["y"], run(full, {"x": data.inputs["x"]})[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ctx.initializer("w2"), model.graph.initializers["w2"].array)
+    fresh = ctx.fresh_model()
+    assert fresh.graph.initializers["w2"].array is ctx.weights["w2"]
+    assert ctx.model_bytes() == full.SerializeToString()
+    copy = pickle.loads(pickle.dumps(ctx))
+    assert copy.weights == {} and copy.model == full.SerializeToString()
+    np.testing.assert_allclose(copy.run({"w2": np.zeros((216, 5), np.float32)})["y"], 0.0)
+
+
 def test_relative_error():
     ref = {"a": np.array([3.0, 4.0])}
     assert relative_error(ref, {"a": np.array([3.0, 4.0])}) == 0.0

@@ -88,6 +88,74 @@ def test_initializers_in_raw_and_typed_layouts(tmp_path):
             np.testing.assert_array_equal(out, want)
 
 
+def test_large_plain_initializers_are_held_as_arrays_only_and_written_back_exactly(tmp_path):
+    """A loaded model keeps each large plain weight once, as a read-only array (not also as its proto);
+    the file is still written back byte for byte, a clone shares the arrays, and anything that is not
+    plain (a doc string, typed fields, small) keeps its proto."""
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "big")
+    big_i64 = numpy_helper.from_array(np.arange(1024, dtype=np.int64), "big_i64")
+    documented = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "documented")
+    documented.doc_string = "kept with its proto"
+    typed = helper.make_tensor("typed", TensorProto.FLOAT, [2048], rng.standard_normal(2048).tolist())
+    small = numpy_helper.from_array(np.ones(4, np.float32), "small")
+    tensors = [big, big_i64, documented, typed, small]
+    nodes = [helper.make_node("Identity", [t.name], [t.name + "_out"]) for t in tensors]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_value_info(t.name + "_out", onnx.TypeProto())
+                                               for t in tensors], initializer=tensors)
+    proto = make_model(graph)
+    src = tmp_path / "src.onnx"
+    src.write_bytes(proto.SerializeToString())
+    model = load(src)
+    held = {name for name, v in model.graph.initializers.items() if v.held_array is not None}
+    assert held == {"big", "big_i64"}
+    value = model.graph.initializers["big"]
+    assert value.dtype == TensorProto.FLOAT and value.shape == (64, 32) and not value.array.flags.writeable
+    np.testing.assert_array_equal(value.array, numpy_helper.to_array(big))
+    assert to_proto(model).SerializeToString() == proto.SerializeToString()
+    save(model, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()
+    copy = model.clone()
+    assert copy.graph.initializers["big"].array is value.array  # shared, not copied
+    assert to_proto(copy).SerializeToString() == proto.SerializeToString()
+    copy.graph.set_initializer_array(copy.graph.initializers["big"], np.zeros((64, 32), np.float32))
+    assert not copy.graph.initializers["big"].array.any()
+    np.testing.assert_array_equal(model.graph.initializers["big"].array, numpy_helper.to_array(big))
+    with pytest.raises(Exception, match="read-only"):
+        value.hold_decoded(np.zeros(3, np.float32))
+
+
+def test_sessions_take_held_weights_by_reference():
+    """An IR model's large held weights reach onnxruntime as external initializers over its arrays: the
+    proto handed around carries stubs only, the outputs are those of the full model, and a stub whose
+    array is not given is refused, never run with garbage."""
+    from graphopt.core.onnx_io import MEMORY_LOCATION, is_in_memory, shared_proto
+    from graphopt.measure import ort as gort
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")  # 256 bytes: stays inline
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], initializer=[w, b])
+    proto = make_model(graph)
+    model = from_proto(proto)
+    model.graph.set_initializer_array(model.graph.initializers["w"], numpy_helper.to_array(w) * 2)
+    light, weights = shared_proto(model)
+    assert set(weights) == {"w"} and weights["w"] is model.graph.initializers["w"].array
+    stubs = {t.name: t for t in light.graph.initializer}
+    assert is_in_memory(stubs["w"]) and not stubs["w"].raw_data and not is_in_memory(stubs["b"])
+    assert any(e.value == MEMORY_LOCATION for e in stubs["w"].external_data)
+    assert light.ByteSize() < 1024
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    want = x @ (numpy_helper.to_array(w) * 2) + numpy_helper.to_array(b)
+    for sess in (gort.session(model), gort.session(light, weights=weights),
+                 gort.session(gort.with_outputs(light, ["h"]), weights=weights, optimize=True)):
+        np.testing.assert_allclose(gort.run(sess, {"x": x}, ["y"])["y"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not given"):
+        gort.session(light)
+
+
 def test_constant_node_weights(tmp_path):
     w = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(2, 4))
     const = helper.make_node("Constant", [], ["w"], value=w, name="w_const")

@@ -16,7 +16,7 @@ from onnx import helper
 
 from graphopt.app.api import optimize
 from graphopt.compress import channels
-from graphopt.core.onnx_io import from_proto, load
+from graphopt.core.onnx_io import from_proto, load, to_proto
 from graphopt.measure import segments
 from graphopt.measure.calibration import SampleData, load_data
 from graphopt.measure.executor import relative_error
@@ -101,7 +101,7 @@ def _zoo(name: str, lossless: bool):
 def test_checkpoints_hold_the_unchanged_activations_and_refuse_a_wrong_cut():
     model, data = _zoo("resnet", lossless=True)
     groups = channels.analyze(model, None).prunable()
-    proto = prune.to_proto(model)
+    proto = to_proto(model)
     starts = prune.group_starts(proto.graph, groups)
     sdata = data.head(24)
     cp, cuts = segments.Checkpoints.build(proto, sdata, {g: (p, 3) for g, p in starts.items()},

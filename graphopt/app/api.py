@@ -73,7 +73,7 @@ class OptimizeResult:
 def load_model(model: ModelLike) -> tuple[Model, ModelLike]:
     """The IR of ``model`` and a reference that stays unchanged while passes mutate the IR."""
     if isinstance(model, Model):
-        return model, onnx_io.to_proto(model)
+        return model, model.clone()   # its weight arrays shared, not copied: the passes replace, never write them
     if isinstance(model, onnx.ModelProto):
         return onnx_io.from_proto(model), model
     if isinstance(model, (str, os.PathLike)):
@@ -124,7 +124,7 @@ def _file_bytes(source: ModelLike) -> int | None:
     if isinstance(source, Path):
         data = source.with_name(source.name + ".data")
         return source.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    if isinstance(source, onnx.ModelProto):
+    if isinstance(source, (onnx.ModelProto, Model)):
         return onnx_io.serialized_size(source)
     return None
 
@@ -216,17 +216,17 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
                       input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
     _, records = run_pipeline(pipeline, ir, ctx)
-    proto = onnx_io.to_proto(ir)
-    after = _cost(ir, shapes, onnx_io.serialized_size(proto))
+    after = _cost(ir, shapes, onnx_io.serialized_size(ir))
 
     mode = "equivalence" if pipeline.lossless else "accuracy"
     if run_verify:
         ctx_progress("verifying with onnxruntime")
-    verify_dict, passed = _verdict(reference, proto, check, mode, tolerance, max_drop, run_verify,
+    # The IR itself is verified: its sessions take its weights by reference (no copy of the model).
+    verify_dict, passed = _verdict(reference, ir, check, mode, tolerance, max_drop, run_verify,
                                    held_out=verify_data is not None)
     if run_verify and probe.alternate is not None:
         ctx_progress("verifying at a second input shape")
-        passed = _verify_alternate(reference, proto, ir, probe, mode, tolerance, seed, verify_dict) and passed
+        passed = _verify_alternate(reference, ir, ir, probe, mode, tolerance, seed, verify_dict) and passed
 
     target = target_outcome(target_macs, target_params, before, after, records)
     report: dict[str, Any] = {
@@ -254,7 +254,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         report["output"] = str(output_path)
         report["after"]["file_bytes"] = _file_bytes(output_path)
     report["seconds"] = round(time.perf_counter() - started, 3)
-    return OptimizeResult(proto, report, passed, ir, target is None or target["met"])
+    return OptimizeResult(onnx_io.to_proto(ir), report, passed, ir, target is None or target["met"])
 
 
 def with_quantize(pipeline: Pass, option_pairs: list[str], quantize: str | None) -> tuple[Pass, list[str]]:
@@ -290,7 +290,7 @@ def _analysis_shapes(given: Mapping[str, Sequence[int]] | None,
 ALTERNATE_SAMPLES = 8
 
 
-def _verify_alternate(reference: ModelLike, proto: onnx.ModelProto, ir: Model, probe: probes.Probe, mode: str,
+def _verify_alternate(reference: ModelLike, proto: ModelLike, ir: Model, probe: probes.Probe, mode: str,
                       tolerance: Tolerance | None, seed: int, verify_dict: dict[str, Any]) -> bool:
     """:func:`second_shape_problems`, recorded in the report's verification entry; True when there are none."""
     problems = second_shape_problems(reference, proto, ir, probe, mode=mode, tolerance=tolerance, seed=seed)
@@ -375,7 +375,7 @@ def _check_budgets(target_macs: float | None, target_params: float | None, max_d
         raise OptionError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
 
 
-def _verdict(reference: onnx.ModelProto, proto: onnx.ModelProto, check: Any, mode: str,
+def _verdict(reference: ModelLike, proto: ModelLike, check: Any, mode: str,
              tolerance: Tolerance | None, max_drop: float | None, run_verify: bool,
              held_out: bool) -> tuple[dict[str, Any], bool]:
     """The verification's report entry and whether it passed (a skipped verification passes, and says so)."""

@@ -185,13 +185,15 @@ def measure_by_override(table: OverrideTable, item: tuple[Any, int]) -> float:
 
 def build_table(proto: onnx.ModelProto, data: Any, slots: Mapping[Any, WeightSlots], plan, starts: Mapping[Any, int],
                 evaluations: Mapping[Any, int], node_macs: Sequence[float], *, batch_size: int = 64,
-                threads: int | None = None) -> tuple[OverrideTable, dict[str, Any]]:
+                threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None,
+                ) -> tuple[OverrideTable, dict[str, Any]]:
     """The :class:`OverrideTable` of the units in ``slots`` (``starts[key]``: the position of the unit's
-    node in ``proto.graph.node``) and its stats (cuts, cached MB)."""
+    node in ``proto.graph.node``) and its stats (cuts, cached MB). ``weights``: the arrays of ``proto``'s
+    by-reference stubs (:func:`graphopt.measure.ort.structure`)."""
     checkpoints, cuts = segments.Checkpoints.build(
         proto, data, {k: (starts[k], int(evaluations.get(k, 1))) for k in slots}, node_macs,
-        batch_size=batch_size, threads=threads)
-    ev = EvalContext(proto, data, batch_size=checkpoints.batch, threads=threads)
+        batch_size=batch_size, threads=threads, weights=weights)
+    ev = EvalContext(proto, data, batch_size=checkpoints.batch, threads=threads, weights=dict(weights or {}))
     table = OverrideTable(ev, dict(slots), plan, cuts, checkpoints, threads=threads)
     if table.checkpoints.reference is not None:
         ev.set_reference(table.checkpoints.reference)

@@ -55,7 +55,7 @@ from graphopt.measure.blas import for_work
 from graphopt.compress.lstsq import CrossGram, LinearLayer
 from graphopt.core import scratch
 from graphopt.core.ir import Model, Node
-from graphopt.core.onnx_io import to_proto
+from graphopt.measure import ort as gort
 from graphopt.measure.calibration import Calibrator, SampleData, batch_within, feed_batch_size
 from graphopt.measure.segments import Frontier
 
@@ -362,13 +362,13 @@ def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dic
         kept_rows: list[np.ndarray] | None = [] if act is not None else None
         rows = store.pop(t.node)
         # Every node before the first layer still to fit is final: the frontier's cut moves up to it.
-        proto = to_proto(model)
+        proto, weights = gort.structure(model)   # the weights by reference: no copy of the model per layer
         position = {n.name: i for i, n in enumerate(proto.graph.node)}
-        frontier.advance(proto, min(position[name] for name in pending if name in position))
+        frontier.advance(proto, min(position[name] for name in pending if name in position), weights)
         pending.remove(t.node)
         folds = _layer_gram_pass(model, rows, layer, data, batch_size, kept_rows,
-                                 batches=frontier.batches(proto, [layer.x.name]))
-        del proto
+                                 batches=frontier.batches(proto, [layer.x.name], weights))
+        del proto, weights
         w0 = layer.weight_matrix().astype(np.float64)
         b0 = layer.bias_vector().astype(np.float64)
         full = folds[0].merge(folds[1])

@@ -26,7 +26,7 @@ the kernel columns, for the spatial ``k×1 → 1×k`` scheme). Streaming input m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

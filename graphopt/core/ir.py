@@ -136,6 +136,8 @@ class Value:
         """ONNX element type (``onnx.TensorProto.FLOAT`` ...) of a tensor value, else ``None``."""
         if self.const is not None:
             return self.const.data_type
+        if self._array is not None:
+            return helper.np_dtype_to_tensor_dtype(self._array.dtype)
         if self.type is not None and self.type.HasField("tensor_type"):
             return self.type.tensor_type.elem_type or None
         return None
@@ -174,6 +176,26 @@ class Value:
             arr.flags.writeable = False
             self._array = arr
         return self._array
+
+    def hold_decoded(self, array: np.ndarray) -> None:
+        """Hold an untouched initializer as its decoded, read-only ``array`` alone, without a TensorProto.
+
+        For a *plain* tensor (name, dims, type and ``raw_data``, nothing else) this loses nothing:
+        :meth:`tensor_proto` writes ``numpy_helper.from_array(array, name)``, the same bytes. A large
+        model would otherwise hold every weight twice, as the loaded proto and as the array the passes
+        read. ``array`` is not copied, so a clone can share it (it is read-only; :meth:`set_array`
+        replaces, never writes into, it). The type stays what the graph declared.
+        """
+        if array.flags.writeable:
+            raise IRError(f"value {self.name!r}: a held array must be read-only")
+        self._array = array
+        self.const = None
+        self.sparse_const = None
+
+    @property
+    def held_array(self) -> np.ndarray | None:
+        """The array when it is the initializer's only payload (no stored proto), else ``None``."""
+        return self._array if self.const is None and self.sparse_const is None else None
 
     def set_array(self, array: np.ndarray) -> None:
         """Replace the stored tensor. Only :class:`Graph` calls this (it checks for sharing)."""
@@ -842,13 +864,11 @@ class Model:
         return None
 
     def clone(self) -> Model:
-        """An independent deep copy, through the exact proto round trip: for trial rewrites and for
-        keeping a reference while the model changes."""
-        from graphopt.core.onnx_io import from_proto, to_proto  # onnx_io builds on this module
+        """An independent copy, through the exact proto round trip: for trial rewrites and for keeping a
+        reference while the model changes. Held (read-only) weight arrays are shared, not copied."""
+        from graphopt.core.onnx_io import clone_model  # onnx_io builds on this module
 
-        copy = from_proto(to_proto(self))
-        copy.uses_external_data = self.uses_external_data
-        return copy
+        return clone_model(self)
 
     def graphs(self) -> Iterator[Graph]:
         """The main graph, all its subgraphs, then each function body and its subgraphs."""

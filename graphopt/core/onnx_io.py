@@ -18,6 +18,7 @@ tensor beyond the IR, not for a second copy of the model.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import BinaryIO
 import google.protobuf.message
 import numpy as np
 import onnx
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from graphopt.core.errors import GraphoptError, ModelLoadError
 from graphopt.core.ir import Function, Graph, Model, Namer, Node, Value
@@ -64,7 +65,10 @@ def load(path: str | os.PathLike) -> Model:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except (OSError, ValueError, onnx.checker.ValidationError) as exc:
             raise ModelLoadError(f"{path}: external data missing or unreadable ({_first_line(exc)})") from None
-    model = from_proto(proto, source=str(path))
+    weights = _detach_weights(proto)
+    if weights:
+        proto = _reparsed(proto)  # a new protobuf arena: the parsed weights are freed with the old one
+    model = from_proto(proto, source=str(path), weights=weights)
     model.uses_external_data = has_external
     return model
 
@@ -72,6 +76,51 @@ def load(path: str | os.PathLike) -> Model:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+_PLAIN_TENSOR_FIELDS = frozenset({"name", "dims", "data_type", "raw_data"})
+_DETACHABLE_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT8,
+    onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64})
+_DETACH_MIN_BYTES = 4096  # smaller tensors cost nothing to keep twice, and keep their proto
+
+
+def _detach_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Decode the main graph's large *plain* initializers into read-only arrays and clear their data
+    from ``proto``: ``{name: array}``.
+
+    Plain means name, dims, a fixed-width numeric type and ``raw_data`` only (what exporters write), so
+    ``numpy_helper.from_array(array, name)`` gives back the same bytes and the round trip stays exact.
+    Anything else (typed-field storage, doc strings, subgraph and function tensors, big-endian hosts)
+    keeps its proto.
+    """
+    if sys.byteorder != "little":
+        return {}
+    weights: dict[str, np.ndarray] = {}
+    names = [tp.name for tp in proto.graph.initializer]
+    if len(set(names)) != len(names):
+        return {}  # a corrupt model; from_proto reports it with the proto as it was
+    for tp in proto.graph.initializer:
+        if tp.data_type not in _DETACHABLE_TYPES or not tp.HasField("raw_data"):
+            continue
+        if {field.name for field, _ in tp.ListFields()} - _PLAIN_TENSOR_FIELDS:
+            continue
+        array = numpy_helper.to_array(tp)
+        if array.nbytes < _DETACH_MIN_BYTES:
+            continue
+        array.flags.writeable = False
+        weights[tp.name] = array
+        tp.ClearField("raw_data")
+    return weights
+
+
+def _reparsed(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` in its own protobuf arena. upb frees a parsed message's memory only when
+    nothing refers into it any more, and the IR keeps references to nodes and attributes."""
+    fresh = onnx.ModelProto()
+    fresh.ParseFromString(proto.SerializeToString())
+    return fresh
 
 
 def _check_looks_like_model(proto: onnx.ModelProto, path: Path) -> None:
@@ -110,11 +159,14 @@ def _all_tensors(proto: onnx.ModelProto):
         yield from of_nodes(fn.node)
 
 
-def from_proto(proto: onnx.ModelProto, source: str = "<model>") -> Model:
+def from_proto(proto: onnx.ModelProto, source: str = "<model>", *,
+               weights: Mapping[str, np.ndarray] | None = None) -> Model:
     """Convert a ModelProto into the IR.
 
     The IR keeps references to the proto's tensors and attributes rather than copying them (a large
-    model would otherwise sit in memory twice); do not mutate ``proto`` afterwards.
+    model would otherwise sit in memory twice); do not mutate ``proto`` afterwards. ``weights`` gives
+    read-only arrays for main-graph initializers whose data ``proto`` does not hold (see
+    :meth:`~graphopt.core.ir.Value.hold_decoded`); they are held, not copied.
 
     Raises
     ------
@@ -126,7 +178,7 @@ def from_proto(proto: onnx.ModelProto, source: str = "<model>") -> Model:
         extras = onnx.ModelProto()
         _copy_fields(proto, extras, skip={"graph", "functions"})
         domains = _imported_domains(proto.opset_import)
-        graph = _Builder(source, Namer(), domains).graph(proto.graph, parent=None, outer={})
+        graph = _Builder(source, Namer(), domains, weights or {}).graph(proto.graph, parent=None, outer={})
         functions = [_function_from_proto(fp, source, domains) for fp in proto.functions]
     except UnicodeDecodeError as exc:
         # protobuf hands out bytes for a string field that is not UTF-8; copying it raises this.
@@ -177,10 +229,12 @@ def _function_from_proto(fp: onnx.FunctionProto, source: str, model_domains: fro
 class _Builder:
     """Builds IR graphs from GraphProtos, resolving names through the enclosing scopes."""
 
-    def __init__(self, source: str, namer: Namer, domains: frozenset[str]) -> None:
+    def __init__(self, source: str, namer: Namer, domains: frozenset[str],
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
         self.source = source
         self.namer = namer
         self.domains = domains  # opset_import domains: a node of any other domain means a corrupt model
+        self.weights = dict(weights or {})  # main-graph initializers held as arrays (taken once)
 
     def error(self, message: str) -> ModelLoadError:
         return ModelLoadError(f"{self.source}: {message}")
@@ -241,7 +295,11 @@ class _Builder:
         for tp in gp.initializer:
             # An initializer named like a graph input is that input's default value (IR < 4 style).
             value = inputs.get(tp.name) or self.define(local, outer, tp.name, "initializer")
-            value.const = tp
+            held = self.weights.pop(tp.name, None) if graph.parent is None else None
+            if held is not None:
+                value.hold_decoded(held)
+            else:
+                value.const = tp
             graph.initializers[tp.name] = value
             graph.nx.add_node(value)
         for sp in gp.sparse_initializer:
@@ -375,6 +433,76 @@ def _model_to_proto(model: Model, weights: bool = True, main_initializers: bool 
     for fn in model.functions:
         _function_to_proto(fn, proto.functions.add())
     return proto
+
+
+MEMORY_LOCATION = "graphopt-in-memory"  # the external-data location of a weight passed by reference
+
+
+def shared_proto(model: Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` as a ModelProto whose large held weights are passed by reference, and those weights.
+
+    Each main-graph initializer held as a C-ordered array of a fixed-width type (see
+    :meth:`~graphopt.core.ir.Value.hold_decoded`) of 4 KiB or more is written as an external-data
+    stub at :data:`MEMORY_LOCATION` (dims and type, no data) and returned in ``{name: array}``, the
+    arrays themselves (read-only, not copied). onnxruntime takes them as external initializers
+    (:func:`graphopt.measure.ort.session`), and :func:`from_proto` as held arrays: a session or a
+    clone of a large model then costs no serialized copy of its weights. Not a model to save.
+    """
+    proto = _model_to_proto(model, main_initializers=False)
+    weights: dict[str, np.ndarray] = {}
+    for value in model.graph.initializers.values():
+        held = value.held_array
+        if held is None or held.nbytes < _DETACH_MIN_BYTES or not held.flags.c_contiguous \
+                or onnx.helper.np_dtype_to_tensor_dtype(held.dtype) not in _DETACHABLE_TYPES:
+            proto.graph.initializer.append(value.tensor_proto())
+            continue
+        tp = proto.graph.initializer.add(name=value.name, dims=held.shape,
+                                         data_type=onnx.helper.np_dtype_to_tensor_dtype(held.dtype))
+        tp.data_location = onnx.TensorProto.EXTERNAL
+        for key, entry in (("location", MEMORY_LOCATION), ("length", str(held.nbytes))):
+            tp.external_data.add(key=key, value=entry)
+        weights[value.name] = held
+    return proto, weights
+
+
+def by_reference(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A whole ModelProto (the caller's to give up: it is emptied) in :func:`shared_proto`'s form: its
+    large plain main-graph weights decoded once into read-only arrays, stubs in a new small proto."""
+    weights = _detach_weights(proto)
+    for tp in proto.graph.initializer:
+        if tp.name in weights:
+            tp.data_location = onnx.TensorProto.EXTERNAL
+            for key, entry in (("location", MEMORY_LOCATION), ("length", str(weights[tp.name].nbytes))):
+                tp.external_data.add(key=key, value=entry)
+    return (_reparsed(proto) if weights else proto), weights
+
+
+def is_in_memory(tp: onnx.TensorProto) -> bool:
+    """Whether ``tp`` is a stub of :func:`shared_proto`, whose data is passed by reference."""
+    return tp.data_location == onnx.TensorProto.EXTERNAL and any(
+        entry.key == "location" and entry.value == MEMORY_LOCATION for entry in tp.external_data)
+
+
+def inline_weights(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of a :func:`shared_proto` proto with its by-reference ``weights`` written in: a model that
+    stands alone (to serialize for another process)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for tp in out.graph.initializer:
+        if is_in_memory(tp):
+            tp.ClearField("data_location")
+            del tp.external_data[:]
+            tp.raw_data = np.ascontiguousarray(weights[tp.name]).tobytes()
+    return out
+
+
+def clone_model(model: Model) -> Model:
+    """An independent copy of ``model`` through the exact proto round trip, sharing its held
+    (read-only) weight arrays instead of serializing and decoding them again."""
+    proto, weights = shared_proto(model)
+    copy = from_proto(proto, weights=weights)
+    copy.uses_external_data = model.uses_external_data
+    return copy
 
 
 def _value_info(value: Value, with_type: bool = True) -> onnx.ValueInfoProto:

@@ -77,7 +77,6 @@ from onnx import helper
 from graphopt.measure.blas import for_work
 from graphopt.core.errors import DataError
 from graphopt.core.ir import Model, dims_of
-from graphopt.core.onnx_io import to_proto
 from graphopt.measure import ort as gort
 
 LABELS = "labels"
@@ -327,10 +326,11 @@ ACTIVATION_BYTES = 64 * 2**20
 def first_sample(model: Model | onnx.ModelProto, names: Iterable[str], data: SampleData) -> dict[str, np.ndarray]:
     """The named main-graph values of ``model`` on the first sample of ``data`` (one run): what sizes and
     types of intermediate tensors are, without running every sample."""
-    proto = gort.with_outputs(gort.as_proto(model), sorted(set(names)))
+    proto, weights = gort.structure(model)
+    proto = gort.with_outputs(proto, sorted(set(names)), inplace=isinstance(model, Model))
     one = check_data(proto, data.head(1))
     feed = next(iter(one.batches(1)))
-    return gort.run(gort.session(proto), feed, sorted(set(names)), what="one sample")
+    return gort.run(gort.session(proto, weights=weights), feed, sorted(set(names)), what="one sample")
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -1071,9 +1071,10 @@ class Calibrator:
             return
         data = check_data(self.model, self.data)
         batch = feed_batch_size(self.model, self.batch_size, data)
-        proto = gort.with_outputs(to_proto(self.model), names, inplace=True)
-        sess = gort.session(proto, threads=self.threads)
-        del proto  # the session holds its own copy of the weights
+        proto, weights = gort.structure(self.model)   # an IR model's weights by reference, not copied
+        proto = gort.with_outputs(proto, names, inplace=isinstance(self.model, Model))  # a given proto: copied
+        sess = gort.session(proto, threads=self.threads, weights=weights)
+        del proto, weights
         for feeds in data.batches(batch):
             yield gort.run(sess, feeds, names, what="calibration")
 
@@ -1097,9 +1098,9 @@ def reference_outputs(model: gort.ModelLike, data: SampleData, *, batch_size: in
 
     Convenience for small data sets and tests: unlike :class:`Calibrator` it holds every output.
     """
-    proto = gort.as_proto(model)
+    proto, weights = gort.structure(model)
     data = check_data(proto, data)
-    sess = gort.session(proto, threads=threads)
+    sess = gort.session(proto, threads=threads, weights=weights)
     chunks: dict[str, list[np.ndarray]] = {}
     for feeds in data.batches(feed_batch_size(proto, batch_size, data)):
         for name, array in gort.run(sess, feeds, what=gort.describe(model)).items():

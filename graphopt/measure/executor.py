@@ -57,6 +57,10 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+
+from graphopt.core.ir import Model
+from graphopt.core.onnx_io import inline_weights
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -359,8 +363,10 @@ class EvalContext:
 
     Parameters
     ----------
-    model : the serialized ``ModelProto`` (``proto.SerializeToString()``), or the ``ModelProto`` itself,
-        kept parsed (not copied: do not change it afterwards) and serialized only when pickled.
+    model : the serialized ``ModelProto`` (``proto.SerializeToString()``), the ``ModelProto`` itself,
+        kept parsed (not copied: do not change it afterwards) and serialized only when pickled, or an IR
+        model, whose large weights are then held by reference (:func:`graphopt.measure.ort.structure`:
+        its arrays, not a copy; :attr:`weights`) and written into the bytes only when pickled.
     data : the sample inputs (``graphopt.measure.calibration.SampleData``).
     batch_size : samples per onnxruntime run (a model with a static batch dim is fed at that size).
     overridable : initializer names made overridable: they become graph inputs (with their value as the
@@ -383,9 +389,13 @@ class EvalContext:
     outputs: tuple[str, ...] | None = None
     threads: int | None = None
     cache: dict = field(default_factory=dict, repr=False)
+    weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._memo: dict[str, Any] = {}
+        if isinstance(self.model, Model):
+            from graphopt.measure import ort as gort
+            self.model, self.weights = gort.structure(self.model)
         if isinstance(self.model, onnx.ModelProto):
             # Kept parsed; serialized only when pickled for a pool: a large model held as both bytes and a
             # parsed proto doubled its share of an in-process run's memory.
@@ -398,6 +408,7 @@ class EvalContext:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["model"] = self.model_bytes()
+        state["weights"] = {}
         state["_memo"] = {}
         state["cache"] = {}
         return state
@@ -405,8 +416,12 @@ class EvalContext:
     # -- the model ----------------------------------------------------------------------------
 
     def model_bytes(self) -> bytes:
-        """The serialized model."""
-        return self.model if self.model is not None else self._memo["proto"].SerializeToString()
+        """The serialized model (its by-reference weights written in)."""
+        if self.model is not None:
+            return self.model
+        if not self.weights:
+            return self._memo["proto"].SerializeToString()
+        return inline_weights(self._memo["proto"], self.weights).SerializeToString()
 
     def proto(self) -> onnx.ModelProto:
         """The model, parsed once per process. Shared: do not mutate it (see :meth:`fresh_proto`)."""
@@ -414,8 +429,20 @@ class EvalContext:
             self._memo["proto"] = self.fresh_proto()
         return self._memo["proto"]
 
+    def fresh_model(self) -> Model:
+        """A new IR of the model, the caller's to change (by-reference weights shared, read-only)."""
+        from graphopt.core.onnx_io import from_proto
+        return from_proto(self.fresh_proto(), weights=self.weights)
+
+    def initializer(self, name: str) -> np.ndarray:
+        """A main-graph initializer of the model as an array."""
+        if name in self.weights:
+            return self.weights[name]
+        return numpy_helper.to_array(next(t for t in self.proto().graph.initializer if t.name == name))
+
     def fresh_proto(self) -> onnx.ModelProto:
-        """A new copy of the model, the caller's to mutate."""
+        """A new copy of the model, the caller's to mutate (by-reference stubs stay stubs: sessions of it
+        need :attr:`weights`)."""
         proto = onnx.ModelProto()
         if self.model is None:
             proto.CopyFrom(self._memo["proto"])
@@ -431,7 +458,8 @@ class EvalContext:
         built once per process."""
         if "session" not in self._memo:
             from graphopt.measure import ort as gort
-            self._memo["session"] = gort.session(self._overridable_proto(), threads=self._threads())
+            self._memo["session"] = gort.session(self._overridable_proto(), threads=self._threads(),
+                                                 weights=self.weights)
         return self._memo["session"]
 
     def _threads(self) -> int | None:

@@ -39,9 +39,10 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
-from graphopt.core.onnx_io import fits_protobuf, save, to_proto
+from graphopt.core.onnx_io import by_reference, fits_protobuf, is_in_memory, save, shared_proto, to_proto
 
 ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
+Structure = tuple[onnx.ModelProto, dict[str, np.ndarray]]   # what structure() returns
 
 # onnxruntime's pybind errors derive from Exception directly; list them so that a bug of ours
 # (a TypeError, an IRError) is never disguised as "onnxruntime rejects the model".
@@ -126,15 +127,36 @@ def session_options(*, optimize: bool = False, threads: int | None = None, quiet
     return opts
 
 
+def structure(model: ModelLike | Structure) -> Structure:
+    """``model`` as a ModelProto and the weights it passes by reference. An IR model's large weights stay
+    its arrays (:func:`graphopt.core.onnx_io.shared_proto`); a file's or bytes' embedded weights are
+    decoded once into arrays (:func:`graphopt.core.onnx_io.by_reference`; weights in external data
+    files stay there, and onnxruntime cannot then take the proto alone: use the path); a ModelProto is
+    returned as is (the caller's), with no such weights; a pair this function returned is returned as
+    is. Give both to :func:`session` (also after :func:`with_outputs`)."""
+    if isinstance(model, tuple):
+        return model
+    if isinstance(model, Model):
+        return shared_proto(model)
+    if isinstance(model, onnx.ModelProto):
+        return model, {}
+    return by_reference(as_proto(model))
+
+
 def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None,
-            quiet: bool = False) -> ort.InferenceSession:
+            quiet: bool = False, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` (an IR Model, a ModelProto, serialized bytes or a path).
+
+    An IR model's large weights go to onnxruntime by reference, as external initializers over its
+    arrays (:func:`structure`): no serialized copy of them is made (onnxruntime still copies them
+    into its own tensors). A ModelProto from :func:`structure` needs its ``weights``.
 
     Parameters
     ----------
     optimize : run onnxruntime's graph optimizations (``ORT_ENABLE_ALL``); off by default.
     threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
     quiet : no onnxruntime error log on stderr (failures still raise).
+    weights : the arrays of a ModelProto's by-reference stubs (``{name: array}``).
 
     Raises
     ------
@@ -149,7 +171,14 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
         return _new_session(str(model), opts, where)  # ORT resolves external data relative to the file
     if isinstance(model, bytes):
         return _new_session(model, opts, where)
+    if isinstance(model, Model):
+        model, weights = shared_proto(model)
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    values = _external_initializers(proto, weights or {}, opts)
+    if values:
+        sess = _new_session(proto.SerializeToString(), opts, where)
+        sess._graphopt_weights = values  # onnxruntime asks that they outlive the session
+        return sess
     if fits_protobuf(proto):
         return _new_session(proto.SerializeToString(), opts, where)
     # Over protobuf's 2 GiB limit onnxruntime takes a model only from a path, with external data. The
@@ -158,6 +187,19 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
         path = folder / "model.onnx"
         save(proto, path, external_data=True)
         return _new_session(str(path), opts, where)
+
+
+def _external_initializers(proto: onnx.ModelProto, weights: Mapping[str, np.ndarray],
+                           opts: ort.SessionOptions) -> list[ort.OrtValue]:
+    """Hand ``proto``'s by-reference weights to ``opts`` as external initializers (zero-copy OrtValues)."""
+    names = [tp.name for tp in proto.graph.initializer if is_in_memory(tp)]
+    missing = [name for name in names if name not in weights]
+    if missing:
+        raise ValueError(f"weights passed by reference but not given: {missing[:3]}")
+    values = [ort.OrtValue.ortvalue_from_numpy(weights[name]) for name in names]
+    if names:
+        opts.add_external_initializers(names, values)
+    return values
 
 
 def _new_session(source: str | bytes, opts: ort.SessionOptions, where: str) -> ort.InferenceSession:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.onnx_io import is_in_memory
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import (ACTIVATION_BYTES, SampleData, batch_for_bytes, check_data,
                                          feed_batch_size, sample_rows)
@@ -255,19 +256,22 @@ class Checkpoints:
     types: dict[str, tuple[int, int]] = field(default_factory=dict)     # live value -> (ONNX type, rank)
     dropped: dict[int, str] = field(default_factory=dict)               # cut -> why it was not kept
     reference: dict[str, np.ndarray] | None = None   # the unchanged model's outputs (when cuts were cached)
+    weights: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False)  # by-reference weights
 
     @classmethod
     def build(cls, proto: onnx.ModelProto, data: SampleData, starts: Mapping[Any, tuple[int, int]],
               node_macs: Sequence[float], *, batch_size: int = 64, budget: int = CHECKPOINT_BYTES,
-              threads: int | None = None) -> tuple[Checkpoints, dict[Any, int]]:
+              threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None,
+              ) -> tuple[Checkpoints, dict[Any, int]]:
         """Choose the cuts for ``starts`` (see :func:`choose_cuts`; ``node_macs`` per node of ``proto``'s
         main graph, in order), cache their live values over ``data`` and check each; returns the cache
         and each key's cut (0 for a key no kept cut serves). The batch (:attr:`batch`, for every run of a
         measuring session too) is ``batch_size``, or fewer samples when the model's largest value on the
         first sample times the batch would pass :data:`calibration.ACTIVATION_BYTES`: onnxruntime's arena
-        keeps a few of them."""
+        keeps a few of them. ``weights`` are the arrays of ``proto``'s by-reference stubs
+        (:func:`graphopt.measure.ort.structure`); every session made here and by :meth:`session` gets them."""
         graph = proto.graph
-        self = cls.none(proto, data, batch_size)
+        self = cls.none(proto, data, batch_size, weights=weights)
         macs_before = np.concatenate([[0.0], np.cumsum(np.asarray(node_macs, dtype=np.float64))]).tolist()
         inputs = {vi.name for vi in graph.input}
         candidates = sorted({p for p, _ in starts.values() if p > 0})
@@ -276,7 +280,7 @@ class Checkpoints:
         needed = {n for p in candidates for n in live[p] if n not in inputs} | set(outputs)
         typed = gort.known_elem_types(graph)
         values = {o for node in graph.node for o in node.output if o in typed}
-        first = _FirstSample.of(proto, data, needed | values)   # one run: the sizes of both questions
+        first = _FirstSample.of(proto, data, needed | values, self.weights)   # one run: the sizes of both questions
         self.batch = batch_for_bytes(proto, data, batch_size, lambda: max(
             (int(a.nbytes) for n, a in first.values.items() if n in values), default=0), ACTIVATION_BYTES)
         first.values = {n: a for n, a in first.values.items() if n in needed}
@@ -303,7 +307,7 @@ class Checkpoints:
         if not cuts:
             return self, cut_of
         names = list(dict.fromkeys(n for c in cuts for n in live[c] if n not in inputs))
-        sess = gort.session(gort.with_outputs(proto, names), threads=threads)
+        sess = gort.session(gort.with_outputs(proto, names), threads=threads, weights=self.weights)
         cached: list[dict[str, np.ndarray]] = []
         reference: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
         for feed in data.batches(self.batch):
@@ -325,9 +329,10 @@ class Checkpoints:
         return self, {k: (c if c in self.values else 0) for k, c in cut_of.items()}
 
     @classmethod
-    def none(cls, proto: onnx.ModelProto, data: SampleData, batch_size: int = 64) -> Checkpoints:
+    def none(cls, proto: onnx.ModelProto, data: SampleData, batch_size: int = 64, *,
+             weights: Mapping[str, np.ndarray] | None = None) -> Checkpoints:
         """No cut: :meth:`run` from cut 0 feeds the data alone (the whole model's suffix is itself)."""
-        return cls(data, feed_batch_size(proto, batch_size, data))
+        return cls(data, feed_batch_size(proto, batch_size, data), weights=dict(weights or {}))
 
     def _check(self, proto: onnx.ModelProto, cut: int, first: _FirstSample, threads: int | None) -> str | None:
         """Why the unchanged model's suffix from ``cut`` is not the full model on the first sample, or
@@ -336,12 +341,16 @@ class Checkpoints:
         suffix, inputs = suffix_model(proto, self.prefix[cut], types=self.types)
         if not set(inputs) <= set(self.live[cut]):
             return f"the suffix reads values the cut does not hold: {sorted(set(inputs) - set(self.live[cut]))[:3]}"
-        sess = gort.session(suffix, threads=threads)
+        sess = gort.session(suffix, threads=threads, weights=self.weights)
         names = [o.name for o in sess.get_outputs()]
         held = {n: first.values[n] for n in self.live[cut] if n in first.values}
         got = gort.run(sess, {**first.feed, **held}, names, what="a model suffix")
         error = relative_error({n: first.values[n] for n in names}, got)
         return None if error <= EXACT else f"the suffix differs from the full model (relative error {error:.3g})"
+
+    def __getstate__(self) -> dict:
+        # A worker's model is whole (EvalContext writes its weights into the bytes it pickles).
+        return {**self.__dict__, "weights": {}}
 
     @property
     def nbytes(self) -> int:
@@ -352,12 +361,12 @@ class Checkpoints:
         return cut in self.live and set(inputs) <= set(self.live[cut])
 
     def session(self, proto: onnx.ModelProto, cut: int, *, overridable: Iterable[str] = (),
-                threads: int | None = None) -> tuple[Any, int]:
+                threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None) -> tuple[Any, int]:
         """A measuring session of ``proto`` (onnxruntime's graph optimizations on, quiet: a measurement, not
         the verification) from ``cut``, with ``overridable`` initializers as inputs, and the cut it runs
         from for :meth:`run`: ``cut``, or 0 (the whole model) when ``proto`` changed before the cut so that
-        its suffix reads values the cut does not hold. Only the session outlives the call: the suffix's
-        proto, a copy of most of the weights, goes as soon as onnxruntime has its own."""
+        its suffix reads values the cut does not hold. ``weights``: the arrays of ``proto``'s by-reference
+        stubs, when it is not the unchanged model (whose are :attr:`weights`)."""
         overridable = list(overridable)
         start = 0
         if cut or overridable:
@@ -366,7 +375,8 @@ class Checkpoints:
             if not cut or self.suffix_inputs_ok(cut, inputs):
                 proto, start = suffix, cut
             del suffix
-        return gort.session(proto, optimize=True, threads=threads, quiet=True), start
+        return gort.session(proto, optimize=True, threads=threads, quiet=True,
+                            weights=self.weights if weights is None else weights), start
 
     def run(self, sess, cut: int, overrides: Mapping[str, np.ndarray] | None = None, *,
             limit: int | None = None) -> dict[str, np.ndarray]:
@@ -394,12 +404,13 @@ class _FirstSample:
     values: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, proto: onnx.ModelProto, data: SampleData, names: set[str]) -> _FirstSample:
+    def of(cls, proto: onnx.ModelProto, data: SampleData, names: set[str],
+           weights: Mapping[str, np.ndarray] | None = None) -> _FirstSample:
         one = check_data(proto, data.head(1))
         feed = next(iter(one.batches(1)))
         if not names:
             return cls(feed, {})
-        sess = gort.session(gort.with_outputs(proto, sorted(names)))
+        sess = gort.session(gort.with_outputs(proto, sorted(names)), weights=weights)
         return cls(feed, gort.run(sess, feed, sorted(names), what="one sample"))
 
 
@@ -425,9 +436,10 @@ class Frontier:
         self.types: dict[str, tuple[int, int]] = {}
         self.skipped = 0                       # cuts not taken for the budget
 
-    def batches(self, proto: onnx.ModelProto, names: Sequence[str]):
+    def batches(self, proto: onnx.ModelProto, names: Sequence[str],
+                weights: Mapping[str, np.ndarray] | None = None):
         """``{name: batch}`` for every batch of the data (as :class:`graphopt.measure.calibration.Calibrator`
-        yields them), computed from the cut."""
+        yields them), computed from the cut; ``weights`` as for :func:`graphopt.measure.ort.session`."""
         names = list(dict.fromkeys(names))
         held = set(self.values[0]) if self.values else set()
         compute = [n for n in names if n not in held]
@@ -438,13 +450,14 @@ class Frontier:
             missing = set(inputs) - held - graph_inputs
             if missing:
                 raise ValueError(f"the cut does not hold {sorted(missing)[:3]}: a node before it changed")
-            sess = gort.session(sub)
+            sess = gort.session(sub, weights=weights)
         for i, feed in enumerate(self.data.batches(self.batch)):
             cached = self.values[i] if self.values else {}
             got = gort.run(sess, {**feed, **cached}, compute, what="a model segment") if sess is not None else {}
             yield {n: (got[n] if n in got else cached[n]) for n in names}
 
-    def advance(self, proto: onnx.ModelProto, position: int) -> bool:
+    def advance(self, proto: onnx.ModelProto, position: int,
+                weights: Mapping[str, np.ndarray] | None = None) -> bool:
         """Move the cut to ``position`` of ``proto``'s node order (every node before it final); ``False``
         when it stays (not forward, or its live values pass the budget)."""
         prefix = frozenset(n.name for n in proto.graph.node[:position])
@@ -454,7 +467,7 @@ class Frontier:
         live = [n for n in live_values(proto.graph, position) if n not in inputs]
         values: list[dict[str, np.ndarray]] = []
         n_batches = len(list(self.data.spans(self.batch)))
-        for batch in self.batches(proto, live):
+        for batch in self.batches(proto, live, weights):
             values.append({n: np.ascontiguousarray(a) for n, a in batch.items()})
             if len(values) == 1 and _nbytes(values[0]) * n_batches > self.budget:
                 self.skipped += 1
@@ -466,7 +479,10 @@ class Frontier:
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
-    """About the bytes of an initializer's data: its serialized size (reading ``raw_data`` would copy it)."""
+    """About the bytes of an initializer's data: its serialized size (reading ``raw_data`` would copy it),
+    or for a by-reference stub the size of its array."""
+    if is_in_memory(t):
+        return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return int(t.ByteSize())
 
 

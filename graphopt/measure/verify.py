@@ -128,10 +128,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
 from graphopt.core.errors import DataError, GraphoptError, OptionError
-from graphopt.core.ir import dims_of
-from graphopt.core.onnx_io import from_proto
+from graphopt.core.ir import Model, dims_of
+from graphopt.core.onnx_io import by_reference, from_proto
 from graphopt.measure import ort as gort
 from graphopt.measure import qdq
 from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs, sample_rows
@@ -539,23 +540,37 @@ class _Comparison:
 
 @dataclass
 class _Model:
-    """One side of the comparison: its proto (the structure), what sessions load (the path when it is
-    one: onnxruntime reads the weights itself, and a model over 2 GiB is never held twice), a name for
-    messages, and its session."""
+    """One side of the comparison: its proto (the structure), the weights its sessions take by reference
+    (:func:`graphopt.measure.ort.structure`: an IR model's arrays, or a file's embedded weights decoded
+    once), the path sessions load when its weights are in external data files (onnxruntime reads them
+    itself, and a model over 2 GiB is never held twice), a name for messages, and its session."""
 
     proto: onnx.ModelProto
     source: gort.ModelLike
     label: str
     session: Any = None
+    weights: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: gort.ModelLike, role: str) -> _Model:
-        is_path = isinstance(model, (str, os.PathLike))
-        return cls(gort.as_proto(model, external_data=not is_path), model if is_path else None,
-                   f"{role} {gort.describe(model)}")
+        label = f"{role} {gort.describe(model)}"
+        if isinstance(model, (str, os.PathLike)):
+            proto = gort.as_proto(model, external_data=False)
+            if any(external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
+                return cls(proto, model, label)
+            proto, weights = by_reference(proto)
+            return cls(proto, None, label, weights=weights)
+        proto, weights = gort.structure(model)
+        return cls(proto, None, label, weights=weights)
 
-    def runnable(self) -> gort.ModelLike:
-        return self.source if self.source is not None else self.proto
+    def runnable(self) -> gort.ModelLike | gort.Structure:
+        """What a session or :func:`first_divergence` takes: the path, or the proto and its weights."""
+        return self.source if self.source is not None else (self.proto, self.weights)
+
+    def new_session(self, **options: Any) -> Any:
+        if self.source is not None:
+            return gort.session(self.source, **options)
+        return gort.session(self.proto, weights=self.weights, **options)
 
 
 def _tensor_type(vi: onnx.ValueInfoProto) -> tuple[int | None, list[int | str | None] | None]:
@@ -718,7 +733,7 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     comparisons, blocking = _interface(ref.proto, cand.proto, data.n_samples)
     blocking.extend(lost_dynamic_dims(ref.proto, cand.proto))
     notes = list(data.notes)
-    ref.session = gort.session(ref.runnable(), threads=threads)
+    ref.session = ref.new_session(threads=threads)
     deployed = qdq.is_quantized(cand.proto) and not qdq.is_quantized(ref.proto)
     if deployed:
         notes.append("the candidate is quantized: it runs with onnxruntime's graph optimizations on, as deployed "
@@ -727,7 +742,7 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     # The float-noise yardstick (onnxruntime's own optimizations against none) sets the automatic relative
     # tolerance, which only the equivalence verdict applies; a lossy verdict judges by its role rules, so
     # it is not built there (a third full session and a third run of the model on a large one).
-    opt_session = (_optimized_session(ref.runnable(), threads, notes)
+    opt_session = (_optimized_session(ref, threads, notes)
                    if tol.rel is None and mode == "equivalence" else None)
     ran, measured = False, False
     if cand.session is not None:
@@ -762,15 +777,15 @@ def _candidate_session(cand: _Model, data: SampleData, threads: int | None, bloc
         blocking.append(problem)
         return None
     try:
-        return gort.session(cand.runnable(), threads=threads, optimize=optimize)
+        return cand.new_session(threads=threads, optimize=optimize)
     except GraphoptError as exc:
         blocking.append(f"candidate: {exc}")
         return None
 
 
-def _optimized_session(model: gort.ModelLike, threads: int | None, notes: list[str]) -> Any:
+def _optimized_session(model: _Model, threads: int | None, notes: list[str]) -> Any:
     try:
-        return gort.session(model, optimize=True, threads=threads)
+        return model.new_session(optimize=True, threads=threads)
     except GraphoptError as exc:
         notes.append(f"auto tolerance: onnxruntime's optimized session failed ({exc}); using the floor")
         return None
@@ -1003,7 +1018,7 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     QuantizeLinear → DequantizeLinear pair after it (:func:`graphopt.measure.qdq.qdq_aliases`; the quantizer
     folds a Relu into the quantization range, so the raw tensor before the pair is not the reference's).
     """
-    ref_proto, cand_proto = gort.as_proto(reference), gort.as_proto(candidate)
+    (ref_proto, ref_weights), (cand_proto, cand_weights) = gort.structure(reference), gort.structure(candidate)
     graph = from_proto(_topology(ref_proto)).graph
     order = graph.toposort()
     cand_defined = ({name for node in cand_proto.graph.node for name in node.output if name}
@@ -1023,8 +1038,8 @@ def first_divergence(reference: gort.ModelLike, candidate: gort.ModelLike, data:
     for start in range(0, len(names), chunk):
         part = names[start:start + chunk]
         cand_names = list(dict.fromkeys(alias.get(n, n) for n in part))
-        ref_sess = gort.session(gort.with_outputs(ref_proto, part), threads=threads)
-        cand_sess = gort.session(gort.with_outputs(cand_proto, cand_names), threads=threads)
+        ref_sess = gort.session(gort.with_outputs(ref_proto, part), threads=threads, weights=ref_weights)
+        cand_sess = gort.session(gort.with_outputs(cand_proto, cand_names), threads=threads, weights=cand_weights)
         diffs = {name: _RunningDiff() for name in part}
         for ref_feed, cand_feed in zip(ref_data.batches(batch), cand_data.batches(batch)):
             a = gort.run(ref_sess, ref_feed, part, what="reference")
@@ -1147,15 +1162,15 @@ def run_alike(reference: gort.ModelLike, candidate: gort.ModelLike, data: Sample
               threads: int | None = None) -> list[str]:
     """Problems found running both models on ``data``: the candidate fails, or an output's shape or element
     type differs from the reference's (values are not compared). Empty when they run alike."""
-    ref, cand = gort.as_proto(reference), gort.as_proto(candidate)
+    (ref, ref_weights), (cand, cand_weights) = gort.structure(reference), gort.structure(candidate)
     data = check_data(ref, data)
     cand_data, problem = _candidate_data(cand, data)
     if problem:
         return [problem]
     names = [vi.name for vi in ref.graph.output]
-    ref_session = gort.session(ref, threads=threads)
+    ref_session = gort.session(ref, threads=threads, weights=ref_weights)
     try:
-        cand_session = gort.session(cand, threads=threads)
+        cand_session = gort.session(cand, threads=threads, weights=cand_weights)
     except GraphoptError as exc:
         return [f"candidate: {exc}"]
     for feeds in data.batches(feed_batch_size(ref, 64, data)):

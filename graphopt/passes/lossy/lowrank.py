@@ -94,7 +94,7 @@ saves weights; the chosen rank saving nothing; slower after factorization.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from math import ceil, prod
 from typing import Any
@@ -109,10 +109,11 @@ from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Graph, Model, Node, Value
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
-from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.core.onnx_io import from_proto
 from graphopt.core.ops import LAYER_OPS, ConvInfo, conv_info, drop_unused, is_op, producer_op, sole_consumer
 from graphopt.core.shapes import ShapeView
 from graphopt.measure import latency as lat
+from graphopt.measure import ort as gort
 from graphopt.measure.analysis import analyze
 from graphopt.measure.calibration import Calibrator, Gram, SampleData, batch_within, feed_batch_size
 from graphopt.measure import segments
@@ -786,12 +787,12 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
             if names:
                 if say is not None:
                     say(f"lowrank: refitting {', '.join(group[k].site.name for k in names)}")
-                proto = to_proto(model)
+                proto, weights = gort.structure(model)   # by reference: no copy of the model per layer
                 position = {n.name: idx for idx, n in enumerate(proto.graph.node)}
-                frontier.advance(proto, min(position[n] for n in pending if n in position))
+                frontier.advance(proto, min(position[n] for n in pending if n in position), weights)
                 grams = _group_grams(frontier, proto, [fitted[group[k].site.name] for k in names],
-                                     [rows.pop(k) for k in names], names)
-                del proto
+                                     [rows.pop(k) for k in names], names, weights)
+                del proto, weights
             for k, plan in enumerate(group):
                 pending.remove(plan.site.name)
                 extra: dict[str, Any] = {}
@@ -812,7 +813,7 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
 
 
 def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer], targets: list[list],
-                 keys: list[int]) -> dict[int, lstsq.CrossGram]:
+                 keys: list[int], weights: Mapping[str, np.ndarray] | None = None) -> dict[int, lstsq.CrossGram]:
     """``X_cᵀ[X_c, Y]`` of layers reading one input: ``X_c`` from the frontier (one pass), ``Y`` the stored
     target rows of each layer (the same rows of ``X_c`` as were sampled for the targets). Dense layers whose
     targets kept the same rows (every row, when none had to be sampled: BERT's query/key/value) are gathered
@@ -824,7 +825,7 @@ def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer]
     # float32 products (CrossGram.fast): the refit's ridge and the rank truncation are far coarser than them
     joint = lstsq.CrossGram(bias=True, fast=True) if same_rows and len(keys) > 1 else None
     grams = {} if joint is not None else {k: lstsq.CrossGram(bias=True, fast=True) for k in keys}
-    for b, batch in enumerate(frontier.batches(proto, [x_name])):
+    for b, batch in enumerate(frontier.batches(proto, [x_name], weights)):
         x = batch[x_name]
         if joint is not None:
             select = batches[b][0][0]
@@ -884,8 +885,6 @@ def measure_latency(plan: Plan, rounds: int = 11, target_seconds: float = 0.005)
     """
     import time
 
-    from graphopt.measure import ort as gort
-
     a = _one_layer_model(plan.site)
     if a is None:
         return None
@@ -894,7 +893,7 @@ def measure_latency(plan: Plan, rounds: int = 11, target_seconds: float = 0.005)
     if isinstance(site_b, str):
         return None
     apply_plan(b.graph, Plan(replace_form(plan.form, site_b), plan.rank, plan.factors, plan.bias))
-    sessions = [gort.session(to_proto(m), optimize=True, threads=1) for m in (a, b)]
+    sessions = [gort.session(m, optimize=True, threads=1) for m in (a, b)]
     feeds = {"x": np.random.default_rng(0).standard_normal(plan.site.x_dims).astype(plan.site.dtype)}
     for sess in sessions:  # warm up
         sess.run(None, feeds)
@@ -931,7 +930,7 @@ def _unit_levels(form: Form, steps: int, min_rank: int = 1) -> list[int]:
 
 def _with_plans(ectx: Any, plans: list[Plan]) -> Model:
     """A fresh copy of the evaluation context's model with ``plans`` applied (nodes found by name)."""
-    model = from_proto(ectx.fresh_proto())
+    model = ectx.fresh_model()
     by_name = {n.name: n for n in model.graph.nodes}
     for plan in plans:
         site = find_site(model.graph, by_name[plan.site.node.name], None)
@@ -1324,7 +1323,7 @@ def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[
                 for u in units.units}
     if run.opt("sensitivity") != "model" or ctx.data is None:
         return layer_sq, {"kind": "layer"}
-    proto = to_proto(run.model)
+    proto, weights = gort.structure(run.model)   # the weights by reference, not a copy of the model
     position = {n.name: i for i, n in enumerate(proto.graph.node)}
     starts = {u.key: position[units.forms[u.key].site.node.name] for u in units.units}
     node_macs = segments.node_macs(run.model, proto, ctx.input_shapes)
@@ -1351,8 +1350,9 @@ def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[
         else:
             slots[u.key] = spec
     table, stats = lrt.build_table(proto, data, slots, units.plan, starts,
-                                   {u.key: len(u.levels) - 1 for u in measured_units}, node_macs)
-    del proto
+                                   {u.key: len(u.levels) - 1 for u in measured_units}, node_macs,
+                                   weights=weights)
+    del proto, weights
     ctx.say(f"lowrank: sensitivity of {len(units.units)} layers")
     measured = budget.sensitivity([u for u in measured_units if u.key in slots], lrt.measure_by_override,
                                   executor=InProcess(), context=table)
@@ -1384,7 +1384,7 @@ def _guarded(run: LowRankRun, units: TargetUnits, allocate_at: Callable[[float],
     """``--max-drop``: relax the target (bisection) until the accuracy drop on the calibration samples fits."""
     ctx = run.ctx
     data = run.samples()
-    gctx = EvalContext(to_proto(run.model), data, batch_size=64)
+    gctx = EvalContext(run.model, data, batch_size=64)
     reference_acc = gctx.accuracy(gctx.reference())
 
     def measure_drop(alloc: budget.Allocation) -> float:

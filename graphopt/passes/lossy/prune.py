@@ -129,7 +129,6 @@ from graphopt.core.manager import (
     PassResult,
     register,
 )
-from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import analysis as ana
 from graphopt.measure import latency as lat
 from graphopt.measure import ort as gort
@@ -409,7 +408,7 @@ def level_outputs_by_removal(ctx: SensitivityContext, gid: int, k: int, *,
     (run from the group's cut when the pruned model's suffix can be fed from it); ``limit``: the first
     batches only."""
     ctx.ev.cache.pop("suffix session", None)   # another group's overrides session: not two sessions at once
-    model = from_proto(ctx.ev.fresh_proto())
+    model = ctx.ev.fresh_model()
     analysis = channels.analyze(model, ctx.input_shapes, heads=ctx.heads)
     kept, _, plan = _split(ctx, gid, k)
     shrink.apply(model, analysis, {gid: kept})
@@ -418,13 +417,11 @@ def level_outputs_by_removal(ctx: SensitivityContext, gid: int, k: int, *,
         layer = LinearLayer.of(model.graph, by_name[node])
         if not isinstance(layer, str) and layer.weight_matrix().shape == w.shape:
             layer.set_weights(model.graph, w, b)
-    proto = to_proto(model)
-    # Each copy of a large model goes as soon as the next exists: the IR, then the whole proto once the
-    # suffix is cut from it (on BERT-base each is 0.4-0.9 GB, and all of them held at once drove the peak).
+    proto, weights = gort.structure(model)   # the unchanged weights shared with the context, not copied
     del model, analysis, by_name, plan
     checkpoints = _checkpoints(ctx)
-    sess, start = checkpoints.session(proto, ctx.cuts.get(gid, 0), threads=_threads(ctx))
-    del proto
+    sess, start = checkpoints.session(proto, ctx.cuts.get(gid, 0), threads=_threads(ctx), weights=weights)
+    del proto, weights
     return checkpoints.run(sess, start, limit=limit)
 
 
@@ -481,9 +478,10 @@ def _with_new_biases(proto: onnx.ModelProto, new: Sequence[RefitSlot]) -> onnx.M
     inits = {t.name: t for t in out.graph.initializer}
     nodes = {n.name: n for n in out.graph.node}
     for slot in new:
-        node, weight = nodes[slot.node], onnx.numpy_helper.to_array(inits[slot.weight])
-        outputs = weight.shape[0] if slot.layout[0] == "conv" or slot.layout[2] else weight.shape[1]
-        out.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(outputs, weight.dtype), slot.bias))
+        node, weight = nodes[slot.node], inits[slot.weight]   # dims and type only: a stub may hold no data
+        outputs = weight.dims[0] if slot.layout[0] == "conv" or slot.layout[2] else weight.dims[1]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
+        out.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(outputs, dtype), slot.bias))
         while len(node.input) < 3:
             node.input.append("")
         node.input[2] = slot.bias
@@ -492,7 +490,8 @@ def _with_new_biases(proto: onnx.ModelProto, new: Sequence[RefitSlot]) -> onnx.M
 
 def _checkpoints(ctx: SensitivityContext):
     if ctx.checkpoints is None:
-        ctx.checkpoints = segments.Checkpoints.none(ctx.ev.proto(), ctx.ev.data, ctx.ev.batch_size)
+        ctx.checkpoints = segments.Checkpoints.none(ctx.ev.proto(), ctx.ev.data, ctx.ev.batch_size,
+                                                    weights=ctx.ev.weights)
     return ctx.checkpoints
 
 
@@ -500,8 +499,7 @@ def _initializer(ctx: SensitivityContext, name: str) -> np.ndarray:
     """An initializer of the unchanged model as an array, read once per process."""
     key = ("initializer", name)
     if key not in ctx.ev.cache:
-        tensor = next(t for t in ctx.ev.proto().graph.initializer if t.name == name)
-        ctx.ev.cache[key] = onnx.numpy_helper.to_array(tensor)
+        ctx.ev.cache[key] = ctx.ev.initializer(name)
     return ctx.ev.cache[key]
 
 
@@ -611,7 +609,8 @@ def _bias_slot(node: onnx.NodeProto, layer, readers: Mapping[str, list], inits: 
 def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int, np.ndarray], grams: Mapping[str, Any],
                         layers: Mapping[str, Any], data, evaluations: Mapping[int, int], *, metric: str = "rel",
                         input_shapes: Mapping | None = None, heads: bool = False, proto: onnx.ModelProto | None = None,
-                        starts: Mapping[int, int] | None = None, node_macs: Sequence[float] | None = None
+                        starts: Mapping[int, int] | None = None, node_macs: Sequence[float] | None = None,
+                        weights: Mapping[str, np.ndarray] | None = None,
                         ) -> tuple[SensitivityContext, dict[str, Any]]:
     """The :class:`SensitivityContext` of ``groups`` of ``reference`` measured on ``data``, and its stats.
 
@@ -621,8 +620,9 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
     listed by reason under ``by_removal``); cuts are chosen by :mod:`graphopt.measure.segments` at the
     groups' first nodes (:func:`group_starts`), weighted by their evaluations and priced by the MACs
     before them at ``input_shapes``. ``work_fraction`` is the share of the whole model's MACs the
-    evaluations still run. ``proto``, ``starts`` and ``node_macs`` (of ``reference``) are computed when not
-    given."""
+    evaluations still run. ``proto`` (with the ``weights`` of its by-reference stubs,
+    :func:`graphopt.measure.ort.structure`), ``starts`` and ``node_macs`` (of ``reference``) are computed
+    when not given."""
     refits: dict[int, list] = {}
     for g in groups:
         # A consumer that also produces the group's channels (a residual block's last conv) loses outputs
@@ -630,13 +630,14 @@ def sensitivity_context(reference: Model, groups: Sequence, orders: Mapping[int,
         producing = {p.node for p in g.producers}
         refits[g.gid] = [(c.node, grams[c.node], consumer_blocks(layers[c.node], c))
                          for c in g.consumers if c.node in grams and c.node in layers and c.node not in producing]
-    proto = to_proto(reference) if proto is None else proto
+    if proto is None:
+        proto, weights = gort.structure(reference)
     starts = group_starts(proto.graph, groups) if starts is None else starts
     node_macs = segments.node_macs(reference, proto, input_shapes) if node_macs is None else node_macs
     checkpoints, cuts = segments.Checkpoints.build(
         proto, data, {gid: (starts[gid], int(evaluations.get(gid, 1))) for gid in starts}, node_macs,
-        batch_size=256)
-    ev = EvalContext(proto, data, batch_size=checkpoints.batch)
+        batch_size=256, weights=weights)
+    ev = EvalContext(proto, data, batch_size=checkpoints.batch, weights=dict(weights or {}))
     if checkpoints.reference is not None:
         ev.set_reference(checkpoints.reference)
     context = SensitivityContext(ev, dict(orders), refits, metric=metric, input_shapes=input_shapes, heads=heads,
@@ -1281,7 +1282,7 @@ class PruneFilters(Pass):
     def _sensitivity(self, run: PruneRun, units: list[budget.Unit]) -> dict[int, dict[int, float]]:
         """``{gid: {level: error}}``: a few levels per group measured (module docstring), the rest
         interpolated, relative to the unit's first level (the allocator takes it as error 0)."""
-        proto = to_proto(run.reference)
+        proto, weights = gort.structure(run.reference)   # the weights by reference: no copy of the model
         starts = group_starts(proto.graph, run.groups)
         node_macs = segments.node_macs(run.reference, proto, run.ctx.input_shapes)
         before = np.concatenate([[0.0], np.cumsum(node_macs)])
@@ -1300,7 +1301,7 @@ class PruneFilters(Pass):
             run.reference, run.groups, {gid: r.order for gid, r in run.rankings.items()}, grams, run.layers,
             sdata, {u.key: len(u.levels) - 1 for u in items_units}, metric=run.opt("sensitivity_metric"),
             input_shapes=run.ctx.input_shapes, heads=run.opt("attention") == "heads",
-            proto=proto, starts=starts, node_macs=node_macs)
+            proto=proto, starts=starts, node_macs=node_macs, weights=weights)
         run.sensitivity_stats["table"] = table
         run.ctx.say(f"prune: sensitivity of {len(units)} groups")
         executor = make_executor(run.opt("workers"))
@@ -1499,7 +1500,7 @@ def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: f
 
 
 def _outputs(model: Model, data, batch: int) -> dict[str, np.ndarray]:
-    return reference_outputs(to_proto(model), data, batch_size=batch)
+    return reference_outputs(model, data, batch_size=batch)
 
 
 def _frozen_summary(analysis) -> list[dict[str, Any]]:
