@@ -45,7 +45,7 @@ from graphopt.measure import ort as gort
 from graphopt.measure import latency as lat
 from graphopt.measure.kernels import nchwc_rule
 
-__all__ = ["QUOTAS", "Kernel", "calibrate", "conv_model", "eltwise_model", "errors", "feeds", "fit", "gemm_model",
+__all__ = ["MAX_ELEMENTS", "QUOTAS", "Kernel", "calibrate", "conv_model", "eltwise_model", "errors", "feeds", "fit", "gemm_model",
            "kernel_set", "measure", "median_wall", "net_seconds", "profile_kernels", "profiler_overhead"]
 
 #: Kernels measured per kind at ``scale=1`` (the shipped AVX2 profile was fitted on about these counts).
@@ -238,15 +238,23 @@ def _eltwise(rng: np.random.Generator) -> Iterator[Kernel]:
     for i in itertools.count():
         op, batch = ELTWISE_OPS[i % len(ELTWISE_OPS)], int(rng.choice(BATCH))
         c, hw = int(rng.choice(CHANNELS[2:])), int(rng.choice(SPATIAL))
-        # features from the shapes the profiler reports (a pool's output is smaller than its input)
-        yield Kernel("elementwise", (), (op, batch, c, hw), (op,), lambda a=(op, batch, c, hw): eltwise_model(*a))
+        # the features come from the shapes the profiler reports (a pool's output is smaller than its
+        # input); until then, the input's elements stand in for the size checks
+        yield Kernel("elementwise", (1.0, 0.0, 0.0, float(batch * c * hw * hw), 0.0, 0.0), (op, batch, c, hw),
+                     (op,), lambda a=(op, batch, c, hw): eltwise_model(*a))
+
+
+#: Largest input or output (elements) a calibration kernel may have: 2^25 floats are 128 MiB, which
+#: keeps the whole calibration's memory near 1 GB (an unbounded element-wise op at batch 64 reached 4 GB).
+MAX_ELEMENTS = 2 ** 25
 
 
 def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: float = 2e9,
                tries: int = 200_000) -> list[Kernel]:
     """Seeded kernels until every kind has ``max(3, round(QUOTAS[kind] * scale))`` of them, each between
-    1e4 and ``max_macs`` MACs; a kind ``path`` never produces (no blocked kinds without NCHWc) stays
-    short after ``tries`` draws. Deterministic for a seed and a path."""
+    1e4 and ``max_macs`` MACs (element-wise ops: any) with no input or output over :data:`MAX_ELEMENTS`;
+    a kind ``path`` never produces (no blocked kinds without NCHWc) stays short after ``tries`` draws.
+    Deterministic for a seed and a path."""
     rng = np.random.default_rng(seed)
     want = {kind: max(3, int(round(q * scale))) for kind, q in QUOTAS.items()}
     got: dict[str, list[Kernel]] = {kind: [] for kind in QUOTAS}
@@ -254,10 +262,11 @@ def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: flo
     for _ in range(tries):
         if all(len(got[k]) >= want[k] for k in got):
             break
-        for name, source in sources.items():
+        for source in sources.values():
             kernel = next(source)
-            macs = kernel.features[1] if kernel.features else 0.0
-            if len(got[kernel.kind]) < want[kernel.kind] and (not kernel.features or 1e4 <= macs <= max_macs):
+            _, macs, outputs, inputs, _, _ = kernel.features
+            sized = kernel.kind == "elementwise" or 1e4 <= macs <= max_macs
+            if len(got[kernel.kind]) < want[kernel.kind] and sized and max(outputs, inputs) <= MAX_ELEMENTS:
                 got[kernel.kind].append(kernel)
     return [k for kind in QUOTAS for k in got[kind]]
 
@@ -273,7 +282,7 @@ def measure(kernels: list[Kernel], seconds: float = 0.15, progress: Progress | N
         if len(events) != 1:
             continue
         features = kernel.features
-        if not features:  # element-wise: its largest input or output, as the profiler saw it
+        if kernel.kind == "elementwise":  # its largest input or output, as the profiler saw it
             features = lat.elementwise_work(max(int(np.prod(s)) for s in events[0]["inputs"]
                                                 + events[0]["outputs"])).features
         records.append({"kind": kernel.kind, "features": list(features), "seconds": events[0]["seconds"],
