@@ -93,3 +93,18 @@ def test_calibrate_refuses_bad_input_in_one_line(args, message, capsys):
     assert cli.main(["calibrate", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_the_progress_bar_counts_kernels_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=100)
+    with cli._progress_bar(console, quiet=False) as advance:
+        for done in range(4):
+            advance(done, 3, "conv")
+    assert "calibrating conv" in buffer.getvalue() and "3/3" in buffer.getvalue()
+    with cli._progress_bar(console, quiet=True) as silent:  # -q: no bar
+        silent(1, 3, "conv")
