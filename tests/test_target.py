@@ -92,6 +92,9 @@ def test_bad_names_are_refused_in_one_line():
 def test_default_is_the_environment_then_auto(monkeypatch):
     monkeypatch.setenv(targets.ENV, "avx512")
     assert targets.resolve().name == "avx512"
+    monkeypatch.setenv(targets.ENV, "pentium")
+    with pytest.raises(OptionError, match=r"^\$GRAPHOPT_TARGET_CPU: unknown CPU kind 'pentium'"):
+        targets.resolve()
     monkeypatch.delenv(targets.ENV)
     assert targets.default_spec() == "auto"
 

@@ -174,8 +174,10 @@ def resolve(spec: str | None = None) -> Target:
     Raises
     ------
     OptionError
-        ``spec`` is no kind and no readable profile file (the message lists the kinds).
+        ``spec`` is no kind and no readable profile file (the message lists the kinds; it names
+        ``$GRAPHOPT_TARGET_CPU`` when the spec came from there).
     """
+    where = "--target-cpu" if spec else f"${ENV}"
     spec = (spec or default_spec()).strip()
     if spec.lower() == "auto":
         return _auto()
@@ -186,8 +188,8 @@ def resolve(spec: str | None = None) -> Target:
         path = kernels.nchwc_rule()[0] if native else _geometry(named)
         return replace(_with_profile(named, path, requested=spec, native=native), host=here)
     if spec.endswith(".json") or Path(spec).is_file():
-        return replace(_from_file(Path(spec), here), host=here)
-    raise OptionError(f"--target-cpu: unknown CPU kind {spec!r}; expected auto, a profile .json file "
+        return replace(_from_file(Path(spec), here, where), host=here)
+    raise OptionError(f"{where}: unknown CPU kind {spec!r}; expected auto, a profile .json file "
                       f"(graphopt calibrate -o FILE), or one of {', '.join(cpu.KINDS)}")
 
 
@@ -242,12 +244,12 @@ def _with_profile(kind: cpu.Kind, path: Nchwc, *, requested: str, native: bool,
     return Target(kind, path, model, "uncalibrated", None, requested, None, native, tuple(notes_out))
 
 
-def _from_file(path: Path, here: cpu.Detection) -> Target:
-    model = _read_profile(path)
+def _from_file(path: Path, here: cpu.Detection, where: str) -> Target:
+    model = _read_profile(path, where)
     name = str(model.meta.get("kind", ""))
     known = cpu.kind(name)
     if known is None:
-        raise OptionError(f"--target-cpu {path}: the profile names no CPU kind it was calibrated on "
+        raise OptionError(f"{where} {path}: the profile names no CPU kind it was calibrated on "
                           f"(meta.kind {name!r}); expected one of {', '.join(cpu.KINDS)}")
     kind = replace(known, block=model.path.block)
     native = here.kind is not None and here.kind.name == known.name
@@ -256,11 +258,11 @@ def _from_file(path: Path, here: cpu.Detection) -> Target:
     return Target(kind, model.path, model, "calibrated", str(path), str(path), None, native, notes)
 
 
-def _read_profile(path: Path) -> LatencyModel:
+def _read_profile(path: Path, where: str = "--target-cpu") -> LatencyModel:
     """A profile file, or a one-line refusal naming it."""
     try:
         return LatencyModel.from_json(json.loads(path.read_text()))
     except OSError as exc:
-        raise OptionError(f"--target-cpu {path}: cannot read the profile ({exc.strerror or exc})") from None
+        raise OptionError(f"{where} {path}: cannot read the profile ({exc.strerror or exc})") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise OptionError(f"--target-cpu {path}: not a graphopt latency profile ({exc})") from None
+        raise OptionError(f"{where} {path}: not a graphopt latency profile ({exc})") from None
