@@ -1,7 +1,7 @@
 """graphopt: a graph-level optimizer for ONNX models, verified with onnxruntime.
 
-``graphopt.optimize``, ``graphopt.verify`` and ``graphopt.inspect`` mirror the command line (see
-:mod:`graphopt.app.api`).
+``graphopt.optimize``, ``graphopt.verify``, ``graphopt.inspect`` and ``graphopt.calibrate`` mirror the
+command line (see :mod:`graphopt.app.api`).
 
 The code is layered; each sub-package imports only from those before it (``tests/test_layers.py``
 enforces it): :mod:`graphopt.core` (IR, I/O, shapes, the pass contract, the rule engine),
@@ -21,7 +21,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"  # before the imports: api.py reads it
 
-from graphopt.app.api import OptimizeResult, inspect, optimize, verify  # noqa: E402
+from graphopt.app.api import OptimizeResult, calibrate, inspect, optimize, verify  # noqa: E402
 from graphopt.core.errors import GraphoptError, IRError  # noqa: E402
 
-__all__ = ["GraphoptError", "IRError", "OptimizeResult", "__version__", "inspect", "optimize", "verify"]
+__all__ = ["GraphoptError", "IRError", "OptimizeResult", "__version__", "calibrate", "inspect", "optimize", "verify"]

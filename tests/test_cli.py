@@ -125,6 +125,10 @@ BAD_CASES = {
     "output_is_input": lambda d: (["optimize", d / "cnn.onnx", "-o", d / "cnn.onnx"], "refusing to overwrite"),
     "usage": lambda d: (["optimize"], "required"),
     "unknown_pass_to_describe": lambda d: (["passes", "nope"], "unknown pass 'nope'"),
+    "unknown_target_cpu": lambda d: (["optimize", d / "cnn.onnx", "--target-cpu", "pentium"],
+                                     "--target-cpu: unknown CPU kind 'pentium'"),
+    "target_cpu_not_a_profile": lambda d: (["optimize", d / "cnn.onnx", "--target-cpu", d / "nope.json"],
+                                           "cannot read the profile"),
 }
 
 
@@ -364,3 +368,18 @@ def test_a_missed_target_exits_4_says_why_and_writes_nothing(model_path, tmp_pat
     code, _, _ = run_cli("optimize", model_path, "--preset", "prune", "--target-macs", "0.2", "-o", out,
                          "--allow-partial", "-q", capsys=capsys)
     assert code == 0 and out.exists()
+
+
+@pytest.mark.parametrize("kind,source", [("avx512", "uncalibrated"), ("arm64", "uncalibrated"), ("avx2", "shipped")])
+def test_target_cpu_is_named_in_the_report_and_the_summary(kind, source, model_path, tmp_path, capsys):
+    report_json = tmp_path / "r.json"
+    code, out, err = run_cli("optimize", model_path, "--preset", "prune", "--option", "prune_filters.remove_fraction=0.5",
+                             "--target-cpu", kind, "-o", tmp_path / "o.onnx", "--report", report_json, capsys=capsys)
+    assert code == 0, err
+    target = json.loads(report_json.read_text())["target_cpu"]
+    assert (target["name"], target["profile"]["source"], target["requested"]) == (kind, source, kind)
+    text = " ".join(out.split())
+    assert f"target CPU: {kind} (profile: {source})" in text          # the header
+    assert f"target CPU {kind} (asked for; this machine:" in text        # the line under the verdict
+    if source == "uncalibrated":
+        assert "prices are MACs" in text

@@ -379,11 +379,30 @@ def test_blend_option_measures_candidates_on_held_out_samples():
 def test_default_channel_counts_are_multiples_of_eight():
     proto = _cnn(c1=32, c2=32)
     model = from_proto(proto)
-    result = get_pass("prune_filters").run(model, PassContext(data=_data(), target_macs=0.5))
+    result = get_pass("prune_filters").run(model, PassContext(data=_data(), target_macs=0.5))  # target: avx2
     assert result.changed
     assert all(g["channels_after"] % 8 == 0 for g in result.stats["groups"])
     assert _weight(model, "conv1").shape[0] % 8 == 0
     assert analyze(model).macs <= 0.5 * analyze(from_proto(proto)).macs * 1.0001  # coarse steps: may undershoot
+    assert result.stats["channel_units"] == {"target_cpu": "avx2", "per_group": {"0": 8, "1": 8}}
+
+
+def test_a_16_block_target_keeps_other_channel_counts_than_an_8_block_one():
+    """The allocator prices counts in the target's units: with 16-channel blocks (AVX-512) 24 or 40 kept
+    channels cost what 32 or 48 do, so it keeps whole blocks; with 8-channel blocks it may keep 24 or 40."""
+    from graphopt.measure import target as targets
+
+    proto = _cnn(c1=48, c2=48)
+    kept = {}
+    for name in ("avx2", "avx512"):
+        model = from_proto(proto)
+        ctx = PassContext(data=_data(), target_macs=0.6, target=targets.resolve(name))
+        result = get_pass("prune_filters").run(model, ctx)
+        assert result.changed and result.stats["allocation"]["met"]
+        kept[name] = [g["channels_after"] for g in result.stats["groups"]]
+        assert set(result.stats["channel_units"]["per_group"].values()) == {8 if name == "avx2" else 16}
+    assert all(k % 16 == 0 for k in kept["avx512"])
+    assert any(k % 16 for k in kept["avx2"]) and kept["avx2"] != kept["avx512"]
 
 
 def test_latency_weights_discount_small_conv_outputs():

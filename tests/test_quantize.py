@@ -20,6 +20,7 @@ from graphopt.compress import quantgrid
 from graphopt.compress.lstsq import CrossGram
 from graphopt.core.manager import PassContext, get_pass
 from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import ort as gort
 from graphopt.measure import qdq
 from graphopt.measure.calibration import SampleData
 from tests.util import init, make_model, tensor
@@ -85,11 +86,52 @@ def test_quantize_wraps_every_layer_in_qdq_and_runs_as_deployed():
     formats = [t["format"] for t in result.stats["format_trials"] if "layers_left_float" in t]
     assert formats[:2] == ["u8s8", "s8s8"]
     # onnxruntime fuses every layer of the chosen format
-    assert not qdq.float_layers(qdq.optimized(out))
+    assert not qdq.float_layers(gort.optimized(out))
     feeds = {"x": _data(32, seed=5).inputs["x"]}
     want = _ort(proto, feeds)[0]
     assert _snr(want, _ort(out, feeds, optimize=True)[0]) > 25
     assert _snr(want, _ort(out, feeds)[0]) > 25
+
+
+def _target(kind: str, host: str):
+    """A target of ``kind`` seen from a machine of kind ``host`` (fixed, so the test holds on any machine)."""
+    from graphopt.measure import cpu, latency, target
+
+    detection = cpu.Detection(cpu.KINDS[host], "test CPU", cpu.KINDS[host].arch, ())
+    return target.Target(cpu.KINDS[kind], latency.Nchwc(cpu.KINDS[kind].block, 4), latency.load(), "shipped",
+                         host=detection, native=kind == host)
+
+
+def _weight_bits(result) -> int:
+    return 7 if "7-bit" in result.stats["format"] else 8
+
+
+@pytest.mark.parametrize("kind,host,bits,measured", [
+    ("avx512-vnni", "avx2", 8, False),   # VNNI kernels do not overflow; this machine's would: not measured here
+    ("arm64-dot", "avx2", 8, False),
+    ("avx2", "avx512-vnni", 7, False),   # the target's kernels can overflow; this machine's cannot show it
+    ("avx512", "avx2", None, True),      # both sum pairs in saturating 16 bits: measured here
+])
+def test_weight_bits_follow_the_target_cpus_int8_kernels(kind, host, bits, measured):
+    model = from_proto(_cnn())
+    ctx = PassContext(options={"quantize": {}}, data=_data(), target=_target(kind, host))
+    result = get_pass("quantize").run(model, ctx)
+    trials = result.stats["format_trials"]
+    assert any("deployed_vs_qdq_snr_db" in t for t in trials) == measured
+    if not measured:
+        decided = next(t for t in trials if "decided_by" in t)
+        assert decided["target_cpu"] == kind and _weight_bits(result) == bits
+    assert ("notice" in result.stats) == (kind == "avx2")  # int8 buys size, not speed, on AVX2
+
+
+def test_a_quantized_model_for_another_cpus_kernels_is_verified_as_qdq_arithmetic():
+    from graphopt.measure import cpu
+
+    host = cpu.here().kind
+    other = "avx2" if host is not None and not host.int8_saturates else "avx512-vnni"  # kernels unlike this one's
+    result = graphopt.optimize(_cnn(), preset="int8", data=_data(), target_cpu=other, samples=64)
+    assert result.report["target_cpu"]["name"] == other
+    assert any("another CPU's integer kernels" in n for n in result.report["verify"]["notes"])
 
 
 def test_float_layers_names_layers_left_float_between_dq_and_q():

@@ -80,7 +80,7 @@ def kernel_table(a: str, b: str, batch: int, rounds: int = 3) -> str:
     the rounds: two profiles a few seconds apart differ by several percent on a shared machine.
     """
     import onnx
-    from calibrate_latency import profile_kernels  # same directory; the profiler settings match session()
+    from graphopt.measure.calibrate import profile_kernels  # the latency calibration's profiler settings
 
     protos = [onnx.load(a), onnx.load(b)]
     per_round: list[list[dict[str, float]]] = [[], []]

@@ -83,10 +83,10 @@ def _macs(model: Any) -> int | None:
 
 
 def _prune(name: str, calib: SampleData, target: float, options: dict[str, Any], preset: str = "prune",
-           passes: list[str] | None = None) -> tuple[onnx.ModelProto, dict, float]:
+           passes: list[str] | None = None, target_cpu: str | None = None) -> tuple[onnx.ModelProto, dict, float]:
     start = time.perf_counter()
     result = optimize(MODELS / f"{name}.onnx", preset=None if passes else preset, passes=passes, data=calib,
-                      target_macs=target, options=options, run_verify=False)
+                      target_macs=target, options=options, run_verify=False, target_cpu=target_cpu)
     stats = next(p["stats"] for p in result.report["passes"] if p["name"] == "prune_filters")
     return result.model, stats, time.perf_counter() - start
 
@@ -220,7 +220,7 @@ def latency_table(pruned: dict[str, onnx.ModelProto], runs: int, batch: int, rou
         original = load(MODELS / f"{name}.onnx")
         evaluation = load_data(MODELS / "fmnist_eval.npz", original)
         feeds = evaluation.head(batch).inputs
-        variants = [("default (multiple=8, latency=ops)", proto, None)]
+        variants = [("default (target's channel units, latency=ops)", proto, None)]
         try:
             calib = load_data(MODELS / "fmnist_calib.npz", original)
             pm = _prune(name, calib, 0.5, {"prune_filters.latency": "macs"})[0]
@@ -285,6 +285,7 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     """
     from graphopt.compress import channels
     from graphopt.measure import latency as lat
+    from graphopt.measure import target as targets
 
     path = MODELS / f"{name}.onnx"
     original = load(path)
@@ -296,7 +297,7 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     default_model, default, _ = _prune(name, calib, target, {})
     default_keep = {g["group"]: g["channels_after"] for g in default["groups"]}
     plans = random_plans(analysis, macs0, target, samples, radius, default_keep)
-    latency = lat.load()
+    latency = targets.resolve().latency  # the default target's (this machine's) profile
     t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
     feeds = evaluation.head(batch).inputs
     measured = []

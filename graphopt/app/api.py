@@ -34,8 +34,11 @@ from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.ir import Model
 from graphopt.core.manager import (Pass, PassContext, Sequential, build_pipeline, get_pass, parse_options,
                                    registered, run_pipeline)
+from graphopt.app import report
 from graphopt.measure import analysis, calibration
+from graphopt.measure import calibrate as calibration_run
 from graphopt.measure import probe as probes
+from graphopt.measure import target as targets
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
 from graphopt.measure.verify import verify as run_verification
 
@@ -154,7 +157,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              run_verify: bool = True, write_failed: bool = False, debug: bool = False,
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
              allow_partial: bool = False, quantize: str | None = None,
-             train_data: str | os.PathLike | None = None,
+             train_data: str | os.PathLike | None = None, target_cpu: str | None = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
@@ -181,6 +184,11 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         (``prune`` then int8, ``lowrank`` then int8, ...); see :func:`with_quantize`.
     train_data : unlabeled inputs for a training pass (``finetune``): a ``.npz`` file or a directory of
         ``.npz`` shards, streamed. The calibration ``data`` is used when it is not given.
+    target_cpu : the CPU the model is for: ``"auto"`` (this machine), a kind (``"avx2"``, ``"avx512"``,
+        ``"arm64"``, ...) or a profile file from ``graphopt calibrate -o``; ``None``:
+        ``$GRAPHOPT_TARGET_CPU`` or ``"auto"``. The lossy passes price channels, ranks and int8 formats
+        for it (:mod:`graphopt.measure.target`); ``report["target_cpu"]`` says which and where its
+        latency profile came from.
 
     Returns
     -------
@@ -200,6 +208,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
     _check_train_data(train_data, pipeline)
+    cpu_target = targets.resolve(target_cpu)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -214,7 +223,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
                       input_shapes=shapes, train_data=train_data, debug=debug,
-                      dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
+                      dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress, target=cpu_target)
     _, records = run_pipeline(pipeline, ir, ctx)
     after = _cost(ir, shapes, onnx_io.serialized_size(ir))
 
@@ -223,7 +232,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         ctx_progress("verifying with onnxruntime")
     # The IR itself is verified: its sessions take its weights by reference (no copy of the model).
     verify_dict, passed = _verdict(reference, ir, check, mode, tolerance, max_drop, run_verify,
-                                   held_out=verify_data is not None)
+                                   held_out=verify_data is not None, as_deployed=cpu_target.int8_like_host)
     if run_verify and probe.alternate is not None:
         ctx_progress("verifying at a second input shape")
         passed = _verify_alternate(reference, ir, ir, probe, mode, tolerance, seed, verify_dict) and passed
@@ -241,6 +250,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         "samples": sample.n_samples,
         "probe": probe.to_dict(),
         "seed": seed,
+        "target_cpu": cpu_target.to_dict(),
         "before": before,
         "after": after,
         "passes": [r.to_dict() for r in records],
@@ -377,14 +387,14 @@ def _check_budgets(target_macs: float | None, target_params: float | None, max_d
 
 def _verdict(reference: ModelLike, proto: ModelLike, check: Any, mode: str,
              tolerance: Tolerance | None, max_drop: float | None, run_verify: bool,
-             held_out: bool) -> tuple[dict[str, Any], bool]:
+             held_out: bool, as_deployed: bool = True) -> tuple[dict[str, Any], bool]:
     """The verification's report entry and whether it passed (a skipped verification passes, and says so)."""
     if not run_verify:
         return {"passed": True, "mode": mode, "skipped": True, "reasons": []}, True
     tol = tolerance
     if max_drop is not None:
         tol = dataclasses.replace(tol or Tolerance(), max_drop=max_drop)
-    verdict = run_verification(reference, proto, check, tolerance=tol, mode=mode)
+    verdict = run_verification(reference, proto, check, tolerance=tol, mode=mode, as_deployed=as_deployed)
     out = verdict.to_dict()
     out.update(data=check.source, samples=check.n_samples, held_out=held_out)
     return out, verdict.passed
@@ -434,6 +444,57 @@ def verify(reference: ModelLike, candidate: ModelLike, *, data: DataLike = None,
         report.passed = False
         report.reasons.extend(problems)
     return report
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` returns: the profile, the file it went to (``cached``: the user's cache,
+    where ``target_cpu="auto"`` finds it), this machine's CPU kind, and the seconds it took."""
+
+    profile: Any
+    path: Path
+    kind: str
+    cached: bool
+    seconds: float
+
+
+@scratch.run()
+def calibrate(*, output: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0,
+              progress: Callable[[int, int, str], None] | None = None) -> CalibrationResult:
+    """Measure the latency profile of this machine (:mod:`graphopt.measure.calibrate`: about 600 kernels
+    timed with onnxruntime's profiler at ``scale=1``, minutes) and write it.
+
+    Without ``output`` it goes to the user's cache as the profile of this machine's CPU kind
+    (``$XDG_CACHE_HOME/graphopt/latency-KIND.json``), which ``target_cpu="auto"`` and the kind's name then
+    use instead of the shipped or uncalibrated one; with ``output`` to that file, for ``target_cpu=FILE``
+    on another machine. ``progress(done, total, kind)`` is called per kernel.
+
+    Raises
+    ------
+    OptionError
+        ``scale`` outside (0, 1], a negative ``seed``.
+    GraphoptError
+        ``output`` is a directory or its folder does not exist; the file cannot be written.
+    """
+    if not 0.0 < scale <= 1.0:
+        raise OptionError(f"--scale must be a fraction in (0, 1], got {scale}")
+    _check_sampling(None, seed)
+    here = targets.resolve("auto")
+    path = Path(output) if output is not None else targets.cached_profile(here.name)
+    if output is not None:
+        _check_output(path, None)
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GraphoptError(f"cannot create the cache folder {path.parent} ({exc.strerror or exc}); "
+                                f"set XDG_CACHE_HOME or give -o FILE") from None
+    started = time.perf_counter()
+    command = f"graphopt calibrate --scale {scale:g} --seed {seed}"
+    profile = calibration_run.calibrate(here.name, here.host.cpu if here.host else "?", seed=seed, scale=scale,
+                                        command=command, progress=progress)
+    report.write_text_atomic(path, profile.to_text(), "profile")
+    return CalibrationResult(profile, path, here.name, output is None, round(time.perf_counter() - started, 3))
 
 
 @scratch.run()

@@ -24,7 +24,8 @@ from graphopt import __version__
 from graphopt.app import api, report
 from graphopt.core import manager, scratch
 from graphopt.core.errors import GraphoptError, OptionError
-from graphopt.measure import analysis, calibration
+from graphopt.measure import analysis, calibration, cpu
+from graphopt.measure import target as targets
 from graphopt.measure.verify import Tolerance
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TARGET_MISSED = 0, 1, 2, 3, 4
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "w4a8 (4-bit weights, 8-bit activations)")
     p.add_argument("--target-macs", type=_fraction, metavar="R", help="keep this fraction of the MACs (lossy passes)")
     p.add_argument("--target-params", type=_fraction, metavar="R", help="keep this fraction of the parameters")
+    p.add_argument("--target-cpu", metavar="KIND|FILE.json",
+                   help=f"the CPU the model is for: auto (this machine; the default, or ${targets.ENV}), one of "
+                        f"{', '.join(cpu.KINDS)}, or a profile from `graphopt calibrate -o`; channel counts, "
+                        "ranks and int8 weights are priced for it")
     p.add_argument("--report", action="append", default=[], metavar="FILE.json|.md|.html",
                    help="write a report (repeatable)")
     p.add_argument("--dump-dir", metavar="DIR", help="write the model after every pass into DIR")
@@ -116,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "under the prune preset (for its option channels)")
     p.add_argument("--heads", action="store_true",
                    help="with --groups: attention channels are whole heads (prune_filters.attention=heads)")
+    _add_common(p)
+
+    p = sub.add_parser("calibrate", help="measure this machine's latency profile (minutes) and cache it for "
+                                         "--target-cpu auto")
+    p.add_argument("--quick", action="store_true", help="a few small kernels per kind (seconds; a rough profile)")
+    p.add_argument("--scale", type=_fraction, metavar="X",
+                   help="kernels measured, as a fraction of the full set of about 600 (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kernel shapes (default 0)")
+    p.add_argument("-o", "--output", metavar="FILE.json",
+                   help=f"write the profile here instead of the cache ({targets.cache_dir()}); "
+                        "give the file to --target-cpu on another machine")
     _add_common(p)
 
     p = sub.add_parser("passes", help="list the registered passes and presets, or one pass's options")
@@ -158,7 +174,8 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             target_params=args.target_params, max_drop=args.max_drop, tolerance=_tolerance(args),
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,
             debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data,
-            allow_partial=args.allow_partial, train_data=args.train_data, progress=progress)
+            allow_partial=args.allow_partial, train_data=args.train_data, target_cpu=args.target_cpu,
+            progress=progress)
     for path in args.report:
         report.write_report(result.report, path)
     if not args.quiet:
@@ -330,7 +347,35 @@ def _print_pass_options(name: str, out: Console) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect, "passes": cmd_passes}
+def cmd_calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """``graphopt calibrate``: the profile of this machine, with a progress bar on stderr."""
+    scale = 0.01 if args.quick else (1.0 if args.scale is None else args.scale)
+    with _progress_bar(err, args.quiet) as advance:
+        result = api.calibrate(output=args.output, scale=scale, seed=args.seed, progress=advance)
+    if not args.quiet:
+        report.print_calibration(result, out)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress_bar(console: Console, quiet: bool) -> Iterator[Any]:
+    """A bar of kernels measured, on stderr (silent with -q or when stderr is not a terminal)."""
+    if quiet or not console.is_terminal:
+        yield lambda done, total, what: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("", total=None)
+
+        def advance(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        yield advance
+
+
+COMMANDS = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect, "calibrate": cmd_calibrate,
+            "passes": cmd_passes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

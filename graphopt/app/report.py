@@ -360,6 +360,8 @@ def _meta_facts(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         facts.append(("preset", str(report["preset"])))
     if report.get("passes_requested"):
         facts.append(("passes requested", ", ".join(map(str, report["passes_requested"]))))
+    if report.get("target_cpu"):
+        facts.append(("target CPU", target_cpu_fact(report["target_cpu"])))
     if report.get("graphopt_version"):
         facts.append(("graphopt", str(report["graphopt_version"])))
     if report.get("seconds") is not None:
@@ -369,6 +371,11 @@ def _meta_facts(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 _KNOWN_KEYS = {"graphopt_version", "model", "output", "preset", "passes_requested", "before", "after",
                "passes", "verify", "seconds"}
+
+
+def target_cpu_fact(target: Mapping[str, Any]) -> str:
+    """``avx2 (profile: shipped)``: the target CPU and where its prices came from, short."""
+    return f"{target.get('name', '?')} (profile: {(target.get('profile') or {}).get('source', '?')})"
 
 
 def _other(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -711,15 +718,22 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     check_report_path(path)
-    _write_atomic(path, _RENDERERS[path.suffix.lower()](report))
+    write_text_atomic(path, _RENDERERS[path.suffix.lower()](report))
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, what: str = "report") -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, so a failed write leaves no file.
+
+    Raises
+    ------
+    GraphoptError
+        The file cannot be written (``what`` names it in the message).
+    """
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise GraphoptError(f"cannot write report {str(path)!r}: {exc.strerror or exc}") from None
+        raise GraphoptError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
@@ -730,7 +744,7 @@ def _write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise GraphoptError(f"cannot write report {str(path)!r}: {exc.strerror or exc}") from None
+            raise GraphoptError(f"cannot write {what} {str(path)!r}: {exc.strerror or exc}") from None
         raise
 
 
@@ -758,7 +772,7 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         console.print(Text.assemble((f"{name}: ", "bold yellow"), notice))
     _print_outputs(report.get("verify"), console)
     console.print(_rich_verdict(_verdict(report)))
-    for line in (shapes_line(report), target_line(report)):
+    for line in (shapes_line(report), target_line(report), target_cpu_line(report)):
         if line:
             console.print(Text(line))
 
@@ -784,6 +798,36 @@ def target_line(report: Mapping[str, Any]) -> str | None:
             parts.append(f"{label} {t['target']:.2f}: reached {reached}")
     verdict = "met" if target["met"] else f"missed: {target.get('reason', '?')}"
     return f"target {', '.join(parts)} ({verdict})"
+
+
+def print_calibration(result: Any, console: Console) -> None:
+    """What ``graphopt calibrate`` shows: the fit's quality per kernel kind, where the profile went and
+    who will use it (``result``: :class:`graphopt.app.api.CalibrationResult`)."""
+    meta = result.profile.meta
+    table = Table(title=f"Latency profile of {meta.get('cpu', '?')} ({result.kind}, onnxruntime "
+                        f"{meta.get('onnxruntime', '?')}, {meta.get('kernels', '?')} kernels in "
+                        f"{format_seconds(result.seconds)})", title_justify="left")
+    for col in ("kind", "kernels", "median rel. error", "90th pct rel. error"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for kind, q in (meta.get("fit") or {}).items():
+        if q.get("n"):
+            table.add_row(kind, str(q["n"]), f"{q['median_rel_error']:.1%}", f"{q['p90_rel_error']:.1%}")
+        else:
+            table.add_row(kind, "0", "-", "-")
+    console.print(table)
+    use = (f"--target-cpu auto and --target-cpu {result.kind} use it on this machine" if result.cached
+           else f"give it to --target-cpu {result.path}")
+    console.print(Text(f"wrote {result.path}: {use}"))
+
+
+def target_cpu_line(report: Mapping[str, Any]) -> str | None:
+    """``target CPU avx2 (detected: ...); profile shipped (...)`` for a lossy run (the lossless passes
+    price nothing per CPU, and the header names the target anyway)."""
+    target = report.get("target_cpu")
+    if not target or (report.get("verify") or {}).get("mode") != "accuracy":
+        return None
+    notes = "; ".join(target.get("notes") or [])
+    return str(target.get("summary") or target_cpu_fact(target)) + (f"; {notes}" if notes else "")
 
 
 def pass_notices(report: Mapping[str, Any]) -> list[tuple[str, str]]:

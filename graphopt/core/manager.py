@@ -166,6 +166,9 @@ class PassContext:
         directory of ``.npz`` shards; ``graphopt.compress.distill.data``), or ``None``.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
+    target : the CPU the model is for (``graphopt.measure.target.Target``: its kind, channel geometry and
+        latency profile), which the lossy passes price with; ``None``: the default target
+        (``graphopt.measure.target.resolve``), resolved by the pass that needs it.
     """
 
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -182,6 +185,7 @@ class PassContext:
     debug: bool = False
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None
+    target: Any = field(default=None, repr=False, compare=False)
     runner: _Runner | None = field(default=None, repr=False, compare=False)
 
     def rng(self, pass_name: str) -> np.random.Generator:

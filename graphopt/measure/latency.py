@@ -5,9 +5,12 @@ MACs do not say what a layer costs. On the 2-core AVX2 machines graphopt is meas
 channels are not a multiple of 4 leaves onnxruntime's blocked (NCHWc) kernels for im2col + GEMM. The
 passes that trade error for speed (``prune_filters`` prices channels in time, ``lowrank`` keeps a
 factorization only when it is faster) need a cost that knows this, and the same one every run: the
-written model must not depend on how loaded the machine was. So the model is *calibrated once*
-(``tools/calibrate_latency.py`` times ~400 kernels with onnxruntime's profiler) and its coefficients are
-stored in ``graphopt/data/latency_cpu.json``; predictions are a pure function of shapes.
+written model must not depend on how loaded the machine was. So the model is *calibrated once* per kind
+of CPU (``graphopt calibrate``, :mod:`graphopt.measure.calibrate`, times ~600 kernels with onnxruntime's
+profiler) and its coefficients are stored: ``graphopt/data/latency_avx2.json`` ships with graphopt, a
+calibration of the machine at hand goes to the user's cache; predictions are a pure function of shapes.
+Which profile a run uses is its target CPU's (:mod:`graphopt.measure.target`); a kind no one has
+calibrated gets :meth:`LatencyModel.macs_only`: MACs with the kind's block geometry.
 
 The model
 ---------
@@ -38,19 +41,21 @@ with a fixed overhead: the NCHWc kernels run once per image, block of 8 output c
 14x14), im2col convs once per image and group (a depthwise conv off the blocked path is one tiny
 GEMM per channel).
 
-The NCHWc path (read off onnxruntime by the calibration tool and stored with the coefficients):
-a 2-D Conv goes to the blocked kernels when its input channels are below the block size or a multiple of
-``input_multiple`` (4 with AVX2; :meth:`Nchwc.nchwc` has the grouped cases); the channels are then padded up to
-``block`` (8 with AVX2), so a 12-channel conv costs like a 16-channel one (``padded=True``). Polynomial
-costs over channel counts (:func:`graphopt.compress.budget.PolynomialCost`) use ``padded=False``: the allocator
-rounds to multiples of the block itself.
+The NCHWc path (read off onnxruntime by :mod:`graphopt.measure.kernels` and stored with the
+coefficients): a 2-D Conv goes to the blocked kernels when its input channels are below the block size or
+a multiple of ``input_multiple`` (4 with AVX2; :meth:`Nchwc.nchwc` has the grouped cases); the channels
+are then padded up to ``block`` (8 with AVX2, 16 with AVX-512), so a 12-channel conv costs like a
+16-channel one (``padded=True``). A block of 1 means no blocked kernels at all (ARM64 release builds).
+Polynomial costs over channel counts (:func:`graphopt.compress.budget.PolynomialCost`) use
+``padded=False``: the allocator only offers counts in whole units of the target
+(:mod:`graphopt.compress.channels.units`).
 
 Refusal: a node whose shapes are unknown costs ``None`` (the caller decides; never a silent 0); an op
 in a custom domain or a control-flow op costs ``None``.
 
-The stored profile was measured on one kind of machine; on another ISA (AVX-512: 16-channel blocks)
-the predictions are still deterministic but only roughly right: re-run
-``python tools/calibrate_latency.py fit`` there and pass the file (``load(path)``).
+A profile was measured on one kind of CPU; on another (AVX-512: 16-channel blocks) its predictions are
+deterministic but not that CPU's: graphopt prices for the target CPU's profile, and MACs with the target's
+block geometry where it has none (``graphopt calibrate`` on the target makes one).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from graphopt.core.ir import Node, Value
 
 KINDS = ("pointwise", "conv", "depthwise", "im2col", "grouped_im2col", "gemm", "elementwise")
 FEATURES = ("kernel", "macs", "outputs", "inputs", "weights", "calls")
-DEFAULT_PROFILE = Path(__file__).parents[1] / "data" / "latency_cpu.json"
+DEFAULT_PROFILE = Path(__file__).parents[1] / "data" / "latency_avx2.json"
 
 #: Ops that cost nothing at run time in onnxruntime (views, shape arithmetic, constants).
 FREE = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Shape", "Constant", "Dropout",
@@ -106,7 +111,7 @@ class Nchwc:
         group 1 with fewer input channels than a block or a multiple of ``input_multiple``; depthwise
         with a multiple of ``input_multiple`` channels; other grouped convs with whole blocks per group
         on both sides)."""
-        if spatial_dims != 2:
+        if spatial_dims != 2 or self.block <= 1:  # a block of 1: no NCHWc kernels (ARM64 release builds)
             return False
         if group == 1:
             return cin < self.block or cin % self.input_multiple == 0
@@ -215,12 +220,33 @@ class LatencyModel:
         path = Nchwc(int(data["path"]["block"]), int(data["path"]["input_multiple"]))
         return cls(coefficients, path, dict(data.get("meta", {})))
 
+    def to_text(self) -> str:
+        """The profile file's text (:meth:`to_json`, sorted, one space of indent)."""
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+        Path(path).write_text(self.to_text())
+
+    @classmethod
+    def macs_only(cls, path: Nchwc, meta: Mapping[str, Any] | None = None) -> LatencyModel:
+        """The model of a CPU no one has calibrated: one unit per multiply-accumulate of every conv and
+        GEMM kind, nothing for data movement or dispatch, with ``path``'s NCHWc rule: a blocked conv is
+        charged its channels padded to whole blocks. Its "seconds" are MACs; only ratios mean anything."""
+        unit = np.zeros(len(FEATURES))
+        unit[FEATURES.index("macs")] = 1.0
+        coefficients = {k: (np.zeros(len(FEATURES)) if k == "elementwise" else unit.copy()) for k in KINDS}
+        return cls(coefficients, path, dict(meta or {}, calibrated=False))
+
+    @property
+    def calibrated(self) -> bool:
+        """Its coefficients were measured (``False`` for :meth:`macs_only`)."""
+        return bool(self.meta.get("calibrated", True))
 
 
 def load(path: str | Path | None = None) -> LatencyModel:
-    """The stored profile (``graphopt/data/latency_cpu.json``), or the one at ``path``."""
+    """The shipped AVX2 profile (``graphopt/data/latency_avx2.json``), or the one at ``path``.
+
+    Passes price with their run's target CPU (:func:`graphopt.measure.target.resolve`), not with this."""
     return _load(str(path or DEFAULT_PROFILE))
 
 

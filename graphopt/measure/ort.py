@@ -144,7 +144,8 @@ def structure(model: ModelLike | Structure) -> Structure:
 
 
 def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None,
-            quiet: bool = False, weights: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+            quiet: bool = False, weights: Mapping[str, np.ndarray] | None = None,
+            profile_dir: Path | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` (an IR Model, a ModelProto, serialized bytes or a path).
 
     An IR model's large weights go to onnxruntime by reference, as external initializers over its
@@ -157,6 +158,7 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
     threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
     quiet : no onnxruntime error log on stderr (failures still raise).
     weights : the arrays of a ModelProto's by-reference stubs (``{name: array}``).
+    profile_dir : turn onnxruntime's profiler on, its file in this folder (``end_profiling()`` names it).
 
     Raises
     ------
@@ -164,6 +166,9 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
         onnxruntime cannot load the model: ``"<model>: onnxruntime rejects the model: <reason>"``.
     """
     opts = session_options(optimize=optimize, threads=threads, quiet=quiet)
+    if profile_dir is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(profile_dir) / "profile")
     where = describe(model)
     if isinstance(model, (str, os.PathLike)):
         if not Path(model).is_file():
@@ -229,6 +234,22 @@ def run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], output_name
     except ORT_ERRORS + (ValueError, TypeError) as exc:
         raise GraphoptError(f"{what}: onnxruntime failed to run: {ort_message(exc)}") from None
     return dict(zip(names, arrays))
+
+
+def optimized(proto: onnx.ModelProto, *, threads: int | None = 1) -> onnx.ModelProto:
+    """The graph onnxruntime runs for ``proto`` after its ``ORT_ENABLE_ALL`` optimizations (its fused and
+    layout ops included), read back from a scratch file.
+
+    Raises
+    ------
+    GraphoptError
+        onnxruntime cannot load the model.
+    """
+    with scratch.directory("ort-optimized") as folder:
+        opts = session_options(optimize=True, threads=threads, quiet=True)
+        opts.optimized_model_filepath = str(folder / "optimized.onnx")
+        _new_session(proto.SerializeToString(), opts, describe(proto))
+        return onnx.load(str(folder / "optimized.onnx"))
 
 
 def known_elem_types(graph: onnx.GraphProto) -> dict[str, int]:

@@ -17,15 +17,14 @@ onnxruntime's own Entropy and Distribution calibrators are not offered: measured
 with its defaults gives the MinMax ranges at 30-90× the time with more bins, and Distribution loses
 70 points at int8 (issue 18).
 
-What onnxruntime fuses (:func:`optimized`, :func:`float_layers`)
------------------------------------------------------------------
+What onnxruntime fuses (:func:`float_layers`)
+-----------------------------------------------
 A QDQ model is a float model with ``QuantizeLinear`` / ``DequantizeLinear`` pairs; it is fast only where
 onnxruntime's optimizer (``ORT_ENABLE_ALL``) turns ``DQ → Conv → Q`` into an integer kernel
 (``QLinearConv``, ``QGemm``, ``QLinearMatMul``, ``MatMulIntegerToFloat``). A layer it cannot fuse runs
-as a float layer between a dequantize and a quantize: slower than the float model. :func:`optimized`
-reads the graph onnxruntime actually runs (``SessionOptions.optimized_model_filepath``, written into a
-scratch folder of the run, never the current directory); :func:`float_layers` names the layers left
-float there. Node names survive the optimizer for nodes it does not fuse, which is what makes the
+as a float layer between a dequantize and a quantize: slower than the float model.
+:func:`graphopt.measure.ort.optimized` reads the graph onnxruntime actually runs (written into a scratch
+folder of the run, never the current directory); :func:`float_layers` names the layers left float there. Node names survive the optimizer for nodes it does not fuse, which is what makes the
 answer per layer.
 """
 
@@ -36,16 +35,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import Calibrator, SampleData
 
 __all__ = ["BINS", "CALIBRATORS", "QUANT_OPS", "Range", "activation_ranges", "deployed_snr_db", "float_layers", "is_quantized",
-           "optimized", "qdq_aliases"]
+           "qdq_aliases"]
 
 CALIBRATORS = ("minmax", "percentile")
 BINS = 2048
@@ -103,18 +100,6 @@ def activation_ranges(model: Model, data: SampleData, names: Iterable[str], *, m
 def is_quantized(proto: onnx.ModelProto) -> bool:
     """The main graph holds quantization ops (Q/DQ pairs, integer kernels, 4-bit MatMuls)."""
     return any(node.op_type in QUANT_OPS for node in proto.graph.node)
-
-
-def optimized(proto: onnx.ModelProto, *, threads: int | None = 1) -> onnx.ModelProto:
-    """The graph onnxruntime runs for ``proto`` after ``ORT_ENABLE_ALL`` (read from a scratch file)."""
-    with scratch.directory("ort-optimized") as folder:
-        opts = gort.session_options(optimize=True, threads=threads)
-        opts.optimized_model_filepath = str(folder / "optimized.onnx")
-        try:
-            ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except gort.ORT_ERRORS as exc:
-            raise GraphoptError(f"onnxruntime rejects the quantized model: {gort.ort_message(exc)}") from None
-        return onnx.load(str(folder / "optimized.onnx"))
 
 
 def deployed_snr_db(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], *, threads: int | None = 1) -> float:

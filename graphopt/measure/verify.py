@@ -698,7 +698,8 @@ def _least_precise(comparisons: Sequence[_Comparison]) -> int | None:
 
 def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleData, *,
            tolerance: Tolerance | None = None, mode: str = "equivalence", batch_size: int = 64,
-           threads: int | None = None, find_divergence: bool = True) -> VerifyReport:
+           threads: int | None = None, find_divergence: bool = True,
+           as_deployed: bool = True) -> VerifyReport:
     """Compare ``candidate`` against ``reference`` on ``data`` in onnxruntime (optimizations off).
 
     Parameters
@@ -709,6 +710,10 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     mode : ``"equivalence"`` (lossless) or ``"accuracy"`` (lossy).
     batch_size : samples per run (a static batch dim overrides it); memory is bounded by one batch.
     find_divergence : on an equivalence failure, search the first diverging tensor.
+    as_deployed : a quantized candidate of a float reference runs with onnxruntime's optimizations on, its
+        integer kernels as deployed (default). ``False`` judges its QDQ arithmetic instead: for a target
+        CPU whose integer kernels this machine does not have (``graphopt.measure.target``), what this
+        machine's kernels would make of it is not what the target's will.
 
     Returns
     -------
@@ -734,10 +739,14 @@ def verify(reference: gort.ModelLike, candidate: gort.ModelLike, data: SampleDat
     blocking.extend(lost_dynamic_dims(ref.proto, cand.proto))
     notes = list(data.notes)
     ref.session = ref.new_session(threads=threads)
-    deployed = qdq.is_quantized(cand.proto) and not qdq.is_quantized(ref.proto)
+    quantized = qdq.is_quantized(cand.proto) and not qdq.is_quantized(ref.proto)
+    deployed = quantized and as_deployed
     if deployed:
         notes.append("the candidate is quantized: it runs with onnxruntime's graph optimizations on, as deployed "
                      "(its integer kernels are what is judged; the reference runs with them off)")
+    elif quantized:
+        notes.append("the candidate is quantized for another CPU's integer kernels: its QDQ arithmetic is judged "
+                     "(onnxruntime's optimizations off), not this machine's kernels")
     cand.session = _candidate_session(cand, data, threads, blocking, optimize=deployed)
     # The float-noise yardstick (onnxruntime's own optimizations against none) sets the automatic relative
     # tolerance, which only the equivalence verdict applies; a lossy verdict judges by its role rules, so

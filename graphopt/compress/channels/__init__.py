@@ -13,6 +13,7 @@ dimensions must lose the same channels, the groups they form, what a plan costs,
 ``plan``            the plan cost model: MACs, params and predicted time of a plan without building it
 ``shapes``          the shape inputs a plan makes stale (Reshape targets, Split sizes, Slice bounds...)
 ``shrink``          physically removing a plan's channels from a model
+``units``           the target CPU's channel unit of each group (its NCHWc block, or its vector lanes)
 ==================  ===========================================================================================
 
 Dependencies point down this list's reverse: ``dims`` <- rules <- ``walk`` <- ``groups`` / ``shapes`` <-
@@ -28,4 +29,4 @@ from graphopt.compress.channels.groups import Member as Member
 from graphopt.compress.channels.groups import Producer as Producer
 
 __all__ = ["analysis", "coupling", "dims", "groups", "index_mapping", "layers", "plan", "shape_eval", "shapes",
-           "shrink", "walk"]
+           "shrink", "units", "walk"]

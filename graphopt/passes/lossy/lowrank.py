@@ -77,7 +77,9 @@ Latency
 Fewer MACs is not always faster: two small kernels may cost more than one, and a rank whose channel
 count is not a multiple of 4 drops a conv off onnxruntime's blocked kernels. By default (``latency=cost``)
 a factorization is kept only when :mod:`graphopt.measure.latency` (per-kernel times calibrated once with
-onnxruntime's profiler and stored, at ``latency_batch``) predicts the pair faster than the layer (with
+onnxruntime's profiler and stored for the run's target CPU, :mod:`graphopt.measure.target`, at
+``latency_batch``; MACs with the target's block geometry when no one calibrated it, so a rank between two
+of its blocks costs the next block) predicts the pair faster than the layer (with
 the global target, the allocator is only offered such ranks): it is deterministic, so the output stays
 byte-identical run to run. ``latency=measure`` times each factorization
 against the original layer alone instead (a one-layer model at the layer's shape, batch 1, onnxruntime
@@ -117,6 +119,7 @@ from graphopt.measure import ort as gort
 from graphopt.measure.analysis import analyze
 from graphopt.measure.calibration import Calibrator, Gram, SampleData, batch_within, feed_batch_size
 from graphopt.measure import segments
+from graphopt.measure import target as targets
 from graphopt.measure.segments import Frontier
 from graphopt.measure.executor import EvalContext, InProcess
 from graphopt.compress import lowrank_table as lrt
@@ -985,6 +988,11 @@ class LowRankRun:
     def site_stats(self, site: Site) -> Stats | None:
         return self.stats.get(id(site.node))
 
+    @property
+    def latency(self) -> lat.LatencyModel:
+        """The run's target CPU's latency model (MACs with its block geometry when it is uncalibrated)."""
+        return targets.of(self.ctx).latency
+
 
 @register
 class LowRank(Pass):
@@ -1152,7 +1160,7 @@ def keep_faster(run: LowRankRun, plans: list[Plan]) -> list[Plan]:
         if mode == "measure":
             plan.latency_ratio = measure_latency(plan)
         elif mode == "cost":
-            plan.latency_ratio = predicted_ratio(plan.form, plan.rank, lat.load(), run.opt("latency_batch"))
+            plan.latency_ratio = predicted_ratio(plan.form, plan.rank, run.latency, run.opt("latency_batch"))
         if mode != "off" and plan.latency_ratio is not None and plan.latency_ratio >= limit:
             run.leave(plan.site.node, f"factorized layer is not faster ({mode})")
             continue
@@ -1178,6 +1186,8 @@ def report(run: LowRankRun, plans: list[Plan], kept: list[Plan], records: list[d
     out: dict[str, Any] = {"factorized": len(kept), "select": run.select, "data_aware": run.aware, "layers": records,
                            "params_before": sum(p.site.params for p in kept),
                            "params_after": sum(p.form.params(p.rank) for p in kept)}
+    if run.opt("latency") == "cost":
+        out["latency_profile"] = targets.of(run.ctx).line()
     if allocation is not None:
         out["allocation"] = allocation
         if len(kept) < len(plans):
@@ -1282,7 +1292,7 @@ def _target_levels(run: LowRankRun, form: Form, by_params: bool) -> list[int] | 
         return levels
     limit = run.opt("max_latency_ratio")
     fast = [lv for lv in levels[1:]
-            if (ratio := predicted_ratio(form, lv, lat.load(), run.opt("latency_batch"))) is None or ratio < limit]
+            if (ratio := predicted_ratio(form, lv, run.latency, run.opt("latency_batch"))) is None or ratio < limit]
     if not fast:
         return "factorized layer is not faster at any rank (cost)"
     return [levels[0], *fast]

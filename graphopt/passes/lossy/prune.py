@@ -31,15 +31,19 @@ Select
 
 Plan
 ----
-4. **Budget.** Kept channel counts are multiples of option ``multiple`` (default 8: onnxruntime's
-   NCHWc conv kernels work in blocks of 8 channels on AVX2, and arbitrary counts can make a pruned model
-   slower than the original; a group smaller than the multiple is not pruned). Option ``ratio`` > 0
+4. **Budget.** Kept channel counts move in the target CPU's unit of each group
+   (:mod:`graphopt.compress.channels.units`): its NCHWc block where one of the group's convs runs
+   blocked, else its vector lanes, because a count between two units costs what the next one costs
+   (8 everywhere on AVX2, 16 on AVX-512, 4 on ARM64 without NCHWc; arbitrary counts made pruned models
+   slower than the original). Option ``multiple`` > 0 replaces the unit by a fixed multiple; a group
+   smaller than its unit is not pruned. The target is the run's ``--target-cpu``
+   (:mod:`graphopt.measure.target`). Option ``ratio`` > 0
    removes that fraction of every prunable group; option ``channels`` (``"3:40,7:64"``) sets kept counts
    by hand (group ids of the model this pass sees — under the ``prune`` preset the lossless cleanup runs
    first and may merge layers, so take them from a run's report or from
    ``graphopt inspect --groups --lossless``). Otherwise ``--target-macs`` / ``--target-params`` are met by
    :func:`graphopt.compress.budget.allocate`: each group is a unit (keyed by its group id) whose levels are
-   the kept counts that are multiples of ``multiple`` (and of the group's divisor); its *sensitivity* at
+   the kept counts in whole units (and multiples of the group's divisor); its *sensitivity* at
    ``levels`` evenly spaced kept fractions is measured on ``sensitivity_samples`` calibration samples
    through :mod:`graphopt.measure.executor` (option ``workers``): the model with only that group pruned to
    that level and its consumers re-fitted from the original statistics; error = relative squared error
@@ -59,8 +63,9 @@ Plan
    The greedy allocator then removes, step by step, the channels that cost the least error per unit
    saved, until the target is met. What a unit is (option
    ``latency``): ``ops`` (default) — MACs, each group's errors divided by a hand-set time-per-MAC weight
-   (:func:`latency_weights`); ``time`` — predicted seconds of the nodes the groups touch
-   (:mod:`graphopt.measure.latency`, calibrated per-kernel times, at ``latency_batch``), with the time
+   (:func:`latency_weights`; a dense conv is "small" below two of the target's blocks); ``time`` —
+   predicted seconds of the nodes the groups touch (:mod:`graphopt.measure.latency` with the target's
+   profile, or its MACs when it has none, at ``latency_batch``), with the time
    budget chosen by bisection so that the MACs meet the target
    (:func:`graphopt.compress.budget.allocate_priced`); ``macs`` — plain MACs. A params target always buys
    params. ``time`` is the principled one, but the calibrated model misses onnxruntime's layout reorders
@@ -117,6 +122,7 @@ from graphopt.measure.blas import blas_threads
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
 from graphopt.compress.channels import shrink
+from graphopt.compress.channels.units import group_units
 from graphopt.compress.lstsq import LinearLayer, collect, stored_weight
 from graphopt.compress.options import calibration
 from graphopt.core.errors import OptionError
@@ -133,6 +139,7 @@ from graphopt.measure import analysis as ana
 from graphopt.measure import latency as lat
 from graphopt.measure import ort as gort
 from graphopt.measure import segments
+from graphopt.measure import target as targets
 from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
 from graphopt.measure.executor import EvalContext, in_worker, make_executor, relative_error
 from graphopt.measure.verify import Tolerance, verify
@@ -790,18 +797,25 @@ def polynomial_cost(groups: list, f: Callable[[dict[int, int]], float]):
 #: Depthwise convs are slower per MAC than dense ones, but weighting them up moved channels to where
 #: they bought no speed and cost accuracy, so they count as dense.
 SMALL_OUTPUT_WEIGHT = 0.3
+#: ... with at most this many output channels (two 8-channel blocks) on AVX2, where it was measured; on
+#: another target, two of its blocks (:func:`small_output`).
 SMALL_OUTPUT = 16
 
 
-def _node_weight(node, cout: int, produces: bool) -> float:
+def small_output(target: targets.Target) -> int:
+    """The output channels below which a dense conv counts as small on ``target``: two of its units."""
+    return 2 * target.unit(blocked=True)
+
+
+def _node_weight(node, cout: int, produces: bool, small: int = SMALL_OUTPUT) -> float:
     """Marginal time-per-MAC weight of one node for a group it produces (``produces``) or reads."""
-    if node.op_type == "Conv" and produces and cout <= SMALL_OUTPUT:
+    if node.op_type == "Conv" and produces and cout <= small:
         return SMALL_OUTPUT_WEIGHT
     return 1.0
 
 
-def latency_weights(model: Model, groups: list, input_shapes: Mapping[str, Sequence[int]] | None = None
-                    ) -> dict[int, float]:
+def latency_weights(model: Model, groups: list, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                    small: int = SMALL_OUTPUT) -> dict[int, float]:
     """Estimated time saved per MAC saved by pruning each group: ``w_g = Σ_n ρ_n MACs_n / Σ_n MACs_n``.
 
     ``n`` runs over the group's producers and consumers (the nodes whose MACs shrink with it) and
@@ -824,7 +838,7 @@ def latency_weights(model: Model, groups: list, input_shapes: Mapping[str, Seque
             shape = w.shape if w is not None else None
             rho = 1.0
             if node.op_type == "Conv" and shape and len(shape) >= 2 and all(isinstance(d, int) for d in shape[:2]):
-                rho = _node_weight(node, int(shape[0]), name in produced)
+                rho = _node_weight(node, int(shape[0]), name in produced, small)
             num += rho * cost.macs
             den += cost.macs
         out[g.gid] = num / den if den else 1.0
@@ -861,6 +875,7 @@ class PruneRun:
     params0: int = 0
     sensitivity_stats: dict[str, Any] = field(default_factory=dict)
     fit_grams: dict[str, Any] | None = None                  # consumer node -> CrossGram (fitting samples)
+    units: dict[int, int] = field(default_factory=dict)      # group id -> the target's channel unit
 
     def opt(self, key: str) -> Any:
         return self.pass_.opt(self.ctx, key)
@@ -932,9 +947,10 @@ class PruneFilters(Pass):
         "criterion": Option("thinet", "channel ranking", str, choices=imp.CRITERIA),
         "remove_fraction": Option(0.0, "uniform fraction of channels removed from every prunable group (0: use the global "
                              "--target-macs/--target-params)", float, low=0, high=1, high_open=True),
-        "multiple": Option(8, "kept channel counts are multiples of this (8: onnxruntime's CPU conv kernels work in "
-                              "blocks of 8 channels; other counts ran slower than the unpruned model)", int,
-                           choices=(1, 2, 4, 8, 16)),
+        "multiple": Option(0, "kept channel counts are multiples of this; 0: the target CPU's unit of each group "
+                              "(its NCHWc block where a conv of the group runs blocked, else its vector lanes: 8 "
+                              "on AVX2, 16 on AVX-512), since counts in between cost what the next unit costs",
+                           int, choices=(0, 1, 2, 4, 8, 16)),
         "channels": Option("", "explicit kept channel counts, 'group:count,...' (ids of the groups of the model "
                                "this pass sees: under the prune preset, after the lossless cleanup; a run's report "
                                "lists them); groups not named keep all their channels; replaces the ratio and "
@@ -1041,7 +1057,8 @@ class PruneFilters(Pass):
         """The run: calibration data, an untouched reference copy, and every prunable group ranked."""
         data = ctx.data.head(min(self.opt(ctx, "samples"), ctx.data.n_samples)) if ctx.data is not None else None
         run = PruneRun(self, ctx, model, analysis, groups, model, data,
-                       seed=int(ctx.rng(self.name).integers(2 ** 31)))
+                       seed=int(ctx.rng(self.name).integers(2 ** 31)),
+                       units=group_units(model.graph, groups, targets.of(ctx)))
         criterion = run.opt("criterion")
         ctx.say(f"prune: ranking {len(groups)} groups by {criterion}")
         sensitivity = run.measures_sensitivity()
@@ -1067,7 +1084,7 @@ class PruneFilters(Pass):
                     run.grams[k] = run.fit_grams[k].merge(held.pop(k)).compact()
         act = activation_stats(run.reference, groups, data, run.batch) if criterion in ("mean", "apoz") else {}
         run.rankings = {g.gid: rank_group(run.reference.graph, g, criterion, run.grams, run.layers, act,
-                                          run.opt("thinet_ridge"), step=self._divisor(g, ctx)) for g in groups}
+                                          run.opt("thinet_ridge"), step=self._divisor(g, run)) for g in groups}
         if run.fit_grams is not None:
             run.grams = {}  # the merged statistics served the ranking only; the sensitivity reads fit_grams
         run.macs0, run.params0 = analysis.cost({})
@@ -1083,7 +1100,7 @@ class PruneFilters(Pass):
         if explicit:
             return self._explicit_keep(explicit, run.groups, run.analysis), {"mode": "explicit", "channels": explicit}
         if ratio > 0:
-            return ({g.gid: self._uniform_keep(g, 1.0 - ratio, run.ctx) for g in run.groups},
+            return ({g.gid: self._uniform_keep(g, 1.0 - ratio, run) for g in run.groups},
                     {"mode": "uniform", "ratio": ratio})
         return self._allocate(run)
 
@@ -1116,30 +1133,32 @@ class PruneFilters(Pass):
             keep[gid] = count
         return keep
 
-    def _divisor(self, group, ctx) -> int:
-        """Kept counts are multiples of this: the group's divisor, and ``multiple`` counted in weight rows
-        (a head of ``D`` rows already keeps a multiple of 8 rows when ``D`` is one)."""
-        multiple = int(self.opt(ctx, "multiple"))
+    @staticmethod
+    def _divisor(group, run: PruneRun) -> int:
+        """Kept counts are multiples of this: the group's divisor, and its unit (option ``multiple``, else
+        the target's) counted in weight rows (a head of ``D`` rows already keeps a multiple of 8 rows when
+        ``D`` is one)."""
+        multiple = int(run.opt("multiple")) or run.units.get(group.gid, 1)
         return _lcm(multiple // gcd(multiple, max(group.width, 1)), max(group.divisor, 1))
 
-    def _uniform_keep(self, group, fraction: float, ctx) -> int:
-        m = self._divisor(group, ctx)
+    def _uniform_keep(self, group, fraction: float, run: PruneRun) -> int:
+        m = self._divisor(group, run)
         k = _round_down(round(group.size * fraction), m) if group.size >= m else group.size
         low = max(group.min_keep, 1)
         low = int(np.ceil(low / m) * m) if group.size >= m else low
         return int(min(max(k, low), group.size))
 
-    def _units(self, groups, ctx) -> list[budget.Unit]:
+    def _units(self, run: PruneRun) -> list[budget.Unit]:
         """One allocator unit per group, keyed by its id; its levels are the multiples of the divisor."""
         units = []
-        for g in groups:
-            m = self._divisor(g, ctx)
+        for g in run.groups:
+            m = self._divisor(g, run)
             # Every multiple of m is a level: the allocator can then stop close to the target.
             ratios = [k / g.size for k in range(m, g.size + 1, m)] or [1.0]
             lv = budget.levels(g.size, ratios, multiple=m, min_keep=max(g.min_keep, 1))
             # every_group: the first step becomes mandatory when it is a small one (at most a quarter of
             # the group); with a coarse ``multiple`` a 16-channel group's first step is half of it.
-            if self.opt(ctx, "every_group") and len(lv) > 1 and lv[1] >= 0.75 * g.size:
+            if run.opt("every_group") and len(lv) > 1 and lv[1] >= 0.75 * g.size:
                 lv = lv[1:]
             units.append(budget.Unit(g.gid, lv))
         return units
@@ -1189,7 +1208,7 @@ class PruneFilters(Pass):
     def _problem(self, run: PruneRun) -> AllocationProblem:
         """The units, the cost (a polynomial fit of the analysis when one target is set and the fit is
         exact, else the analysis over the targets) and the goal."""
-        units = self._units(run.groups, run.ctx)
+        units = self._units(run)
         tm, tp = self._targets(run.ctx, run.macs0, run.params0)
         poly = None
         if run.opt("allocation") != "uniform" and (tm is None) != (tp is None):
@@ -1228,7 +1247,7 @@ class PruneFilters(Pass):
         stays in MACs. A params target buys params: no weights."""
         if run.opt("latency") != "ops" or problem.target_macs is None:
             return sens, None
-        weights = latency_weights(run.model, run.groups, run.ctx.input_shapes)
+        weights = latency_weights(run.model, run.groups, run.ctx.input_shapes, small_output(targets.of(run.ctx)))
         return {u.key: {k: e / weights[u.key] for k, e in sens[u.key].items()} for u in problem.units}, weights
 
     def _time_price(self, run: PruneRun):
@@ -1236,7 +1255,8 @@ class PruneFilters(Pass):
         touch at ``latency_batch``, as a polynomial of the kept fractions (or the analysis itself when
         it does not fit one), and what the stats say about it."""
         analysis = run.analysis
-        model = lat.load()
+        target = targets.of(run.ctx)
+        model = target.latency
         batch = int(run.opt("latency_batch"))
         poly = polynomial_cost(run.groups, lambda keep: analysis.time(keep, model, batch))
         if poly is None:
@@ -1244,8 +1264,11 @@ class PruneFilters(Pass):
                 return analysis.time(dict(keep), model, batch)
         whole, _ = lat.model_time(analysis.model, model, batch=batch,  # None when a shape is unknown
                                   input_shapes=run.ctx.input_shapes)
-        return poly, {"price": "predicted time", "batch": batch, "profile": model.meta.get("cpu", "?"),
-                      "whole_seconds": whole}
+        if not target.calibrated:  # the uncalibrated target's model counts MACs, not seconds
+            return poly, {"price": f"MACs with {target.name}'s block geometry (uncalibrated)", "batch": batch,
+                          "profile": target.profile_line(), "whole": whole}
+        return poly, {"price": "predicted time", "batch": batch, "profile": target.profile_line(),
+                      "whole": whole}
 
     @staticmethod
     def _targets(ctx, macs0: int, params0: int) -> tuple[float | None, float | None]:
@@ -1264,7 +1287,7 @@ class PruneFilters(Pass):
     def _uniform_to_target(self, run: PruneRun, cost) -> tuple[dict[int, int], dict[str, Any]]:
         """The smallest uniform ratio (bisection, every group the same fraction) that meets the target."""
         def keep_at(r: float) -> dict[int, int]:
-            return {g.gid: self._uniform_keep(g, 1.0 - r, run.ctx) for g in run.groups}
+            return {g.gid: self._uniform_keep(g, 1.0 - r, run) for g in run.groups}
 
         def c(r: float) -> float:
             return cost(keep_at(r))
@@ -1390,7 +1413,7 @@ class PruneFilters(Pass):
             "groups": [_group_report(run, g, keep_idx, costs["saved"][g.gid], applied) for g in run.groups],
             "macs_before": int(macs0), "macs_after": int(macs1), "macs_ratio": _r(macs1 / macs0) if macs0 else None,
             "params_before": int(run.params0), "params_after": int(costs["params"]),
-            "allocation": allocation_stats, **applied,
+            "channel_units": _unit_stats(run), "allocation": allocation_stats, **applied,
         }
         if left_alone:
             stats["left_alone"] = left_alone
@@ -1401,6 +1424,14 @@ class PruneFilters(Pass):
 
 # =============================================================================================
 # the steps' helpers
+
+
+def _unit_stats(run: PruneRun) -> dict[str, Any]:
+    """The steps kept counts moved in: the target's unit per group, or the fixed ``multiple``."""
+    multiple = int(run.opt("multiple"))
+    if multiple:
+        return {"multiple": multiple}
+    return {"target_cpu": targets.of(run.ctx).name, "per_group": {str(k): v for k, v in sorted(run.units.items())}}
 
 
 def _interpolated(measured: Mapping[int, float], levels: list[int]) -> dict[int, float]:
@@ -1448,7 +1479,7 @@ def _allocation_stats(run: PruneRun, problem: AllocationProblem, alloc: budget.A
 
 def _time_ratio(time_stats: dict[str, Any], price, units: list[budget.Unit], alloc: budget.Allocation) -> dict:
     """The time price's stats with the predicted time ratio of ``alloc`` in place of the whole model's time."""
-    whole = time_stats.pop("whole_seconds")
+    whole = time_stats.pop("whole")
     saved = price({u.key: u.levels[0] for u in units}) - price(alloc.keep)
     time_stats["predicted_time_ratio"] = _r(1.0 - saved / whole) if whole else None
     return time_stats

@@ -21,6 +21,11 @@ What it does
 4. **Left float:** every layer onnxruntime still runs in float in the chosen format is excluded and the
    model rebuilt, so it costs no Q/DQ pair (``keep_unfused=true`` keeps them quantized); the stats list
    them as ``left_alone`` with the reason.
+   **Weight bits** by the target CPU (``--target-cpu``, :mod:`graphopt.measure.target`): x86 without VNNI
+   sums u8 x s8 products in saturating 16-bit pairs, so 8-bit weights can overflow there. When this
+   machine's kernels overflow as the target's do, the overflow is measured (:func:`narrow_if_saturating`:
+   7-bit weights below ``SATURATION_SNR_DB``); else the target's kind decides (7 bits without VNNI, 8
+   with VNNI or on ARM). On an AVX2 target the stats' notice says int8 buys size there, not speed.
 5. **Re-fit** (``refit``, static formats only): layer by layer in topological order, the layer's
    *quantized* inputs in the model quantized so far against the float original's outputs at the same
    layer, streamed into :class:`graphopt.compress.lstsq.CrossGram`; the codes, scales and bias come from
@@ -49,7 +54,9 @@ from graphopt.core.ir import Model, Node
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import ort as gort
 from graphopt.measure import qdq
+from graphopt.measure import target as targets
 from graphopt.measure.calibration import SampleData, feed_batch_size
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, None)
@@ -110,7 +117,8 @@ class Quantize(Pass):
             proto, fmt, trials, excluded = build_static(float_proto, ranges, opt("format"), fmt, bits,
                                                         {n.name for n in layers}, opt("keep_unfused"), left, small)
             if bits == 8:
-                proto, bits = narrow_if_saturating(proto, float_proto, ranges, fmt, excluded, data, trials)
+                proto, bits = narrow_if_saturating(proto, float_proto, ranges, fmt, excluded, data, trials,
+                                                   targets.of(ctx))
             stats["format"], stats["format_trials"] = fmt + ("" if bits != 7 else " (7-bit weights)"), trials
             if opt("refit") != "rtn":
                 stats["refit"] = refit(proto, fmodel, data, bits, opt, ctx)
@@ -123,6 +131,8 @@ class Quantize(Pass):
         _adopt(model, proto)
         stats["quantized"] = quantized
         stats["layers"] = len(layers)
+        if notice := speed_notice(targets.of(ctx)):
+            stats["notice"] = notice
         return PassResult(True, left.into(stats))
 
 
@@ -189,7 +199,7 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
     best: tuple[int, str, onnx.ModelProto, set[str]] | None = None
     for candidate in formats:
         proto = ortquant.static_qdq(float_proto, ranges, fmt=candidate, weight_bits=bits, exclude=small)
-        unfused = qdq.float_layers(qdq.optimized(proto)) & layers
+        unfused = qdq.float_layers(gort.optimized(proto)) & layers
         trials.append({"format": candidate, "layers_left_float": len(unfused)})
         if best is None or len(unfused) < best[0]:
             best = (len(unfused), candidate, proto, unfused)
@@ -203,7 +213,7 @@ def build_static(float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range], req
             left.add(f"onnxruntime fuses no int8 kernel for it in {fmt}: quantized it would run in float "
                      f"between DequantizeLinear and QuantizeLinear (slower); left float", name)
         proto = ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits, exclude=unfused | small)
-        still = qdq.float_layers(qdq.optimized(proto)) & layers
+        still = qdq.float_layers(gort.optimized(proto)) & layers
         trials.append({"format": fmt, "excluded": len(unfused), "layers_left_float": len(still)})
         return proto, fmt, trials, unfused | small
     return proto, fmt, trials, set(small)
@@ -215,10 +225,24 @@ SATURATION_SNR_DB = 40.0
 
 
 def narrow_if_saturating(proto: onnx.ModelProto, float_proto: onnx.ModelProto, ranges: dict[str, qdq.Range],
-                         fmt: str, excluded: set[str], data: SampleData, trials: list[dict[str, Any]]
-                         ) -> tuple[onnx.ModelProto, int]:
-    """The model with 7-bit weights when its 8-bit one overflows in onnxruntime's integer kernels on this
-    CPU, else as it is; returns it and its weight bits. The layers left float stay float."""
+                         fmt: str, excluded: set[str], data: SampleData, trials: list[dict[str, Any]],
+                         target: targets.Target) -> tuple[onnx.ModelProto, int]:
+    """The model with 7-bit weights when its 8-bit one overflows in onnxruntime's integer kernels on the
+    target CPU, else as it is; returns it and its weight bits. The layers left float stay float.
+
+    Measured on this machine when its integer kernels overflow as the target's do (both without VNNI, or
+    both with dot products); else decided by the target's kind: u8 x s8 pairs summed in saturating 16-bit
+    lanes (x86 without VNNI) get 7-bit weights, since that cannot be measured here; VNNI and ARM kernels
+    keep 8 bits."""
+    if not target.int8_like_host:
+        narrow = target.kind.int8_saturates
+        trials.append({"format": fmt + (" (7-bit weights)" if narrow else ""), "target_cpu": target.name,
+                       "decided_by": (f"{target.name}'s int8 kernels ({target.kind.int8}) "
+                                      f"{'can overflow with 8-bit weights' if narrow else 'do not overflow'}; "
+                                      "this machine's are not the same, so it is not measured here")})
+        if not narrow:
+            return proto, 8
+        return ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=7, exclude=excluded), 7
     feeds = data.feed(0, feed_batch_size(float_proto, 64, data))
     snr = qdq.deployed_snr_db(proto, feeds)
     trials.append({"format": fmt, "deployed_vs_qdq_snr_db": round(snr, 1)})
@@ -228,6 +252,14 @@ def narrow_if_saturating(proto: onnx.ModelProto, float_proto: onnx.ModelProto, r
     snr7 = qdq.deployed_snr_db(narrow, feeds)
     trials.append({"format": f"{fmt} (7-bit weights)", "deployed_vs_qdq_snr_db": round(snr7, 1)})
     return narrow, 7
+
+
+def speed_notice(target: targets.Target) -> str | None:
+    """What to say when the target's int8 kernels are not expected to be faster than float."""
+    if target.kind.int8_saturates and target.kind.block == 8:
+        return (f"on {target.name} (no VNNI) onnxruntime's int8 convs measured 0.8-1.0 of the float time "
+                "(docs/decisions/quantization.md): int8 buys size here, not speed")
+    return None
 
 
 def refit(proto: onnx.ModelProto, fmodel: Model, data: SampleData, bits: int, opt: Any, ctx: PassContext

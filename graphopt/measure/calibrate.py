@@ -1,0 +1,366 @@
+"""Calibrating the latency model on the machine at hand (``graphopt calibrate``).
+
+:func:`calibrate` reads onnxruntime's NCHWc rule here (:func:`graphopt.measure.kernels.nchwc_rule`),
+times a fixed, seeded set of single-kernel models of every kind of :mod:`graphopt.measure.latency`
+(convs of every family, GEMMs, element-wise ops) with onnxruntime's profiler (``ORT_ENABLE_ALL``, one
+thread, no spinning; per kernel the median over its runs, less the profiler's own overhead per kernel,
+:func:`profiler_overhead`), and fits non-negative coefficients per kind by least squares on the
+*relative* error (:func:`fit`). The result is a :class:`~graphopt.measure.latency.LatencyModel` whose
+meta says the CPU kind, the CPU, onnxruntime's version, the date and the fit's quality.
+
+The kernel set has a quota per kind (:data:`QUOTAS`, about 600 kernels: minutes on one core), drawn from
+seeded random shapes until every quota is met; ``scale`` shrinks the quotas and caps each kernel's
+MACs (``scale=0.01``, the ``--quick`` of the command line: three kernels a kind, seconds, for tests and
+a first look). A kind onnxruntime here never runs (the blocked kinds on an ARM64 build without NCHWc
+kernels) gets zero coefficients and ``n = 0`` in the fit: no prediction uses it.
+
+The fit needs no SciPy: with six features a kind, the non-negative least-squares optimum is the best
+unconstrained least-squares solution over the 63 subsets of features whose coefficients all come out
+non-negative (the optimum's positive coefficients solve the unconstrained problem on their own subset).
+
+Profiles written by the command go to the user's cache (:func:`graphopt.measure.target.cached_profile`)
+or to ``-o FILE``; profiler files go to a scratch folder of the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from graphopt.core import scratch
+from graphopt.measure import ort as gort
+from graphopt.measure import latency as lat
+from graphopt.measure.kernels import nchwc_rule
+
+__all__ = ["MAX_ELEMENTS", "QUOTAS", "Kernel", "calibrate", "conv_model", "eltwise_model", "errors", "feeds", "fit", "gemm_model",
+           "kernel_set", "measure", "median_wall", "net_seconds", "profile_kernels", "profiler_overhead"]
+
+#: Kernels measured per kind at ``scale=1`` (the shipped AVX2 profile was fitted on about these counts).
+QUOTAS = {"pointwise": 64, "conv": 224, "depthwise": 72, "im2col": 48, "grouped_im2col": 72, "gemm": 60,
+          "elementwise": 60}
+
+Progress = Callable[[int, int, str], None]
+
+
+# =============================================================================================
+# sessions and profiling
+
+
+def feeds(sess: ort.InferenceSession, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded random inputs of ``sess`` (dynamic dims 1, the first dim ``batch`` when given)."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else (batch or 1) for d in i.shape]
+        if batch is not None and shape:
+            shape[0] = batch
+        out[i.name] = (rng.integers(0, 10, size=shape).astype(np.int64) if "int" in i.type
+                       else rng.standard_normal(shape).astype(np.float32))
+    return out
+
+
+def profile_kernels(proto: onnx.ModelProto, batch: int | None = None, seconds: float = 0.15,
+                    max_runs: int = 200) -> list[dict]:
+    """Kernel events of ``proto`` run about ``seconds`` long (at least 7 runs, after 2 warm-ups), with
+    graph optimizations on and one thread: per node, its op, input and output shapes and the median
+    duration (seconds)."""
+    with scratch.directory("profile") as folder:
+        sess = gort.session(proto, optimize=True, threads=1, profile_dir=folder)
+        inputs = feeds(sess, batch)
+        for _ in range(2):
+            sess.run(None, inputs)
+        t0 = time.perf_counter()
+        sess.run(None, inputs)
+        once = max(time.perf_counter() - t0, 1e-6)
+        for _ in range(int(min(max(seconds / once, 7), max_runs))):
+            sess.run(None, inputs)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_node: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        a = e["args"]
+        rec = by_node.setdefault(e["name"][:-len("_kernel_time")], {
+            "op": a["op_name"], "durs": [],
+            "inputs": [list(d.values())[0] for d in a.get("input_type_shape", [])],
+            "outputs": [list(d.values())[0] for d in a.get("output_type_shape", [])]})
+        rec["durs"].append(e["dur"] * 1e-6)
+    out = []
+    for name, rec in by_node.items():
+        durs = rec.pop("durs")[2:]  # the warm-up runs
+        if durs:
+            out.append({"name": name, **rec, "seconds": statistics.median(durs)})
+    return out
+
+
+def profiler_overhead(n: int = 64, seconds: float = 0.5, runs: int = 300) -> float:
+    """Seconds the profiler adds to every kernel it times: the median profiled duration of a tiny Relu
+    less its share of the wall-clock time of a chain of ``n`` of them (about 4 us on the AVX2 machine,
+    against about 1 us of real dispatch). Subtracted before the fit, so that a kernel's constant is what
+    a run without the profiler pays."""
+    x = helper.make_tensor_value_info("x0", onnx.TensorProto.FLOAT, [1, 8])
+    model = _model([helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(n)], [x], [])
+    profiled = statistics.median(e["seconds"] for e in profile_kernels(model, seconds=seconds))
+    sess = gort.session(model, optimize=True, threads=1)
+    return max(profiled - median_wall(sess, feeds(sess), runs, warmup=10) / n, 0.0)
+
+
+def median_wall(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``runs`` runs of ``sess`` on ``inputs``, after ``warmup`` runs."""
+    for _ in range(warmup):
+        sess.run(None, inputs)
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, inputs)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
+# =============================================================================================
+# single-kernel models
+
+
+def _model(nodes: list, inputs: list, inits: list) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "k", inputs, [helper.make_tensor_value_info(nodes[-1].output[0], 1, None)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def conv_model(batch: int, cin: int, cout: int, kernel: tuple[int, int], hw: int, group: int, stride: int,
+               act: bool = True) -> onnx.ModelProto:
+    """One Conv (and a Relu onnxruntime fuses into it) on a ``batch x cin x hw x hw`` input."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin // group, *kernel)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B")
+    pads = [kernel[0] // 2, kernel[1] // 2, kernel[0] // 2, kernel[1] // 2]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], kernel_shape=list(kernel), group=group,
+                              strides=[stride, stride], pads=pads)]
+    if act:
+        nodes.append(helper.make_node("Relu", ["y"], ["z"]))
+    return _model(nodes, [helper.make_tensor_value_info("x", 1, [batch, cin, hw, hw])], [w, b])
+
+
+def gemm_model(m: int, k: int, n: int) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "W")
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [helper.make_tensor_value_info("x", 1, [m, k])],
+                  [w])
+
+
+def eltwise_model(op: str, batch: int, c: int, hw: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", 1, [batch, c, hw, hw])
+    if op == "Add":
+        return _model([helper.make_node("Add", ["x", "x"], ["y"])], [x], [])
+    if op == "MaxPool":
+        return _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])], [x], [])
+    if op == "Mul":
+        s = numpy_helper.from_array(np.ones((1, c, 1, 1), np.float32), "S")
+        return _model([helper.make_node("Mul", ["x", "S"], ["y"])], [x], [s])
+    return _model([helper.make_node(op, ["x"], ["y"])], [x], [])
+
+
+CHANNELS = (1, 3, 8, 12, 16, 24, 32, 40, 48, 64, 72, 96, 128, 160, 192, 256, 320, 384, 512)
+ODD = (5, 7, 9, 10, 11, 13, 17, 21, 27, 33, 50, 75, 100, 130)
+SPATIAL = (4, 7, 8, 14, 16, 28, 32, 56, 112)
+BATCH = (1, 1, 4, 16, 64)
+GEMM_SIZES = (8, 10, 16, 32, 50, 64, 100, 128, 200, 256, 384, 512, 784, 1024)
+ELTWISE_OPS = ("Relu", "Add", "Mul", "Sigmoid", "MaxPool", "GlobalAveragePool")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel to time: its latency kind, its feature vector, the model and the ops that are it."""
+
+    kind: str
+    features: tuple[float, ...]
+    config: tuple
+    ops: tuple[str, ...]
+    build: Callable[[], onnx.ModelProto]
+
+
+def _convs(rng: np.random.Generator, path: lat.Nchwc) -> Iterator[Kernel]:
+    """Endless seeded Conv shapes of every family (pointwise, kxk, spatial 3x1/1x3, depthwise, grouped,
+    odd channel counts), classified by ``path``."""
+    families = ["pointwise", "conv3", "conv5", "spatial", "depthwise", "grouped", "odd", "depthwise"]
+    for i in itertools.count():
+        family = families[i % len(families)]
+        batch, hw = int(rng.choice(BATCH)), int(rng.choice(SPATIAL))
+        stride = 2 if (rng.random() < 0.2 and hw >= 8) else 1
+        cin, cout = int(rng.choice(CHANNELS)), int(rng.choice(CHANNELS[2:]))
+        kernel, group = (3, 3), 1
+        if family == "pointwise":
+            kernel, cin = (1, 1), max(cin, 8)
+        elif family == "conv5":
+            kernel = (5, 5)
+        elif family == "spatial":
+            kernel = (3, 1) if rng.random() < 0.5 else (1, 3)
+            if rng.random() < 0.5:
+                cout = int(rng.choice(ODD))  # low-rank intermediates are any size
+        elif family == "depthwise":
+            cin = cout = group = int(rng.choice(CHANNELS[2:] + ODD[4:]))
+            kernel = (5, 5) if rng.random() < 0.2 else (3, 3)
+        elif family == "grouped":
+            group = int(rng.choice((2, 4, 8)))
+            cin, cout = max(cin, 8 * group) // group * group, max(cout, 8 * group) // group * group
+        elif family == "odd":
+            cin = int(rng.choice(ODD))
+            cout = int(rng.choice(ODD + CHANNELS[2:]))
+            kernel = (1, 1) if rng.random() < 0.4 else (3, 3)
+        out = (hw + stride - 1) // stride
+        work = lat.conv_work(batch, cin, cout, kernel, (hw, hw), (out, out), group, path=path)
+        config = (batch, cin, cout, kernel, hw, group, stride)
+        yield Kernel(work.kind, work.features, config, ("Conv", "FusedConv", "NchwcConv"),
+                     lambda c=config: conv_model(*c))
+
+
+def _gemms(rng: np.random.Generator) -> Iterator[Kernel]:
+    while True:
+        m, k, n = int(rng.choice((1, 4, 16, 64, 256, 1024, 4096))), int(rng.choice(GEMM_SIZES)), \
+            int(rng.choice(GEMM_SIZES))
+        yield Kernel("gemm", lat.gemm_work(m, k, n).features, (m, k, n), ("MatMul", "Gemm", "FusedMatMul"),
+                     lambda m=m, k=k, n=n: gemm_model(m, k, n))
+
+
+def _eltwise(rng: np.random.Generator) -> Iterator[Kernel]:
+    for i in itertools.count():
+        op, batch = ELTWISE_OPS[i % len(ELTWISE_OPS)], int(rng.choice(BATCH))
+        c, hw = int(rng.choice(CHANNELS[2:])), int(rng.choice(SPATIAL))
+        # the features come from the shapes the profiler reports (a pool's output is smaller than its
+        # input); until then, the input's elements stand in for the size checks
+        yield Kernel("elementwise", (1.0, 0.0, 0.0, float(batch * c * hw * hw), 0.0, 0.0), (op, batch, c, hw),
+                     (op,), lambda a=(op, batch, c, hw): eltwise_model(*a))
+
+
+#: Largest input or output (elements) a calibration kernel may have: 2^25 floats are 128 MiB, which
+#: keeps the whole calibration's memory near 1 GB (an unbounded element-wise op at batch 64 reached 4 GB).
+MAX_ELEMENTS = 2 ** 25
+
+
+def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: float = 2e9,
+               tries: int = 200_000) -> list[Kernel]:
+    """Seeded kernels until every kind has ``max(3, round(QUOTAS[kind] * scale))`` of them, each between
+    1e4 and ``max_macs`` MACs (element-wise ops: any) with no input or output over :data:`MAX_ELEMENTS`;
+    a kind ``path`` never produces (no blocked kinds without NCHWc) stays short after ``tries`` draws.
+    Deterministic for a seed and a path."""
+    rng = np.random.default_rng(seed)
+    want = {kind: max(3, int(round(q * scale))) for kind, q in QUOTAS.items()}
+    got: dict[str, list[Kernel]] = {kind: [] for kind in QUOTAS}
+    sources = {"conv": _convs(rng, path), "gemm": _gemms(rng), "elementwise": _eltwise(rng)}
+    for _ in range(tries):
+        if all(len(got[k]) >= want[k] for k in got):
+            break
+        for source in sources.values():
+            kernel = next(source)
+            _, macs, outputs, inputs, _, _ = kernel.features
+            sized = kernel.kind == "elementwise" or 1e4 <= macs <= max_macs
+            if len(got[kernel.kind]) < want[kernel.kind] and sized and max(outputs, inputs) <= MAX_ELEMENTS:
+                got[kernel.kind].append(kernel)
+    return [k for kind in QUOTAS for k in got[kind]]
+
+
+def measure(kernels: list[Kernel], seconds: float = 0.15, progress: Progress | None = None) -> list[dict]:
+    """Records ``{kind, features, seconds, config, op}``: each kernel profiled alone (its model's one
+    kernel of the expected op; a model onnxruntime splits into several kernels is skipped)."""
+    records: list[dict] = []
+    for i, kernel in enumerate(kernels):
+        if progress is not None:
+            progress(i, len(kernels), kernel.kind)
+        events = [e for e in profile_kernels(kernel.build(), seconds=seconds) if e["op"] in kernel.ops]
+        if len(events) != 1:
+            continue
+        features = kernel.features
+        if kernel.kind == "elementwise":  # its largest input or output, as the profiler saw it
+            features = lat.elementwise_work(max(int(np.prod(s)) for s in events[0]["inputs"]
+                                                + events[0]["outputs"])).features
+        records.append({"kind": kernel.kind, "features": list(features), "seconds": events[0]["seconds"],
+                        "config": list(map(str, kernel.config)), "op": events[0]["op"]})
+    if progress is not None:
+        progress(len(kernels), len(kernels), "done")
+    return records
+
+
+# =============================================================================================
+# fit
+
+
+def net_seconds(seconds: np.ndarray, overhead: float) -> np.ndarray:
+    """Measured times less the profiler's overhead; at least a tenth of each is kept."""
+    return np.maximum(seconds - overhead, 0.1 * seconds)
+
+
+def errors(pred: np.ndarray, t: np.ndarray) -> dict:
+    """``n``, median and 90th percentile of the relative error of ``pred`` against ``t``."""
+    rel = np.abs(pred / t - 1.0)
+    return {"n": int(len(t)), "median_rel_error": round(float(np.median(rel)), 4),
+            "p90_rel_error": round(float(np.quantile(rel, 0.9)), 4)}
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``argmin ||a x - b||`` over ``x >= 0`` (few columns: every subset of them; module docstring)."""
+    best, best_res = np.zeros(a.shape[1]), float(np.sum(b * b))
+    for size in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), size):
+            sub = a[:, cols]
+            x, *_ = np.linalg.lstsq(sub, b, rcond=None)
+            if (x < 0).any():
+                continue
+            res = float(np.sum((sub @ x - b) ** 2))
+            if res < best_res - 1e-12 * max(best_res, 1.0):
+                best, best_res = np.zeros(a.shape[1]), res
+                best[list(cols)] = x
+    return best
+
+
+def fit(records: list[dict], overhead: float) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Per kind: non-negative ``c`` minimizing ``sum(((phi . c - t) / t)^2)`` over the measured times less the
+    profiler's ``overhead``, and the fit's relative errors (a kind without records: zeros, ``n = 0``)."""
+    coefficients, quality = {}, {}
+    for kind in lat.KINDS:
+        rows = [r for r in records if r["kind"] == kind]
+        if not rows:
+            coefficients[kind], quality[kind] = np.zeros(len(lat.FEATURES)), {"n": 0}
+            continue
+        x = np.array([r["features"] for r in rows], dtype=np.float64)
+        t = net_seconds(np.array([r["seconds"] for r in rows], dtype=np.float64), overhead)
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-30)  # conditioning: features span 1 to 1e9
+        coefficients[kind] = _nnls(x / scale / t[:, None], np.ones(len(t))) / scale
+        quality[kind] = errors(x @ coefficients[kind], t)
+    return coefficients, quality
+
+
+# =============================================================================================
+# the whole calibration
+
+
+def calibrate(kind: str, cpu_name: str, *, seed: int = 0, scale: float = 1.0, command: str = "graphopt calibrate",
+              progress: Progress | None = None) -> lat.LatencyModel:
+    """The latency profile of this machine (module docstring); ``kind`` and ``cpu_name`` go to its meta.
+
+    ``scale`` < 1 measures fewer, smaller kernels for less time on each (``--quick``: 0.01)."""
+    path, matched = nchwc_rule()
+    quick = scale < 0.1
+    kernels = kernel_set(path, seed, scale, max_macs=2e7 if quick else 2e9)
+    records = measure(kernels, seconds=0.02 if quick else 0.15, progress=progress)
+    overhead = profiler_overhead(runs=60 if quick else 300, seconds=0.1 if quick else 0.5)
+    coefficients, quality = fit(records, overhead)
+    meta: dict[str, Any] = {
+        "kind": kind, "cpu": cpu_name, "machine": platform.machine(), "onnxruntime": ort.__version__,
+        "threads": 1, "block": path.block, "date": datetime.date.today().isoformat(), "command": command,
+        "seed": seed, "scale": scale, "kernels": len(records), "profiler_overhead_us": round(overhead * 1e6, 3),
+        "fit": quality}
+    if not matched:
+        meta["nchwc_rule"] = f"onnxruntime's rule matched no input multiple; {path.input_multiple} assumed"
+    return lat.LatencyModel(coefficients, path, meta)
