@@ -131,7 +131,7 @@ import onnx
 from onnx import external_data_helper
 
 from graphopt.core.errors import DataError, GraphoptError, OptionError
-from graphopt.core.ir import Model, dims_of
+from graphopt.core.ir import dims_of
 from graphopt.core.onnx_io import by_reference, from_proto
 from graphopt.measure import ort as gort
 from graphopt.measure import qdq
