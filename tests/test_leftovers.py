@@ -52,8 +52,11 @@ class Sandbox:
     def driver(self, code: str, *args) -> subprocess.Popen:
         """A process that runs ``code`` (it may register passes) and then the command line on ``args``."""
         script = code + f"\nsys.exit(cli.main({[str(a) for a in args]!r}))\n"
+        # Ctrl-C reaches the process as from a terminal, even when the tests themselves run in the
+        # background of a shell without job control (which starts them with SIGINT ignored, inherited).
         return subprocess.Popen([sys.executable, "-c", script], cwd=self.cwd, env=self.env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def left(self) -> dict[str, set[str]]:
         """What each directory holds (recursively, relative paths)."""
