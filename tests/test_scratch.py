@@ -149,7 +149,8 @@ def test_models_over_the_limit_are_optimized_verified_and_saved_with_external_da
     out.parent.mkdir()
     result = graphopt.optimize(source, output=out, debug=True, samples=4)
     assert result.passed and result.report["after"]["nodes"] < result.report["before"]["nodes"]
-    # onnxruntime sessions, onnx's shape inference and the debug checker all went through files
+    # onnxruntime sessions, onnx's shape inference and the debug checker all went through files (at this
+    # limit even the sessions' stubbed protos are over it)
     assert {"ort", "shapes", "check"} <= set(purposes)
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.opt.onnx", "m.opt.onnx.data"]
     written = onnx.load(str(out))
@@ -207,6 +208,25 @@ def test_session_over_the_limit_loads_from_a_scratch_file_removed_at_once(privat
     proto = _mlp()
     sess = gort.session(proto)
     assert not any(private_tmp.iterdir())  # the weights were read; the file is gone
+    x = np.ones((2, 32), np.float32)
+    np.testing.assert_array_equal(gort.run(sess, {"x": x})["y"], run(proto, {"x": x})[0])
+
+
+def test_by_reference_session_whose_inline_part_is_over_the_limit_goes_through_a_file(private_tmp, monkeypatch):
+    """Weights passed by reference keep a session's proto small; when what stays inline is still over the
+    limit, the weights are written back in and the whole model goes through a scratch file."""
+    proto = _mlp()
+    model = onnx_io.from_proto(proto)   # from_proto holds no arrays: every weight stays inline...
+    w1 = model.graph.initializers["w1"]
+    model.graph.set_initializer_array(w1, w1.array.copy())   # ...but this one (8 KiB): by reference
+    light, weights = onnx_io.shared_proto(model)
+    assert set(weights) == {"w1"}
+    purposes: list[str] = []
+    real = scratch.directory
+    monkeypatch.setattr(scratch, "directory", lambda purpose: (purposes.append(purpose), real(purpose))[1])
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", light.ByteSize() - 1)
+    sess = gort.session(light, weights=weights)
+    assert purposes == ["ort"] and not any(private_tmp.iterdir())
     x = np.ones((2, 32), np.float32)
     np.testing.assert_array_equal(gort.run(sess, {"x": x})["y"], run(proto, {"x": x})[0])
 

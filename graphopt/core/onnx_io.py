@@ -90,8 +90,9 @@ def _detach_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Decode the main graph's large *plain* initializers into read-only arrays and clear their data
     from ``proto``: ``{name: array}``.
 
-    Plain means name, dims, a fixed-width numeric type and ``raw_data`` only (what exporters write), so
-    ``numpy_helper.from_array(array, name)`` gives back the same bytes and the round trip stays exact.
+    Plain means name, dims, a fixed-width numeric type and ``raw_data`` only (what exporters write; also
+    the data read back from an external data file), so ``numpy_helper.from_array(array, name)`` gives
+    back the same bytes and the round trip stays exact.
     Anything else (typed-field storage, doc strings, subgraph and function tensors, big-endian hosts)
     keeps its proto.
     """
@@ -104,7 +105,10 @@ def _detach_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     for tp in proto.graph.initializer:
         if tp.data_type not in _DETACHABLE_TYPES or not tp.HasField("raw_data"):
             continue
-        if {field.name for field, _ in tp.ListFields()} - _PLAIN_TENSOR_FIELDS:
+        extra = {field.name for field, _ in tp.ListFields()} - _PLAIN_TENSOR_FIELDS
+        # load_external_data_for_model leaves data_location set to DEFAULT: the data is now raw_data, and
+        # the writer sets the field again when it writes external data.
+        if extra - {"data_location"} or ("data_location" in extra and tp.data_location != onnx.TensorProto.DEFAULT):
             continue
         array = numpy_helper.to_array(tp)
         if array.nbytes < _DETACH_MIN_BYTES:

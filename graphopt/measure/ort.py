@@ -39,7 +39,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
-from graphopt.core.onnx_io import by_reference, fits_protobuf, is_in_memory, save, shared_proto, to_proto
+from graphopt.core.onnx_io import (by_reference, fits_protobuf, inline_weights, is_in_memory, save, shared_proto,
+                                   to_proto)
 
 ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
 Structure = tuple[onnx.ModelProto, dict[str, np.ndarray]]   # what structure() returns
@@ -179,6 +180,8 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
     if isinstance(model, Model):
         model, weights = shared_proto(model)
     proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    if weights and not fits_protobuf(proto):   # what is left inline is still over the limit: a file, whole
+        proto = inline_weights(proto, weights)
     values = _external_initializers(proto, weights or {}, opts)
     if values:
         sess = _new_session(proto.SerializeToString(), opts, where)
