@@ -166,6 +166,9 @@ class PassContext:
         directory of ``.npz`` shards; ``graphopt.compress.distill.data``), or ``None``.
     debug, dump_dir : check invariants after each pass / write the model after each pass.
     progress : called with a one-line status message, or ``None``.
+    executor : where independent evaluations run (``graphopt.measure.executor``: in this process, a
+        local process pool, a Ray cluster), or ``None`` for this process; passes ask
+        ``graphopt.measure.executor.executor_for(ctx)``. The result does not depend on it.
     """
 
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -182,6 +185,7 @@ class PassContext:
     debug: bool = False
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None
+    executor: Any = field(default=None, repr=False, compare=False)
     runner: _Runner | None = field(default=None, repr=False, compare=False)
 
     def rng(self, pass_name: str) -> np.random.Generator:

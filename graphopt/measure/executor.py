@@ -1,9 +1,10 @@
-"""Run many independent evaluations: in this process, or in a local pool of processes.
+"""Run many independent evaluations: in this process, in a local pool of processes, or on a Ray cluster.
 
-Data-driven passes (sensitivity analysis for pruning, rank selection for low-rank, cluster counts for
-weight sharing) evaluate the same model many times with one thing changed. Those evaluations are
-independent, so they go through a small interface that a local process pool or, later, a distributed
-engine can serve without the passes knowing:
+Data-driven passes (sensitivity analysis for pruning, rank selection for low-rank, the guards'
+candidates, calibration statistics gathered in shards) evaluate the same model many times with one
+thing changed. Those evaluations are independent, so they go through a small interface that a local
+process pool or a Ray cluster (:mod:`graphopt.measure.ray_executor`, the optional extra) can serve
+without the passes knowing:
 
 .. code-block:: python
 
@@ -23,7 +24,10 @@ engine can serve without the passes knowing:
   processes use ``workers`` cores and do not oversubscribe them. (onnxruntime ignores
   ``OMP_NUM_THREADS``: a session ``fn`` builds itself must pass ``threads=worker_threads()``.)
 
-What callers can rely on (both executors):
+:func:`make_executor` picks one from the run's settings (``--executor``, ``--workers``,
+``--ray-address``); a pass takes the run's from :func:`executor_for`.
+
+What callers can rely on (every executor):
 
 * results come back in the order of ``items``;
 * an exception raised by ``fn`` is re-raised in the parent as :class:`TaskError`, which names the item
@@ -66,8 +70,12 @@ Progress = Callable[[int, int], None]  # (items done, items in total)
 # Thread-count variables set in every worker so numpy's BLAS and OpenMP runtimes start with one thread.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-__all__ = ["ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ProcessPool", "TaskError", "WorkerDied",
-           "in_worker", "make_executor", "relative_error", "worker_threads"]
+#: The kinds of executor :func:`make_executor` makes (``--executor``).
+KINDS = ("process", "ray")
+
+__all__ = ["KINDS", "WORKER_ENV", "ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ProcessPool",
+           "TaskError", "WorkerDied", "enter_worker", "environment", "executor_for", "in_worker", "make_executor",
+           "opened", "portable_exception", "relative_error", "short_repr", "worker_threads", "ShippedModel"]
 
 
 # ===============================================================================================
@@ -94,7 +102,7 @@ class TaskError(ExecutorError):
         self.original = original
         name = getattr(fn, "__qualname__", repr(fn))
         first = (str(original).strip().splitlines() or [""])[0]
-        super().__init__(f"{name} failed on item {index} ({_short(item)}): {type(original).__name__}: {first}")
+        super().__init__(f"{name} failed on item {index} ({short_repr(item)}): {type(original).__name__}: {first}")
 
     def __reduce__(self):  # keep it picklable although __init__ takes other arguments than args
         return (_rebuild_task_error, (self.args, self.index, self.item, self.original))
@@ -116,7 +124,8 @@ class WorkerDied(ExecutorError):
     """A worker process ended abruptly (killed, out of memory, ``os._exit``) or its initializer failed."""
 
 
-def _short(item: Any) -> str:
+def short_repr(item: Any) -> str:
+    """``item``'s repr, cut short for a one-line message."""
     return _REPR.repr(item)
 
 
@@ -199,7 +208,7 @@ class ProcessPool:
         _dumps(fn, "fn (it must be a module-level function, not a lambda or a closure)")
         payload = _dumps(context, "context")
         # pickled here, once, so an item that cannot travel fails now and with its name
-        blobs = [_dumps(item, f"item {index} ({_short(item)})") for index, item in enumerate(items)]
+        blobs = [_dumps(item, f"item {index} ({short_repr(item)})") for index, item in enumerate(items)]
         workers = min(self.workers, len(items))
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -207,7 +216,7 @@ class ProcessPool:
         try:
             # Spawned children copy the parent's environment when they start, which happens inside
             # submit(); numpy loads OpenBLAS (and sizes its thread pool) before the initializer runs.
-            with _environment(WORKER_ENV):
+            with environment(WORKER_ENV):
                 futures = [pool.submit(_call, fn, blob) for blob in blobs]
             results = _gather(fn, items, futures, progress)
         except BaseException:
@@ -218,24 +227,63 @@ class ProcessPool:
         return results
 
 
-def make_executor(workers: int | None) -> Executor:
-    """The executor for ``workers`` processes: ``None`` or ``1`` -> :class:`InProcess`;
-    ``0`` -> one process per core (:class:`InProcess` on a one-core machine); ``n > 1`` ->
-    :class:`ProcessPool` of ``n``.
+def make_executor(workers: int | None, kind: str = "process", *, address: str | None = None) -> Executor:
+    """The executor for ``workers`` at once, of ``kind``.
+
+    ``process``: ``None`` or ``1`` -> :class:`InProcess`; ``0`` -> one process per core
+    (:class:`InProcess` on a one-core machine); ``n > 1`` -> :class:`ProcessPool` of ``n``.
+    ``ray``: a :class:`~graphopt.measure.ray_executor.RayExecutor` on a local cluster of ``workers``
+    CPUs (``None`` or ``0``: one per core), or on the cluster at ``address``. Close it when done
+    (:meth:`~graphopt.measure.ray_executor.RayExecutor.close`).
 
     Raises
     ------
-    ValueError : a negative count.
+    ValueError : a negative count, an unknown kind, an address for the process kind.
+    graphopt.core.errors.GraphoptError : ``ray`` without Ray installed (the message says how to install it).
     """
+    if kind not in KINDS:
+        raise ValueError(f"executor must be one of {', '.join(KINDS)}, got {kind!r}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
+    if kind == "ray":
+        from graphopt.measure.ray_executor import RayExecutor
+        return RayExecutor(workers, address=address)
+    if address is not None:
+        raise ValueError("a Ray address needs the ray executor")
     if workers is None or workers == 1:
         return InProcess()
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
     if workers == 0:
         workers = os.cpu_count() or 1
         if workers == 1:
             return InProcess()
     return ProcessPool(workers)
+
+
+@contextmanager
+def opened(executor: str | Executor | None = None, workers: int | None = None, *,
+           address: str | None = None) -> Iterator[Executor]:
+    """The executor of one run, for the block: an :class:`Executor` given is used as it is (its owner
+    closes it); a kind (``process``, ``ray``; ``None``: ``ray`` with an ``address``, else ``process``)
+    is made by :func:`make_executor` and closed when the block exits, however it exits (a local Ray
+    cluster is shut down)."""
+    if executor is not None and not isinstance(executor, str):
+        yield executor
+        return
+    kind = executor or ("ray" if address else "process")
+    made = make_executor(workers, kind, address=address)
+    try:
+        yield made
+    finally:
+        close = getattr(made, "close", None)
+        if close is not None:
+            close()
+
+
+def executor_for(ctx: Any) -> Executor:
+    """The run's executor: ``ctx.executor`` of a :class:`~graphopt.core.manager.PassContext` (set by the
+    API from ``--executor`` / ``--workers``), :class:`InProcess` when the run set none."""
+    executor = getattr(ctx, "executor", None)
+    return executor if executor is not None else InProcess()
 
 
 def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
@@ -250,7 +298,7 @@ def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
                 f"a worker process died while evaluating {getattr(fn, '__qualname__', fn)} "
                 f"(killed, out of memory, os._exit); "
                 f"{len(pending)} of {len(items)} items did not finish, the first is item {index} "
-                f"({_short(items[index])}): {exc}") from exc
+                f"({short_repr(items[index])}): {exc}") from exc
         except ContextError:
             raise  # not the item's fault: every item would fail the same way
         except Exception as exc:
@@ -271,7 +319,7 @@ _ENV_LOCK = threading.Lock()
 
 
 @contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
+def environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block (for children started inside it)."""
     with _ENV_LOCK:
         saved = {name: os.environ.get(name) for name in values}
@@ -294,6 +342,16 @@ _CONTEXT_ERROR: str | None = None
 _IN_WORKER = False
 
 
+def enter_worker(env: Mapping[str, str]) -> None:
+    """Mark this process as an executor's worker (:func:`in_worker`) and set ``env`` for anything it starts.
+
+    Called by the process pool's initializer and by every Ray task (cheap when already done)."""
+    global _IN_WORKER
+    if not _IN_WORKER:
+        os.environ.update(env)
+        _IN_WORKER = True
+
+
 def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
     """Pool initializer: runs once per worker process, before any item.
 
@@ -301,9 +359,8 @@ def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
     :class:`ContextError`: an exception escaping an initializer only breaks the pool, and the parent
     would learn nothing but "a process in the initializer failed".
     """
-    global _CONTEXT, _CONTEXT_ERROR, _IN_WORKER
-    os.environ.update(env)  # for anything the worker itself starts
-    _IN_WORKER = True
+    global _CONTEXT, _CONTEXT_ERROR
+    enter_worker(env)
     try:
         _CONTEXT = pickle.loads(payload)
     except Exception as exc:  # noqa: BLE001 - reported to the parent by every item
@@ -317,10 +374,10 @@ def _call(fn: Callable, blob: bytes) -> Any:
     try:
         return fn(_CONTEXT, item)
     except Exception as exc:  # noqa: BLE001 - re-raised, made picklable
-        raise _portable(exc) from None
+        raise portable_exception(exc) from None
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable_exception(exc: BaseException) -> BaseException:
     """``exc`` when it survives a pickle round trip, else a RuntimeError that carries its text.
 
     An exception whose class cannot be rebuilt from its args would otherwise fail to unpickle in the
@@ -335,7 +392,7 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def in_worker() -> bool:
-    """True inside a :class:`ProcessPool` worker process."""
+    """True inside an executor's worker process (a :class:`ProcessPool`'s, a Ray worker running a task)."""
     return _IN_WORKER
 
 
@@ -514,6 +571,28 @@ class EvalContext:
             return None
         logits = outputs[self.output_names()[0]]
         return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels) * 100.0)
+
+
+@dataclass(eq=False)
+class ShippedModel:
+    """An IR model in an executor's context: used as it is in this process; pickled for a worker, it
+    travels as its serialized proto (not the IR's graph objects) and is parsed once per worker process.
+    Never mutated (a worker that changes the model works on ``ir().clone()``)."""
+
+    model: Any                             # graphopt.core.ir.Model here; bytes after a pickle round trip
+
+    def __getstate__(self) -> dict:
+        if isinstance(self.model, bytes):
+            return {"model": self.model}
+        from graphopt.core.onnx_io import to_proto
+        return {"model": to_proto(self.model).SerializeToString()}
+
+    def ir(self) -> Any:
+        """The model (parsed on first use after travelling)."""
+        if isinstance(self.model, bytes):
+            from graphopt.core.onnx_io import from_proto
+            self.model = from_proto(onnx.load_from_string(self.model))
+        return self.model
 
 
 def relative_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float:

@@ -8,6 +8,9 @@ all share one configuration:
 * ``session.intra_op.allow_spinning = "0"``: idle worker threads sleep instead of spinning, so a
   calibration loop that does numpy work between runs does not fight ORT's threads for the cores.
 * ``log_severity_level = 3`` (errors only) and the CPU execution provider.
+* one intra-op thread inside an executor's worker (:func:`graphopt.measure.executor.in_worker`) when
+  the caller does not say: a worker has one core of its own, and a session sized for the machine in
+  each of them would oversubscribe it.
 
 A model given as a path is loaded from that path (onnxruntime reads its external data itself); a
 ModelProto or IR model over protobuf's 2 GiB limit, which onnxruntime cannot take as bytes, is
@@ -40,6 +43,7 @@ from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
 from graphopt.core.onnx_io import fits_protobuf, save, to_proto
+from graphopt.measure.executor import in_worker
 
 ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
 
@@ -121,6 +125,8 @@ def session_options(*, optimize: bool = False, threads: int | None = None, quiet
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 4 if quiet else 3
+    if threads is None and in_worker():
+        threads = 1
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     return opts
@@ -133,7 +139,7 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
     Parameters
     ----------
     optimize : run onnxruntime's graph optimizations (``ORT_ENABLE_ALL``); off by default.
-    threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
+    threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose (1 in an executor's worker).
     quiet : no onnxruntime error log on stderr (failures still raise).
 
     Raises
