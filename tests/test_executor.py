@@ -249,3 +249,43 @@ def test_make_executor():
         make_executor(-2)
     with pytest.raises(ValueError):
         ProcessPool(0)
+
+
+def test_the_ray_executor_without_ray_refuses_in_one_line(monkeypatch, tmp_path, capsys):
+    """Without the extra (simulated: ``import ray`` fails), ``--executor ray`` and ``--ray-address`` exit 2
+    with one line naming the install command, before anything runs; the API and make_executor refuse
+    the same way."""
+    import sys
+
+    from graphopt import optimize
+    from graphopt.app import cli
+    from graphopt.core.errors import GraphoptError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_cnn().SerializeToString())
+    for flags in (["--executor", "ray"], ["--ray-address", "10.0.0.1:6379"]):
+        assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install 'graphopt[ray]'" in err and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(GraphoptError, match=r"graphopt\[ray\]"):
+        optimize(model, executor="ray")
+    with pytest.raises(GraphoptError, match=r"graphopt\[ray\]"):
+        make_executor(2, "ray")
+
+
+def test_executor_options_are_checked(tmp_path, capsys):
+    from graphopt.app import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_cnn().SerializeToString())
+    for flags, says in ((["--workers", "-1"], "--workers must be >= 0"),
+                        (["--executor", "process", "--ray-address", "h:1"], "--ray-address needs --executor ray"),
+                        (["--executor", "spark"], "invalid choice")):
+        assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
+        assert says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="executor must be one of"):
+        make_executor(2, "spark")
+    with pytest.raises(ValueError, match="needs the ray executor"):
+        make_executor(2, "process", address="h:1")

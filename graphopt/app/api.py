@@ -36,6 +36,9 @@ from graphopt.core.manager import (Pass, PassContext, Sequential, build_pipeline
                                    registered, run_pipeline)
 from graphopt.measure import analysis, calibration
 from graphopt.measure import probe as probes
+from graphopt.measure.executor import KINDS, Executor
+from graphopt.measure.executor import opened as run_executor
+from graphopt.measure.ray_executor import require_ray
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
 from graphopt.measure.verify import verify as run_verification
 
@@ -155,6 +158,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
              allow_partial: bool = False, quantize: str | None = None,
              train_data: str | os.PathLike | None = None,
+             executor: str | Executor | None = None, workers: int | None = None, ray_address: str | None = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
@@ -181,6 +185,13 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         (``prune`` then int8, ``lowrank`` then int8, ...); see :func:`with_quantize`.
     train_data : unlabeled inputs for a training pass (``finetune``): a ``.npz`` file or a directory of
         ``.npz`` shards, streamed. The calibration ``data`` is used when it is not given.
+    executor, workers, ray_address : where the passes' independent evaluations run (sensitivity tables,
+        the guards' candidates, calibration statistics in shards; :mod:`graphopt.measure.executor`):
+        ``"process"`` (default) in this process, or in a pool of ``workers`` local processes
+        (``0``: one per core); ``"ray"`` as Ray tasks on a local cluster of ``workers`` CPUs (default one
+        per core) started for the run and shut down when it ends, or on the cluster at ``ray_address``
+        (which implies ``"ray"``; needs the ``ray`` extra); or an :class:`Executor` you made and close.
+        The output does not depend on it.
 
     Returns
     -------
@@ -200,6 +211,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     _check_budgets(target_macs, target_params, max_drop)
     _check_sampling(samples, seed)
     _check_train_data(train_data, pipeline)
+    _check_executor(executor, workers, ray_address)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -215,7 +227,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
                       input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress)
-    _, records = run_pipeline(pipeline, ir, ctx)
+    with run_executor(executor, workers, address=ray_address) as ctx.executor:
+        _, records = run_pipeline(pipeline, ir, ctx)
+    ctx.executor = None
     proto = onnx_io.to_proto(ir)
     after = _cost(ir, shapes, onnx_io.serialized_size(proto))
 
@@ -403,6 +417,23 @@ def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> No
     if not trains:
         raise OptionError("--train-data: only the finetune pass reads it, and this pipeline has none (end a lossy preset with +finetune)")
     shard_paths(train_data)
+
+
+def _check_executor(executor: str | Executor | None, workers: int | None, ray_address: str | None) -> None:
+    """Refuse a bad executor choice before any work: an unknown kind, a negative worker count, an
+    address without Ray, the Ray executor without Ray installed (one line with the install command)."""
+    if executor is not None and not isinstance(executor, str):
+        if not isinstance(executor, Executor):
+            raise OptionError(f"executor must be one of {', '.join(KINDS)} or an Executor, got {executor!r}")
+        return
+    if executor is not None and executor not in KINDS:
+        raise OptionError(f"--executor must be one of {', '.join(KINDS)}, got {executor!r}")
+    if workers is not None and workers < 0:
+        raise OptionError(f"--workers must be >= 0 (0: one per core), got {workers}")
+    if ray_address is not None and executor == "process":
+        raise OptionError("--ray-address needs --executor ray")
+    if executor == "ray" or ray_address is not None:
+        require_ray()
 
 
 def _check_sampling(samples: int | None, seed: int) -> None:
