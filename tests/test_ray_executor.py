@@ -53,6 +53,9 @@ def test_results_equal_in_process_in_item_order_and_the_context_goes_once(cluste
         loads.setdefault(pid, set()).add(count)
         assert omp == "1" and threads == 1 and worker       # one thread per worker, as in a process pool
     assert os.getpid() not in loads and all(len(v) == 1 for v in loads.values())  # loaded once per worker
+    again = cluster.map(te.zero_filters_where, te.ITEMS, context=ctx)     # the same context object: not put again
+    assert te.CountedEvalContext.pickled == 1 and [o[0] for o in again] == serial
+    assert all(o[2] in loads[o[1]] for o in again if o[1] in loads)      # a worker keeps its copy
     assert cluster.map(te.square, []) == []
 
 
@@ -133,6 +136,16 @@ def test_cli_writes_the_same_bytes_and_nothing_else(tmp_path):
     assert {name: sorted(p.name for p in d.iterdir()) for name, d in dirs.items()} == {"tmp": [], "home": [],
                                                                                       "cwd": []}
     assert set(Path("/tmp").glob("graphopt-ray-*")) == fallback
+
+
+def test_an_address_nothing_listens_at_is_refused_at_once(tmp_path, capsys):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(te.tiny_cnn().SerializeToString())
+    start = time.perf_counter()
+    assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--ray-address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "graphopt: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection refused\n"
+    assert time.perf_counter() - start < 30 and not (tmp_path / "out.onnx").exists()
 
 
 def sleepy(marker_dir: str, item: int) -> int:

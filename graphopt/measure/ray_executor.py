@@ -8,10 +8,11 @@ use of the executor refuse in one line that names the install command (a
 
 What a ``map`` does
 -------------------
-* The context goes to the object store **once** (``ray.put``); each task carries a reference to it,
-  and a worker process fetches and unpickles it once, then reuses it (and the caches it keeps, such
-  as an :class:`~graphopt.measure.executor.EvalContext`'s session) for every later task of the same
-  ``map``. Only ``fn`` (by reference, a module-level function) and the item travel with each task.
+* The context goes to the object store **once** (``ray.put``; once for consecutive maps of the same
+  context object, which must not change in between); each task carries a reference to it, and a
+  worker process fetches and unpickles it once, then reuses it (and the caches it keeps, such as an
+  :class:`~graphopt.measure.executor.EvalContext`'s session) for every later task. Only ``fn`` (by
+  reference, a module-level function) and the item travel with each task.
 * Results come back **in item order**, whatever order the tasks finish in, so the caller's result (a
   sensitivity table, the file written from it) is the same as :class:`InProcess`'s.
 * Workers run with one BLAS/OpenMP thread (``WORKER_ENV`` in their runtime environment) and
@@ -52,6 +53,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -123,6 +125,8 @@ class RayExecutor:
             raise ValueError(f"RayExecutor needs at least one worker, got {workers}")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if address:
+            _check_reachable(address)
         self._workers = count
         self.address = address
         self.retries = int(retries)
@@ -130,6 +134,7 @@ class RayExecutor:
         self._connected = False
         self._cleanup = contextlib.ExitStack()
         self._lock = threading.Lock()
+        self._last: tuple[Any, _Shared] | None = None   # the last context and its object reference
 
     def __repr__(self) -> str:
         where = f"address={self.address!r}" if self.address else f"workers={self._workers}"
@@ -137,8 +142,8 @@ class RayExecutor:
 
     @property
     def workers(self) -> int:
-        """Tasks that run at once: the local cluster's CPUs, or the joined cluster's."""
-        if self.address and self._connected:
+        """Tasks that run at once: the local cluster's CPUs, or those of a cluster joined."""
+        if self._connected and not self._owned:
             ray = require_ray()
             return max(int(ray.cluster_resources().get("CPU", 1)), 1)
         return self._workers
@@ -156,10 +161,14 @@ class RayExecutor:
                 return
             try:
                 self._init(ray)
-            except GraphoptError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; each is the same one line here
+            except BaseException as exc:       # Ctrl-C included: no half-started cluster, no files left
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                self._owned = False
                 self._cleanup.close()
+                if not isinstance(exc, Exception) or isinstance(exc, GraphoptError):
+                    raise
+                # Ray raises many kinds (no GCS, a refused address, a bad version); each is one line here
                 where = f"join the Ray cluster at {self.address}" if self.address else "start a local Ray cluster"
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise GraphoptError(f"cannot {where}: {type(exc).__name__}: {first}") from None
@@ -178,7 +187,7 @@ class RayExecutor:
             folder = self._session_root()
             env = {**WORKER_ENV,
                    # a token in memory instead of ~/.ray/auth_token, and no usage report
-                   "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or uuid.uuid4().hex,
+                   "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or _local_token(),
                    "RAY_USAGE_STATS_ENABLED": "0",
                    # as a spawned process-pool worker gets its parent's sys.path: a module-level fn the
                    # driver imports from its own path (a script's folder, a test suite) imports there too
@@ -213,6 +222,7 @@ class RayExecutor:
                 ray = require_ray()
                 ray.shutdown()
             self._connected = self._owned = False
+            self._last = None
             self._cleanup.close()
 
     def __enter__(self) -> RayExecutor:
@@ -239,7 +249,7 @@ class RayExecutor:
         self.start()
         ray = require_ray()
         task = _remote_task(ray).options(num_cpus=1, max_retries=self.retries, retry_exceptions=False)
-        shared = _Shared(ray.put(context))
+        shared = self._put(ray, context)
         refs = [task.remote(fn, shared, item) for item in items]
         try:
             results = self._gather(ray, fn, items, refs, progress)
@@ -254,6 +264,16 @@ class RayExecutor:
             self._drain(ray, refs)
             raise
         return results
+
+    def _put(self, ray: Any, context: Any) -> _Shared:
+        """The context in the object store: put once per ``map``, and once for consecutive maps of the same
+        object (a guard's rounds, the chunks of sharded statistics), whose workers then also keep their
+        unpickled copy. Such a context must not change between the maps (none of graphopt's does: their
+        per-process caches are not pickled)."""
+        if self._last is None or self._last[0] is not context:
+            self._last = None                   # the previous context's object can go
+            self._last = (context, _Shared(ray.put(context)))
+        return self._last[1]
 
     def _gather(self, ray: Any, fn: Callable, items: list, refs: list, progress: Progress | None) -> list:
         # One ray.get per item, in item order: the first error met is the first failing item's, and
@@ -335,6 +355,30 @@ def _context(shared: _Shared) -> Any:
         _CACHED = (None, None)               # the last map's context goes before this one's arrives
         _CACHED = (key, ray.get(shared.ref))
     return _CACHED[1]
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse an address nothing listens at, in one line and at once: Ray's driver would retry joining it
+    without end (logging a warning every few seconds)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return                                  # "auto" and the like: Ray resolves them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise GraphoptError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+_TOKEN: str | None = None
+
+
+def _local_token() -> str:
+    """One token per process for the local clusters it starts: Ray's driver keeps the first token it
+    read, so a second cluster (after a shutdown) must get the same one or its driver cannot connect."""
+    global _TOKEN
+    if _TOKEN is None:
+        _TOKEN = uuid.uuid4().hex
+    return _TOKEN
 
 
 # ===============================================================================================
