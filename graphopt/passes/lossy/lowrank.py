@@ -34,7 +34,9 @@ a conv, subsampled) give ``μ`` and ``Σ``; the SVD is taken of ``LᵀW`` (``Σ 
 which minimises the layer's *output* error ``tr(ΔWᵀΣΔW)`` instead of ``‖ΔW‖_F``, and the bias absorbs the
 mean error ``ΔWᵀμ``. For the spatial form the covariance of vertical patches averaged over the kernel
 columns stands in for ``Σ`` (the cross terms between columns are dropped); the reported error and the bias
-correction use the full patch covariance, so they are exact.
+correction use the full patch covariance, so they are exact. With option ``shard_samples`` the statistics
+are gathered in shards of samples through the run's executor and added in shard order
+(:mod:`graphopt.compress.shards`).
 
 The stats report, per layer, ``rel_output_error = sqrt(E‖ΔWᵀx − δ‖² / E‖Wᵀx‖²)`` on the calibration
 inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or ``rel_weight_error =
@@ -66,10 +68,11 @@ Rank selection (``select``)
             layer factorized (``sensitivity=model``: its factorized weight written into the unchanged model
             and run from a cached cut, :mod:`graphopt.compress.lowrank_table`; within
             ``sensitivity_tmacs``, ranks not measured scaled from the layer's own error) or the layer's own
-            relative output error (``layer``).
+            relative output error (``layer``); the table's evaluations run through the run's executor.
             With ``--max-drop`` and labelled data (``guard``), the target is relaxed by bisection
-            (:func:`graphopt.compress.budget.guarded`) until the accuracy drop measured on the calibration samples
-            (factors before compensation, so on the safe side) fits; the trace is in the stats.
+            (:func:`graphopt.compress.budget.guarded`, its tries through the run's executor) until the accuracy
+            drop measured on the calibration samples (factors before compensation, so on the safe side) fits;
+            the trace is in the stats.
 ``auto``    ``target`` when the run has a target, else ``ratio``.
 
 Latency

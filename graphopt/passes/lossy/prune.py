@@ -71,12 +71,13 @@ Plan
    allocator calls are cheap. The additive error model ignores how errors compound and how well the
    re-fit of later layers compensates, so (option ``blend``) allocations that mix the measured errors
    with an even-spread prior (``(1 − α)·sens + α·(1 − k/size)²``, normalised, α ∈ {0, ½, 1}) are each
-   pruned, re-fitted on the first calibration samples and measured on the held-out last ones; the best
-   is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
+   pruned, re-fitted on the first calibration samples and measured on the held-out last ones (one
+   ``map`` of the run's executor, :class:`TrialContext`); the best is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
    that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
    one common ratio for all groups. With ``--max-drop`` and labels in the data,
    :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on the calibration
-   data is within the budget. The re-fit saw those samples, which flatters the result; but calibration
+   data is within the budget (its tries through the run's executor, the next ones of the bisection
+   measured together when it has several workers; the search is the same). The re-fit saw those samples, which flatters the result; but calibration
    images usually come from the training set, where the original model is more accurate, so the drop
    there is usually overstated (BENCHMARKS.md compares it with the evaluation set's). Targets are
    fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of the
