@@ -205,6 +205,21 @@ def test_process_pool_reraises_the_first_failing_item_in_order():
     assert "Traceback" in str(info.value.original)
 
 
+def test_runs_of_items_keep_the_order_and_the_first_failure():
+    from graphopt.measure.executor import chunks
+    assert chunks(20, 2) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
+    assert chunks(3, 2) == [(0, 1), (1, 2), (2, 3)] and chunks(5, 1) == [(0, 2), (2, 4), (4, 5)]
+    items = list(range(20))
+    seen = []
+    assert ProcessPool(2).map(square, items, context=CountedContext(b""),
+                              progress=lambda d, t: seen.append(d)) == [(0, i * i) for i in items]
+    assert seen == [3, 6, 9, 12, 15, 18, 20]
+    # items 4 and 5 fail in the second run, 7 in the third: the first in item order is reported
+    with pytest.raises(TaskError, match=r"item 4 \(4\): ValueError: bad item 4") as info:
+        ProcessPool(2).map(fail_some, [0, 1, 3, 3, 4, 5, 1, 7, 1, 1, 1, 1])
+    assert "Traceback" in str(info.value.original.__cause__)   # the worker's, as text
+
+
 def die_on_three(ctx, item: int) -> int:
     if item == 3:
         os._exit(7)
@@ -238,6 +253,21 @@ def test_unpicklable_things_fail_before_any_process_starts():
         ProcessPool(2).map(square, [1], context=lambda: 0)
     with pytest.raises(TypeError, match="item 1"):
         ProcessPool(2).map(square, [1, lambda: 0])
+
+
+def where(ctx, item: int) -> tuple[bool, bool]:
+    from graphopt.measure.executor import single_core
+    return single_core(), in_worker()
+
+
+def test_an_evaluation_keeps_one_blas_thread_wherever_it_runs():
+    """blas.for_work gives large operations every core only outside evaluations: their bits then do not
+    depend on the executor (a threaded LAPACK solve's do on its thread count)."""
+    from graphopt.measure.executor import single_core
+    assert not single_core()
+    assert InProcess().map(where, [1, 2]) == [(True, False), (True, False)]
+    assert ProcessPool(2).map(where, [1]) == [(True, True)]
+    assert not single_core()      # only inside the call
 
 
 def test_make_executor():

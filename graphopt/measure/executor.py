@@ -18,11 +18,13 @@ without the passes knowing:
 * :class:`ProcessPool` runs them in ``workers`` local processes started with the *spawn* method (a
   forked child would inherit onnxruntime's and OpenBLAS's thread pools in an undefined state).
   ``context`` (typically a serialized model plus sample data, see :class:`EvalContext`) is pickled
-  **once** in the parent and unpickled **once per worker** by the pool initializer; each item travels
-  on its own. Workers run with ``OMP_NUM_THREADS=1`` (and the OpenBLAS/MKL equivalents), and
-  :class:`EvalContext` gives them onnxruntime sessions with one intra-op thread, so ``workers``
-  processes use ``workers`` cores and do not oversubscribe them. (onnxruntime ignores
-  ``OMP_NUM_THREADS``: a session ``fn`` builds itself must pass ``threads=worker_threads()``.)
+  **once** in the parent and unpickled **once per worker** by the pool initializer; the items travel in
+  runs of consecutive items (:func:`chunks`), so a worker meets them in the caller's order. Workers run
+  with ``OMP_NUM_THREADS=1`` (and the OpenBLAS/MKL equivalents), and every session made in a worker
+  through :func:`graphopt.measure.ort.session` gets one intra-op thread (onnxruntime ignores
+  ``OMP_NUM_THREADS``), so ``workers`` processes use ``workers`` cores and do not oversubscribe them.
+* :class:`~graphopt.measure.ray_executor.RayExecutor` runs them as Ray tasks, the context put in the
+  object store once (its module docstring).
 
 :func:`make_executor` picks one from the run's settings (``--executor``, ``--workers``,
 ``--ray-address``); a pass takes the run's from :func:`executor_for`.
@@ -30,12 +32,14 @@ without the passes knowing:
 What callers can rely on (every executor):
 
 * results come back in the order of ``items``;
+* an evaluation computes the same bits on every executor: inside ``fn`` BLAS keeps one thread
+  (:func:`single_core`), in-process too, so the output of a run does not depend on the executor;
 * an exception raised by ``fn`` is re-raised in the parent as :class:`TaskError`, which names the item
   (index and a short repr), keeps the original exception as ``original`` and ``__cause__`` (for a
   process pool the cause carries the worker's traceback as text); when several items fail, the one
   reported is the first in item order, so the error is deterministic;
 * a worker process that dies (killed, out of memory, ``os._exit``) raises :class:`WorkerDied` instead
-  of hanging;
+  of hanging (Ray retries the task first);
 * ``fn``, ``context`` and the items must pickle for a process pool: ``fn`` must be a module-level
   function. Both are checked before any process starts, so the error is immediate and says which.
 
@@ -73,9 +77,10 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 #: The kinds of executor :func:`make_executor` makes (``--executor``).
 KINDS = ("process", "ray")
 
-__all__ = ["KINDS", "WORKER_ENV", "ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ProcessPool",
-           "TaskError", "WorkerDied", "enter_worker", "environment", "executor_for", "in_worker", "make_executor",
-           "opened", "portable_exception", "relative_error", "short_repr", "worker_threads", "ShippedModel"]
+__all__ = ["KINDS", "WORKER_ENV", "ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ItemFailed",
+           "ProcessPool", "RemoteTraceback", "ShippedModel", "TaskError", "WorkerDied", "chunks", "enter_worker",
+           "environment", "executor_for", "in_worker", "make_executor", "opened", "portable_exception",
+           "relative_error", "run_chunk", "short_repr", "single_core", "worker_threads"]
 
 
 # ===============================================================================================
@@ -164,7 +169,8 @@ class InProcess:
         results: list[R] = []
         for index, item in enumerate(items):
             try:
-                results.append(fn(context, item))
+                with _evaluation():
+                    results.append(fn(context, item))
             except Exception as exc:
                 raise TaskError(fn, index, item, exc) from exc
             if progress is not None:
@@ -209,7 +215,8 @@ class ProcessPool:
         payload = _dumps(context, "context")
         # pickled here, once, so an item that cannot travel fails now and with its name
         blobs = [_dumps(item, f"item {index} ({short_repr(item)})") for index, item in enumerate(items)]
-        workers = min(self.workers, len(items))
+        runs = chunks(len(items), self.workers)
+        workers = min(self.workers, len(runs))
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(payload, WORKER_ENV))
@@ -217,8 +224,8 @@ class ProcessPool:
             # Spawned children copy the parent's environment when they start, which happens inside
             # submit(); numpy loads OpenBLAS (and sizes its thread pool) before the initializer runs.
             with environment(WORKER_ENV):
-                futures = [pool.submit(_call, fn, blob) for blob in blobs]
-            results = _gather(fn, items, futures, progress)
+                futures = [pool.submit(_call, fn, blobs[start:stop]) for start, stop in runs]
+            results = _gather(fn, items, runs, futures, progress)
         except BaseException:
             # Do not wait for items in flight or workers still starting: the caller has its answer.
             pool.shutdown(wait=False, cancel_futures=True)
@@ -286,26 +293,73 @@ def executor_for(ctx: Any) -> Executor:
     return executor if executor is not None else InProcess()
 
 
-def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
+def _gather(fn: Callable, items: list, runs: list[tuple[int, int]], futures: list[concurrent.futures.Future],
             progress: Progress | None) -> list:
-    results = []
-    for index, future in enumerate(futures):
+    results: list = []
+    for (start, stop), future in zip(runs, futures):
         try:
-            results.append(future.result())
+            results.extend(future.result())
         except BrokenProcessPool as exc:
-            pending = [i for i, f in enumerate(futures) if not (f.done() and f.exception() is None)]
+            pending = sum(b - a for (a, b), f in zip(runs, futures) if not (f.done() and f.exception() is None))
             raise WorkerDied(
                 f"a worker process died while evaluating {getattr(fn, '__qualname__', fn)} "
                 f"(killed, out of memory, os._exit); "
-                f"{len(pending)} of {len(items)} items did not finish, the first is item {index} "
-                f"({short_repr(items[index])}): {exc}") from exc
+                f"{pending} of {len(items)} items did not finish, the first is item {start} "
+                f"({short_repr(items[start])}): {exc}") from exc
         except ContextError:
             raise  # not the item's fault: every item would fail the same way
+        except ItemFailed as exc:
+            raise exc.task_error(fn, items, start) from exc.original
         except Exception as exc:
-            raise TaskError(fn, index, items[index], exc) from exc
+            raise TaskError(fn, start, items[start], exc) from exc
         if progress is not None:
-            progress(index + 1, len(items))
+            progress(stop, len(items))
     return results
+
+
+def chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: the items in runs of consecutive items, one run per task, about four per
+    worker. A worker then meets items in the caller's order: a sensitivity table's items come unit by unit,
+    and a worker keeps a unit's session for the unit's next level (items handed out one by one alternated
+    units between two workers, and two workers were slower than one). Four per worker keeps the last
+    run's wait short."""
+    size = max(1, -(-n // (4 * max(int(workers), 1))))
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class ItemFailed(Exception):
+    """``fn`` raised on the item at ``position`` of a run, in a worker: carries the exception (made
+    picklable) and the worker's traceback as text to the parent."""
+
+    def __init__(self, position: int, original: BaseException, text: str = ""):
+        super().__init__(position, original, text)
+        self.position, self.original, self.text = position, original, text
+
+    def task_error(self, fn: Callable, items: list, start: int) -> TaskError:
+        """The :class:`TaskError` of the item, for a run that began at ``start``."""
+        if self.text and self.original.__cause__ is None:
+            self.original.__cause__ = RemoteTraceback(self.text)
+        index = start + self.position
+        return TaskError(fn, index, items[index], self.original)
+
+
+class RemoteTraceback(Exception):
+    """A worker's traceback, as text (the cause of the exception it raised)."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}" if self.args else ""
+
+
+def run_chunk(fn: Callable, context: Any, items: Sequence[Any]) -> list:
+    """``fn(context, item)`` for a run of items, in a worker; the first failure as :class:`ItemFailed`."""
+    out = []
+    for position, item in enumerate(items):
+        try:
+            out.append(fn(context, item))
+        except Exception as exc:  # noqa: BLE001 - carried to the parent, made picklable
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            raise ItemFailed(position, portable_exception(exc), text) from None
+    return out
 
 
 def _dumps(obj: Any, what: str) -> bytes:
@@ -367,14 +421,10 @@ def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
         _CONTEXT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _call(fn: Callable, blob: bytes) -> Any:
+def _call(fn: Callable, blobs: list[bytes]) -> list:
     if _CONTEXT_ERROR is not None:
         raise ContextError(f"the context failed to load in a worker process: {_CONTEXT_ERROR}")
-    item = pickle.loads(blob)
-    try:
-        return fn(_CONTEXT, item)
-    except Exception as exc:  # noqa: BLE001 - re-raised, made picklable
-        raise portable_exception(exc) from None
+    return run_chunk(fn, _CONTEXT, [pickle.loads(blob) for blob in blobs])
 
 
 def portable_exception(exc: BaseException) -> BaseException:
@@ -389,6 +439,32 @@ def portable_exception(exc: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001 - any failure means it cannot travel
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         return RuntimeError(f"{type(exc).__qualname__}: {exc} (unpicklable exception; worker traceback:\n{text})")
+
+
+class _Evaluating(threading.local):
+    depth = 0
+
+
+_EVALUATING = _Evaluating()
+
+
+@contextmanager
+def _evaluation() -> Iterator[None]:
+    _EVALUATING.depth += 1
+    try:
+        yield
+    finally:
+        _EVALUATING.depth -= 1
+
+
+def single_core() -> bool:
+    """True where an evaluation runs: in an executor's worker, or inside :class:`InProcess`'s call of ``fn``.
+
+    Large BLAS operations take every core only elsewhere (:func:`graphopt.measure.blas.for_work`): the
+    bits of a threaded LAPACK solve depend on its thread count (a ResNet-18 sensitivity table differed
+    in-process and in a pool at 6 of 60 entries, by 5e-6 relative), so an evaluation computes the same
+    bits wherever it runs, and the written model does not depend on the executor."""
+    return _IN_WORKER or _EVALUATING.depth > 0
 
 
 def in_worker() -> bool:

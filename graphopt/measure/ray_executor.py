@@ -12,7 +12,9 @@ What a ``map`` does
   context object, which must not change in between); each task carries a reference to it, and a
   worker process fetches and unpickles it once, then reuses it (and the caches it keeps, such as an
   :class:`~graphopt.measure.executor.EvalContext`'s session) for every later task. Only ``fn`` (by
-  reference, a module-level function) and the item travel with each task.
+  reference, a module-level function) and the items travel with each task: a run of consecutive items
+  (:func:`~graphopt.measure.executor.chunks`, about four per worker), so that a worker meets them in the
+  caller's order and keeps what one item built (a unit's session) for the next.
 * Results come back **in item order**, whatever order the tasks finish in, so the caller's result (a
   sensitivity table, the file written from it) is the same as :class:`InProcess`'s.
 * Workers run with one BLAS/OpenMP thread (``WORKER_ENV`` in their runtime environment) and
@@ -27,8 +29,9 @@ Faults
 * An exception ``fn`` raises is not retried (evaluations are deterministic: it would raise again). It
   is re-raised as :class:`~graphopt.measure.executor.TaskError` naming the item, the first failing
   item in item order, like the other executors; the tasks still outstanding are cancelled.
-* ``KeyboardInterrupt`` (Ctrl-C) while waiting cancels every outstanding task (forcefully: a running
-  evaluation is stopped) and shuts a local cluster down before it propagates.
+* ``KeyboardInterrupt`` (Ctrl-C; also the command line's SIGTERM) while waiting cancels every
+  outstanding task (forcefully: a running evaluation is stopped) and shuts a local cluster down before
+  it propagates.
 
 The cluster
 -----------
@@ -65,12 +68,14 @@ from graphopt.core import scratch
 from graphopt.core.errors import GraphoptError
 from graphopt.measure.executor import (
     WORKER_ENV,
+    ItemFailed,
     Progress,
     TaskError,
     WorkerDied,
+    chunks,
     enter_worker,
     environment,
-    portable_exception,
+    run_chunk,
     short_repr,
 )
 
@@ -250,18 +255,18 @@ class RayExecutor:
         ray = require_ray()
         task = _remote_task(ray).options(num_cpus=1, max_retries=self.retries, retry_exceptions=False)
         shared = self._put(ray, context)
-        refs = [task.remote(fn, shared, item) for item in items]
+        runs = chunks(len(items), self.workers)
+        refs = [task.remote(fn, shared, items[start:stop]) for start, stop in runs]
         try:
-            results = self._gather(ray, fn, items, refs, progress)
-        except KeyboardInterrupt:
-            self._cancel(ray, refs, force=True)     # stop the evaluations running now, too
+            results = self._gather(ray, fn, items, runs, refs, progress)
+        except BaseException as exc:
+            # Ctrl-C (and the command line's SIGTERM) also stops the evaluations running now and a local
+            # cluster; after an error the running ones end at their next Python line.
+            stop = not isinstance(exc, Exception)
+            self._cancel(ray, refs, force=stop)
             self._drain(ray, refs)
-            if self._owned:
+            if stop and self._owned:
                 self.close()
-            raise
-        except BaseException:
-            self._cancel(ray, refs, force=False)
-            self._drain(ray, refs)
             raise
         return results
 
@@ -275,25 +280,29 @@ class RayExecutor:
             self._last = (context, _Shared(ray.put(context)))
         return self._last[1]
 
-    def _gather(self, ray: Any, fn: Callable, items: list, refs: list, progress: Progress | None) -> list:
-        # One ray.get per item, in item order: the first error met is the first failing item's, and
+    def _gather(self, ray: Any, fn: Callable, items: list, runs: list[tuple[int, int]], refs: list,
+                progress: Progress | None) -> list:
+        # One ray.get per run, in item order: the first error met is the first failing item's, and
         # progress counts items as the caller's order finishes them (as the process pool does).
         from ray import exceptions as rex
-        results = []
-        for index, ref in enumerate(refs):
+        results: list = []
+        for (start, stop), ref in zip(runs, refs):
             try:
-                results.append(ray.get(ref))
+                results.extend(ray.get(ref))
             except rex.RayTaskError as exc:
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
-                raise TaskError(fn, index, items[index], cause) from cause
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, ItemFailed):
+                    raise cause.task_error(fn, items, start) from cause.original
+                cause = cause if isinstance(cause, BaseException) else exc
+                raise TaskError(fn, start, items[start], cause) from cause
             except rex.RayError as exc:
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise WorkerDied(
-                    f"a Ray worker died while evaluating {getattr(fn, '__qualname__', fn)} on item {index} "
-                    f"({short_repr(items[index])}) and {self.retries} retries did not bring it back: "
+                    f"a Ray worker died while evaluating {getattr(fn, '__qualname__', fn)} on item {start} "
+                    f"({short_repr(items[start])}) and {self.retries} retries did not bring it back: "
                     f"{type(exc).__name__}: {first}") from exc
             if progress is not None:
-                progress(index + 1, len(items))
+                progress(stop, len(items))
         return results
 
     @staticmethod
@@ -337,14 +346,11 @@ def _remote_task(ray: Any) -> Any:
     return _TASK
 
 
-def _run(fn: Callable, shared: _Shared, item: Any) -> Any:
-    """The task: ``fn(context, item)`` with the context of this ``map``, loaded once per worker."""
+def _run(fn: Callable, shared: _Shared, items: list) -> list:
+    """The task: ``fn(context, item)`` for a run of items, with the context of this ``map`` loaded once
+    per worker; a failure as :class:`~graphopt.measure.executor.ItemFailed` (picklable, Ray sends it back)."""
     enter_worker(WORKER_ENV)
-    context = _context(shared)
-    try:
-        return fn(context, item)
-    except Exception as exc:  # noqa: BLE001 - re-raised, made picklable (Ray cannot send some back)
-        raise portable_exception(exc) from None
+    return run_chunk(fn, _context(shared), items)
 
 
 def _context(shared: _Shared) -> Any:
