@@ -17,9 +17,12 @@ What a ``map`` does
   caller's order and keeps what one item built (a unit's session) for the next.
 * Results come back **in item order**, whatever order the tasks finish in, so the caller's result (a
   sensitivity table, the file written from it) is the same as :class:`InProcess`'s.
-* Workers run with one BLAS/OpenMP thread (``WORKER_ENV`` in their runtime environment) and
+* Workers run with one BLAS/OpenMP thread (``WORKER_ENV``: inherited from the local cluster's start, or
+  the job's runtime environment on a cluster joined) and
   :func:`~graphopt.measure.executor.in_worker` true, so sessions they build use one onnxruntime
-  thread, as in a process pool: a task uses one CPU, the one Ray reserves for it.
+  thread, as in a process pool: a task uses one CPU, the one Ray reserves for it. A worker keeps the
+  last context it loaded (and the sessions it built) until a task of another ``map`` arrives or the
+  cluster stops: a local cluster stops with the run.
 
 Faults
 ------
@@ -61,6 +64,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -139,7 +143,7 @@ class RayExecutor:
         self._connected = False
         self._cleanup = contextlib.ExitStack()
         self._lock = threading.Lock()
-        self._last: tuple[Any, _Shared] | None = None   # the last context and its object reference
+        self._last: tuple[weakref.ref, _Shared] | None = None   # the last context and its object reference
 
     def __repr__(self) -> str:
         where = f"address={self.address!r}" if self.address else f"workers={self._workers}"
@@ -274,11 +278,19 @@ class RayExecutor:
         """The context in the object store: put once per ``map``, and once for consecutive maps of the same
         object (a guard's rounds, the chunks of sharded statistics), whose workers then also keep their
         unpickled copy. Such a context must not change between the maps (none of graphopt's does: their
-        per-process caches are not pickled)."""
-        if self._last is None or self._last[0] is not context:
-            self._last = None                   # the previous context's object can go
-            self._last = (context, _Shared(ray.put(context)))
-        return self._last[1]
+        per-process caches are not pickled). The executor holds the context weakly: once the caller lets
+        it go, its object in the store goes too (a context that cannot be weakly held is put per map)."""
+        last = self._last
+        if last is not None and last[0]() is context:
+            return last[1]
+        self._last = None                       # the previous context's object can go
+        shared = _Shared(ray.put(context))
+        with contextlib.suppress(TypeError):    # tuples and the like: no weak reference, no reuse
+            self._last = (weakref.ref(context, self._forget), shared)
+        return shared
+
+    def _forget(self, _gone: Any) -> None:
+        self._last = None
 
     def _gather(self, ray: Any, fn: Callable, items: list, runs: list[tuple[int, int]], refs: list,
                 progress: Progress | None) -> list:
