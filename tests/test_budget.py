@@ -437,6 +437,26 @@ def test_guard_falls_back_to_no_compression_and_measures_identical_allocations_o
     assert any(t["reused"] for t in trace)
 
 
+@pytest.mark.parametrize("max_drop, target", [(15.0, 0.5), (2.0, 0.5), (0.5, 0.3), (-1.0, 0.5)])
+@pytest.mark.parametrize("width", [2, 3, 7])
+def test_guard_look_ahead_measures_in_batches_and_walks_the_same_search(max_drop, target, width):
+    plain = FakeModel()
+    expected, expected_trace = guarded(plain.allocate_at, plain.drop, max_drop, target, steps=6)
+    ahead, batches = FakeModel(), []
+
+    def measure_all(allocs):
+        batches.append(len(allocs))
+        return [ahead.drop(a) for a in allocs]
+
+    alloc, trace = guarded(ahead.allocate_at, lambda a: pytest.fail("measured one by one"), max_drop, target,
+                           steps=6, measure_all=measure_all, width=width)
+    assert alloc.keep == expected.keep and trace == expected_trace   # the same search, whatever the width
+    assert all(1 <= b <= width for b in batches) and sum(batches) == ahead.measured
+    assert len(batches) <= len(trace)   # several tries measured per batch: fewer rounds
+    if len(expected_trace) > 2 and width >= 3:
+        assert len(batches) < len(expected_trace)
+
+
 # ---- allocate_priced: price in one cost, stop on another
 
 

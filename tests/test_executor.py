@@ -226,6 +226,21 @@ def test_process_pool_reraises_the_first_failing_item_in_order():
     assert "Traceback" in str(info.value.original)
 
 
+def test_runs_of_items_keep_the_order_and_the_first_failure():
+    from graphopt.measure.executor import chunks
+    assert chunks(20, 2) == [(0, 3), (3, 6), (6, 9), (9, 12), (12, 15), (15, 18), (18, 20)]
+    assert chunks(3, 2) == [(0, 1), (1, 2), (2, 3)] and chunks(5, 1) == [(0, 2), (2, 4), (4, 5)]
+    items = list(range(20))
+    seen = []
+    assert ProcessPool(2).map(square, items, context=CountedContext(b""),
+                              progress=lambda d, t: seen.append(d)) == [(0, i * i) for i in items]
+    assert seen == [3, 6, 9, 12, 15, 18, 20]
+    # items 4 and 5 fail in the second run, 7 in the third: the first in item order is reported
+    with pytest.raises(TaskError, match=r"item 4 \(4\): ValueError: bad item 4") as info:
+        ProcessPool(2).map(fail_some, [0, 1, 3, 3, 4, 5, 1, 7, 1, 1, 1, 1])
+    assert "Traceback" in str(info.value.original.__cause__)   # the worker's, as text
+
+
 def die_on_three(ctx, item: int) -> int:
     if item == 3:
         os._exit(7)
@@ -261,6 +276,21 @@ def test_unpicklable_things_fail_before_any_process_starts():
         ProcessPool(2).map(square, [1, lambda: 0])
 
 
+def where(ctx, item: int) -> tuple[bool, bool]:
+    from graphopt.measure.executor import single_core
+    return single_core(), in_worker()
+
+
+def test_an_evaluation_keeps_one_blas_thread_wherever_it_runs():
+    """blas.for_work gives large operations every core only outside evaluations: their bits then do not
+    depend on the executor (a threaded LAPACK solve's do on its thread count)."""
+    from graphopt.measure.executor import single_core
+    assert not single_core()
+    assert InProcess().map(where, [1, 2]) == [(True, False), (True, False)]
+    assert ProcessPool(2).map(where, [1]) == [(True, True)]
+    assert not single_core()      # only inside the call
+
+
 def test_make_executor():
     assert isinstance(make_executor(None), InProcess) and isinstance(make_executor(1), InProcess)
     pool = make_executor(3)
@@ -270,3 +300,43 @@ def test_make_executor():
         make_executor(-2)
     with pytest.raises(ValueError):
         ProcessPool(0)
+
+
+def test_the_ray_executor_without_ray_refuses_in_one_line(monkeypatch, tmp_path, capsys):
+    """Without the extra (simulated: ``import ray`` fails), ``--executor ray`` and ``--ray-address`` exit 2
+    with one line naming the install command, before anything runs; the API and make_executor refuse
+    the same way."""
+    import sys
+
+    from graphopt import optimize
+    from graphopt.app import cli
+    from graphopt.core.errors import GraphoptError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_cnn().SerializeToString())
+    for flags in (["--executor", "ray"], ["--ray-address", "10.0.0.1:6379"]):
+        assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install 'graphopt[ray]'" in err and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+    with pytest.raises(GraphoptError, match=r"graphopt\[ray\]"):
+        optimize(model, executor="ray")
+    with pytest.raises(GraphoptError, match=r"graphopt\[ray\]"):
+        make_executor(2, "ray")
+
+
+def test_executor_options_are_checked(tmp_path, capsys):
+    from graphopt.app import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_cnn().SerializeToString())
+    for flags, says in ((["--workers", "-1"], "--workers must be >= 0"),
+                        (["--executor", "process", "--ray-address", "h:1"], "--ray-address needs --executor ray"),
+                        (["--executor", "spark"], "invalid choice")):
+        assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
+        assert says in capsys.readouterr().err
+    with pytest.raises(ValueError, match="executor must be one of"):
+        make_executor(2, "spark")
+    with pytest.raises(ValueError, match="needs the ray executor"):
+        make_executor(2, "process", address="h:1")

@@ -24,7 +24,8 @@ Tables (markdown on stdout; every number measured in this one run):
    ``--top`` and the default allocation, the accuracy drop with ThiNet + least-squares re-fit: what
    speed is for sale at these MACs, and at what accuracy. ``--radius R`` draws them within ``R`` channels
    of the default allocation per group instead: a local search for a faster allocation that keeps the
-   accuracy.
+   accuracy. The allocations are pruned and the fastest re-fitted through an executor (``--executor``,
+   ``--workers``, ``--ray-address`` as in ``graphopt optimize``); the timing stays in this process.
 
 Commands::
 
@@ -33,6 +34,7 @@ Commands::
     python tools/bench_prune.py latency [--runs 20] [--rounds 5]
     python tools/bench_prune.py seeds [--seeds 4]
     python tools/bench_prune.py frontier [--models mobilenetv2] [--samples 40] [--top 4] [--radius 16] [--rounds 5]
+                                         [--executor process|ray] [--workers N] [--ray-address ADDR]
     python tools/bench_prune.py all
 """
 
@@ -47,6 +49,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,7 @@ from graphopt.core.onnx_io import from_proto, load, to_proto
 from graphopt.measure import ort as gort
 from graphopt.measure.analysis import analyze
 from graphopt.measure.calibration import SampleData, load_data, random_data
+from graphopt.measure.executor import KINDS, InProcess, opened
 from graphopt.measure.verify import verify
 
 MODELS = ROOT / "models"
@@ -276,12 +280,41 @@ def seeds_table(models: list[str], target: float, seeds: int) -> str:
     return _table(["model", "seed", "MACs ratio", "acc drop (pts)", "kept channels per group"], rows)
 
 
+@dataclass
+class Frontier:
+    """What an executor's worker needs to prune one allocation of the frontier search."""
+
+    name: str
+    target: float
+    batch: int
+
+
+def pruned_by_hand(ctx: Frontier, keep: dict[int, int]) -> tuple[bytes, float | None]:
+    """The model pruned to ``keep`` (L1 order, no re-fit) and its predicted time at the batch (a worker's job)."""
+    from graphopt.measure import latency as lat
+    proto = optimize(MODELS / f"{ctx.name}.onnx", preset="prune", run_verify=False,
+                     options={"prune_filters.channels": _plan_text(keep), "prune_filters.criterion": "l1",
+                              "prune_filters.refit": False}).model
+    return proto.SerializeToString(), lat.model_time(from_proto(proto), lat.load(), batch=ctx.batch)[0]
+
+
+def refit_drop(ctx: Frontier, keep: dict[int, int]) -> str:
+    """Accuracy drop of the model pruned to ``keep`` with the default ranking and re-fit (a worker's job)."""
+    original = load(MODELS / f"{ctx.name}.onnx")
+    calib = load_data(MODELS / "fmnist_calib.npz", original)
+    proto = _prune(ctx.name, calib, ctx.target, {"prune_filters.channels": _plan_text(keep)})[0]
+    ref, acc = _accuracy(ctx.name, proto, load_data(MODELS / "fmnist_eval.npz", original))
+    return f"{acc - ref:+.2f}"
+
+
 def frontier_table(name: str, target: float, samples: int, top: int, runs: int, batch: int, radius: int = 0,
-                   rounds: int = 1) -> str:
+                   rounds: int = 1, executor: Any = None) -> str:
     """Random allocations at ``target`` MACs: measured vs predicted speed-up, accuracy of the fastest.
 
     ``radius > 0`` draws them around the default allocation instead (each group's kept count within
     ``radius`` channels of the default's), to look for a faster allocation that keeps its accuracy.
+    The allocations are pruned, and the fastest re-fitted and scored, through ``executor`` (in-process by
+    default; ``--executor``/``--workers``); the speed-ups are timed here, one pair at a time.
     """
     from graphopt.compress import channels
     from graphopt.measure import latency as lat
@@ -300,28 +333,25 @@ def frontier_table(name: str, target: float, samples: int, top: int, runs: int, 
     latency = targets.resolve().latency  # the default target's (this machine's) profile
     t0 = lat.model_time(cleaned, latency, batch=batch)[0]  # BN folded, as onnxruntime runs it
     feeds = evaluation.head(batch).inputs
+    executor = executor or InProcess()
+    job = Frontier(name, target, batch)
     measured = []
-    for keep in [default_keep, *plans]:
-        proto = optimize(path, preset="prune", run_verify=False,
-                         options={"prune_filters.channels": _plan_text(keep), "prune_filters.criterion": "l1",
-                                  "prune_filters.refit": False}).model
+    for keep, (blob, t1) in zip([default_keep, *plans], executor.map(pruned_by_hand, [default_keep, *plans],
+                                                                     context=job)):
+        proto = onnx.load_from_string(blob)
         ratios = _ab(to_proto(original), proto, feeds, runs, rounds)[2]
-        t1 = lat.model_time(from_proto(proto), latency, batch=batch)[0]
         measured.append((keep, _macs(proto) / macs0, t0 / t1 if t0 and t1 else float("nan"),
                          float(np.median(ratios))))
-
-    def accuracy_drop(i: int, keep: dict[int, int]) -> str:
-        # the default's own model; the others pruned by hand with the default ranking and re-fit
-        by_hand = {"prune_filters.channels": _plan_text(keep)}
-        proto = default_model if i == 0 else _prune(name, calib, target, by_hand)[0]
-        ref, acc = _accuracy(name, proto, evaluation)
-        return f"{acc - ref:+.2f}"
+    ordered = [measured[0], *sorted(measured[1:], key=lambda r: -r[3])]
+    # the default's own model; the fastest others pruned by hand with the default ranking and re-fit
+    ref, acc = _accuracy(name, default_model, evaluation)
+    drops = [f"{acc - ref:+.2f}", *executor.map(refit_drop, [keep for keep, *_ in ordered[1:top + 1]], context=job)]
 
     rows = []
-    for i, (keep, ratio, predicted, speed) in enumerate([measured[0], *sorted(measured[1:], key=lambda r: -r[3])]):
+    for i, (keep, ratio, predicted, speed) in enumerate(ordered):
         label = "default" if i == 0 else f"{'nearby' if radius else 'random'} #{i}"
         rows.append([label, " ".join(str(k) for k in keep.values()), f"{ratio:.3f}", f"{predicted:.2f}x",
-                     f"{speed:.2f}x", accuracy_drop(i, keep) if i <= top else ""])
+                     f"{speed:.2f}x", drops[i] if i < len(drops) else ""])
     from scipy.stats import spearmanr  # the bench extra
     rho = float(spearmanr([r[2] for r in measured], [r[3] for r in measured])[0])
     table = _table(["allocation", "kept channels per group", "MACs ratio", "predicted speed-up",
@@ -376,6 +406,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="latency, frontier: time each pair this many times (the median speed-up; latency "
                              "also prints the range)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--executor", choices=KINDS, help="frontier: where the allocations are pruned and scored "
+                        "(as graphopt optimize's --executor)")
+    parser.add_argument("--workers", type=int, help="frontier: processes or Ray CPUs (as graphopt's --workers)")
+    parser.add_argument("--ray-address", help="frontier: a Ray cluster to use (implies --executor ray)")
     args = parser.parse_args(argv)
     if args.what in ("accuracy", "all"):
         models = args.models.split(",") if args.models else ["vgg", "resnet", "mobilenetv2"]
@@ -388,10 +422,11 @@ def main(argv: list[str] | None = None) -> None:
         print(seeds_table(models, args.target_macs, args.seeds), flush=True)
         return
     if args.what == "frontier":
-        for name in (args.models.split(",") if args.models else ["mobilenetv2"]):
-            print(f"## {name}: allocations at {args.target_macs} MACs\n")
-            print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch, args.radius,
-                                 args.rounds), flush=True)
+        with opened(args.executor, args.workers, address=args.ray_address) as executor:
+            for name in (args.models.split(",") if args.models else ["mobilenetv2"]):
+                print(f"## {name}: allocations at {args.target_macs} MACs\n")
+                print(frontier_table(name, args.target_macs, args.samples, args.top, args.runs, args.batch,
+                                     args.radius, args.rounds, executor), flush=True)
         return
     if args.what in ("zoo", "latency", "all"):
         models = args.models.split(",") if args.models and args.what != "all" else ZOO

@@ -39,6 +39,9 @@ from graphopt.measure import analysis, calibration
 from graphopt.measure import calibrate as calibration_run
 from graphopt.measure import probe as probes
 from graphopt.measure import target as targets
+from graphopt.measure.executor import KINDS, Executor
+from graphopt.measure.executor import opened as run_executor
+from graphopt.measure.ray_executor import require_ray
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
 from graphopt.measure.verify import verify as run_verification
 
@@ -158,6 +161,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
              dump_dir: str | os.PathLike | None = None, verify_data: DataLike = None,
              allow_partial: bool = False, quantize: str | None = None,
              train_data: str | os.PathLike | None = None, target_cpu: str | None = None,
+             executor: str | Executor | None = None, workers: int | None = None, ray_address: str | None = None,
              progress: Callable[[str], None] | None = None) -> OptimizeResult:
     """Run a pass pipeline on ``model``, verify the result with onnxruntime, optionally write it.
 
@@ -189,6 +193,13 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         ``$GRAPHOPT_TARGET_CPU`` or ``"auto"``. The lossy passes price channels, ranks and int8 formats
         for it (:mod:`graphopt.measure.target`); ``report["target_cpu"]`` says which and where its
         latency profile came from.
+    executor, workers, ray_address : where the passes' independent evaluations run (sensitivity tables,
+        the guards' candidates, calibration statistics in shards; :mod:`graphopt.measure.executor`):
+        ``"process"`` (default) in this process, or in a pool of ``workers`` local processes
+        (``0``: one per core); ``"ray"`` as Ray tasks on a local cluster of ``workers`` CPUs (default one
+        per core) started for the run and shut down when it ends, or on the cluster at ``ray_address``
+        (which implies ``"ray"``; needs the ``ray`` extra); or an :class:`Executor` you made and close.
+        The output does not depend on it.
 
     Returns
     -------
@@ -209,6 +220,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     _check_sampling(samples, seed)
     _check_train_data(train_data, pipeline)
     cpu_target = targets.resolve(target_cpu)
+    _check_executor(executor, workers, ray_address)
     output_path = Path(output) if output is not None else None
     ctx_progress("loading the model")
     ir, reference = load_model(model)
@@ -224,7 +236,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
                       input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress, target=cpu_target)
-    _, records = run_pipeline(pipeline, ir, ctx)
+    with run_executor(executor, workers, address=ray_address) as ctx.executor:
+        _, records = run_pipeline(pipeline, ir, ctx)
+    ctx.executor = None
     after = _cost(ir, shapes, onnx_io.serialized_size(ir))
 
     mode = "equivalence" if pipeline.lossless else "accuracy"
@@ -413,6 +427,23 @@ def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> No
     if not trains:
         raise OptionError("--train-data: only the finetune pass reads it, and this pipeline has none (end a lossy preset with +finetune)")
     shard_paths(train_data)
+
+
+def _check_executor(executor: str | Executor | None, workers: int | None, ray_address: str | None) -> None:
+    """Refuse a bad executor choice before any work: an unknown kind, a negative worker count, an
+    address without Ray, the Ray executor without Ray installed (one line with the install command)."""
+    if executor is not None and not isinstance(executor, str):
+        if not isinstance(executor, Executor):
+            raise OptionError(f"executor must be one of {', '.join(KINDS)} or an Executor, got {executor!r}")
+        return
+    if executor is not None and executor not in KINDS:
+        raise OptionError(f"--executor must be one of {', '.join(KINDS)}, got {executor!r}")
+    if workers is not None and workers < 0:
+        raise OptionError(f"--workers must be >= 0 (0: one per core), got {workers}")
+    if ray_address is not None and executor == "process":
+        raise OptionError("--ray-address needs --executor ray")
+    if executor == "ray" or ray_address is not None:
+        require_ray()
 
 
 def _check_sampling(samples: int | None, seed: int) -> None:

@@ -24,7 +24,7 @@ from graphopt import __version__
 from graphopt.app import api, report
 from graphopt.core import manager, scratch
 from graphopt.core.errors import GraphoptError, OptionError
-from graphopt.measure import analysis, calibration, cpu
+from graphopt.measure import analysis, calibration, cpu, executor
 from graphopt.measure import target as targets
 from graphopt.measure.verify import Tolerance
 
@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", metavar="FILE.npz|DIR",
                    help="unlabeled inputs for +finetune: a .npz file or a directory of .npz shards (streamed); "
                         "default: --data")
+    p.add_argument("--executor", choices=executor.KINDS,
+                   help="where independent evaluations (sensitivity tables, guard candidates, sharded statistics) "
+                        "run: local processes (process, the default) or Ray tasks (ray; needs "
+                        "pip install 'graphopt[ray]'); the output is the same")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="evaluations at once: processes (default 1: this process; 0: one per core) or the CPUs of "
+                        "the local Ray cluster (default: one per core)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run the evaluations on the Ray cluster at ADDR (host:port or ray://host:port) instead of a "
+                        "local one; implies --executor ray")
     p.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     p.add_argument("--write-failed", action="store_true",
                    help="write the output even if verification fails or a target is missed")
@@ -175,7 +185,7 @@ def cmd_optimize(args: argparse.Namespace, out: Console, err: Console) -> int:
             samples=args.samples, seed=args.seed, run_verify=not args.no_verify, write_failed=args.write_failed,
             debug=args.debug, dump_dir=args.dump_dir, verify_data=args.verify_data,
             allow_partial=args.allow_partial, train_data=args.train_data, target_cpu=args.target_cpu,
-            progress=progress)
+            executor=args.executor, workers=args.workers, ray_address=args.ray_address, progress=progress)
     for path in args.report:
         report.write_report(result.report, path)
     if not args.quiet:

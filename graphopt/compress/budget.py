@@ -753,7 +753,8 @@ def uniform_at(units: Sequence[Unit], sens: Sensitivity | None, cost: Cost, targ
 
 def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[Allocation], float],
             max_drop: float, target: float, *, full: float = 1.0, steps: int = 6,
-            tolerance: float = 0.005) -> tuple[Allocation, list[dict]]:
+            tolerance: float = 0.005, measure_all: Callable[[list[Allocation]], list[float]] | None = None,
+            width: int = 1) -> tuple[Allocation, list[dict]]:
     """The most compressed allocation between ``target`` and ``full`` whose measured drop is within
     ``max_drop``.
 
@@ -767,11 +768,19 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     The bisection assumes the drop grows as the target shrinks; it usually does, and when it does
     not the result is still the cheapest *measured* allocation within ``max_drop``.
 
+    Look-ahead (``measure_all`` and ``width > 1``, an executor with that many workers): each time a try
+    is not measured yet, it is measured together with the tries that may follow it — the next levels
+    of the bisection's tree, breadth first (whichever way this try goes), up to ``width`` distinct
+    allocations in one ``measure_all`` call. The search then walks the tree exactly as without
+    look-ahead, so the allocation and the trace are the same; only some measurements go unused.
+
     Parameters
     ----------
     allocate_at : target -> allocation (e.g. ``lambda t: allocate(units, sens, cost, t * total)``).
     measure_drop : allocation -> accuracy drop (points) or error; ``<= max_drop`` passes.
     full : the target meaning "no compression" (1.0 for fractions; the uncompressed cost otherwise).
+    measure_all, width : allocations -> their drops, in order (e.g. through an executor), and how many
+        to measure at once.
 
     Returns
     -------
@@ -780,29 +789,59 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     """
     trace: list[dict] = []
     measured: dict[tuple, float] = {}
+    tried: set[tuple] = set()
+    allocations: dict[float, Allocation] = {}
+    span = tolerance * max(abs(full), 1e-12)
+    budget_left = [steps]                      # bisection tries left (the first try is not one)
 
-    def attempt(t: float) -> tuple[Allocation, bool]:
-        alloc = allocate_at(t)
-        signature = tuple(sorted(alloc.keep.items()))
-        reused = signature in measured
-        if not reused:
-            measured[signature] = float(measure_drop(alloc))
-        drop = measured[signature]
+    def allocation(t: float) -> Allocation:
+        if t not in allocations:
+            allocations[t] = allocate_at(t)
+        return allocations[t]
+
+    def signature(alloc: Allocation) -> tuple:
+        return tuple(sorted(alloc.keep.items()))
+
+    def measure_with(t: float, lo: float, hi: float) -> None:
+        """Measure the try at ``t`` and, with look-ahead, the bisection's next tries below ``(lo, hi)``."""
+        if measure_all is None or width <= 1:
+            measured[signature(allocation(t))] = float(measure_drop(allocation(t)))
+            return
+        batch: dict[tuple, Allocation] = {}
+        for u in [t, *_bisection_tree(lo, hi, budget_left[0], span)]:
+            alloc = allocation(u)
+            sig = signature(alloc)
+            if sig not in measured and sig not in batch:
+                batch[sig] = alloc
+                if len(batch) == width:
+                    break
+        for sig, drop in zip(batch, measure_all(list(batch.values()))):
+            measured[sig] = float(drop)
+
+    def attempt(t: float, lo: float, hi: float) -> tuple[Allocation, bool]:
+        alloc = allocation(t)
+        sig = signature(alloc)
+        reused = sig in tried
+        if sig not in measured:
+            measure_with(t, lo, hi)
+        tried.add(sig)
+        drop = measured[sig]
         ok = drop <= max_drop
         trace.append({"target": float(t), "cost": alloc.cost, "met": alloc.met,
                       "predicted_error": alloc.predicted_error, "drop": drop, "ok": ok, "reused": reused})
         return alloc, ok
 
-    alloc, ok = attempt(target)
+    lo, hi = float(target), float(full)
+    alloc, ok = attempt(target, lo, hi)
     if ok:
         return alloc, trace
     best: Allocation | None = None
-    lo, hi = float(target), float(full)
-    for _ in range(steps):
-        if hi - lo <= tolerance * max(abs(full), 1e-12):
+    while budget_left[0] > 0:
+        if hi - lo <= span:
             break
+        budget_left[0] -= 1
         mid = (lo + hi) / 2
-        alloc, ok = attempt(mid)
+        alloc, ok = attempt(mid, lo, hi)
         if ok:
             if best is None or alloc.cost < best.cost:
                 best = alloc
@@ -810,8 +849,26 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
         else:
             lo = mid
     if best is None:
-        best, _ = attempt(full)
+        best, _ = attempt(full, full, full)
     return best, trace
+
+
+def _bisection_tree(lo: float, hi: float, steps: int, span: float) -> list[float]:
+    """The targets the bisection of ``(lo, hi)`` may try in its next ``steps`` tries, breadth first: the
+    middle, then the middles of both halves, ... (brackets narrower than ``span`` end the search)."""
+    out: list[float] = []
+    level = [(lo, hi)]
+    for _ in range(steps):
+        level = [(a, b) for a, b in level if b - a > span]
+        if not level:
+            break
+        nxt = []
+        for a, b in level:
+            m = (a + b) / 2
+            out.append(m)
+            nxt += [(a, m), (m, b)]
+        level = nxt
+    return out
 
 
 # ===============================================================================================

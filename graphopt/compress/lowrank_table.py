@@ -160,6 +160,11 @@ class OverrideTable:
     threads: int | None = None
     held: tuple[int, Any, int] | None = None  # (cut, session, the cut it runs from): one at a time
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["held"] = None              # a session stays in its process; a worker builds its own
+        return state
+
     def overridable(self, cut: int) -> list[str]:
         """Every slot of the units this cut serves: one session for all of them."""
         return sorted({n for key, s in self.slots.items() if self.cuts.get(key, 0) == cut for n in s.names})

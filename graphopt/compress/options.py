@@ -13,7 +13,8 @@ calibration
     ``samples`` (calibration samples used), ``max_rows`` (least-squares / statistics rows per layer),
     ``ridge`` (relative to the mean diagonal of XᵀX), ``holdout`` (fraction of the samples kept out of
     the fit to measure on), ``sensitivity_samples`` (samples per sensitivity evaluation), ``levels``
-    (levels measured per unit in a sensitivity table), ``min_weights`` (smaller layers left alone).
+    (levels measured per unit in a sensitivity table), ``min_weights`` (smaller layers left alone),
+    ``shard_samples`` (statistics gathered in shards through the executor, :mod:`graphopt.compress.shards`).
 guard
     ``guard`` (search within the accuracy budget), ``max_drop`` (the budget when the run sets no
     ``--max-drop``), ``guard_z`` (standard errors of margin), ``guard_holdout``, ``guard_steps``.
@@ -57,6 +58,10 @@ _CALIBRATION = {
     "sensitivity_samples": lambda d, x: Option(d, _help("samples per sensitivity evaluation", x), int, low=1),
     "levels": lambda d, x: Option(d, _help("levels measured per unit for the sensitivity table", x), int, low=1),
     "min_weights": lambda d, x: Option(d, _help("layers with fewer weights are left alone", x), int, low=0),
+    "shard_samples": lambda d, x: Option(d, _help("calibration statistics gathered in shards of this many samples "
+                                                  "through the run's executor (--executor), added in shard order: "
+                                                  "the result depends on it, not on the executor (0: one shard)", x),
+                                         int, low=0),
 }
 
 _GUARD = {

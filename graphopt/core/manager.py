@@ -169,6 +169,9 @@ class PassContext:
     target : the CPU the model is for (``graphopt.measure.target.Target``: its kind, channel geometry and
         latency profile), which the lossy passes price with; ``None``: the default target
         (``graphopt.measure.target.resolve``), resolved by the pass that needs it.
+    executor : where independent evaluations run (``graphopt.measure.executor``: in this process, a
+        local process pool, a Ray cluster), or ``None`` for this process; passes ask
+        ``graphopt.measure.executor.executor_for(ctx)``. The result does not depend on it.
     """
 
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -186,6 +189,7 @@ class PassContext:
     dump_dir: Path | None = None
     progress: Callable[[str], None] | None = None
     target: Any = field(default=None, repr=False, compare=False)
+    executor: Any = field(default=None, repr=False, compare=False)
     runner: _Runner | None = field(default=None, repr=False, compare=False)
 
     def rng(self, pass_name: str) -> np.random.Generator:

@@ -1,7 +1,7 @@
 """Measuring models: onnxruntime sessions, sample data, probe shapes and calibration statistics, verification,
 analysis (params, MACs, bytes), the cost and latency models, the target CPU and its calibration, and the
-executors that run evaluations.
+executors that run evaluations (in this process, a local pool, Ray).
 """
 
 __all__ = ["analysis", "blas", "calibrate", "calibration", "cost", "cpu", "executor", "kernels", "latency", "ort",
-           "probe", "qdq", "segments", "target", "verify"]
+           "probe", "qdq", "ray_executor", "segments", "target", "verify"]

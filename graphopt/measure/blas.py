@@ -6,7 +6,9 @@ OpenBLAS's thread pool spins against other processes, which made a whole prune a
 the passes run with one BLAS thread (:func:`blas_threads`). The largest operations — a ``F × F`` solve
 or ``XᵀX`` product with ``F`` in the thousands (ResNet-50's 3x3 convs have ``F = 4608``) — are long
 enough for threads to pay, and nothing else runs in the process meanwhile: :func:`for_work` lets them
-use every core (on 2 cores the ridge solves of a ResNet-50 re-fit went from 108 s to 78 s).
+use every core (on 2 cores the ridge solves of a ResNet-50 re-fit went from 108 s to 78 s), except inside
+an executor's evaluations (a sensitivity level, a guard's trial, a shard of statistics), which keep one
+thread wherever they run so that their bits do not depend on the executor.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from graphopt.measure.executor import in_worker
+from graphopt.measure.executor import single_core
 
 #: Floating-point operations from which one BLAS call gets every core.
 LARGE = 2e9
@@ -67,9 +69,10 @@ def blas_threads(n: int = 1) -> Iterator[None]:
 
 
 def for_work(flops: float):
-    """:func:`blas_threads` with every core for an operation of at least :data:`LARGE` flops (not in a
-    process-pool worker, which has one core of its own), else a context that changes nothing."""
-    if flops >= LARGE and not in_worker():
+    """:func:`blas_threads` with every core for an operation of at least :data:`LARGE` flops, else a context
+    that changes nothing. Not inside an evaluation (:func:`graphopt.measure.executor.single_core`): a
+    worker has one core of its own, and an evaluation must compute the same bits in-process and there."""
+    if flops >= LARGE and not single_core():
         return blas_threads(os.cpu_count() or 1)
     return _unchanged()
 

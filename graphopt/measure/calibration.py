@@ -67,6 +67,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -829,14 +830,17 @@ class _Running:
 
 
 def channel_rows(axis: int = 1) -> Callable[[np.ndarray], np.ndarray]:
-    """A function viewing a tensor as rows of its ``axis`` channels: ``[N, C, H, W] -> [N·H·W, C]``."""
-    def rows(array: np.ndarray) -> np.ndarray:
-        array = np.asarray(array)
-        if array.ndim == 0:
-            raise ValueError("cannot take channels of a scalar")
-        moved = np.moveaxis(array, axis, -1)
-        return moved.reshape(-1, moved.shape[-1])
-    return rows
+    """A function viewing a tensor as rows of its ``axis`` channels: ``[N, C, H, W] -> [N·H·W, C]``
+    (picklable: statistics holding it travel to executor workers)."""
+    return partial(_channel_rows, axis=axis)
+
+
+def _channel_rows(array: np.ndarray, axis: int) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 0:
+        raise ValueError("cannot take channels of a scalar")
+    moved = np.moveaxis(array, axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
 
 
 class ChannelStats:
@@ -999,6 +1003,21 @@ class Gram:
             self.xtx += x.T @ x
         self.sum += x.sum(axis=0)
         self.count += x.shape[0]
+
+    def merge(self, other: Gram) -> Gram:
+        """The statistics of both row sets (shards of the samples gathered apart): sums added, this
+        Gram's row view kept; neither side is changed."""
+        out = Gram(self.rows, max_rows=self.max_rows)
+        out.count = self.count + other.count
+        if other.xtx is None or self.xtx is None:
+            src = self if other.xtx is None else other
+            out.xtx = None if src.xtx is None else src.xtx.copy()
+            out.sum = None if src.sum is None else src.sum.copy()
+            return out
+        if self.xtx.shape != other.xtx.shape:
+            raise ValueError(f"cannot merge Grams of {self.xtx.shape[0]} and {other.xtx.shape[0]} features")
+        out.xtx, out.sum = self.xtx + other.xtx, self.sum + other.sum
+        return out
 
     @property
     def features(self) -> int:

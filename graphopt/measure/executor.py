@@ -1,9 +1,10 @@
-"""Run many independent evaluations: in this process, or in a local pool of processes.
+"""Run many independent evaluations: in this process, in a local pool of processes, or on a Ray cluster.
 
-Data-driven passes (sensitivity analysis for pruning, rank selection for low-rank, cluster counts for
-weight sharing) evaluate the same model many times with one thing changed. Those evaluations are
-independent, so they go through a small interface that a local process pool or, later, a distributed
-engine can serve without the passes knowing:
+Data-driven passes (sensitivity analysis for pruning, rank selection for low-rank, the guards'
+candidates, calibration statistics gathered in shards) evaluate the same model many times with one
+thing changed. Those evaluations are independent, so they go through a small interface that a local
+process pool or a Ray cluster (:mod:`graphopt.measure.ray_executor`, the optional extra) can serve
+without the passes knowing:
 
 .. code-block:: python
 
@@ -17,21 +18,28 @@ engine can serve without the passes knowing:
 * :class:`ProcessPool` runs them in ``workers`` local processes started with the *spawn* method (a
   forked child would inherit onnxruntime's and OpenBLAS's thread pools in an undefined state).
   ``context`` (typically a serialized model plus sample data, see :class:`EvalContext`) is pickled
-  **once** in the parent and unpickled **once per worker** by the pool initializer; each item travels
-  on its own. Workers run with ``OMP_NUM_THREADS=1`` (and the OpenBLAS/MKL equivalents), and
-  :class:`EvalContext` gives them onnxruntime sessions with one intra-op thread, so ``workers``
-  processes use ``workers`` cores and do not oversubscribe them. (onnxruntime ignores
-  ``OMP_NUM_THREADS``: a session ``fn`` builds itself must pass ``threads=worker_threads()``.)
+  **once** in the parent and unpickled **once per worker** by the pool initializer; the items travel in
+  runs of consecutive items (:func:`chunks`), so a worker meets them in the caller's order. Workers run
+  with ``OMP_NUM_THREADS=1`` (and the OpenBLAS/MKL equivalents), and every session made in a worker
+  through :func:`graphopt.measure.ort.session` gets one intra-op thread (onnxruntime ignores
+  ``OMP_NUM_THREADS``), so ``workers`` processes use ``workers`` cores and do not oversubscribe them.
+* :class:`~graphopt.measure.ray_executor.RayExecutor` runs them as Ray tasks, the context put in the
+  object store once (its module docstring).
 
-What callers can rely on (both executors):
+:func:`make_executor` picks one from the run's settings (``--executor``, ``--workers``,
+``--ray-address``); a pass takes the run's from :func:`executor_for`.
+
+What callers can rely on (every executor):
 
 * results come back in the order of ``items``;
+* an evaluation computes the same bits on every executor: inside ``fn`` BLAS keeps one thread
+  (:func:`single_core`), in-process too, so the output of a run does not depend on the executor;
 * an exception raised by ``fn`` is re-raised in the parent as :class:`TaskError`, which names the item
   (index and a short repr), keeps the original exception as ``original`` and ``__cause__`` (for a
   process pool the cause carries the worker's traceback as text); when several items fail, the one
   reported is the first in item order, so the error is deterministic;
 * a worker process that dies (killed, out of memory, ``os._exit``) raises :class:`WorkerDied` instead
-  of hanging;
+  of hanging (Ray retries the task first);
 * ``fn``, ``context`` and the items must pickle for a process pool: ``fn`` must be a module-level
   function. Both are checked before any process starts, so the error is immediate and says which.
 
@@ -70,8 +78,13 @@ Progress = Callable[[int, int], None]  # (items done, items in total)
 # Thread-count variables set in every worker so numpy's BLAS and OpenMP runtimes start with one thread.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-__all__ = ["ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ProcessPool", "TaskError", "WorkerDied",
-           "in_worker", "make_executor", "relative_error", "worker_threads"]
+#: The kinds of executor :func:`make_executor` makes (``--executor``).
+KINDS = ("process", "ray")
+
+__all__ = ["KINDS", "WORKER_ENV", "ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ItemFailed",
+           "ProcessPool", "RemoteTraceback", "ShippedModel", "TaskError", "WorkerDied", "chunks", "enter_worker",
+           "environment", "executor_for", "in_worker", "make_executor", "opened", "portable_exception",
+           "relative_error", "run_chunk", "short_repr", "single_core", "worker_threads"]
 
 
 # ===============================================================================================
@@ -98,7 +111,7 @@ class TaskError(ExecutorError):
         self.original = original
         name = getattr(fn, "__qualname__", repr(fn))
         first = (str(original).strip().splitlines() or [""])[0]
-        super().__init__(f"{name} failed on item {index} ({_short(item)}): {type(original).__name__}: {first}")
+        super().__init__(f"{name} failed on item {index} ({short_repr(item)}): {type(original).__name__}: {first}")
 
     def __reduce__(self):  # keep it picklable although __init__ takes other arguments than args
         return (_rebuild_task_error, (self.args, self.index, self.item, self.original))
@@ -120,7 +133,8 @@ class WorkerDied(ExecutorError):
     """A worker process ended abruptly (killed, out of memory, ``os._exit``) or its initializer failed."""
 
 
-def _short(item: Any) -> str:
+def short_repr(item: Any) -> str:
+    """``item``'s repr, cut short for a one-line message."""
     return _REPR.repr(item)
 
 
@@ -159,7 +173,8 @@ class InProcess:
         results: list[R] = []
         for index, item in enumerate(items):
             try:
-                results.append(fn(context, item))
+                with _evaluation():
+                    results.append(fn(context, item))
             except Exception as exc:
                 raise TaskError(fn, index, item, exc) from exc
             if progress is not None:
@@ -203,17 +218,18 @@ class ProcessPool:
         _dumps(fn, "fn (it must be a module-level function, not a lambda or a closure)")
         payload = _dumps(context, "context")
         # pickled here, once, so an item that cannot travel fails now and with its name
-        blobs = [_dumps(item, f"item {index} ({_short(item)})") for index, item in enumerate(items)]
-        workers = min(self.workers, len(items))
+        blobs = [_dumps(item, f"item {index} ({short_repr(item)})") for index, item in enumerate(items)]
+        runs = chunks(len(items), self.workers)
+        workers = min(self.workers, len(runs))
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(payload, WORKER_ENV))
         try:
             # Spawned children copy the parent's environment when they start, which happens inside
             # submit(); numpy loads OpenBLAS (and sizes its thread pool) before the initializer runs.
-            with _environment(WORKER_ENV):
-                futures = [pool.submit(_call, fn, blob) for blob in blobs]
-            results = _gather(fn, items, futures, progress)
+            with environment(WORKER_ENV):
+                futures = [pool.submit(_call, fn, blobs[start:stop]) for start, stop in runs]
+            results = _gather(fn, items, runs, futures, progress)
         except BaseException:
             # Do not wait for items in flight or workers still starting: the caller has its answer.
             pool.shutdown(wait=False, cancel_futures=True)
@@ -222,19 +238,31 @@ class ProcessPool:
         return results
 
 
-def make_executor(workers: int | None) -> Executor:
-    """The executor for ``workers`` processes: ``None`` or ``1`` -> :class:`InProcess`;
-    ``0`` -> one process per core (:class:`InProcess` on a one-core machine); ``n > 1`` ->
-    :class:`ProcessPool` of ``n``.
+def make_executor(workers: int | None, kind: str = "process", *, address: str | None = None) -> Executor:
+    """The executor for ``workers`` at once, of ``kind``.
+
+    ``process``: ``None`` or ``1`` -> :class:`InProcess`; ``0`` -> one process per core
+    (:class:`InProcess` on a one-core machine); ``n > 1`` -> :class:`ProcessPool` of ``n``.
+    ``ray``: a :class:`~graphopt.measure.ray_executor.RayExecutor` on a local cluster of ``workers``
+    CPUs (``None`` or ``0``: one per core), or on the cluster at ``address``. Close it when done
+    (:meth:`~graphopt.measure.ray_executor.RayExecutor.close`).
 
     Raises
     ------
-    ValueError : a negative count.
+    ValueError : a negative count, an unknown kind, an address for the process kind.
+    graphopt.core.errors.GraphoptError : ``ray`` without Ray installed (the message says how to install it).
     """
+    if kind not in KINDS:
+        raise ValueError(f"executor must be one of {', '.join(KINDS)}, got {kind!r}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
+    if kind == "ray":
+        from graphopt.measure.ray_executor import RayExecutor
+        return RayExecutor(workers, address=address)
+    if address is not None:
+        raise ValueError("a Ray address needs the ray executor")
     if workers is None or workers == 1:
         return InProcess()
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
     if workers == 0:
         workers = os.cpu_count() or 1
         if workers == 1:
@@ -242,26 +270,100 @@ def make_executor(workers: int | None) -> Executor:
     return ProcessPool(workers)
 
 
-def _gather(fn: Callable, items: list, futures: list[concurrent.futures.Future],
+@contextmanager
+def opened(executor: str | Executor | None = None, workers: int | None = None, *,
+           address: str | None = None) -> Iterator[Executor]:
+    """The executor of one run, for the block: an :class:`Executor` given is used as it is (its owner
+    closes it); a kind (``process``, ``ray``; ``None``: ``ray`` with an ``address``, else ``process``)
+    is made by :func:`make_executor` and closed when the block exits, however it exits (a local Ray
+    cluster is shut down)."""
+    if executor is not None and not isinstance(executor, str):
+        yield executor
+        return
+    kind = executor or ("ray" if address else "process")
+    made = make_executor(workers, kind, address=address)
+    try:
+        yield made
+    finally:
+        close = getattr(made, "close", None)
+        if close is not None:
+            close()
+
+
+def executor_for(ctx: Any) -> Executor:
+    """The run's executor: ``ctx.executor`` of a :class:`~graphopt.core.manager.PassContext` (set by the
+    API from ``--executor`` / ``--workers``), :class:`InProcess` when the run set none."""
+    executor = getattr(ctx, "executor", None)
+    return executor if executor is not None else InProcess()
+
+
+def _gather(fn: Callable, items: list, runs: list[tuple[int, int]], futures: list[concurrent.futures.Future],
             progress: Progress | None) -> list:
-    results = []
-    for index, future in enumerate(futures):
+    results: list = []
+    for (start, stop), future in zip(runs, futures):
         try:
-            results.append(future.result())
+            results.extend(future.result())
         except BrokenProcessPool as exc:
-            pending = [i for i, f in enumerate(futures) if not (f.done() and f.exception() is None)]
+            pending = sum(b - a for (a, b), f in zip(runs, futures) if not (f.done() and f.exception() is None))
             raise WorkerDied(
                 f"a worker process died while evaluating {getattr(fn, '__qualname__', fn)} "
                 f"(killed, out of memory, os._exit); "
-                f"{len(pending)} of {len(items)} items did not finish, the first is item {index} "
-                f"({_short(items[index])}): {exc}") from exc
+                f"{pending} of {len(items)} items did not finish, the first is item {start} "
+                f"({short_repr(items[start])}): {exc}") from exc
         except ContextError:
             raise  # not the item's fault: every item would fail the same way
+        except ItemFailed as exc:
+            raise exc.task_error(fn, items, start) from exc.original
         except Exception as exc:
-            raise TaskError(fn, index, items[index], exc) from exc
+            raise TaskError(fn, start, items[start], exc) from exc
         if progress is not None:
-            progress(index + 1, len(items))
+            progress(stop, len(items))
     return results
+
+
+def chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: the items in runs of consecutive items, one run per task, about four per
+    worker. A worker then meets items in the caller's order: a sensitivity table's items come unit by unit,
+    and a worker keeps a unit's session for the unit's next level (items handed out one by one alternated
+    units between two workers, and two workers were slower than one). Four per worker keeps the last
+    run's wait short."""
+    size = max(1, -(-n // (4 * max(int(workers), 1))))
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class ItemFailed(Exception):
+    """``fn`` raised on the item at ``position`` of a run, in a worker: carries the exception (made
+    picklable) and the worker's traceback as text to the parent."""
+
+    def __init__(self, position: int, original: BaseException, text: str = ""):
+        super().__init__(position, original, text)
+        self.position, self.original, self.text = position, original, text
+
+    def task_error(self, fn: Callable, items: list, start: int) -> TaskError:
+        """The :class:`TaskError` of the item, for a run that began at ``start``."""
+        if self.text and self.original.__cause__ is None:
+            self.original.__cause__ = RemoteTraceback(self.text)
+        index = start + self.position
+        return TaskError(fn, index, items[index], self.original)
+
+
+class RemoteTraceback(Exception):
+    """A worker's traceback, as text (the cause of the exception it raised)."""
+
+    def __str__(self) -> str:
+        return f"\n{self.args[0]}" if self.args else ""
+
+
+def run_chunk(fn: Callable, context: Any, items: Sequence[Any]) -> list:
+    """``fn(context, item)`` for a run of items, in a worker; the first failure as :class:`ItemFailed`."""
+    out = []
+    for position, item in enumerate(items):
+        try:
+            out.append(fn(context, item))
+        except Exception as exc:  # noqa: BLE001 - carried to the parent, made picklable
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            raise ItemFailed(position, portable_exception(exc), text) from None
+    return out
 
 
 def _dumps(obj: Any, what: str) -> bytes:
@@ -275,7 +377,7 @@ _ENV_LOCK = threading.Lock()
 
 
 @contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
+def environment(values: Mapping[str, str]) -> Iterator[None]:
     """Set environment variables for the duration of the block (for children started inside it)."""
     with _ENV_LOCK:
         saved = {name: os.environ.get(name) for name in values}
@@ -298,6 +400,16 @@ _CONTEXT_ERROR: str | None = None
 _IN_WORKER = False
 
 
+def enter_worker(env: Mapping[str, str]) -> None:
+    """Mark this process as an executor's worker (:func:`in_worker`) and set ``env`` for anything it starts.
+
+    Called by the process pool's initializer and by every Ray task (cheap when already done)."""
+    global _IN_WORKER
+    if not _IN_WORKER:
+        os.environ.update(env)
+        _IN_WORKER = True
+
+
 def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
     """Pool initializer: runs once per worker process, before any item.
 
@@ -305,26 +417,21 @@ def _init_worker(payload: bytes, env: Mapping[str, str]) -> None:
     :class:`ContextError`: an exception escaping an initializer only breaks the pool, and the parent
     would learn nothing but "a process in the initializer failed".
     """
-    global _CONTEXT, _CONTEXT_ERROR, _IN_WORKER
-    os.environ.update(env)  # for anything the worker itself starts
-    _IN_WORKER = True
+    global _CONTEXT, _CONTEXT_ERROR
+    enter_worker(env)
     try:
         _CONTEXT = pickle.loads(payload)
     except Exception as exc:  # noqa: BLE001 - reported to the parent by every item
         _CONTEXT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _call(fn: Callable, blob: bytes) -> Any:
+def _call(fn: Callable, blobs: list[bytes]) -> list:
     if _CONTEXT_ERROR is not None:
         raise ContextError(f"the context failed to load in a worker process: {_CONTEXT_ERROR}")
-    item = pickle.loads(blob)
-    try:
-        return fn(_CONTEXT, item)
-    except Exception as exc:  # noqa: BLE001 - re-raised, made picklable
-        raise _portable(exc) from None
+    return run_chunk(fn, _CONTEXT, [pickle.loads(blob) for blob in blobs])
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable_exception(exc: BaseException) -> BaseException:
     """``exc`` when it survives a pickle round trip, else a RuntimeError that carries its text.
 
     An exception whose class cannot be rebuilt from its args would otherwise fail to unpickle in the
@@ -338,8 +445,34 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__qualname__}: {exc} (unpicklable exception; worker traceback:\n{text})")
 
 
+class _Evaluating(threading.local):
+    depth = 0
+
+
+_EVALUATING = _Evaluating()
+
+
+@contextmanager
+def _evaluation() -> Iterator[None]:
+    _EVALUATING.depth += 1
+    try:
+        yield
+    finally:
+        _EVALUATING.depth -= 1
+
+
+def single_core() -> bool:
+    """True where an evaluation runs: in an executor's worker, or inside :class:`InProcess`'s call of ``fn``.
+
+    Large BLAS operations take every core only elsewhere (:func:`graphopt.measure.blas.for_work`): the
+    bits of a threaded LAPACK solve depend on its thread count (a ResNet-18 sensitivity table differed
+    in-process and in a pool at 6 of 60 entries, by 5e-6 relative), so an evaluation computes the same
+    bits wherever it runs, and the written model does not depend on the executor."""
+    return _IN_WORKER or _EVALUATING.depth > 0
+
+
 def in_worker() -> bool:
-    """True inside a :class:`ProcessPool` worker process."""
+    """True inside an executor's worker process (a :class:`ProcessPool`'s, a Ray worker running a task)."""
     return _IN_WORKER
 
 
@@ -542,6 +675,28 @@ class EvalContext:
             return None
         logits = outputs[self.output_names()[0]]
         return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels) * 100.0)
+
+
+@dataclass(eq=False)
+class ShippedModel:
+    """An IR model in an executor's context: used as it is in this process; pickled for a worker, it
+    travels as its serialized proto (not the IR's graph objects) and is parsed once per worker process.
+    Never mutated (a worker that changes the model works on ``ir().clone()``)."""
+
+    model: Any                             # graphopt.core.ir.Model here; bytes after a pickle round trip
+
+    def __getstate__(self) -> dict:
+        if isinstance(self.model, bytes):
+            return {"model": self.model}
+        from graphopt.core.onnx_io import to_proto
+        return {"model": to_proto(self.model).SerializeToString()}
+
+    def ir(self) -> Any:
+        """The model (parsed on first use after travelling)."""
+        if isinstance(self.model, bytes):
+            from graphopt.core.onnx_io import from_proto
+            self.model = from_proto(onnx.load_from_string(self.model))
+        return self.model
 
 
 def relative_error(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> float:

@@ -8,6 +8,9 @@ all share one configuration:
 * ``session.intra_op.allow_spinning = "0"``: idle worker threads sleep instead of spinning, so a
   calibration loop that does numpy work between runs does not fight ORT's threads for the cores.
 * ``log_severity_level = 3`` (errors only) and the CPU execution provider.
+* one intra-op thread inside an executor's worker (:func:`graphopt.measure.executor.in_worker`) when
+  the caller does not say: a worker has one core of its own, and a session sized for the machine in
+  each of them would oversubscribe it.
 
 A model given as a path is loaded from that path (onnxruntime reads its external data itself); a
 ModelProto or IR model over protobuf's 2 GiB limit, which onnxruntime cannot take as bytes, is
@@ -41,6 +44,7 @@ from graphopt.core.errors import GraphoptError
 from graphopt.core.ir import Model
 from graphopt.core.onnx_io import (by_reference, fits_protobuf, inline_weights, is_in_memory, save, shared_proto,
                                    to_proto)
+from graphopt.measure.executor import in_worker
 
 ModelLike = Union[Model, onnx.ModelProto, bytes, str, os.PathLike]
 Structure = tuple[onnx.ModelProto, dict[str, np.ndarray]]   # what structure() returns
@@ -123,6 +127,8 @@ def session_options(*, optimize: bool = False, threads: int | None = None, quiet
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 4 if quiet else 3
+    if threads is None and in_worker():
+        threads = 1
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     return opts
@@ -156,7 +162,7 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
     Parameters
     ----------
     optimize : run onnxruntime's graph optimizations (``ORT_ENABLE_ALL``); off by default.
-    threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose.
+    threads : ``intra_op_num_threads``; ``None`` lets onnxruntime choose (1 in an executor's worker).
     quiet : no onnxruntime error log on stderr (failures still raise).
     weights : the arrays of a ModelProto's by-reference stubs (``{name: array}``).
     profile_dir : turn onnxruntime's profiler on, its file in this folder (``end_profiling()`` names it).

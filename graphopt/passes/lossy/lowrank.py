@@ -34,7 +34,9 @@ a conv, subsampled) give ``μ`` and ``Σ``; the SVD is taken of ``LᵀW`` (``Σ 
 which minimises the layer's *output* error ``tr(ΔWᵀΣΔW)`` instead of ``‖ΔW‖_F``, and the bias absorbs the
 mean error ``ΔWᵀμ``. For the spatial form the covariance of vertical patches averaged over the kernel
 columns stands in for ``Σ`` (the cross terms between columns are dropped); the reported error and the bias
-correction use the full patch covariance, so they are exact.
+correction use the full patch covariance, so they are exact. With option ``shard_samples`` the statistics
+are gathered in shards of samples through the run's executor and added in shard order
+(:mod:`graphopt.compress.shards`).
 
 The stats report, per layer, ``rel_output_error = sqrt(E‖ΔWᵀx − δ‖² / E‖Wᵀx‖²)`` on the calibration
 inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or ``rel_weight_error =
@@ -66,10 +68,11 @@ Rank selection (``select``)
             layer factorized (``sensitivity=model``: its factorized weight written into the unchanged model
             and run from a cached cut, :mod:`graphopt.compress.lowrank_table`; within
             ``sensitivity_tmacs``, ranks not measured scaled from the layer's own error) or the layer's own
-            relative output error (``layer``).
+            relative output error (``layer``); the table's evaluations run through the run's executor.
             With ``--max-drop`` and labelled data (``guard``), the target is relaxed by bisection
-            (:func:`graphopt.compress.budget.guarded`) until the accuracy drop measured on the calibration samples
-            (factors before compensation, so on the safe side) fits; the trace is in the stats.
+            (:func:`graphopt.compress.budget.guarded`, its tries through the run's executor) until the accuracy
+            drop measured on the calibration samples (factors before compensation, so on the safe side) fits;
+            the trace is in the stats.
 ``auto``    ``target`` when the run has a target, else ``ratio``.
 
 Latency
@@ -104,7 +107,7 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from graphopt.compress import budget, lstsq, svd
+from graphopt.compress import budget, lstsq, shards, svd
 from graphopt.compress import reconstruct as rec
 from graphopt.measure.blas import blas_threads
 from graphopt.compress.options import calibration, guard
@@ -121,7 +124,7 @@ from graphopt.measure.calibration import Calibrator, Gram, SampleData, batch_wit
 from graphopt.measure import segments
 from graphopt.measure import target as targets
 from graphopt.measure.segments import Frontier
-from graphopt.measure.executor import EvalContext, InProcess
+from graphopt.measure.executor import EvalContext, ShippedModel, executor_for
 from graphopt.compress import lowrank_table as lrt
 
 # =============================================================================================
@@ -169,6 +172,23 @@ class Site:
         if self.x_dims is None:
             return None
         return int(prod(self.x_dims[:-1]) * self.weight.size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy sent to an executor's worker (the sensitivity table, the guard) keeps the node's and
+        # values' names, not the IR graph they belong to: the plans need only the arrays, and a model
+        # copy in the worker finds the layer by name (_with_plans).
+        state = dict(self.__dict__)
+        state["node"] = Named(self.node.name, self.node.op_type)
+        state["x"], state["y"] = Named(self.x.name), Named(self.y.name)
+        return state
+
+
+@dataclass(frozen=True)
+class Named:
+    """What a pickled :class:`Site` keeps of an IR node or value."""
+
+    name: str
+    op_type: str = ""
 
 
 def _per_output(c: np.ndarray, n: int) -> np.ndarray | None:
@@ -461,6 +481,60 @@ def collect_stats(model: Model, sites: list[Site], data: SampleData, rng: np.ran
         for s in first:
             stats[id(s.node)].moments.update(site_rows(s, batch[s.x.name], rng, per_batch))
     return stats
+
+
+def gather_stats(run: LowRankRun, sites: list[Site], rng: np.random.Generator) -> dict[int, Stats]:
+    """:func:`collect_stats` over the run's samples; in shards of option ``shard_samples`` through the run's
+    executor when there are more (:mod:`graphopt.compress.shards`; the shards' rows drawn from a seed
+    this ``rng`` gives), the statistics of sites that share one keeping one :class:`Stats`."""
+    data, shard_samples = run.samples(), int(run.opt("shard_samples"))
+    if shards.one_shard(data.n_samples, shard_samples):
+        return collect_stats(run.model, sites, data, rng, run.opt("max_rows"))
+    context = StatsShards(ShippedModel(run.model), sites, data.n_samples, run.opt("max_rows"),
+                          int(rng.integers(2 ** 31)))
+    grams = shards.gather(data, stats_shard, _merge_grams, context=context, executor=executor_for(run.ctx),
+                          shard_samples=shard_samples)
+    slots = _stat_slots(sites)
+    shared = [Stats(gram) for gram in grams]
+    return {id(site.node): shared[slot] for site, slot in zip(sites, slots)}
+
+
+def _stat_slots(sites: list[Site]) -> list[int]:
+    """Per site, the index of its statistic among the distinct ones :func:`collect_stats` makes (dense sites
+    reading one tensor share one), in the order it makes them."""
+    first: dict[str, int] = {}
+    slots = []
+    for s in sites:
+        key = f"node {id(s.node)}" if s.kind == "conv" else f"input {s.x.name}"
+        slots.append(first.setdefault(key, len(first)))
+    return slots
+
+
+@dataclass
+class StatsShards:
+    """What a worker needs for :func:`collect_stats` on one shard (the sites travel without their IR)."""
+
+    model: ShippedModel
+    sites: list[Site]
+    n_samples: int
+    max_rows: int
+    seed: int
+
+
+def stats_shard(ctx: StatsShards, item: tuple[int, SampleData]) -> list[Gram]:
+    """One shard's input moments, one per distinct statistic in :func:`_stat_slots` order (runs in workers)."""
+    index, shard = item
+    stats = collect_stats(ctx.model.ir(), ctx.sites, shard, shards.rng(ctx.seed, index),
+                          shards.rows_share(ctx.max_rows, shard, ctx.n_samples))
+    slots = _stat_slots(ctx.sites)
+    grams: list[Gram | None] = [None] * (max(slots) + 1)
+    for site, slot in zip(ctx.sites, slots):
+        grams[slot] = stats[id(site.node)].moments
+    return grams
+
+
+def _merge_grams(total: list[Gram], part: list[Gram]) -> list[Gram]:
+    return [a.merge(b) for a, b in zip(total, part)]
 
 
 # =============================================================================================
@@ -1035,7 +1109,8 @@ class LowRank(Pass):
                       max_rows=(8192, "the input rows of the statistics, subsampled"),
                       ridge=(1e-4, "here of the input covariance, added to it before whitening"), min_weights=1024,
                       levels=(8, "select=target: ranks tried per layer"),
-                      sensitivity_samples=(256, "select=target, sensitivity=model")),
+                      sensitivity_samples=(256, "select=target, sensitivity=model"),
+                      shard_samples=(0, "the input statistics")),
         "sensitivity_tmacs": Option(3.0, "select=target, sensitivity=model: most multiply-accumulates (in 10^12) "
                                          "the table may spend: over it, fewer samples, then fewer measured "
                                          "ranks (the rest from the layer errors, scaled)", float, low=0),
@@ -1113,8 +1188,7 @@ def fit_forms(run: LowRankRun) -> None:
     ctx = run.ctx
     if ctx.data is not None and run.candidates:
         ctx.say(f"lowrank: input statistics of {len(run.candidates)} layers")
-        run.stats = collect_stats(run.model, [c.site for c in run.candidates], run.samples(),
-                                  ctx.rng(LowRank.name), run.opt("max_rows"))
+        run.stats = gather_stats(run, [c.site for c in run.candidates], ctx.rng(LowRank.name))
     ridge, shrink = run.opt("ridge"), run.opt("shrink")
     for c in run.candidates:
         for form in c.forms:
@@ -1364,12 +1438,13 @@ def _sensitivities(run: LowRankRun, units: TargetUnits) -> tuple[dict[int, dict[
                                    weights=weights)
     del proto, weights
     ctx.say(f"lowrank: sensitivity of {len(units.units)} layers")
+    executor = executor_for(ctx)
     measured = budget.sensitivity([u for u in measured_units if u.key in slots], lrt.measure_by_override,
-                                  executor=InProcess(), context=table)
+                                  executor=executor, context=table)
     table.held = None
     rest = [u for u in measured_units if u.key not in slots]
     if rest:   # on a factorized copy, through the table's context (its reference is already there)
-        measured.update(budget.sensitivity(rest, _model_error, executor=InProcess(), context=(table.ev, units)))
+        measured.update(budget.sensitivity(rest, _model_error, executor=executor, context=(table.ev, units)))
     stats.update(table=table_stats, by_overrides=len(slots))
     if by_model:
         stats["by_model"] = by_model
@@ -1395,15 +1470,24 @@ def _guarded(run: LowRankRun, units: TargetUnits, allocate_at: Callable[[float],
     ctx = run.ctx
     data = run.samples()
     gctx = EvalContext(run.model, data, batch_size=64)
-    reference_acc = gctx.accuracy(gctx.reference())
+    context = (gctx, units, gctx.accuracy(gctx.reference()))
+    executor = executor_for(ctx)
 
-    def measure_drop(alloc: budget.Allocation) -> float:
-        return reference_acc - gctx.accuracy(gctx.run(model=_with_plans(gctx, units.chosen(alloc))))
+    def measure_all(allocs: list[budget.Allocation]) -> list[float]:
+        return executor.map(_guard_drop, allocs, context=context)
 
     ctx.say("lowrank: accuracy guard")
-    alloc, trace = budget.guarded(allocate_at, measure_drop, ctx.max_drop, target)
+    alloc, trace = budget.guarded(allocate_at, lambda a: measure_all([a])[0], ctx.max_drop, target,
+                                  measure_all=measure_all, width=executor.workers)
     return alloc, {"max_drop": ctx.max_drop, "samples": data.n_samples,
                    "trace": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.items()} for t in trace]}
+
+
+def _guard_drop(context: Any, alloc: budget.Allocation) -> float:
+    """The guard's measurement (runs in executor workers): accuracy drop of the model with ``alloc``'s
+    factorizations, on the guard's samples."""
+    gctx, units, reference_acc = context
+    return reference_acc - gctx.accuracy(gctx.run(model=_with_plans(gctx, units.chosen(alloc))))
 
 
 def site_seconds(site: Site, latency: lat.LatencyModel, batch: int = 1) -> float | None:

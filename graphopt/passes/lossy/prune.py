@@ -45,7 +45,8 @@ Plan
    :func:`graphopt.compress.budget.allocate`: each group is a unit (keyed by its group id) whose levels are
    the kept counts in whole units (and multiples of the group's divisor); its *sensitivity* at
    ``levels`` evenly spaced kept fractions is measured on ``sensitivity_samples`` calibration samples
-   through :mod:`graphopt.measure.executor` (option ``workers``): the model with only that group pruned to
+   through the run's executor (:mod:`graphopt.measure.executor`; ``--executor``/``--workers``, or
+   option ``workers`` for a local pool of its own): the model with only that group pruned to
    that level and its consumers re-fitted from the original statistics; error = relative squared error
    of the outputs (:func:`graphopt.measure.executor.relative_error`, or option ``sensitivity_metric``);
    levels in between are interpolated linearly. How one level is measured (the table is most of a large
@@ -75,12 +76,13 @@ Plan
    allocator calls are cheap. The additive error model ignores how errors compound and how well the
    re-fit of later layers compensates, so (option ``blend``) allocations that mix the measured errors
    with an even-spread prior (``(1 − α)·sens + α·(1 − k/size)²``, normalised, α ∈ {0, ½, 1}) are each
-   pruned, re-fitted on the first calibration samples and measured on the held-out last ones; the best
-   is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
+   pruned, re-fitted on the first calibration samples and measured on the held-out last ones (one
+   ``map`` of the run's executor, :class:`TrialContext`); the best is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
    that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
    one common ratio for all groups. With ``--max-drop`` and labels in the data,
    :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on the calibration
-   data is within the budget. The re-fit saw those samples, which flatters the result; but calibration
+   data is within the budget (its tries through the run's executor, the next ones of the bisection
+   measured together when it has several workers; the search is the same). The re-fit saw those samples, which flatters the result; but calibration
    images usually come from the training set, where the original model is more accurate, so the drop
    there is usually overstated (BENCHMARKS.md compares it with the evaluation set's). Targets are
    fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of the
@@ -117,13 +119,13 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from graphopt.compress import budget, channels
+from graphopt.compress import budget, channels, shards
 from graphopt.measure.blas import blas_threads
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
 from graphopt.compress.channels import shrink
 from graphopt.compress.channels.units import group_units
-from graphopt.compress.lstsq import LinearLayer, collect, stored_weight
+from graphopt.compress.lstsq import LinearLayer, stored_weight
 from graphopt.compress.options import calibration
 from graphopt.core.errors import OptionError
 from graphopt.core.ir import Model
@@ -141,7 +143,8 @@ from graphopt.measure import ort as gort
 from graphopt.measure import segments
 from graphopt.measure import target as targets
 from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
-from graphopt.measure.executor import EvalContext, in_worker, make_executor, relative_error
+from graphopt.measure.executor import (EvalContext, ShippedModel, executor_for, in_worker, make_executor,
+                                       relative_error)
 from graphopt.measure.verify import Tolerance, verify
 
 # =============================================================================================
@@ -191,13 +194,16 @@ def consumer_blocks(layer, consumer) -> list[np.ndarray]:
 
 
 def consumer_grams(model: Model, groups: list, data, *, max_rows: int, seed: int, batch: int,
-                   max_features: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``XᵀX``/``XᵀY`` of every plain linear consumer of ``groups`` on the (unpruned) ``model``."""
+                   max_features: int, executor: Any = None, shard_samples: int = 0
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``XᵀX``/``XᵀY`` of every plain linear consumer of ``groups`` on the (unpruned) ``model``, in shards of
+    ``shard_samples`` through ``executor`` when there are more samples (:mod:`graphopt.compress.shards`)."""
     names = sorted({c.node for g in groups for c in g.consumers})
     layers = {k: v for k, v in _layers_of(model.graph, names).items() if v.features <= max_features}
     if not layers or data is None:
         return {}, layers
-    return collect(model, layers, data, max_rows=max_rows, seed=seed, batch_size=batch), layers
+    return shards.collect(model, layers, data, executor=executor, shard_samples=shard_samples, max_rows=max_rows,
+                          seed=seed, batch_size=batch), layers
 
 
 def rank_group(graph, group, criterion: str, grams: dict, layers: dict, act_stats: dict,
@@ -253,6 +259,50 @@ def activation_stats(model: Model, groups: list, data, batch: int) -> dict:
         for (v, a), st in stats.items():
             st.update(b[v])
     return stats
+
+
+# =============================================================================================
+# trials: a copy pruned to one allocation and re-fitted (blend and guard; run in executor workers)
+
+
+@dataclass
+class TrialContext:
+    """What a worker needs to prune and re-fit a copy of the model to one allocation and measure it:
+    the unpruned model, the samples the re-fit uses (``data``), and for blend the held-out samples a
+    trial's output error is measured on (``hold``) with the unpruned model's outputs there."""
+
+    model: ShippedModel
+    data: Any
+    input_shapes: dict | None
+    heads: bool
+    seed: int
+    batch: int
+    refit: dict[str, Any]
+    hold: Any = None
+    ref_out: dict[str, np.ndarray] | None = None
+
+    def pruned(self, keep_idx: Mapping[int, np.ndarray]) -> Model:
+        """A copy pruned to ``keep_idx`` (kept channel indices per group) and re-fitted on :attr:`data`."""
+        model = self.model.ir()
+        trial = model.clone()
+        if keep_idx:
+            # same model, same group ids; shrink needs an analysis of the copy
+            analysis = channels.analyze(trial, self.input_shapes, heads=self.heads)
+            apply_plan(trial, analysis, dict(keep_idx), model, self.data, seed=self.seed, batch=self.batch,
+                       **self.refit)
+        return trial
+
+
+def trial_error(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
+    """Relative output error on the held-out samples of the model pruned to ``keep_idx`` (blend)."""
+    return float(relative_error(ctx.ref_out, _outputs(ctx.pruned(keep_idx), ctx.hold, ctx.batch)))
+
+
+def trial_drop(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
+    """Accuracy drop (points) on :attr:`TrialContext.data` of the model pruned to ``keep_idx`` (guard)."""
+    report = verify(ctx.model.ir(), ctx.pruned(keep_idx), ctx.data, mode="accuracy",
+                    tolerance=Tolerance(max_drop=100.0), batch_size=ctx.batch)
+    return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
 
 
 # =============================================================================================
@@ -900,16 +950,11 @@ class PruneRun:
                 "max_rows": self.opt("max_rows"), "min_ridge": self.opt("min_ridge"),
                 "activation_aware": self.opt("activation_aware")}
 
-    def pruned_copy(self, keep: Mapping[int, int], data) -> Model:
-        """A copy of ``model`` pruned to ``keep`` and re-fitted on ``data`` (the trials of blend and guard)."""
-        trial = self.model.clone()
-        keep_idx = self.keep_indices(keep)
-        if keep_idx:
-            # same model, same group ids; shrink needs an analysis of the copy
-            analysis = channels.analyze(trial, self.ctx.input_shapes, heads=self.opt("attention") == "heads")
-            apply_plan(trial, analysis, keep_idx, self.reference, data, seed=self.seed, batch=self.batch,
-                       **self.refit_options())
-        return trial
+    def trials(self, data, **measure: Any) -> TrialContext:
+        """The context of the trials of blend and guard: this run's model, pruned and re-fitted on ``data``
+        to each allocation tried, then measured as ``measure`` says (:class:`TrialContext`)."""
+        return TrialContext(ShippedModel(self.model), data, self.ctx.input_shapes, self.opt("attention") == "heads",
+                            self.seed, self.batch, self.refit_options(), **measure)
 
     def heldout(self):
         """``(fit, held_out)``: the last ``sensitivity_samples`` samples (at most half) held out; ``None``
@@ -971,7 +1016,9 @@ class PruneFilters(Pass):
         "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int, low=1),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
-        "workers": Option(1, "processes for the sensitivity measurements (1: in this process)", int, low=0),
+        "workers": Option(1, "processes for the sensitivity measurements: 1, the run's executor (--executor, "
+                             "--workers; by default this process); another count, a local pool of that many "
+                             "(0: one per core)", int, low=0),
         "refit": Option(True, "re-fit the layers after the pruned tensors by least squares (which ones: "
                               "refit_scope)", bool, moved_values=(("consumers", "prune_filters.refit_scope"),
                                                                   ("downstream", "prune_filters.refit_scope"))),
@@ -985,7 +1032,8 @@ class PruneFilters(Pass):
                                                 "the others"),
                       levels=(8, "kept fractions per group, evenly spaced; the rest interpolated"),
                       max_rows=(65536, "fewer for layers with very many features, see "
-                                       "graphopt.compress.reconstruct.layer_rows")),
+                                       "graphopt.compress.reconstruct.layer_rows"),
+                      shard_samples=(0, "the ranking's and the sensitivity's re-fit statistics")),
         "sensitivity_tmacs": Option(12.0, "most multiply-accumulates (in 10^12) the sensitivity table may spend: "
                                           "samples x evaluations x the MACs each runs (about 3 minutes on 2 cores); "
                                           "beyond it fewer samples, then fewer levels are measured and the stats "
@@ -1068,7 +1116,8 @@ class PruneFilters(Pass):
             # apart and merged for the ranking. Ranking on the fitting samples alone cost vgg 0.2 and
             # mobilenetv2 0.4 points at half the MACs: a Gemm consumer has one row per sample.
             split = run.heldout() if sensitivity else None
-            options = {"max_rows": run.opt("max_rows"), "batch": run.batch, "max_features": run.opt("max_features")}
+            options = {"max_rows": run.opt("max_rows"), "batch": run.batch, "max_features": run.opt("max_features"),
+                       "executor": executor_for(ctx), "shard_samples": run.opt("shard_samples")}
             if split is None:
                 run.grams, run.layers = consumer_grams(run.reference, groups, data, seed=run.seed, **options)
             else:
@@ -1186,8 +1235,7 @@ class PruneFilters(Pass):
             alloc, blend_stats = self._choose_blend(run, problem, sens, alloc)
         trace = None
         if run.ctx.max_drop is not None and run.data is not None and run.data.labels is not None:
-            alloc, trace = budget.guarded(allocate_at, lambda a: self._measure_drop(run, a), run.ctx.max_drop, 1.0,
-                                          full=problem.full_cost / problem.goal)
+            alloc, trace = self._guard(run, allocate_at, problem.full_cost / problem.goal)
         full_keep = {g.gid: g.size for g in run.groups}
         full_keep.update({gid: int(v) for gid, v in alloc.keep.items()})
         stats = _allocation_stats(run, problem, alloc, mode, raw_sens)
@@ -1327,7 +1375,8 @@ class PruneFilters(Pass):
             proto=proto, starts=starts, node_macs=node_macs, weights=weights)
         run.sensitivity_stats["table"] = table
         run.ctx.say(f"prune: sensitivity of {len(units)} groups")
-        executor = make_executor(run.opt("workers"))
+        workers = int(run.opt("workers"))
+        executor = executor_for(run.ctx) if workers == 1 else make_executor(workers)
         measured = budget.sensitivity(items_units, measure_level, executor=executor, context=context)
         return {u.key: _interpolated(measured[u.key], u.levels) for u in units}
 
@@ -1380,25 +1429,30 @@ class PruneFilters(Pass):
         candidates = _blend_candidates(run, problem, sens, alloc)
         if len(candidates) < 2:
             return alloc, None
-        ref_out = _outputs(run.reference, hold, run.batch)
-        trace = []
-        for alpha, a in candidates:
-            run.ctx.say(f"prune: measuring the allocation with prior weight {alpha}")
-            trial = run.pruned_copy(a.keep, fit_data)
-            trace.append({"prior_weight": alpha,
-                          "heldout_rel_error": _r(relative_error(ref_out, _outputs(trial, hold, run.batch))),
-                          "predicted_error": _r(a.predicted_error)})
+        trials = run.trials(fit_data, hold=hold, ref_out=_outputs(run.reference, hold, run.batch))
+        run.ctx.say(f"prune: measuring {len(candidates)} allocations blended with the prior")
+        errors = executor_for(run.ctx).map(trial_error, [run.keep_indices(a.keep) for _, a in candidates],
+                                           context=trials)
+        trace = [{"prior_weight": alpha, "heldout_rel_error": _r(error), "predicted_error": _r(a.predicted_error)}
+                 for (alpha, a), error in zip(candidates, errors)]
         best = min(range(len(candidates)), key=lambda i: (trace[i]["heldout_rel_error"], i))
         trace[best]["chosen"] = True
         return candidates[best][1], trace
 
     @staticmethod
-    def _measure_drop(run: PruneRun, alloc: budget.Allocation) -> float:
-        """Accuracy drop (points) on the calibration data of the model pruned to ``alloc`` and re-fitted."""
-        trial = run.pruned_copy(alloc.keep, run.data)
-        report = verify(run.reference, trial, run.data, mode="accuracy", tolerance=Tolerance(max_drop=100.0),
-                        batch_size=run.batch)
-        return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
+    def _guard(run: PruneRun, allocate_at: Callable[[float], budget.Allocation],
+               full: float) -> tuple[budget.Allocation, list[dict]]:
+        """:func:`graphopt.compress.budget.guarded` with each try pruned, re-fitted and measured (accuracy
+        drop on the calibration data) through the run's executor, several tries at once when it has
+        several workers (the result is the same)."""
+        executor = executor_for(run.ctx)
+        trials = run.trials(run.data)
+
+        def measure_all(allocs: list[budget.Allocation]) -> list[float]:
+            return executor.map(trial_drop, [run.keep_indices(a.keep) for a in allocs], context=trials)
+
+        return budget.guarded(allocate_at, lambda a: measure_all([a])[0], run.ctx.max_drop, 1.0, full=full,
+                              measure_all=measure_all, width=executor.workers)
 
     # ---- report -------------------------------------------------------------------------------
 

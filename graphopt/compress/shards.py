@@ -1,0 +1,129 @@
+"""Calibration statistics gathered in shards of samples through an executor, merged in shard order.
+
+The statistics the least-squares fits and the whitening need are sums over the samples: a
+:class:`~graphopt.compress.lstsq.CrossGram`'s ``XᵀX``, ``XᵀY``, ``Σy``, ``Σy²`` and row count, a
+:class:`~graphopt.measure.calibration.Gram`'s ``XᵀX``, ``Σx`` and count. Several processes (or Ray
+workers) can each stream a part of the samples and the partial sums be added. :func:`gather` cuts the
+samples into shards of ``shard_samples`` consecutive samples (the last may be shorter), runs
+``fn(context, (index, shard))`` for each through the run's executor, at most ``executor.workers`` shards
+per ``map``, and adds each part into the total as its chunk comes back, in shard order: the driver holds
+the total and one chunk of parts, a worker one shard's activations, one batch at a time. Each shard
+travels once, with its task; the context (the model) once per ``map``.
+
+Refused: nothing; ``shard_samples`` 0, or not smaller than the number of samples, means one shard,
+computed in this process by the unsharded code exactly as before (the option's default).
+
+What the result depends on
+--------------------------
+* **Not on the executor:** the shards depend on ``shard_samples`` only and the parts are added in shard
+  order, so in-process, a process pool and Ray give the same bits for any number of workers.
+* **Against one unsharded stream:** the same sums added in another order, so equal to float64 rounding
+  (``tests/test_shards.py`` checks 1e-12 relative), when no rows are subsampled. A layer whose rows are
+  subsampled (``max_rows``) draws them per shard, from a generator seeded with ``(seed, shard index)``
+  and its share of ``max_rows``: another uniform sample of about the same size, not the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from math import ceil
+from typing import Any, TypeVar
+
+import numpy as np
+
+from graphopt.compress import lstsq
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.executor import Executor, ShippedModel
+
+S = TypeVar("S")
+
+__all__ = ["CrossGramShards", "collect", "crossgram_shard", "gather", "merge_crossgrams", "one_shard", "rng",
+           "rows_share", "spans"]
+
+
+def one_shard(n_samples: int, shard_samples: int) -> bool:
+    """Whether ``n_samples`` make a single shard (then nothing is sharded)."""
+    return shard_samples <= 0 or n_samples <= shard_samples
+
+
+def spans(n_samples: int, shard_samples: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: consecutive shards of ``shard_samples`` (one shard when :func:`one_shard`)."""
+    if one_shard(n_samples, shard_samples):
+        return [(0, n_samples)]
+    return [(a, min(a + shard_samples, n_samples)) for a in range(0, n_samples, shard_samples)]
+
+
+def rng(seed: int, index: int) -> np.random.Generator:
+    """Shard ``index``'s row-sampling generator: a stream of its own, the same on every executor."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def rows_share(max_rows: int, shard: SampleData, n_samples: int) -> int:
+    """The rows a shard keeps per layer: its share of ``max_rows`` (by samples), at least one."""
+    return max(1, ceil(max_rows * shard.n_samples / max(n_samples, 1)))
+
+
+def gather(data: SampleData, fn: Callable[[Any, tuple[int, SampleData]], S], merge: Callable[[S, S], S], *,
+           context: Any, executor: Executor, shard_samples: int) -> S:
+    """``fn``'s statistics of every shard of ``data``, added in shard order by ``merge`` (module docstring)."""
+    pieces = [(index, data.take(np.arange(a, b)))
+              for index, (a, b) in enumerate(spans(data.n_samples, shard_samples))]
+    step = max(int(executor.workers), 1)
+    total: S | None = None
+    for start in range(0, len(pieces), step):
+        for part in executor.map(fn, pieces[start:start + step], context=context):
+            total = part if total is None else merge(total, part)
+    return total
+
+
+# ===============================================================================================
+# CrossGram statistics of linear layers (lstsq.collect, sharded)
+
+
+@dataclass
+class CrossGramShards:
+    """What a worker needs to gather the :class:`~graphopt.compress.lstsq.CrossGram` of each layer on one
+    shard: the model (read and target, as ``lstsq.collect`` with no reference), each layer's node by its
+    first output's name (node names may be empty; the worker rebuilds the
+    :class:`~graphopt.compress.lstsq.LinearLayer` from its copy of the model), and how ``collect`` samples
+    rows."""
+
+    model: ShippedModel
+    outputs: dict[Hashable, str]
+    n_samples: int
+    max_rows: int
+    seed: int
+    batch_size: int
+    bias: bool = True
+
+
+def crossgram_shard(ctx: CrossGramShards, item: tuple[int, SampleData]) -> dict[Hashable, lstsq.CrossGram]:
+    """The statistics of one shard (runs in executor workers)."""
+    index, shard = item
+    model = ctx.model.ir()
+    producers = {n.outputs[0].name: n for n in model.graph.nodes if n.outputs and n.outputs[0] is not None}
+    layers = {key: lstsq.LinearLayer.of(model.graph, producers[name]) for key, name in ctx.outputs.items()}
+    return lstsq.collect(model, layers, shard, max_rows=rows_share(ctx.max_rows, shard, ctx.n_samples),
+                         rng=rng(ctx.seed, index), batch_size=ctx.batch_size, bias=ctx.bias)
+
+
+def merge_crossgrams(total: dict[Hashable, lstsq.CrossGram],
+                     part: Mapping[Hashable, lstsq.CrossGram]) -> dict[Hashable, lstsq.CrossGram]:
+    return {key: gram.merge(part[key]) for key, gram in total.items()}
+
+
+def collect(model: Any, layers: Mapping[Hashable, lstsq.LinearLayer], data: SampleData, *, executor: Executor,
+            shard_samples: int, max_rows: int, seed: int, batch_size: int = 64,
+            bias: bool = True) -> dict[Hashable, lstsq.CrossGram]:
+    """:func:`graphopt.compress.lstsq.collect` (inputs and targets from ``model`` itself), in shards.
+
+    One shard: ``lstsq.collect`` itself, in this process. ``layers`` must be what
+    :meth:`~graphopt.compress.lstsq.LinearLayer.of` makes of their nodes (a worker rebuilds them so)."""
+    if not layers or one_shard(data.n_samples, shard_samples):
+        return lstsq.collect(model, dict(layers), data, max_rows=max_rows, seed=seed, batch_size=batch_size,
+                             bias=bias)
+    context = CrossGramShards(ShippedModel(model), {key: layer.node.outputs[0].name for key, layer in layers.items()},
+                              data.n_samples, max_rows, seed, batch_size, bias)
+    return gather(data, crossgram_shard, merge_crossgrams, context=context, executor=executor,
+                  shard_samples=shard_samples)
