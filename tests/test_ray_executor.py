@@ -155,7 +155,6 @@ def sleepy(marker_dir: str, item: int) -> int:
     return item
 
 
-@pytest.mark.xfail(strict=False, reason="fails in a clean-clone CI run started in the background (passes in the foreground); cause not yet found, see session 11 note")
 def test_ctrl_c_cancels_the_outstanding_tasks_and_shuts_the_cluster_down(cluster, tmp_path):
     """Runs last: it shuts the module's cluster down."""
     pressed = []
@@ -166,8 +165,9 @@ def test_ctrl_c_cancels_the_outstanding_tasks_and_shuts_the_cluster_down(cluster
 
     with pytest.raises(KeyboardInterrupt):
         cluster.map(sleepy, [0, 1, 2, 3], context=str(tmp_path), progress=interrupt)
-    # not waiting for the running evaluations (15 s each); a loaded machine's cancel and shutdown took 5.6 s
-    assert time.perf_counter() - pressed[0] < 10
-    assert not ray.is_initialized()
+    assert pressed and not ray.is_initialized()
+    # The running tasks were stopped and the pending never started: no marker when the map returns (had it
+    # waited for the running ones, they would have left theirs), nor after a task's whole time.
+    assert list(tmp_path.iterdir()) == []
     time.sleep(15.5)
-    assert list(tmp_path.iterdir()) == []       # the running tasks were stopped, the pending never started
+    assert list(tmp_path.iterdir()) == []
