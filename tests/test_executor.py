@@ -319,3 +319,20 @@ def test_executor_options_are_checked(tmp_path, capsys):
         make_executor(2, "spark")
     with pytest.raises(ValueError, match="needs the ray executor"):
         make_executor(2, "process", address="h:1")
+
+
+def test_a_signal_raised_inside_c_code_is_still_a_signal():
+    """A signal handler's exception raised while Ray's C code runs surfaces as a SystemError with the
+    handler's exception as its context; the Ray executor stops on it as on the signal itself."""
+    from graphopt.measure.ray_executor import _signal_exception
+
+    interrupt = KeyboardInterrupt()
+    assert _signal_exception(interrupt) is interrupt
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("<built-in method __new__> returned a result with an exception set") from None
+    except SystemError as wrapped:
+        assert isinstance(_signal_exception(wrapped), KeyboardInterrupt)
+    assert _signal_exception(ValueError("an evaluation's error")) is None
