@@ -310,12 +310,12 @@ def test_executor_options_are_checked(tmp_path, capsys):
 
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_cnn().SerializeToString())
-    for flags, says in ((["--workers", "-1"], "--workers must be >= 0"),
-                        (["--executor", "process", "--ray-address", "h:1"], "--ray-address needs --executor ray"),
+    for flags, says in ((["--workers", "-1"], "workers must be >= 0"),
+                        (["--executor", "process", "--ray-address", "h:1"], "a Ray address needs the ray executor"),
                         (["--executor", "spark"], "invalid choice")):
         assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
         assert says in capsys.readouterr().err
-    with pytest.raises(ValueError, match="executor must be one of"):
+    with pytest.raises(ValueError, match="the executor must be one of"):
         make_executor(2, "spark")
     with pytest.raises(ValueError, match="needs the ray executor"):
         make_executor(2, "process", address="h:1")

@@ -230,12 +230,13 @@ class RayExecutor:
     def close(self) -> None:
         """Shut a local cluster down and remove its files; leave a joined cluster running (idempotent)."""
         with self._lock:
-            if self._connected and (self._owned or self.address):
-                ray = require_ray()
-                ray.shutdown()
-            self._connected = self._owned = False
-            self._last = None
-            self._cleanup.close()
+            try:
+                if self._connected and (self._owned or self.address):
+                    require_ray().shutdown()
+            finally:
+                self._connected = self._owned = False
+                self._last = None
+                self._cleanup.close()           # the session's files, even when the shutdown failed
 
     def __enter__(self) -> RayExecutor:
         return self
