@@ -331,12 +331,29 @@ def test_executor_options_are_checked(tmp_path, capsys):
 
     model = tmp_path / "m.onnx"
     model.write_bytes(tiny_cnn().SerializeToString())
-    for flags, says in ((["--workers", "-1"], "--workers must be >= 0"),
-                        (["--executor", "process", "--ray-address", "h:1"], "--ray-address needs --executor ray"),
+    for flags, says in ((["--workers", "-1"], "workers must be >= 0"),
+                        (["--executor", "process", "--ray-address", "h:1"], "a Ray address needs the ray executor"),
                         (["--executor", "spark"], "invalid choice")):
         assert cli.main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *flags]) == 2
         assert says in capsys.readouterr().err
-    with pytest.raises(ValueError, match="executor must be one of"):
+    with pytest.raises(ValueError, match="the executor must be one of"):
         make_executor(2, "spark")
     with pytest.raises(ValueError, match="needs the ray executor"):
         make_executor(2, "process", address="h:1")
+
+
+def test_a_signal_raised_inside_c_code_is_still_a_signal():
+    """A signal handler's exception raised while Ray's C code runs surfaces as a SystemError with the
+    handler's exception as its context; the Ray executor stops on it as on the signal itself."""
+    from graphopt.measure.ray_executor import _signal_exception
+
+    interrupt = KeyboardInterrupt()
+    assert _signal_exception(interrupt) is interrupt
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("<built-in method __new__> returned a result with an exception set") from None
+    except SystemError as wrapped:
+        assert isinstance(_signal_exception(wrapped), KeyboardInterrupt)
+    assert _signal_exception(ValueError("an evaluation's error")) is None

@@ -39,7 +39,7 @@ from graphopt.measure import analysis, calibration
 from graphopt.measure import calibrate as calibration_run
 from graphopt.measure import probe as probes
 from graphopt.measure import target as targets
-from graphopt.measure.executor import KINDS, Executor
+from graphopt.measure.executor import KINDS, Executor, check_choice
 from graphopt.measure.executor import opened as run_executor
 from graphopt.measure.ray_executor import require_ray
 from graphopt.measure.verify import Tolerance, VerifyReport, run_alike
@@ -434,14 +434,12 @@ def _check_executor(executor: str | Executor | None, workers: int | None, ray_ad
     address without Ray, the Ray executor without Ray installed (one line with the install command)."""
     if executor is not None and not isinstance(executor, str):
         if not isinstance(executor, Executor):
-            raise OptionError(f"executor must be one of {', '.join(KINDS)} or an Executor, got {executor!r}")
+            raise OptionError(f"the executor must be one of {', '.join(KINDS)} or an Executor, got {executor!r}")
         return
-    if executor is not None and executor not in KINDS:
-        raise OptionError(f"--executor must be one of {', '.join(KINDS)}, got {executor!r}")
-    if workers is not None and workers < 0:
-        raise OptionError(f"--workers must be >= 0 (0: one per core), got {workers}")
-    if ray_address is not None and executor == "process":
-        raise OptionError("--ray-address needs --executor ray")
+    try:
+        check_choice(executor, workers, ray_address)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
     if executor == "ray" or ray_address is not None:
         require_ray()
 

@@ -82,7 +82,7 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 KINDS = ("process", "ray")
 
 __all__ = ["KINDS", "WORKER_ENV", "ContextError", "EvalContext", "Executor", "ExecutorError", "InProcess", "ItemFailed",
-           "ProcessPool", "RemoteTraceback", "ShippedModel", "TaskError", "WorkerDied", "chunks", "enter_worker",
+           "ProcessPool", "RemoteTraceback", "ShippedModel", "TaskError", "WorkerDied", "check_choice", "chunks", "enter_worker",
            "environment", "executor_for", "in_worker", "make_executor", "opened", "portable_exception",
            "relative_error", "run_chunk", "short_repr", "single_core", "worker_threads"]
 
@@ -252,15 +252,10 @@ def make_executor(workers: int | None, kind: str = "process", *, address: str | 
     ValueError : a negative count, an unknown kind, an address for the process kind.
     graphopt.core.errors.GraphoptError : ``ray`` without Ray installed (the message says how to install it).
     """
-    if kind not in KINDS:
-        raise ValueError(f"executor must be one of {', '.join(KINDS)}, got {kind!r}")
-    if workers is not None and workers < 0:
-        raise ValueError(f"workers must be >= 0 (0 = one per core), got {workers}")
+    check_choice(kind, workers, address)
     if kind == "ray":
         from graphopt.measure.ray_executor import RayExecutor
         return RayExecutor(workers, address=address)
-    if address is not None:
-        raise ValueError("a Ray address needs the ray executor")
     if workers is None or workers == 1:
         return InProcess()
     if workers == 0:
@@ -268,6 +263,17 @@ def make_executor(workers: int | None, kind: str = "process", *, address: str | 
         if workers == 1:
             return InProcess()
     return ProcessPool(workers)
+
+
+def check_choice(kind: str | None, workers: int | None, address: str | None) -> None:
+    """Refuse what :func:`make_executor` cannot make (``ValueError``): an unknown kind, a negative worker
+    count, an address with the process kind. ``kind=None`` means the default (ray with an address)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"the executor must be one of {', '.join(KINDS)}, got {kind!r}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: one per core), got {workers}")
+    if address is not None and kind == "process":
+        raise ValueError("a Ray address needs the ray executor")
 
 
 @contextmanager

@@ -175,7 +175,10 @@ class RayExecutor:
                     ray.shutdown()
                 self._owned = False
                 self._cleanup.close()
-                if not isinstance(exc, Exception) or isinstance(exc, GraphoptError):
+                signal_exc = _signal_exception(exc)
+                if signal_exc is not None and signal_exc is not exc:
+                    raise signal_exc from None
+                if signal_exc is not None or isinstance(exc, GraphoptError):
                     raise
                 # Ray raises many kinds (no GCS, a refused address, a bad version); each is one line here
                 where = f"join the Ray cluster at {self.address}" if self.address else "start a local Ray cluster"
@@ -227,12 +230,13 @@ class RayExecutor:
     def close(self) -> None:
         """Shut a local cluster down and remove its files; leave a joined cluster running (idempotent)."""
         with self._lock:
-            if self._connected and (self._owned or self.address):
-                ray = require_ray()
-                ray.shutdown()
-            self._connected = self._owned = False
-            self._last = None
-            self._cleanup.close()
+            try:
+                if self._connected and (self._owned or self.address):
+                    require_ray().shutdown()
+            finally:
+                self._connected = self._owned = False
+                self._last = None
+                self._cleanup.close()           # the session's files, even when the shutdown failed
 
     def __enter__(self) -> RayExecutor:
         return self
@@ -266,11 +270,13 @@ class RayExecutor:
         except BaseException as exc:
             # Ctrl-C (and the command line's SIGTERM) also stops the evaluations running now and a local
             # cluster; after an error the running ones end at their next Python line.
-            stop = not isinstance(exc, Exception)
-            self._cancel(ray, refs, force=stop)
+            signal_exc = _signal_exception(exc)
+            self._cancel(ray, refs, force=signal_exc is not None)
             self._drain(ray, refs)
-            if stop and self._owned:
+            if signal_exc is not None and self._owned:
                 self.close()
+            if signal_exc is not None and signal_exc is not exc:
+                raise signal_exc from None
             raise
         return results
 
@@ -401,6 +407,18 @@ def _local_token() -> str:
 
 # ===============================================================================================
 # signals
+
+
+def _signal_exception(exc: BaseException) -> BaseException | None:
+    """The exception a signal handler raised (``KeyboardInterrupt``, the command line's ``Terminated``),
+    or ``None`` for an error. A handler that raises while Ray's C code runs makes that code fail with a
+    ``SystemError`` whose context is the handler's exception (seen with SIGTERM in ``ray.get``)."""
+    if not isinstance(exc, Exception):
+        return exc
+    inner = exc.__context__
+    if isinstance(exc, SystemError) and isinstance(inner, BaseException) and not isinstance(inner, Exception):
+        return inner
+    return None
 
 
 def _sigterm_handler() -> Any:
