@@ -327,8 +327,7 @@ ACTIVATION_BYTES = 64 * 2**20
 def first_sample(model: Model | onnx.ModelProto, names: Iterable[str], data: SampleData) -> dict[str, np.ndarray]:
     """The named main-graph values of ``model`` on the first sample of ``data`` (one run): what sizes and
     types of intermediate tensors are, without running every sample."""
-    proto, weights = gort.structure(model)
-    proto = gort.with_outputs(proto, sorted(set(names)), inplace=isinstance(model, Model))
+    proto, weights = gort.exposed(model, sorted(set(names)))
     one = check_data(proto, data.head(1))
     feed = next(iter(one.batches(1)))
     return gort.run(gort.session(proto, weights=weights), feed, sorted(set(names)), what="one sample")
@@ -1090,8 +1089,7 @@ class Calibrator:
             return
         data = check_data(self.model, self.data)
         batch = feed_batch_size(self.model, self.batch_size, data)
-        proto, weights = gort.structure(self.model)   # an IR model's weights by reference, not copied
-        proto = gort.with_outputs(proto, names, inplace=isinstance(self.model, Model))  # a given proto: copied
+        proto, weights = gort.exposed(self.model, names)   # an IR model's weights by reference, not copied
         sess = gort.session(proto, threads=self.threads, weights=weights)
         del proto, weights
         for feeds in data.batches(batch):

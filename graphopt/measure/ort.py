@@ -150,6 +150,15 @@ def structure(model: ModelLike | Structure) -> Structure:
     return by_reference(as_proto(model))
 
 
+def exposed(model: ModelLike | Structure, names: Iterable[str]) -> Structure:
+    """:func:`structure` of ``model`` with the main-graph values ``names`` added as graph outputs
+    (:func:`with_outputs`). A fresh export (of an IR model, a path or bytes) is edited in place; a
+    caller's ModelProto or pair is copied, never changed."""
+    fresh = not isinstance(model, (tuple, onnx.ModelProto))
+    proto, weights = structure(model)
+    return with_outputs(proto, names, inplace=fresh), weights
+
+
 def session(model: ModelLike, *, optimize: bool = False, threads: int | None = None,
             quiet: bool = False, weights: Mapping[str, np.ndarray] | None = None,
             profile_dir: Path | None = None) -> ort.InferenceSession:
@@ -183,9 +192,9 @@ def session(model: ModelLike, *, optimize: bool = False, threads: int | None = N
         return _new_session(str(model), opts, where)  # ORT resolves external data relative to the file
     if isinstance(model, bytes):
         return _new_session(model, opts, where)
+    proto = model
     if isinstance(model, Model):
-        model, weights = shared_proto(model)
-    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+        proto, weights = shared_proto(model)
     if weights and not fits_protobuf(proto):   # what is left inline is still over the limit: a file, whole
         proto = inline_weights(proto, weights)
     values = _external_initializers(proto, weights or {}, opts)

@@ -222,13 +222,11 @@ class _Teacher:
     """The original model in onnxruntime: its outputs (and the matched tensors) for a feed."""
 
     def __init__(self, original: Model, match: list[str]) -> None:
-        proto = to_proto(original)
-        if match:
-            try:
-                proto = gort.with_outputs(proto, match, inplace=True)
-            except ValueError as exc:
-                raise GraphoptError(f"finetune.match: the teacher has {exc}") from None
-        self.session = gort.session(proto, threads=1)
+        try:
+            proto, weights = gort.exposed(original, match)   # the weights by reference, not copied
+        except ValueError as exc:
+            raise GraphoptError(f"finetune.match: the teacher has {exc}") from None
+        self.session = gort.session(proto, threads=1, weights=weights)
         self.what = gort.describe(original)
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
