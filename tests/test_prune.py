@@ -195,6 +195,21 @@ def test_the_guard_fits_on_some_samples_and_judges_on_the_others(monkeypatch):
     assert first["upper"] == pytest.approx(4.167 + 100 * 2 / 96, abs=1e-3) and not first["ok"]
 
 
+def test_when_no_try_is_within_the_budget_nothing_is_pruned(monkeypatch):
+    """Even the lightest cut (every_group's first steps) over the budget: every channel stays."""
+    from graphopt.compress import budget
+    from graphopt.passes.lossy import prune
+
+    monkeypatch.setattr(prune, "trial_drop", lambda ctx, keep_idx: budget.HeldOutDrop(50.0, 48, 96, ctx.z))
+    model, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96, labels=True), target_macs=0.3, max_drop=1.0,
+                                                  criterion="l1"))
+    assert not result.changed and result.stats["pruned_groups"] == 0
+    assert model.graph.initializers["w1"].shape == (16, 1, 3, 3)
+    assert "nothing pruned" in result.stats["allocation"]["not_met"]
+    assert result.stats["skipped"] == "no allocation tried was within --max-drop on the held-out samples"
+    assert "no allocation tried was within the budget" in result.stats["notice"]
+
+
 def test_the_guard_stands_aside_when_the_output_is_not_class_scores():
     proto = _cnn(c1=16, c2=16)
     proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4

@@ -1096,8 +1096,10 @@ class PruneFilters(Pass):
         run.grams, run.fit_grams = {}, None  # F² per consumer, hundreds of MB on ResNet-50: not needed after the plan
         keep_idx = run.keep_indices(keep)
         if not keep_idx:
-            stats = {"pruned_groups": 0, "allocation": allocation_stats,
-                     "skipped": "the budget removes no channel", "left_alone": left_alone}
+            guard = allocation_stats.get("guard")
+            why = ("no allocation tried was within --max-drop on the held-out samples"
+                   if guard and not any(t["ok"] for t in guard) else "the budget removes no channel")
+            stats = {"pruned_groups": 0, "allocation": allocation_stats, "skipped": why, "left_alone": left_alone}
             if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0):
                 stats["notice"] = notice
             return PassResult(False, stats)
@@ -1260,6 +1262,10 @@ class PruneFilters(Pass):
                 guard_off = "--max-drop: the first graph output is not one row of class scores per sample"
             else:
                 alloc, trace = guarded
+                if not any(t["ok"] for t in trace):
+                    # nothing tried was within the budget, not even the lightest cut (every_group keeps a
+                    # first step even at "no compression"): leave every channel, as sparsify's guard does
+                    alloc = budget.Allocation(keep={}, cost=problem.full_cost, predicted_error=0.0, met=False, steps=0)
         full_keep = {g.gid: g.size for g in run.groups}
         full_keep.update({gid: int(v) for gid, v in alloc.keep.items()})
         stats = _allocation_stats(run, problem, alloc, mode, raw_sens)
@@ -1271,7 +1277,9 @@ class PruneFilters(Pass):
             stats["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
         if time_stats is not None:
             stats["latency"] = _time_ratio(time_stats, price, problem.units, alloc)
-        if not alloc.met:
+        if trace and not any(t["ok"] for t in trace):
+            stats["not_met"] = "no allocation tried was within --max-drop on the held-out samples: nothing pruned"
+        elif not alloc.met:
             stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
         if trace:
             stats["guard"] = trace
@@ -1563,7 +1571,7 @@ def _allocation_stats(run: PruneRun, problem: AllocationProblem, alloc: budget.A
     macs0, params0 = run.macs0, run.params0
     return {"mode": mode, "met": bool(alloc.met), "steps": alloc.steps,
             "cost_model": "polynomial fit of the channel analysis" if problem.fitted else "channel analysis",
-            "predicted_error": _r(budget.predicted_error(problem.units, raw_sens, alloc.keep)),
+            "predicted_error": _r(budget.predicted_error(problem.units, raw_sens, alloc.keep)) if alloc.keep else 0.0,
             "target_macs": problem.target_macs, "target_params": problem.target_params,
             "macs_ratio": _r(macs / macs0) if macs0 else None,
             "params_ratio": _r(params / params0) if params0 else None}
