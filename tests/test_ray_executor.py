@@ -118,7 +118,7 @@ def test_cli_writes_the_same_bytes_and_nothing_else(tmp_path):
     """A separate process starts its own local cluster (the guard's trials and the sensitivity table on it);
     the file equals the in-process run's, and TMPDIR, HOME and the working directory stay empty."""
     argv = ["optimize", str(MODELS / "resnet.onnx"), "--preset", "prune", "--target-macs", "0.5", "--max-drop",
-            "0.3", "--allow-partial", "--samples", "256", "--data", str(MODELS / "fmnist_calib.npz"), "--no-verify",
+            "0.3", "--allow-partial", "--samples", "128", "--data", str(MODELS / "fmnist_calib.npz"), "--no-verify",
             "-q"]
     assert cli.main([*argv, "-o", str(tmp_path / "serial.onnx")]) == 0
     dirs = {name: tmp_path / name for name in ("tmp", "home", "cwd")}
