@@ -1013,7 +1013,11 @@ class PruneFilters(Pass):
                                   "(time: graphopt.measure.latency's calibrated kernel times), or MACs (macs); the MAC "
                                   "target is met either way", str,
                           choices=("macs", "ops", "time")),
-        "latency_batch": Option(1, "batch size the time price (latency=time) is predicted at", int, low=1),
+        "latency_batch": Option(1, "batch size the time price (latency=time) and the step-aware price of "
+                                   "near_fastest are predicted at", int, low=1),
+        "near_fastest": Option(0.1, "at a MAC target, take the allocation the target CPU's step-aware price "
+                                    "predicts fastest among the least-error one's neighbours whose predicted "
+                                    "error is within this fraction of its own (0: off)", float, low=0),
         "every_group": Option(True, "every prunable group loses at least its first step when that step removes "
                                     "at most a quarter of the group (global target)", bool),
         "workers": Option(1, "processes for the sensitivity measurements: 1, the run's executor (--executor, "
@@ -1224,10 +1228,19 @@ class PruneFilters(Pass):
         price, time_stats = (self._time_price(run) if run.opt("latency") == "time"
                              and problem.target_macs is not None else (None, None))
 
+        steps = self._step_price(run, problem)
+        near: dict[str, Any] = {}
+
         def allocate_at(t: float) -> budget.Allocation:
             if price is None:
-                return budget.allocate(problem.units, sens, problem.cost, t * problem.goal)
-            return budget.allocate_priced(problem.units, sens, price, problem.cost, t * problem.goal)
+                a = budget.allocate(problem.units, sens, problem.cost, t * problem.goal)
+            else:
+                a = budget.allocate_priced(problem.units, sens, price, problem.cost, t * problem.goal)
+            if steps is None:
+                return a
+            a, near[t] = budget.fastest_near(problem.units, raw_sens, problem.cost, a, steps,
+                                             tolerance=float(run.opt("near_fastest")))
+            return a
 
         alloc = allocate_at(1.0)
         blend_stats = None
@@ -1247,6 +1260,8 @@ class PruneFilters(Pass):
             stats["latency_weights"] = {str(k): _r(v) for k, v in sorted(weights.items())}
         if time_stats is not None:
             stats["latency"] = _time_ratio(time_stats, price, problem.units, alloc)
+        if 1.0 in near:
+            stats["near_fastest"] = near[1.0]
         if not alloc.met:
             stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
         if trace:
@@ -1297,6 +1312,22 @@ class PruneFilters(Pass):
             return sens, None
         weights = latency_weights(run.model, run.groups, run.ctx.input_shapes, small_output(targets.of(run.ctx)))
         return {u.key: {k: e / weights[u.key] for k, e in sens[u.key].items()} for u in problem.units}, weights
+
+    @staticmethod
+    def _step_price(run: PruneRun, problem: AllocationProblem) -> Callable[[Mapping[int, int]], float] | None:
+        """The price ``near_fastest`` compares neighbours by: the target's predicted time of the nodes the
+        groups touch at ``latency_batch``, with its steps (channels padded to whole blocks, blocked dense
+        convs charged by whole filter sets); MACs with that geometry on an uncalibrated target. ``None``
+        when off: no MAC target, a params target too (params are what it buys), or ``near_fastest`` 0."""
+        if (problem.target_macs is None or problem.target_params is not None
+                or float(run.opt("near_fastest")) <= 0):
+            return None
+        analysis, model = run.analysis, targets.of(run.ctx).latency
+        batch = int(run.opt("latency_batch"))
+
+        def price(keep: Mapping[int, int]) -> float:
+            return analysis.time(dict(keep), model, batch, steps=True)
+        return price
 
     def _time_price(self, run: PruneRun):
         """The allocator's price: predicted seconds (:mod:`graphopt.measure.latency`) of the nodes the groups
