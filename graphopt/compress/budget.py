@@ -91,6 +91,14 @@ run on the price, with a price budget bisected until the cost meets the target. 
 least-error allocation for its time budget, so at the MAC target the channels removed are those that
 cost the least error per second saved.
 
+Fastest among near-equals (:func:`fastest_near`)
+------------------------------------------------
+After an allocation, its neighbours (one unit deeper; one unit a level up and another down until the
+target is met again) whose predicted error is within a relative tolerance of its own are compared by a
+second price (a target CPU's predicted time, which may step where the cost is smooth), and the
+cheapest is taken when it saves more than ``min_gain``. One step from the allocation, so the error
+cannot creep up step by step; no model evaluation.
+
 Accuracy guard (:func:`guarded`)
 --------------------------------
 If the allocation at ``target`` loses more than ``max_drop`` accuracy (measured by the caller), bisect

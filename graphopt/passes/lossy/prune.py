@@ -77,7 +77,16 @@ Plan
    re-fit of later layers compensates, so (option ``blend``) allocations that mix the measured errors
    with an even-spread prior (``(1 − α)·sens + α·(1 − k/size)²``, normalised, α ∈ {0, ½, 1}) are each
    pruned, re-fitted on the first calibration samples and measured on the held-out last ones (one
-   ``map`` of the run's executor, :class:`TrialContext`); the best is kept. With option ``every_group`` (default) each prunable group loses at least its first step when
+   ``map`` of the run's executor, :class:`TrialContext`); the best is kept. **Fastest among near-equals**
+   (option ``near_fastest``, a MAC target only): the least-error allocation's neighbours (one group
+   deeper; one group a level up and another down to meet the target again) whose predicted error is
+   within that fraction (default 0.1) of its own are compared by the target's *step-aware* predicted
+   time (:func:`graphopt.compress.budget.fastest_near`; channels padded to whole blocks, blocked dense
+   convs charged by whole filter sets of 4 blocks, :meth:`graphopt.measure.latency.Nchwc.pass_factor`),
+   and the fastest is taken when it is faster by more than 1%. Why: predicted errors that close are
+   not told apart by a table measured on a few hundred samples (resnet: six allocations within 10%
+   measured −0.90 to −1.10 points in no order), while their times differ in steps the MACs do not show
+   (a conv's 33rd output channel costs a whole pass over its input); BENCHMARKS.md, "Target CPUs". With option ``every_group`` (default) each prunable group loses at least its first step when
    that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
    one common ratio for all groups. With ``--max-drop`` and labels in the data,
    :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on the calibration
