@@ -35,9 +35,13 @@ DEFAULT = ("16:8:28,16:16:28,16:24:28,16:32:28,56:24:7,56:32:7,56:40:7,56:48:7,5
 def parse(text: str) -> list[tuple[int, int, int, int]]:
     out = []
     for item in filter(None, text.split(",")):
-        parts = [int(p) for p in item.split(":")]
+        try:
+            parts = [int(p) for p in item.split(":")]
+        except ValueError:
+            parts = []
         if len(parts) not in (3, 4) or min(parts) < 1:
-            raise SystemExit(f"bench_passes: --convs item {item!r} is not cin:cout:size[:stride]")
+            print(f"bench_passes: --convs item {item!r} is not cin:cout:size[:stride]", file=sys.stderr)
+            sys.exit(2)
         out.append((*parts, 1) if len(parts) == 3 else tuple(parts))
     return out
 
