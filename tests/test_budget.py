@@ -526,6 +526,10 @@ def test_fastest_near_stays_within_the_tolerance_and_the_target_and_is_never_slo
     if near.keep != alloc.keep:
         assert price(near.keep) < 0.99 * price(alloc.keep) and stats["moved"]
     assert all(near.keep[u.key] in u.levels for u in units)
+    # with a floor (the result must keep at least 0.97 of the target) no neighbour below it is taken
+    floored, _ = budget.fastest_near(units, sens, cost, alloc, price, tolerance=0.2, floor=0.97 * target)
+    assert cost(floored.keep) >= min(0.97 * target, cost(alloc.keep)) - 1e-9
+    assert price(near.keep) <= price(floored.keep) <= price(alloc.keep)
 
 
 def test_fastest_near_takes_the_step_the_price_sees_and_the_tolerance_allows():

@@ -757,7 +757,8 @@ def uniform_at(units: Sequence[Unit], sens: Sensitivity | None, cost: Cost, targ
 
 
 def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Allocation, price: Cost, *,
-                 tolerance: float, min_gain: float = 0.01) -> tuple[Allocation, dict[str, Any]]:
+                 tolerance: float, min_gain: float = 0.01, floor: float | None = None
+                 ) -> tuple[Allocation, dict[str, Any]]:
     """Among the allocations next to ``alloc`` that meet its target and whose predicted error is within
     ``tolerance`` (relative) of ``alloc``'s (both under ``sens``), the one with the least ``price`` (e.g. the target CPU's
     predicted time), and what was compared.
@@ -769,7 +770,9 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
     1. one unit moved to any deeper level (the cost only falls, so the target stays met);
     2. one unit moved up one level and another down to the shallowest level that meets the target again.
 
-    Rules: a neighbour replaces ``alloc`` only when its price is lower by more than ``min_gain``
+    Rules: a neighbour whose cost falls below ``floor`` (when given; or below ``alloc``'s own cost, if
+    that is lower) is not considered: the target is a budget to spend, and a caller may require the
+    result to stay near it. A neighbour replaces ``alloc`` only when its price is lower by more than ``min_gain``
     (relative), so a price difference the model cannot resolve does not move the allocation; ties go
     to the lower predicted error, then to the order of ``units``; ``alloc`` comes back unchanged when
     it did not meet its target, when ``tolerance`` <= 0, or when no neighbour qualifies. One step: the
@@ -801,10 +804,11 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
                 if float(cost(trial)) <= alloc.target:
                     candidates.append(trial)
                     break
+    lowest = -math.inf if floor is None else min(float(floor), float(cost(keep)))
     best, best_key = None, (base_price * (1.0 - min_gain), base_error)
     for trial in candidates:
         error = predicted_error(units, sens, trial)
-        if error > limit:
+        if error > limit or float(cost(trial)) < lowest:
             continue
         stats["compared"] += 1
         key = (float(price(trial)), error)
