@@ -13,6 +13,7 @@ import pytest
 from graphopt.compress import budget
 from graphopt.compress.budget import (
     Allocation,
+    HeldOutDrop,
     PolynomialCost,
     Unit,
     allocate,
@@ -435,6 +436,26 @@ def test_guard_falls_back_to_no_compression_and_measures_identical_allocations_o
                            1.0, 0.4, steps=6)
     assert alloc.keep == {"a": 100} and sorted(calls) == [50, 100]
     assert any(t["reused"] for t in trace)
+
+
+def test_a_held_out_drop_is_judged_with_its_paired_standard_error():
+    reference = np.array([True] * 8 + [False] * 2)
+    after = reference.copy()
+    after[[0, 1, 2]] = False          # three right answers lost
+    after[8] = True                   # one wrong answer gained
+    measured = HeldOutDrop.of(reference, after, z=2.0)
+    assert measured.drop == pytest.approx(20.0) and measured.changed == 4 and measured.n == 10
+    assert measured.se == pytest.approx(20.0) and measured.upper == pytest.approx(60.0) and float(measured) == 60.0
+    assert HeldOutDrop.of(reference, reference, z=2.0).upper == 0.0   # nothing flipped: nothing uncertain
+
+
+def test_the_guard_accepts_by_the_upper_bound_and_records_the_plain_drop():
+    fake = FakeModel()
+    alloc, trace = guarded(fake.allocate_at, lambda a: HeldOutDrop(0.5 if a.cost < 1 else 0.0, 4, 100, 1.0),
+                           1.0, 0.5, steps=2)
+    assert trace[0]["drop"] == 0.5 and trace[0]["upper"] == 2.5 and not trace[0]["ok"]   # 0.5 + 1 · 2.0
+    assert trace[0]["changed"] == 4 and trace[0]["held_out_samples"] == 100
+    assert alloc.keep == {"a": 100}
 
 
 @pytest.mark.parametrize("max_drop, target", [(15.0, 0.5), (2.0, 0.5), (0.5, 0.3), (-1.0, 0.5)])

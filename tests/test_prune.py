@@ -158,9 +158,67 @@ def test_relaxed_guard_says_so_in_a_notice(monkeypatch):
     monkeypatch.setattr(budget, "guarded", relaxing_guard)
     _, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96, labels=True), target_macs=0.3, max_drop=0.5, criterion="l1"))
     assert result.changed and result.stats["macs_ratio"] > 0.3
-    assert result.stats["notice"] == (f"--max-drop 0.5: at the target the calibration samples lost 1.50 points "
-                                      f"(the guard re-fits and measures on them), so the target was relaxed; "
+    assert result.stats["notice"] == (f"--max-drop 0.5: at the target the held-out calibration samples lost 1.50 "
+                                      f"points (re-fitted on the others), so the target was relaxed; "
                                       f"the model keeps {result.stats['macs_ratio']:.2f} of the MACs")
+
+
+def test_the_guard_fits_on_some_samples_and_judges_on_the_others(monkeypatch):
+    """Decided: pruning's --max-drop guard judges on samples it did not fit on (two folds: re-fitted on
+    one half, judged on the other), by the paired drop plus guard_z standard errors."""
+    from graphopt.compress import budget
+    from graphopt.passes.lossy import prune
+
+    seen = []
+
+    fitted_on, judged = [], []
+    real_pruned, real_drop = prune.TrialContext.pruned, prune.trial_drop
+
+    def recording_pruned(self, keep_idx, data=None):
+        fitted_on.append(data.source)
+        return real_pruned(self, keep_idx, data)
+
+    def recording(ctx, keep_idx):
+        seen.append([(fit.source, held.source, reference.size) for fit, held, reference in ctx.folds])
+        judged.append(real_drop(ctx, keep_idx).n)
+        return budget.HeldOutDrop(100.0 * 4 / 96, 4, 96, ctx.z)  # 4 of 96 verdicts lost: 4.17 ± 2.08
+
+    monkeypatch.setattr(prune, "trial_drop", recording)
+    monkeypatch.setattr(prune.TrialContext, "pruned", recording_pruned)
+    _, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96, labels=True), target_macs=0.3, max_drop=5.0,
+                                              criterion="l1", guard_z=1.0))
+    (fit0, held0, n0), (fit1, held1, n1) = seen[0]
+    assert (fit0, held0) == (held1, fit1) and fit0 != held0 and n0 == n1 == 48   # two halves, swapped
+    assert set(judged) == {96} and set(fitted_on) == {fit0, fit1}   # every sample judged once, each fold fitted apart
+    first = result.stats["allocation"]["guard"][0]
+    assert first["drop"] == pytest.approx(4.167, abs=1e-3) and first["changed"] == 4
+    assert first["upper"] == pytest.approx(4.167 + 100 * 2 / 96, abs=1e-3) and not first["ok"]
+
+
+def test_when_no_try_is_within_the_budget_nothing_is_pruned(monkeypatch):
+    """Even the lightest cut (every_group's first steps) over the budget: every channel stays."""
+    from graphopt.compress import budget
+    from graphopt.passes.lossy import prune
+
+    monkeypatch.setattr(prune, "trial_drop", lambda ctx, keep_idx: budget.HeldOutDrop(50.0, 48, 96, ctx.z))
+    model, result = _run(_cnn(c1=16, c2=16), _ctx(_data(96, labels=True), target_macs=0.3, max_drop=1.0,
+                                                  criterion="l1"))
+    assert not result.changed and result.stats["pruned_groups"] == 0
+    assert model.graph.initializers["w1"].shape == (16, 1, 3, 3)
+    assert "nothing pruned" in result.stats["allocation"]["not_met"]
+    assert result.stats["skipped"] == "no allocation tried was within --max-drop on the held-out samples"
+    assert "no allocation tried was within the budget" in result.stats["notice"]
+
+
+def test_the_guard_stands_aside_when_the_output_is_not_class_scores():
+    proto = _cnn(c1=16, c2=16)
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 4
+    # a model whose first output is one value per sample: no top-1 verdict to count
+    proto.graph.node.append(helper.make_node("ReduceSum", ["logits"], ["total"], keepdims=1))
+    proto.graph.output.insert(0, tensor("total", ["N", 1]))
+    _, result = _run(proto, _ctx(_data(96, labels=True), target_macs=0.5, max_drop=1.0, criterion="l1"))
+    assert "guard" not in result.stats["allocation"]
+    assert "not one row of class scores" in result.stats["allocation"]["guard_off"]
 
 
 def test_guard_notice_only_when_the_target_was_relaxed():
@@ -171,6 +229,8 @@ def test_guard_notice_only_when_the_target_was_relaxed():
     assert guard_notice([ok], 1.0, 0.5) is None  # the target held: nothing to say
     relaxed = guard_notice([{"ok": False, "drop": 1.953}, ok], 1.0, 0.676)
     assert "lost 1.95 points" in relaxed and "keeps 0.68 of the MACs" in relaxed
+    margin = guard_notice([{"ok": False, "drop": 0.8, "upper": 1.4}, ok], 1.0, 0.6)
+    assert "lost 0.80 points, 1.40 with its margin" in margin
     assert "no allocation tried" in guard_notice([{"ok": False, "drop": 3.0}], 1.0, 1.0)
 
 

@@ -35,7 +35,7 @@ from graphopt.core.ir import Model
 from graphopt.core.manager import (Pass, PassContext, Sequential, build_pipeline, get_pass, parse_options,
                                    registered, run_pipeline)
 from graphopt.app import report
-from graphopt.measure import analysis, calibration
+from graphopt.measure import analysis, calibration, observed
 from graphopt.measure import calibrate as calibration_run
 from graphopt.measure import probe as probes
 from graphopt.measure import target as targets
@@ -120,8 +120,11 @@ def probe_inputs(model: Model, data: DataLike, *, samples: int | None = None, se
     return (user if user is not None else sample_data(model, None, samples=samples, seed=seed, probe=probe)), probe
 
 
-def _cost(model: Model, input_shapes: Mapping[str, Sequence[int]] | None, file_bytes: int | None) -> dict[str, Any]:
-    cost = analysis.analyze(model, input_shapes=dict(input_shapes or {}) or None)
+def _cost(model: Model, input_shapes: Mapping[str, Sequence[int]] | None, file_bytes: int | None,
+          sample: calibration.SampleData | None = None) -> dict[str, Any]:
+    """The report's ``before``/``after`` entry; sizes only data decides are read off a run of the first
+    sample (:mod:`graphopt.measure.observed`)."""
+    cost = observed.cost_at_sample(model, dict(input_shapes or {}) or None, sample)
     cost.file_bytes = file_bytes
     return cost.summary()
 
@@ -230,7 +233,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     sample, probe = probe_inputs(ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
     check = sample if verify_data is None else sample_data(ir, verify_data, samples=samples, seed=seed)
     shapes = _analysis_shapes(input_shapes, probe)
-    before = _cost(ir, shapes, _file_bytes(reference))
+    before = _cost(ir, shapes, _file_bytes(reference), sample)
 
     ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
@@ -239,7 +242,7 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     with run_executor(executor, workers, address=ray_address) as ctx.executor:
         _, records = run_pipeline(pipeline, ir, ctx)
     ctx.executor = None
-    after = _cost(ir, shapes, onnx_io.serialized_size(ir))
+    after = _cost(ir, shapes, onnx_io.serialized_size(ir), sample)
 
     mode = "equivalence" if pipeline.lossless else "accuracy"
     if run_verify:

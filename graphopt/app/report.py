@@ -772,9 +772,24 @@ def print_summary(report: Mapping[str, Any], console: Console) -> None:
         console.print(Text.assemble((f"{name}: ", "bold yellow"), notice))
     _print_outputs(report.get("verify"), console)
     console.print(_rich_verdict(_verdict(report)))
-    for line in (shapes_line(report), target_line(report), target_cpu_line(report)):
+    for line in (macs_line(report), shapes_line(report), target_line(report), target_cpu_line(report)):
         if line:
             console.print(Text(line))
+
+
+def macs_line(report: Mapping[str, Any]) -> str | None:
+    """Why a MAC count is a lower bound (``MACs ≥: 4 nodes unknown (Relu ×2, Conv, ReduceMean): ...``),
+    or that sizes were read off a sample; ``None`` when every size was known statically."""
+    for key in ("before", "after"):
+        side = report.get(key) or {}
+        if side.get("macs") is None and side.get("unknown_macs_nodes"):
+            ops = ", ".join(op if n == 1 else f"{op} ×{n}" for op, n in (side.get("unknown_macs_ops") or {}).items())
+            return (f"MACs ({key}) are a lower bound: {side['unknown_macs_nodes']} nodes unknown ({ops}); "
+                    f"first: {side.get('unknown_macs_reason', '?')}")
+    seen = (report.get("before") or {}).get("observed")
+    if seen:
+        return f"MACs at the first sample: {seen} sizes or If branches only data decides were read off a run of it"
+    return None
 
 
 def shapes_line(report: Mapping[str, Any]) -> str | None:

@@ -114,6 +114,8 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 DEFAULT_RATIOS: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 Cost = Callable[[Mapping[Hashable, int]], float]
@@ -122,6 +124,7 @@ Sensitivity = Mapping[Hashable, Mapping[int, float]]
 __all__ = [
     "DEFAULT_RATIOS",
     "Allocation",
+    "HeldOutDrop",
     "PolynomialCost",
     "Unit",
     "allocate",
@@ -825,6 +828,46 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
 # accuracy guard
 
 
+@dataclass(frozen=True)
+class HeldOutDrop:
+    """A top-1 accuracy drop measured on held-out samples, and how far it can be trusted.
+
+    ``drop = 100 · (right_ref − right) / n`` points over ``n`` samples. The comparison is paired (the
+    same samples, before and after), so only the ``changed`` samples whose verdict flipped carry
+    variance: ``SE = 100 · sqrt(changed) / n``. A guard accepts ``upper = drop + z · SE <= max_drop``;
+    ``float()`` of it is ``upper``, which is what :func:`guarded` compares.
+    """
+
+    drop: float
+    changed: int
+    n: int
+    z: float = 0.0
+
+    @classmethod
+    def of(cls, reference_correct: np.ndarray, correct: np.ndarray, z: float = 0.0) -> HeldOutDrop:
+        """From per-sample verdicts (booleans, same samples in the same order) of the original and a try."""
+        reference_correct, correct = np.asarray(reference_correct, bool), np.asarray(correct, bool)
+        n = int(reference_correct.size)
+        drop = 100.0 * (int(reference_correct.sum()) - int(correct.sum())) / n
+        return cls(drop, int(np.sum(reference_correct != correct)), n, float(z))
+
+    @property
+    def se(self) -> float:
+        return 100.0 * math.sqrt(self.changed) / self.n
+
+    @property
+    def upper(self) -> float:
+        return self.drop + self.z * self.se
+
+    def __float__(self) -> float:
+        return self.upper
+
+    def fields(self) -> dict[str, float | int]:
+        """What a guard's trace records of it."""
+        return {"drop": round(self.drop, 3), "changed": self.changed, "held_out_samples": self.n,
+                "upper": round(self.upper, 3)}
+
+
 def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[Allocation], float],
             max_drop: float, target: float, *, full: float = 1.0, steps: int = 6,
             tolerance: float = 0.005, measure_all: Callable[[list[Allocation]], list[float]] | None = None,
@@ -851,7 +894,8 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     Parameters
     ----------
     allocate_at : target -> allocation (e.g. ``lambda t: allocate(units, sens, cost, t * total)``).
-    measure_drop : allocation -> accuracy drop (points) or error; ``<= max_drop`` passes.
+    measure_drop : allocation -> accuracy drop (points) or error; ``<= max_drop`` passes. A
+        :class:`HeldOutDrop` is judged by its ``upper`` bound and recorded whole in the trace.
     full : the target meaning "no compression" (1.0 for fractions; the uncompressed cost otherwise).
     measure_all, width : allocations -> their drops, in order (e.g. through an executor), and how many
         to measure at once.
@@ -862,7 +906,7 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
         in the order tried.
     """
     trace: list[dict] = []
-    measured: dict[tuple, float] = {}
+    measured: dict[tuple, float | HeldOutDrop] = {}
     tried: set[tuple] = set()
     allocations: dict[float, Allocation] = {}
     span = tolerance * max(abs(full), 1e-12)
@@ -879,7 +923,7 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     def measure_with(t: float, lo: float, hi: float) -> None:
         """Measure the try at ``t`` and, with look-ahead, the bisection's next tries below ``(lo, hi)``."""
         if measure_all is None or width <= 1:
-            measured[signature(allocation(t))] = float(measure_drop(allocation(t)))
+            measured[signature(allocation(t))] = _judged(measure_drop(allocation(t)))
             return
         batch: dict[tuple, Allocation] = {}
         for u in [t, *_bisection_tree(lo, hi, budget_left[0], span)]:
@@ -890,7 +934,7 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
                 if len(batch) == width:
                     break
         for sig, drop in zip(batch, measure_all(list(batch.values()))):
-            measured[sig] = float(drop)
+            measured[sig] = _judged(drop)
 
     def attempt(t: float, lo: float, hi: float) -> tuple[Allocation, bool]:
         alloc = allocation(t)
@@ -900,9 +944,12 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
             measure_with(t, lo, hi)
         tried.add(sig)
         drop = measured[sig]
-        ok = drop <= max_drop
-        trace.append({"target": float(t), "cost": alloc.cost, "met": alloc.met,
-                      "predicted_error": alloc.predicted_error, "drop": drop, "ok": ok, "reused": reused})
+        ok = float(drop) <= max_drop
+        entry = {"target": float(t), "cost": alloc.cost, "met": alloc.met,
+                 "predicted_error": alloc.predicted_error, "drop": float(drop), "ok": ok, "reused": reused}
+        if isinstance(drop, HeldOutDrop):
+            entry.update(drop.fields())
+        trace.append(entry)
         return alloc, ok
 
     lo, hi = float(target), float(full)
@@ -925,6 +972,10 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     if best is None:
         best, _ = attempt(full, full, full)
     return best, trace
+
+
+def _judged(drop: Any) -> float | HeldOutDrop:
+    return drop if isinstance(drop, HeldOutDrop) else float(drop)
 
 
 def _bisection_tree(lo: float, hi: float, steps: int, span: float) -> list[float]:

@@ -61,6 +61,14 @@ counted (an upper bound: which one runs depends on data). :attr:`ModelCost.macs`
 every node is known and ``None`` otherwise; :attr:`ModelCost.macs_known` is then a lower bound and
 :attr:`ModelCost.unknown_macs_nodes` names the culprits.
 
+Sizes that depend on data (an If whose branches yield different lengths, a NonZero, a Resize whose
+scales are computed) can be *observed*: :mod:`graphopt.measure.observed` runs the model once on a
+sample and passes what it saw as an :class:`Observed` — the shapes of main-graph values no static
+rule could size, and the condition of each main-graph If. Observed sizes fill in only where the
+static shapes are not concrete; an If whose condition was observed counts the branch that ran, and
+the other branch's nodes cost 0 MACs (their weights still count: the file stores them). The MACs are
+then those of that sample, exact at the probe.
+
 Local function bodies are not expanded: a call is one node with unknown MACs.
 """
 
@@ -144,6 +152,7 @@ class ModelCost:
     batch : the size used for dynamic batch dims.
     warnings : things that made the analysis less precise (e.g. shape inference failed).
     file_bytes : size of the model file, filled in by callers that know it.
+    observed : how many value sizes and If branches came from a run of a sample (:class:`Observed`).
     """
 
     params: int
@@ -160,18 +169,26 @@ class ModelCost:
     batch: int = 1
     warnings: list[str] = field(default_factory=list)
     file_bytes: int | None = None
+    observed: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The ``before``/``after`` entry of an optimize report.
 
         Keys ``params, macs, bytes, nodes, file_bytes``; when ``macs`` is unknown also ``macs_known``
-        (a lower bound) and ``unknown_macs_nodes`` (how many nodes are unknown).
+        (a lower bound), ``unknown_macs_nodes`` (how many nodes are unknown), ``unknown_macs_ops``
+        (how many of each op) and ``unknown_macs_reason`` (the first such node and why); when a run
+        sized values, ``observed`` (how many values and If branches).
         """
         out: dict[str, Any] = {"params": self.params, "macs": self.macs, "bytes": self.param_bytes,
                                "nodes": self.nodes, "file_bytes": self.file_bytes}
         if self.macs is None:
+            unknown = [n for n in self.per_node if n.macs is None]
             out["macs_known"] = self.macs_known
             out["unknown_macs_nodes"] = len(self.unknown_macs_nodes)
+            out["unknown_macs_ops"] = dict(Counter(_op_key(n.domain, n.op_type) for n in unknown))
+            out["unknown_macs_reason"] = f"{unknown[0].qualified_name}: {unknown[0].note}" if unknown else ""
+        if self.observed:
+            out["observed"] = self.observed
         return out
 
     def to_dict(self, per_node: bool = True) -> dict[str, Any]:
@@ -195,7 +212,22 @@ def _jsonable(obj: Any) -> Any:
 # entry points
 
 
-def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1) -> ModelCost:
+@dataclass(frozen=True)
+class Observed:
+    """What one onnxruntime run of a sample showed (:func:`graphopt.measure.observed.observe`).
+
+    Attributes
+    ----------
+    shapes : concrete dims of main-graph values, by name (used where the static shape is not concrete).
+    conditions : the boolean each main-graph If's condition value held, by the condition's name.
+    """
+
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    conditions: Mapping[str, bool] = field(default_factory=dict)
+
+
+def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1,
+            observed: Observed | None = None) -> ModelCost:
     """Count parameters, MACs and bytes of every node of ``model`` and of the whole model.
 
     Parameters
@@ -205,6 +237,8 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         precedence over ``batch``.
     batch : the size given to a dynamic *first* dim of a graph input. Other dynamic dims need
         ``input_shapes``; without it the MACs of the nodes they reach are unknown (``None``).
+    observed : sizes and If conditions seen in a run of one sample at these input shapes, for what
+        no static rule sizes (see the module docstring).
 
     Returns
     -------
@@ -230,9 +264,10 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     (12, 24)
     """
     warnings: list[str] = []
-    table = shape_table(model, input_shapes, batch, warnings)
+    table = shape_table(model, input_shapes, batch, warnings, observed)
     ledger = _ParamLedger()
-    per_node = [_node_cost(site, table, ledger) for site in _walk(model.graph)]
+    conditions = observed.conditions if observed is not None else {}
+    per_node = [_node_cost(site, table, ledger) for site in _walk(model.graph, conditions=conditions)]
     unused = ledger.unclaimed_initializers(model.graph)
     unused_sizes = [_initializer_size(v) for v in unused]
     unknown = [n.qualified_name for n in per_node if n.macs is None]
@@ -251,6 +286,8 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         unused_initializers=[v.name for v in unused],
         batch=batch,
         warnings=warnings,
+        observed=len(table.observed_used) + sum(1 for site in _walk(model.graph, conditions=conditions)
+                                                 if _branch_taken(site.node, conditions) is not None),
     )
 
 
@@ -261,13 +298,15 @@ def budget_cost(model: Model) -> tuple[int | None, int | None]:
     return cost.macs, cost.params
 
 def shape_table(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, batch: int = 1,
-                warnings: list[str] | None = None) -> ConcreteShapes:
+                warnings: list[str] | None = None, observed: Observed | None = None) -> ConcreteShapes:
     """The shapes :func:`analyze` costs with: ``table.shape(value)`` (``None`` or symbolic dims when
-    unknown). ``input_shapes`` and ``batch`` as in :func:`analyze`; inference warnings go to ``warnings``."""
+    unknown). ``input_shapes``, ``batch`` and ``observed`` as in :func:`analyze`; inference warnings go
+    to ``warnings``."""
     if batch < 1:
         raise OptionError(f"batch must be a positive integer, got {batch}")
     fixed, symbols = _resolve_inputs(model.graph, dict(input_shapes or {}), batch)
-    return ConcreteShapes(model, fixed, symbols, [] if warnings is None else warnings)
+    return ConcreteShapes(model, fixed, symbols, [] if warnings is None else warnings,
+                          observed.shapes if observed is not None else None)
 
 
 @dataclass
@@ -420,11 +459,16 @@ class ConcreteShapes(ShapeView):
     substituted wherever it appears, and a constant's own dims before anything inferred."""
 
     def __init__(self, model: Model, fixed: Mapping[Value, Dims], symbols: Mapping[str, int],
-                 warnings: list[str]) -> None:
+                 warnings: list[str], observed: Mapping[str, tuple[int, ...]] | None = None) -> None:
         concrete = {v.name: d for v, d in fixed.items() if _is_concrete(d)}
         super().__init__(model, input_shapes=concrete, warnings=warnings)
         self.fixed = fixed
         self.symbols = symbols
+        self.observed = dict(observed or {})
+        self.observed_used: set[str] = set()
+        # the dim names the inputs declare: a size named otherwise (or unnamed) is not an input's to fix
+        self.input_dim_names = {d for v in model.graph.inputs if not v.is_initializer for d in (v.shape or ())
+                                if isinstance(d, str)}
         self._constants = {value: dims for graph in model.graphs() for value in graph.values()
                            if (dims := _constant_dims(graph, value)) is not None}
 
@@ -438,6 +482,9 @@ class ConcreteShapes(ShapeView):
         dims = _substitute(super().shape(value), self.symbols)
         if dims is not None and all(isinstance(d, int) for d in dims):
             return dims
+        if value.name in self.observed and (dims is None or len(dims) == len(self.observed[value.name])):
+            self.observed_used.add(value.name)
+            return self.observed[value.name]   # seen in a run: a size only data decides
         # onnx's inference stops at shape arithmetic (a Slice whose end comes from Shape); onnxruntime's
         # symbolic engine evaluates it at these concrete inputs. Asked only here, so a model onnx resolves
         # never pays for it.
@@ -592,23 +639,38 @@ class _Site:
     scope: str
     index: int
     in_loop: bool
+    not_taken: bool = False   # inside an If branch that the observed run did not take
 
 
 _LOOPING = {"Loop", "Scan"}
 
 
 def _walk(graph: Graph, scope: str = "", in_loop: bool = False,
-          counter: Iterator[int] | None = None) -> Iterator[_Site]:
-    """Every node of ``graph`` in topological order, each followed by the nodes of its subgraphs."""
+          counter: Iterator[int] | None = None, conditions: Mapping[str, bool] | None = None,
+          not_taken: bool = False) -> Iterator[_Site]:
+    """Every node of ``graph`` in topological order, each followed by the nodes of its subgraphs;
+    ``conditions`` (If condition name -> the value a run saw) marks the branches that did not run."""
     counter = counter if counter is not None else itertools.count(1)
+    conditions = conditions or {}
     for node in graph.toposort():
-        site = _Site(node, graph, scope, next(counter), in_loop)
+        site = _Site(node, graph, scope, next(counter), in_loop, not_taken)
         yield site
         looping = in_loop or (node.op_type in _LOOPING and node.domain in ("", "ai.onnx"))
+        ran = _branch_taken(node, conditions)
         for attr_name, sub in node.subgraphs.items():
+            skipped = not_taken or (ran is not None and attr_name != ran)
             for suffix, body in _named_subgraphs(sub):
                 label = f"{_node_label(node, site.index)}.{attr_name}{suffix}"
-                yield from _walk(body, f"{scope}/{label}" if scope else label, looping, counter)
+                yield from _walk(body, f"{scope}/{label}" if scope else label, looping, counter, conditions,
+                                 skipped)
+
+
+def _branch_taken(node: Node, conditions: Mapping[str, bool]) -> str | None:
+    """``"then_branch"`` / ``"else_branch"`` for an If whose condition a run observed, else ``None``."""
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return None
+    seen = conditions.get(node.inputs[0].name)
+    return None if seen is None else ("then_branch" if seen else "else_branch")
 
 
 def _named_subgraphs(sub: Graph | list[Graph]) -> list[tuple[str, Graph]]:
@@ -639,6 +701,8 @@ class UnknownShape(Exception):
 
 def _macs(site: _Site, table: ConcreteShapes) -> tuple[int | None, str]:
     node = site.node
+    if site.not_taken:
+        return 0, "in an If branch the observed run did not take"
     if node.domain not in ("", "ai.onnx"):
         return None, f"no MAC rule for {node.domain}:{node.op_type}"
     rule = RULES.get(node.op_type)
@@ -682,7 +746,10 @@ class NodeShapes:
         if dims is None:
             raise UnknownShape(f"shape of {value.name!r} unknown")
         if not _is_concrete(dims):
-            raise UnknownShape(f"{value.name!r} has dynamic dims {_format_dims(dims)}; pass input_shapes")
+            from_inputs = any(isinstance(d, str) and d in self.table.input_dim_names for d in dims)
+            hint = ("pass input_shapes" if from_inputs
+                    else "a size the input values decide (a run of a sample measures it)")
+            raise UnknownShape(f"{value.name!r} has dynamic dims {_format_dims(dims)}; {hint}")
         return tuple(int(d) for d in dims)  # type: ignore[arg-type]
 
 

@@ -91,11 +91,14 @@ Plan
    (a conv's 33rd output channel costs a whole pass over its input); BENCHMARKS.md, "Target CPUs". With option ``every_group`` (default) each prunable group loses at least its first step when
    that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
    one common ratio for all groups. With ``--max-drop`` and labels in the data,
-   :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop on the calibration
-   data is within the budget (its tries through the run's executor, the next ones of the bisection
-   measured together when it has several workers; the search is the same). The re-fit saw those samples, which flatters the result; but calibration
-   images usually come from the training set, where the original model is more accurate, so the drop
-   there is usually overstated (BENCHMARKS.md compares it with the evaluation set's). Targets are
+   :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop is within the
+   budget, judged on samples each try was not fitted to: two folds (re-fitted on one half of the
+   calibration samples, judged on the other, and the other way round), the verdicts pooled, accepted
+   when ``drop + guard_z · SE <= --max-drop`` with the paired standard error ``SE = 100·√changed / n``
+   (:class:`graphopt.compress.budget.HeldOutDrop`; docs/decisions/guards.md). Its tries go through the
+   run's executor, the next ones of the bisection measured together when it has several workers (the
+   search is the same). A first output that is not class scores turns the guard off (``guard_off`` in
+   the stats). Targets are
    fractions of the pipeline's input model (``ctx.baseline``, recorded by the pass manager), not of the
    model after the cleanup that runs first.
 
@@ -137,7 +140,7 @@ from graphopt.compress import reconstruct as rec
 from graphopt.compress.channels import shrink
 from graphopt.compress.channels.units import group_units
 from graphopt.compress.lstsq import LinearLayer, stored_weight
-from graphopt.compress.options import calibration
+from graphopt.compress.options import calibration, guard
 from graphopt.core.errors import OptionError
 from graphopt.core.ir import Model
 from graphopt.core.ledger import LeftAlone
@@ -156,7 +159,6 @@ from graphopt.measure import target as targets
 from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
 from graphopt.measure.executor import (EvalContext, ShippedModel, executor_for, in_worker, make_executor,
                                        relative_error)
-from graphopt.measure.verify import Tolerance, verify
 
 # =============================================================================================
 # ranking
@@ -291,16 +293,19 @@ class TrialContext:
     refit: dict[str, Any]
     hold: Any = None
     ref_out: dict[str, np.ndarray] | None = None
+    folds: list[tuple[Any, Any, np.ndarray]] | None = None
+    z: float = 0.0
 
-    def pruned(self, keep_idx: Mapping[int, np.ndarray]) -> Model:
-        """A copy pruned to ``keep_idx`` (kept channel indices per group) and re-fitted on :attr:`data`."""
+    def pruned(self, keep_idx: Mapping[int, np.ndarray], data: Any = None) -> Model:
+        """A copy pruned to ``keep_idx`` (kept channel indices per group) and re-fitted on ``data``
+        (default :attr:`data`)."""
         model = self.model.ir()
         trial = model.clone()
         if keep_idx:
             # same model, same group ids; shrink needs an analysis of the copy
             analysis = channels.analyze(trial, self.input_shapes, heads=self.heads)
-            apply_plan(trial, analysis, dict(keep_idx), model, self.data, seed=self.seed, batch=self.batch,
-                       **self.refit)
+            apply_plan(trial, analysis, dict(keep_idx), model, self.data if data is None else data, seed=self.seed,
+                       batch=self.batch, **self.refit)
         return trial
 
 
@@ -309,11 +314,24 @@ def trial_error(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
     return float(relative_error(ctx.ref_out, _outputs(ctx.pruned(keep_idx), ctx.hold, ctx.batch)))
 
 
-def trial_drop(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
-    """Accuracy drop (points) on :attr:`TrialContext.data` of the model pruned to ``keep_idx`` (guard)."""
-    report = verify(ctx.model.ir(), ctx.pruned(keep_idx), ctx.data, mode="accuracy",
-                    tolerance=Tolerance(max_drop=100.0), batch_size=ctx.batch)
-    return float(report.accuracy_drop) if report.accuracy_drop is not None else float("inf")
+def trial_drop(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> budget.HeldOutDrop:
+    """Top-1 accuracy drop of the model pruned to ``keep_idx``, cross-validated (guard): per fold of
+    :attr:`TrialContext.folds` re-fitted on its fitting samples and judged on its held-out ones, against
+    the unpruned model's verdicts there; the verdicts of all folds pooled."""
+    reference, correct = [], []
+    for fit, held, held_reference in ctx.folds:
+        reference.append(held_reference)
+        correct.append(_correct(ctx.pruned(keep_idx, fit), held, ctx.batch))
+    return budget.HeldOutDrop.of(np.concatenate(reference), np.concatenate(correct), ctx.z)
+
+
+def _correct(model: Model, data, batch: int) -> np.ndarray | None:
+    """Per sample, whether the first graph output's top score is the label (``None`` when that output is
+    not one row of class scores per sample)."""
+    scores = next(iter(_outputs(model, data, batch).values()))
+    if scores.ndim < 2 or scores.shape[0] != data.n_samples or int(np.prod(scores.shape[1:])) < 2:
+        return None
+    return scores.reshape(data.n_samples, -1).argmax(axis=1) == data.labels
 
 
 # =============================================================================================
@@ -1056,6 +1074,8 @@ class PruneFilters(Pass):
                                           "samples x evaluations x the MACs each runs (about 3 minutes on 2 cores); "
                                           "beyond it fewer samples, then fewer levels are measured and the stats "
                                           "say so (0: no limit)", float, low=0),
+        **guard(guard_z=(1.0, "with --max-drop: from the held-out samples whose verdict changed; the tries are "
+                              "re-fitted on the other samples")),
         "sensitivity_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
                                             "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
@@ -1094,8 +1114,10 @@ class PruneFilters(Pass):
         run.grams, run.fit_grams = {}, None  # F² per consumer, hundreds of MB on ResNet-50: not needed after the plan
         keep_idx = run.keep_indices(keep)
         if not keep_idx:
-            stats = {"pruned_groups": 0, "allocation": allocation_stats,
-                     "skipped": "the budget removes no channel", "left_alone": left_alone}
+            guard = allocation_stats.get("guard")
+            why = ("no allocation tried was within --max-drop on the held-out samples"
+                   if guard and not any(t["ok"] for t in guard) else "the budget removes no channel")
+            stats = {"pruned_groups": 0, "allocation": allocation_stats, "skipped": why, "left_alone": left_alone}
             if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0):
                 stats["notice"] = notice
             return PassResult(False, stats)
@@ -1243,7 +1265,7 @@ class PruneFilters(Pass):
                              and problem.target_macs is not None else (None, None))
 
         steps = self._step_price(run, problem)
-        near: dict[str, Any] = {}
+        near: dict[float, dict[str, Any]] = {}  # target fraction -> fastest_near stats
 
         def allocate_at(t: float) -> budget.Allocation:
             if price is None:
@@ -1261,9 +1283,17 @@ class PruneFilters(Pass):
         blend_stats = None
         if run.data is not None and run.opt("blend"):
             alloc, blend_stats = self._choose_blend(run, problem, sens, alloc)
-        trace = None
+        trace, guard_off = None, None
         if run.ctx.max_drop is not None and run.data is not None and run.data.labels is not None:
-            alloc, trace = self._guard(run, allocate_at, problem.full_cost / problem.goal)
+            guarded = self._guard(run, allocate_at, problem.full_cost / problem.goal)
+            if guarded is None:
+                guard_off = "--max-drop: the first graph output is not one row of class scores per sample"
+            else:
+                alloc, trace = guarded
+                if not any(t["ok"] for t in trace):
+                    # nothing tried was within the budget, not even the lightest cut (every_group keeps a
+                    # first step even at "no compression"): leave every channel, as sparsify's guard does
+                    alloc = budget.Allocation(keep={}, cost=problem.full_cost, predicted_error=0.0, met=False, steps=0)
         full_keep = {g.gid: g.size for g in run.groups}
         full_keep.update({gid: int(v) for gid, v in alloc.keep.items()})
         stats = _allocation_stats(run, problem, alloc, mode, raw_sens)
@@ -1277,10 +1307,14 @@ class PruneFilters(Pass):
             stats["latency"] = _time_ratio(time_stats, price, problem.units, alloc)
         if 1.0 in near:
             stats["near_fastest"] = near[1.0]
-        if not alloc.met:
+        if trace and not any(t["ok"] for t in trace):
+            stats["not_met"] = "no allocation tried was within --max-drop on the held-out samples: nothing pruned"
+        elif not alloc.met:
             stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
         if trace:
             stats["guard"] = trace
+        if guard_off:
+            stats["guard_off"] = guard_off
         return full_keep, stats
 
     def _problem(self, run: PruneRun) -> AllocationProblem:
@@ -1487,12 +1521,24 @@ class PruneFilters(Pass):
 
     @staticmethod
     def _guard(run: PruneRun, allocate_at: Callable[[float], budget.Allocation],
-               full: float) -> tuple[budget.Allocation, list[dict]]:
-        """:func:`graphopt.compress.budget.guarded` with each try pruned, re-fitted and measured (accuracy
-        drop on the calibration data) through the run's executor, several tries at once when it has
-        several workers (the result is the same)."""
+               full: float) -> tuple[budget.Allocation, list[dict]] | None:
+        """:func:`graphopt.compress.budget.guarded` with each try judged on samples it was not fitted to:
+        two-fold cross-validation over the calibration samples (re-fitted on one half, judged on the other,
+        and the other way round), every sample judged once; accepted when ``drop + guard_z · SE <=
+        --max-drop`` (:class:`graphopt.compress.budget.HeldOutDrop`). The tries go through the run's
+        executor, several at once when it has several workers (the result is the same). With a single
+        sample, fit and judge share it. ``None`` (no guard) when the first graph output is not class
+        scores: there are no top-1 verdicts to count."""
         executor = executor_for(run.ctx)
-        trials = run.trials(run.data)
+        first, second = run.data.split(run.data.n_samples // 2)
+        halves = [(first, second), (second, first)] if second is not None else [(run.data, run.data)]
+        folds = []
+        for fit, held in halves:
+            reference = _correct(run.model, held, run.batch)
+            if reference is None:
+                return None
+            folds.append((fit, held, reference))
+        trials = run.trials(run.data, folds=folds, z=run.opt("guard_z"))
 
         def measure_all(allocs: list[budget.Allocation]) -> list[float]:
             return executor.map(trial_drop, [run.keep_indices(a.keep) for a in allocs], context=trials)
@@ -1571,7 +1617,7 @@ def _allocation_stats(run: PruneRun, problem: AllocationProblem, alloc: budget.A
     macs0, params0 = run.macs0, run.params0
     return {"mode": mode, "met": bool(alloc.met), "steps": alloc.steps,
             "cost_model": "polynomial fit of the channel analysis" if problem.fitted else "channel analysis",
-            "predicted_error": _r(budget.predicted_error(problem.units, raw_sens, alloc.keep)),
+            "predicted_error": _r(budget.predicted_error(problem.units, raw_sens, alloc.keep)) if alloc.keep else 0.0,
             "target_macs": problem.target_macs, "target_params": problem.target_params,
             "macs_ratio": _r(macs / macs0) if macs0 else None,
             "params_ratio": _r(params / params0) if params0 else None}
@@ -1624,10 +1670,12 @@ def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: f
         return None
     where = f"; the model keeps {macs_ratio:.2f} of the MACs" if macs_ratio is not None else ""
     if not any(t["ok"] for t in trace):
-        return (f"--max-drop {max_drop:g}: no allocation tried was within the budget on the calibration "
-                f"samples{where}")
-    return (f"--max-drop {max_drop:g}: at the target the calibration samples lost {trace[0]['drop']:.2f} points "
-            f"(the guard re-fits and measures on them), so the target was relaxed{where}")
+        return (f"--max-drop {max_drop:g}: no allocation tried was within the budget on the held-out "
+                f"calibration samples{where}")
+    first = trace[0]
+    margin = f", {first['upper']:.2f} with its margin" if "upper" in first and first["upper"] != first["drop"] else ""
+    return (f"--max-drop {max_drop:g}: at the target the held-out calibration samples lost {first['drop']:.2f} "
+            f"points{margin} (re-fitted on the others), so the target was relaxed{where}")
 
 
 def _outputs(model: Model, data, batch: int) -> dict[str, np.ndarray]:

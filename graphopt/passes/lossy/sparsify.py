@@ -75,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.compress.budget import HeldOutDrop
 from graphopt.compress.lstsq import CrossGram, LinearLayer, collect, column_quadratic, penalised
 from graphopt.compress.options import calibration, guard
 from graphopt.core.ir import Model
@@ -567,14 +568,12 @@ def attempt(run: SparsifyRun, guard: Guard, t: float, splice_rounds: int) -> boo
     records = prune_layers(run, job)
     correct = _class_scores(trial, guard.held).argmax(1) == guard.held.labels
     acc = 100.0 * float(correct.mean())
-    drop = guard.reference - acc
-    changed = int(np.sum(correct != guard.correct))
-    se = 100.0 * float(np.sqrt(changed)) / guard.held.n_samples
-    upper = drop + run.opt("guard_z") * se
-    ok = upper <= guard.max_drop + 1e-9
+    measured = HeldOutDrop.of(guard.correct, correct, run.opt("guard_z"))
+    ok = measured.upper <= guard.max_drop + 1e-9
     kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
     guard.trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
-                        "drop": round(drop, 3), "changed": changed, "upper": round(upper, 3), "ok": ok,
+                        "drop": round(measured.drop, 3), "changed": measured.changed,
+                        "upper": round(measured.upper, 3), "ok": ok,
                         "splice_rounds": splice_rounds, "seconds": round(time.perf_counter() - started, 2)})
     guard.tried[t] = (ok, job)
     return ok
