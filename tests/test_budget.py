@@ -513,3 +513,70 @@ def test_priced_allocation_edge_cases():
     assert not impossible.met and impossible.keep == {"slow": 4, "fast": 4}
     again = budget.allocate_priced(units, sens, time, macs, 100.0)
     assert again == budget.allocate_priced(units, sens, time, macs, 100.0)  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# fastest among near-equal allocations
+
+
+def _step_problem():
+    """Two units of 32 channels in steps of 8; MACs are per channel, the same for both. Time steps:
+    unit ``a``'s channels above 16 cost a whole pass of 16 (a filter set), ``b``'s are smooth."""
+    units = [Unit("a", [32, 24, 16, 8]), Unit("b", [32, 24, 16, 8])]
+    macs = PolynomialCost({"a": 32, "b": 32}).add(100.0, "a").add(100.0, "b")
+
+    def time(keep):
+        return 40.0 * math.ceil(keep["a"] / 16) + 2.0 * keep["b"]
+    return units, macs, time
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fastest_near_stays_within_the_tolerance_and_the_target_and_is_never_slower(seed):
+    units, sens, cost, target = problem(seed, n_units=3)
+    alloc = allocate(units, sens, cost, target)
+    rng = np.random.default_rng(seed)
+    weights = {u.key: float(rng.uniform(0.1, 3)) for u in units}
+
+    def price(keep):
+        return sum(weights[k] * v ** 1.5 for k, v in keep.items())
+
+    near, stats = budget.fastest_near(units, sens, cost, alloc, price, tolerance=0.2)
+    assert near.met and cost(near.keep) <= target + 1e-9
+    assert predicted_error(units, sens, near.keep) <= 1.2 * predicted_error(units, sens, alloc.keep) + 1e-12
+    assert price(near.keep) <= price(alloc.keep)
+    if near.keep != alloc.keep:
+        assert price(near.keep) < 0.99 * price(alloc.keep) and stats["moved"]
+    assert all(near.keep[u.key] in u.levels for u in units)
+    # with a floor (the result must keep at least 0.97 of the target) no neighbour below it is taken
+    floored, _ = budget.fastest_near(units, sens, cost, alloc, price, tolerance=0.2, floor=0.97 * target)
+    assert cost(floored.keep) >= min(0.97 * target, cost(alloc.keep)) - 1e-9
+    assert price(near.keep) <= price(floored.keep) <= price(alloc.keep)
+
+
+def test_fastest_near_takes_the_step_the_price_sees_and_the_tolerance_allows():
+    units, macs, time = _step_problem()
+    sens = {"a": {32: 0.0, 24: 0.30, 16: 0.60, 8: 2.0}, "b": {32: 0.0, 24: 0.29, 16: 0.62, 8: 2.0}}
+    alloc = allocate(units, sens, macs, 150.0)  # least error at 3/4 of the MACs: a 24, b 24 (0.59)
+    assert alloc.keep == {"a": 24, "b": 24}
+    # both swaps are within 10% (0.60, 0.62); a 16, b 32 saves a whole pass of a: the fastest
+    near, stats = budget.fastest_near(units, sens, macs, alloc, time, tolerance=0.1)
+    assert near.keep == {"a": 16, "b": 32} and stats["moved"] == {"a": [24, 16], "b": [24, 32]}
+    assert time(near.keep) < time({"a": 32, "b": 16}) < time(alloc.keep)
+    assert near.cost == pytest.approx(macs(near.keep)) and near.met
+
+
+def test_fastest_near_leaves_the_allocation_alone_when_nothing_qualifies():
+    units, macs, time = _step_problem()
+    sens = {"a": {32: 0.0, 24: 0.30, 16: 0.80, 8: 2.0}, "b": {32: 0.0, 24: 0.29, 16: 0.80, 8: 2.0}}
+    alloc = allocate(units, sens, macs, 150.0)
+    assert alloc.keep == {"a": 24, "b": 24}
+    # every faster neighbour costs 0.21 more error (36%): outside 10%, and off at tolerance 0
+    for tolerance in (0.1, 0.0):
+        near, stats = budget.fastest_near(units, sens, macs, alloc, time, tolerance=tolerance)
+        assert near is alloc and "moved" not in stats
+    # a price that cannot tell the neighbours apart (flat) moves nothing either
+    near, _ = budget.fastest_near(units, sens, macs, alloc, lambda keep: 1.0, tolerance=0.5)
+    assert near is alloc
+    # an allocation that missed its target is returned as is
+    missed = allocate(units, sens, macs, 1.0)
+    assert not missed.met and budget.fastest_near(units, sens, macs, missed, time, tolerance=0.5)[0] is missed

@@ -209,3 +209,39 @@ def test_channel_time_is_an_exact_polynomial_and_falls_with_pruning(profile):
     for _ in range(5):
         keep = {g.gid: int(rng.integers(1, g.size + 1)) for g in groups}
         assert poly(keep) == pytest.approx(analysis.time(keep, profile, 64))
+
+
+def test_filter_set_passes_charge_a_partial_set_its_whole_pass(profile):
+    """With ``passes`` a blocked dense conv's MACs are charged by whole filter sets (4 blocks: 32 channels
+    on AVX2): 8 of 32 outputs cost 2.5x per MAC, 40 (two passes) 1.3x, whole sets 1x; depthwise and
+    im2col convs, and every conv without ``passes``, are charged as before."""
+    path = lat.Nchwc(8, 4)
+    assert [path.pass_factor(c) for c in (8, 16, 24, 32, 40, 64)] == pytest.approx(
+        [2.5, 1.5, 7 / 6, 1.0, 1.3, 1.0])
+    assert lat.Nchwc(16, 4).pass_factor(64) == 1.0 and lat.Nchwc(16, 4).pass_factor(32) == 1.5
+
+    def macs(cin, cout, group=1, passes=True):
+        return lat.conv_work(64, cin, cout, (3, 3), (7, 7), (7, 7), group, path=path, passes=passes).features[1]
+
+    assert macs(56, 40) == pytest.approx(1.3 * macs(56, 40, passes=False))
+    assert macs(56, 32) == macs(56, 32, passes=False)
+    assert macs(56, 56, 56) == macs(56, 56, 56, passes=False)  # depthwise: no filter sets
+    assert macs(9, 40) == macs(9, 40, passes=False)  # im2col: off the blocked path
+    # the price steps: 32 -> 40 outputs costs more than 24 -> 32, and never less with more channels
+    t = [profile.time(lat.conv_work(64, 56, c, (3, 3), (7, 7), (7, 7), path=path, passes=True))
+         for c in (24, 32, 40, 48)]
+    assert t[2] - t[1] > t[1] - t[0] > 0 and t == sorted(t)
+
+
+def test_step_aware_channel_time_sees_the_filter_set_boundary(profile):
+    """``ChannelAnalysis.time(..., steps=True)`` prices plans with the target's steps: on resnet the
+    residual group of the last stage costs a pass more at 40 channels than at 32, which the smooth
+    polynomial price does not see (its step is one eighth of the 32->40 one)."""
+    m = load(str(MODELS / "resnet.onnx"))
+    analysis = channels.analyze(m)
+    last = max(analysis.prunable(), key=lambda g: g.gid)
+    smooth = [analysis.time({last.gid: k}, profile, 64) for k in (24, 32, 40)]
+    steps = [analysis.time({last.gid: k}, profile, 64, steps=True) for k in (24, 32, 40)]
+    assert steps[2] - steps[1] > 1.5 * (steps[1] - steps[0]) > 0
+    assert smooth[2] - smooth[1] == pytest.approx(smooth[1] - smooth[0], rel=0.2)
+    assert analysis.time({}, profile, 64, steps=True) >= analysis.time({}, profile, 64)

@@ -509,3 +509,19 @@ def test_layer_rows_caps_the_kept_rows_of_wide_layers_only():
     assert layer_rows(65536, wide, out) * 4 * (wide + out) <= max(KEPT_ROW_BYTES, MIN_ROWS * 4 * (wide + out))
     assert layer_rows(65536, 288, 10**6) == MIN_ROWS  # many outputs count too; never below the floor
     assert layer_rows(1000, 10**6) == 1000  # nor above what was asked
+
+
+def test_near_fastest_compares_neighbours_at_a_mac_target_only():
+    proto = _cnn(c1=16, c2=32)
+    before = analyze(from_proto(proto)).macs
+    model, result = _run(proto, _ctx(_data(), target_macs=0.5))
+    near = result.stats["allocation"]["near_fastest"]
+    assert near["tolerance"] == 0.1 and near["compared"] >= 0 and near["price"] > 0
+    if "moved" in near:  # a neighbour won: faster by the step-aware price, and the target still met
+        assert near["price_chosen"] < near["price"]
+    assert analyze(model).macs <= 0.5 * before * 1.0001
+    onnx.checker.check_model(to_proto(model))
+    # off: at near_fastest=0, and with a params target (params are what it buys)
+    _, off = _run(proto, _ctx(_data(), target_macs=0.5, near_fastest=0.0))
+    _, by_params = _run(proto, _ctx(_data(), target_params=0.6))
+    assert "near_fastest" not in off.stats["allocation"] and "near_fastest" not in by_params.stats["allocation"]

@@ -91,6 +91,14 @@ run on the price, with a price budget bisected until the cost meets the target. 
 least-error allocation for its time budget, so at the MAC target the channels removed are those that
 cost the least error per second saved.
 
+Fastest among near-equals (:func:`fastest_near`)
+------------------------------------------------
+After an allocation, its neighbours (one unit deeper; one unit a level up and another down until the
+target is met again) whose predicted error is within a relative tolerance of its own are compared by a
+second price (a target CPU's predicted time, which may step where the cost is smooth), and the
+cheapest is taken when it saves more than ``min_gain``. One step from the allocation, so the error
+cannot creep up step by step; no model evaluation.
+
 Accuracy guard (:func:`guarded`)
 --------------------------------
 If the allocation at ``target`` loses more than ``max_drop`` accuracy (measured by the caller), bisect
@@ -121,6 +129,7 @@ __all__ = [
     "Unit",
     "allocate",
     "allocate_priced",
+    "fastest_near",
     "guarded",
     "levels",
     "predicted_error",
@@ -748,6 +757,71 @@ def uniform_at(units: Sequence[Unit], sens: Sensitivity | None, cost: Cost, targ
         keep, c = best
     error = math.nan if sens is None else predicted_error(units, sens, keep)
     return Allocation(keep, c, error, c <= target, 0, float(target))
+
+
+def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Allocation, price: Cost, *,
+                 tolerance: float, min_gain: float = 0.01, floor: float | None = None
+                 ) -> tuple[Allocation, dict[str, Any]]:
+    """Among the allocations next to ``alloc`` that meet its target and whose predicted error is within
+    ``tolerance`` (relative) of ``alloc``'s (both under ``sens``), the one with the least ``price`` (e.g. the target CPU's
+    predicted time), and what was compared.
+
+    ``alloc`` has the least predicted error the search found; errors that close are not told apart by a
+    sensitivity table measured on a few hundred samples, while the price (time) may differ by more than
+    the MACs say. The neighbours (no model evaluation, ``sens`` only):
+
+    1. one unit moved to any deeper level (the cost only falls, so the target stays met);
+    2. one unit moved up one level and another down to the shallowest level that meets the target again.
+
+    Rules: a neighbour whose cost falls below ``floor`` (when given; or below ``alloc``'s own cost, if
+    that is lower) is not considered: the target is a budget to spend, and a caller may require the
+    result to stay near it. A neighbour replaces ``alloc`` only when its price is lower by more than ``min_gain``
+    (relative), so a price difference the model cannot resolve does not move the allocation; ties go
+    to the lower predicted error, then to the order of ``units``; ``alloc`` comes back unchanged when
+    it did not meet its target, when ``tolerance`` <= 0, or when no neighbour qualifies. One step: the
+    tolerance is always measured from ``alloc``, so errors cannot creep up by repeated steps.
+    """
+    stats: dict[str, Any] = {"tolerance": tolerance, "compared": 0}
+    if not alloc.met or tolerance <= 0:
+        return alloc, stats
+    keep = dict(alloc.keep)
+    base_error = predicted_error(units, sens, keep)
+    limit = base_error * (1.0 + tolerance)
+    base_price = float(price(keep))
+    stats["price"] = base_price
+    candidates: list[dict[Hashable, int]] = []
+    index = {u.key: u.levels.index(keep[u.key]) for u in units}
+    for u in units:
+        for level in u.levels[index[u.key] + 1:]:
+            candidates.append({**keep, u.key: level})
+    for a in units:
+        i = index[a.key]
+        if i == 0:
+            continue
+        raised = {**keep, a.key: a.levels[i - 1]}
+        for b in units:
+            if b.key == a.key:
+                continue
+            for level in b.levels[index[b.key] + 1:]:
+                trial = {**raised, b.key: level}
+                if float(cost(trial)) <= alloc.target:
+                    candidates.append(trial)
+                    break
+    lowest = -math.inf if floor is None else min(float(floor), float(cost(keep)))
+    best, best_key = None, (base_price * (1.0 - min_gain), base_error)
+    for trial in candidates:
+        error = predicted_error(units, sens, trial)
+        if error > limit or float(cost(trial)) < lowest:
+            continue
+        stats["compared"] += 1
+        key = (float(price(trial)), error)
+        if key < best_key:
+            best, best_key = trial, key
+    if best is None:
+        return alloc, stats
+    stats.update(price_chosen=best_key[0], moved={str(k): [keep[k], v] for k, v in best.items() if v != keep[k]})
+    return Allocation(best, float(cost(best)), best_key[1], True, alloc.steps, alloc.target, alloc.refined,
+                      alloc.price), stats
 
 
 # ===============================================================================================

@@ -105,6 +105,9 @@ class Nchwc:
 
     block: int = 8
     input_multiple: int = 4
+    #: blocks of output channels a blocked dense conv computes per pass over its input (MLAS's NCHWc
+    #: conv kernels take up to 4 filter blocks at a time); not stored in profiles
+    filter_set: int = 4
 
     def nchwc(self, cin: int, cout: int, group: int, spatial_dims: int) -> bool:
         """Whether onnxruntime runs this Conv on the blocked kernels (read off onnxruntime 1.31 with AVX2:
@@ -122,11 +125,28 @@ class Nchwc:
     def pad(self, c: int) -> int:
         return int(ceil(c / self.block) * self.block)
 
+    def pass_factor(self, cout: int) -> float:
+        """What a blocked dense conv's MAC-proportional time is charged per MAC, relative to a conv whose
+        output channels fill whole filter sets (``block · filter_set``, 32 on AVX2): ``(1 + S·⌈c/S⌉/c)/2``.
+
+        The kernel makes one pass over its input per filter set; half of the MAC-proportional time is that
+        pass (reading and broadcasting every input value once for up to ``S`` outputs), half the
+        multiply-adds. A partial set pays its whole pass: 8 of 32 channels cost 2.5x per MAC, 40 channels
+        (two passes) 1.3x. Measured on AVX2 (3x3 convs with 8-64 outputs at 7x7-28x28, BENCHMARKS.md,
+        "Target CPUs": the step-aware price)."""
+        width = self.block * self.filter_set
+        if cout <= 0 or width <= 1:
+            return 1.0
+        return 0.5 * (1.0 + width * ceil(cout / width) / cout)
+
 
 def conv_work(batch: int, cin: int, cout: int, kernel: Dims, in_spatial: Dims, out_spatial: Dims,
-              group: int = 1, *, path: Nchwc = Nchwc(), padded: bool = True, blocked: bool | None = None) -> Work:
+              group: int = 1, *, path: Nchwc = Nchwc(), padded: bool = True, blocked: bool | None = None,
+              passes: bool = False) -> Work:
     """The :class:`Work` of one Conv (``group`` divides ``cin`` and ``cout``); ``blocked`` overrides the
-    NCHWc rule (a pruning cost keeps each conv on the path it has unpruned)."""
+    NCHWc rule (a pruning cost keeps each conv on the path it has unpruned). ``passes`` charges a
+    blocked dense conv's MACs by whole filter sets (:meth:`Nchwc.pass_factor`; the step-aware price of
+    ``prune_filters``; the calibrated coefficients were fitted without it)."""
     depthwise = group == cin == cout and group > 1
     if blocked is None:
         blocked = path.nchwc(cin, cout, group, len(kernel))
@@ -151,6 +171,8 @@ def conv_work(batch: int, cin: int, cout: int, kernel: Dims, in_spatial: Dims, o
     outputs = batch * cout_p * prod(out_spatial)
     weights = cout_p * per_group_in * prod(kernel)
     macs = outputs * per_group_in * prod(kernel)
+    if passes and blocked and group == 1:
+        macs *= path.pass_factor(cout_p)
     inputs = batch * cin_p * prod(in_spatial)
     if blocked:
         calls = batch * (cout_p / path.block) * (out_spatial[0] if out_spatial else 1)
@@ -260,33 +282,35 @@ def _load(path: str) -> LatencyModel:
 
 
 def node_work(node: Node, dims: Callable[[Value], Dims | None], *, path: Nchwc = Nchwc(),
-              padded: bool = True, like: Callable[[Value], Dims | None] | None = None) -> Work | None:
+              padded: bool = True, like: Callable[[Value], Dims | None] | None = None,
+              passes: bool = False) -> Work | None:
     """The :class:`Work` of a node from its shapes; ``None`` when a shape is unknown or the op is not costed.
 
     Conv reads its kernel and group from the weight and the attributes; Gemm/MatMul fold the left
     operand's leading dims into M; free ops (:data:`FREE`) are a zero :class:`Work`; every other op of
     the default domain is ``elementwise`` over its largest output. With ``like`` (other shapes of the
     same node), the kind is the one the node has at those shapes: a pruning cost keeps each layer's
-    kernel family fixed, so that it stays a polynomial in the kept channels.
+    kernel family fixed, so that it stays a polynomial in the kept channels. ``passes``: see
+    :func:`conv_work`.
     """
     if like is None:
-        return _node_work(node, dims, path, padded)
-    base = _node_work(node, like, path, padded)
+        return _node_work(node, dims, path, padded, passes=passes)
+    base = _node_work(node, like, path, padded, passes=passes)
     if base is None:
-        return _node_work(node, dims, path, padded)
-    work = _node_work(node, dims, path, padded, base.kind not in ("im2col", "grouped_im2col"))
+        return _node_work(node, dims, path, padded, passes=passes)
+    work = _node_work(node, dims, path, padded, base.kind not in ("im2col", "grouped_im2col"), passes=passes)
     return None if work is None else Work(base.kind, work.features)
 
 
 def _node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchwc, padded: bool,
-               blocked: bool | None = None) -> Work | None:
+               blocked: bool | None = None, passes: bool = False) -> Work | None:
     """The work features of one node by its kind (conv, gemm, element-wise); None when unknown."""
     if node.domain not in ("", "ai.onnx") or node.op_type in UNKNOWN:
         return None
     if node.op_type in FREE:
         return Work("elementwise", (0.0,) * len(FEATURES))
     if node.op_type == "Conv":
-        return _conv_node_work(node, dims, path, padded, blocked)
+        return _conv_node_work(node, dims, path, padded, blocked, passes)
     if node.op_type in ("Gemm", "MatMul"):
         return _gemm_node_work(node, dims)
     sizes = [dims(v) for v in (*node.inputs, *node.outputs) if v is not None]
@@ -296,7 +320,7 @@ def _node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchwc, pa
 
 
 def _conv_node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchwc, padded: bool,
-                    blocked: bool | None) -> Work | None:
+                    blocked: bool | None, passes: bool = False) -> Work | None:
     x, w, y = (dims(node.inputs[0]), dims(node.inputs[1]) if len(node.inputs) > 1 else None,
                dims(node.outputs[0]))
     if x is None or w is None or y is None or len(x) < 3:
@@ -304,7 +328,8 @@ def _conv_node_work(node: Node, dims: Callable[[Value], Dims | None], path: Nchw
     # the group count from the shapes, not the attribute: a pruning plan shrinks a depthwise conv's
     # channels (and so its group) before the attribute is rewritten
     group = x[1] // w[1] if w[1] and x[1] % w[1] == 0 else int(node.attr("group", 1) or 1)
-    return conv_work(x[0], x[1], w[0], w[2:], x[2:], y[2:], group, path=path, padded=padded, blocked=blocked)
+    return conv_work(x[0], x[1], w[0], w[2:], x[2:], y[2:], group, path=path, padded=padded, blocked=blocked,
+                     passes=passes)
 
 
 def _gemm_node_work(node: Node, dims: Callable[[Value], Dims | None]) -> Work | None:

@@ -91,13 +91,15 @@ class ChannelAnalysis:
     def base_cost(self) -> tuple[int, int]:
         return self.plan_cost.base_macs, self.plan_cost.base_params
 
-    def time(self, keep: Mapping[int, int], latency: Any, batch: int = 1) -> float:
+    def time(self, keep: Mapping[int, int], latency: Any, batch: int = 1, steps: bool = False) -> float:
         """Predicted seconds (:mod:`graphopt.measure.latency`) of the nodes the groups touch, at ``batch``, if
         group ``gid`` kept ``keep[gid]`` channels. Only differences are meaningful: nodes no group touches
         are left out. Each node keeps its unpruned kernel family and channels are not padded to blocks
         (``padded=False``), so the time is a polynomial in the kept fractions; a node whose shapes are
-        unknown counts 0."""
-        return self.plan_cost.time(keep, latency, batch)
+        unknown counts 0. ``steps``: the target's steps instead — channels padded to whole blocks and
+        blocked dense convs charged by whole filter sets (:meth:`graphopt.measure.latency.Nchwc.pass_factor`):
+        not a polynomial, for comparing a few plans."""
+        return self.plan_cost.time(keep, latency, batch, steps)
 
     def dim_sizes(self, keep: Mapping[int, Sequence[int] | np.ndarray | int]) -> dict[tuple, int]:
         """New flat size of every dimension ``(value, axes, reader)`` the plan changes."""

@@ -115,7 +115,7 @@ class PlanCost:
             [((m.value, m.axes, m.use), int(m.index_map.shape[1])) for m in g.members] for g in groups]
         self.use_signature = _use_signatures(groups)
         self.base_node_macs: dict[str, int] = {}
-        self._base_times: dict[tuple[int, int], tuple[Any, float, dict[str, float]]] = {}
+        self._base_times: dict[tuple[int, int, bool], tuple[Any, float, dict[str, float]]] = {}
         #: nodes whose shape inputs read the shape of a member (dynamic Reshape/Slice): re-check on change
         self.dynamic_readers: dict[str, list[Node]] = {}
         self._add_dynamic_readers()
@@ -213,13 +213,13 @@ class PlanCost:
                 nodes[n.name] = n
         return sorted(nodes.values(), key=lambda n: n.seq)
 
-    def time(self, keep: Mapping[int, Any], latency: Any, batch: int) -> float:
+    def time(self, keep: Mapping[int, Any], latency: Any, batch: int, steps: bool = False) -> float:
         """Predicted seconds of the touched nodes under the plan (see ``ChannelAnalysis.time``)."""
-        cached = self._base_times.get((id(latency), batch))
+        cached = self._base_times.get((id(latency), batch, steps))
         if cached is None or cached[0] is not latency:  # the model object is kept, so its id is not reused
             touched = {n.name: n for nodes in self.nodes_of_key.values() for n in nodes}
-            per = {name: self._node_time(n, self.shapes, latency, batch) for name, n in touched.items()}
-            cached = self._base_times[(id(latency), batch)] = (latency, sum(per.values()), per)
+            per = {name: self._node_time(n, self.shapes, latency, batch, steps) for name, n in touched.items()}
+            cached = self._base_times[(id(latency), batch, steps)] = (latency, sum(per.values()), per)
         _, base, per = cached
         changed = self.new_shapes(self.dim_sizes(keep))
         if not changed:
@@ -229,11 +229,12 @@ class PlanCost:
         for n in self.changed_nodes(changed):
             old = per.get(n.name)
             if old is None:
-                old = per[n.name] = self._node_time(n, self.shapes, latency, batch)
-            total += self._node_time(n, shapes, latency, batch) - old
+                old = per[n.name] = self._node_time(n, self.shapes, latency, batch, steps)
+            total += self._node_time(n, shapes, latency, batch, steps) - old
         return total
 
-    def _node_time(self, node: Node, shapes: Mapping[str, tuple[int, ...]], latency: Any, batch: int) -> float:
+    def _node_time(self, node: Node, shapes: Mapping[str, tuple[int, ...]], latency: Any, batch: int,
+                   steps: bool = False) -> float:
         from graphopt.measure.latency import node_work
 
         def lookup(table: Mapping[str, tuple[int, ...]]):
@@ -241,7 +242,8 @@ class PlanCost:
                 return table.get(shape_key(v.name, node.name)) or table.get(v.name)
             return dims
 
-        work = node_work(node, lookup(shapes), path=latency.path, padded=False, like=lookup(self.shapes))
+        work = node_work(node, lookup(shapes), path=latency.path, padded=steps, like=lookup(self.shapes),
+                         passes=steps)
         return 0.0 if work is None else float(latency.time(work.scaled(batch)))
 
     def weight_delta(self, changed: Mapping[str, tuple[int, ...]]) -> int:
