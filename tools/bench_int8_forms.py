@@ -5,8 +5,9 @@ alternating (``tools/bench_pair.py``'s ``ab_seconds``: ``ORT_ENABLE_ALL``, one i
 spinning, median CPU time per run); the ratio is int8 / float (below 1: int8 is faster).
 
 Models: chains of ``--depth`` equal convs with ReLU (``conv3x3`` C→C, ``pointwise`` 1x1 C→C,
-``depthwise`` 3x3 with group C), input ``[batch, C, H, W]``, at every channel count, spatial size and
-batch given; and, with ``--zoo``, the zoo's CNNs after the lossless preset.
+``depthwise`` 3x3 with group C), input ``[batch, C, H, W]``, or of MatMuls (``matmul``: C×C weights,
+input ``[batch, H·W tokens, C]``), at every channel count, spatial size and batch given; and, with
+``--zoo``, zoo models after the lossless preset.
 
 Forms (activations quantized from ranges measured on the random inputs, MinMax):
 
@@ -21,6 +22,8 @@ Forms (activations quantized from ranges measured on the random inputs, MinMax):
 ``qop``        QOperator format: ``QLinearConv`` (NCHW) written into the file by onnxruntime's quantizer.
 A cell marked ``(N float)`` had N layers left as float kernels between Q/DQ by onnxruntime's optimizer.
 
+``dynamic``    dynamic quantization (weights int8, activations quantized per run: ``MatMulInteger`` /
+               ``ConvInteger``), graphopt's choice for conv-free models.
 ``u8s8-ext``   ``u8s8`` at ``ORT_ENABLE_EXTENDED``: without the level-3 layout transformers (NHWC for
                ``QLinearConv``, NCHWc for float convs; the float side keeps ``ORT_ENABLE_ALL``).
 
@@ -54,13 +57,16 @@ from graphopt.core.onnx_io import from_proto  # noqa: E402
 from graphopt.measure import qdq  # noqa: E402
 from graphopt.measure.calibration import SampleData  # noqa: E402
 
-FORMS = ("u8s8", "u8s8-tensor", "u8u8", "u8s8-prec", "s8s8", "qop", "u8s8-ext")
+FORMS = ("u8s8", "u8s8-tensor", "u8u8", "u8s8-prec", "s8s8", "qop", "u8s8-ext", "dynamic")
 _CONFIG = {"u8s8-prec": {"session.x64quantprecision": "1"}, "s8s8": {"session.qdqisint8allowed": "1"}}
 
 
 def chain(kind: str, channels: int, depth: int, seed: int = 0) -> onnx.ModelProto:
-    """``depth`` convs of ``kind`` (C→C, same padding) each followed by a ReLU; input ``x [N, C, H, W]``."""
+    """``depth`` convs of ``kind`` (C→C, same padding) each followed by a ReLU; input ``x [N, C, H, W]``.
+    ``matmul``: ``depth`` MatMuls by C×C weights with ReLUs, input ``x [N, H·W, C]`` (tokens)."""
     rng = np.random.default_rng(seed)
+    if kind == "matmul":
+        return _matmul_chain(channels, depth, rng)
     k, group = (1, 1) if kind == "pointwise" else (3, channels if kind == "depthwise" else 1)
     nodes, inits, x = [], [], "x"
     for i in range(depth):
@@ -74,6 +80,22 @@ def chain(kind: str, channels: int, depth: int, seed: int = 0) -> onnx.ModelProt
         x = f"r{i}"
     graph = helper.make_graph(nodes, kind, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
                                                                           ["N", channels, "H", "W"])],
+                              [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def _matmul_chain(channels: int, depth: int, rng: np.random.Generator) -> onnx.ModelProto:
+    nodes, inits, x = [], [], "x"
+    for i in range(depth):
+        w = (rng.standard_normal((channels, channels)) * np.sqrt(2.0 / channels)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                              ["N", "T", channels])],
                               [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
@@ -138,6 +160,8 @@ def forms(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], wanted: list[str
             model = to_u8_weights(base)
         elif name == "s8s8":
             model = ortquant.static_qdq(named, ranges, fmt="s8s8", weight_bits=7)
+        elif name == "dynamic":
+            model = ortquant.dynamic(named, op_types=("MatMul", "Gemm", "Conv"))
         elif name == "qop":
             model = qoperator(named, ranges)
         else:
@@ -189,10 +213,11 @@ def main(argv: list[str] | None = None) -> None:
             for size in map(int, args.sizes.split(",")):
                 cases.append((f"{kind} C={c} {size}x{size}", chain(kind, c, args.depth), (c, size)))
     for name, proto in _zoo(list(filter(None, args.zoo.split(",")))):
-        cases.append((name, proto, (1, 28)))
+        cases.append((name, proto, (1, 28)))  # the zoo's input: [batch, 1, 28, 28]
     for label, proto, (c, size) in cases:
         for batch in map(int, args.batches.split(",")):
-            x = rng.standard_normal((batch, c, size, size)).astype(np.float32)
+            shape = (batch, size * size, c) if label.startswith("matmul") else (batch, c, size, size)
+            x = rng.standard_normal(shape).astype(np.float32)
             feeds = {proto.graph.input[0].name: x}
             cells = []
             for _, model, config, level in forms(proto, feeds, wanted):
