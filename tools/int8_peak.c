@@ -4,6 +4,7 @@
 //   fp32: vfmadd231ps                          8 MACs per instruction
 //   u8s8: vpmaddubsw, vpmaddwd (x ones), vpaddd 32 MACs per triple   (MlasGemmU8S8KernelAvx2, ConvSymKernelAvx2)
 //   u8u8: vpmaddwd, vpaddd                      16 MACs per pair     (MlasGemmU8U8KernelAvx2)
+//   depthwise: the same pair on bytes widened to 32-bit lanes, 8 MACs (MlasConvSymDepthwiseKernelAvx2)
 #include <stdio.h>
 #include <time.h>
 static double now(void){struct timespec t;clock_gettime(CLOCK_PROCESS_CPUTIME_ID,&t);return t.tv_sec+t.tv_nsec*1e-9;}
@@ -29,6 +30,7 @@ int main(void){
     x=run_fma(); if(x<f)f=x; x=run_su(); if(x<s)s=x; x=run_uu(); if(x<u)u=x;}
   double n=12.0*N;
   printf("instructions/s: fma %.3g, u8s8 triples %.3g, u8u8 pairs %.3g\n", n/f, n/s, n/u);
-  printf("MAC/s: fp32 %.3g | u8s8 %.3g = %.2fx fp32 | u8u8 %.3g = %.2fx fp32\n", n*8/f, n*32/s, (n*32/s)/(n*8/f), n*16/u, (n*16/u)/(n*8/f));
+  printf("MAC/s: fp32 %.3g | u8s8 %.3g = %.2fx fp32 | u8u8 %.3g = %.2fx fp32 | depthwise int8 %.3g = %.2fx fp32\n",
+         n*8/f, n*32/s, (n*32/s)/(n*8/f), n*16/u, (n*16/u)/(n*8/f), n*8/u, (n*8/u)/(n*8/f));
   return 0;
 }
