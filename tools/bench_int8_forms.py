@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--zoo", default="", help="zoo models to time as well, e.g. vgg,resnet,mobilenetv2")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=30, help="runs of each model per comparison, at most")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="fewer runs (at least 5) where the float model's runs would take longer than this")
     args = parser.parse_args(argv)
     wanted = args.forms.split(",")
     print("| model | batch | " + " | ".join(wanted) + " |")
@@ -219,9 +221,11 @@ def main(argv: list[str] | None = None) -> None:
             shape = (batch, size * size, c) if label.startswith("matmul") else (batch, c, size, size)
             x = rng.standard_normal(shape).astype(np.float32)
             feeds = {proto.graph.input[0].name: x}
+            once, _ = ab_seconds(proto, proto, runs=1, feeds=feeds)
+            runs = int(min(args.runs, max(5, args.seconds / max(once, 1e-6))))
             cells = []
             for _, model, config, level in forms(proto, feeds, wanted):
-                a, b = ab_seconds(proto, model, runs=args.runs, feeds=feeds, config_b=config, level_b=level)
+                a, b = ab_seconds(proto, model, runs=runs, feeds=feeds, config_b=config, level_b=level)
                 left = unfused(model, config, level)
                 cells.append(f"{b / a:.2f}" + (f" ({left} float)" if left else ""))
             print(f"| {label} | {batch} | " + " | ".join(cells) + " |", flush=True)
