@@ -11,7 +11,11 @@ outputs (ReLUs folded into the quantized range are read after the ReLU) of their
 model, on 500 images with the QDQ arithmetic (``ORT_DISABLE_ALL``).
 
     python tools/bench_int8_calib.py [--models vgg,resnet,mobilenetv2] [--calibrators minmax,percentile,mse]
-        [--weights int8|int4] [--no-prune]
+        [--weights int8|int4] [--no-prune | --only-prune] [--option quantize.KEY=VALUE ...] [--simulate]
+
+``--simulate`` reads the QDQ arithmetic (``ORT_DISABLE_ALL``) instead of the deployed kernels: with
+``GRAPHOPT_TARGET_CPU=avx512-vnni`` the pass keeps 8-bit weights, and the simulated accuracy is what a
+CPU whose int8 kernels do not overflow would give.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ def test_images() -> tuple[np.ndarray, np.ndarray]:
     return ((raw.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32), labels
 
 
-def accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    sess = gort.session(proto, optimize=True, threads=1)
+def accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray, simulate: bool = False) -> float:
+    sess = gort.session(proto, optimize=not simulate, threads=1)
     name = sess.get_inputs()[0].name
     pred = np.concatenate([sess.run(None, {name: x[i:i + 500]})[0] for i in range(0, len(x), 500)])
     return float((pred.argmax(axis=1) == y).mean() * 100)
@@ -81,17 +85,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrators", default=",".join(qdq.CALIBRATORS))
     parser.add_argument("--weights", default="int8", choices=("int8", "int4"))
     parser.add_argument("--no-prune", action="store_true", help="only the lossless output of each model")
+    parser.add_argument("--only-prune", action="store_true", help="only the pruned models")
+    parser.add_argument("--option", action="append", default=[], help="another quantize option, e.g. quantize.refit=rtn")
+    parser.add_argument("--simulate", action="store_true",
+                        help="accuracy of the QDQ arithmetic (ORT_DISABLE_ALL) instead of as deployed")
     args = parser.parse_args(argv)
     calib = str(ROOT / "models" / "fmnist_calib.npz")
     evaluation = np.load(ROOT / "models" / "fmnist_eval.npz")
     ex, ey = evaluation["input"], evaluation["labels"]
     tx, ty = test_images()
-    print("| model | float model | calibrator | weights | accuracy eval / test % | int8 change eval | int8 change test "
-          "| mean layer SNR dB |")
+    print(f"| model | float model | calibrator | weights | accuracy eval / test % | int8 change eval | int8 change test "
+          f"| mean layer SNR dB |  (options: {' '.join(args.option) or 'defaults'}; "
+          f"{'QDQ simulated' if args.simulate else 'as deployed'})")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         path = str(ROOT / "models" / f"{name}.onnx")
-        bases = [("lossless", graphopt.optimize(path, data=calib, run_verify=False).model)]
+        bases = [] if args.only_prune else [("lossless", graphopt.optimize(path, data=calib, run_verify=False).model)]
         if name in CNNS and not args.no_prune:
             bases.append(("prune 0.5", graphopt.optimize(path, data=calib, preset="prune", target_macs=0.5,
                                                          run_verify=False).model))
@@ -99,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
             fe, ft = accuracy(base, ex, ey), accuracy(base, tx, ty)
             for method in args.calibrators.split(","):
                 q = graphopt.optimize(base, data=calib, passes=["quantize"], run_verify=False,
-                                      options=[f"quantize.calibrate={method}", f"quantize.weights={args.weights}"])
-                qe, qt = accuracy(q.model, ex, ey), accuracy(q.model, tx, ty)
+                                      options=[f"quantize.calibrate={method}", f"quantize.weights={args.weights}",
+                                               *args.option])
+                qe, qt = accuracy(q.model, ex, ey, args.simulate), accuracy(q.model, tx, ty, args.simulate)
                 snr = layer_snr_db(base, q.model, ex[:500])
                 print(f"| {name} | {label} | {method} | {args.weights} | {fe:.2f} / {ft:.2f} | {qe - fe:+.2f} | "
                       f"{qt - ft:+.2f} | {snr:.1f} |", flush=True)
