@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     evaluation = np.load(ROOT / "models" / "fmnist_eval.npz")
     ex, ey = evaluation["input"], evaluation["labels"]
     tx, ty = test_images()
-    print(f"| model | float model | calibrator | weights | accuracy eval / test % | int8 change eval | int8 change test "
-          f"| mean layer SNR dB |  (options: {' '.join(args.option) or 'defaults'}; "
-          f"{'QDQ simulated' if args.simulate else 'as deployed'})")
+    print(f"quantize options: {' '.join(args.option) or 'defaults'}; accuracy "
+          f"{'of the QDQ arithmetic (simulated)' if args.simulate else 'as deployed'}\n")
+    print("| model | float model | calibrator | weights | accuracy eval / test % | int8 change eval | int8 change test "
+          "| mean layer SNR dB |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         path = str(ROOT / "models" / f"{name}.onnx")
