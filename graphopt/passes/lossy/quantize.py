@@ -262,7 +262,7 @@ def speed_notice(target: targets.Target) -> str | None:
     """What to say when the target's int8 kernels are not expected to be faster than float."""
     if target.kind.int8_saturates and target.kind.block == 8:
         return (f"on {target.name} (no VNNI) onnxruntime's int8 kernels peak at float's rate (one integer "
-                "multiply per FMA pair) and measured 0.9-1.2 of the float time in every fused form "
+                "multiply per FMA pair); u8s8 convs measured 0.9-1.2 of the float time, no other form faster "
                 "(docs/decisions/quantization.md): int8 buys size here, not speed")
     return None
 
