@@ -11,11 +11,12 @@ outputs (ReLUs folded into the quantized range are read after the ReLU) of their
 model, on 500 images with the QDQ arithmetic (``ORT_DISABLE_ALL``).
 
     python tools/bench_int8_calib.py [--models vgg,resnet,mobilenetv2] [--calibrators minmax,percentile,mse]
-        [--weights int8|int4] [--no-prune | --only-prune] [--option quantize.KEY=VALUE ...] [--simulate]
+        [--weights int8|int4] [--no-prune | --only-prune] [--option quantize.KEY=VALUE ...]
+        [--quantize-target KIND] [--simulate]
 
 ``--simulate`` reads the QDQ arithmetic (``ORT_DISABLE_ALL``) instead of the deployed kernels: with
-``GRAPHOPT_TARGET_CPU=avx512-vnni`` the pass keeps 8-bit weights, and the simulated accuracy is what a
-CPU whose int8 kernels do not overflow would give.
+``--quantize-target avx512-vnni`` the pass keeps 8-bit weights (the pruning still prices for this
+machine), and the simulated accuracy is what a CPU whose int8 kernels do not overflow would give.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-prune", action="store_true", help="only the lossless output of each model")
     parser.add_argument("--only-prune", action="store_true", help="only the pruned models")
     parser.add_argument("--option", action="append", default=[], help="another quantize option, e.g. quantize.refit=rtn")
+    parser.add_argument("--quantize-target", default=None,
+                        help="--target-cpu of the quantize step only (the pruning keeps this machine's)")
     parser.add_argument("--simulate", action="store_true",
                         help="accuracy of the QDQ arithmetic (ORT_DISABLE_ALL) instead of as deployed")
     args = parser.parse_args(argv)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             fe, ft = accuracy(base, ex, ey), accuracy(base, tx, ty)
             for method in args.calibrators.split(","):
                 q = graphopt.optimize(base, data=calib, passes=["quantize"], run_verify=False,
+                                      target_cpu=args.quantize_target,
                                       options=[f"quantize.calibrate={method}", f"quantize.weights={args.weights}",
                                                *args.option])
                 qe, qt = accuracy(q.model, ex, ey, args.simulate), accuracy(q.model, tx, ty, args.simulate)
