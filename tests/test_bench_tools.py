@@ -82,3 +82,43 @@ def test_verdict_breakages_change_the_output_only():
     noisy, _ = run(bench_verdicts.broken(model, "r", "noise", 0.1, 1, r), {"x": x})
     rms = np.sqrt(np.mean(r.astype(np.float64) ** 2))
     assert 0 < np.sqrt(np.mean((noisy - r) ** 2)) < 0.3 * rms
+
+
+def _run(proto, feeds, config=None, optimize=False):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.intra_op_num_threads = 1
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_int8_forms_are_the_same_model_in_every_format():
+    """Each form bench_int8_forms times computes what the u8s8 QDQ model computes (QDQ arithmetic), and
+    onnxruntime fuses every layer of it; the u8-weight form stores the same values with zero point 128."""
+    import bench_int8_forms as forms
+
+    from graphopt.compress import ortquant
+
+    for kind in ("conv3x3", "depthwise", "matmul"):
+        proto = forms.chain(kind, 16, depth=2)
+        shape = (2, 16, 16) if kind == "matmul" else (2, 16, 4, 4)
+        feeds = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+        built = {name: (model, config) for name, model, config, _ in forms.forms(proto, feeds, list(forms.FORMS))}
+        assert set(built) == set(forms.FORMS)
+        base = _run(built["u8s8"][0], feeds)
+        u8, _ = built["u8u8"]
+        codes = [t for t in u8.graph.initializer if t.name in {s.codes for s in ortquant.weight_slots(u8).values()}]
+        assert codes and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
+        np.testing.assert_allclose(_run(u8, feeds), base, rtol=0, atol=1e-5)
+        ref = _run(proto, feeds)
+        for name, (model, config) in built.items():
+            if name == "dynamic" and kind != "matmul":
+                continue   # ConvInteger: not fused, not a form anyone deploys for convs
+            assert forms.unfused(model, config, None) == 0, (kind, name)
+            out = _run(model, feeds, config, optimize=True)
+            snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((out - ref).astype(np.float64) ** 2))
+            assert snr > 20, (kind, name, snr)

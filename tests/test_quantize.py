@@ -134,6 +134,42 @@ def test_a_quantized_model_for_another_cpus_kernels_is_verified_as_qdq_arithmeti
     assert any("another CPU's integer kernels" in n for n in result.report["verify"]["notes"])
 
 
+def test_mse_clip_cuts_a_rare_outlier_and_keeps_a_dense_range():
+    """The MSE clip trades rounding noise inside the range against the clipped tail: one value in
+    millions far out is not worth widening every step for; a range the data fills is worth keeping;
+    and clipping never pays for a tail of many values (their squared error outweighs the rounding)."""
+    top, bulk = 100.0, np.zeros(qdq.BINS)
+    bulk[:20] = 200_000   # 4 million values in [0, ~1]
+    rare = bulk.copy()
+    rare[-1] = 1          # one at 100
+    assert qdq.mse_clip(rare, top, qdq.Range(0.0, top)) < 25.0   # k c² + (100 − c)² is least at c ≈ 16
+    heavy = bulk.copy()
+    heavy[-1] = 1000      # a tail that matters
+    assert qdq.mse_clip(heavy, top, qdq.Range(0.0, top)) > 0.95 * top
+    assert qdq.mse_clip(np.full(qdq.BINS, 50), top, qdq.Range(0.0, top)) > 0.99 * top
+
+
+def test_percentile_narrows_an_outlier_and_keeps_a_plain_range():
+    model = from_proto(_cnn())
+    plain = _data(2048, seed=3)
+    spiked = plain.inputs["x"].copy()
+    spiked[0, 0, 0, 0] = 60.0   # one value of 131,072 far out
+    wide = qdq.activation_ranges(model, SampleData({"x": spiked}), ["x"])
+    cut = qdq.activation_ranges(model, SampleData({"x": spiked}), ["x"], method="percentile")
+    assert wide["x"].hi == pytest.approx(60.0) and cut["x"].hi < 10.0
+    assert cut["x"].lo == pytest.approx(max(wide["x"].lo, -cut["x"].hi))   # the same clip below zero
+    keep = qdq.activation_ranges(model, plain, ["x"], method="percentile")
+    full = qdq.activation_ranges(model, plain, ["x"])
+    assert keep["x"].hi > 0.8 * full["x"].hi   # without an outlier the range stays
+
+
+def test_percentile_is_the_default_calibrator():
+    result, _ = _quantize(_cnn())
+    assert result.stats["calibrate"] == "percentile"
+    minmax, _ = _quantize(_cnn(), calibrate="minmax")
+    assert minmax.stats["calibrate"] == "minmax"
+
+
 def test_float_layers_names_layers_left_float_between_dq_and_q():
     w = init("w_q", np.ones((2, 1, 1, 1), np.int8))
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),

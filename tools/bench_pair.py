@@ -28,12 +28,16 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(model) -> ort.InferenceSession:
-    """ENABLE_ALL, one intra-op thread, no spinning; ``model`` is a path or a ModelProto."""
+def session(model, config: dict[str, str] | None = None,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    """ENABLE_ALL (or ``level``), one intra-op thread, no spinning, plus the session ``config`` entries;
+    ``model`` is a path or a ModelProto."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    opts.graph_optimization_level = level
     opts.log_severity_level = 3
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
@@ -46,10 +50,12 @@ def random_feeds(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray
     return {spec.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
 
-def ab_seconds(a, b, batch: int = 64, runs: int = 80, feeds: dict[str, np.ndarray] | None = None
+def ab_seconds(a, b, batch: int = 64, runs: int = 80, feeds: dict[str, np.ndarray] | None = None,
+               config_b: dict[str, str] | None = None, level_b: ort.GraphOptimizationLevel | None = None
                ) -> tuple[float, float]:
-    """Median CPU seconds per run of ``a`` and ``b`` (paths or ModelProtos), alternating which goes first."""
-    sessions = [session(a), session(b)]
+    """Median CPU seconds per run of ``a`` and ``b`` (paths or ModelProtos), alternating which goes first;
+    ``b``'s session takes the extra ``config_b`` entries and the optimization level ``level_b``."""
+    sessions = [session(a), session(b, config_b, level_b or ort.GraphOptimizationLevel.ORT_ENABLE_ALL)]
     feeds = feeds if feeds is not None else random_feeds(sessions[0], batch)
     for s in sessions:
         s.run(None, feeds)

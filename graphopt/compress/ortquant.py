@@ -77,11 +77,13 @@ def named(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str, weight_bits: int = 8,
-               exclude: Iterable[str] = (), op_types: Iterable[str] | None = None) -> onnx.ModelProto:
+               exclude: Iterable[str] = (), op_types: Iterable[str] | None = None,
+               per_channel: bool = True) -> onnx.ModelProto:
     """The static QDQ model of ``proto`` (from :func:`named`) in format ``fmt`` (``u8s8`` / ``s8s8``), with
-    ``ranges`` for its activations, per-channel symmetric weights of ``weight_bits`` (8, 7: int8 storage with
-    onnxruntime's ``reduce_range``, codes in ``[−64, 64]``, or 4), and the nodes named in ``exclude`` left
-    float."""
+    ``ranges`` for its activations, symmetric weights of ``weight_bits`` (8, 7: int8 storage with
+    onnxruntime's ``reduce_range``, codes in ``[−64, 64]``, or 4) per output channel (one scale per
+    tensor with ``per_channel=False``: only for benchmarks, the re-fit expects per-channel scales), and
+    the nodes named in ``exclude`` left float."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -97,7 +99,7 @@ def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str,
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     with _quiet():
-        quantizer = QDQQuantizer(copy, True, weight_bits == 7, weight, activation, tensors, [], sorted(exclude), ops, extra)
+        quantizer = QDQQuantizer(copy, per_channel, weight_bits == 7, weight, activation, tensors, [], sorted(exclude), ops, extra)
         quantizer.quantize_model()
     out = quantizer.model.model
     out.ir_version = proto.ir_version
