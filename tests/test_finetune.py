@@ -422,3 +422,26 @@ def test_prefetch_keeps_order_raises_the_producers_error_and_stops():
     assert next(items) == 1
     items.close()
     assert not items._thread.is_alive()
+
+
+def test_progress_is_a_step_count_with_the_loss_that_the_cli_draws_as_a_bar():
+    from rich.console import Console
+
+    from graphopt.app.cli import _renderable
+    from graphopt.core.progress import Steps
+    seen = []
+    model = from_proto(_cnn())
+    ctx = PassContext(options={"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": dict(FT, steps=12)}, data=_data(), progress=seen.append)
+    run_pipeline(get_pass("sparsify"), model, ctx)
+    ctx.original = from_proto(_cnn())
+    assert get_pass("finetune").run(model, ctx).changed
+    steps = [m for m in seen if isinstance(m, Steps)]
+    assert [m.done for m in steps] == list(range(1, 13)) and {m.total for m in steps} == {12}
+    assert all(m.what == "finetune" and m.fields.startswith("loss ") for m in steps)
+    assert str(steps[-1]).startswith("finetune 12/12 loss ")       # still a line of text for any callback
+    console = Console(record=True, width=100, color_system=None)
+    console.print(_renderable(Steps("finetune", 3, 12, "loss 0.5")))
+    drawn = console.export_text()
+    assert "3/12" in drawn and "loss 0.5" in drawn and "━" in drawn
+    assert _renderable("verifying") == "verifying"

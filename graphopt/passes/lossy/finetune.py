@@ -49,6 +49,7 @@ from graphopt.core.ir import Model
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import to_proto
+from graphopt.core.progress import Steps
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import SampleData, check_data, feed_batch_size
 
@@ -63,8 +64,6 @@ NOTHING_TO_RECOVER = 1e-9
 Z_REFUSE = 1.645
 #: Samples the self-checks run on.
 CHECK_SAMPLES = 64
-#: Progress bar width in characters.
-BAR = 24
 
 
 @register
@@ -297,16 +296,15 @@ def _self_check(graph, proto, check: SampleData, worst: list[float] | None = Non
 
 
 def _progress(ctx: PassContext, steps: int):
-    """A text progress bar with the smoothed loss, through the run's status line (``ctx.say``)."""
+    """Progress through the run's status line (``ctx.say``): a :class:`~graphopt.core.progress.Steps`
+    message with the smoothed loss and the time, which the command line draws as a bar."""
     started = time.perf_counter()
     every = max(1, steps // 200)
 
     def show(step: int, loss: float) -> None:
         if step % every and step != steps:
             return
-        done = int(BAR * step / steps)
         elapsed = time.perf_counter() - started
         eta = elapsed / step * (steps - step)
-        ctx.say(f"finetune {'━' * done}{'╺' if done < BAR else ''}{' ' * max(BAR - done - 1, 0)} "
-                f"{step}/{steps} loss {loss:.4g} {elapsed:.0f}s<{eta:.0f}s")
+        ctx.say(Steps("finetune", step, steps, f"loss {loss:.4g} {elapsed:.0f}s<{eta:.0f}s"))
     return show
