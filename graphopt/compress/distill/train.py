@@ -5,6 +5,8 @@ Loss (summed over the graph outputs and the matched intermediate tensors, teache
 * class scores (a float ``[N, C]`` output, ``C > 1``, the verifier's rule): Hinton's soft targets,
   ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per sample (the ``T²`` keeps the gradient's scale as ``T``
   changes);
+  or, with ``class_loss=mse``, the logits' relative MSE below (Kim et al. 2021, "Comparing
+  Kullback-Leibler divergence and mean squared error loss in knowledge distillation");
 * any other float output or matched tensor: ``mse`` — ``mean((s − t)²) / var(t)``, the mean squared
   error relative to the teacher's variance, so outputs of different scales weigh alike — or ``cosine``,
   ``1 − cos(s, t)`` per sample;
@@ -45,6 +47,7 @@ class Settings:
     match: Sequence[str] = ()          # intermediate tensors matched besides the outputs
     match_weight: float = 1.0
     warmup: float = 0.1                # fraction of the steps the one-cycle schedule warms up
+    class_loss: str = "kl"             # on class scores: kl (at the temperature) | mse (on the logits)
 
 
 @dataclass
@@ -84,11 +87,11 @@ def distill_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torc
     for name, kind in kinds.items():
         s, t = student[name].float(), teacher[name].float()
         weight = settings.match_weight if name in settings.match else 1.0
-        if kind == "classes":
+        if kind == "classes" and settings.class_loss == "kl":
             temp = settings.temperature
             term = F.kl_div(F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1), log_target=True,
                             reduction="none").sum(1) * temp * temp
-        elif settings.loss == "cosine":
+        elif kind != "classes" and settings.loss == "cosine":
             term = 1 - F.cosine_similarity(_rows(s), _rows(t), dim=1)
         else:
             term = ((s - t) ** 2).reshape(len(_rows(s)), -1).mean(1) / t.var(unbiased=False).clamp_min(1e-12)

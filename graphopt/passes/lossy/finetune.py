@@ -80,6 +80,8 @@ class Finetune(Pass):
         "batch_size": Option(64, "samples per step", int, low=1),
         "temperature": Option(2.0, "softmax temperature of the KL loss on class scores", float, low=0,
                               low_open=True),
+        "class_loss": Option("kl", "loss on class scores: kl (at the temperature) or mse on the logits", str,
+                             ("kl", "mse")),
         "loss": Option("mse", "loss on outputs that are not class scores (mse is relative to the teacher's "
                               "variance)", str, ("mse", "cosine")),
         "match": Option("", "intermediate tensors to match too (names in both models, comma-separated)", str),
@@ -92,8 +94,9 @@ class Finetune(Pass):
                              "labels the mixed image", float, low=0),
         "weight_decay": Option(0.0, "Adam weight decay", float, low=0),
         "threads": Option(0, "torch threads while training (0: torch's default)", int, low=0),
-        **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is kept only "
-                                    "when their loss falls")),
+        **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is refused when "
+                                    "their loss rises significantly (with --train-data all of them are held "
+                                    "out; 0: no check)")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -153,7 +156,7 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
         steps = max(1, int(round(opt("epochs") * source.n_samples / batch_size)))
     match = [n.strip() for n in opt("match").split(",") if n.strip()]
     settings = Settings(steps, opt("lr"), opt("temperature"), opt("loss"), opt("weight_decay"), match,
-                        opt("match_weight"))
+                        opt("match_weight"), class_loss=opt("class_loss"))
     check = held if held is not None else source.first()
     check = check.head(min(CHECK_SAMPLES if batch_size == opt("batch_size") else batch_size, check.n_samples))
 
