@@ -445,3 +445,26 @@ def test_progress_is_a_step_count_with_the_loss_that_the_cli_draws_as_a_bar():
     drawn = console.export_text()
     assert "3/12" in drawn and "loss 0.5" in drawn and "━" in drawn
     assert _renderable("verifying") == "verifying"
+
+
+def test_threads_default_to_the_cores_less_the_teachers_and_are_restored(monkeypatch):
+    from graphopt.passes.lossy import finetune
+    for cores, want in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert finetune.default_threads() == want
+    monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    outside = torch.get_num_threads()
+    during = []
+    model = from_proto(_cnn())
+    ctx = PassContext(options={"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": {"steps": 3}}, data=_data(),
+                      progress=lambda message: during.append(torch.get_num_threads()))
+    run_pipeline(get_pass("sparsify"), model, ctx)
+    ctx.original = from_proto(_cnn())
+    during.clear()
+    get_pass("finetune").run(model, ctx)
+    assert set(during) == {2} and torch.get_num_threads() == outside
+    ctx.options["finetune"]["threads"] = 1
+    during.clear()
+    get_pass("finetune").run(from_proto(_cnn()), ctx)
+    assert set(during) == {1}

@@ -37,6 +37,7 @@ interpreter does not know (named), no teacher, no data, nothing trainable.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -93,7 +94,8 @@ class Finetune(Pass):
         "mixup": Option(0.0, "augment: mix image pairs with weights from Beta(mixup, mixup) (0: off); the teacher "
                              "labels the mixed image", float, low=0),
         "weight_decay": Option(0.0, "Adam weight decay", float, low=0),
-        "threads": Option(0, "torch threads while training (0: torch's default)", int, low=0),
+        "threads": Option(0, "torch threads while training (0: the usable cores less the one the teacher's "
+                             "thread takes, at least 1)", int, low=0),
         **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is refused when "
                                     "their loss rises significantly (with --train-data all of them are held "
                                     "out; 0: no check)")),
@@ -107,12 +109,23 @@ class Finetune(Pass):
         if reason is not None:
             return _refuse(reason)
         threads = torch.get_num_threads()
-        if self.opt(ctx, "threads"):
-            torch.set_num_threads(self.opt(ctx, "threads"))
+        torch.set_num_threads(self.opt(ctx, "threads") or default_threads())
         try:
             return _train(model, ctx, lambda key: self.opt(ctx, key))
         finally:
             torch.set_num_threads(threads)
+
+
+def default_threads() -> int:
+    """Torch's threads when ``threads`` is 0: the cores this process may use, less one for the thread
+    that draws, augments and labels the next batch (onnxruntime, one thread) meanwhile; at least 1.
+    More threads than cores make torch's and onnxruntime's threads wait for each other: on this
+    2-core machine, 2 torch threads beside the teacher took 7.5x the wall time of 1 (BENCHMARKS)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _refuse(reason: str, **stats: Any) -> PassResult:
