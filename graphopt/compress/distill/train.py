@@ -4,13 +4,17 @@ Loss (summed over the graph outputs and the matched intermediate tensors, teache
 --------------------------------------------------------------------------------------------------
 * class scores (a float ``[N, C]`` output, ``C > 1``, the verifier's rule): Hinton's soft targets,
   ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per sample (the ``T²`` keeps the gradient's scale as ``T``
-  changes);
-  or, with ``class_loss=mse``, the logits' relative MSE below (Kim et al. 2021, "Comparing
+  changes), or, with ``class_loss=mse``, the logits' relative MSE below (Kim et al. 2021, "Comparing
   Kullback-Leibler divergence and mean squared error loss in knowledge distillation");
 * any other float output or matched tensor: ``mse`` — ``mean((s − t)²) / var(t)``, the mean squared
   error relative to the teacher's variance, so outputs of different scales weigh alike — or ``cosine``,
   ``1 − cos(s, t)`` per sample;
 * integer and bool outputs carry no gradient and are not in the loss.
+
+The teacher labels each batch as the student sees it, after augmentation (:func:`labelled`): with
+mixup, the mixed image (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+consistent": the same view for both, "function matching"). :class:`Prefetch` prepares the next
+batch in a thread while torch trains on this one.
 
 Optimiser: Adam with a one-cycle schedule (Smith & Topin 2019: the learning rate warms up over the
 first 10 % of the steps to ``lr``, then anneals to zero), the schedule the feasibility study of issue

@@ -119,8 +119,8 @@ class Finetune(Pass):
 def default_threads() -> int:
     """Torch's threads when ``threads`` is 0: the cores this process may use, less one for the thread
     that draws, augments and labels the next batch (onnxruntime, one thread) meanwhile; at least 1.
-    More threads than cores make torch's and onnxruntime's threads wait for each other: on this
-    2-core machine, 2 torch threads beside the teacher took 7.5x the wall time of 1 (BENCHMARKS)."""
+    More threads than cores make torch's and onnxruntime's threads wait for each other (BENCHMARKS,
+    issue 17: 2 torch threads beside the teacher took 7.5x the wall time of 1 on 2 cores)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
