@@ -469,3 +469,19 @@ def test_threads_default_to_the_cores_less_the_teachers_and_are_restored(monkeyp
     during.clear()
     assert get_pass("finetune").run(sparse, ctx).changed
     assert set(during) == {1}
+
+
+def test_class_loss_mse_matches_the_logits_by_relative_mse():
+    from graphopt.compress.distill.train import Settings, distill_loss
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    got = distill_loss({"c": s}, {"c": t}, {"c": "classes"}, Settings(1, class_loss="mse"))
+    torch.testing.assert_close(got, ((s - t) ** 2).mean() / t.var(unbiased=False))
+    shifted = distill_loss({"c": s + 3}, {"c": t}, {"c": "classes"}, Settings(1, class_loss="mse"))
+    kl_shifted = distill_loss({"c": s + 3}, {"c": t}, {"c": "classes"}, Settings(1))
+    assert shifted > got and torch.isclose(kl_shifted, distill_loss({"c": s}, {"c": t}, {"c": "classes"},
+                                                                    Settings(1)))   # KL ignores a shift
+    _, _, stats, changed = _compress_then_finetune(
+        _cnn(), ["sparsify"], {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": dict(FT, class_loss="mse")})
+    assert changed and stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]
