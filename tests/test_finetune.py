@@ -295,3 +295,193 @@ def test_matched_intermediate_tensors_join_the_loss_and_a_missing_one_is_bad_inp
     options["finetune"]["match"] = "no_such_tensor"
     with pytest.raises(GraphoptError, match="no_such_tensor"):
         _compress_then_finetune(_cnn(), ["sparsify"], options)
+
+
+def test_held_out_gate_weighs_a_rise_against_its_noise():
+    from graphopt.passes.lossy.finetune import held_out_verdict
+    rng = np.random.default_rng(0)
+    before = rng.uniform(0.5, 1.5, size=400)
+    assert held_out_verdict(before, before * 0.8)["kept"]                      # a fall is kept
+    # a mean rise far inside the samples' scatter (about 0.2 standard errors): noise, kept
+    noisy = before + rng.normal(0.0, 0.5, size=400) + 0.005
+    verdict = held_out_verdict(before, noisy)
+    assert verdict["mean_change"] > 0 and verdict["kept"] and 0 < verdict["z"] < 1.645
+    # the same mean rise on every sample is no noise: refused
+    steady = held_out_verdict(before, before + 0.005)
+    assert not steady["kept"] and steady["z"] > 1e6
+    # a rise of 3 standard errors is refused, of 1 kept
+    d = rng.normal(size=100)
+    d = (d - d.mean()) / d.std(ddof=1)                                           # mean 0, sd 1: se 0.1
+    assert not held_out_verdict(before[:100], before[:100] + d + 0.3)["kept"]
+    assert held_out_verdict(before[:100], before[:100] + d + 0.1)["kept"]
+    assert not held_out_verdict(before[:1], before[:1] + 0.1)["kept"]          # one sample: any rise refused
+    assert held_out_verdict(before[:1], before[:1] - 0.1)["kept"]
+
+
+def test_a_significant_held_out_rise_refuses_and_leaves_the_model_unchanged(monkeypatch):
+    from graphopt.compress.distill import train
+    real = train.evaluate
+    calls = []
+
+    def worse_after(graph, teacher, data, kinds, settings, batch_size=64):   # the second call is "after"
+        result, each = real(graph, teacher, data, kinds, settings, batch_size)
+        calls.append(1)
+        return (result, each) if len(calls) == 1 else ({**result, "loss": result["loss"] * 2}, each * 2 + 1)
+    monkeypatch.setattr(train, "evaluate", worse_after)
+    before, after, stats, changed = _compress_then_finetune(
+        _cnn(), ["sparsify"], {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8}, "finetune": FT})
+    assert not changed and "held-out distillation loss rose" in stats["skipped"]
+    assert not stats["held_out"]["kept"] and stats["held_out"]["z"] > 1.645
+    assert after.SerializeToString() == before.SerializeToString()
+
+
+def test_with_train_data_every_calibration_sample_is_held_out(tmp_path):
+    np.savez(tmp_path / "train.npz", x=_data(96, seed=5).inputs["x"])
+    proto = _cnn()
+    model = from_proto(proto)
+    run_pipeline(get_pass("sparsify"), model, PassContext(options={"sparsify": {"density": 0.5, "guard": False,
+                                                                                 "min_weights": 8}}, data=_data()))
+    ctx = PassContext(options={"finetune": FT}, data=_data(128), original=from_proto(proto),
+                      train_data=tmp_path / "train.npz")
+    stats = get_pass("finetune").run(model.clone(), ctx).stats
+    assert stats["held_out"]["samples"] == 128 and stats["training_samples"] == 96
+    ctx.options = {"finetune": dict(FT, holdout=0.0)}
+    assert get_pass("finetune").run(model.clone(), ctx).stats["held_out"]["samples"] == 0
+    # calibration only: the held-out fraction, as before
+    ctx.train_data = None
+    ctx.options = {"finetune": FT}
+    assert get_pass("finetune").run(model.clone(), ctx).stats["held_out"]["samples"] == round(128 * 0.2)
+
+
+def test_per_sample_losses_average_to_the_batch_loss():
+    from graphopt.compress.distill.train import Settings, distill_loss
+    g = torch.Generator().manual_seed(0)
+    s = {"c": torch.randn(6, 5, generator=g), "f": torch.randn(6, 3, 4, generator=g), "k": torch.randn(2, generator=g)}
+    t = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in s.items()}
+    kinds = {"c": "classes", "f": "float", "k": "float"}
+    for loss in ("mse", "cosine"):
+        settings = Settings(1, loss=loss)
+        each = distill_loss(s, t, kinds, settings, per_sample=True)
+        assert each.shape == (6,) and (each > 0).all()
+        torch.testing.assert_close(each.mean(), distill_loss(s, t, kinds, settings))
+    one = distill_loss(s, t, {"c": "classes"}, Settings(1), per_sample=True)
+    torch.testing.assert_close(one[2], distill_loss({"c": s["c"][2:3]}, {"c": t["c"][2:3]}, {"c": "classes"},
+                                                    Settings(1)))
+
+
+def test_mixup_mixes_image_pairs_and_the_teacher_labels_the_mixed_view():
+    from graphopt.compress.distill.train import labelled
+    images = SampleData({"x": np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32),
+                         "ids": np.arange(16 * 3, dtype=np.int64).reshape(16, 3)})
+    aug = augment_for(images, "auto", 0, False, mixup=1.0)
+    assert "mixup" in aug.describe() and aug.layout == {"x": "nchw"}
+    out = aug(images.feed(0, 16), np.random.default_rng(1))
+    assert np.array_equal(out["ids"], images.inputs["ids"])
+    x = images.inputs["x"].reshape(16, -1)
+    for row in out["x"].reshape(16, -1):       # each mixed image is lam * x_i + (1 - lam) * x_j, 0 <= lam <= 1
+        def mixes(i, j):
+            if i == j:
+                return np.allclose(row, x[i], atol=1e-5)
+            u = x[i] - x[j]
+            lam = float(u @ (row - x[j]) / (u @ u))
+            return -1e-6 <= lam <= 1 + 1e-6 and np.allclose(row, lam * x[i] + (1 - lam) * x[j], atol=1e-4)
+        assert any(mixes(i, j) for i in range(16) for j in range(16))
+    assert not np.allclose(out["x"], images.inputs["x"])
+    assert augment_for(images, "auto", 0, False).describe() == "none"    # mixup 0: nothing
+    seen = []
+
+    def teacher(feeds):
+        seen.append(feeds["x"].copy())
+        return {"y": feeds["x"].sum((1, 2, 3))}
+    feeds, labels = next(labelled(iter([images.feed(0, 16)]), aug, teacher, np.random.default_rng(1)))
+    assert np.array_equal(seen[0], feeds["x"]) and np.array_equal(labels["y"], feeds["x"].sum((1, 2, 3)))
+    assert np.allclose(feeds["x"], out["x"])      # same seed, same mixed view
+
+
+def test_prefetch_keeps_order_raises_the_producers_error_and_stops():
+    from graphopt.compress.distill.train import Prefetch
+    with Prefetch(iter(range(50))) as items:
+        assert [next(items) for _ in range(50)] == list(range(50))
+        with pytest.raises(StopIteration):
+            next(items)
+
+    def broken():
+        yield 1
+        raise ValueError("bad shard")
+    with Prefetch(broken()) as items:
+        assert next(items) == 1
+        with pytest.raises(ValueError, match="bad shard"):
+            next(items)
+
+    def endless():
+        n = 0
+        while True:
+            n += 1
+            yield n
+    items = Prefetch(endless(), depth=2)
+    assert next(items) == 1
+    items.close()
+    assert not items._thread.is_alive()
+
+
+def test_progress_is_a_step_count_with_the_loss_that_the_cli_draws_as_a_bar():
+    from rich.console import Console
+
+    from graphopt.app.cli import _renderable
+    from graphopt.core.progress import Steps
+    seen = []
+    model = from_proto(_cnn())
+    ctx = PassContext(options={"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": dict(FT, steps=12)}, data=_data(), progress=seen.append)
+    run_pipeline(get_pass("sparsify"), model, ctx)
+    ctx.original = from_proto(_cnn())
+    assert get_pass("finetune").run(model, ctx).changed
+    steps = [m for m in seen if isinstance(m, Steps)]
+    assert [m.done for m in steps] == list(range(1, 13)) and {m.total for m in steps} == {12}
+    assert all(m.what == "finetune" and m.fields.startswith("loss ") for m in steps)
+    assert str(steps[-1]).startswith("finetune 12/12 loss ")       # still a line of text for any callback
+    console = Console(record=True, width=100, color_system=None)
+    console.print(_renderable(Steps("finetune", 3, 12, "loss 0.5")))
+    drawn = console.export_text()
+    assert "3/12" in drawn and "loss 0.5" in drawn and "━" in drawn
+    assert _renderable("verifying") == "verifying"
+
+
+def test_threads_default_to_the_cores_less_the_teachers_and_are_restored(monkeypatch):
+    from graphopt.passes.lossy import finetune
+    for cores, want in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert finetune.default_threads() == want
+    monkeypatch.setattr(finetune.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    outside = torch.get_num_threads()
+    during = []
+    model = from_proto(_cnn())
+    ctx = PassContext(options={"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": {"steps": 3}}, data=_data(),
+                      progress=lambda message: during.append(torch.get_num_threads()))
+    run_pipeline(get_pass("sparsify"), model, ctx)
+    sparse = model.clone()
+    ctx.original = from_proto(_cnn())
+    during.clear()
+    assert get_pass("finetune").run(model, ctx).changed
+    assert set(during) == {2} and torch.get_num_threads() == outside
+    ctx.options["finetune"]["threads"] = 1
+    during.clear()
+    assert get_pass("finetune").run(sparse, ctx).changed
+    assert set(during) == {1}
+
+
+def test_class_loss_mse_matches_the_logits_by_relative_mse():
+    from graphopt.compress.distill.train import Settings, distill_loss
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    got = distill_loss({"c": s}, {"c": t}, {"c": "classes"}, Settings(1, class_loss="mse"))
+    torch.testing.assert_close(got, ((s - t) ** 2).mean() / t.var(unbiased=False))
+    shifted = distill_loss({"c": s + 3}, {"c": t}, {"c": "classes"}, Settings(1, class_loss="mse"))
+    kl_shifted = distill_loss({"c": s + 3}, {"c": t}, {"c": "classes"}, Settings(1))
+    assert shifted > got and torch.isclose(kl_shifted, distill_loss({"c": s}, {"c": t}, {"c": "classes"},
+                                                                    Settings(1)))   # KL ignores a shift
+    _, _, stats, changed = _compress_then_finetune(
+        _cnn(), ["sparsify"], {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
+                               "finetune": dict(FT, class_loss="mse")})
+    assert changed and stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]

@@ -12,13 +12,18 @@ models/fmnist_calib.npz [--train-data DIR]`` runs (the pass is called on the pru
 pruning serves both variants). Accuracy is top-1 on the 10,000 Fashion-MNIST test images in
 onnxruntime; ``time`` is the finetune pass's wall time (training and its checks). Speed-up is the
 pruned model against the original (onnxruntime ENABLE_ALL, 1 thread, batch 64, alternating runs,
-median of ``--rounds`` rounds). Torch and onnxruntime run on one thread, so the pass's CPU time is
-what it takes on an idle core; the wall time also counts waiting for a shared machine.
+median of ``--rounds`` rounds). Each time cell gives the pass's wall time and its process CPU time
+(torch's threads, the teacher's onnxruntime thread and the thread that prepares batches): the wall
+time counts waiting for a shared machine, the CPU time does not.
 
 Commands::
 
     python tools/bench_finetune.py [--models vgg,resnet,mobilenetv2] [--targets 0.5,0.35,0.25]
-                                   [--full] [--epochs 2] [--lr 0.003] [--steps 300] [--rounds 3]
+                                   [--full] [--epochs 2] [--lr LR] [--steps 300] [--threads N]
+                                   [--option KEY=VALUE ...] [--skip-calib] [--rounds 3]
+
+``--threads`` and ``--option`` (finetune options, e.g. ``temperature=1``) apply to both fine-tuning
+columns, ``--lr`` to the 60k column; left out, the pass's defaults hold.
 """
 
 from __future__ import annotations
@@ -87,7 +92,6 @@ def finetune(name: str, pruned, calib, options: dict, train_data: Path | None):
                       train_data=train_data)
     started, cpu = time.perf_counter(), time.process_time()
     result = get_pass("finetune").run(model, ctx)
-    # one torch thread and one onnxruntime thread: the CPU time is the wall time on an idle core
     return model, result.stats, (time.perf_counter() - started, time.process_time() - cpu)
 
 
@@ -97,19 +101,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default="0.5,0.35,0.25")
     parser.add_argument("--full", action="store_true", help="also fine-tune on the 60k training images")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs over the 60k images")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate on the 60k images")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate on the 60k images (default: the pass's)")
     parser.add_argument("--steps", type=int, default=0, help="steps on the calibration images (0: the default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the pass's)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a finetune option for both columns (repeatable)")
+    parser.add_argument("--skip-calib", action="store_true", help="leave out the calibration-only column")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    import torch
-    torch.set_num_threads(1)
+    common = dict(_parse(o) for o in args.option)
+    if args.threads is not None:
+        common["threads"] = args.threads
 
     test_x, test_y = read_images("t10k"), read_labels("t10k")
     tmp = tempfile.TemporaryDirectory(prefix="bench_finetune_")
     shards = write_shards(Path(tmp.name), read_images("train")) if args.full else None
-    header = ["model", "target MACs", "reached", "original", "least squares only", "+ finetune, 512 calib (time)"]
+    header = ["model", "target MACs", "reached", "original", "least squares only"]
+    if not args.skip_calib:
+        header.append("+ finetune, 512 calib (time)")
     if args.full:
-        header.append(f"+ finetune, 60k unlabeled, {args.epochs:g} epochs, lr {args.lr:g} (time)")
+        header.append(f"+ finetune, 60k unlabeled, {args.epochs:g} epochs (time)")
     header.append("speed-up (batch 64)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -124,11 +135,13 @@ def main(argv: list[str] | None = None) -> None:
             reached = analysis.analyze(pruned).macs / macs0
             acc_ls = accuracy(to_proto(pruned), test_x, test_y)
             row = [name, f"{target:g}", f"{reached:.3f}", f"{acc0:.2f}", f"{acc_ls:.2f}"]
-            calib_opts = {"threads": 1, **({"steps": args.steps} if args.steps else {})}
-            model, stats, seconds = finetune(name, pruned, calib, calib_opts, None)
-            row.append(_cell(model, stats, seconds, test_x, test_y))
+            if not args.skip_calib:
+                calib_opts = {**common, **({"steps": args.steps} if args.steps else {})}
+                model, stats, seconds = finetune(name, pruned, calib, calib_opts, None)
+                row.append(_cell(model, stats, seconds, test_x, test_y))
             if args.full:
-                model, stats, seconds = finetune(name, pruned, calib, {"threads": 1, "epochs": args.epochs, "lr": args.lr}, shards)
+                model, stats, seconds = finetune(name, pruned, calib, {**common, "epochs": args.epochs,
+                                                                   **({"lr": args.lr} if args.lr else {})}, shards)
                 row.append(_cell(model, stats, seconds, test_x, test_y))
             feeds = {"input": test_x[:64]}
             ratios = [a / b for a, b in (ab_seconds(to_proto(original), to_proto(pruned), runs=40, feeds=feeds)
@@ -136,6 +149,16 @@ def main(argv: list[str] | None = None) -> None:
             row.append(f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
             print("| " + " | ".join(row) + " |", flush=True)
     tmp.cleanup()
+
+
+def _parse(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _cell(model, stats: dict, seconds: tuple[float, float], test_x, test_y) -> str:

@@ -24,6 +24,7 @@ from graphopt import __version__
 from graphopt.app import api, report
 from graphopt.core import manager, scratch
 from graphopt.core.errors import GraphoptError, OptionError
+from graphopt.core.progress import Steps
 from graphopt.measure import analysis, calibration, cpu, executor
 from graphopt.measure import target as targets
 from graphopt.measure.verify import Tolerance
@@ -157,7 +158,19 @@ def _status(console: Console, quiet: bool) -> Iterator[Any]:
         yield lambda message: None
         return
     with console.status("starting") as status:
-        yield lambda message: status.update(message)
+        yield lambda message: status.update(_renderable(message))
+
+
+def _renderable(message: str) -> Any:
+    """A :class:`~graphopt.core.progress.Steps` message as a bar with its fields; other text as it is."""
+    if not isinstance(message, Steps) or message.total <= 0:
+        return message
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    row = Table.grid(padding=(0, 1))
+    row.add_row(message.what, ProgressBar(total=message.total, completed=message.done, width=30),
+                f"{message.done}/{message.total}", message.fields)
+    return row
 
 
 def _tolerance(args: argparse.Namespace) -> Tolerance | None:

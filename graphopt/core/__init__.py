@@ -3,4 +3,4 @@
 Nothing here knows about any specific pass, onnxruntime session or compression method.
 """
 
-__all__ = ["errors", "ir", "ledger", "manager", "numbers", "onnx_io", "ops", "patterns", "rewrite", "scratch", "shapes"]
+__all__ = ["errors", "ir", "ledger", "manager", "numbers", "onnx_io", "ops", "patterns", "progress", "rewrite", "scratch", "shapes"]

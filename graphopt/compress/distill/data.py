@@ -44,23 +44,35 @@ class Augment:
     shift: int = 0
     flip: bool = False
     layout: dict[str, str] = field(default_factory=dict)
+    mixup: float = 0.0
+
+    def active(self) -> bool:
+        return bool(self.layout) and (self.shift > 0 or self.flip or self.mixup > 0)
 
     def describe(self) -> str:
-        if not self.layout or (self.shift == 0 and not self.flip):
+        if not self.active():
             return "none"
-        parts = ([f"shifts up to {self.shift} px"] if self.shift else []) + (["horizontal flips"] if self.flip else [])
+        parts = ([f"shifts up to {self.shift} px"] if self.shift else []) + \
+            (["horizontal flips"] if self.flip else []) + ([f"mixup (Beta({self.mixup:g}, {self.mixup:g}))"]
+                                                           if self.mixup > 0 else [])
         return f"{' and '.join(parts)} on {', '.join(f'{k} ({v})' for k, v in sorted(self.layout.items()))}"
 
     def __call__(self, feeds: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        if not self.layout or (self.shift == 0 and not self.flip):
+        if not self.active():
             return feeds
         out = dict(feeds)
         n = next(len(feeds[k]) for k in self.layout)
         dy, dx = rng.integers(-self.shift, self.shift + 1, size=(2, n))
         flips = rng.random(n) < 0.5 if self.flip else np.zeros(n, dtype=bool)
+        if self.mixup > 0:
+            partner = rng.permutation(n)
+            lam = rng.beta(self.mixup, self.mixup, size=n)
         for name, layout in self.layout.items():
             x = feeds[name] if layout == "nchw" else np.transpose(feeds[name], (0, 3, 1, 2))
-            y = _shift_flip(x, dy, dx, flips, self.shift)
+            y = _shift_flip(x, dy, dx, flips, self.shift) if self.shift or self.flip else x
+            if self.mixup > 0:
+                w = lam.astype(y.dtype).reshape(-1, 1, 1, 1)
+                y = w * y + (1 - w) * y[partner]
             out[name] = y if layout == "nchw" else np.ascontiguousarray(np.transpose(y, (0, 2, 3, 1)))
         return out
 
@@ -87,13 +99,13 @@ def image_layout(array: np.ndarray) -> str | None:
     return None
 
 
-def augment_for(sample: SampleData, mode: str, shift: int, flip: bool) -> Augment:
+def augment_for(sample: SampleData, mode: str, shift: int, flip: bool, mixup: float = 0.0) -> Augment:
     """The augmentation ``mode`` (``auto`` | ``off``) gives the inputs of ``sample``."""
     if mode == "off":
         return Augment()
     layout = {name: kind for name, array in sample.inputs.items()
               if sample.layout_of(name) == STACKED and (kind := image_layout(array)) is not None}
-    return Augment(shift, flip, layout)
+    return Augment(shift, flip, layout, mixup)
 
 
 class Source:

@@ -4,11 +4,17 @@ Loss (summed over the graph outputs and the matched intermediate tensors, teache
 --------------------------------------------------------------------------------------------------
 * class scores (a float ``[N, C]`` output, ``C > 1``, the verifier's rule): Hinton's soft targets,
   ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` per sample (the ``T²`` keeps the gradient's scale as ``T``
-  changes);
+  changes), or, with ``class_loss=mse``, the logits' relative MSE below (Kim et al. 2021, "Comparing
+  Kullback-Leibler divergence and mean squared error loss in knowledge distillation");
 * any other float output or matched tensor: ``mse`` — ``mean((s − t)²) / var(t)``, the mean squared
   error relative to the teacher's variance, so outputs of different scales weigh alike — or ``cosine``,
   ``1 − cos(s, t)`` per sample;
 * integer and bool outputs carry no gradient and are not in the loss.
+
+The teacher labels each batch as the student sees it, after augmentation (:func:`labelled`): with
+mixup, the mixed image (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+consistent": the same view for both, "function matching"). :class:`Prefetch` prepares the next
+batch in a thread while torch trains on this one.
 
 Optimiser: Adam with a one-cycle schedule (Smith & Topin 2019: the learning rate warms up over the
 first 10 % of the steps to ``lr``, then anneals to zero), the schedule the feasibility study of issue
@@ -18,6 +24,8 @@ them; nothing else moves.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +51,7 @@ class Settings:
     match: Sequence[str] = ()          # intermediate tensors matched besides the outputs
     match_weight: float = 1.0
     warmup: float = 0.1                # fraction of the steps the one-cycle schedule warms up
+    class_loss: str = "kl"             # on class scores: kl (at the temperature) | mse (on the logits)
 
 
 @dataclass
@@ -74,27 +83,104 @@ def output_kinds(teacher_out: Mapping[str, np.ndarray], match: Sequence[str]) ->
 
 
 def distill_loss(student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
-                 kinds: Mapping[str, str], settings: Settings) -> torch.Tensor:
-    """The module docstring's loss, averaged over the batch."""
-    total = torch.zeros((), dtype=torch.float32)
+                 kinds: Mapping[str, str], settings: Settings, per_sample: bool = False) -> torch.Tensor:
+    """The module docstring's loss, averaged over the batch; ``per_sample``: one value per sample (the
+    rows of the first tensor in ``kinds``; a term whose tensor has other rows, or none, counts its mean
+    for every sample). The mean of the per-sample values is the batch loss."""
+    terms = []
     for name, kind in kinds.items():
         s, t = student[name].float(), teacher[name].float()
         weight = settings.match_weight if name in settings.match else 1.0
-        if kind == "classes":
+        if kind == "classes" and settings.class_loss == "kl":
             temp = settings.temperature
             term = F.kl_div(F.log_softmax(s / temp, dim=1), F.log_softmax(t / temp, dim=1), log_target=True,
-                            reduction="batchmean") * temp * temp
-        elif settings.loss == "cosine":
-            term = (1 - F.cosine_similarity(s.reshape(len(s), -1), t.reshape(len(t), -1), dim=1)).mean()
+                            reduction="none").sum(1) * temp * temp
+        elif kind != "classes" and settings.loss == "cosine":
+            term = 1 - F.cosine_similarity(_rows(s), _rows(t), dim=1)
         else:
-            term = F.mse_loss(s, t) / t.var(unbiased=False).clamp_min(1e-12)
-        total = total + weight * term
-    return total
+            term = ((s - t) ** 2).reshape(len(_rows(s)), -1).mean(1) / t.var(unbiased=False).clamp_min(1e-12)
+        terms.append(weight * term)
+    if not terms:
+        return torch.zeros(0 if per_sample else (), dtype=torch.float32)
+    if not per_sample:
+        return sum(term.mean() for term in terms)
+    rows = len(terms[0])
+    return sum(term if len(term) == rows else term.mean() for term in terms)
 
 
-def fit(graph: TorchGraph, teacher: Teacher, batches: Iterator[Feeds], kinds: Mapping[str, str],
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as one row per sample (a scalar is one row)."""
+    return x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1)
+
+
+def labelled(batches: Iterator[Feeds], augment: Callable[[Feeds, np.random.Generator], Feeds],
+             teacher: Teacher, rng: np.random.Generator) -> Iterator[tuple[Feeds, dict[str, np.ndarray]]]:
+    """``(augmented feeds, the teacher's outputs on them)``: the teacher labels the very view the
+    student sees (a mixed image included), so the student matches the teacher's function there."""
+    for feeds in batches:
+        feeds = augment(feeds, rng)
+        yield feeds, teacher(feeds)
+
+
+class Prefetch:
+    """The items of ``source``, made ``depth`` ahead in a background thread.
+
+    While torch trains on one batch, the next is drawn, augmented and labelled by the teacher
+    (onnxruntime and numpy release the GIL): on two cores the teacher's time hides behind the
+    student's. ``source`` is consumed by the one thread only, in order, so a seeded run is
+    deterministic. An exception in the thread is raised by ``next``; :meth:`close` stops the thread.
+    """
+
+    def __init__(self, source: Iterator, depth: int = 2) -> None:
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="finetune-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put((True, item)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put((False, exc))
+            return
+        self._put((False, StopIteration()))
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self):
+        ok, item = self._queue.get()
+        if not ok:
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]], kinds: Mapping[str, str],
         settings: Settings, progress: Callable[[int, float], None] | None = None) -> Log:
-    """Train ``graph``'s parameters for ``settings.steps`` batches; ``progress(step, smoothed loss)``."""
+    """Train ``graph``'s parameters for ``settings.steps`` batches of ``(feeds, teacher outputs)``;
+    ``progress(step, smoothed loss)``."""
     log = Log()
     started = time.perf_counter()
     params = list(graph.parameters())
@@ -109,8 +195,8 @@ def fit(graph: TorchGraph, teacher: Teacher, batches: Iterator[Feeds], kinds: Ma
     graph.train(False)   # inference semantics: nothing in the interpreter has a train mode, but say so
     smoothed = None
     for step in range(settings.steps):
-        feeds = next(batches)
-        target = {k: torch.from_numpy(v) for k, v in teacher(feeds).items() if k in kinds}
+        feeds, labels = next(batches)
+        target = {k: torch.from_numpy(v) for k, v in labels.items() if k in kinds}
         out = graph({k: torch.from_numpy(v) for k, v in feeds.items() if k in graph.input_names},
                     extra=settings.match)
         loss = distill_loss(out, target, kinds, settings)
@@ -128,10 +214,10 @@ def fit(graph: TorchGraph, teacher: Teacher, batches: Iterator[Feeds], kinds: Ma
 
 
 def evaluate(graph: TorchGraph, teacher: Teacher, data: SampleData, kinds: Mapping[str, str], settings: Settings,
-             batch_size: int = 64) -> dict[str, float]:
+             batch_size: int = 64) -> tuple[dict[str, float], np.ndarray]:
     """Mean loss on ``data`` (no augmentation) and, with class scores, the student's top-1 agreement
-    with the teacher (percent)."""
-    total, n, agree, scored = 0.0, 0, 0, 0
+    with the teacher (percent); and the loss of each sample (for a paired comparison)."""
+    losses, agree, scored = [], 0, 0
     with torch.no_grad():
         for start, stop in data.spans(batch_size):
             feeds = data.feed(start, stop)
@@ -140,13 +226,14 @@ def evaluate(graph: TorchGraph, teacher: Teacher, data: SampleData, kinds: Mappi
                          if k in graph.input_names}, extra=settings.match)
             target = {k: torch.from_numpy(v) for k, v in t_np.items() if k in kinds}
             rows = stop - start
-            total += float(distill_loss(out, target, kinds, settings)) * rows
-            n += rows
+            per = distill_loss(out, target, kinds, settings, per_sample=True).double().numpy()
+            losses.append(np.broadcast_to(per, (rows,)) if per.size in (1, rows) else np.full(rows, per.mean()))
             for name, kind in kinds.items():
                 if kind == "classes":
                     agree += int((out[name].argmax(1).numpy() == t_np[name].argmax(1)).sum())
                     scored += rows
-    result = {"loss": round(total / max(n, 1), 6)}
+    per_sample = np.concatenate(losses) if losses else np.zeros(0)
+    result = {"loss": round(float(per_sample.mean()) if per_sample.size else 0.0, 6)}
     if scored:
         result["agreement"] = round(100.0 * agree / scored, 3)
-    return result
+    return result, per_sample

@@ -21,9 +21,12 @@ The gates (each leaves the model unchanged and says why in ``skipped``)
 -----------------------------------------------------------------------
 1. The engine reproduces onnxruntime on the student *before* training (``self_check``, same rule as 4):
    a model the interpreter computes differently is not trained at all.
-2. Held out: the last ``holdout`` fraction of the calibration samples is never trained on; training is
-   kept only when the distillation loss on them fell (``held_out``: loss and top-1 agreement with the
-   teacher, before and after).
+2. Held out: the last ``holdout`` fraction of the calibration samples is never trained on (with
+   ``--train-data``, none of them is, and all of them are held out). The training is kept unless the
+   distillation loss on them rose by more than its noise: with ``d_i`` the change of sample ``i``'s
+   loss (paired), refused when ``mean(d) > 1.645 · sd(d)/√n`` (a significant rise, one-sided 5 %;
+   :func:`held_out_verdict`). ``held_out`` reports the loss and top-1 agreement with the teacher
+   before and after, the mean change, its standard error and ``z``.
 3. Written back into a copy, the model is run by onnxruntime (graph optimizations off) and must equal
    the engine's outputs on the held-out samples: ``max |ort − torch| ≤ SELF_CHECK_REL · max(1, max |ort|)``
    per output. Only then are the values written into the model.
@@ -34,6 +37,7 @@ interpreter does not know (named), no teacher, no data, nothing trainable.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -46,6 +50,7 @@ from graphopt.core.ir import Model
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.onnx_io import to_proto
+from graphopt.core.progress import Steps
 from graphopt.measure import ort as gort
 from graphopt.measure.calibration import SampleData, check_data, feed_batch_size
 
@@ -56,10 +61,10 @@ from graphopt.measure.calibration import SampleData, check_data, feed_batch_size
 SELF_CHECK_REL = 1e-4
 #: A held-out loss this small means the lossy passes before changed nothing that matters (float noise).
 NOTHING_TO_RECOVER = 1e-9
+#: The held-out gate refuses a rise of the mean loss above this many standard errors (one-sided 5 %).
+Z_REFUSE = 1.645
 #: Samples the self-checks run on.
 CHECK_SAMPLES = 64
-#: Progress bar width in characters.
-BAR = 24
 
 
 @register
@@ -76,6 +81,8 @@ class Finetune(Pass):
         "batch_size": Option(64, "samples per step", int, low=1),
         "temperature": Option(2.0, "softmax temperature of the KL loss on class scores", float, low=0,
                               low_open=True),
+        "class_loss": Option("kl", "loss on class scores: kl (at the temperature) or mse on the logits", str,
+                             ("kl", "mse")),
         "loss": Option("mse", "loss on outputs that are not class scores (mse is relative to the teacher's "
                               "variance)", str, ("mse", "cosine")),
         "match": Option("", "intermediate tensors to match too (names in both models, comma-separated)", str),
@@ -84,10 +91,14 @@ class Finetune(Pass):
                           ("auto", "off")),
         "shift": Option(2, "augment: largest shift in pixels", int, low=0),
         "flip": Option(True, "augment: random horizontal flips", bool),
+        "mixup": Option(0.0, "augment: mix image pairs with weights from Beta(mixup, mixup) (0: off); the teacher "
+                             "labels the mixed image", float, low=0),
         "weight_decay": Option(0.0, "Adam weight decay", float, low=0),
-        "threads": Option(0, "torch threads while training (0: torch's default)", int, low=0),
-        **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is kept only "
-                                    "when their loss falls")),
+        "threads": Option(0, "torch threads while training (0: the usable cores less the one the teacher's "
+                             "thread takes, at least 1)", int, low=0),
+        **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is refused when "
+                                    "their loss rises significantly (with --train-data all of them are held "
+                                    "out; 0: no check)")),
     }
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -98,12 +109,23 @@ class Finetune(Pass):
         if reason is not None:
             return _refuse(reason)
         threads = torch.get_num_threads()
-        if self.opt(ctx, "threads"):
-            torch.set_num_threads(self.opt(ctx, "threads"))
+        torch.set_num_threads(self.opt(ctx, "threads") or default_threads())
         try:
             return _train(model, ctx, lambda key: self.opt(ctx, key))
         finally:
             torch.set_num_threads(threads)
+
+
+def default_threads() -> int:
+    """Torch's threads when ``threads`` is 0: the cores this process may use, less one for the thread
+    that draws, augments and labels the next batch (onnxruntime, one thread) meanwhile; at least 1.
+    More threads than cores make torch's and onnxruntime's threads wait for each other (BENCHMARKS,
+    issue 17: 2 torch threads beside the teacher took 7.5x the wall time of 1 on 2 cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _refuse(reason: str, **stats: Any) -> PassResult:
@@ -130,16 +152,16 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
 
     from graphopt.compress.distill import data as sources
     from graphopt.compress.distill.interpreter import EngineError, TorchGraph, plan
-    from graphopt.compress.distill.train import Settings, evaluate, fit, output_kinds
+    from graphopt.compress.distill.train import Prefetch, Settings, evaluate, fit, labelled, output_kinds
 
     left = LeftAlone()
     kinds = plan(model.graph, left)
     if not kinds:
         return _refuse("nothing to train: no float weight in a weight slot", **left.into({}))
-    fit_data, held = _split(ctx.data, opt("holdout"))
+    fit_data, held = _split(ctx.data, opt("holdout"), ctx.train_data is not None)
     source = sources.Source(model, path=ctx.train_data) if ctx.train_data is not None else \
         sources.Source(model, sample=fit_data)
-    augment = sources.augment_for(source.first(), opt("augment"), opt("shift"), opt("flip"))
+    augment = sources.augment_for(source.first(), opt("augment"), opt("shift"), opt("flip"), opt("mixup"))
     # a model with a static batch dim takes exactly that many samples per run
     batch_size = feed_batch_size(model, opt("batch_size"), source.first())
     steps = opt("steps")
@@ -147,7 +169,7 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
         steps = max(1, int(round(opt("epochs") * source.n_samples / batch_size)))
     match = [n.strip() for n in opt("match").split(",") if n.strip()]
     settings = Settings(steps, opt("lr"), opt("temperature"), opt("loss"), opt("weight_decay"), match,
-                        opt("match_weight"))
+                        opt("match_weight"), class_loss=opt("class_loss"))
     check = held if held is not None else source.first()
     check = check.head(min(CHECK_SAMPLES if batch_size == opt("batch_size") else batch_size, check.n_samples))
 
@@ -176,19 +198,23 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
                     "kinds": {k: sum(1 for v in kinds.values() if v == k) for k in ("dense", "masked", "shared")}},
     }
     rng = ctx.rng("finetune")
-    batches = (augment(feeds, rng) for feeds in source.batches(batch_size, rng))
-    before = evaluate(graph, teacher, held, out_kinds, settings, batch_size) if held is not None else None
-    if before is not None and before["loss"] <= NOTHING_TO_RECOVER:
-        return _refuse(f"nothing to recover: the student already matches the teacher (held-out loss "
-                       f"{before['loss']:.3g})", **left.into(stats))
-    log = fit(graph, teacher, batches, out_kinds, settings, _progress(ctx, steps))
+    if held is not None:
+        before, before_each = evaluate(graph, teacher, held, out_kinds, settings, batch_size)
+        if before["loss"] <= NOTHING_TO_RECOVER:
+            return _refuse(f"nothing to recover: the student already matches the teacher (held-out loss "
+                           f"{before['loss']:.3g})", **left.into(stats))
+    with Prefetch(labelled(source.batches(batch_size, rng), augment, teacher, rng)) as batches:
+        log = fit(graph, batches, out_kinds, settings, _progress(ctx, steps))
     stats.update(loss=log.summary(), seconds_training=round(log.seconds, 2))
     if held is not None:
-        after = evaluate(graph, teacher, held, out_kinds, settings, batch_size)
-        stats["held_out"] = {"samples": held.n_samples, "before": before, "after": after}
-        if after["loss"] >= before["loss"]:
-            return _refuse(f"the held-out distillation loss did not fall ({before['loss']:.4g} -> "
-                           f"{after['loss']:.4g}); the model is unchanged", **left.into(stats))
+        after, after_each = evaluate(graph, teacher, held, out_kinds, settings, batch_size)
+        verdict = held_out_verdict(before_each, after_each)
+        stats["held_out"] = {"samples": held.n_samples, "data": held.source, "before": before, "after": after,
+                             **verdict}
+        if not verdict["kept"]:
+            return _refuse(f"the held-out distillation loss rose ({before['loss']:.4g} -> {after['loss']:.4g}, "
+                           f"{verdict['z']:.2f} standard errors on {held.n_samples} samples); the model is "
+                           f"unchanged", **left.into(stats))
     else:
         stats["held_out"] = {"samples": 0, "note": "holdout=0: training kept without a held-out check"}
 
@@ -206,10 +232,32 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
     return PassResult(True, left.into(stats))
 
 
-def _split(data: SampleData | None, holdout: float) -> tuple[SampleData | None, SampleData | None]:
+def _split(data: SampleData | None, holdout: float, separate_training: bool) -> \
+        tuple[SampleData | None, SampleData | None]:
+    """``(what trains, what is held out)`` of the calibration samples. With ``--train-data`` none of them
+    trains, so all of them are held out (``holdout`` > 0) and judge the training."""
     if data is None:
         return None, None
+    if separate_training:
+        return None, (data if holdout > 0 else None)
     return data.split(int(round(data.n_samples * holdout)))
+
+
+def held_out_verdict(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """Keep the training unless the held-out loss rose by more than its noise (module docstring, gate 2).
+
+    ``d_i = after_i − before_i`` per held-out sample (paired: the same samples, so what the samples
+    have in common cancels); the training is refused when the mean rise is significant,
+    ``mean(d) > Z_REFUSE · sd(d) / √n`` (one-sided, 5 %), or, with fewer than 2 samples, when ``d``
+    is positive at all."""
+    d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    n = d.size
+    mean = float(d.mean()) if n else 0.0
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n >= 2 else 0.0
+    z = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
+    kept = mean <= 0 or (n >= 2 and z <= Z_REFUSE)
+    return {"kept": bool(kept), "mean_change": float(f"{mean:.4g}"), "standard_error": float(f"{se:.4g}"),
+            "z": round(z, 3) if np.isfinite(z) else z}
 
 
 def _write(model: Model, arrays: dict[str, np.ndarray]) -> None:
@@ -264,16 +312,15 @@ def _self_check(graph, proto, check: SampleData, worst: list[float] | None = Non
 
 
 def _progress(ctx: PassContext, steps: int):
-    """A text progress bar with the smoothed loss, through the run's status line (``ctx.say``)."""
+    """Progress through the run's status line (``ctx.say``): a :class:`~graphopt.core.progress.Steps`
+    message with the smoothed loss and the time, which the command line draws as a bar."""
     started = time.perf_counter()
     every = max(1, steps // 200)
 
     def show(step: int, loss: float) -> None:
         if step % every and step != steps:
             return
-        done = int(BAR * step / steps)
         elapsed = time.perf_counter() - started
         eta = elapsed / step * (steps - step)
-        ctx.say(f"finetune {'━' * done}{'╺' if done < BAR else ''}{' ' * max(BAR - done - 1, 0)} "
-                f"{step}/{steps} loss {loss:.4g} {elapsed:.0f}s<{eta:.0f}s")
+        ctx.say(Steps("finetune", step, steps, f"loss {loss:.4g} {elapsed:.0f}s<{eta:.0f}s"))
     return show
