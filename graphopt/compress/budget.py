@@ -879,8 +879,9 @@ def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[
     Otherwise bisects the target on ``(target, full)``: a try within ``max_drop`` moves the upper bound
     down, one above it moves the lower bound up, for at most ``steps`` more tries or until the bracket
     is narrower than ``tolerance * |full|``. Allocations with the same ``keep`` are measured once.
-    If nothing tried is within ``max_drop``, ``allocate_at(full)`` (no compression) is measured and
-    returned.
+    If nothing tried is within ``max_drop``, ``allocate_at(full)`` (the least compression the allocator
+    makes, which is none unless its units force a first step) is measured and returned; a caller whose
+    units force one decides what to do when that try fails too (pruning then prunes nothing).
 
     The bisection assumes the drop grows as the target shrinks; it usually does, and when it does
     not the result is still the cheapest *measured* allocation within ``max_drop``.

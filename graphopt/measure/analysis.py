@@ -263,10 +263,18 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     >>> cost.params, cost.macs
     (12, 24)
     """
-    warnings: list[str] = []
-    table = shape_table(model, input_shapes, batch, warnings, observed)
+    table = shape_table(model, input_shapes, batch, [], observed)
+    return cost_with(model, table, observed.conditions if observed is not None else None)
+
+
+def cost_with(model: Model, table: ConcreteShapes, conditions: Mapping[str, bool] | None = None) -> ModelCost:
+    """:func:`analyze` with the shapes of ``table`` (:func:`shape_table`; observed sizes it holds
+    included) and the observed If ``conditions``: a caller that adds observations to a table it has
+    already costed does not infer the shapes again."""
+    warnings = table.warnings if table.warnings is not None else []
+    batch = table.batch
+    conditions = conditions or {}
     ledger = _ParamLedger()
-    conditions = observed.conditions if observed is not None else {}
     per_node = [_node_cost(site, table, ledger) for site in _walk(model.graph, conditions=conditions)]
     unused = ledger.unclaimed_initializers(model.graph)
     unused_sizes = [_initializer_size(v) for v in unused]
@@ -286,8 +294,7 @@ def analyze(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         unused_initializers=[v.name for v in unused],
         batch=batch,
         warnings=warnings,
-        observed=len(table.observed_used) + sum(1 for site in _walk(model.graph, conditions=conditions)
-                                                 if _branch_taken(site.node, conditions) is not None),
+        observed=len(table.observed_used) + len(conditions),
     )
 
 
@@ -305,8 +312,10 @@ def shape_table(model: Model, input_shapes: Mapping[str, Sequence[int]] | None =
     if batch < 1:
         raise OptionError(f"batch must be a positive integer, got {batch}")
     fixed, symbols = _resolve_inputs(model.graph, dict(input_shapes or {}), batch)
-    return ConcreteShapes(model, fixed, symbols, [] if warnings is None else warnings,
-                          observed.shapes if observed is not None else None)
+    table = ConcreteShapes(model, fixed, symbols, [] if warnings is None else warnings,
+                           observed.shapes if observed is not None else None)
+    table.batch = batch
+    return table
 
 
 @dataclass
@@ -464,8 +473,9 @@ class ConcreteShapes(ShapeView):
         super().__init__(model, input_shapes=concrete, warnings=warnings)
         self.fixed = fixed
         self.symbols = symbols
-        self.observed = dict(observed or {})
+        self.observed = dict(observed or {})   # sizes a run saw (graphopt.measure.observed); may grow
         self.observed_used: set[str] = set()
+        self.batch = 1
         # the dim names the inputs declare: a size named otherwise (or unnamed) is not an input's to fix
         self.input_dim_names = {d for v in model.graph.inputs if not v.is_initializer for d in (v.shape or ())
                                 if isinstance(d, str)}

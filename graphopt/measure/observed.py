@@ -39,23 +39,25 @@ def cost_at_sample(model: Model, input_shapes: Mapping[str, Sequence[int]] | Non
     """:func:`graphopt.measure.analysis.analyze` of ``model``, with what no static rule sizes taken from
     a run of the first sample of ``data`` (see the module docstring); the static analysis when every
     node is sized, when ``data`` is ``None``, or when the run cannot be made."""
-    cost = analysis.analyze(model, input_shapes=input_shapes)
+    table = analysis.shape_table(model, input_shapes)
+    cost = analysis.cost_with(model, table)
     if cost.macs is not None or data is None or data.n_samples == 0:
         return cost
     try:
-        seen = observe(model, input_shapes, data)
+        seen = observe(model, table, data)
     except (GraphoptError, ValueError, RuntimeError) as exc:
         cost.warnings.append(f"sizes not observed on a sample: {str(exc).splitlines()[0]}")
         return cost
     if seen is None:
         return cost
-    return analysis.analyze(model, input_shapes=input_shapes, observed=seen)
+    table.observed.update(seen.shapes)   # the same inferred shapes, now with what the run saw
+    return analysis.cost_with(model, table, seen.conditions)
 
 
-def observe(model: Model, input_shapes: Mapping[str, Sequence[int]] | None,
-            data: SampleData) -> analysis.Observed | None:
-    """The shapes of the main-graph tensors the static analysis leaves unsized and the conditions of the
-    main-graph Ifs, on the first sample of ``data``; ``None`` when there is nothing to observe.
+def observe(model: Model, table: analysis.ConcreteShapes, data: SampleData) -> analysis.Observed | None:
+    """The shapes of the main-graph tensors ``table`` (:func:`graphopt.measure.analysis.shape_table`)
+    leaves unsized and the conditions of the main-graph Ifs, on the first sample of ``data``; ``None``
+    when there is nothing to observe.
 
     Raises
     ------
@@ -64,7 +66,6 @@ def observe(model: Model, input_shapes: Mapping[str, Sequence[int]] | None,
     GraphoptError
         onnxruntime rejects or fails to run the model.
     """
-    table = analysis.shape_table(model, input_shapes)
     main = {v.name: v for v in model.graph.values()}
     inputs = {v.name for v in model.graph.inputs if not v.is_initializer}
     unsized = _unsized(model, table, main)

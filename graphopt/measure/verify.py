@@ -135,7 +135,8 @@ from graphopt.core.ir import dims_of
 from graphopt.core.onnx_io import by_reference, from_proto
 from graphopt.measure import ort as gort
 from graphopt.measure import qdq
-from graphopt.measure.calibration import SampleData, check_data, feed_batch_size, input_specs, sample_rows
+from graphopt.measure.calibration import (SampleData, check_data, feed_batch_size, input_specs, reference_outputs,
+                                          sample_rows)
 
 MODES = ("equivalence", "accuracy")
 
@@ -378,8 +379,19 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
-def _is_class_scores(array: np.ndarray, rows: int) -> bool:
-    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[0] == rows and array.shape[1] > 1
+def is_class_scores(array: np.ndarray, rows: int | None = None) -> bool:
+    """A float ``[rows, classes]`` array with more than one class (any row count when ``rows`` is None)."""
+    return (array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
+            and (rows is None or array.shape[0] == rows))
+
+
+def top1_correct(model, data: SampleData, batch_size: int = 64) -> np.ndarray | None:
+    """Per sample of labelled ``data``, whether the top score of ``model``'s first graph output is the
+    label; ``None`` when that output is not class scores (one row per sample): there is no verdict."""
+    scores = next(iter(reference_outputs(model, data, batch_size=batch_size).values()))
+    if not is_class_scores(scores, data.n_samples):
+        return None
+    return scores.argmax(axis=1) == data.labels
 
 
 class _Comparison:
@@ -461,7 +473,7 @@ class _Comparison:
         self.signal += float(signal.sum())
         self.noise += float(noise.sum())
         self.sample_snr.append(_snr_db(signal, noise))
-        if _is_class_scores(a, rows):
+        if is_class_scores(a, rows):
             self._update_classes(a64, b64, start, rows)
         if a_opt is not None and a_opt.shape == a.shape:
             _, _, opt_diff = _float_diff(a64, a_opt.astype(np.float64))
@@ -1160,7 +1172,8 @@ def _next_comparable(graph, node, name: str, checks: Mapping[str, _Check]) -> se
 
 
 __all__ = ["Tolerance", "OutputMetrics", "Divergence", "VerifyReport", "verify", "first_divergence",
-           "auto_tolerance", "mac_depth", "embedding_outputs", "run_alike", "lost_dynamic_dims"]
+           "auto_tolerance", "mac_depth", "embedding_outputs", "run_alike", "lost_dynamic_dims", "is_class_scores",
+           "top1_correct"]
 
 
 # ===============================================================================================

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from graphopt.compress.distill.interpreter import TorchGraph
 from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import is_class_scores
 
 Feeds = dict[str, np.ndarray]
 Teacher = Callable[[Feeds], dict[str, np.ndarray]]
@@ -66,10 +67,6 @@ class Log:
             return {}
         k = max(1, len(self.losses) // 10)  # means over the first and last tenth: one step is noisy
         return {"first": round(float(np.mean(self.losses[:k])), 6), "last": round(float(np.mean(self.losses[-k:])), 6)}
-
-
-def is_class_scores(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" and array.ndim == 2 and array.shape[1] > 1
 
 
 def output_kinds(teacher_out: Mapping[str, np.ndarray], match: Sequence[str]) -> dict[str, str]:

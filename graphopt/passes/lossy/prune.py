@@ -157,6 +157,7 @@ from graphopt.measure import ort as gort
 from graphopt.measure import segments
 from graphopt.measure import target as targets
 from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
+from graphopt.measure.verify import top1_correct
 from graphopt.measure.executor import (EvalContext, ShippedModel, executor_for, in_worker, make_executor,
                                        relative_error)
 
@@ -321,17 +322,8 @@ def trial_drop(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> budget.
     reference, correct = [], []
     for fit, held, held_reference in ctx.folds:
         reference.append(held_reference)
-        correct.append(_correct(ctx.pruned(keep_idx, fit), held, ctx.batch))
+        correct.append(top1_correct(ctx.pruned(keep_idx, fit), held, ctx.batch))
     return budget.HeldOutDrop.of(np.concatenate(reference), np.concatenate(correct), ctx.z)
-
-
-def _correct(model: Model, data, batch: int) -> np.ndarray | None:
-    """Per sample, whether the first graph output's top score is the label (``None`` when that output is
-    not one row of class scores per sample)."""
-    scores = next(iter(_outputs(model, data, batch).values()))
-    if scores.ndim < 2 or scores.shape[0] != data.n_samples or int(np.prod(scores.shape[1:])) < 2:
-        return None
-    return scores.reshape(data.n_samples, -1).argmax(axis=1) == data.labels
 
 
 # =============================================================================================
@@ -1116,7 +1108,7 @@ class PruneFilters(Pass):
         if not keep_idx:
             guard = allocation_stats.get("guard")
             why = ("no allocation tried was within --max-drop on the held-out samples"
-                   if guard and not any(t["ok"] for t in guard) else "the budget removes no channel")
+                   if nothing_passed(guard) else "the budget removes no channel")
             stats = {"pruned_groups": 0, "allocation": allocation_stats, "skipped": why, "left_alone": left_alone}
             if notice := guard_notice(allocation_stats.get("guard"), ctx.max_drop, 1.0):
                 stats["notice"] = notice
@@ -1290,7 +1282,7 @@ class PruneFilters(Pass):
                 guard_off = "--max-drop: the first graph output is not one row of class scores per sample"
             else:
                 alloc, trace = guarded
-                if not any(t["ok"] for t in trace):
+                if nothing_passed(trace):
                     # nothing tried was within the budget, not even the lightest cut (every_group keeps a
                     # first step even at "no compression"): leave every channel, as sparsify's guard does
                     alloc = budget.Allocation(keep={}, cost=problem.full_cost, predicted_error=0.0, met=False, steps=0)
@@ -1307,7 +1299,7 @@ class PruneFilters(Pass):
             stats["latency"] = _time_ratio(time_stats, price, problem.units, alloc)
         if 1.0 in near:
             stats["near_fastest"] = near[1.0]
-        if trace and not any(t["ok"] for t in trace):
+        if nothing_passed(trace):
             stats["not_met"] = "no allocation tried was within --max-drop on the held-out samples: nothing pruned"
         elif not alloc.met:
             stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
@@ -1534,7 +1526,7 @@ class PruneFilters(Pass):
         halves = [(first, second), (second, first)] if second is not None else [(run.data, run.data)]
         folds = []
         for fit, held in halves:
-            reference = _correct(run.model, held, run.batch)
+            reference = top1_correct(run.model, held, run.batch)
             if reference is None:
                 return None
             folds.append((fit, held, reference))
@@ -1663,13 +1655,18 @@ def _group_report(run: PruneRun, g, keep_idx: dict[int, np.ndarray], macs_saved:
     return row
 
 
+def nothing_passed(trace: list[dict] | None) -> bool:
+    """The guard tried allocations and none was within ``--max-drop``."""
+    return bool(trace) and not any(t["ok"] for t in trace)
+
+
 def guard_notice(trace: list[dict] | None, max_drop: float | None, macs_ratio: float | None) -> str | None:
     """One line for the console when the ``--max-drop`` guard relaxed the target: the run asked for
     more compression than it got, and the user should see why without opening the report."""
     if not trace or trace[0]["ok"]:
         return None
     where = f"; the model keeps {macs_ratio:.2f} of the MACs" if macs_ratio is not None else ""
-    if not any(t["ok"] for t in trace):
+    if nothing_passed(trace):
         return (f"--max-drop {max_drop:g}: no allocation tried was within the budget on the held-out "
                 f"calibration samples{where}")
     first = trace[0]

@@ -82,7 +82,8 @@ from graphopt.core.ir import Model
 from graphopt.core.ledger import LeftAlone
 from graphopt.core.manager import Option, Pass, PassContext, PassResult, register
 from graphopt.core.ops import LAYER_OPS
-from graphopt.measure.calibration import SampleData, reference_outputs
+from graphopt.measure.calibration import SampleData
+from graphopt.measure.verify import top1_correct
 
 # =============================================================================================
 # the math, on H [F+1, F+1] (bias last), R [F+1, O], W [F+1, O]
@@ -321,12 +322,6 @@ def layer_key(layer: LinearLayer) -> list[str]:
     return [layer.node.name, w, w.removesuffix(".weight")]
 
 
-def _class_scores(model: Model, data: SampleData) -> np.ndarray | None:
-    """The first graph output on ``data`` when it is ``[N, classes]`` scores, else ``None``."""
-    out = next(iter(reference_outputs(model, data).values()))
-    return out if out.ndim == 2 and out.shape[1] > 1 and out.shape[0] == data.n_samples else None
-
-
 @register
 class Sparsify(Pass):
     name = "sparsify"
@@ -512,11 +507,10 @@ def guard_setup(run: SparsifyRun, data: SampleData) -> Guard | str:
     fit, held = data.split(int(round(data.n_samples * run.opt("guard_holdout"))))
     if held is None:
         return "guard_holdout leaves no held-out samples"
-    scores = _class_scores(run.model, held)
-    if scores is None:
+    correct = top1_correct(run.model, held)
+    if correct is None:
         return "the first graph output is not [N, classes] scores"
     max_drop = run.ctx.max_drop if run.ctx.max_drop is not None else run.opt("max_drop")
-    correct = scores.argmax(1) == held.labels
     return Guard(fit, held, float(max_drop), correct, 100.0 * float(correct.mean()))
 
 
@@ -566,14 +560,13 @@ def attempt(run: SparsifyRun, guard: Guard, t: float, splice_rounds: int) -> boo
     started = time.perf_counter()
     job = PruneJob(trial, trial_layers, dens, guard.fit, run.model, splice_rounds)
     records = prune_layers(run, job)
-    correct = _class_scores(trial, guard.held).argmax(1) == guard.held.labels
+    correct = top1_correct(trial, guard.held)
     acc = 100.0 * float(correct.mean())
     measured = HeldOutDrop.of(guard.correct, correct, run.opt("guard_z"))
     ok = measured.upper <= guard.max_drop + 1e-9
     kept = sum(r["kept"] for r in records) / max(sum(r["weights"] for r in records), 1)
     guard.trace.append({"t": round(t, 4), "density": round(kept, 6), "held_out_accuracy": round(acc, 3),
-                        "drop": round(measured.drop, 3), "changed": measured.changed,
-                        "upper": round(measured.upper, 3), "ok": ok,
+                        **measured.fields(), "ok": ok,
                         "splice_rounds": splice_rounds, "seconds": round(time.perf_counter() - started, 2)})
     guard.tried[t] = (ok, job)
     return ok
