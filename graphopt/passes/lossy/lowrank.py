@@ -36,7 +36,9 @@ mean error ``ΔWᵀμ``. For the spatial form the covariance of vertical patches
 columns stands in for ``Σ`` (the cross terms between columns are dropped); the reported error and the bias
 correction use the full patch covariance, so they are exact. With option ``shard_samples`` the statistics
 are gathered in shards of samples through the run's executor and added in shard order
-(:mod:`graphopt.compress.shards`).
+(:mod:`graphopt.compress.shards`); with ``--data DIR`` (a directory of ``.npz`` shards) they stream every
+shard of it, each read where its task runs, while the compensation, the sensitivity and the guard use
+the samples in memory (the directory's head).
 
 The stats report, per layer, ``rel_output_error = sqrt(E‖ΔWᵀx − δ‖² / E‖Wᵀx‖²)`` on the calibration
 inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or ``rel_weight_error =
@@ -487,10 +489,10 @@ def gather_stats(run: LowRankRun, sites: list[Site], rng: np.random.Generator) -
     """:func:`collect_stats` over the run's samples; in shards of option ``shard_samples`` through the run's
     executor when there are more (:mod:`graphopt.compress.shards`; the shards' rows drawn from a seed
     this ``rng`` gives), the statistics of sites that share one keeping one :class:`Stats`."""
-    data, shard_samples = run.samples(), int(run.opt("shard_samples"))
-    if shards.one_shard(data.n_samples, shard_samples):
+    data, shard_samples = run.statistics_samples(), int(run.opt("shard_samples"))
+    if shards.unsharded(data, shard_samples):
         return collect_stats(run.model, sites, data, rng, run.opt("max_rows"))
-    context = StatsShards(ShippedModel(run.model), sites, data.n_samples, run.opt("max_rows"),
+    context = StatsShards(ShippedModel(run.model), sites, shards.count(data), run.opt("max_rows"),
                           int(rng.integers(2 ** 31)))
     grams = shards.gather(data, stats_shard, _merge_grams, context=context, executor=executor_for(run.ctx),
                           shard_samples=shard_samples)
@@ -521,10 +523,13 @@ class StatsShards:
     seed: int
 
 
-def stats_shard(ctx: StatsShards, item: tuple[int, SampleData]) -> list[Gram]:
-    """One shard's input moments, one per distinct statistic in :func:`_stat_slots` order (runs in workers)."""
-    index, shard = item
-    stats = collect_stats(ctx.model.ir(), ctx.sites, shard, shards.rng(ctx.seed, index),
+def stats_shard(ctx: StatsShards, item: tuple[int, Any]) -> list[Gram]:
+    """One shard's input moments, one per distinct statistic in :func:`_stat_slots` order (runs in workers;
+    a directory's shard is read here)."""
+    index, piece = item
+    model = ctx.model.ir()
+    shard = shards.load(piece, model)
+    stats = collect_stats(model, ctx.sites, shard, shards.rng(ctx.seed, index),
                           shards.rows_share(ctx.max_rows, shard, ctx.n_samples))
     slots = _stat_slots(ctx.sites)
     grams: list[Gram | None] = [None] * (max(slots) + 1)
@@ -1058,6 +1063,12 @@ class LowRankRun:
     def samples(self, key: str = "samples") -> SampleData:
         """The first ``opt(key)`` calibration samples."""
         return self.ctx.data.head(min(self.opt(key), self.ctx.data.n_samples))
+
+    def statistics_samples(self) -> Any:
+        """What the input statistics stream: every shard of a ``--data DIR`` (their sum needs no sample in
+        memory), else :meth:`samples`."""
+        stream = self.ctx.data_dir
+        return self.samples() if stream is None else stream.slices()
 
     def site_stats(self, site: Site) -> Stats | None:
         return self.stats.get(id(site.node))

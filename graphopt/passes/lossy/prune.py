@@ -14,7 +14,9 @@ Select
    ``mean``, ``apoz``). ThiNet ranks by the least-squares error of the group's consumers and needs the
    ``XᵀX``/``XᵀY`` of each consumer on the calibration data (one pass over the original model); a group
    whose consumers are not plain linear layers falls back to ``l1``. Keeping ``k`` channels keeps the
-   ``k`` best ranked (nested sets).
+   ``k`` best ranked (nested sets). With ``--data DIR`` (a directory of ``.npz`` shards) these statistics,
+   and the sensitivity's re-fit statistics, stream every shard (less the held-out samples), each read
+   where its task runs (:mod:`graphopt.compress.shards`); everything else uses the head in memory.
 3. **Attention** (option ``attention``). ``head_dim`` (default): an attention channel is one position of
    the head dim, shared by every head (q/k's head dims have no weight consumer and are ranked by ``l1``).
    ``heads``: a channel is a whole head — its ``D`` rows of Q, K and V (weights and biases) and its ``D``
@@ -197,7 +199,8 @@ def consumer_grams(model: Model, groups: list, data, *, max_rows: int, seed: int
                    max_features: int, executor: Any = None, shard_samples: int = 0
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``XᵀX``/``XᵀY`` of every plain linear consumer of ``groups`` on the (unpruned) ``model``, in shards of
-    ``shard_samples`` through ``executor`` when there are more samples (:mod:`graphopt.compress.shards`)."""
+    ``shard_samples`` through ``executor`` when there are more samples, or shard by shard when ``data`` is
+    the slices of a ``--data DIR`` (:mod:`graphopt.compress.shards`)."""
     names = sorted({c.node for g in groups for c in g.consumers})
     layers = {k: v for k, v in _layers_of(model.graph, names).items() if v.features <= max_features}
     if not layers or data is None:
@@ -1118,10 +1121,15 @@ class PruneFilters(Pass):
             split = run.heldout() if sensitivity else None
             options = {"max_rows": run.opt("max_rows"), "batch": run.batch, "max_features": run.opt("max_features"),
                        "executor": executor_for(ctx), "shard_samples": run.opt("shard_samples")}
+            # With --data DIR the statistics stream every shard of it (read where each task runs), less
+            # the held-out samples, which are the last of the head in memory and so of the whole set's start.
+            stream = ctx.data_dir
             if split is None:
-                run.grams, run.layers = consumer_grams(run.reference, groups, data, seed=run.seed, **options)
+                run.grams, run.layers = consumer_grams(run.reference, groups, data if stream is None else
+                                                       stream.slices(), seed=run.seed, **options)
             else:
-                run.fit_grams, run.layers = consumer_grams(run.reference, groups, split[0], seed=run.seed, **options)
+                fit = split[0] if stream is None else stream.slices(exclude=(split[0].n_samples, data.n_samples))
+                run.fit_grams, run.layers = consumer_grams(run.reference, groups, fit, seed=run.seed, **options)
                 # The fitting part is only solved from now on (the sensitivity's re-fits) and the merged
                 # statistics only ranked: both held in float32 (CrossGram.compact), one key at a time, so
                 # at most the held-out part is float64 (BERT-base: 1.1 GB per set of F² statistics).
