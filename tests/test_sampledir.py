@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 import graphopt
 from graphopt.app import cli
@@ -190,3 +191,64 @@ def test_prune_on_a_directory_writes_the_same_bytes_in_process_and_in_a_pool(tmp
     assert serial.report["samples"] == 128
     head = graphopt.optimize(MODELS / "resnet.onnx", **{**args, "data": folder / "part-000.npz"})
     assert head.model.SerializeToString() != serial.model.SerializeToString()
+
+
+def refit_case(tmp_path):
+    """The tiny CNN with named nodes as the reference, a copy with its weights disturbed as the model to re-fit
+    (both layers: the conv, read by a Relu, fitted through it), and its samples in shards of 10 (even sizes:
+    the folds' even/odd samples are the same per shard as over the whole set)."""
+    from graphopt.compress.reconstruct import RefitTarget
+
+    proto = tiny_cnn()
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"n{i}"
+    reference = from_proto(tiny_cnn())     # its own tensors: the IR keeps the protos it was made from
+    for i, node in enumerate(reference.graph.nodes):
+        node.name = f"n{i}"
+    rng = np.random.default_rng(7)
+    for t in proto.graph.initializer:
+        if t.name in ("w1", "w2"):
+            w = onnx_array(t)
+            t.CopyFrom(numpy_helper.from_array((w + 0.3 * rng.standard_normal(w.shape)).astype(np.float32), t.name))
+    data = tiny_data(40)
+    folder = write_shards(tmp_path / "set", data, 10)
+    return proto, reference, data, folder, [RefitTarget("n0"), RefitTarget("n3")]
+
+
+def onnx_array(t):
+    return numpy_helper.to_array(t)
+
+
+def weights(model) -> dict[str, np.ndarray]:
+    """The conv's and the MatMul's weights and biases, as their layer views read them."""
+    from graphopt.compress.lstsq import LinearLayer
+    out = {}
+    for node in model.graph.nodes:
+        if node.op_type in ("Conv", "MatMul"):    # a re-fitted MatMul's bias goes to an Add after it
+            layer = LinearLayer.of(model.graph, node)
+            out[node.op_type + " w"], out[node.op_type + " b"] = layer.weight_matrix(), layer.bias_vector()
+    return out
+
+
+def test_the_refit_in_shards_fits_as_the_refit_in_memory_and_does_not_depend_on_the_executor(tmp_path):
+    from graphopt.compress import reconstruct, refit_shards
+
+    proto, reference, data, folder, targets = refit_case(tmp_path)
+    stream = SampleDir.open(folder, reference).slices()
+    memory = from_proto(proto)
+    reconstruct.refit(memory, reference, targets, data, max_rows=10 ** 6, batch_size=8)
+    streamed = from_proto(proto)
+    records = refit_shards.refit(streamed, reference, targets, stream, data, executor=InProcess(), max_rows=10 ** 6,
+                                 batch_size=8)
+    assert [r["node"] for r in records] == ["n0", "n3"] and all("rel_error_after" in r for r in records)
+    assert "act_error_after" in records[0]                     # the conv fitted through its Relu
+    for name, w in weights(memory).items():                    # every row, the same folds: the same fit
+        np.testing.assert_allclose(weights(streamed)[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not np.allclose(weights(streamed)["MatMul w"], weights(from_proto(proto))["MatMul w"])   # it did re-fit
+    # rows subsampled per shard: the same bits in-process and in a pool
+    out = {}
+    for name, executor in (("serial", InProcess()), ("pool", ProcessPool(2))):
+        model = from_proto(proto)
+        refit_shards.refit(model, reference, targets, stream, data, executor=executor, max_rows=150, batch_size=8)
+        out[name] = weights(model)
+    assert all(np.array_equal(out["serial"][k], out["pool"][k]) for k in out["serial"])

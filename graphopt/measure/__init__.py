@@ -4,4 +4,4 @@ executors that run evaluations (in this process, a local pool, Ray).
 """
 
 __all__ = ["analysis", "blas", "calibrate", "calibration", "cost", "cpu", "executor", "kernels", "latency", "ort",
-           "probe", "qdq", "ray_executor", "segments", "target", "verify"]
+           "probe", "qdq", "ray_executor", "sampledir", "segments", "target", "verify"]

@@ -121,7 +121,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from graphopt.compress import budget, channels, shards
+from graphopt.compress import budget, channels, refit_shards, shards
 from graphopt.measure.blas import blas_threads
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
@@ -334,11 +334,14 @@ def layer_out_keep(analysis, graph, keep_idx: dict[int, np.ndarray]) -> dict[str
 
 def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], reference: Model, data, *,
                refit: bool, refit_scope: str, max_rows: int, seed: int, batch: int,
-               min_ridge: float = 1e-5, activation_aware: bool = True, progress=None) -> dict[str, Any]:
+               min_ridge: float = 1e-5, activation_aware: bool = True, progress=None,
+               stream: Any = None, executor: Any = None) -> dict[str, Any]:
     """Shrink ``model`` (mutated) to ``keep_idx`` and re-fit; returns the shrink and re-fit stats.
 
     With ``refit`` and data, the layers of ``refit_scope`` (``consumers`` of a pruned group, or
-    ``downstream`` = those and every plain linear layer after them) are re-fitted towards ``reference``."""
+    ``downstream`` = those and every plain linear layer after them) are re-fitted towards ``reference``:
+    on ``data`` in memory, or with ``stream`` (the slices of a ``--data DIR``) on every shard of it through
+    ``executor`` (:mod:`graphopt.compress.refit_shards`; ``data`` is then its head)."""
     graph = model.graph
     out_keep = layer_out_keep(analysis, graph, keep_idx)
     consumers = {c.node for gid in keep_idx for c in analysis.group(gid).consumers}
@@ -356,6 +359,12 @@ def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], referenc
         nodes = [n for n in graph.toposort() if n.name in consumers]
     targets = [rec.RefitTarget(n.name, out_keep.get(n.name)) for n in nodes]
     ridges = [r for r in rec.RIDGES if r >= min_ridge] or [min_ridge]
+    if stream is not None:
+        stats["refit"] = refit_shards.refit(model, reference, targets, stream, data, executor=executor,
+                                            max_rows=max_rows, seed=seed, batch_size=batch, ridges=ridges,
+                                            activation_aware=activation_aware, progress=progress)
+        stats["refit_in_shards"] = {"shards": len(stream), "samples": shards.count(stream)}
+        return stats
     usage: dict[str, int] = {}
     stats["refit"] = rec.refit(model, reference, targets, data, max_rows=max_rows, seed=seed, batch_size=batch,
                                ridges=ridges, activation_aware=activation_aware, progress=progress, usage=usage)
@@ -1087,8 +1096,10 @@ class PruneFilters(Pass):
         costs = _plan_costs(run, keep_idx)  # before the removal changes the analysis' model
         ctx.say(f"prune: removing channels from {len(keep_idx)} groups")
         run.reference = model.clone()   # the re-fit's targets: the model as it was before the removal
+        # with --data DIR the re-fit reads every shard (the trials before it re-fitted on the head)
+        stream = None if ctx.data_dir is None else ctx.data_dir.slices()
         applied = apply_plan(model, analysis, keep_idx, run.reference, run.data, seed=run.seed, batch=run.batch,
-                             progress=ctx.progress, **run.refit_options())
+                             progress=ctx.progress, stream=stream, executor=executor_for(ctx), **run.refit_options())
         return PassResult(True, self._report(run, keep_idx, costs, applied, allocation_stats, left_alone))
 
     # ---- select -------------------------------------------------------------------------------
