@@ -178,18 +178,30 @@ def test_a_bad_shard_directory_is_refused_in_one_line(tmp_path, capsys, make, me
     assert err.startswith("graphopt: error: ") and not (tmp_path / "out.onnx").exists()
 
 
-def test_prune_on_a_directory_writes_the_same_bytes_in_process_and_in_a_pool(tmp_path):
-    """The head (128 samples) in memory, the ranking's and the sensitivity's statistics over all 512: the file
-    is the same bytes in-process and in a pool of 2, and differs from a run on the head alone."""
+def calib_shards(tmp_path: Path) -> Path:
+    """The bundled calibration set (512 images) in 4 shards of 128."""
     calib = np.load(MODELS / "fmnist_calib.npz")
-    folder = write_shards(tmp_path / "set", SampleData({"input": calib["input"]}, labels=calib["labels"]), 128)
-    args = {"preset": "prune", "data": folder, "samples": 128, "target_macs": 0.5, "run_verify": False}
-    serial = graphopt.optimize(MODELS / "resnet.onnx", **args)
-    pooled = graphopt.optimize(MODELS / "resnet.onnx", executor="process", workers=2, **args)
+    return write_shards(tmp_path / "set", SampleData({"input": calib["input"]}, labels=calib["labels"]), 128)
+
+
+@pytest.mark.parametrize("model, preset, note", [
+    ("resnet", "prune", "refit_in_shards"),        # ranking, sensitivity re-fits and the re-fit in shards
+    ("vgg", "lowrank", None),                      # input statistics and the compensation in shards
+])
+def test_a_pass_on_a_directory_writes_the_same_bytes_in_process_and_in_a_pool(tmp_path, model, preset, note):
+    """The head (128 samples) in memory, the statistics over all 512: the file is the same bytes in-process
+    and in a pool of 2, and differs from a run on the head alone."""
+    folder = calib_shards(tmp_path)
+    args = {"preset": preset, "data": folder, "samples": 128, "target_macs": 0.5, "run_verify": False}
+    serial = graphopt.optimize(MODELS / f"{model}.onnx", **args)
+    pooled = graphopt.optimize(MODELS / f"{model}.onnx", executor="process", workers=2, **args)
     assert pooled.model.SerializeToString() == serial.model.SerializeToString()
     assert serial.report["data_shards"] == {"path": str(folder), "shards": 4, "samples": 512}
     assert serial.report["samples"] == 128
-    head = graphopt.optimize(MODELS / "resnet.onnx", **{**args, "data": folder / "part-000.npz"})
+    if note is not None:
+        stats = next(p for p in serial.report["passes"] if p["name"] == "prune_filters")["stats"]
+        assert stats[note] == {"shards": 4, "samples": 512}
+    head = graphopt.optimize(MODELS / f"{model}.onnx", **{**args, "data": folder / "part-000.npz"})
     assert head.model.SerializeToString() != serial.model.SerializeToString()
 
 
