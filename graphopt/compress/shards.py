@@ -5,9 +5,10 @@ The statistics the least-squares fits and the whitening need are sums over the s
 :class:`~graphopt.measure.calibration.Gram`'s ``XᵀX``, ``Σx`` and count. Several processes (or Ray
 workers) can each stream a part of the samples and the partial sums be added. :func:`gather` cuts the
 samples into shards of ``shard_samples`` consecutive samples (the last may be shorter), runs
-``fn(context, (index, shard))`` for each through the run's executor, at most ``executor.workers`` shards
-per ``map``, and adds each part into the total as its chunk comes back, in shard order: the driver holds
-the total and one chunk of parts, a worker one shard's activations, one batch at a time. Each shard
+``fn(context, (index, shard))`` for each through the run's executor, ``executor.workers`` shards in the
+first ``map`` and then as many as keep a map's parts within :data:`PARTS_BYTES`, and adds each part into
+the total as its map comes back, in shard order: the driver holds the total and one map's parts, a
+worker one shard's activations, one batch at a time. Each shard
 travels once, with its task; the context (the model) once per ``map``.
 
 A calibration set given as a directory of ``.npz`` shards (``--data DIR``,
@@ -49,12 +50,15 @@ from graphopt.measure.executor import Executor, ShippedModel, TaskError
 from graphopt.measure.sampledir import ShardSlice
 
 S = TypeVar("S")
+#: The parts one ``map`` of :func:`gather` may bring back to the driver at once (after its first, of one
+#: shard per worker, has shown how large a part is).
+PARTS_BYTES = 256 * 2**20
 #: Samples to gather statistics over: in memory (cut into shards of ``shard_samples``), or the slices of a
 #: directory of shards (:meth:`graphopt.measure.sampledir.SampleDir.slices`), one shard each.
 Samples = SampleData | Sequence[ShardSlice]
 
-__all__ = ["CrossGramShards", "Samples", "collect", "count", "crossgram_shard", "gather", "load", "merge_crossgrams",
-           "one_shard", "pieces", "rng", "rows_share", "spans", "unsharded"]
+__all__ = ["PARTS_BYTES", "CrossGramShards", "Samples", "collect", "count", "crossgram_shard", "gather", "load",
+           "merge_crossgrams", "nbytes", "one_shard", "pieces", "rng", "rows_share", "spans", "unsharded"]
 
 
 def one_shard(n_samples: int, shard_samples: int) -> bool:
@@ -110,18 +114,36 @@ def gather(data: Samples, fn: Callable[[Any, tuple[int, SampleData | ShardSlice]
     ``fn`` gets ``(index, piece)`` and reads the piece with :func:`load`. A shard found corrupt where it is
     read raises its :class:`~graphopt.core.errors.DataError` here (bad input, not a failed evaluation)."""
     items = list(enumerate(pieces(data, shard_samples)))
-    step = max(int(executor.workers), 1)
+    workers = max(int(executor.workers), 1)
+    step, start = workers, 0
     total: S | None = None
-    for start in range(0, len(items), step):
+    while start < len(items):
         try:
             parts = executor.map(fn, items[start:start + step], context=context)
         except TaskError as exc:
             if isinstance(exc.original, DataError):
                 raise exc.original from None
             raise
+        start += len(parts)
+        # the next map takes as many shards as keep their parts within PARTS_BYTES (whole rounds of the
+        # workers, at least one): fewer maps, and a process pool starts once per map
+        step = workers * max(1, PARTS_BYTES // max(max(nbytes(part) for part in parts) * workers, 1))
         for part in parts:
             total = part if total is None else merge(total, part)
     return total
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes of the numpy arrays in ``obj`` (nested in tuples, lists, dicts and objects' attributes)."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(nbytes(x) for x in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(nbytes(x) for x in vars(obj).values())
+    return 0
 
 
 # ===============================================================================================
