@@ -77,6 +77,13 @@ def test_open_reads_headers_only_and_head_reads_only_the_shards_it_needs(tmp_pat
     assert found.head(100, model).n_samples == 40
 
 
+def test_a_relative_directory_gives_slices_any_process_can_read(tmp_path, monkeypatch):
+    write_shards(tmp_path / "set", tiny_data(40), 13)
+    monkeypatch.chdir(tmp_path)
+    slices = SampleDir.open("set", from_proto(tiny_cnn())).slices()
+    assert all(Path(s.path).is_absolute() and Path(s.path).parent == tmp_path / "set" for s in slices)
+
+
 def test_slices_cover_the_set_in_order_less_a_held_out_range(tmp_path):
     found = SampleDir.open(write_shards(tmp_path / "set", tiny_data(40), 13), from_proto(tiny_cnn()))
     whole = found.slices()

@@ -137,7 +137,8 @@ class SampleDir:
             See the module docstring.
         """
         path = Path(path)
-        shards = shard_paths(path)
+        # absolute: a task reads its shard by path, and a Ray worker does not run in the driver's directory
+        shards = [shard.absolute() for shard in shard_paths(path)]
         counts, first = [], None
         for shard in shards:
             meta = headers(shard)
