@@ -151,8 +151,9 @@ class PassContext:
     data : sample data (``graphopt.measure.calibration.SampleData``) for calibration, or ``None``.
     data_dir : the calibration set when it is a directory of ``.npz`` shards
         (``graphopt.measure.sampledir.SampleDir``), else ``None``. ``data`` is then its head, in memory;
-        the statistics that are sums over samples (prune's consumer statistics, lowrank's input
-        statistics) stream every shard of it (``docs/decisions/calibration-shards.md``).
+        the statistics that are sums over samples (prune's consumer statistics and re-fit, lowrank's
+        input statistics and compensation) stream every shard of it
+        (``docs/decisions/calibration-shards.md``).
     target_macs, target_params : global budgets as fractions of the original (``0.5`` = half).
     baseline : ``(MACs, params)`` of the pipeline's *input* model (either may be ``None`` when shapes
         are unknown), which the budgets are fractions of, so a lossless cleanup that runs first (BN
