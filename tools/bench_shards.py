@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-executors", action="store_true")
     args = parser.parse_args()
-    graphopt = [sys.executable, "-m", "graphopt", "optimize", args.model, *shlex.split(args.args), "--samples",
+    graphopt = [sys.executable, "-m", "graphopt", "optimize", str(Path(args.model).resolve()), *shlex.split(args.args), "--samples",
                 str(args.head), "--no-verify", "-q"]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
