@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -100,6 +101,37 @@ def test_sharded_statistics_on_ray_equal_in_process_bitwise(cluster):
     whole = lstsq.collect(model, layers, data, max_rows=10 ** 6, seed=3, batch_size=8)
     assert_grams(shards.collect(model, layers, data, executor=cluster, **{**kwargs, "max_rows": 10 ** 6}),
                  whole, exact=False)
+
+
+def test_a_shard_directory_s_statistics_and_re_fit_on_ray_equal_in_process_bitwise(cluster, tmp_path):
+    from graphopt.compress import refit_shards
+    from graphopt.measure.sampledir import SampleDir
+    from tests.test_sampledir import refit_case, weights, write_shards
+
+    model, data = from_proto(te.tiny_cnn()), te.tiny_data(40)
+    layers = cnn_layers(model)
+    stream = SampleDir.open(write_shards(tmp_path / "set", data, 13), model).slices()
+    kwargs = {"shard_samples": 0, "max_rows": 200, "seed": 3, "batch_size": 8}
+    assert_grams(shards.collect(model, layers, stream, executor=cluster, **kwargs),
+                 shards.collect(model, layers, stream, executor=InProcess(), **kwargs), exact=True)
+    proto, reference, data, folder, targets = refit_case(tmp_path / "refit")
+    stream = SampleDir.open(folder, reference).slices()
+    out = {}
+    for name, executor in (("serial", InProcess()), ("ray", cluster)):
+        fitted = from_proto(proto)
+        refit_shards.refit(fitted, reference, targets, stream, data, executor=executor, max_rows=150, batch_size=8)
+        out[name] = weights(fitted)
+    assert all(np.array_equal(out["serial"][k], out["ray"][k]) for k in out["serial"])
+
+
+def test_prune_on_a_shard_directory_writes_the_same_model_as_in_process(cluster, tmp_path):
+    from tests.test_sampledir import calib_shards
+
+    args = {"preset": "prune", "data": calib_shards(tmp_path), "samples": 128, "target_macs": 0.5,
+            "run_verify": False}
+    serial = graphopt.optimize(MODELS / "resnet.onnx", **args)
+    distributed = graphopt.optimize(MODELS / "resnet.onnx", executor=cluster, **args)
+    assert distributed.model.SerializeToString() == serial.model.SerializeToString()
 
 
 @pytest.mark.parametrize("model, preset, options", [

@@ -35,7 +35,7 @@ from graphopt.core.ir import Model
 from graphopt.core.manager import (Pass, PassContext, Sequential, build_pipeline, get_pass, parse_options,
                                    registered, run_pipeline)
 from graphopt.app import report
-from graphopt.measure import analysis, calibration, observed
+from graphopt.measure import analysis, calibration, observed, sampledir
 from graphopt.measure import calibrate as calibration_run
 from graphopt.measure import probe as probes
 from graphopt.measure import target as targets
@@ -94,6 +94,9 @@ def sample_data(model: Model, data: DataLike, *, samples: int | None = None, see
     ``probe``'s shapes with its value rules (``input_shapes`` when there is no probe)."""
     if isinstance(data, calibration.SampleData):
         out = data
+    elif data is not None and Path(data).is_dir():
+        # a directory of shards: its head in memory (sampledir.HEAD_SAMPLES unless --samples says)
+        return sampledir.SampleDir.open(data, model).head(samples or sampledir.HEAD_SAMPLES, model)
     elif data is not None:
         out = calibration.load_data(data, model)
     else:
@@ -175,6 +178,9 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     preset, passes : the pipeline — a preset name (default ``lossless``) or pass names.
     options : ``["pass.key=value", ...]`` or ``{"pass.key": value}``.
     data : ``.npz`` path or SampleData for calibration and verification; ``None``: seeded random inputs.
+        A directory of ``.npz`` shards: its first ``samples`` (default 512) are held in memory for
+        everything, and the statistics that are sums over samples stream every shard
+        (:mod:`graphopt.measure.sampledir`; ``report["data_shards"]``).
     input_shapes : concrete dims for dynamic input dims, ``{"input": (1, 3, 224, 224)}``.
     verify_data : held-out samples to verify on instead of ``data``. Lossy passes fit weights to
         ``data``, so verifying on the same samples overstates their accuracy; the report says which
@@ -230,12 +236,17 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
     if output_path is not None:
         _check_output(output_path, reference)
     ctx_progress("preparing sample data")
+    data_dir = None
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        # a calibration set in shards: summed statistics stream all of it, the rest uses its head
+        data_dir = sampledir.SampleDir.open(data, ir)
+        data = data_dir.head(samples or sampledir.HEAD_SAMPLES, ir)
     sample, probe = probe_inputs(ir, data, samples=samples, seed=seed, input_shapes=input_shapes)
     check = sample if verify_data is None else sample_data(ir, verify_data, samples=samples, seed=seed)
     shapes = _analysis_shapes(input_shapes, probe)
     before = _cost(ir, shapes, _file_bytes(reference), sample)
 
-    ctx = PassContext(options=parsed_options, seed=seed, data=sample, target_macs=target_macs,
+    ctx = PassContext(options=parsed_options, seed=seed, data=sample, data_dir=data_dir, target_macs=target_macs,
                       target_params=target_params, max_drop=max_drop, baseline=(before["macs"], before["params"]),
                       input_shapes=shapes, train_data=train_data, debug=debug,
                       dump_dir=Path(dump_dir) if dump_dir is not None else None, progress=progress, target=cpu_target)
@@ -265,6 +276,8 @@ def optimize(model: ModelLike, *, output: str | os.PathLike | None = None, prese
         "options": {f"{p}.{k}": v for p, kv in parsed_options.items() for k, v in kv.items()},
         "data": sample.source,
         "samples": sample.n_samples,
+        "data_shards": None if data_dir is None else {"path": str(data_dir.path), "shards": len(data_dir.shards),
+                                                      "samples": data_dir.n_samples},
         "probe": probe.to_dict(),
         "seed": seed,
         "target_cpu": cpu_target.to_dict(),
@@ -420,7 +433,7 @@ def _verdict(reference: ModelLike, proto: ModelLike, check: Any, mode: str,
 def _check_train_data(train_data: str | os.PathLike | None, pipeline: Any) -> None:
     """A pipeline that fine-tunes has its engine (else the install command, before any pass runs);
     ``train_data`` names .npz shards, and a pass of the pipeline trains on them."""
-    from graphopt.compress.distill.data import shard_paths
+    from graphopt.measure.sampledir import shard_paths
     from graphopt.compress.distill.engine import torch_or_reason
     trains = any(p.name == "finetune" for p in pipeline.leaves())
     if trains and isinstance(reason := torch_or_reason(), str):

@@ -47,7 +47,9 @@ def _fraction(text: str) -> float:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="FILE.npz", help="sample inputs keyed by input name (+ optional 'labels')")
+    p.add_argument("--data", metavar="FILE.npz|DIR", help="sample inputs keyed by input name (+ optional 'labels'); "
+                   "or a directory of such .npz shards, its first --samples (512) in memory and the summed "
+                   "statistics streamed over every shard")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="fix the dynamic dims of an input (repeatable)")
     p.add_argument("--samples", type=int, metavar="N", help="use at most N samples")

@@ -4,4 +4,4 @@ fine-tuning in torch (``distill``, the optional ``graphopt[finetune]`` extra).
 """
 
 __all__ = ["budget", "channels", "distill", "importance", "kmeans", "lowrank_table", "lstsq", "options", "ortquant", "quantgrid",
-           "reconstruct", "shards", "storage", "svd"]
+           "reconstruct", "refit_shards", "shards", "storage", "svd"]

@@ -60,7 +60,8 @@ _CALIBRATION = {
     "min_weights": lambda d, x: Option(d, _help("layers with fewer weights are left alone", x), int, low=0),
     "shard_samples": lambda d, x: Option(d, _help("calibration statistics gathered in shards of this many samples "
                                                   "through the run's executor (--executor), added in shard order: "
-                                                  "the result depends on it, not on the executor (0: one shard)", x),
+                                                  "the result depends on it, not on the executor (0: one shard; a --data DIR's shards "
+                                                  "are its files)", x),
                                          int, low=0),
 }
 

@@ -369,33 +369,43 @@ def _refit_each(model: Model, graph, targets: Sequence[RefitTarget], layers: dic
         folds = _layer_gram_pass(model, rows, layer, data, batch_size, kept_rows,
                                  batches=frontier.batches(proto, [layer.x.name], weights))
         del proto, weights
-        w0 = layer.weight_matrix().astype(np.float64)
-        b0 = layer.bias_vector().astype(np.float64)
-        full = folds[0].merge(folds[1])
-        before = full.relative_error(w0, b0)
-        ridge, _ = choose_ridge(folds, w0, b0, ridges)
-        w, b = solve_towards(full, ridge, w0, b0)
-        after = full.relative_error(w, b)
-        record = {"node": t.node, "rel_error_before": _r(before), "rel_error_after": _r(after),
-                  "ridge": ridge if np.isfinite(ridge) else "inf (bias only)", "rows": full.count}
-        if act is not None and np.isfinite(ridge):
-            x = np.concatenate(kept_rows, axis=0)
-            y = np.concatenate([yr for _, yr in rows], axis=0).astype(np.float64)
-            w, b, e0, e1 = fit_through_activation(full, x, y, w, b, ridge, w0, b0, *act)
-            record.update(activation=[act[0], act[1] if np.isfinite(act[1]) else "inf"],
-                          act_error_plain_fit=_r(e0), act_error_after=_r(e1),
-                          act_error_before=_r(_act_error(x, y, w0, b0, *act)))
-            after = full.relative_error(w, b) if e1 < e0 else after
-            del x, y
+        kept = None if act is None else (kept_rows, [yr for _, yr in rows])
         del rows, kept_rows  # before the next layer's targets are read back
-        improved = after < before or ("act_error_after" in record
-                                      and record["act_error_after"] < record["act_error_before"])
-        if improved:
-            layer.set_weights(graph, w, b)
-        else:
-            record["kept_weights"] = "the fit did not reduce the error"
-        records.append(record)
+        records.append(solve_layer(graph, t.node, layer, folds, ridges, act, kept))
     return records
+
+
+def solve_layer(graph, name: str, layer: LinearLayer, folds: tuple[CrossGram, CrossGram], ridges: Sequence[float],
+                act: tuple[float, float] | None, kept: tuple[list[np.ndarray], list[np.ndarray]] | None
+                ) -> dict[str, Any]:
+    """Re-fit one layer from its two-fold statistics (ridge by cross-validation, then all rows), through
+    its activation ``act`` when the sampled rows ``kept`` (``x`` and ``y`` parts, float32) are given;
+    the weights are set only when the error falls. Returns the layer's record."""
+    w0 = layer.weight_matrix().astype(np.float64)
+    b0 = layer.bias_vector().astype(np.float64)
+    full = folds[0].merge(folds[1])
+    before = full.relative_error(w0, b0)
+    ridge, _ = choose_ridge(folds, w0, b0, ridges)
+    w, b = solve_towards(full, ridge, w0, b0)
+    after = full.relative_error(w, b)
+    record = {"node": name, "rel_error_before": _r(before), "rel_error_after": _r(after),
+              "ridge": ridge if np.isfinite(ridge) else "inf (bias only)", "rows": full.count}
+    if act is not None and kept is not None and np.isfinite(ridge):
+        x = np.concatenate(kept[0], axis=0)
+        y = np.concatenate(kept[1], axis=0).astype(np.float64)
+        w, b, e0, e1 = fit_through_activation(full, x, y, w, b, ridge, w0, b0, *act)
+        record.update(activation=[act[0], act[1] if np.isfinite(act[1]) else "inf"],
+                      act_error_plain_fit=_r(e0), act_error_after=_r(e1),
+                      act_error_before=_r(_act_error(x, y, w0, b0, *act)))
+        after = full.relative_error(w, b) if e1 < e0 else after
+        del x, y
+    improved = after < before or ("act_error_after" in record
+                                  and record["act_error_after"] < record["act_error_before"])
+    if improved:
+        layer.set_weights(graph, w, b)
+    else:
+        record["kept_weights"] = "the fit did not reduce the error"
+    return record
 
 
 def _r(v: float) -> float:

@@ -149,6 +149,11 @@ class PassContext:
     seed : the run's seed; :meth:`rng` derives one generator per pass from it, so a pass's random
         choices do not depend on which other passes ran.
     data : sample data (``graphopt.measure.calibration.SampleData``) for calibration, or ``None``.
+    data_dir : the calibration set when it is a directory of ``.npz`` shards
+        (``graphopt.measure.sampledir.SampleDir``), else ``None``. ``data`` is then its head, in memory;
+        the statistics that are sums over samples (prune's consumer statistics and re-fit, lowrank's
+        input statistics and compensation) stream every shard of it
+        (``docs/decisions/calibration-shards.md``).
     target_macs, target_params : global budgets as fractions of the original (``0.5`` = half).
     baseline : ``(MACs, params)`` of the pipeline's *input* model (either may be ``None`` when shapes
         are unknown), which the budgets are fractions of, so a lossless cleanup that runs first (BN
@@ -177,6 +182,7 @@ class PassContext:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 0
     data: Any = None
+    data_dir: Any = None
     target_macs: float | None = None
     target_params: float | None = None
     max_drop: float | None = None

@@ -5,4 +5,4 @@ Ray).
 """
 
 __all__ = ["analysis", "blas", "calibrate", "calibration", "cost", "cpu", "executor", "kernels", "latency", "observed",
-           "ort", "probe", "qdq", "ray_executor", "segments", "target", "verify"]
+           "ort", "probe", "qdq", "ray_executor", "sampledir", "segments", "target", "verify"]

@@ -172,6 +172,10 @@ class SampleData:
             return self, None
         return self.head(n - n_held), self._derive(slice(n - n_held, n), f"{self.source}[{n - n_held}:]")
 
+    def window(self, start: int, stop: int) -> SampleData:
+        """Samples ``start:stop`` (views)."""
+        return self._derive(slice(start, stop), f"{self.source}[{start}:{stop}]")
+
     def take(self, indices: Sequence[int]) -> SampleData:
         """The samples at ``indices``, in that order (copies)."""
         index = np.asarray(indices, dtype=np.int64)
@@ -353,12 +357,21 @@ def check_data(model: Model | onnx.ModelProto, data: SampleData) -> SampleData:
     return _validated(arrays, specs, data.source, list(data.notes), dict(data.layout))
 
 
+def check_arrays(arrays: Mapping[str, np.ndarray], model: Model | onnx.ModelProto, source: str, *,
+                 cast: bool = True) -> SampleData:
+    """``arrays`` keyed as in an ``.npz`` (input name, ``shared/<name>``, ``labels``) validated against
+    ``model``'s inputs, as :func:`load_data` validates a file's. ``cast=False`` checks without casting
+    (and without reading values): for stand-ins of the right shape and dtype whose values are not read,
+    such as a shard's headers (:mod:`graphopt.measure.sampledir`)."""
+    return _validated(arrays, input_specs(model), source, [], cast=cast)
+
+
 def _key(name: str, layout: str) -> str:
     return SHARED_PREFIX + name if layout == SHARED else name
 
 
 def _validated(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], source: str,
-               notes: list[str], layout: Mapping[str, str] | None = None) -> SampleData:
+               notes: list[str], layout: Mapping[str, str] | None = None, *, cast: bool = True) -> SampleData:
     """Check ``arrays`` (keyed by input name, ``shared/<name>`` or ``labels``) against the model inputs.
 
     An array's layout is ``shared`` for a ``shared/`` key; otherwise ``layout`` says it, or its rank does:
@@ -385,7 +398,7 @@ def _validated(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], sou
     for spec in specs:
         if spec.name in named:
             array, kind = named[spec.name]
-            inputs[spec.name], layouts[spec.name] = _checked_input(array, spec, kind, source, notes)
+            inputs[spec.name], layouts[spec.name] = _checked_input(array, spec, kind, source, notes, cast)
     out = SampleData(inputs, None, source, notes, {k: v for k, v in layouts.items() if v != STACKED})
     n = _common_sample_count(out, labels, source)
     _check_batch_multiple(out, specs, n, source)
@@ -395,12 +408,12 @@ def _validated(arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], sou
 
 
 def _checked_input(array: np.ndarray, spec: InputSpec, layout: str | None, source: str,
-                   notes: list[str]) -> tuple[np.ndarray, str]:
+                   notes: list[str], cast: bool = True) -> tuple[np.ndarray, str]:
     """The array (cast if safe) and its layout, or a DataError naming what does not fit."""
     where = f"{source}: input {spec.name!r}"
     if not isinstance(array, np.ndarray):
         raise DataError(f"{where}: expected a numpy array, got {type(array).__name__}")
-    array = _checked_dtype(array, spec, where, notes)
+    array = _checked_dtype(array, spec, where, notes, cast)
     if spec.shape is None:
         if layout == SHARED:
             return array, SHARED
@@ -430,11 +443,14 @@ def _checked_input(array: np.ndarray, spec: InputSpec, layout: str | None, sourc
     return array, layout
 
 
-def _checked_dtype(array: np.ndarray, spec: InputSpec, where: str, notes: list[str]) -> np.ndarray:
+def _checked_dtype(array: np.ndarray, spec: InputSpec, where: str, notes: list[str],
+                   cast: bool = True) -> np.ndarray:
     want = spec.np_dtype
     got = array.dtype
     if want is None or got == want:
         return array
+    if not cast and got.kind in "iuf" and got.kind.replace("u", "i") == want.kind.replace("u", "i"):
+        return array  # a cast that may apply: its values (an integer's range) are checked where it is read
     if got.kind == "f" and want.kind == "f":
         notes.append(f"{where}: {got} data cast to {want}")
         return array.astype(want)

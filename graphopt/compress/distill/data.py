@@ -4,8 +4,9 @@ Sources
 -------
 * the calibration samples (:class:`graphopt.measure.calibration.SampleData`, in memory);
 * ``--train-data FILE.npz``: one file, read once;
-* ``--train-data DIR``: every ``*.npz`` in it is a shard, read one at a time in a new shuffled order
-  each epoch, so a set larger than memory streams. Each shard is checked against the model's inputs
+* ``--train-data DIR``: every ``*.npz`` in it is a shard (:mod:`graphopt.measure.sampledir`, the reader
+  ``--data DIR`` uses too), read one at a time in a new shuffled order each epoch, so a set larger than
+  memory streams. Each shard is checked against the model's inputs
   like ``--data`` (:func:`graphopt.measure.calibration.load_data`); a ``labels`` array is allowed and
   ignored: distillation needs none.
 
@@ -22,7 +23,6 @@ is fed as it is: a shifted sentence or a flipped state is not a plausible input.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ import numpy as np
 from graphopt.core.errors import DataError
 from graphopt.core.ir import Model
 from graphopt.measure.calibration import SHARED, STACKED, SampleData, load_data
+from graphopt.measure.sampledir import count_samples, shard_paths
 
 IMAGE_CHANNELS = (1, 3, 4)
 MIN_IMAGE_SIDE = 8
@@ -145,36 +146,3 @@ class Source:
                 # so every sample is seen; a part smaller than one batch is one batch
                 for start in range(0, max(len(order) - batch_size, 0) + 1, batch_size):
                     yield data.take(np.sort(order[start:start + batch_size])).feed(0, batch_size)
-
-
-def shard_paths(path: str | Path) -> list[Path]:
-    """The ``.npz`` files of ``--train-data`` (a file, or a directory's ``*.npz``, sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
-        if not shards:
-            raise DataError(f"{path}: no .npz shards in this directory")
-        return shards
-    if not path.is_file():
-        raise DataError(f"{path}: no such file or directory")
-    if path.suffix != ".npz":
-        raise DataError(f"{path}: training data must be a .npz file or a directory of .npz shards")
-    return [path]
-
-
-def count_samples(path: Path) -> int:
-    """Samples in a shard, from the header of its first non-shared array (nothing else is read)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for member in sorted(archive.namelist()):
-                if member.startswith("shared/") or member == "labels.npy" or not member.endswith(".npy"):
-                    continue
-                with archive.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
-                    shape = read(f)[0]
-                    return int(shape[0]) if shape else 1
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    raise DataError(f"{path}: holds no input arrays")

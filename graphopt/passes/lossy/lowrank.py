@@ -36,7 +36,10 @@ mean error ``ΔWᵀμ``. For the spatial form the covariance of vertical patches
 columns stands in for ``Σ`` (the cross terms between columns are dropped); the reported error and the bias
 correction use the full patch covariance, so they are exact. With option ``shard_samples`` the statistics
 are gathered in shards of samples through the run's executor and added in shard order
-(:mod:`graphopt.compress.shards`).
+(:mod:`graphopt.compress.shards`); with ``--data DIR`` (a directory of ``.npz`` shards) they stream every
+shard of it, each read where its task runs, and so do the compensation's
+(:func:`compensate_in_shards`), while the sensitivity and the guard use the samples in memory (the
+directory's head).
 
 The stats report, per layer, ``rel_output_error = sqrt(E‖ΔWᵀx − δ‖² / E‖Wᵀx‖²)`` on the calibration
 inputs (the bias left out of the denominator; ``δ = 0`` for the plain SVD), or ``rel_weight_error =
@@ -107,7 +110,7 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
-from graphopt.compress import budget, lstsq, shards, svd
+from graphopt.compress import budget, lstsq, refit_shards, shards, svd
 from graphopt.compress import reconstruct as rec
 from graphopt.measure.blas import blas_threads
 from graphopt.compress.options import calibration, guard
@@ -487,10 +490,10 @@ def gather_stats(run: LowRankRun, sites: list[Site], rng: np.random.Generator) -
     """:func:`collect_stats` over the run's samples; in shards of option ``shard_samples`` through the run's
     executor when there are more (:mod:`graphopt.compress.shards`; the shards' rows drawn from a seed
     this ``rng`` gives), the statistics of sites that share one keeping one :class:`Stats`."""
-    data, shard_samples = run.samples(), int(run.opt("shard_samples"))
-    if shards.one_shard(data.n_samples, shard_samples):
+    data, shard_samples = run.statistics_samples(), int(run.opt("shard_samples"))
+    if shards.unsharded(data, shard_samples):
         return collect_stats(run.model, sites, data, rng, run.opt("max_rows"))
-    context = StatsShards(ShippedModel(run.model), sites, data.n_samples, run.opt("max_rows"),
+    context = StatsShards(ShippedModel(run.model), sites, shards.count(data), run.opt("max_rows"),
                           int(rng.integers(2 ** 31)))
     grams = shards.gather(data, stats_shard, _merge_grams, context=context, executor=executor_for(run.ctx),
                           shard_samples=shard_samples)
@@ -521,10 +524,13 @@ class StatsShards:
     seed: int
 
 
-def stats_shard(ctx: StatsShards, item: tuple[int, SampleData]) -> list[Gram]:
-    """One shard's input moments, one per distinct statistic in :func:`_stat_slots` order (runs in workers)."""
-    index, shard = item
-    stats = collect_stats(ctx.model.ir(), ctx.sites, shard, shards.rng(ctx.seed, index),
+def stats_shard(ctx: StatsShards, item: tuple[int, Any]) -> list[Gram]:
+    """One shard's input moments, one per distinct statistic in :func:`_stat_slots` order (runs in workers;
+    a directory's shard is read here)."""
+    index, piece = item
+    model = ctx.model.ir()
+    shard = shards.load(piece, model)
+    stats = collect_stats(model, ctx.sites, shard, shards.rng(ctx.seed, index),
                           shards.rows_share(ctx.max_rows, shard, ctx.n_samples))
     slots = _stat_slots(ctx.sites)
     grams: list[Gram | None] = [None] * (max(slots) + 1)
@@ -889,6 +895,54 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
     return records
 
 
+def compensate_in_shards(model: Model, plans: list[Plan], stream: Any, head: SampleData, *, executor: Any,
+                         ridge: float, shrink: float, min_rows: float, max_rows: int, rng: np.random.Generator,
+                         say=None, batch_size: int = 64) -> list[dict[str, Any]]:
+    """:func:`compensate` on a calibration set in shards (the slices of a ``--data DIR``): the statistics
+    of each group of layers reading one tensor are gathered shard by shard through ``executor``
+    (:func:`graphopt.compress.refit_shards.gather_layers`; inputs from the model factorized so far,
+    targets from a copy of the model before the pass), summed in shard order; ``head`` (samples in memory)
+    bounds the batch size. The same bits on every executor; another sample of rows than :func:`compensate`."""
+    graph = model.graph
+    reference = model.clone()     # the outputs before the pass (weights shared: the plans replace, never write)
+    layers = {p.site.name: lstsq.LinearLayer.of(graph, p.site.node) for p in plans}
+    fitted = {name: layer for name, layer in layers.items() if not isinstance(layer, str)}
+    batch_size = batch_within(model, {layer.y.name for layer in fitted.values()}, head, batch_size)
+    seed = int(rng.integers(2**31))
+    records: list[dict[str, Any]] = []
+    i = 0
+    while i < len(plans):
+        group = [plans[i]]
+        while i + len(group) < len(plans) and plans[i + len(group)].site.x is plans[i].site.x:
+            group.append(plans[i + len(group)])
+        keys = [k for k, p in enumerate(group) if p.site.name in fitted]
+        grams: dict[int, lstsq.CrossGram] = {}
+        if keys:
+            if say is not None:
+                say(f"lowrank: refitting {', '.join(group[k].site.name for k in keys)} (in shards)")
+            chosen = [fitted[group[k].site.name] for k in keys]
+            parts = refit_shards.gather_layers(
+                model, reference, chosen, stream, executor=executor, batch_size=batch_size, fast=True,
+                rows=[rec.layer_rows(max_rows, layer.features, layer.out_features) for layer in chosen],
+                seed=int(np.random.default_rng([seed, i]).integers(2**31)))   # rows of its own per group
+            grams = {k: part[0][0] for k, part in zip(keys, parts)}
+        i += len(group)
+        for k, plan in enumerate(group):
+            extra: dict[str, Any] = {}
+            if k not in grams:
+                extra["refit"] = f"not refitted: {layers[plan.site.name]}"
+            else:
+                refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
+                if isinstance(refit, str):
+                    extra["refit"] = refit
+                else:
+                    plan, err = refit
+                    extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
+            records.append({**plan.record(), **extra})
+            apply_plan(graph, plan)
+    return records
+
+
 def _group_grams(frontier: Frontier, proto: Any, layers: list[lstsq.LinearLayer], targets: list[list],
                  keys: list[int], weights: Mapping[str, np.ndarray] | None = None) -> dict[int, lstsq.CrossGram]:
     """``X_cᵀ[X_c, Y]`` of layers reading one input: ``X_c`` from the frontier (one pass), ``Y`` the stored
@@ -1058,6 +1112,12 @@ class LowRankRun:
     def samples(self, key: str = "samples") -> SampleData:
         """The first ``opt(key)`` calibration samples."""
         return self.ctx.data.head(min(self.opt(key), self.ctx.data.n_samples))
+
+    def statistics_samples(self) -> Any:
+        """What the input statistics stream: every shard of a ``--data DIR`` (their sum needs no sample in
+        memory), else :meth:`samples`."""
+        stream = self.ctx.data_dir
+        return self.samples() if stream is None else stream.slices()
 
     def site_stats(self, site: Site) -> Stats | None:
         return self.stats.get(id(site.node))
@@ -1244,6 +1304,13 @@ def keep_faster(run: LowRankRun, plans: list[Plan]) -> list[Plan]:
 
 def apply_plans(run: LowRankRun, plans: list[Plan]) -> list[dict[str, Any]]:
     """Rewrite the graph; with ``compensate`` (data-aware) each layer is refitted in topological order first."""
+    if run.opt("compensate") and run.aware and plans and run.ctx.data_dir is not None:
+        # --data DIR: the refit's statistics read every shard, each where its task runs
+        return compensate_in_shards(run.model, plans, run.ctx.data_dir.slices(), run.samples(),
+                                    executor=executor_for(run.ctx), ridge=run.opt("ridge"),
+                                    shrink=run.opt("shrink"), min_rows=run.opt("refit_min_rows"),
+                                    max_rows=run.opt("max_rows"), rng=run.ctx.rng(LowRank.name + ".refit"),
+                                    say=run.ctx.say)
     if run.opt("compensate") and run.aware and plans:
         return compensate(run.model, plans, run.samples(), ridge=run.opt("ridge"), shrink=run.opt("shrink"),
                           min_rows=run.opt("refit_min_rows"), max_rows=run.opt("max_rows"),

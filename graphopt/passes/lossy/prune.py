@@ -14,7 +14,9 @@ Select
    ``mean``, ``apoz``). ThiNet ranks by the least-squares error of the group's consumers and needs the
    ``XᵀX``/``XᵀY`` of each consumer on the calibration data (one pass over the original model); a group
    whose consumers are not plain linear layers falls back to ``l1``. Keeping ``k`` channels keeps the
-   ``k`` best ranked (nested sets).
+   ``k`` best ranked (nested sets). With ``--data DIR`` (a directory of ``.npz`` shards) these statistics,
+   and the sensitivity's re-fit statistics, stream every shard (less the held-out samples), each read
+   where its task runs (:mod:`graphopt.compress.shards`); everything else uses the head in memory.
 3. **Attention** (option ``attention``). ``head_dim`` (default): an attention channel is one position of
    the head dim, shared by every head (q/k's head dims have no weight consumer and are ranked by ``l1``).
    ``heads``: a channel is a whole head — its ``D`` rows of Q, K and V (weights and biases) and its ``D``
@@ -133,7 +135,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from graphopt.compress import budget, channels, shards
+from graphopt.compress import budget, channels, refit_shards, shards
 from graphopt.measure.blas import blas_threads
 from graphopt.compress import importance as imp
 from graphopt.compress import reconstruct as rec
@@ -211,7 +213,8 @@ def consumer_grams(model: Model, groups: list, data, *, max_rows: int, seed: int
                    max_features: int, executor: Any = None, shard_samples: int = 0
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``XᵀX``/``XᵀY`` of every plain linear consumer of ``groups`` on the (unpruned) ``model``, in shards of
-    ``shard_samples`` through ``executor`` when there are more samples (:mod:`graphopt.compress.shards`)."""
+    ``shard_samples`` through ``executor`` when there are more samples, or shard by shard when ``data`` is
+    the slices of a ``--data DIR`` (:mod:`graphopt.compress.shards`)."""
     names = sorted({c.node for g in groups for c in g.consumers})
     layers = {k: v for k, v in _layers_of(model.graph, names).items() if v.features <= max_features}
     if not layers or data is None:
@@ -352,11 +355,14 @@ def layer_out_keep(analysis, graph, keep_idx: dict[int, np.ndarray]) -> dict[str
 
 def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], reference: Model, data, *,
                refit: bool, refit_scope: str, max_rows: int, seed: int, batch: int,
-               min_ridge: float = 1e-5, activation_aware: bool = True, progress=None) -> dict[str, Any]:
+               min_ridge: float = 1e-5, activation_aware: bool = True, progress=None,
+               stream: Any = None, executor: Any = None) -> dict[str, Any]:
     """Shrink ``model`` (mutated) to ``keep_idx`` and re-fit; returns the shrink and re-fit stats.
 
     With ``refit`` and data, the layers of ``refit_scope`` (``consumers`` of a pruned group, or
-    ``downstream`` = those and every plain linear layer after them) are re-fitted towards ``reference``."""
+    ``downstream`` = those and every plain linear layer after them) are re-fitted towards ``reference``:
+    on ``data`` in memory, or with ``stream`` (the slices of a ``--data DIR``) on every shard of it through
+    ``executor`` (:mod:`graphopt.compress.refit_shards`; ``data`` is then its head)."""
     graph = model.graph
     out_keep = layer_out_keep(analysis, graph, keep_idx)
     consumers = {c.node for gid in keep_idx for c in analysis.group(gid).consumers}
@@ -374,6 +380,12 @@ def apply_plan(model: Model, analysis, keep_idx: dict[int, np.ndarray], referenc
         nodes = [n for n in graph.toposort() if n.name in consumers]
     targets = [rec.RefitTarget(n.name, out_keep.get(n.name)) for n in nodes]
     ridges = [r for r in rec.RIDGES if r >= min_ridge] or [min_ridge]
+    if stream is not None:
+        stats["refit"] = refit_shards.refit(model, reference, targets, stream, data, executor=executor,
+                                            max_rows=max_rows, seed=seed, batch_size=batch, ridges=ridges,
+                                            activation_aware=activation_aware, progress=progress)
+        stats["refit_in_shards"] = {"shards": len(stream), "samples": shards.count(stream)}
+        return stats
     usage: dict[str, int] = {}
     stats["refit"] = rec.refit(model, reference, targets, data, max_rows=max_rows, seed=seed, batch_size=batch,
                                ridges=ridges, activation_aware=activation_aware, progress=progress, usage=usage)
@@ -1116,8 +1128,10 @@ class PruneFilters(Pass):
         costs = _plan_costs(run, keep_idx)  # before the removal changes the analysis' model
         ctx.say(f"prune: removing channels from {len(keep_idx)} groups")
         run.reference = model.clone()   # the re-fit's targets: the model as it was before the removal
+        # with --data DIR the re-fit reads every shard (the trials before it re-fitted on the head)
+        stream = None if ctx.data_dir is None else ctx.data_dir.slices()
         applied = apply_plan(model, analysis, keep_idx, run.reference, run.data, seed=run.seed, batch=run.batch,
-                             progress=ctx.progress, **run.refit_options())
+                             progress=ctx.progress, stream=stream, executor=executor_for(ctx), **run.refit_options())
         return PassResult(True, self._report(run, keep_idx, costs, applied, allocation_stats, left_alone))
 
     # ---- select -------------------------------------------------------------------------------
@@ -1150,10 +1164,15 @@ class PruneFilters(Pass):
             split = run.heldout() if sensitivity else None
             options = {"max_rows": run.opt("max_rows"), "batch": run.batch, "max_features": run.opt("max_features"),
                        "executor": executor_for(ctx), "shard_samples": run.opt("shard_samples")}
+            # With --data DIR the statistics stream every shard of it (read where each task runs), less
+            # the held-out samples, which are the last of the head in memory and so of the whole set's start.
+            stream = ctx.data_dir
             if split is None:
-                run.grams, run.layers = consumer_grams(run.reference, groups, data, seed=run.seed, **options)
+                run.grams, run.layers = consumer_grams(run.reference, groups, data if stream is None else
+                                                       stream.slices(), seed=run.seed, **options)
             else:
-                run.fit_grams, run.layers = consumer_grams(run.reference, groups, split[0], seed=run.seed, **options)
+                fit = split[0] if stream is None else stream.slices(exclude=(split[0].n_samples, data.n_samples))
+                run.fit_grams, run.layers = consumer_grams(run.reference, groups, fit, seed=run.seed, **options)
                 # The fitting part is only solved from now on (the sensitivity's re-fits) and the merged
                 # statistics only ranked: both held in float32 (CrossGram.compact), one key at a time, so
                 # at most the held-out part is float64 (BERT-base: 1.1 GB per set of F² statistics).
