@@ -245,3 +245,30 @@ def test_step_aware_channel_time_sees_the_filter_set_boundary(profile):
     assert steps[2] - steps[1] > 1.5 * (steps[1] - steps[0]) > 0
     assert smooth[2] - smooth[1] == pytest.approx(smooth[1] - smooth[0], rel=0.2)
     assert analysis.time({}, profile, 64, steps=True) >= analysis.time({}, profile, 64)
+
+
+@pytest.mark.parametrize("name", ["resnet", "inception", "mobilenetv2"])
+def test_a_neighbour_priced_from_the_last_plan_costs_what_a_fresh_count_says(profile, name):
+    """``time(steps=True)`` prices a plan one or two groups away from the last one it priced in full by
+    re-timing only those groups' nodes (near_fastest's thousands of neighbours); the price must equal a
+    fresh analysis's count of the same plan, for moves up and down, on residual, concat and depthwise
+    groups; and a group cut under its minimum is still refused."""
+    m = load(str(MODELS / f"{name}.onnx"))
+    analysis, fresh = channels.analyze(m), channels.analyze(m)
+    groups = analysis.prunable()
+    rng = np.random.default_rng(3)
+    keep = {g.gid: max(g.size // 2, g.min_keep) for g in groups}
+    base = analysis.time(keep, profile, 64, steps=True)
+    assert base == pytest.approx(fresh.time(keep, profile, 64, steps=True), rel=1e-12)
+    for _ in range(12):
+        trial = dict(keep)
+        for g in rng.choice(groups, size=2, replace=False):
+            trial[g.gid] = int(rng.integers(g.min_keep, g.size + 1))
+        got = analysis.time(trial, profile, 64, steps=True)
+        want = channels.analyze(m).time(trial, profile, 64, steps=True)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert analysis.time(keep, profile, 64, steps=True) == pytest.approx(base, rel=1e-12)
+    small = min(groups, key=lambda g: g.min_keep)
+    if small.min_keep > 1:
+        with pytest.raises(Exception, match="at least"):
+            analysis.time({**keep, small.gid: small.min_keep - 1}, profile, 64, steps=True)
