@@ -577,6 +577,8 @@ def test_near_fastest_keeps_the_least_error_allocation_when_the_check_refuses(mo
     assert len(seen) == 3 and _kept(result) == {0: 12, 1: 20}
     assert [c["error_ok"] for c in near["candidates"]] == [False, False] and "moved" not in near
     assert near["chosen"].startswith("least error")
+    # the least-error allocation's predicted error is the unweighted one, as the candidates' and the stats'
+    assert near["least_error"]["predicted_error"] == result.stats["allocation"]["predicted_error"]
     # the same allocation as with near_fastest off
     _, off = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **{**_NEAR, "near_fastest": 0.0}))
     assert _kept(off) == _kept(result)

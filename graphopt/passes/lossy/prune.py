@@ -1407,7 +1407,9 @@ class PruneFilters(Pass):
         (base_error, base_correct), rest = measured[0], measured[1:]
         stats["check"] = ("measured: re-fitted on one half of the calibration samples, judged on the other, "
                           "both ways")
-        stats["least_error"] = {"predicted_error": _r(alloc.predicted_error), "price": _r(stats["price"]),
+        # unweighted, as the candidates' (the allocator's own error is divided by the latency weights)
+        base_predicted = budget.predicted_error(problem.units, raw_sens, alloc.keep)
+        stats["least_error"] = {"predicted_error": _r(base_predicted), "price": _r(stats["price"]),
                                 "heldout_rel_error": _r(base_error)}
         rows, chosen = [], None
         for c, (error, correct) in zip(picks, rest):
