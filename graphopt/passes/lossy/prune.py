@@ -1392,8 +1392,9 @@ class PruneFilters(Pass):
         if not found:
             return alloc, stats
         if n == 0 or run.data is None or run.data.n_samples < 2:
+            why = " (no calibration samples to measure on)" if n else ""
             stats.update(price_chosen=found[0].price, moved=found[0].moved,
-                         check="none: the prediction decides" + (" (no calibration data)" if n else ""))
+                         check=f"none: the prediction decides{why}")
             return found[0].allocation, stats
         picks = found[:n]
         tolerance, z = float(run.opt("near_fastest")), float(run.opt("guard_z"))
