@@ -580,3 +580,32 @@ def test_fastest_near_leaves_the_allocation_alone_when_nothing_qualifies():
     # an allocation that missed its target is returned as is
     missed = allocate(units, sens, macs, 1.0)
     assert not missed.met and budget.fastest_near(units, sens, macs, missed, time, tolerance=0.5)[0] is missed
+
+
+def test_near_candidates_are_the_faster_near_ties_cheapest_first_and_fastest_near_takes_the_first():
+    units, macs, time = _step_problem()
+    sens = {"a": {32: 0.0, 24: 0.30, 16: 0.60, 8: 2.0}, "b": {32: 0.0, 24: 0.29, 16: 0.62, 8: 2.0}}
+    alloc = allocate(units, sens, macs, 150.0)
+    found, stats = budget.near_candidates(units, sens, macs, alloc, time, tolerance=0.1)
+    assert [c.allocation.keep for c in found] == [{"a": 16, "b": 32}, {"a": 32, "b": 16}]
+    assert [c.price for c in found] == sorted(c.price for c in found) and found[0].price < time(alloc.keep)
+    assert found[0].moved == {"a": [24, 16], "b": [24, 32]} and stats["compared"] >= 2
+    near, near_stats = budget.fastest_near(units, sens, macs, alloc, time, tolerance=0.1)
+    assert near.keep == found[0].allocation.keep and near_stats["moved"] == found[0].moved
+    assert budget.near_candidates(units, sens, macs, alloc, time, tolerance=0.0)[0] == []
+
+
+def test_tie_check_refuses_a_measured_error_beyond_the_tolerance_or_verdicts_lost_beyond_noise():
+    right = np.ones(100, bool)
+    lost = right.copy()
+    lost[:9] = False                         # 9 lost, 9 changed: drop 9 > 1 x SE 3
+    assert budget.TieCheck(0.109, 0.10, 0.1).ok and not budget.TieCheck(0.111, 0.10, 0.1).ok
+    assert budget.TieCheck(0.10, 0.10, 0.1, budget.HeldOutDrop.of(right, right, 1.0)).ok
+    refused = budget.TieCheck(0.10, 0.10, 0.1, budget.HeldOutDrop.of(right, lost, 1.0))
+    assert refused.error_ok and not refused.drop_ok and not refused.ok
+    assert refused.fields()["drop_vs_least_error"] == 9.0 and refused.fields()["se"] == 3.0
+    # as many verdicts won as lost elsewhere (18 changed): drop 0, not worse
+    reference = right.copy()
+    reference[50:59] = False
+    even = budget.HeldOutDrop.of(reference, lost, 1.0)
+    assert even.drop == 0 and even.changed == 18 and budget.TieCheck(0.10, 0.10, 0.1, even).ok

@@ -525,3 +525,109 @@ def test_near_fastest_compares_neighbours_at_a_mac_target_only():
     _, off = _run(proto, _ctx(_data(), target_macs=0.5, near_fastest=0.0))
     _, by_params = _run(proto, _ctx(_data(), target_params=0.6))
     assert "near_fastest" not in off.stats["allocation"] and "near_fastest" not in by_params.stats["allocation"]
+
+
+# ---- near_fastest's held-out check -----------------------------------------------------------------
+
+_NEAR = dict(target_macs=0.5, criterion="l1", multiple=4, near_fastest=5.0, near_fastest_window=0.5)
+# on _cnn(16, 32) the least-error allocation keeps 12 and 20 channels; its near-ties (this wide tolerance),
+# fastest first by the step-aware price: group 1 at 12, then group 1 at 16
+
+
+def _kept(result):
+    return {g["group"]: g["channels_after"] for g in result.stats["groups"]}
+
+
+def _measured_as(monkeypatch, answers):
+    """trial_heldout replaced: the n-th allocation measured gets ``answers[n]`` (error, verdicts); the
+    allocations measured, as kept counts per group, are recorded."""
+    from graphopt.passes.lossy import prune
+
+    seen = []
+
+    def fake(ctx, keep_idx):
+        seen.append({gid: len(idx) for gid, idx in keep_idx.items()})
+        return answers[len(seen) - 1]
+
+    monkeypatch.setattr(prune, "trial_heldout", fake)
+    return seen
+
+
+def test_near_fastest_takes_the_fastest_near_tie_the_held_out_check_allows(monkeypatch):
+    right = np.ones(96, bool)
+    seen = _measured_as(monkeypatch, [(0.10, right), (0.59, right), (0.30, right)])  # within 6 times
+    model, result = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **_NEAR))
+    near = result.stats["allocation"]["near_fastest"]
+    # the least-error allocation first, then the two fastest near-ties, each measured once
+    assert seen == [{0: 12, 1: 20}, {0: 12, 1: 12}, {0: 12, 1: 16}]
+    assert near["least_error"]["heldout_rel_error"] == pytest.approx(0.10)
+    assert [c["ok"] for c in near["candidates"]] == [True, True]
+    assert near["moved"] == {"1": [20, 12]} and near["chosen"].startswith("the fastest near-tie")
+    assert _kept(result) == {0: 12, 1: 12}
+    assert _weight(model, "conv2").shape == (12, 12, 3, 3)
+    onnx.checker.check_model(to_proto(model))
+
+
+def test_near_fastest_keeps_the_least_error_allocation_when_the_check_refuses(monkeypatch):
+    right = np.ones(96, bool)
+    # measured 6.1 and 8 times the least-error one's: beyond the tolerance (near_fastest = 5: within 6 times)
+    seen = _measured_as(monkeypatch, [(0.10, right), (0.61, right), (0.80, right)])
+    _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **_NEAR))
+    near = result.stats["allocation"]["near_fastest"]
+    assert len(seen) == 3 and _kept(result) == {0: 12, 1: 20}
+    assert [c["error_ok"] for c in near["candidates"]] == [False, False] and "moved" not in near
+    assert near["chosen"].startswith("least error")
+    # the least-error allocation's predicted error is the unweighted one, as the candidates' and the stats'
+    assert near["least_error"]["predicted_error"] == result.stats["allocation"]["predicted_error"]
+    # the same allocation as with near_fastest off
+    _, off = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **{**_NEAR, "near_fastest": 0.0}))
+    assert _kept(off) == _kept(result)
+
+
+def test_a_near_tie_that_loses_verdicts_beyond_noise_is_passed_over(monkeypatch):
+    right = np.ones(96, bool)
+    lost = right.copy()
+    lost[:10] = False   # 10 of 96 verdicts lost, 10 changed: drop 10.4 > 1 x SE 3.3
+    seen = _measured_as(monkeypatch, [(0.10, right), (0.10, lost), (0.10, right)])
+    _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **_NEAR))
+    first, second = result.stats["allocation"]["near_fastest"]["candidates"]
+    assert first["error_ok"] and not first["drop_ok"] and not first["ok"]
+    assert first["drop_vs_least_error"] == pytest.approx(1000 / 96, abs=1e-3) and first["changed"] == 10
+    assert second["ok"] and len(seen) == 3
+    assert _kept(result) == {0: 12, 1: 16}   # the next fastest, not worse
+
+
+def test_near_fastest_off_or_unmeasured_measures_nothing(monkeypatch):
+    seen = _measured_as(monkeypatch, [])
+    _, off = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **{**_NEAR, "near_fastest": 0.0}))
+    assert "near_fastest" not in off.stats["allocation"]
+    # near_fastest_candidates=0: the prediction decides (the fastest near-tie) and the stats say so
+    _, unmeasured = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **_NEAR, near_fastest_candidates=0))
+    near = unmeasured.stats["allocation"]["near_fastest"]
+    assert near["check"] == "none: the prediction decides" and near["moved"] == {"1": [20, 12]}
+    assert _kept(unmeasured) == {0: 12, 1: 12} and _kept(off) == {0: 12, 1: 20}
+    assert seen == []
+
+
+def test_trial_heldout_pools_both_folds_and_gives_verdicts_only_for_labelled_class_scores():
+    from graphopt.core.onnx_io import from_proto
+    from graphopt.passes.lossy import prune
+
+    model = from_proto(_cnn(c1=16, c2=16))
+    for labels in (True, False):
+        data = _data(96, labels=labels)
+        first, second = data.split(48)
+        folds = [(fit, held, prune._outputs(model, held, 64)) for fit, held in ((first, second), (second, first))]
+        ctx = prune.TrialContext(prune.ShippedModel(model), data, None, False, 0, 64,
+                                 {"refit": True, "refit_scope": "downstream", "max_rows": 1000, "min_ridge": 1e-5,
+                                  "activation_aware": True}, folds=folds)
+        error, correct = prune.trial_heldout(ctx, {})
+        assert error == pytest.approx(0.0, abs=1e-10)   # nothing pruned: the outputs are the reference's
+        if labels:
+            assert correct.shape == (96,)
+            assert list(correct) == list(np.concatenate([prune._outputs(model, held, 64)["logits"].argmax(1)
+                                                         == held.labels for _, held, _ in folds]))
+        else:
+            assert correct is None
+        cut, _ = prune.trial_heldout(ctx, {0: np.arange(8)})   # half of the first conv's channels removed
+        assert cut > 1e-4

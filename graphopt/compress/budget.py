@@ -97,7 +97,11 @@ After an allocation, its neighbours (one unit deeper; one unit a level up and an
 target is met again) whose predicted error is within a relative tolerance of its own are compared by a
 second price (a target CPU's predicted time, which may step where the cost is smooth), and the
 cheapest is taken when it saves more than ``min_gain``. One step from the allocation, so the error
-cannot creep up step by step; no model evaluation.
+cannot creep up step by step; no model evaluation. :func:`near_candidates` lists them cheapest first,
+for a caller that measures a few before taking one: :class:`TieCheck` says whether a measured candidate
+is worse than the least-error allocation beyond noise (its held-out output error more than
+``tolerance`` above, or, with class scores, more top-1 verdicts lost than ``z`` paired standard
+errors).
 
 Accuracy guard (:func:`guarded`)
 --------------------------------
@@ -763,8 +767,33 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
                  tolerance: float, min_gain: float = 0.01, floor: float | None = None
                  ) -> tuple[Allocation, dict[str, Any]]:
     """Among the allocations next to ``alloc`` that meet its target and whose predicted error is within
-    ``tolerance`` (relative) of ``alloc``'s (both under ``sens``), the one with the least ``price`` (e.g. the target CPU's
-    predicted time), and what was compared.
+    ``tolerance`` (relative) of ``alloc``'s (both under ``sens``), the one with the least ``price`` (e.g. the
+    target CPU's predicted time), and what was compared: the first of :func:`near_candidates`, or
+    ``alloc`` unchanged when there is none."""
+    found, stats = near_candidates(units, sens, cost, alloc, price, tolerance=tolerance, min_gain=min_gain,
+                                   floor=floor)
+    if not found:
+        return alloc, stats
+    best = found[0]
+    stats.update(price_chosen=best.price, moved=best.moved)
+    return best.allocation, stats
+
+
+@dataclass(frozen=True)
+class Near:
+    """A neighbour of an allocation (:func:`near_candidates`): the allocation, its price and the groups it
+    moved (``{key: [before, after]}``)."""
+
+    allocation: Allocation
+    price: float
+    moved: dict[str, list[int]]
+
+
+def near_candidates(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Allocation, price: Cost, *,
+                    tolerance: float, min_gain: float = 0.01, floor: float | None = None
+                    ) -> tuple[list[Near], dict[str, Any]]:
+    """The allocations next to ``alloc`` that meet its target, are predicted within ``tolerance`` of its
+    error and are cheaper by ``price`` by more than ``min_gain``, cheapest first; and what was compared.
 
     ``alloc`` has the least predicted error the search found; errors that close are not told apart by a
     sensitivity table measured on a few hundred samples, while the price (time) may differ by more than
@@ -775,15 +804,15 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
 
     Rules: a neighbour whose cost falls below ``floor`` (when given; or below ``alloc``'s own cost, if
     that is lower) is not considered: the target is a budget to spend, and a caller may require the
-    result to stay near it. A neighbour replaces ``alloc`` only when its price is lower by more than ``min_gain``
-    (relative), so a price difference the model cannot resolve does not move the allocation; ties go
-    to the lower predicted error, then to the order of ``units``; ``alloc`` comes back unchanged when
-    it did not meet its target, when ``tolerance`` <= 0, or when no neighbour qualifies. One step: the
-    tolerance is always measured from ``alloc``, so errors cannot creep up by repeated steps.
+    result to stay near it. A neighbour qualifies only when its price is lower than ``alloc``'s by more
+    than ``min_gain`` (relative), so a price difference the model cannot resolve does not move the
+    allocation; ties of price go to the lower predicted error, then to the order of ``units``. None
+    qualifies when ``alloc`` did not meet its target or ``tolerance`` <= 0. One step: the tolerance is
+    always measured from ``alloc``, so errors cannot creep up by repeated steps.
     """
     stats: dict[str, Any] = {"tolerance": tolerance, "compared": 0}
     if not alloc.met or tolerance <= 0:
-        return alloc, stats
+        return [], stats
     keep = dict(alloc.keep)
     base_error = predicted_error(units, sens, keep)
     limit = base_error * (1.0 + tolerance)
@@ -808,20 +837,26 @@ def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Al
                     candidates.append(trial)
                     break
     lowest = -math.inf if floor is None else min(float(floor), float(cost(keep)))
-    best, best_key = None, (base_price * (1.0 - min_gain), base_error)
-    for trial in candidates:
+    ranked: list[tuple[tuple[float, float, int], dict[Hashable, int]]] = []
+    for order, trial in enumerate(candidates):
         error = predicted_error(units, sens, trial)
         if error > limit or float(cost(trial)) < lowest:
             continue
         stats["compared"] += 1
-        key = (float(price(trial)), error)
-        if key < best_key:
-            best, best_key = trial, key
-    if best is None:
-        return alloc, stats
-    stats.update(price_chosen=best_key[0], moved={str(k): [keep[k], v] for k, v in best.items() if v != keep[k]})
-    return Allocation(best, float(cost(best)), best_key[1], True, alloc.steps, alloc.target, alloc.refined,
-                      alloc.price), stats
+        key = (float(price(trial)), error, order)
+        if key[0] < base_price * (1.0 - min_gain):
+            ranked.append((key, trial))
+    ranked.sort(key=lambda item: item[0])
+    found, seen = [], set()
+    for (p, error, _), trial in ranked:
+        signature = tuple(sorted(trial.items(), key=lambda kv: str(kv[0])))
+        if signature in seen:
+            continue
+        seen.add(signature)
+        found.append(Near(Allocation(trial, float(cost(trial)), error, True, alloc.steps, alloc.target,
+                                     alloc.refined, alloc.price), p,
+                          {str(k): [keep[k], v] for k, v in trial.items() if v != keep[k]}))
+    return found, stats
 
 
 # ===============================================================================================
@@ -866,6 +901,48 @@ class HeldOutDrop:
         """What a guard's trace records of it."""
         return {"drop": round(self.drop, 3), "changed": self.changed, "held_out_samples": self.n,
                 "upper": round(self.upper, 3)}
+
+
+@dataclass(frozen=True)
+class TieCheck:
+    """A faster near-tie measured against the least-error allocation on the same held-out samples: is it
+    worse beyond noise?
+
+    ``error``, ``base_error``: relative squared output error (pooled over the samples) of the candidate
+    and of the least-error allocation; ``drop``: the candidate's top-1 drop against the least-error
+    allocation, paired (:class:`HeldOutDrop` with the base's verdicts as reference), or ``None`` when the
+    output is not class scores. The candidate is *not worse* (``ok``) when
+
+    * ``error <= (1 + tolerance) · base_error`` (the near-tie holds measured, not only predicted), and
+    * with verdicts, ``drop <= z · SE`` (``SE = 100·√changed / n``): it loses no more top-1 verdicts than
+      the samples whose verdict flipped explain.
+    """
+
+    error: float
+    base_error: float
+    tolerance: float
+    drop: HeldOutDrop | None = None
+
+    @property
+    def error_ok(self) -> bool:
+        return self.error <= (1.0 + self.tolerance) * self.base_error
+
+    @property
+    def drop_ok(self) -> bool:
+        return self.drop is None or self.drop.drop <= self.drop.z * self.drop.se
+
+    @property
+    def ok(self) -> bool:
+        return self.error_ok and self.drop_ok
+
+    def fields(self) -> dict[str, Any]:
+        """What the stats record of it."""
+        out: dict[str, Any] = {"heldout_rel_error": float(f"{self.error:.6g}"), "error_ok": self.error_ok}
+        if self.drop is not None:
+            out.update({"drop_vs_least_error": round(self.drop.drop, 3), "changed": self.drop.changed,
+                        "held_out_samples": self.drop.n, "se": round(self.drop.se, 3), "drop_ok": self.drop_ok})
+        out["ok"] = self.ok
+        return out
 
 
 def guarded(allocate_at: Callable[[float], Allocation], measure_drop: Callable[[Allocation], float],

@@ -85,12 +85,21 @@ Plan
    within that fraction (default 0.1) of its own are compared by the target's *step-aware* predicted
    time (:func:`graphopt.compress.budget.fastest_near`; channels padded to whole blocks, blocked dense
    convs charged by whole filter sets of 4 blocks, :meth:`graphopt.measure.latency.Nchwc.pass_factor`),
-   and the fastest is taken when it is faster by more than 1%, among those that keep at least
-   ``1 − near_fastest_window`` (default 0.95) of the MACs asked for (issue 5: a pruned model's MACs are
-   within 5% of the target; resnet's fastest near-equals are 7% under it, see BENCHMARKS.md). Why: predicted errors that close are
-   not told apart by a table measured on a few hundred samples (resnet: six allocations within 10%
-   measured −0.90 to −1.10 points in no order), while their times differ in steps the MACs do not show
-   (a conv's 33rd output channel costs a whole pass over its input); BENCHMARKS.md, "Target CPUs". With option ``every_group`` (default) each prunable group loses at least its first step when
+   among those faster by more than 1% that keep at least ``1 − near_fastest_window`` (default 0.95) of
+   the MACs asked for (issue 5: a pruned model's MACs are within 5% of the target; resnet's fastest
+   near-equals are 7% under it, see BENCHMARKS.md). Why: predicted errors that close are not told apart
+   by a table measured on a few hundred samples (resnet: six allocations within 10% measured −0.90 to
+   −1.10 points in no order), while their times differ in steps the MACs do not show (a conv's 33rd
+   output channel costs a whole pass over its input); BENCHMARKS.md, "Target CPUs". The table can also
+   be wrong (inception's group 12), so a near-tie replaces the least-error allocation only when measured:
+   the least-error allocation and the ``near_fastest_candidates`` (default 2) fastest near-ties are
+   pruned, re-fitted on one half of the calibration samples and run on the other, both ways (the
+   guard's folds), and the fastest whose pooled relative output error is within ``near_fastest`` of the
+   least-error one's and, with class scores and labels, whose top-1 drop against it is at most
+   ``guard_z`` paired standard errors, is taken (:class:`graphopt.compress.budget.TieCheck`); none, the
+   least-error allocation stays (stats: ``allocation.near_fastest``). Without data the prediction
+   decides and the stats say so. At the target only: the guard's relaxed tries take the least-error
+   allocation. With option ``every_group`` (default) each prunable group loses at least its first step when
    that step is small (at most a quarter of the group). Option ``allocation=uniform`` instead bisects
    one common ratio for all groups. With ``--max-drop`` and labels in the data,
    :func:`graphopt.compress.budget.guarded` relaxes the target until the accuracy drop is within the
@@ -159,7 +168,7 @@ from graphopt.measure import ort as gort
 from graphopt.measure import segments
 from graphopt.measure import target as targets
 from graphopt.measure.calibration import Calibrator, ChannelStats, reference_outputs
-from graphopt.measure.verify import top1_correct
+from graphopt.measure.verify import is_class_scores, top1_correct
 from graphopt.measure.executor import (EvalContext, ShippedModel, executor_for, in_worker, make_executor,
                                        relative_error)
 
@@ -297,7 +306,7 @@ class TrialContext:
     refit: dict[str, Any]
     hold: Any = None
     ref_out: dict[str, np.ndarray] | None = None
-    folds: list[tuple[Any, Any, np.ndarray]] | None = None
+    folds: list[tuple[Any, Any, Any]] | None = None  # (fit, held, the unpruned model's verdicts or outputs there)
     z: float = 0.0
 
     def pruned(self, keep_idx: Mapping[int, np.ndarray], data: Any = None) -> Model:
@@ -316,6 +325,26 @@ class TrialContext:
 def trial_error(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
     """Relative output error on the held-out samples of the model pruned to ``keep_idx`` (blend)."""
     return float(relative_error(ctx.ref_out, _outputs(ctx.pruned(keep_idx), ctx.hold, ctx.batch)))
+
+
+def trial_heldout(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> tuple[float, np.ndarray | None]:
+    """The model pruned to ``keep_idx``, cross-validated over :attr:`TrialContext.folds` (re-fitted on each
+    fold's fitting samples, run on its held-out ones, whose unpruned outputs the fold holds): the
+    relative squared output error pooled over every held-out sample, and the top-1 verdicts (in the folds'
+    order) when the first output is class scores and the samples have labels, else ``None``
+    (near_fastest's check)."""
+    reference, outputs, correct = {}, {}, []
+    for fit, held, ref_out in ctx.folds:
+        out = _outputs(ctx.pruned(keep_idx, fit), held, ctx.batch)
+        for name, value in ref_out.items():
+            reference.setdefault(name, []).append(value)
+            outputs.setdefault(name, []).append(out[name])
+        scores = next(iter(out.values()))
+        correct.append(scores.argmax(axis=1) == held.labels
+                       if held.labels is not None and is_class_scores(scores, held.n_samples) else None)
+    error = float(relative_error({k: np.concatenate(v) for k, v in reference.items()},
+                                 {k: np.concatenate(v) for k, v in outputs.items()}))
+    return error, None if any(c is None for c in correct) else np.concatenate(correct)
 
 
 def trial_drop(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> budget.HeldOutDrop:
@@ -1051,6 +1080,11 @@ class PruneFilters(Pass):
         "near_fastest": Option(0.1, "at a MAC target, take the allocation the target CPU's step-aware price "
                                     "predicts fastest among the least-error one's neighbours whose predicted "
                                     "error is within this fraction of its own (0: off)", float, low=0),
+        "near_fastest_candidates": Option(2, "how many of near_fastest's fastest neighbours are measured against "
+                                             "the least-error allocation (pruned, re-fitted on one half of the "
+                                             "calibration samples and judged on the other, both ways) before "
+                                             "one replaces it: the fastest not worse beyond noise is taken "
+                                             "(0: the prediction decides, unmeasured)", int, low=0),
         "near_fastest_window": Option(0.05, "how far below the MAC target near_fastest may go, as a fraction of "
                                             "the target (0.05: a pruned model keeps 95-100% of the MACs asked "
                                             "for, issue 5's bar)", float, low=0, high=1),
@@ -1079,7 +1113,8 @@ class PruneFilters(Pass):
                                           "beyond it fewer samples, then fewer levels are measured and the stats "
                                           "say so (0: no limit)", float, low=0),
         **guard(guard_z=(1.0, "with --max-drop: from the held-out samples whose verdict changed; the tries are "
-                              "re-fitted on the other samples")),
+                              "re-fitted on the other samples; near_fastest's check takes a candidate whose "
+                              "drop against the least-error allocation is <= guard_z * its standard error")),
         "sensitivity_metric": Option("rel", "sensitivity error: relative squared output error, or the KL divergence "
                                             "of the softmax of the (class-score) output", str, choices=("rel", "kl")),
         "min_ridge": Option(1e-5, "smallest re-fit ridge tried (relative to the mean diagonal of X^T X; the ridge "
@@ -1276,18 +1311,22 @@ class PruneFilters(Pass):
                              and problem.target_macs is not None else (None, None))
 
         steps = self._step_price(run, problem)
-        near: dict[float, dict[str, Any]] = {}  # target fraction -> fastest_near stats
+        near: dict[float, dict[str, Any]] = {}  # target fraction -> near_fastest's stats
+        at_target: list[budget.Allocation] = []  # the allocation at the target, its near-ties measured once
 
         def allocate_at(t: float) -> budget.Allocation:
+            if t == 1.0 and at_target:
+                return at_target[0]
             if price is None:
                 a = budget.allocate(problem.units, sens, problem.cost, t * problem.goal)
             else:
                 a = budget.allocate_priced(problem.units, sens, price, problem.cost, t * problem.goal)
-            if steps is None:
+            # near_fastest at the target only: the guard's relaxed tries are measured against --max-drop
+            # anyway, and measuring near-ties at each would multiply its re-fits by the candidates
+            if steps is None or t != 1.0:
                 return a
-            floor = (1.0 - float(run.opt("near_fastest_window"))) * t * problem.goal
-            a, near[t] = budget.fastest_near(problem.units, raw_sens, problem.cost, a, steps,
-                                             tolerance=float(run.opt("near_fastest")), floor=floor)
+            a, near[t] = self._near_fastest(run, problem, raw_sens, a, steps)
+            at_target.append(a)
             return a
 
         alloc = allocate_at(1.0)
@@ -1327,6 +1366,68 @@ class PruneFilters(Pass):
         if guard_off:
             stats["guard_off"] = guard_off
         return full_keep, stats
+
+    @staticmethod
+    def _near_fastest(run: PruneRun, problem: AllocationProblem, raw_sens: dict, alloc: budget.Allocation,
+                      steps: Callable[[Mapping[int, int]], float]) -> tuple[budget.Allocation, dict[str, Any]]:
+        """The allocation at the target: ``alloc`` (the least predicted error) or the fastest of its
+        near-ties (:func:`graphopt.compress.budget.near_candidates`: predicted within ``near_fastest`` of
+        its error, faster by the step-aware price, at least ``1 − near_fastest_window`` of the MACs asked
+        for) that a held-out measurement finds not worse beyond noise, and the stats that say which and why.
+
+        Measured (``near_fastest_candidates`` > 0, with data): ``alloc`` and the fastest
+        ``near_fastest_candidates`` near-ties are each pruned and re-fitted on one half of the calibration
+        samples and run on the other, both ways (the guard's two folds, :func:`trial_heldout`), so every
+        sample is judged once by models not fitted to it; a candidate is taken when
+        :class:`graphopt.compress.budget.TieCheck` says it is not worse: its pooled relative output error
+        within ``(1 + near_fastest)`` of ``alloc``'s and, when the first output is class scores and the
+        data has labels, its top-1 drop against ``alloc`` (paired) at most ``guard_z`` standard errors.
+        The fastest such candidate wins; none, ``alloc`` stays. Without data, or at
+        ``near_fastest_candidates`` = 0, the prediction decides (the fastest near-tie), and the stats say so.
+        """
+        found, stats = budget.near_candidates(
+            problem.units, raw_sens, problem.cost, alloc, steps, tolerance=float(run.opt("near_fastest")),
+            floor=(1.0 - float(run.opt("near_fastest_window"))) * problem.goal)
+        n = int(run.opt("near_fastest_candidates"))
+        if not found:
+            return alloc, stats
+        if n == 0 or run.data is None or run.data.n_samples < 2:
+            why = " (no calibration samples to measure on)" if n else ""
+            stats.update(price_chosen=found[0].price, moved=found[0].moved,
+                         check=f"none: the prediction decides{why}")
+            return found[0].allocation, stats
+        picks = found[:n]
+        tolerance, z = float(run.opt("near_fastest")), float(run.opt("guard_z"))
+        first, second = run.data.split(run.data.n_samples // 2)
+        folds = [(fit, held, _outputs(run.reference, held, run.batch))
+                 for fit, held in ((first, second), (second, first))]
+        trials = run.trials(run.data, folds=folds)
+        run.ctx.say(f"prune: measuring the least-error allocation and {len(picks)} faster near-ties")
+        measured = executor_for(run.ctx).map(trial_heldout, [run.keep_indices(a.keep) for a in
+                                                             (alloc, *(c.allocation for c in picks))], context=trials)
+        (base_error, base_correct), rest = measured[0], measured[1:]
+        stats["check"] = ("measured: re-fitted on one half of the calibration samples, judged on the other, "
+                          "both ways")
+        # unweighted, as the candidates' (the allocator's own error is divided by the latency weights)
+        base_predicted = budget.predicted_error(problem.units, raw_sens, alloc.keep)
+        stats["least_error"] = {"predicted_error": _r(base_predicted), "price": _r(stats["price"]),
+                                "heldout_rel_error": _r(base_error)}
+        rows, chosen = [], None
+        for c, (error, correct) in zip(picks, rest):
+            drop = (None if base_correct is None or correct is None
+                    else budget.HeldOutDrop.of(base_correct, correct, z))
+            check = budget.TieCheck(error, base_error, tolerance, drop)
+            rows.append({"moved": c.moved, "predicted_error": _r(c.allocation.predicted_error), "price": _r(c.price),
+                         "macs_ratio": _r(c.allocation.cost / problem.full_cost), **check.fields()})
+            if chosen is None and check.ok:
+                chosen = c
+        stats["candidates"] = rows
+        if chosen is None:
+            stats["chosen"] = "least error: no faster near-tie was within its measured error and verdicts"
+            return alloc, stats
+        stats.update(price_chosen=chosen.price, moved=chosen.moved,
+                     chosen="the fastest near-tie not worse beyond noise on the held-out samples")
+        return chosen.allocation, stats
 
     def _problem(self, run: PruneRun) -> AllocationProblem:
         """The units, the cost (a polynomial fit of the analysis when one target is set and the fit is
