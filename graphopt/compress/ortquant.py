@@ -83,7 +83,7 @@ def named(proto: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(out)
 
 
-def default_opset(proto: onnx.ModelProto) -> int | None:
+def _default_opset(proto: onnx.ModelProto) -> int | None:
     """The version of the default ONNX domain ``proto`` imports (None when it imports none)."""
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
 
@@ -94,7 +94,7 @@ def at_per_channel_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None
     At opset >= :data:`PER_CHANNEL_OPSET` it is returned as is with ``None``; older, a shape-inferred copy
     converted to that opset by ``onnx.version_converter`` with a note ``"opset 11 -> 13: ..."``; when the
     converter fails, ``(None, reason)`` (the caller refuses: a per-channel QDQ model would not load)."""
-    version = default_opset(proto)
+    version = _default_opset(proto)
     if version is None or version >= PER_CHANNEL_OPSET:
         return proto, None
     try:

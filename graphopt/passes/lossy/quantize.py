@@ -42,8 +42,9 @@ A model below opset 13 is converted to opset 13 first (per-channel ``DequantizeL
 ``axis``; :func:`graphopt.compress.ortquant.at_per_channel_opset`), and the stats say so (``opset``).
 
 Refused (the pass does nothing and says why): no sample data; no layer to quantize; a model that is
-already quantized; a model below opset 13 that onnx's version converter cannot convert. onnxruntime's quantizer is called in memory (:mod:`graphopt.compress.ortquant`): it
-writes no file, here or next to the input.
+already quantized; a model below opset 13 that onnx's version converter cannot convert. onnxruntime's
+quantizer is called in memory (:mod:`graphopt.compress.ortquant`): it writes no file, here or next to
+the input.
 """
 
 from __future__ import annotations
