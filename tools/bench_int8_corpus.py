@@ -1,7 +1,9 @@
 """int8 on the real-world corpus (issue 18; ``models/corpus``): the variants of ``tools/bench_int8.py``.
 
-For each corpus model with float32 weights and a lossy preset (``vad_stream``, ``fp16``, ``qdq_int8`` and
-``contrib_ops`` are left out: no layer, float16, already quantized, lossless only), in one run:
+For each corpus model of ``DEFAULT`` (those whose manifest entry lists prune and lowrank, with float32
+weights; left out: ``vad_stream``, a streaming step with neither, ``fp16``, ``qdq_int8``, already
+quantized, ``contrib_ops``, lossless only, and ``bert_encoder_dynamo``, whose TorchScript twin stands
+for it), in one run:
 
 * ``float``: the original;
 * ``ort static``: onnxruntime's ``quantize_static`` with its defaults (QDQ, S8S8, MinMax) and per-channel
