@@ -1,9 +1,9 @@
 """int8 on the real-world corpus (issue 18; ``models/corpus``): the variants of ``tools/bench_int8.py``.
 
 For each corpus model of ``DEFAULT`` (those whose manifest entry lists prune and lowrank, with float32
-weights; left out: ``vad_stream``, a streaming step with neither, ``fp16``, ``qdq_int8``, already
-quantized, ``contrib_ops``, lossless only, and ``bert_encoder_dynamo``, whose TorchScript twin stands
-for it), in one run:
+weights). Left out: ``vad_stream`` (lists neither); ``fp16`` (float16 weights); ``qdq_int8`` (already
+quantized); ``contrib_ops`` (lossless only); ``bert_encoder_dynamo`` (its TorchScript twin stands for
+it). In one run:
 
 * ``float``: the original;
 * ``ort static``: onnxruntime's ``quantize_static`` with its defaults (QDQ, S8S8, MinMax) and per-channel
