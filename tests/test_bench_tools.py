@@ -122,3 +122,16 @@ def test_int8_forms_are_the_same_model_in_every_format():
             out = _run(model, feeds, config, optimize=True)
             snr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((out - ref).astype(np.float64) ** 2))
             assert snr > 20, (kind, name, snr)
+
+
+def test_int8_corpus_scores_accuracy_or_the_worst_output_snr_and_reads_real_data_in_the_model_layout():
+    import bench_int8_corpus as corpus
+
+    ref = [[np.array([[1.0, 0.0], [0.0, 1.0]]), np.ones(4)], [np.array([[0.0, 1.0]]), np.ones(4)]]
+    assert corpus.score(ref, ref, np.array([0, 1, 1])) == 100.0
+    assert abs(corpus.score(ref, ref, np.array([0, 0, 0])) - 100 / 3) < 1e-9
+    noisy = [[a, b * 1.1] for a, b in ref]   # second output off by 10 %: 20 dB; the first exact
+    assert abs(corpus.score(ref, noisy, None) - 20.0) < 1e-6
+    calib = corpus.REAL_DATA["nhwc_tf"]("calib")
+    assert calib.inputs["input_1"].shape[1:] == (28, 28, 1) and calib.labels is not None
+    assert corpus.REAL_DATA["minus_one_dims"]("eval").inputs["x"].shape[1:] == (3, 28, 28)

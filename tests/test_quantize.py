@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
-def _cnn(seed=0, c1=8, c2=16):
+def _cnn(seed=0, c1=8, c2=16, opset=17):
     """conv(1->c1) relu -> conv(c1->c2) relu -> GAP -> flatten -> gemm(c2->4)."""
     rng = np.random.default_rng(seed)
     w1 = rng.normal(size=(c1, 1, 3, 3)).astype(np.float32)
@@ -45,7 +45,7 @@ def _cnn(seed=0, c1=8, c2=16):
     inits = [init("w1", w1), init("b1", rng.normal(size=c1).astype(np.float32) * 0.1), init("w2", w2),
              init("b2", rng.normal(size=c2).astype(np.float32) * 0.1), init("w3", w3),
              init("b3", np.zeros(4, np.float32))]
-    return make_model(nodes, [tensor("x", ["N", 1, 8, 8])], [tensor("logits", ["N", 4])], inits)
+    return make_model(nodes, [tensor("x", ["N", 1, 8, 8])], [tensor("logits", ["N", 4])], inits, opset=opset)
 
 
 def _data(n=128, seed=1):
@@ -259,6 +259,47 @@ def test_refusals_leave_the_model_alone():
     producer = {o: n for n in out.graph.node for o in n.output}
     fc = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert fc.input[1] not in producer  # the float weight itself
+
+
+def _opset(proto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_a_model_below_opset_13_is_converted_before_per_channel_quantization():
+    """onnxruntime's quantizer writes DequantizeLinear's ``axis`` at any opset; below 13 onnxruntime then
+    rejects the model. The pass converts it first and computes what it computes at opset 17."""
+    old = _cnn(opset=11)
+    result, out = _quantize(old)
+    assert result.changed and result.stats["quantized"] == 3
+    assert result.stats["opset"].startswith("opset 11 -> 13")
+    assert _opset(out) == 13
+    onnx.checker.check_model(out, full_check=True)
+    sizes = {t.name: int(np.prod(t.dims)) for t in out.graph.initializer}
+    per_channel = [n for n in out.graph.node if n.op_type == "DequantizeLinear" and sizes.get(n.input[1], 1) > 1]
+    assert len(per_channel) >= 3 and all(any(a.name == "axis" for a in n.attribute) for n in per_channel)
+    feeds = {"x": _data(16, seed=7).inputs["x"]}
+    _, same = _quantize(_cnn(opset=17))
+    np.testing.assert_array_equal(_ort(out, feeds)[0], _ort(same, feeds)[0])  # the same numbers
+    assert _snr(_ort(old, feeds)[0], _ort(out, feeds, optimize=True)[0]) > 25
+
+
+def test_a_model_at_opset_13_or_later_keeps_its_opset_and_a_failed_conversion_refuses(monkeypatch):
+    result, out = _quantize(_cnn(opset=17))
+    assert result.changed and "opset" not in result.stats and _opset(out) == 17
+    from graphopt.compress import ortquant
+    proto = _cnn(opset=17)
+    assert ortquant.at_per_channel_opset(proto) == (proto, None)
+
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Something")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
+    old = _cnn(opset=11)
+    result, out = _quantize(old)
+    assert not result.changed and result.stats["quantized"] == 0
+    assert "version converter failed (No Adapter For Something)" in result.stats["skipped"]
+    assert _opset(out) == 11 and not qdq.is_quantized(out)
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in old.graph.node]
 
 
 def test_prune_then_quantize_composes():

@@ -12,11 +12,16 @@ model, on 500 images with the QDQ arithmetic (``ORT_DISABLE_ALL``).
 
     python tools/bench_int8_calib.py [--models vgg,resnet,mobilenetv2] [--calibrators minmax,percentile,mse]
         [--weights int8|int4] [--no-prune | --only-prune] [--option quantize.KEY=VALUE ...]
-        [--quantize-target KIND] [--simulate]
+        [--quantize-target KIND] [--simulate] [--refits rtn,bias,weights]
 
 ``--simulate`` reads the QDQ arithmetic (``ORT_DISABLE_ALL``) instead of the deployed kernels: with
 ``--quantize-target avx512-vnni`` the pass keeps 8-bit weights (the pruning still prices for this
 machine), and the simulated accuracy is what a CPU whose int8 kernels do not overflow would give.
+
+``--refits`` quantizes each float model once per re-fit method (``quantize.refit``: ``rtn`` is
+onnxruntime's round to nearest, ``bias`` the least-squares bias, ``weights`` the GPTQ-style re-fit, the
+default) and names the method in the calibrator column: what the re-fit buys over round to nearest,
+on the same pruned model (pruning runs once per model).
 """
 
 from __future__ import annotations
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="--target-cpu of the quantize step only (the pruning keeps this machine's)")
     parser.add_argument("--simulate", action="store_true",
                         help="accuracy of the QDQ arithmetic (ORT_DISABLE_ALL) instead of as deployed")
+    parser.add_argument("--refits", default=None,
+                        help="one row per quantize.refit method (e.g. rtn,bias,weights) for each calibrator")
     args = parser.parse_args(argv)
     calib = str(ROOT / "models" / "fmnist_calib.npz")
     evaluation = np.load(ROOT / "models" / "fmnist_eval.npz")
@@ -110,14 +117,17 @@ def main(argv: list[str] | None = None) -> None:
                                                          run_verify=False).model))
         for label, base in bases:
             fe, ft = accuracy(base, ex, ey), accuracy(base, tx, ty)
-            for method in args.calibrators.split(","):
+            runs = [(m, r) for m in args.calibrators.split(",") for r in (args.refits or "").split(",")]
+            for method, refit_method in runs:
+                refit = [f"quantize.refit={refit_method}"] if refit_method else []
                 q = graphopt.optimize(base, data=calib, passes=["quantize"], run_verify=False,
                                       target_cpu=args.quantize_target,
                                       options=[f"quantize.calibrate={method}", f"quantize.weights={args.weights}",
-                                               *args.option])
+                                               *refit, *args.option])
                 qe, qt = accuracy(q.model, ex, ey, args.simulate), accuracy(q.model, tx, ty, args.simulate)
                 snr = layer_snr_db(base, q.model, ex[:500])
-                print(f"| {name} | {label} | {method} | {args.weights} | {fe:.2f} / {ft:.2f} | {qe - fe:+.2f} | "
+                shown = method + (f", refit={refit_method}" if refit_method else "")
+                print(f"| {name} | {label} | {shown} | {args.weights} | {fe:.2f} / {ft:.2f} | {qe - fe:+.2f} | "
                       f"{qt - ft:+.2f} | {snr:.1f} |", flush=True)
 
 

@@ -15,6 +15,11 @@ per-channel weights (8-bit, or 4-bit for W4A8), symmetric, zero point 0; or dyna
 ConvTranspose weights ``[C_in, C_out/g, kh, kw]`` are per channel on axis 1, the output channels
 (onnxruntime issue #19694: axis 0 quantizes per input channel), passed explicitly.
 
+Opset: per-channel scales need ``DequantizeLinear``'s ``axis``, which exists from opset 13 on.
+onnxruntime's quantizer writes it at any opset (its own ``quantize_static`` too), and onnxruntime then
+rejects the model ("Unrecognized attribute: axis"); :func:`at_per_channel_opset` converts an older
+model with onnx's version converter first (in memory), or says why it cannot.
+
 Reading and rewriting (:func:`weight_slots`, :func:`write_layer`)
 ----------------------------------------------------------------
 In a QDQ model a quantized layer reads its weight through ``DequantizeLinear(q, s, 0)`` and its bias
@@ -37,14 +42,16 @@ from onnx import numpy_helper
 
 from graphopt.measure.qdq import Range
 
-__all__ = ["FORMATS", "LAYER_OPS", "WeightSlots", "dynamic", "input_scale", "named", "read_codes", "static_qdq",
-           "weight_slots", "write_layer"]
+__all__ = ["FORMATS", "LAYER_OPS", "PER_CHANNEL_OPSET", "WeightSlots", "at_per_channel_opset", "dynamic",
+           "input_scale", "named", "read_codes", "static_qdq", "weight_slots", "write_layer"]
 
 FORMATS = ("u8s8", "s8s8", "dynamic")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # The weight's output-channel axis where onnxruntime's default is wrong (issue #19694). Gemm is left to
 # the quantizer, which takes axis 0 with transB and 1 without.
 _CHANNEL_AXIS = {"ConvTranspose": 1}
+#: The first opset whose DequantizeLinear takes ``axis`` (per-channel scales).
+PER_CHANNEL_OPSET = 13
 
 
 @contextlib.contextmanager
@@ -74,6 +81,32 @@ def named(proto: onnx.ModelProto) -> onnx.ModelProto:
             node.name = name
             taken.add(name)
     return onnx.shape_inference.infer_shapes(out)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int | None:
+    """The version of the default ONNX domain ``proto`` imports (None when it imports none)."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def at_per_channel_opset(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str | None]:
+    """``proto`` at an opset where per-channel ``DequantizeLinear`` is valid, and what was done.
+
+    At opset >= :data:`PER_CHANNEL_OPSET` it is returned as is with ``None``; older, a shape-inferred copy
+    converted to that opset by ``onnx.version_converter`` with a note ``"opset 11 -> 13: ..."``; when the
+    converter fails, ``(None, reason)`` (the caller refuses: a per-channel QDQ model would not load)."""
+    version = _default_opset(proto)
+    if version is None or version >= PER_CHANNEL_OPSET:
+        return proto, None
+    try:
+        converted = onnx.version_converter.convert_version(proto, PER_CHANNEL_OPSET)
+        converted = onnx.shape_inference.infer_shapes(converted)
+    except Exception as exc:  # the converter raises RuntimeError or ValidationError, by op
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, (f"opset {version}: per-channel int8 needs opset {PER_CHANNEL_OPSET}, and onnx's version "
+                      f"converter failed ({first})")
+    converted.ir_version = max(converted.ir_version, proto.ir_version)
+    return converted, (f"opset {version} -> {PER_CHANNEL_OPSET}: per-channel DequantizeLinear needs opset "
+                       f"{PER_CHANNEL_OPSET} (onnx's version converter)")
 
 
 def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str, weight_bits: int = 8,

@@ -38,9 +38,13 @@ What it does
    the stats. ConvTranspose, grouped convs and layers :class:`~graphopt.compress.lstsq.LinearLayer`
    does not model keep onnxruntime's rounding.
 
+A model below opset 13 is converted to opset 13 first (per-channel ``DequantizeLinear`` needs its
+``axis``; :func:`graphopt.compress.ortquant.at_per_channel_opset`), and the stats say so (``opset``).
+
 Refused (the pass does nothing and says why): no sample data; no layer to quantize; a model that is
-already quantized. onnxruntime's quantizer is called in memory (:mod:`graphopt.compress.ortquant`): it
-writes no file, here or next to the input.
+already quantized; a model below opset 13 that onnx's version converter cannot convert. onnxruntime's
+quantizer is called in memory (:mod:`graphopt.compress.ortquant`): it writes no file, here or next to
+the input.
 """
 
 from __future__ import annotations
@@ -99,6 +103,9 @@ class Quantize(Pass):
         float_proto = ortquant.named(to_proto(model))
         if qdq.is_quantized(float_proto):
             return PassResult(False, {"quantized": 0, "skipped": "the model is already quantized"})
+        float_proto, opset_note = ortquant.at_per_channel_opset(float_proto)
+        if float_proto is None:
+            return PassResult(False, {"quantized": 0, "skipped": opset_note})
         fmodel = from_proto(float_proto)
         left = LeftAlone()
         small: set[str] = set()
@@ -110,6 +117,8 @@ class Quantize(Pass):
         bits = 8 if opt("weights") == "int8" else 4
         fmt = choose_format(opt("format"), layers, bits)
         stats: dict[str, Any] = {"weights": opt("weights"), "format": fmt}
+        if opset_note:
+            stats["opset"] = opset_note
         if fmt == "dynamic":
             proto = ortquant.dynamic(float_proto, exclude=small, op_types=("MatMul", "Gemm"))
             stats["refit"] = "none (dynamic quantization has no fixed input grid to fit against)"
