@@ -609,6 +609,29 @@ def test_near_fastest_off_or_unmeasured_measures_nothing(monkeypatch):
     assert seen == []
 
 
+def test_a_check_over_its_work_bound_keeps_the_least_error_allocation_unmeasured(monkeypatch):
+    """Measuring costs re-fits of the whole model (six with two candidates): over
+    ``near_fastest_check_tflop`` the near-ties are not measured and, unmeasured, not trusted: the
+    least-error allocation stays (what near_fastest=0 keeps), and the stats give the estimate."""
+    from graphopt.passes.lossy import prune
+
+    seen = _measured_as(monkeypatch, [])
+    _, result = _run(_cnn(c1=16, c2=32), _ctx(_data(96, labels=True), **_NEAR, near_fastest_check_tflop=1e-9))
+    near = result.stats["allocation"]["near_fastest"]
+    assert seen == [] and _kept(result) == {0: 12, 1: 20} and "moved" not in near
+    assert near["chosen"].startswith("least error: measuring 2 faster near-ties would cost")
+    assert near["check_tflop"] > 1e-9
+    # the estimate grows with the samples, the candidates and the layers' features
+    run = prune.PruneRun.__new__(prune.PruneRun)
+    layer = type("L", (), {"features": 99})()
+    run.layers, run.macs0 = {"a": layer}, 1000
+    run.data = _data(96)
+    small = prune.near_check_work(run, 2)
+    assert prune.near_check_work(run, 1) < small
+    run.layers = {"a": layer, "b": type("L", (), {"features": 199})()}
+    assert prune.near_check_work(run, 2) > small + 3 * 2 * 13 * 2 / 3 * 200 ** 3 * 0.99
+
+
 def test_trial_heldout_pools_both_folds_and_gives_verdicts_only_for_labelled_class_scores():
     from graphopt.core.onnx_io import from_proto
     from graphopt.passes.lossy import prune

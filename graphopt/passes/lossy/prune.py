@@ -327,6 +327,25 @@ def trial_error(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> float:
     return float(relative_error(ctx.ref_out, _outputs(ctx.pruned(keep_idx), ctx.hold, ctx.batch)))
 
 
+#: Ridge solves per re-fitted layer in one re-fit: choose_ridge's finite ridges on two folds, then the fit.
+_SOLVES_PER_LAYER = 2 * sum(1 for r in rec.RIDGES if np.isfinite(r)) + 1
+
+
+def near_check_work(run: PruneRun, candidates: int) -> float:
+    """Floating-point operations near_fastest's measured check is estimated to cost: ``1 + candidates``
+    allocations, each re-fitted and run on two folds of half the samples. A re-fit solves
+    ``_SOLVES_PER_LAYER`` ridge systems of ``(F + 1)²`` per consumer layer (``(2/3)(F + 1)³`` each, F its
+    features) and runs the model about three times over its fold (reference, pruned, held-out run:
+    ``2 · MACs`` each per sample). With two candidates: 0.004-0.1 TFLOP on the zoo (512 samples; vgg's
+    check took 10 s of CPU), 1.4 on EfficientNet-B0, 8.9 on DenseNet-121 and 10.7 on ResNet-50 at
+    224x224 with 64 samples (where the check, six re-fits of the model, takes longer than the rest of the
+    pass: issue 16's ten minutes would not hold)."""
+    solves = sum(_SOLVES_PER_LAYER * 2 / 3 * (layer.features + 1) ** 3 for layer in run.layers.values())
+    samples = 0 if run.data is None else run.data.n_samples
+    runs = 3 * 2.0 * float(run.macs0) * samples / 2
+    return (1 + candidates) * 2 * (solves + runs)
+
+
 def trial_heldout(ctx: TrialContext, keep_idx: Mapping[int, np.ndarray]) -> tuple[float, np.ndarray | None]:
     """The model pruned to ``keep_idx``, cross-validated over :attr:`TrialContext.folds` (re-fitted on each
     fold's fitting samples, run on its held-out ones, whose unpruned outputs the fold holds): the
@@ -1085,6 +1104,10 @@ class PruneFilters(Pass):
                                              "calibration samples and judged on the other, both ways) before "
                                              "one replaces it: the fastest not worse beyond noise is taken "
                                              "(0: the prediction decides, unmeasured)", int, low=0),
+        "near_fastest_check_tflop": Option(1.0, "most work near_fastest's measured check may cost, in 10^12 "
+                                                "floating-point operations as estimated before it runs "
+                                                "(near_check_work); above it the least-error allocation is "
+                                                "kept unmeasured", float, low=0),
         "near_fastest_window": Option(0.05, "how far below the MAC target near_fastest may go, as a fraction of "
                                             "the target (0.05: a pruned model keeps 95-100% of the MACs asked "
                                             "for, issue 5's bar)", float, low=0, high=1),
@@ -1397,6 +1420,13 @@ class PruneFilters(Pass):
                          check=f"none: the prediction decides{why}")
             return found[0].allocation, stats
         picks = found[:n]
+        work, limit = near_check_work(run, len(picks)), float(run.opt("near_fastest_check_tflop")) * 1e12
+        stats["check_tflop"] = _r(work / 1e12)
+        if work > limit:
+            # Unmeasured, the prediction is not trusted (it cost inception 0.45 points): keep the least error.
+            stats["chosen"] = (f"least error: measuring {len(picks)} faster near-ties would cost about "
+                               f"{work / 1e12:.3g} TFLOP of re-fits (near_fastest_check_tflop = {limit / 1e12:g})")
+            return alloc, stats
         tolerance, z = float(run.opt("near_fastest")), float(run.opt("guard_z"))
         first, second = run.data.split(run.data.n_samples // 2)
         folds = [(fit, held, _outputs(run.reference, held, run.batch))
