@@ -269,6 +269,8 @@ def test_prune_plus_finetune_on_a_zoo_model_end_to_end(tmp_path):
     stats = next(p["stats"] for p in json.loads(report.read_text())["passes"] if p["name"] == "finetune")
     assert stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]
     assert stats["self_check"]["passed"] and stats["augment"].startswith("shifts")
+    # one torch thread: the training thread's CPU time cannot exceed the training's wall time
+    assert 0 < stats["seconds_training_thread_cpu"] <= stats["seconds_training"] + 0.05
     assert code in (0, 1) and (out.exists() == (code == 0))
 
 

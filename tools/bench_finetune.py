@@ -21,9 +21,16 @@ Commands::
     python tools/bench_finetune.py [--models vgg,resnet,mobilenetv2] [--targets 0.5,0.35,0.25]
                                    [--full] [--epochs 2] [--lr LR] [--steps 300] [--threads N]
                                    [--option KEY=VALUE ...] [--skip-calib] [--rounds 3]
+                                   [--seeds 0] [--prune-option KEY=VALUE ...]
 
 ``--threads`` and ``--option`` (finetune options, e.g. ``temperature=1``) apply to both fine-tuning
-columns, ``--lr`` to the 60k column; left out, the pass's defaults hold.
+columns, ``--lr`` to the 60k column; left out, the pass's defaults hold. ``--prune-option`` passes
+``prune_filters`` options to the pruning (e.g. ``multiple=16``); the ``kept`` column is the allocation
+(kept channels per group). ``--seeds 0,1,2`` fine-tunes the same pruned model once per seed: the cell
+gives each seed's accuracy, their mean and the spread (max − min). Each time cell also gives the
+training thread's CPU time (``seconds_training_thread_cpu``): on an idle machine a step takes about
+that (the next batch is made in the other thread), so it is the training time on this machine
+unloaded; the wall time under load is an upper bound.
 """
 
 from __future__ import annotations
@@ -86,9 +93,9 @@ def write_shards(folder: Path, images: np.ndarray, shards: int = 6) -> Path:
     return folder
 
 
-def finetune(name: str, pruned, calib, options: dict, train_data: Path | None):
+def finetune(name: str, pruned, calib, options: dict, train_data: Path | None, seed: int = 0):
     model = pruned.clone()
-    ctx = PassContext(options={"finetune": options}, seed=0, data=calib, original=load(MODELS / f"{name}.onnx"),
+    ctx = PassContext(options={"finetune": options}, seed=seed, data=calib, original=load(MODELS / f"{name}.onnx"),
                       train_data=train_data)
     started, cpu = time.perf_counter(), time.process_time()
     result = get_pass("finetune").run(model, ctx)
@@ -107,8 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a finetune option for both columns (repeatable)")
     parser.add_argument("--skip-calib", action="store_true", help="leave out the calibration-only column")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="speed-up rounds (0: not timed)")
+    parser.add_argument("--seeds", default="0", help="fine-tuning seeds, comma-separated (one run each)")
+    parser.add_argument("--prune-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a prune_filters option for the pruning (repeatable)")
     args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    prune_options = {f"prune_filters.{k}": v for k, v in (_parse(o) for o in args.prune_option)}
     common = dict(_parse(o) for o in args.option)
     if args.threads is not None:
         common["threads"] = args.threads
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     test_x, test_y = read_images("t10k"), read_labels("t10k")
     tmp = tempfile.TemporaryDirectory(prefix="bench_finetune_")
     shards = write_shards(Path(tmp.name), read_images("train")) if args.full else None
-    header = ["model", "target MACs", "reached", "original", "least squares only"]
+    header = ["model", "target MACs", "kept", "reached", "original", "least squares only"]
     if not args.skip_calib:
         header.append("+ finetune, 512 calib (time)")
     if args.full:
@@ -131,22 +143,26 @@ def main(argv: list[str] | None = None) -> None:
         acc0 = accuracy(to_proto(original), test_x, test_y)
         macs0 = analysis.analyze(original).macs
         for target in [float(t) for t in args.targets.split(",")]:
-            pruned = optimize(path, preset="prune", target_macs=target, data=calib, run_verify=False).ir
+            result = optimize(path, preset="prune", target_macs=target, data=calib, options=prune_options,
+                              run_verify=False)
+            pruned = result.ir
+            groups = next(p["stats"] for p in result.report["passes"] if p["name"] == "prune_filters")["groups"]
             reached = analysis.analyze(pruned).macs / macs0
             acc_ls = accuracy(to_proto(pruned), test_x, test_y)
-            row = [name, f"{target:g}", f"{reached:.3f}", f"{acc0:.2f}", f"{acc_ls:.2f}"]
+            kept = " ".join(str(g["channels_after"]) for g in groups)
+            row = [name, f"{target:g}", kept, f"{reached:.3f}", f"{acc0:.2f}", f"{acc_ls:.2f}"]
             if not args.skip_calib:
                 calib_opts = {**common, **({"steps": args.steps} if args.steps else {})}
-                model, stats, seconds = finetune(name, pruned, calib, calib_opts, None)
-                row.append(_cell(model, stats, seconds, test_x, test_y))
+                row.append(_cells([_scored(finetune(name, pruned, calib, calib_opts, None, seed), test_x, test_y)
+                                   for seed in seeds]))
             if args.full:
-                model, stats, seconds = finetune(name, pruned, calib, {**common, "epochs": args.epochs,
-                                                                   **({"lr": args.lr} if args.lr else {})}, shards)
-                row.append(_cell(model, stats, seconds, test_x, test_y))
+                full_opts = {**common, "epochs": args.epochs, **({"lr": args.lr} if args.lr else {})}
+                row.append(_cells([_scored(finetune(name, pruned, calib, full_opts, shards, seed), test_x, test_y)
+                                   for seed in seeds]))
             feeds = {"input": test_x[:64]}
             ratios = [a / b for a, b in (ab_seconds(to_proto(original), to_proto(pruned), runs=40, feeds=feeds)
                                          for _ in range(args.rounds))]
-            row.append(f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+            row.append(f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "not timed")
             print("| " + " | ".join(row) + " |", flush=True)
     tmp.cleanup()
 
@@ -161,11 +177,38 @@ def _parse(text: str) -> tuple[str, object]:
     return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
-def _cell(model, stats: dict, seconds: tuple[float, float], test_x, test_y) -> str:
-    time_text = f"{seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU"
-    if stats.get("skipped"):
-        return f"unchanged: {stats['skipped']} ({time_text})"
-    return f"{accuracy(to_proto(model), test_x, test_y):.2f} ({time_text}, {stats['steps']} steps)"
+def _scored(run: tuple, test_x, test_y) -> tuple[float | None, dict, tuple[float, float]]:
+    """``(test accuracy or None when the pass left the model unchanged, stats, seconds)``; the run's
+    line goes to stderr at once, so a long series shows its progress."""
+    model, stats, seconds = run
+    acc = None if stats.get("skipped") else accuracy(to_proto(model), test_x, test_y)
+    print(f"  {acc if acc is not None else stats['skipped']} ({_times(stats, seconds)})", file=sys.stderr, flush=True)
+    return acc, stats, seconds
+
+
+def _cells(runs: list[tuple]) -> str:
+    """One run: its accuracy and times. Several seeds: each seed's accuracy, the mean and the spread
+    (max − min), and each run's times."""
+    if len(runs) == 1 or any(acc is None for acc, _, _ in runs):
+        return "; ".join(_cell(*run) for run in runs)
+    accs = [acc for acc, _, _ in runs]
+    return (f"mean {np.mean(accs):.2f}, spread {max(accs) - min(accs):.2f} ("
+            + ", ".join(f"{a:.2f}" for a in accs) + f"; {runs[0][1]['steps']} steps; "
+            + "; ".join(_times(stats, seconds) for _, stats, seconds in runs) + ")")
+
+
+def _times(stats: dict, seconds: tuple[float, float]) -> str:
+    text = f"{seconds[0]:.0f} s wall, {seconds[1]:.0f} s CPU"
+    if "seconds_training_thread_cpu" in stats:
+        text += (f", training {stats['seconds_training']:.0f} s wall / "
+                 f"{stats['seconds_training_thread_cpu']:.0f} s thread CPU")
+    return text
+
+
+def _cell(acc: float | None, stats: dict, seconds: tuple[float, float]) -> str:
+    if acc is None:
+        return f"unchanged: {stats['skipped']} ({_times(stats, seconds)})"
+    return f"{acc:.2f} ({_times(stats, seconds)}, {stats['steps']} steps)"
 
 
 if __name__ == "__main__":

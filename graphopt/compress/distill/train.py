@@ -57,10 +57,16 @@ class Settings:
 
 @dataclass
 class Log:
-    """What a training run did: the loss per step (smoothed for the progress line) and its time."""
+    """What a training run did: the loss per step (smoothed for the progress line), its wall time and
+    the CPU time of the thread that trains (the student's forward and backward passes; the next batch
+    is made in another thread; with more than one torch thread, only this thread's share). On an
+    idle machine with a core for each thread a step takes about the student's time, so
+    ``thread_seconds`` is what the training costs there; ``seconds`` also counts waiting for a
+    shared machine."""
 
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    thread_seconds: float = 0.0
 
     def summary(self) -> dict[str, float]:
         if not self.losses:
@@ -179,7 +185,7 @@ def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]
     """Train ``graph``'s parameters for ``settings.steps`` batches of ``(feeds, teacher outputs)``;
     ``progress(step, smoothed loss)``."""
     log = Log()
-    started = time.perf_counter()
+    started, thread_started = time.perf_counter(), time.thread_time()
     params = list(graph.parameters())
     opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if settings.steps >= 4:
@@ -207,6 +213,7 @@ def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]
         if progress is not None:
             progress(step + 1, smoothed)
     log.seconds = time.perf_counter() - started
+    log.thread_seconds = time.thread_time() - thread_started
     return log
 
 

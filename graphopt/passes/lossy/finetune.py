@@ -205,7 +205,8 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
                            f"{before['loss']:.3g})", **left.into(stats))
     with Prefetch(labelled(source.batches(batch_size, rng), augment, teacher, rng)) as batches:
         log = fit(graph, batches, out_kinds, settings, _progress(ctx, steps))
-    stats.update(loss=log.summary(), seconds_training=round(log.seconds, 2))
+    stats.update(loss=log.summary(), seconds_training=round(log.seconds, 2),
+                 seconds_training_thread_cpu=round(log.thread_seconds, 2))
     if held is not None:
         after, after_each = evaluate(graph, teacher, held, out_kinds, settings, batch_size)
         verdict = held_out_verdict(before_each, after_each)
