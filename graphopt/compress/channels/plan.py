@@ -11,8 +11,8 @@ sliced weights and by the shape constants the shrink rewrites (:func:`.shapes.sh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,7 +231,7 @@ class PlanCost:
         """Predicted seconds of the touched nodes under the plan (see ``ChannelAnalysis.time``).
 
         Priced as a difference: from the unpruned model (the nodes of every group the plan changes), or,
-        when fewer groups differ from the last plan priced that way (``fastest_near`` prices thousands of
+        when fewer groups differ from the last plan priced that way (``budget.near_candidates`` prices thousands of
         neighbours of one allocation, each one or two groups away from it), from that plan, re-timing only
         the nodes of the groups that differ. Both sum the same node times."""
         key = (id(latency), batch, steps)
