@@ -27,6 +27,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -57,19 +58,22 @@ def _accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred.argmax(axis=1) == y).mean() * 100)
 
 
-def _ort_static(float_proto: onnx.ModelProto, calib: np.ndarray) -> onnx.ModelProto:
+def ort_static(float_proto: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` with its defaults and per-channel weights, calibrated on ``feeds``
+    (feed dicts), in a private temporary working directory (its pre-processing and symbolic inference
+    write into the working directory)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i:i + 64]} for i in range(0, len(calib), 64)])
+            self.batches = iter(feeds)
 
         def get_next(self):
             return next(self.batches, None)
 
     here = os.getcwd()
     with tempfile.TemporaryDirectory() as folder:
-        os.chdir(folder)  # its pre-processing and symbolic inference write into the working directory
+        os.chdir(folder)
         try:
             onnx.save(float_proto, "float.onnx")
             quantize_static("float.onnx", "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
@@ -87,7 +91,8 @@ def variants(name: str, calib_path: str, calib: np.ndarray):
     original = onnx.load(path)
     yield "float", original
     lossless = _optimize(path, calib_path)
-    yield "ort static (S8S8, per-channel)", _ort_static(lossless, calib)
+    yield "ort static (S8S8, per-channel)", ort_static(lossless, ({"input": calib[i:i + 64]}
+                                                                 for i in range(0, len(calib), 64)))
     yield "graphopt int8", _optimize(path, calib_path, preset="int8")
     if name in CNNS:
         yield "prune 0.5", _optimize(path, calib_path, preset="prune", target_macs=0.5)

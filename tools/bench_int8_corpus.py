@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import graphopt  # noqa: E402
+from bench_int8 import ort_static  # noqa: E402
 from bench_pair import ab_seconds  # noqa: E402
 from graphopt.app import api  # noqa: E402
 from graphopt.core.onnx_io import from_proto  # noqa: E402
@@ -126,29 +125,6 @@ def score(ref: list[list[np.ndarray]], got: list[list[np.ndarray]], labels: np.n
     return float(min(snrs))
 
 
-def ort_static(float_proto: onnx.ModelProto, calib: SampleData) -> onnx.ModelProto:
-    """onnxruntime's ``quantize_static`` with its defaults and per-channel weights, in a private temporary
-    working directory (its pre-processing and symbolic inference write into the working directory)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = calib.batches(64)
-
-        def get_next(self):
-            return next(self.feeds, None)
-
-    here = os.getcwd()
-    with tempfile.TemporaryDirectory() as folder:
-        os.chdir(folder)
-        try:
-            onnx.save(float_proto, "float.onnx")
-            quantize_static("float.onnx", "int8.onnx", Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-            return onnx.load("int8.onnx")
-        finally:
-            os.chdir(here)
-
-
 def variants(entry: dict, proto: onnx.ModelProto, calib: SampleData
              ) -> Iterator[tuple[str, Callable[[], onnx.ModelProto]]]:
     """(label, builder) per row; a builder may raise (the row then shows the error)."""
@@ -157,7 +133,7 @@ def variants(entry: dict, proto: onnx.ModelProto, calib: SampleData
                                          run_verify=False, **kw).model
 
     yield "float", lambda: proto
-    yield "ort static (S8S8, per-channel)", lambda: ort_static(opt(proto)(), calib)
+    yield "ort static (S8S8, per-channel)", lambda: ort_static(opt(proto)(), calib.batches(64))
     yield "graphopt int8", opt(proto, preset="int8")
     presets = entry.get("presets", [])
     for preset, target in (("prune", {"target_macs": 0.7}), ("lowrank", {"target_params": 0.7})):

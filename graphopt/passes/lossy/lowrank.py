@@ -878,21 +878,24 @@ def compensate(model: Model, plans: list[Plan], data: SampleData, *, ridge: floa
                 del proto, weights
             for k, plan in enumerate(group):
                 pending.remove(plan.site.name)
-                extra: dict[str, Any] = {}
-                if k in too_few:
-                    extra["refit"] = too_few[k]
-                elif k not in grams:
-                    extra["refit"] = f"not refitted: {layers[plan.site.name]}"
-                else:
-                    refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
-                    if isinstance(refit, str):
-                        extra["refit"] = refit
-                    else:
-                        plan, err = refit
-                        extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
-                records.append({**plan.record(), **extra})
+                why = too_few.get(k) or (None if k in grams else f"not refitted: {layers[plan.site.name]}")
+                plan, record = _refitted(plan, grams.get(k), why, ridge, shrink, min_rows)
+                records.append(record)
                 apply_plan(graph, plan)
     return records
+
+
+def _refitted(plan: Plan, gram: lstsq.CrossGram | None, why: str | None, ridge: float, shrink: float,
+              min_rows: float) -> tuple[Plan, dict[str, Any]]:
+    """``plan`` re-fitted on ``gram`` (:func:`refit_plan`) and its record; ``why`` (or the re-fit's own
+    refusal) is recorded instead when it is not re-fitted."""
+    if why is None:
+        refit = refit_plan(plan, gram, ridge, shrink, min_rows)
+        if not isinstance(refit, str):
+            plan, err = refit
+            return plan, {**plan.record(), "rel_error_vs_original_layer": float(f"{err:.6g}")}
+        why = refit
+    return plan, {**plan.record(), "refit": why}
 
 
 def compensate_in_shards(model: Model, plans: list[Plan], stream: Any, head: SampleData, *, executor: Any,
@@ -928,17 +931,9 @@ def compensate_in_shards(model: Model, plans: list[Plan], stream: Any, head: Sam
             grams = {k: part[0][0] for k, part in zip(keys, parts)}
         i += len(group)
         for k, plan in enumerate(group):
-            extra: dict[str, Any] = {}
-            if k not in grams:
-                extra["refit"] = f"not refitted: {layers[plan.site.name]}"
-            else:
-                refit = refit_plan(plan, grams[k], ridge, shrink, min_rows)
-                if isinstance(refit, str):
-                    extra["refit"] = refit
-                else:
-                    plan, err = refit
-                    extra["rel_error_vs_original_layer"] = float(f"{err:.6g}")
-            records.append({**plan.record(), **extra})
+            why = None if k in grams else f"not refitted: {layers[plan.site.name]}"
+            plan, record = _refitted(plan, grams.get(k), why, ridge, shrink, min_rows)
+            records.append(record)
             apply_plan(graph, plan)
     return records
 
