@@ -91,8 +91,8 @@ run on the price, with a price budget bisected until the cost meets the target. 
 least-error allocation for its time budget, so at the MAC target the channels removed are those that
 cost the least error per second saved.
 
-Fastest among near-equals (:func:`fastest_near`)
-------------------------------------------------
+Fastest among near-equals (:func:`near_candidates`)
+---------------------------------------------------
 After an allocation, its neighbours (one unit deeper; one unit a level up and another down until the
 target is met again) whose predicted error is within a relative tolerance of its own are compared by a
 second price (a target CPU's predicted time, which may step where the cost is smooth), and the
@@ -133,7 +133,6 @@ __all__ = [
     "Unit",
     "allocate",
     "allocate_priced",
-    "fastest_near",
     "guarded",
     "levels",
     "predicted_error",
@@ -761,22 +760,6 @@ def uniform_at(units: Sequence[Unit], sens: Sensitivity | None, cost: Cost, targ
         keep, c = best
     error = math.nan if sens is None else predicted_error(units, sens, keep)
     return Allocation(keep, c, error, c <= target, 0, float(target))
-
-
-def fastest_near(units: Sequence[Unit], sens: Sensitivity, cost: Cost, alloc: Allocation, price: Cost, *,
-                 tolerance: float, min_gain: float = 0.01, floor: float | None = None
-                 ) -> tuple[Allocation, dict[str, Any]]:
-    """Among the allocations next to ``alloc`` that meet its target and whose predicted error is within
-    ``tolerance`` (relative) of ``alloc``'s (both under ``sens``), the one with the least ``price`` (e.g. the
-    target CPU's predicted time), and what was compared: the first of :func:`near_candidates`, or
-    ``alloc`` unchanged when there is none."""
-    found, stats = near_candidates(units, sens, cost, alloc, price, tolerance=tolerance, min_gain=min_gain,
-                                   floor=floor)
-    if not found:
-        return alloc, stats
-    best = found[0]
-    stats.update(price_chosen=best.price, moved=best.moved)
-    return best.allocation, stats
 
 
 @dataclass(frozen=True)

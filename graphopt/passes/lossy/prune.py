@@ -83,7 +83,7 @@ Plan
    (option ``near_fastest``, a MAC target only): the least-error allocation's neighbours (one group
    deeper; one group a level up and another down to meet the target again) whose predicted error is
    within that fraction (default 0.1) of its own are compared by the target's *step-aware* predicted
-   time (:func:`graphopt.compress.budget.fastest_near`; channels padded to whole blocks, blocked dense
+   time (:func:`graphopt.compress.budget.near_candidates`; channels padded to whole blocks, blocked dense
    convs charged by whole filter sets of 4 blocks, :meth:`graphopt.measure.latency.Nchwc.pass_factor`),
    among those faster by more than 1% that keep at least ``1 − near_fastest_window`` (default 0.95) of
    the MACs asked for (issue 5: a pruned model's MACs are within 5% of the target; resnet's fastest
