@@ -9,9 +9,15 @@ on the AVX2 machine refreshes the shipped one. What stays here is the held-out c
             models (after the lossless preset) at batch 1 and 64 (sum of the predicted kernel times
             against the measured sum of kernel times in the profiler, and against the wall-clock time).
 
+``int8``  — measures only the int8 kinds (fused int8 convs and GEMMs, and the conversions around them)
+            and writes their coefficients into an existing profile, its float kinds untouched: how the
+            shipped AVX2 profile got its int8 prices without re-fitting the float ones every pruning
+            result rests on.
+
 Commands::
 
     python tools/calibrate_latency.py check [--profile FILE | --target-cpu KIND] [--seed 1]
+    python tools/calibrate_latency.py int8 --into graphopt/data/latency_avx2.json
 """
 
 from __future__ import annotations
@@ -83,6 +89,27 @@ def cmd_check(args) -> None:
                   f"{wall * 1e3:.3f} | {ratios[0]} | {ratios[1]} |", flush=True)
 
 
+def cmd_int8(args) -> None:
+    import datetime
+
+    import onnxruntime as ort
+
+    path = Path(args.into)
+    model = lat.LatencyModel.from_json(__import__("json").loads(path.read_text()))
+    kernels = [k for k in cal.kernel_set(model.path, args.seed, args.scale) if k.kind in lat.INT8_KINDS]
+    records = cal.measure(kernels, seconds=0.15)
+    overhead = cal.profiler_overhead()
+    coefficients, quality = cal.fit(records, overhead)
+    int8 = {k: coefficients[k] for k in lat.INT8_KINDS if k in coefficients}
+    model.coefficients.update(int8)
+    model.meta["int8"] = {"command": "python tools/calibrate_latency.py int8 --into " + args.into,
+                          "date": datetime.date.today().isoformat(), "onnxruntime": ort.__version__,
+                          "seed": args.seed, "kernels": len(records), "profiler_overhead_us": round(overhead * 1e6, 3),
+                          "fit": {k: quality[k] for k in int8}}
+    path.write_text(model.to_text())
+    _print_quality(f"int8 kinds written into {path}", {k: quality[k] for k in int8})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -92,9 +119,13 @@ def main() -> None:
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--scale", type=float, default=1.0, help="kernels per kind, as a fraction of the quotas")
     c.add_argument("--models", default=",".join(ZOO))
+    q = sub.add_parser("int8")
+    q.add_argument("--into", required=True, help="the profile file to add the int8 coefficients to")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--scale", type=float, default=1.0)
     args = ap.parse_args()
     with scratch.run():
-        cmd_check(args)
+        {"check": cmd_check, "int8": cmd_int8}[args.cmd](args)
 
 
 if __name__ == "__main__":

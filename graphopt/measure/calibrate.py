@@ -50,7 +50,10 @@ __all__ = ["MAX_ELEMENTS", "QUOTAS", "Kernel", "calibrate", "conv_model", "eltwi
 
 #: Kernels measured per kind at ``scale=1`` (the shipped AVX2 profile was fitted on about these counts).
 QUOTAS = {"pointwise": 64, "conv": 224, "depthwise": 72, "im2col": 48, "grouped_im2col": 72, "gemm": 60,
-          "elementwise": 60}
+          "elementwise": 60, "int8_conv": 96, "int8_depthwise": 40, "int8_gemm": 40, "int8_dynamic_gemm": 40}
+#: The int8 kinds' kernels are drawn from their own seeded generator (``seed + INT8_SEED_OFFSET``), so the
+#: float kinds' set is the one profiles calibrated before int8 kernels were priced used.
+INT8_SEED_OFFSET = 1000
 
 Progress = Callable[[int, int, str], None]
 
@@ -172,6 +175,67 @@ def eltwise_model(op: str, batch: int, c: int, hw: int) -> onnx.ModelProto:
     return _model([helper.make_node(op, ["x"], ["y"])], [x], [])
 
 
+def _qdq(name: str, scale: float, zero_point: int) -> tuple[list, list]:
+    """``name`` through a uint8 ``QuantizeLinear → DequantizeLinear`` pair (static activation quantization)."""
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+             numpy_helper.from_array(np.array(zero_point, np.uint8), f"{name}_z")]
+    nodes = [helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_z"], [f"{name}_q"]),
+             helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])]
+    return nodes, inits
+
+
+def _int8_weight(w: np.ndarray, axis: int) -> tuple[list, list]:
+    """A per-channel symmetric int8 weight (7-bit codes, as graphopt writes them for AVX2) and its
+    ``DequantizeLinear`` along ``axis``."""
+    scale = np.maximum(np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)), 1e-8) / 63
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    codes = np.clip(np.round(w / scale.reshape(shape)), -64, 63).astype(np.int8)
+    inits = [numpy_helper.from_array(codes, "Wq"), numpy_helper.from_array(scale.astype(np.float32), "Ws"),
+             numpy_helper.from_array(np.zeros(len(scale), np.int8), "Wz")]
+    return [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=axis)], inits
+
+
+def int8_conv_model(batch: int, cin: int, cout: int, kernel: tuple[int, int], hw: int, group: int,
+                    stride: int) -> onnx.ModelProto:
+    """:func:`conv_model`'s Conv + Relu in static QDQ form (uint8 activations, per-channel int8 weights,
+    int32 bias): onnxruntime fuses it into one NHWC ``QLinearConv`` between a quantize and a transpose in,
+    a transpose and a dequantize out."""
+    float_model = conv_model(batch, cin, cout, kernel, hw, group, stride)
+    conv = float_model.graph.node[0]
+    w, b = (numpy_helper.to_array(t) for t in float_model.graph.initializer)
+    x_scale = 3.0 / 127
+    x_nodes, x_inits = _qdq("x", x_scale, 128)
+    w_nodes, w_inits = _int8_weight(w, 0)
+    bias_scale = (x_scale * numpy_helper.to_array(w_inits[1])).astype(np.float32)
+    b_inits = [numpy_helper.from_array(np.round(b / bias_scale).astype(np.int32), "Bq"),
+               numpy_helper.from_array(bias_scale, "Bs")]
+    b_nodes = [helper.make_node("DequantizeLinear", ["Bq", "Bs"], ["B"], axis=0)]
+    z_nodes, z_inits = _qdq("z", 0.1, 0)
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    layer = [helper.make_node("Conv", ["x_dq", "W", "B"], ["y"], **attrs), helper.make_node("Relu", ["y"], ["z"])]
+    return _model([*x_nodes, *w_nodes, *b_nodes, *layer, *z_nodes],
+                  [helper.make_tensor_value_info("x", 1, [batch, cin, hw, hw])],
+                  [*x_inits, *w_inits, *b_inits, *z_inits])
+
+
+def int8_gemm_model(m: int, k: int, n: int, dynamic: bool) -> onnx.ModelProto:
+    """A ``[m, k] x [k, n]`` MatMul with a per-channel int8 weight: static QDQ (onnxruntime fuses
+    ``QLinearMatMul``) or, ``dynamic``, the fused ``DynamicQuantizeMatMul`` dynamic quantization becomes."""
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    w_nodes, w_inits = _int8_weight(w, 1)
+    x = helper.make_tensor_value_info("x", 1, [m, k])
+    if dynamic:
+        node = helper.make_node("DynamicQuantizeMatMul", ["x", "Wq", "Ws", "Wz"], ["y"], domain="com.microsoft")
+        model = _model([node], [x], w_inits)
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return model
+    x_nodes, x_inits = _qdq("x", 3.0 / 127, 128)
+    y_nodes, y_inits = _qdq("y", 0.5, 128)
+    return _model([*x_nodes, *w_nodes, helper.make_node("MatMul", ["x_dq", "W"], ["y"]), *y_nodes], [x],
+                  [*x_inits, *w_inits, *y_inits])
+
+
 CHANNELS = (1, 3, 8, 12, 16, 24, 32, 40, 48, 64, 72, 96, 128, 160, 192, 256, 320, 384, 512)
 ODD = (5, 7, 9, 10, 11, 13, 17, 21, 27, 33, 50, 75, 100, 130)
 SPATIAL = (4, 7, 8, 14, 16, 28, 32, 56, 112)
@@ -244,6 +308,28 @@ def _eltwise(rng: np.random.Generator) -> Iterator[Kernel]:
                      (op,), lambda a=(op, batch, c, hw): eltwise_model(*a))
 
 
+def _int8_convs(rng: np.random.Generator) -> Iterator[Kernel]:
+    """:func:`_convs`'s shapes as fused int8 convs (``int8_conv``, ``int8_depthwise``): NHWC, unblocked,
+    so their features are the unpadded ones (:func:`graphopt.measure.latency.int8_work`)."""
+    for kernel in _convs(rng, lat.Nchwc(1, 1)):
+        batch, cin, cout, size, hw, group, stride = kernel.config
+        out = (hw + stride - 1) // stride
+        work = lat.conv_work(batch, cin, cout, size, (hw, hw), (out, out), group, blocked=False, padded=False)
+        kind = "int8_depthwise" if group == cin == cout > 1 else "int8_conv"
+        yield Kernel(kind, work.features, kernel.config, ("QLinearConv",),
+                     lambda c=kernel.config: int8_conv_model(*c))
+
+
+def _int8_gemms(rng: np.random.Generator) -> Iterator[Kernel]:
+    for i in itertools.count():
+        m, k, n = int(rng.choice((1, 4, 16, 64, 256, 1024, 4096))), int(rng.choice(GEMM_SIZES)), \
+            int(rng.choice(GEMM_SIZES))
+        dynamic = i % 2 == 1
+        ops = ("DynamicQuantizeMatMul",) if dynamic else ("QLinearMatMul", "QGemm", "MatMulIntegerToFloat")
+        yield Kernel("int8_dynamic_gemm" if dynamic else "int8_gemm", lat.gemm_work(m, k, n).features,
+                     (m, k, n, dynamic), ops, lambda a=(m, k, n, dynamic): int8_gemm_model(*a))
+
+
 #: Largest input or output (elements) a calibration kernel may have: 2^25 floats are 128 MiB, which
 #: keeps the whole calibration's memory near 1 GB (an unbounded element-wise op at batch 64 reached 4 GB).
 MAX_ELEMENTS = 2 ** 25
@@ -255,10 +341,11 @@ def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: flo
     1e4 and ``max_macs`` MACs (element-wise ops: any) with no input or output over :data:`MAX_ELEMENTS`;
     a kind ``path`` never produces (no blocked kinds without NCHWc) stays short after ``tries`` draws.
     Deterministic for a seed and a path."""
-    rng = np.random.default_rng(seed)
+    rng, rng8 = np.random.default_rng(seed), np.random.default_rng(seed + INT8_SEED_OFFSET)
     want = {kind: max(3, int(round(q * scale))) for kind, q in QUOTAS.items()}
     got: dict[str, list[Kernel]] = {kind: [] for kind in QUOTAS}
-    sources = {"conv": _convs(rng, path), "gemm": _gemms(rng), "elementwise": _eltwise(rng)}
+    sources = {"conv": _convs(rng, path), "gemm": _gemms(rng), "elementwise": _eltwise(rng),
+               "int8_conv": _int8_convs(rng8), "int8_gemm": _int8_gemms(rng8)}
     for _ in range(tries):
         if all(len(got[k]) >= want[k] for k in got):
             break
@@ -273,14 +360,22 @@ def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: flo
 
 def measure(kernels: list[Kernel], seconds: float = 0.15, progress: Progress | None = None) -> list[dict]:
     """Records ``{kind, features, seconds, config, op}``: each kernel profiled alone (its model's one
-    kernel of the expected op; a model onnxruntime splits into several kernels is skipped)."""
+    kernel of the expected op; a model onnxruntime splits into several kernels is skipped). An int8
+    kernel's model also yields one ``convert`` record per quantize, dequantize or layout transpose
+    around it (:data:`graphopt.measure.latency.CONVERT_OPS`), over the larger of its input and output."""
     records: list[dict] = []
     for i, kernel in enumerate(kernels):
         if progress is not None:
             progress(i, len(kernels), kernel.kind)
-        events = [e for e in profile_kernels(kernel.build(), seconds=seconds) if e["op"] in kernel.ops]
+        profiled = profile_kernels(kernel.build(), seconds=seconds)
+        events = [e for e in profiled if e["op"] in kernel.ops]
         if len(events) != 1:
             continue
+        if kernel.kind.startswith("int8_"):
+            for e in (e for e in profiled if e["op"] in lat.CONVERT_OPS):
+                elements = max(int(np.prod(s)) for s in e["inputs"] + e["outputs"])
+                records.append({"kind": "convert", "features": list(lat.convert_work(elements).features),
+                                "seconds": e["seconds"], "config": list(map(str, kernel.config)), "op": e["op"]})
         features = kernel.features
         if kernel.kind == "elementwise":  # its largest input or output, as the profiler saw it
             features = lat.elementwise_work(max(int(np.prod(s)) for s in events[0]["inputs"]
@@ -328,8 +423,10 @@ def fit(records: list[dict], overhead: float) -> tuple[dict[str, np.ndarray], di
     """Per kind: non-negative ``c`` minimizing ``sum(((phi . c - t) / t)^2)`` over the measured times less the
     profiler's ``overhead``, and the fit's relative errors (a kind without records: zeros, ``n = 0``)."""
     coefficients, quality = {}, {}
-    for kind in lat.KINDS:
+    for kind in lat.KINDS + lat.INT8_KINDS:
         rows = [r for r in records if r["kind"] == kind]
+        if not rows and kind in lat.INT8_KINDS:
+            continue  # a profile without int8 prices (zeros would make int8 free)
         if not rows:
             coefficients[kind], quality[kind] = np.zeros(len(lat.FEATURES)), {"n": 0}
             continue

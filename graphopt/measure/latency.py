@@ -73,6 +73,10 @@ import numpy as np
 from graphopt.core.ir import Node, Value
 
 KINDS = ("pointwise", "conv", "depthwise", "im2col", "grouped_im2col", "gemm", "elementwise")
+#: The int8 kernels (module docstring, "int8"); optional in a profile: one calibrated before them has none.
+INT8_KINDS = ("int8_conv", "int8_depthwise", "int8_gemm", "int8_dynamic_gemm", "convert")
+#: Ops of an optimized graph that only convert between float and int8 or between layouts: ``convert``.
+CONVERT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput"})
 FEATURES = ("kernel", "macs", "outputs", "inputs", "weights", "calls")
 DEFAULT_PROFILE = Path(__file__).parents[1] / "data" / "latency_avx2.json"
 
@@ -191,6 +195,33 @@ def elementwise_work(elements: int) -> Work:
     return Work("elementwise", (1.0, 0.0, float(elements), 0.0, 0.0, 0.0))
 
 
+def convert_work(elements: int) -> Work:
+    """One ``QuantizeLinear``, ``DequantizeLinear`` or layout ``Transpose``/``Reorder`` of ``elements`` values."""
+    return Work("convert", (1.0, 0.0, float(elements), 0.0, 0.0, 0.0))
+
+
+def int8_work(node: Node, dims: Callable[[Value], Dims | None], *, dynamic: bool = False) -> Work | None:
+    """The :class:`Work` of ``node`` (a float Conv, Gemm or MatMul) run as onnxruntime's fused int8 kernel:
+    a Conv as ``QLinearConv`` (NHWC, no channel blocks, so its features are the unpadded ones; depthwise
+    or not), a Gemm / MatMul as ``QLinearMatMul`` / ``QGemm`` (static) or ``DynamicQuantizeMatMul``
+    (``dynamic``: the input's quantization included). ``None`` for any other op or an unknown shape."""
+    if node.op_type == "Conv":
+        work = _conv_node_work(node, dims, Nchwc(), False, False)
+        if work is None:
+            return None
+        return Work("int8_depthwise" if work.kind == "grouped_im2col" and _depthwise(node, dims) else "int8_conv",
+                    work.features)
+    if node.op_type in ("Gemm", "MatMul"):
+        work = _gemm_node_work(node, dims)
+        return None if work is None else Work("int8_dynamic_gemm" if dynamic else "int8_gemm", work.features)
+    return None
+
+
+def _depthwise(node: Node, dims: Callable[[Value], Dims | None]) -> bool:
+    x, w = dims(node.inputs[0]), dims(node.inputs[1])
+    return x is not None and w is not None and w[1] == 1 and x[1] == w[0] > 1
+
+
 @dataclass
 class LatencyModel:
     """Coefficients per kind (seconds per feature unit) and the NCHWc path rule they were measured with.
@@ -204,10 +235,16 @@ class LatencyModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def time(self, work: Work | None) -> float | None:
-        """Predicted seconds of one kernel (``None`` in, ``None`` out)."""
-        if work is None:
+        """Predicted seconds of one kernel (``None`` in, ``None`` out, and for an int8 kind the profile
+        has no coefficients for: :attr:`has_int8`)."""
+        if work is None or work.kind not in self.coefficients:
             return None
         return float(np.dot(self.coefficients[work.kind], work.features))
+
+    @property
+    def has_int8(self) -> bool:
+        """The profile prices onnxruntime's int8 kernels (calibrated with them)."""
+        return all(k in self.coefficients for k in INT8_KINDS)
 
     def conv(self, batch: int, cin: int, cout: int, kernel: Dims, in_spatial: Dims, out_spatial: Dims,
              group: int = 1, *, padded: bool = True) -> float:
@@ -236,6 +273,9 @@ class LatencyModel:
         missing = [k for k in KINDS if k not in data["coefficients"]]
         if missing:
             raise ValueError(f"latency profile: no coefficients for {', '.join(missing)}")
+        unknown = [k for k in data["coefficients"] if k not in KINDS + INT8_KINDS]
+        if unknown:
+            raise ValueError(f"latency profile: unknown kernel kinds {', '.join(unknown)}")
         coefficients = {k: np.asarray(v, dtype=np.float64) for k, v in data["coefficients"].items()}
         if any(c.shape != (len(FEATURES),) or (c < 0).any() for c in coefficients.values()):
             raise ValueError(f"latency profile: coefficients must be {len(FEATURES)} non-negative numbers per kind")

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.compress import lstsq, ortquant, quantgrid
+from graphopt.compress import int8speed, lstsq, ortquant, quantgrid
 from graphopt.compress.options import calibration
 from graphopt.core.ir import Model, Node
 from graphopt.core.ledger import LeftAlone
@@ -64,7 +64,7 @@ from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import ort as gort
 from graphopt.measure import qdq
 from graphopt.measure import target as targets
-from graphopt.measure.calibration import SampleData, feed_batch_size
+from graphopt.measure.calibration import SampleData, check_data, feed_batch_size
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, None)
 
@@ -88,6 +88,10 @@ class Quantize(Pass):
                                    "weights (least-squares weights rounded GPTQ-style, then the bias)",
                         str, quantgrid.METHODS),
         "keep_unfused": Option(False, "quantize layers onnxruntime would run in float between Q/DQ too", bool),
+        "latency": Option("cost", "cost: layers (and int8 regions) the target's latency profile prices slower "
+                                  "quantized stay float; off: quantize every fused layer (int8 for size)",
+                          str, ("cost", "off")),
+        "latency_batch": Option(1, "batch size the latency prices are taken at (latency=cost)", int, low=1),
         "damp": Option(0.01, "refit=weights: damping of the GPTQ Hessian, relative to its mean diagonal", float,
                        low=0),
         **calibration(samples=(256, "for the ranges and the re-fit"),
@@ -120,7 +124,11 @@ class Quantize(Pass):
         if opset_note:
             stats["opset"] = opset_note
         if fmt == "dynamic":
-            proto = ortquant.dynamic(float_proto, exclude=small, op_types=("MatMul", "Gemm"))
+            def build_dynamic(exclude: set[str]) -> onnx.ModelProto:
+                return ortquant.dynamic(float_proto, exclude=exclude | small, op_types=("MatMul", "Gemm"))
+            slower = faster_only(fmodel, layers, build_dynamic, float_proto, data, opt, ctx, stats, left,
+                                 dynamic=True)
+            proto = build_dynamic(slower)
             stats["refit"] = "none (dynamic quantization has no fixed input grid to fit against)"
         else:
             ctx.say("quantize: activation ranges")
@@ -133,18 +141,31 @@ class Quantize(Pass):
                 proto, bits = narrow_if_saturating(proto, float_proto, ranges, fmt, excluded, data, trials,
                                                    targets.of(ctx))
             stats["format"], stats["format_trials"] = fmt + ("" if bits != 7 else " (7-bit weights)"), trials
+            if bits != 4:  # W4A8 runs in float on dequantized weights: for size, never for speed
+                fused = [n for n in layers if n.name not in excluded]
+
+                def build_static_excluding(exclude: set[str], fmt=fmt, bits=bits) -> onnx.ModelProto:
+                    return ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits,
+                                               exclude=exclude | excluded)
+                slower = faster_only(fmodel, fused, build_static_excluding, float_proto, data, opt, ctx, stats,
+                                     left, dynamic=False)
+                if slower:
+                    proto = build_static_excluding(slower)
             if opt("refit") != "rtn":
                 stats["refit"] = refit(proto, fmodel, data, bits, opt, ctx)
             else:
                 stats["refit"] = {"method": "rtn"}
         quantized = len(ortquant.weight_slots(proto)) if fmt != "dynamic" else _count_dynamic(proto)
         if quantized == 0:
-            return PassResult(False, left.into({**stats, "quantized": 0,
-                                                "skipped": "no layer is faster quantized in any format"}))
+            target = targets.of(ctx)
+            why = (f"no layer is priced faster quantized on {target.name} (stats int8_speed; "
+                   "quantize.latency=off quantizes for size)" if stats.get("int8_speed") else
+                   "no layer is faster quantized in any format")
+            return PassResult(False, left.into({**stats, "quantized": 0, "skipped": why}))
         _adopt(model, proto)
         stats["quantized"] = quantized
         stats["layers"] = len(layers)
-        if notice := speed_notice(targets.of(ctx)):
+        if opt("latency") == "off" and (notice := speed_notice(targets.of(ctx))):
             stats["notice"] = notice
         return PassResult(True, left.into(stats))
 
@@ -265,6 +286,26 @@ def narrow_if_saturating(proto: onnx.ModelProto, float_proto: onnx.ModelProto, r
     snr7 = qdq.deployed_snr_db(narrow, feeds)
     trials.append({"format": f"{fmt} (7-bit weights)", "deployed_vs_qdq_snr_db": round(snr7, 1)})
     return narrow, 7
+
+
+def faster_only(fmodel: Model, layers: list[Node], build: int8speed.Build, float_proto: onnx.ModelProto,
+                data: SampleData, opt: Any, ctx: PassContext, stats: dict[str, Any], left: LeftAlone, *,
+                dynamic: bool) -> set[str]:
+    """With ``latency=cost``, the nodes to leave float because the target's profile prices them (or their
+    int8 region, or the whole int8 model) slower quantized (:mod:`graphopt.compress.int8speed`); the
+    layers go to ``left`` with the reason, the prices to ``stats["int8_speed"]``."""
+    if opt("latency") == "off" or not layers:
+        return set()
+    target = targets.of(ctx)
+    ctx.say("quantize: pricing int8 against float")
+    feed = next(iter(check_data(float_proto, data.head(1)).batches(1)))
+    decision = int8speed.keep_faster(fmodel, layers, build, float_proto, feed, target.latency,
+                                     target=target.name, rate=int8speed.int8_rate(target.kind),
+                                     batch=opt("latency_batch"), dynamic=dynamic)
+    for name, why in sorted(decision.slower.items()):
+        left.add(why, name)
+    stats["int8_speed"] = {"target": target.name, "profile": target.profile_line(), **decision.stats}
+    return decision.exclude
 
 
 def speed_notice(target: targets.Target) -> str | None:

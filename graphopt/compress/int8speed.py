@@ -1,0 +1,283 @@
+"""Which layers run faster as int8 on the target CPU: priced by its latency profile, not timed.
+
+Issue 18 asks that a layer slower quantized stay float. Timing each layer on the machine at hand would
+make the written model depend on how loaded it was, and would say nothing about a target that is not
+this machine; so the decision prices, as every other speed decision of graphopt does, with the target's
+latency profile (:mod:`graphopt.measure.latency`: the int8 kinds, calibrated by ``graphopt calibrate``;
+the shipped AVX2 profile has them). Three steps, at ``batch``:
+
+1. **Per layer:** ``f`` = the layer's float kernel price (its NCHWc kind), ``q`` = its fused int8
+   kernel's (``int8_conv``, ``int8_depthwise``, ``int8_gemm``, ``int8_dynamic_gemm``,
+   :func:`graphopt.measure.latency.int8_work`). ``q >= f``: the layer stays float. A layer either price
+   cannot be given for (unknown shape, an op the int8 kinds do not cover) stays float too.
+2. **Per int8 region:** the remaining layers are quantized and the model put through onnxruntime's
+   optimizer; its int8 regions are the connected parts of the graph that pass 8-bit tensors (read off one
+   run of the optimized graph on one sample: :func:`deployed`). A region pays for the quantize, layout
+   transpose and dequantize nodes on its edges (``convert``, priced over their elements). A region whose
+   layers save less than its conversions cost, ``sum(f - q) <= sum(convert)``, stays float whole.
+3. **The whole model:** float time ``T_f`` (every node's float price, plus the layout reorders of the
+   float model as onnxruntime optimizes it) against int8 time ``T_q = T_f - sum(f - q) + convert_q -
+   convert_f`` (the int8 model's conversions replace the float model's reorders). ``T_q >= T_f``: nothing
+   is quantized.
+
+A profile without int8 prices (calibrated before graphopt priced int8, or none for the target: MACs)
+prices ``q`` as ``rate * f`` with the target kind's int8 rate (:func:`int8_rate`: 0.5 where the CPU has
+int8 dot products, VNNI or ARM's ``sdot``; 1 otherwise, where onnxruntime's integer kernels peak at
+float's rate, docs/decisions/quantization.md), and conversions as element-wise moves. With a rate of 1
+no layer is cheaper quantized, so nothing is.
+
+Deterministic: prices are a pure function of shapes and the profile; the one onnxruntime run reads
+shapes and dtypes, never times.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from graphopt.core.ir import Model, Node
+from graphopt.measure import latency as lat
+from graphopt.measure import ort as gort
+from graphopt.measure.analysis import shape_table
+from graphopt.measure.cpu import Kind
+
+__all__ = ["Decision", "Deployed", "LayerPrice", "Region", "deployed", "int8_rate", "keep_faster", "layer_of",
+           "layer_prices", "regions"]
+
+_TOKEN = re.compile(r"_token_\d+$")
+
+
+def int8_rate(kind: Kind) -> float:
+    """int8 price over float price where the profile has no int8 kinds: 0.5 with int8 dot products (VNNI,
+    ARM ``sdot``: four multiply-adds per lane and instruction against one FMA), 1 without."""
+    return 0.5 if kind.int8 in ("vnni", "dot") else 1.0
+
+
+@dataclass(frozen=True)
+class LayerPrice:
+    """One layer's predicted seconds as a float kernel and as its fused int8 kernel (``None``: unknown)."""
+
+    name: str
+    float_s: float | None
+    int8_s: float | None
+
+    @property
+    def gain(self) -> float:
+        """Seconds saved by quantizing it (0 when a price is unknown)."""
+        if self.float_s is None or self.int8_s is None:
+            return 0.0
+        return self.float_s - self.int8_s
+
+
+def layer_prices(model: Model, layers: Iterable[Node], latency: lat.LatencyModel, *, batch: int,
+                 dynamic: bool, rate: float) -> dict[str, LayerPrice]:
+    """Each layer's :class:`LayerPrice` at ``batch`` (module docstring, step 1; ``rate`` when the profile
+    has no int8 kinds)."""
+    table = shape_table(model, None, batch)
+
+    def dims(v):
+        d = table.shape(v)
+        return None if d is None or not all(isinstance(t, int) for t in d) else tuple(int(t) for t in d)
+
+    out = {}
+    for node in layers:
+        f = latency.node(node, dims)
+        if latency.has_int8:
+            q = latency.time(lat.int8_work(node, dims, dynamic=dynamic))
+        else:
+            q = None if f is None or lat.int8_work(node, dims, dynamic=dynamic) is None else rate * f
+        out[node.name] = LayerPrice(node.name, f, q)
+    return out
+
+
+@dataclass
+class Deployed:
+    """What onnxruntime runs for a model: its optimized graph, each node output's elements (batch 1) and
+    which outputs are 8-bit."""
+
+    proto: onnx.ModelProto
+    elements: dict[str, int]
+    eight_bit: set[str]
+
+    def conversions(self) -> list[onnx.NodeProto]:
+        """The optimized graph's quantize, dequantize and layout nodes."""
+        return [n for n in self.proto.graph.node if n.op_type in lat.CONVERT_OPS]
+
+    def convert_seconds(self, node: onnx.NodeProto, latency: lat.LatencyModel, batch: int) -> float:
+        """Predicted seconds of one conversion node at ``batch`` (element-wise price without int8 kinds)."""
+        sizes = [self.elements.get(t, 0) for t in (*node.input[:1], *node.output[:1])]
+        work = lat.convert_work(max(sizes)).scaled(batch)
+        if not latency.has_int8:
+            work = lat.Work("elementwise", work.features)
+        return float(latency.time(work) or 0.0)
+
+
+def deployed(proto: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> Deployed:
+    """``proto`` through onnxruntime's optimizer, then run once on ``feed`` (one sample) with every node
+    output exposed, for the elements and element types of each tensor."""
+    optimized = gort.optimized(proto)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(optimized)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+                known.add(name)
+    sess = gort.session(probe)
+    names = [o.name for o in sess.get_outputs()]
+    values = sess.run(names, dict(feed))
+    elements = {n: int(v.size) for n, v in zip(names, values)}
+    eight_bit = {n for n, v in zip(names, values) if v.dtype in (np.uint8, np.int8)}
+    return Deployed(optimized, elements, eight_bit)
+
+
+def layer_of(node_name: str, layers: set[str]) -> str | None:
+    """The float layer an optimized node stands for: its own name, or the name onnxruntime's fusion
+    derived from it (``<layer>_token_<n>``, ``<layer>_<suffix>``; the longest layer name that fits)."""
+    if node_name in layers:
+        return node_name
+    base = _TOKEN.sub("", node_name)
+    if base in layers:
+        return base
+    fits = [name for name in layers if node_name.startswith(name + "_")]
+    return max(fits, key=len) if fits else None
+
+
+@dataclass
+class Region:
+    """One connected int8 part of an optimized graph: its layers, the other quantized nodes of the float
+    model in it (an Add, a pool: onnxruntime runs them on 8-bit tensors) and its conversion nodes."""
+
+    layers: set[str] = field(default_factory=set)
+    others: set[str] = field(default_factory=set)
+    conversions: list[onnx.NodeProto] = field(default_factory=list)
+
+
+def regions(dep: Deployed, layers: set[str], names: set[str]) -> list[Region]:
+    """The int8 regions of ``dep`` (module docstring, step 2): nodes joined by the 8-bit tensors they
+    produce or read; a conversion node belongs to the region of the 8-bit tensor it reads or writes."""
+    nodes = list(dep.proto.graph.node)
+    parent = list(range(len(nodes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    touching: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in (*node.input, *node.output):
+            if name in dep.eight_bit:
+                touching.setdefault(name, []).append(i)
+    for ids in touching.values():
+        for j in ids[1:]:
+            parent[find(j)] = find(ids[0])
+    members = {i for ids in touching.values() for i in ids}
+    out: dict[int, Region] = {}
+    for i in sorted(members):
+        region = out.setdefault(find(i), Region())
+        node = nodes[i]
+        if node.op_type in lat.CONVERT_OPS:
+            region.conversions.append(node)
+        elif (layer := layer_of(node.name, layers)) is not None:
+            region.layers.add(layer)
+        elif (other := layer_of(node.name, names)) is not None:
+            region.others.add(other)
+    return list(out.values())
+
+
+@dataclass
+class Decision:
+    """The layers left float for speed and why, every node to leave float (layers and the other nodes of
+    regions that do not pay), and the predicted times (module docstring)."""
+
+    slower: dict[str, str] = field(default_factory=dict)
+    exclude: set[str] = field(default_factory=set)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def leave(self, name: str, why: str) -> None:
+        self.slower.setdefault(name, why)
+        self.exclude.add(name)
+
+
+#: Rounds of step 2: a region left float can leave a neighbour's edges to be re-priced.
+MAX_ROUNDS = 4
+
+Build = Callable[[set[str]], onnx.ModelProto]
+
+
+def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onnx.ModelProto,
+                feed: Mapping[str, np.ndarray], latency: lat.LatencyModel, *, target: str, rate: float,
+                batch: int, dynamic: bool) -> Decision:
+    """Which of ``layers`` to leave float so that the int8 model is priced faster (module docstring).
+
+    ``build(exclude)`` returns the quantized model with the nodes named in ``exclude`` left float;
+    ``feed`` is one sample of the model's inputs; ``target`` names the CPU in the reasons."""
+    decision = Decision()
+    prices = layer_prices(model, layers, latency, batch=batch, dynamic=dynamic, rate=rate)
+    for name, p in prices.items():
+        if p.float_s is None or p.int8_s is None:
+            decision.leave(name, "no int8 price for it (an op or shape the latency model does not cover); "
+                                 "left float")
+        elif p.int8_s >= p.float_s:
+            decision.leave(name, f"slower quantized on {target}: its int8 kernel is priced at or above its "
+                                 f"float kernel (stats int8_speed.prices); left float")
+    names = {n.name for n in model.graph.nodes}
+    conv_f = conv_q = 0.0
+    if not dynamic:
+        base = deployed(float_proto, feed)
+        conv_f = sum(base.convert_seconds(n, latency, batch) for n in base.conversions())
+        for _ in range(MAX_ROUNDS):
+            quantized = {p for p in prices if p not in decision.exclude}
+            if not quantized:
+                break
+            dep = deployed(build(set(decision.exclude)), feed)
+            conv_q = sum(dep.convert_seconds(n, latency, batch) for n in dep.conversions())
+            dropped = False
+            for region in regions(dep, quantized, names - set(prices)):
+                cost = sum(dep.convert_seconds(n, latency, batch) for n in region.conversions)
+                gain = sum(prices[name].gain for name in region.layers)
+                if gain > cost:
+                    continue
+                dropped = True
+                why = (f"its int8 region ({len(region.layers)} layers) saves {us(gain)} us in kernels but "
+                       f"its quantize / transpose / dequantize nodes cost {us(cost)} us on {target}; left float")
+                for name in region.layers:
+                    decision.leave(name, why)
+                decision.exclude |= region.others
+            if not dropped:
+                break
+    quantized = [p for name, p in prices.items() if name not in decision.exclude]
+    gain = sum(p.gain for p in quantized)
+    total, _ = lat.model_time(model, latency, batch=batch)
+    delta = conv_q - conv_f - gain if quantized else 0.0
+    if quantized and delta >= 0:
+        why = (f"the whole model is priced no faster as int8 on {target} (kernels save {us(gain)} us, "
+               f"conversions add {us(conv_q - conv_f)} us); left float")
+        for p in quantized:
+            decision.leave(p.name, why)
+        decision.exclude |= names - set(prices)
+        quantized, delta = [], 0.0
+    decision.stats = {
+        "batch": batch, "priced_by": ("the profile's int8 kernels" if latency.has_int8 else
+                                      f"float prices x {rate} (the profile has no int8 kernels)"),
+        "layers_faster": len(quantized), "layers_left_float": len(decision.slower),
+        "float_us": us(total + conv_f) if total is not None else None,
+        "int8_us": us(total + conv_f + delta) if total is not None else None,
+        "prices": [{"layer": p.name, "float_us": us(p.float_s), "int8_us": us(p.int8_s),
+                    "quantized": p.name not in decision.exclude} for p in prices.values()]}
+    if total is not None and total + conv_f > 0:
+        decision.stats["int8_over_float"] = round((total + conv_f + delta) / (total + conv_f), 3)
+    return decision
+
+
+def us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 2)
