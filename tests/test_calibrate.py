@@ -45,12 +45,14 @@ def test_fit_reports_quality_and_zero_for_kinds_never_measured():
     coefficients, quality = cal.fit(records, overhead=0.0)
     assert quality["conv"]["n"] == 6 and quality["conv"]["median_rel_error"] < 1e-6
     assert quality["depthwise"] == {"n": 0} and not coefficients["depthwise"].any()
+    # an int8 kind never measured is left out (zeros would price int8 kernels free)
+    assert not set(lat.INT8_KINDS) & set(coefficients)
 
 
 def test_kernel_set_fills_every_kind_the_path_can_run():
     blocked = cal.kernel_set(lat.Nchwc(8, 4), seed=0, scale=0.01, max_macs=2e7)
     kinds = [k.kind for k in blocked]
-    assert all(kinds.count(kind) == 3 for kind in lat.KINDS)
+    assert all(kinds.count(kind) == 3 for kind in lat.KINDS + lat.INT8_KINDS[:-1])  # convert: from the int8 ones
     again = cal.kernel_set(lat.Nchwc(8, 4), seed=0, scale=0.01, max_macs=2e7)
     assert [k.config for k in again] == [k.config for k in blocked]  # seeded
     # without NCHWc kernels (ARM64 release builds) every conv is im2col: the blocked kinds stay empty
@@ -69,6 +71,8 @@ def test_quick_calibration_is_cached_and_used_by_auto(tmp_path, monkeypatch, cap
     meta = json.loads(cached.read_text())["meta"]
     assert meta["kind"] == auto.name and meta["onnxruntime"] and meta["scale"] == 0.01
     assert meta["fit"]["gemm"]["n"] >= 3
+    # the int8 kernels and their conversions are measured with the rest: the quantize pass prices with them
+    assert all(meta["fit"][k]["n"] >= 3 for k in lat.INT8_KINDS) and auto.latency.has_int8
     assert (auto.profile, auto.profile_path) == ("calibrated", str(cached))
     assert auto.latency.coefficients["gemm"].tolist() == json.loads(cached.read_text())["coefficients"]["gemm"]
 

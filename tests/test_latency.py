@@ -27,12 +27,16 @@ def profile() -> lat.LatencyModel:
 
 
 def test_stored_profile_is_complete_and_says_where_it_comes_from(profile):
-    assert set(profile.coefficients) == set(lat.KINDS)
+    assert set(profile.coefficients) == set(lat.KINDS + lat.INT8_KINDS)
     for kind, c in profile.coefficients.items():
         assert c.shape == (len(lat.FEATURES),) and (c >= 0).all() and c.sum() > 0, kind
     for key in ("onnxruntime", "cpu", "date", "command", "fit"):
         assert key in profile.meta
     assert profile.meta["fit"]["conv"]["n"] > 50
+    # the int8 kinds were measured later, by their own command, on the same machine
+    int8 = profile.meta["int8"]
+    assert int8["command"].startswith("python tools/calibrate_latency.py int8") and int8["onnxruntime"]
+    assert all(int8["fit"][k]["n"] >= 40 for k in lat.INT8_KINDS)
 
 
 def test_profile_validation_refuses_bad_files(tmp_path, profile):

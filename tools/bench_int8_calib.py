@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                 refit = [f"quantize.refit={refit_method}"] if refit_method else []
                 q = graphopt.optimize(base, data=calib, passes=["quantize"], run_verify=False,
                                       target_cpu=args.quantize_target,
-                                      options=[f"quantize.calibrate={method}", f"quantize.weights={args.weights}",
+                                      options=["quantize.latency=off",  # every fused layer: calibrators compared
+                                               f"quantize.calibrate={method}", f"quantize.weights={args.weights}",
                                                *refit, *args.option])
                 qe, qt = accuracy(q.model, ex, ey, args.simulate), accuracy(q.model, tx, ty, args.simulate)
                 snr = layer_snr_db(base, q.model, ex[:500])

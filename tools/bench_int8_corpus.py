@@ -8,7 +8,9 @@ it). In one run:
 * ``float``: the original;
 * ``ort static``: onnxruntime's ``quantize_static`` with its defaults (QDQ, S8S8, MinMax) and per-channel
   weights on the lossless output, called in a temporary working directory (it writes files there);
-* ``graphopt int8``: ``--preset int8``;
+* ``graphopt int8, all fused``: ``--preset int8 --option quantize.latency=off`` (the "graphopt int8" rows
+  before the speed rule), and ``graphopt int8, priced``: ``--preset int8`` (layers the target's profile
+  prices slower quantized stay float); ``→ int8`` rows quantize every fused layer;
 * ``prune 0.7`` / ``→ int8`` and ``lowrank 0.7`` / ``→ int8`` (where the manifest lists the preset):
   ``--preset prune --target-macs 0.7`` / ``--preset lowrank --target-params 0.7`` (the corpus's targets,
   ``tools/bench_corpus.py --lossy``), then the ``quantize`` pass alone on that output (the same model
@@ -134,7 +136,8 @@ def variants(entry: dict, proto: onnx.ModelProto, calib: SampleData
 
     yield "float", lambda: proto
     yield "ort static (S8S8, per-channel)", lambda: ort_static(opt(proto)(), calib.batches(64))
-    yield "graphopt int8", opt(proto, preset="int8")
+    yield "graphopt int8, all fused", opt(proto, preset="int8", options=["quantize.latency=off"])
+    yield "graphopt int8, priced", opt(proto, preset="int8")
     presets = entry.get("presets", [])
     for preset, target in (("prune", {"target_macs": 0.7}), ("lowrank", {"target_params": 0.7})):
         if preset not in presets:
@@ -147,7 +150,8 @@ def variants(entry: dict, proto: onnx.ModelProto, calib: SampleData
 
         yield f"{preset} 0.7", alone
         yield f"{preset} 0.7 → int8", (lambda cut=cut, alone=alone:
-                                        opt(cut.get("model") or alone(), passes=["quantize"])())
+                                        opt(cut.get("model") or alone(), passes=["quantize"],
+                                            options=["quantize.latency=off"])())
     yield "W4A8 rtn", opt(proto, preset="int8", quantize="w4a8", options=["quantize.refit=rtn"])
     yield "W4A8 re-fit", opt(proto, preset="int8", quantize="w4a8")
 

@@ -1,0 +1,182 @@
+"""The quantize pass's speed rule (compress/int8speed.py): layers, int8 regions and whole models the
+target's latency profile prices slower quantized stay float. Synthetic profiles, so every test holds on
+any machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphopt.compress import int8speed
+from graphopt.core.manager import PassContext, get_pass
+from graphopt.core.onnx_io import from_proto, to_proto
+from graphopt.measure import cpu, latency, qdq, target
+from graphopt.measure.calibration import SampleData
+from tests.test_quantize import _ort, _snr
+from tests.util import init, make_model, tensor
+
+FEATURES = len(latency.FEATURES)
+
+
+def _coef(kernel: float = 0.0, macs: float = 0.0, elements: float = 0.0) -> list[float]:
+    """Seconds per dispatch, per MAC and per output element (the other features cost nothing)."""
+    return [kernel, macs, elements, 0.0, 0.0, 0.0]
+
+
+def _profile(int8_macs: float | None, *, int8_kernel: float = 1e-6, convert: float = 1e-7) -> latency.LatencyModel:
+    """Float kernels at 1e-10 s per MAC and 1 us a dispatch; int8 kernels at ``int8_macs`` s per MAC and
+    ``int8_kernel`` a dispatch (``None``: a profile without int8 kinds); conversions ``convert`` each."""
+    coefficients = {k: np.array(_coef(1e-6, 1e-10, 0.0 if k != "elementwise" else 1e-10)) for k in latency.KINDS}
+    if int8_macs is not None:
+        for k in latency.INT8_KINDS:
+            coefficients[k] = np.array(_coef(convert, 0.0, 0.0) if k == "convert" else _coef(int8_kernel, int8_macs))
+    return latency.LatencyModel(coefficients, latency.Nchwc(8, 4), {"cpu": "synthetic"})
+
+
+def _target(model: latency.LatencyModel, kind: str = "avx2") -> target.Target:
+    k = cpu.KINDS[kind]
+    host = cpu.Detection(k, "test CPU", k.arch, ())
+    return target.Target(k, latency.Nchwc(k.block if k.block > 1 else 1, 4), model, "calibrated",
+                         host=host, native=True)
+
+
+def _wide_cnn():
+    """A conv(1->4) that is too small to gain, then two 32-channel convs that gain."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32)
+    w2 = (rng.normal(size=(32, 4, 3, 3)) / 6).astype(np.float32)
+    w3 = (rng.normal(size=(32, 32, 3, 3)) / 17).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a1"], name="small", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["a2"], name="wide1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["a3"], name="wide2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a3"], ["y"], name="relu3")]
+    return make_model(nodes, [tensor("x", ["N", 1, 16, 16])], [tensor("y", ["N", 32, 16, 16])],
+                      [init("w1", w1), init("w2", w2), init("w3", w3)])
+
+
+def _wide_data(n=64):
+    return SampleData({"x": np.random.default_rng(2).normal(size=(n, 1, 16, 16)).astype(np.float32)})
+
+
+def _run(proto, tgt, data=None, **options):
+    model = from_proto(proto)
+    ctx = PassContext(options={"quantize": options}, data=data or _wide_data(), target=tgt)
+    result = get_pass("quantize").run(model, ctx)
+    model.check_invariants()
+    return result, to_proto(model)
+
+
+def _weighted(out: onnx.ModelProto) -> set[str]:
+    """Names of the layers whose weight comes from a DequantizeLinear (quantized)."""
+    producer = {o: n for n in out.graph.node for o in n.output}
+    return {n.name for n in out.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+            and n.input[1] in producer and producer[n.input[1]].op_type == "DequantizeLinear"}
+
+
+def test_a_layer_priced_slower_quantized_stays_float_and_the_rest_is_quantized():
+    # int8 at a third of float's rate per MAC, 3 us a dispatch: the 36-MAC-per-pixel conv loses, the wide ones win
+    result, out = _run(_wide_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
+    assert result.changed and result.stats["quantized"] == 2
+    assert _weighted(out) == {"wide1", "wide2"}
+    left = {e["reason"].split(":")[0]: e for e in result.stats["left_alone"]}
+    assert left["slower quantized on avx2"]["examples"] == ["small"]
+    speed = result.stats["int8_speed"]
+    prices = {p["layer"]: p for p in speed["prices"]}
+    assert prices["small"]["int8_us"] >= prices["small"]["float_us"] and not prices["small"]["quantized"]
+    assert all(prices[n]["int8_us"] < prices[n]["float_us"] and prices[n]["quantized"] for n in ("wide1", "wide2"))
+    assert speed["int8_over_float"] < 1 and speed["priced_by"] == "the profile's int8 kernels"
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": _wide_data(8).inputs["x"]}
+    assert _snr(_ort(_wide_cnn(), feeds)[0], _ort(out, feeds, optimize=True)[0]) > 25
+
+
+def test_int8_kernels_priced_slower_everywhere_quantize_nothing_and_say_why():
+    proto = _wide_cnn()
+    result, out = _run(proto, _target(_profile(2e-10)))
+    assert not result.changed and result.stats["quantized"] == 0
+    assert "no layer is priced faster quantized on avx2" in result.stats["skipped"]
+    assert "quantize.latency=off" in result.stats["skipped"]
+    assert not qdq.is_quantized(out)
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in proto.graph.node]
+    # the same model for size: every fused layer
+    forced, out = _run(proto, _target(_profile(2e-10)), latency="off")
+    assert forced.changed and forced.stats["quantized"] == 3 and "int8_speed" not in forced.stats
+
+
+def test_an_int8_region_whose_conversions_cost_more_than_its_kernels_save_stays_float():
+    # kernels a little cheaper, but each quantize / transpose / dequantize costs a millisecond
+    result, out = _run(_wide_cnn(), _target(_profile(0.9e-10, int8_kernel=1e-6, convert=1e-3)))
+    assert not result.changed and result.stats["quantized"] == 0
+    reasons = " ".join(e["reason"] for e in result.stats["left_alone"])
+    assert "its int8 region (3 layers) saves" in reasons and "quantize / transpose / dequantize" in reasons
+    assert not qdq.is_quantized(out)
+
+
+@pytest.mark.parametrize("kind,quantized", [("avx512-vnni", 3), ("arm64-dot", 3), ("avx512", 0), ("arm64", 0)])
+def test_a_profile_without_int8_prices_uses_the_kinds_int8_rate(kind, quantized):
+    """Half of float's price with int8 dot products (VNNI, sdot), float's price without: never faster."""
+    tgt = _target(latency.LatencyModel.macs_only(latency.Nchwc(cpu.KINDS[kind].block, 4)), kind)
+    result, _ = _run(_wide_cnn(), tgt)
+    assert result.stats["quantized"] == quantized
+    assert result.stats["int8_speed"]["priced_by"] == \
+        f"float prices x {int8speed.int8_rate(cpu.KINDS[kind])} (the profile has no int8 kernels)"
+
+
+def test_a_matmul_model_is_priced_with_the_dynamic_int8_kernel():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    proto = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])],
+                       [init("w1", rng.normal(size=(64, 64)).astype(np.float32)),
+                        init("w2", rng.normal(size=(64, 64)).astype(np.float32))])
+    data = SampleData({"x": rng.normal(size=(32, 64)).astype(np.float32)})
+    cheap = _profile(0.2e-10, int8_kernel=1e-7)
+    result, out = _run(proto, _target(cheap), data)
+    assert result.stats["format"] == "dynamic" and result.stats["quantized"] == 2
+    assert result.stats["int8_speed"]["int8_over_float"] < 1
+    dear = _profile(0.2e-10, int8_kernel=1e-4)
+    result, out = _run(proto, _target(dear), data)
+    assert result.stats["quantized"] == 0 and not result.changed
+    assert {n.op_type for n in out.graph.node} == {"MatMul", "Relu"}
+
+
+def test_an_optimized_node_maps_back_to_its_layer():
+    layers = {"conv", "conv_1", "/a/Conv"}
+    assert int8speed.layer_of("/a/Conv_token_7", layers) == "/a/Conv"
+    assert int8speed.layer_of("conv_1", layers) == "conv_1"
+    assert int8speed.layer_of("conv_1_quant", layers) == "conv_1"     # the longest name that fits
+    assert int8speed.layer_of("conv_quant", layers) == "conv"
+    assert int8speed.layer_of("other", layers) is None
+
+
+def test_regions_split_where_the_tensors_are_float():
+    """Two quantized convs with a float one between them: two int8 regions, each with its own
+    conversions (read off onnxruntime's optimized graph on one sample)."""
+    from graphopt.compress import ortquant
+
+    proto = _wide_cnn()
+
+    ranges = {n: qdq.Range(-4.0, 4.0) for n in ("x", "a1", "r1", "a2", "r2", "a3", "y")}
+    built = ortquant.static_qdq(ortquant.named(proto), ranges, fmt="u8s8", weight_bits=7, exclude={"wide1"})
+    dep = int8speed.deployed(built, {"x": _wide_data(1).inputs["x"]})
+    regions = int8speed.regions(dep, {"small", "wide2"}, {"relu1", "relu2", "relu3"})
+    assert sorted(sorted(r.layers) for r in regions if r.layers) == [["small"], ["wide2"]]
+    assert all(r.conversions for r in regions if r.layers)
+    assert all(dep.elements[n.output[0]] > 0 for r in regions for n in r.conversions)
+
+
+def test_latency_profiles_keep_int8_kinds_optional():
+    base = latency.load()
+    data = base.to_json()
+    data["coefficients"] = {k: v for k, v in data["coefficients"].items() if k in latency.KINDS}
+    old = latency.LatencyModel.from_json(data)
+    assert not old.has_int8
+    assert old.time(latency.Work("int8_conv", (1.0,) * FEATURES)) is None
+    data["coefficients"]["int9_conv"] = [0.0] * FEATURES
+    with pytest.raises(ValueError, match="unknown kernel kinds int9_conv"):
+        latency.LatencyModel.from_json(data)
+    assert base.has_int8  # the shipped AVX2 profile prices int8
