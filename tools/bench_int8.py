@@ -24,7 +24,7 @@ Accuracy is measured as deployed: onnxruntime ``ORT_ENABLE_ALL`` (the fused inte
 alternating A and B in one process (``tools/bench_pair.py``'s ``ab_seconds``), median CPU time; the
 ratio is variant / float. Size: the serialized model.
 
-    python tools/bench_int8.py [--models vgg,resnet] [--runs 30] [--test]
+    python tools/bench_int8.py [--models vgg,resnet] [--runs 30] [--test] [--batch 64] [--only 'LABEL;LABEL']
 """
 
 from __future__ import annotations
@@ -95,26 +95,26 @@ def _optimize(path: str, calib: str, **kw) -> onnx.ModelProto:
 
 
 def variants(name: str, calib_path: str, calib: np.ndarray):
+    """(label, builder) per row of ``name``'s table; builders run only for the rows asked for."""
     path = str(ROOT / "models" / f"{name}.onnx")
-    original = onnx.load(path)
-    yield "float", original
-    lossless = _optimize(path, calib_path)
-    yield "ort static (S8S8, per-channel)", ort_static(lossless, ({"input": calib[i:i + 64]}
-                                                                 for i in range(0, len(calib), 64)))
-    yield "graphopt int8, all fused", _optimize(path, calib_path, preset="int8", options=ALL_FUSED)
-    yield "graphopt int8, priced", _optimize(path, calib_path, preset="int8")
+
+    def opt(**kw):
+        return lambda: _optimize(path, calib_path, **kw)
+
+    yield "float", lambda: onnx.load(path)
+    yield "ort static (S8S8, per-channel)", lambda: ort_static(
+        _optimize(path, calib_path), ({"input": calib[i:i + 64]} for i in range(0, len(calib), 64)))
+    yield "graphopt int8, all fused", opt(preset="int8", options=ALL_FUSED)
+    yield "graphopt int8, priced", opt(preset="int8")
     if name in CNNS:
-        yield "prune 0.5", _optimize(path, calib_path, preset="prune", target_macs=0.5)
-        yield "prune 0.5 → int8", _optimize(path, calib_path, preset="prune", target_macs=0.5, quantize="int8",
-                                            options=ALL_FUSED)
-        yield "prune 0.5 → int8, priced", _optimize(path, calib_path, preset="prune", target_macs=0.5,
-                                                    quantize="int8")
+        yield "prune 0.5", opt(preset="prune", target_macs=0.5)
+        yield "prune 0.5 → int8", opt(preset="prune", target_macs=0.5, quantize="int8", options=ALL_FUSED)
+        yield "prune 0.5 → int8, priced", opt(preset="prune", target_macs=0.5, quantize="int8")
     if name in LOWRANK:
-        yield "lowrank 0.5", _optimize(path, calib_path, preset="lowrank", target_macs=0.5)
-        yield "lowrank 0.5 → int8", _optimize(path, calib_path, preset="lowrank", target_macs=0.5, quantize="int8",
-                                              options=ALL_FUSED)
-    yield "W4A8 rtn", _optimize(path, calib_path, preset="int8", quantize="w4a8", options=["quantize.refit=rtn"])
-    yield "W4A8 re-fit", _optimize(path, calib_path, preset="int8", quantize="w4a8")
+        yield "lowrank 0.5", opt(preset="lowrank", target_macs=0.5)
+        yield "lowrank 0.5 → int8", opt(preset="lowrank", target_macs=0.5, quantize="int8", options=ALL_FUSED)
+    yield "W4A8 rtn", opt(preset="int8", quantize="w4a8", options=["quantize.refit=rtn"])
+    yield "W4A8 re-fit", opt(preset="int8", quantize="w4a8")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--test", action="store_true", help="also the accuracy on the 10,000 test images")
+    parser.add_argument("--only", default=None,
+                        help="row labels to run besides float, separated by ';', e.g. 'graphopt int8, priced'")
     args = parser.parse_args(argv)
     calib_path = str(ROOT / "models" / "fmnist_calib.npz")
     calib = np.load(calib_path)["input"]
@@ -135,7 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|" + ("---|---|" if args.test else "") + "---|---|")
     for name in args.models.split(","):
         base = test_base = original = None
-        for label, proto in variants(name, calib_path, calib):
+        for label, build in variants(name, calib_path, calib):
+            if args.only and label != "float" and label not in args.only.split(";"):
+                continue
+            proto = build()
             acc = _accuracy(proto, x, y)
             test = _accuracy(proto, tx, ty) if args.test else None
             if base is None:

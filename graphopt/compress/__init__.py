@@ -3,5 +3,5 @@ SVD, k-means, storage accounting, filter importance, re-fit, the channel couplin
 fine-tuning in torch (``distill``, the optional ``graphopt[finetune]`` extra).
 """
 
-__all__ = ["budget", "channels", "distill", "importance", "kmeans", "lowrank_table", "lstsq", "options", "ortquant", "quantgrid",
+__all__ = ["budget", "channels", "distill", "importance", "int8speed", "kmeans", "lowrank_table", "lstsq", "options", "ortquant", "quantgrid",
            "reconstruct", "refit_shards", "shards", "storage", "svd"]

@@ -8,6 +8,11 @@ thread, no spinning; per kernel the median over its runs, less the profiler's ow
 *relative* error (:func:`fit`). The result is a :class:`~graphopt.measure.latency.LatencyModel` whose
 meta says the CPU kind, the CPU, onnxruntime's version, the date and the fit's quality.
 
+The int8 kinds are measured the same way on static QDQ models (a Conv + Relu, a MatMul) and on the
+fused ``DynamicQuantizeMatMul``, as onnxruntime's optimizer fuses them; the quantize, transpose and
+dequantize nodes around each give the ``convert`` records. A profile calibrated without them (no int8
+kernel ran) leaves them out rather than price int8 at zero.
+
 The kernel set has a quota per kind (:data:`QUOTAS`, about 600 kernels: minutes on one core), drawn from
 seeded random shapes until every quota is met; ``scale`` shrinks the quotas and caps each kernel's
 MACs (``scale=0.01``, the ``--quick`` of the command line: three kernels a kind, seconds, for tests and

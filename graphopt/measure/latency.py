@@ -50,6 +50,19 @@ Polynomial costs over channel counts (:func:`graphopt.compress.budget.Polynomial
 ``padded=False``: the allocator only offers counts in whole units of the target
 (:mod:`graphopt.compress.channels.units`).
 
+int8
+----
+onnxruntime's fused int8 kernels (static QDQ after its optimizer, dynamic MatMul) have kinds of their own,
+with the same features: ``int8_conv`` (``QLinearConv``, NHWC, no channel blocks: unpadded features,
+:func:`int8_work`), ``int8_depthwise``, ``int8_gemm`` (``QLinearMatMul`` / ``QGemm``),
+``int8_dynamic_gemm`` (``DynamicQuantizeMatMul``, its input's quantization included) and ``convert`` (a
+``QuantizeLinear``, ``DequantizeLinear`` or layout ``Transpose`` / ``Reorder`` over its elements). They
+are optional in a profile (:attr:`LatencyModel.has_int8`): one calibrated before them prices no int8
+kernel, and the quantize pass then falls back to the CPU kind's int8 rate
+(:mod:`graphopt.compress.int8speed`). Measured on the AVX2 machine (``tools/calibrate_latency.py
+int8``): an int8 conv costs about float's per MAC (2.1e-11 s against 2.3-2.5e-11) but twice its
+dispatch and per output element, so only the larger convs gain, by 5-12 %.
+
 Refusal: a node whose shapes are unknown costs ``None`` (the caller decides; never a silent 0); an op
 in a custom domain or a control-flow op costs ``None``.
 

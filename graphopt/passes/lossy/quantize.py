@@ -28,7 +28,16 @@ What it does
    sums u8 x s8 products in saturating 16-bit pairs, so 8-bit weights can overflow there. When this
    machine's kernels overflow as the target's do, the overflow is measured (:func:`narrow_if_saturating`:
    7-bit weights below ``SATURATION_SNR_DB``); else the target's kind decides (7 bits without VNNI, 8
-   with VNNI or on ARM). On an AVX2 target the stats' notice says int8 buys size there, not speed.
+   with VNNI or on ARM).
+   **Speed** (``latency=cost``, the default; int8 weights): a layer the target CPU's latency profile prices
+   slower as its fused int8 kernel than as its float kernel stays float, then an int8 region whose
+   kernels save less than its quantize / transpose / dequantize nodes cost, then the whole model if it
+   is not priced faster (:mod:`graphopt.compress.int8speed`; prices at ``latency_batch``, never timed, so
+   the written model does not depend on the machine's load). The stats' ``int8_speed`` give every
+   layer's two prices and the predicted int8 / float time; ``left_alone`` the reason per layer. When
+   nothing is faster the pass quantizes nothing and says so. ``latency=off`` quantizes every fused layer
+   (int8 for size); on an AVX2 target the stats' notice then says int8 buys size there, not speed.
+   W4A8 is for size by design (its layers run in float on dequantized weights): the rule does not apply.
 5. **Re-fit** (``refit``, static formats only): layer by layer in topological order, the layer's
    *quantized* inputs in the model quantized so far against the float original's outputs at the same
    layer, streamed into :class:`graphopt.compress.lstsq.CrossGram`; the codes, scales and bias come from
