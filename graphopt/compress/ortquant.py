@@ -42,8 +42,8 @@ from onnx import numpy_helper
 
 from graphopt.measure.qdq import Range
 
-__all__ = ["FORMATS", "LAYER_OPS", "PER_CHANNEL_OPSET", "WeightSlots", "at_per_channel_opset", "dynamic",
-           "input_scale", "named", "read_codes", "static_qdq", "weight_slots", "write_layer"]
+__all__ = ["FORMATS", "LAYER_OPS", "PER_CHANNEL_OPSET", "WeightSlots", "at_per_channel_opset", "blockwise_4bit",
+           "dynamic", "input_scale", "named", "read_codes", "static_qdq", "weight_slots", "write_layer"]
 
 FORMATS = ("u8s8", "s8s8", "dynamic")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -58,13 +58,15 @@ PER_CHANNEL_OPSET = 13
 def _quiet() -> Iterator[None]:
     """onnxruntime's quantizer logs through the root logger (per-channel axis notes on LayerNorm weights,
     pre-processing advice); graphopt reports what it did in the pass's stats instead."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def named(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -154,6 +156,26 @@ def dynamic(proto: onnx.ModelProto, *, exclude: Iterable[str] = (),
                                   QuantType.QUInt8, None, [], sorted(exclude), sorted(op_types),
                                   {"MatMulConstBOnly": True})
         quantizer.quantize_model()
+    out = quantizer.model.model
+    out.ir_version = proto.ir_version
+    return out
+
+
+def blockwise_4bit(proto: onnx.ModelProto, *, block_size: int, exclude: Iterable[str] = (),
+                   int8_activations: bool = True) -> onnx.ModelProto:
+    """``proto``'s MatMul layers with a constant weight as onnxruntime's ``MatMulNBits``: symmetric 4-bit
+    weights with one scale per ``block_size`` weights along the input dimension (round to nearest), the
+    activations quantized to 8 bits per block at run time (``accuracy_level`` 4: W4A8) or, without
+    ``int8_activations``, kept float (weight-only). Nodes named in ``exclude`` stay float."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(copy, bits=4, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4 if int8_activations else None,
+                                         nodes_to_exclude=sorted(exclude), op_types_to_quantize=("MatMul",))
+        quantizer.process()
     out = quantizer.model.model
     out.ir_version = proto.ir_version
     return out

@@ -713,9 +713,9 @@ def _macs(site: _Site, table: ConcreteShapes) -> tuple[int | None, str]:
     node = site.node
     if site.not_taken:
         return 0, "in an If branch the observed run did not take"
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in ("", "ai.onnx") and (node.domain, node.op_type) not in CONTRIB_RULES:
         return None, f"no MAC rule for {node.domain}:{node.op_type}"
-    rule = RULES.get(node.op_type)
+    rule = CONTRIB_RULES.get((node.domain, node.op_type)) or RULES.get(node.op_type)
     if rule is None:
         return None, f"no MAC rule for {node.op_type}"
     try:
@@ -805,6 +805,14 @@ def _matmul(a_slot: int, b_slot: int, s: NodeShapes) -> int:
     except ValueError:
         raise UnknownShape(f"batch dims {a[:-2]} and {b[:-2]} do not broadcast") from None
     return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+def _matmul_nbits(s: NodeShapes) -> int:
+    """onnxruntime's ``MatMulNBits``: the float input ``[..., K]`` times its packed ``K x N`` weight."""
+    a, k, n = s.input(0), int(s.attr("K", 0)), int(s.attr("N", 0))
+    if not a or not k or not n:
+        raise UnknownShape("MatMulNBits without its input shape or K / N")
+    return math.prod(a[:-1]) * k * n
 
 
 def _einsum(s: NodeShapes) -> int:
@@ -922,6 +930,9 @@ PER_ELEMENT: dict[str, int] = {
                     3),  # mean, variance, normalize + affine
     **dict.fromkeys(("Softmax", "LogSoftmax"), 3),  # exp, sum, divide
 }
+
+#: (domain, op type) -> rule, for the contrib ops graphopt itself writes.
+CONTRIB_RULES: dict[tuple[str, str], Callable[[NodeShapes], int]] = {("com.microsoft", "MatMulNBits"): _matmul_nbits}
 
 #: op type -> rule(NodeShapes) -> MACs.
 RULES: dict[str, Callable[[NodeShapes], int]] = {

@@ -19,8 +19,14 @@ What it does
    * a model without convs whose layers are MatMul / Gemm (a transformer) gets dynamic quantization of
      those layers (weights int8 per channel, activations quantized per run): static QDQ wraps every
      LayerNorm, Softmax and residual Add in Q/DQ pairs, which the issue measured slower than float.
-   * ``weights=int4`` keeps static ``u8s8`` (onnxruntime has no fused 4-bit conv kernel: W4A8 is for
-     size and accuracy, its layers run in float on dequantized weights).
+   * ``weights=int4`` on a model with convs keeps static ``u8s8`` (onnxruntime has no fused 4-bit conv
+     kernel: W4A8 is for size and accuracy, its layers run in float on dequantized weights); without
+     convs, its MatMul layers become onnxruntime's ``MatMulNBits``: symmetric 4-bit weights with a scale
+     per ``block_size`` (32) weights along the input, activations quantized to 8 bits at run time
+     (``accuracy_level`` 4). Static 8-bit activations are what a transformer cannot take: on the
+     corpus's BERT text classifier static W4A8 lost 6.0 points (1.5 after the re-fit), onnxruntime's
+     static int8 6.25; block-wise W4A8 with dynamic activations +0.25 (BENCHMARKS.md). Gemm layers stay
+     float there (``MatMulNBits`` is MatMul only), and there is no re-fit (round to nearest per block).
 4. **Left float:** every layer onnxruntime still runs in float in the chosen format is excluded and the
    model rebuilt, so it costs no Q/DQ pair (``keep_unfused=true`` keeps them quantized); the stats list
    them as ``left_alone`` with the reason.
@@ -101,6 +107,8 @@ class Quantize(Pass):
                                   "quantized stay float; off: quantize every fused layer (int8 for size)",
                           str, ("cost", "off")),
         "latency_batch": Option(1, "batch size the latency prices are taken at (latency=cost)", int, low=1),
+        "block_size": Option(32, "W4A8 without convs (MatMulNBits): weights per 4-bit scale", int,
+                             (16, 32, 64, 128, 256)),
         "damp": Option(0.01, "refit=weights: damping of the GPTQ Hessian, relative to its mean diagonal", float,
                        low=0),
         **calibration(samples=(256, "for the ranges and the re-fit"),
@@ -132,7 +140,16 @@ class Quantize(Pass):
         stats: dict[str, Any] = {"weights": opt("weights"), "format": fmt}
         if opset_note:
             stats["opset"] = opset_note
-        if fmt == "dynamic":
+        if fmt == "dynamic" and bits == 4:
+            proto = ortquant.blockwise_4bit(float_proto, block_size=opt("block_size"), exclude=small)
+            for node in layers:
+                if node.op_type != "MatMul" and node.name not in small:
+                    left.add("W4A8 without convs is onnxruntime's MatMulNBits, which takes MatMul layers only; "
+                             "left float", node.name)
+            stats["format"] = f"dynamic (MatMulNBits: 4-bit weights, {opt('block_size')} a scale; int8 activations)"
+            stats["refit"] = ("none (block-wise 4-bit weights, rounded to nearest: a scale per "
+                              f"{opt('block_size')} weights keeps the rounding error small)")
+        elif fmt == "dynamic":
             def build_dynamic(exclude: set[str]) -> onnx.ModelProto:
                 return ortquant.dynamic(float_proto, exclude=exclude | small, op_types=("MatMul", "Gemm"))
             slower = faster_only(fmodel, layers, build_dynamic, float_proto, data, opt, ctx, stats, left,
@@ -187,7 +204,8 @@ def _adopt(model: Model, proto: onnx.ModelProto) -> None:
 
 
 def _count_dynamic(proto: onnx.ModelProto) -> int:
-    return sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger") for node in proto.graph.node)
+    return sum(node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "ConvInteger", "MatMulNBits")
+               for node in proto.graph.node)
 
 
 def candidate_layers(model: Model, min_weights: int, left: LeftAlone, small: set[str]) -> list[Node]:
@@ -223,10 +241,11 @@ def activation_names(model: Model) -> list[str]:
 def choose_format(requested: str, layers: list[Node], bits: int) -> str:
     """The format to build first (module docstring, step 3); ``auto`` for a static model is settled by
     :func:`build_static`'s trials."""
-    if requested != "auto":
-        return requested if not (requested == "dynamic" and bits == 4) else "u8s8"
     has_conv = any(n.op_type in ("Conv", "ConvTranspose") for n in layers)
-    if bits == 8 and not has_conv:
+    has_matmul = any(n.op_type == "MatMul" for n in layers)
+    if requested != "auto":
+        return requested if not (requested == "dynamic" and bits == 4 and not has_matmul) else "u8s8"
+    if not has_conv and (bits == 8 or has_matmul):
         return "dynamic"
     return "u8s8"
 
