@@ -418,3 +418,29 @@ def test_w4a8_of_a_gemm_only_stack_stays_static_qdq():
     result, out = _quantize(_cnn(), weights="int4")
     assert result.stats["format"].startswith("u8s8")
     assert not any(n.op_type == "MatMulNBits" for n in out.graph.node)
+
+
+def test_dynamic_int8_leaves_the_second_factor_of_a_low_rank_pair_float():
+    """x U V with nothing between (what --preset lowrank writes): V stays float, U quantizes; with a Relu
+    between, the two are separate layers and both quantize."""
+    rng = np.random.default_rng(0)
+    data = SampleData({"x": rng.normal(size=(64, 64)).astype(np.float32)})
+
+    def model(between: bool):
+        nodes = [helper.make_node("MatMul", ["x", "u"], ["h"], name="u_factor")]
+        if between:
+            nodes.append(helper.make_node("Relu", ["h"], ["r"], name="relu"))
+        nodes.append(helper.make_node("MatMul", ["r" if between else "h", "v"], ["y"], name="v_factor"))
+        return make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])],
+                          [init("u", rng.normal(size=(64, 8)).astype(np.float32)),
+                           init("v", rng.normal(size=(8, 64)).astype(np.float32))])
+
+    result, out = _quantize(model(False), data=data)
+    assert result.stats["format"] == "dynamic" and result.stats["quantized"] == 1
+    left = [e for e in result.stats["left_alone"] if "second factor of a low-rank pair" in e["reason"]]
+    assert left and left[0]["examples"] == ["v_factor"]
+    assert [n.op_type for n in out.graph.node if n.name == "v_factor"] == ["MatMul"]
+    onnx.checker.check_model(out)
+    result, _ = _quantize(model(True), data=data)
+    assert result.stats["quantized"] == 2
+    assert not any("low-rank" in e["reason"] for e in result.stats.get("left_alone", []))
