@@ -180,3 +180,18 @@ def test_latency_profiles_keep_int8_kinds_optional():
     with pytest.raises(ValueError, match="unknown kernel kinds int9_conv"):
         latency.LatencyModel.from_json(data)
     assert base.has_int8  # the shipped AVX2 profile prices int8
+
+
+def test_an_open_sequence_length_is_priced_at_the_samples_shape():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    proto = make_model(nodes, [tensor("x", ["N", "T", 64])], [tensor("y", ["N", "T", 64])],
+                       [init("w1", rng.normal(size=(64, 64)).astype(np.float32)),
+                        init("w2", rng.normal(size=(64, 64)).astype(np.float32))])
+    data = SampleData({"x": rng.normal(size=(8, 12, 64)).astype(np.float32)})
+    result, _ = _run(proto, _target(_profile(0.2e-10, int8_kernel=1e-7)), data)
+    prices = result.stats["int8_speed"]["prices"]
+    # at batch 1 and the sample's 12 steps: 12 x 64 x 64 MACs at 1e-10 s, plus the 1 us dispatch
+    assert [p["float_us"] for p in prices] == [pytest.approx(1 + 12 * 64 * 64 * 1e-4, abs=0.01)] * 2
+    assert all(p["quantized"] for p in prices) and result.stats["quantized"] == 2

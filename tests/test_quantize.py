@@ -444,3 +444,15 @@ def test_dynamic_int8_leaves_the_second_factor_of_a_low_rank_pair_float():
     result, _ = _quantize(model(True), data=data)
     assert result.stats["quantized"] == 2
     assert not any("low-rank" in e["reason"] for e in result.stats.get("left_alone", []))
+
+
+def test_dynamic_int8_leaves_an_excluded_gemm_float():
+    """onnxruntime's dynamic quantizer renames every Gemm ``<name>_MatMul`` before it reads the names to
+    exclude; a Gemm below min_weights must still stay float."""
+    data = SampleData({"x": np.random.default_rng(3).normal(size=(64, 64)).astype(np.float32)})
+    result, out = _quantize(_matmul_mlp(), data=data, min_weights=1000)   # fc has 256 weights
+    assert result.stats["format"] == "dynamic" and result.stats["quantized"] == 2
+    integer = [n for n in out.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert len(integer) == 2 and not any(n.name.startswith("fc") for n in integer)
+    # the quantizer's rewrite leaves it a float MatMul on the transposed weight (same numbers)
+    assert any(n.op_type in ("MatMul", "Gemm") and any(i.startswith("w3") for i in n.input) for n in out.graph.node)

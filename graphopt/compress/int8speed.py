@@ -33,7 +33,7 @@ shapes and dtypes, never times.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ from graphopt.measure.analysis import shape_table
 from graphopt.measure.cpu import Kind
 
 __all__ = ["Decision", "Deployed", "LayerPrice", "Region", "deployed", "int8_rate", "keep_faster", "layer_of",
-           "layer_prices", "regions"]
+           "layer_prices", "pricing_shapes", "regions"]
 
 _TOKEN = re.compile(r"_token_\d+$")
 
@@ -75,11 +75,27 @@ class LayerPrice:
         return self.float_s - self.int8_s
 
 
+def pricing_shapes(model: Model, feed: Mapping[str, np.ndarray], batch: int) -> dict[str, tuple[int, ...]]:
+    """The graph inputs' shapes to price at: a sample's (so a sequence length or an image size the model
+    leaves open is the data's), with ``batch`` for a first dim the model leaves open."""
+    out = {}
+    for value in model.graph.inputs:
+        if value.is_initializer or value.name not in feed:
+            continue
+        dims = list(np.shape(feed[value.name]))
+        declared = value.shape or ()
+        if dims and declared and not isinstance(declared[0], int):
+            dims[0] = batch
+        out[value.name] = tuple(int(d) for d in dims)
+    return out
+
+
 def layer_prices(model: Model, layers: Iterable[Node], latency: lat.LatencyModel, *, batch: int,
-                 dynamic: bool, rate: float) -> dict[str, LayerPrice]:
-    """Each layer's :class:`LayerPrice` at ``batch`` (module docstring, step 1; ``rate`` when the profile
-    has no int8 kinds)."""
-    table = shape_table(model, None, batch)
+                 dynamic: bool, rate: float, input_shapes: Mapping[str, Sequence[int]] | None = None
+                 ) -> dict[str, LayerPrice]:
+    """Each layer's :class:`LayerPrice` at ``batch`` and ``input_shapes`` (module docstring, step 1;
+    ``rate`` when the profile has no int8 kinds)."""
+    table = shape_table(model, input_shapes, batch)
 
     def dims(v):
         d = table.shape(v)
@@ -222,7 +238,8 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
     ``build(exclude)`` returns the quantized model with the nodes named in ``exclude`` left float;
     ``feed`` is one sample of the model's inputs; ``target`` names the CPU in the reasons."""
     decision = Decision()
-    prices = layer_prices(model, layers, latency, batch=batch, dynamic=dynamic, rate=rate)
+    shapes = pricing_shapes(model, feed, batch)
+    prices = layer_prices(model, layers, latency, batch=batch, dynamic=dynamic, rate=rate, input_shapes=shapes)
     for name, p in prices.items():
         if p.float_s is None or p.int8_s is None:
             decision.leave(name, "no int8 price for it (an op or shape the latency model does not cover); "
@@ -257,7 +274,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
                 break
     quantized = [p for name, p in prices.items() if name not in decision.exclude]
     gain = sum(p.gain for p in quantized)
-    total, _ = lat.model_time(model, latency, batch=batch)
+    total, _ = lat.model_time(model, latency, batch=batch, input_shapes=shapes)
     delta = conv_q - conv_f - gain if quantized else 0.0
     if quantized and delta >= 0:
         why = (f"the whole model is priced no faster as int8 on {target} (kernels save {us(gain)} us, "

@@ -144,7 +144,9 @@ def static_qdq(proto: onnx.ModelProto, ranges: Mapping[str, Range], *, fmt: str,
 def dynamic(proto: onnx.ModelProto, *, exclude: Iterable[str] = (),
             op_types: Iterable[str] = ("MatMul", "Gemm")) -> onnx.ModelProto:
     """Dynamic quantization of ``proto``'s MatMul / Gemm layers (8-bit per-channel weights, activations
-    quantized at run time)."""
+    quantized at run time). The quantizer rewrites every Gemm as ``<name>_MatMul`` + ``Add`` before it
+    looks at the names to exclude, so an excluded Gemm is excluded under both names (it stays float, as
+    that MatMul and Add)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode
@@ -153,7 +155,8 @@ def dynamic(proto: onnx.ModelProto, *, exclude: Iterable[str] = (),
     copy.CopyFrom(proto)
     with _quiet():
         quantizer = ONNXQuantizer(copy, True, False, QuantizationMode.IntegerOps, False, QuantType.QInt8,
-                                  QuantType.QUInt8, None, [], sorted(exclude), sorted(op_types),
+                                  QuantType.QUInt8, None, [], sorted({*exclude, *(f"{n}_MatMul" for n in exclude)}),
+                                  sorted(op_types),
                                   {"MatMulConstBOnly": True})
         quantizer.quantize_model()
     out = quantizer.model.model
