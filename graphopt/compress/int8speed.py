@@ -252,12 +252,15 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
     if not dynamic:
         base = deployed(float_proto, feed)
         conv_f = sum(base.convert_seconds(n, latency, batch) for n in base.conversions())
-        for _ in range(MAX_ROUNDS):
+        for round_ in range(MAX_ROUNDS + 1):
             quantized = {p for p in prices if p not in decision.exclude}
             if not quantized:
+                conv_q = 0.0
                 break
             dep = deployed(build(set(decision.exclude)), feed)
             conv_q = sum(dep.convert_seconds(n, latency, batch) for n in dep.conversions())
+            if round_ == MAX_ROUNDS:  # the conversions of the final choice, priced; no more drops
+                break
             dropped = False
             for region in regions(dep, quantized, names - set(prices)):
                 cost = sum(dep.convert_seconds(n, latency, batch) for n in region.conversions)
