@@ -456,3 +456,28 @@ def test_dynamic_int8_leaves_an_excluded_gemm_float():
     assert len(integer) == 2 and not any(n.name.startswith("fc") for n in integer)
     # the quantizer's rewrite leaves it a float MatMul on the transposed weight (same numbers)
     assert any(n.op_type in ("MatMul", "Gemm") and any(i.startswith("w3") for i in n.input) for n in out.graph.node)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_activation_ranges_stay_within_the_run_budget_and_do_not_depend_on_it(method, monkeypatch):
+    """Every tensor of a run is held at once: a budget of two samples' tensors gives runs of two
+    samples, and the same ranges as one run of all 128."""
+    from graphopt.measure import calibration
+
+    model, data = from_proto(_cnn()), _data()
+    names = ["x", "a1", "r1", "a2", "r2", "logits"]
+    per_sample = sum(a.nbytes for a in calibration.first_sample(model, names, data).values())
+    batches = []
+    real = calibration.Calibrator.__init__
+
+    def spy(self, model, data, batch_size=64, **kw):
+        batches.append(batch_size)
+        real(self, model, data, batch_size, **kw)
+
+    monkeypatch.setattr(calibration.Calibrator, "__init__", spy)
+    small = qdq.activation_ranges(model, data, names, method=method, batch_size=128, run_bytes=2 * per_sample)
+    whole = qdq.activation_ranges(model, data, names, method=method, batch_size=128)
+    assert batches == [2, 128]
+    assert small.keys() == whole.keys()
+    for name in whole:
+        assert (small[name].lo, small[name].hi) == pytest.approx((whole[name].lo, whole[name].hi), rel=1e-6)
