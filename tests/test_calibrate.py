@@ -49,10 +49,29 @@ def test_fit_reports_quality_and_zero_for_kinds_never_measured():
     assert not set(lat.INT8_KINDS) & set(coefficients)
 
 
+def test_int8_kinds_are_fitted_in_the_time_base_of_the_float_prices():
+    """An int8 kernel timed beside its float twin keeps its measured int8 / float ratio against the
+    reference's float price: here the machine runs the twin twice as fast as the reference prices it,
+    so the int8 times count double."""
+    reference = lat.LatencyModel({k: np.array([0.0, 1e-10, 0, 0, 0, 0]) for k in lat.KINDS})
+    twin = lat.conv_work(1, 16, 32, (3, 3), (8, 8), (8, 8))
+    records = [{"kind": "int8_conv", "features": [1.0, m, 0, 0, 0, 0], "seconds": m * 0.4e-10,
+                "twin_kind": twin.kind, "twin_features": list(twin.features),
+                "twin_seconds": reference.time(twin) / 2} for m in (1e6, 2e6, 4e6, 8e6)]
+    coefficients, quality = cal.fit(records, overhead=0.0, reference=reference)
+    assert coefficients["int8_conv"][1] == pytest.approx(0.8e-10, rel=1e-6) and quality["int8_conv"]["n"] == 4
+    # without a twin a record is taken as measured
+    plain = [{k: v for k, v in r.items() if not k.startswith("twin")} for r in records]
+    coefficients, _ = cal.fit(plain, overhead=0.0, reference=reference)
+    assert coefficients["int8_conv"][1] == pytest.approx(0.4e-10, rel=1e-6)
+
+
 def test_kernel_set_fills_every_kind_the_path_can_run():
     blocked = cal.kernel_set(lat.Nchwc(8, 4), seed=0, scale=0.01, max_macs=2e7)
     kinds = [k.kind for k in blocked]
     assert all(kinds.count(kind) == 3 for kind in lat.KINDS + lat.INT8_KINDS[:-1])  # convert: from the int8 ones
+    # every int8 kernel comes with its float twin, priced on the path
+    assert all(k.twin is not None and k.twin_work is not None for k in blocked if k.kind.startswith("int8_"))
     again = cal.kernel_set(lat.Nchwc(8, 4), seed=0, scale=0.01, max_macs=2e7)
     assert [k.config for k in again] == [k.config for k in blocked]  # seeded
     # without NCHWc kernels (ARM64 release builds) every conv is im2col: the blocked kinds stay empty

@@ -9,10 +9,11 @@ on the AVX2 machine refreshes the shipped one. What stays here is the held-out c
             models (after the lossless preset) at batch 1 and 64 (sum of the predicted kernel times
             against the measured sum of kernel times in the profiler, and against the wall-clock time).
 
-``int8``  — measures only the int8 kinds (fused int8 convs and GEMMs, and the conversions around them)
-            and writes their coefficients into an existing profile, its float kinds untouched: how the
-            shipped AVX2 profile got its int8 prices without re-fitting the float ones every pruning
-            result rests on.
+``int8``  — measures only the int8 kinds (fused int8 convs and GEMMs, and the conversions around them),
+            each beside its float twin, and writes their coefficients into an existing profile in the
+            time base of its float kinds (:func:`graphopt.measure.calibrate.fit`), the float kinds
+            untouched: how the shipped AVX2 profile got its int8 prices without re-fitting the float
+            ones every pruning result rests on.
 
 Commands::
 
@@ -99,7 +100,7 @@ def cmd_int8(args) -> None:
     kernels = [k for k in cal.kernel_set(model.path, args.seed, args.scale) if k.kind in lat.INT8_KINDS]
     records = cal.measure(kernels, seconds=0.15)
     overhead = cal.profiler_overhead()
-    coefficients, quality = cal.fit(records, overhead)
+    coefficients, quality = cal.fit(records, overhead, reference=model)
     int8 = {k: coefficients[k] for k in lat.INT8_KINDS if k in coefficients}
     model.coefficients.update(int8)
     model.meta["int8"] = {"command": "python tools/calibrate_latency.py int8 --into " + args.into,

@@ -17,8 +17,12 @@ the shipped AVX2 profile has them). Three steps, at ``batch``:
    layers save less than its conversions cost, ``sum(f - q) <= sum(convert)``, stays float whole.
 3. **The whole model:** float time ``T_f`` (every node's float price, plus the layout reorders of the
    float model as onnxruntime optimizes it) against int8 time ``T_q = T_f - sum(f - q) + convert_q -
-   convert_f`` (the int8 model's conversions replace the float model's reorders). ``T_q >= T_f``: nothing
-   is quantized.
+   convert_f + other_q - other_f``: the int8 model's conversions replace the float model's reorders, and
+   every other node of either optimized graph (activations, normalizations, pools, concats) is priced
+   element-wise, so an op onnxruntime fuses in one graph and not in the other is counted (DenseNet's
+   pre-activation BatchNormalizations fold into the float NCHWc convs but run alone in float between a
+   dequantize and a quantize in the int8 graph: priced 0.94 of float without this term, measured 1.18).
+   ``T_q >= T_f``: nothing is quantized.
 
 A profile without int8 prices (calibrated before graphopt priced int8, or none for the target: MACs)
 prices ``q`` as ``rate * f`` with the target kind's int8 rate (:func:`int8_rate`: 0.5 where the CPU has
@@ -47,10 +51,15 @@ from graphopt.measure import ort as gort
 from graphopt.measure.analysis import shape_table
 from graphopt.measure.cpu import Kind
 
-__all__ = ["Decision", "Deployed", "LayerPrice", "Region", "deployed", "int8_rate", "keep_faster", "layer_of",
+__all__ = ["KERNEL_OPS", "Decision", "Deployed", "LayerPrice", "Region", "deployed", "int8_rate", "keep_faster", "layer_of",
            "layer_prices", "pricing_shapes", "regions"]
 
 _TOKEN = re.compile(r"_token_\d+$")
+
+#: The ops of an optimized graph that are a layer's kernel (priced per layer, float or int8).
+KERNEL_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "ConvInteger", "QLinearConv",
+                        "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "QGemm", "QLinearMatMul", "MatMulInteger",
+                        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"})
 
 
 def int8_rate(kind: Kind) -> float:
@@ -124,6 +133,21 @@ class Deployed:
     def conversions(self) -> list[onnx.NodeProto]:
         """The optimized graph's quantize, dequantize and layout nodes."""
         return [n for n in self.proto.graph.node if n.op_type in lat.CONVERT_OPS]
+
+    def other_seconds(self, latency: lat.LatencyModel, batch: int) -> float:
+        """Predicted seconds of every node that is neither a layer's kernel nor a conversion (activations,
+        normalizations, pools, concats, adds: in float or on 8-bit tensors), element-wise over its largest
+        input or output at ``batch``. The two graphs differ here where onnxruntime fuses an op in one
+        and not the other: a BatchNormalization before a conv (DenseNet's) folds into the float NCHWc
+        graph but runs alone, in float between a dequantize and a quantize, in the int8 one."""
+        total = 0.0
+        for node in self.proto.graph.node:
+            if node.op_type in KERNEL_OPS or node.op_type in lat.CONVERT_OPS or node.op_type in lat.FREE:
+                continue
+            sizes = [self.elements.get(t, 0) for t in (*node.input, *node.output) if t]
+            if sizes and max(sizes):
+                total += float(latency.time(lat.elementwise_work(max(sizes)).scaled(batch)) or 0.0)
+        return total
 
     def convert_seconds(self, node: onnx.NodeProto, latency: lat.LatencyModel, batch: int) -> float:
         """Predicted seconds of one conversion node at ``batch`` (element-wise price without int8 kinds)."""
@@ -248,17 +272,19 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
             decision.leave(name, f"slower quantized on {target}: its int8 kernel is priced at or above its "
                                  f"float kernel (stats int8_speed.prices); left float")
     names = {n.name for n in model.graph.nodes}
-    conv_f = conv_q = 0.0
+    conv_f = conv_q = other_f = other_q = 0.0
     if not dynamic:
         base = deployed(float_proto, feed)
         conv_f = sum(base.convert_seconds(n, latency, batch) for n in base.conversions())
+        other_f = other_q = base.other_seconds(latency, batch)
         for round_ in range(MAX_ROUNDS + 1):
             quantized = {p for p in prices if p not in decision.exclude}
             if not quantized:
-                conv_q = 0.0
+                conv_q, other_q = 0.0, other_f
                 break
             dep = deployed(build(set(decision.exclude)), feed)
             conv_q = sum(dep.convert_seconds(n, latency, batch) for n in dep.conversions())
+            other_q = dep.other_seconds(latency, batch)
             if round_ == MAX_ROUNDS:  # the conversions of the final choice, priced; no more drops
                 break
             dropped = False
@@ -278,10 +304,11 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
     quantized = [p for name, p in prices.items() if name not in decision.exclude]
     gain = sum(p.gain for p in quantized)
     total, _ = lat.model_time(model, latency, batch=batch, input_shapes=shapes)
-    delta = conv_q - conv_f - gain if quantized else 0.0
+    delta = conv_q - conv_f + other_q - other_f - gain if quantized else 0.0
     if quantized and delta >= 0:
         why = (f"the whole model is priced no faster as int8 on {target} (kernels save {us(gain)} us, "
-               f"conversions add {us(conv_q - conv_f)} us); left float")
+               f"conversions add {us(conv_q - conv_f)} us and the other ops {us(other_q - other_f)} us); "
+               "left float")
         for p in quantized:
             decision.leave(p.name, why)
         decision.exclude |= names - set(prices)
@@ -290,6 +317,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
         "batch": batch, "priced_by": ("the profile's int8 kernels" if latency.has_int8 else
                                       f"float prices x {rate} (the profile has no int8 kernels)"),
         "layers_faster": len(quantized), "layers_left_float": len(decision.slower),
+        "conversions_us": us(conv_q - conv_f), "other_ops_us": us(other_q - other_f),
         "float_us": us(total + conv_f) if total is not None else None,
         "int8_us": us(total + conv_f + delta) if total is not None else None,
         "prices": [{"layer": p.name, "float_us": us(p.float_s), "int8_us": us(p.int8_s),

@@ -258,6 +258,11 @@ class Kernel:
     config: tuple
     ops: tuple[str, ...]
     build: Callable[[], onnx.ModelProto]
+    #: an int8 kernel's float twin (the same layer in float) and its work: timed beside it, so that its
+    #: price is fitted in the float prices' time base (:func:`fit`)
+    twin: Callable[[], onnx.ModelProto] | None = None
+    twin_work: lat.Work | None = None
+    twin_ops: tuple[str, ...] = ()
 
 
 def _convs(rng: np.random.Generator, path: lat.Nchwc) -> Iterator[Kernel]:
@@ -313,16 +318,23 @@ def _eltwise(rng: np.random.Generator) -> Iterator[Kernel]:
                      (op,), lambda a=(op, batch, c, hw): eltwise_model(*a))
 
 
-def _int8_convs(rng: np.random.Generator) -> Iterator[Kernel]:
+FLOAT_CONV_OPS = ("Conv", "FusedConv", "NchwcConv")
+FLOAT_GEMM_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def _int8_convs(rng: np.random.Generator, path: lat.Nchwc) -> Iterator[Kernel]:
     """:func:`_convs`'s shapes as fused int8 convs (``int8_conv``, ``int8_depthwise``): NHWC, unblocked,
-    so their features are the unpadded ones (:func:`graphopt.measure.latency.int8_work`)."""
+    so their features are the unpadded ones (:func:`graphopt.measure.latency.int8_work`); each with its
+    float twin on ``path``."""
     for kernel in _convs(rng, lat.Nchwc(1, 1)):
         batch, cin, cout, size, hw, group, stride = kernel.config
         out = (hw + stride - 1) // stride
         work = lat.conv_work(batch, cin, cout, size, (hw, hw), (out, out), group, blocked=False, padded=False)
+        twin = lat.conv_work(batch, cin, cout, size, (hw, hw), (out, out), group, path=path)
         kind = "int8_depthwise" if group == cin == cout > 1 else "int8_conv"
         yield Kernel(kind, work.features, kernel.config, ("QLinearConv",),
-                     lambda c=kernel.config: int8_conv_model(*c))
+                     lambda c=kernel.config: int8_conv_model(*c), lambda c=kernel.config: conv_model(*c), twin,
+                     FLOAT_CONV_OPS)
 
 
 def _int8_gemms(rng: np.random.Generator) -> Iterator[Kernel]:
@@ -332,7 +344,8 @@ def _int8_gemms(rng: np.random.Generator) -> Iterator[Kernel]:
         dynamic = i % 2 == 1
         ops = ("DynamicQuantizeMatMul",) if dynamic else ("QLinearMatMul", "QGemm", "MatMulIntegerToFloat")
         yield Kernel("int8_dynamic_gemm" if dynamic else "int8_gemm", lat.gemm_work(m, k, n).features,
-                     (m, k, n, dynamic), ops, lambda a=(m, k, n, dynamic): int8_gemm_model(*a))
+                     (m, k, n, dynamic), ops, lambda a=(m, k, n, dynamic): int8_gemm_model(*a),
+                     lambda a=(m, k, n): gemm_model(*a), lat.gemm_work(m, k, n), FLOAT_GEMM_OPS)
 
 
 #: Largest input or output (elements) a calibration kernel may have: 2^25 floats are 128 MiB, which
@@ -350,7 +363,7 @@ def kernel_set(path: lat.Nchwc, seed: int = 0, scale: float = 1.0, max_macs: flo
     want = {kind: max(3, int(round(q * scale))) for kind, q in QUOTAS.items()}
     got: dict[str, list[Kernel]] = {kind: [] for kind in QUOTAS}
     sources = {"conv": _convs(rng, path), "gemm": _gemms(rng), "elementwise": _eltwise(rng),
-               "int8_conv": _int8_convs(rng8), "int8_gemm": _int8_gemms(rng8)}
+               "int8_conv": _int8_convs(rng8, path), "int8_gemm": _int8_gemms(rng8)}
     for _ in range(tries):
         if all(len(got[k]) >= want[k] for k in got):
             break
@@ -376,17 +389,25 @@ def measure(kernels: list[Kernel], seconds: float = 0.15, progress: Progress | N
         events = [e for e in profiled if e["op"] in kernel.ops]
         if len(events) != 1:
             continue
+        twin: dict[str, Any] = {}
+        if kernel.twin is not None and kernel.twin_work is not None:
+            float_events = [e for e in profile_kernels(kernel.twin(), seconds=seconds) if e["op"] in kernel.twin_ops]
+            if len(float_events) != 1:
+                continue
+            twin = {"twin_kind": kernel.twin_work.kind, "twin_features": list(kernel.twin_work.features),
+                    "twin_seconds": float_events[0]["seconds"]}
         if kernel.kind.startswith("int8_"):
             for e in (e for e in profiled if e["op"] in lat.CONVERT_OPS):
                 elements = max(int(np.prod(s)) for s in e["inputs"] + e["outputs"])
                 records.append({"kind": "convert", "features": list(lat.convert_work(elements).features),
-                                "seconds": e["seconds"], "config": list(map(str, kernel.config)), "op": e["op"]})
+                                "seconds": e["seconds"], "config": list(map(str, kernel.config)), "op": e["op"],
+                                **twin})
         features = kernel.features
         if kernel.kind == "elementwise":  # its largest input or output, as the profiler saw it
             features = lat.elementwise_work(max(int(np.prod(s)) for s in events[0]["inputs"]
                                                 + events[0]["outputs"])).features
         records.append({"kind": kernel.kind, "features": list(features), "seconds": events[0]["seconds"],
-                        "config": list(map(str, kernel.config)), "op": events[0]["op"]})
+                        "config": list(map(str, kernel.config)), "op": events[0]["op"], **twin})
     if progress is not None:
         progress(len(kernels), len(kernels), "done")
     return records
@@ -424,11 +445,21 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return best
 
 
-def fit(records: list[dict], overhead: float) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+def fit(records: list[dict], overhead: float, reference: lat.LatencyModel | None = None
+        ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Per kind: non-negative ``c`` minimizing ``sum(((phi . c - t) / t)^2)`` over the measured times less the
-    profiler's ``overhead``, and the fit's relative errors (a kind without records: zeros, ``n = 0``)."""
+    profiler's ``overhead``, and the fit's relative errors (a kind without records: zeros, ``n = 0``).
+
+    The int8 kinds are fitted in the time base of the float prices they are compared with: a record
+    timed beside its float twin counts as ``t · p / t_twin``, with ``p`` the twin's price by
+    ``reference`` (the float kinds fitted here when none is given). Its measured int8 / float ratio is
+    kept whatever the machine's speed that day: a profile's float kinds fitted on another day (the
+    shipped AVX2 one: 16 % slower convs than the machine measures now) against int8 kinds fitted today
+    priced DenseNet-121's convs 12 % faster as int8, where they run 4 % faster."""
     coefficients, quality = {}, {}
     for kind in lat.KINDS + lat.INT8_KINDS:
+        if kind == lat.INT8_KINDS[0]:
+            base = reference or lat.LatencyModel({k: coefficients[k] for k in lat.KINDS})
         rows = [r for r in records if r["kind"] == kind]
         if not rows and kind in lat.INT8_KINDS:
             continue  # a profile without int8 prices (zeros would make int8 free)
@@ -437,10 +468,23 @@ def fit(records: list[dict], overhead: float) -> tuple[dict[str, np.ndarray], di
             continue
         x = np.array([r["features"] for r in rows], dtype=np.float64)
         t = net_seconds(np.array([r["seconds"] for r in rows], dtype=np.float64), overhead)
+        if kind in lat.INT8_KINDS:
+            t = t * np.array([_time_base(r, base, overhead) for r in rows])
         scale = np.maximum(np.abs(x).max(axis=0), 1e-30)  # conditioning: features span 1 to 1e9
         coefficients[kind] = _nnls(x / scale / t[:, None], np.ones(len(t))) / scale
         quality[kind] = errors(x @ coefficients[kind], t)
     return coefficients, quality
+
+
+def _time_base(record: dict, reference: lat.LatencyModel, overhead: float) -> float:
+    """The factor that takes an int8 record's time into ``reference``'s time base: its float twin's
+    price over the twin's measured time (1 for a record without a twin, or a twin ``reference`` cannot
+    price)."""
+    if "twin_seconds" not in record:
+        return 1.0
+    price = reference.time(lat.Work(record["twin_kind"], tuple(record["twin_features"])))
+    measured = float(net_seconds(np.array([record["twin_seconds"]]), overhead)[0])
+    return price / measured if price and measured > 0 else 1.0
 
 
 # =============================================================================================
