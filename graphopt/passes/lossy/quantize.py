@@ -87,8 +87,9 @@ _FLOAT_TYPES = (onnx.TensorProto.FLOAT, None)
 @register
 class Quantize(Pass):
     name = "quantize"
-    summary = ("LOSSY: int8 / W4A8 quantization (onnxruntime QDQ or dynamic), the format chosen by what "
-               "onnxruntime fuses, layers it runs in float left float, least-squares re-fit after rounding")
+    summary = ("LOSSY: int8 / W4A8 quantization (onnxruntime QDQ, dynamic or MatMulNBits), the format chosen by "
+               "what onnxruntime fuses, layers the target's profile prices slower as int8 left float, "
+               "least-squares re-fit after rounding")
     lossless = False
     options = {
         "weights": Option("int8", "weight bits: int8 (W8A8) or int4 (W4A8, 8-bit activations)", str,
