@@ -195,3 +195,10 @@ def test_an_open_sequence_length_is_priced_at_the_samples_shape():
     # at batch 1 and the sample's 12 steps: 12 x 64 x 64 MACs at 1e-10 s, plus the 1 us dispatch
     assert [p["float_us"] for p in prices] == [pytest.approx(1 + 12 * 64 * 64 * 1e-4, abs=0.01)] * 2
     assert all(p["quantized"] for p in prices) and result.stats["quantized"] == 2
+
+
+def test_the_console_notice_says_what_the_speed_rule_did():
+    nothing, _ = _run(_wide_cnn(), _target(_profile(2e-10)))
+    assert nothing.stats["notice"].startswith("nothing quantized: on avx2 no layer is priced faster as int8")
+    part, _ = _run(_wide_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
+    assert part.stats["notice"] == "2 layers int8, 1 left float: priced slower as int8 on avx2 (stats int8_speed)"

@@ -194,12 +194,19 @@ class Quantize(Pass):
             why = (f"no layer is priced faster quantized on {target.name} (stats int8_speed; "
                    "quantize.latency=off quantizes for size)" if stats.get("int8_speed") else
                    "no layer is faster quantized in any format")
+            if stats.get("int8_speed"):
+                stats["notice"] = (f"nothing quantized: on {target.name} no layer is priced faster as int8 "
+                                   "(its profile's int8 kernels, conversions included); the model stays float. "
+                                   "--option quantize.latency=off quantizes every fused layer, for size")
             return PassResult(False, left.into({**stats, "quantized": 0, "skipped": why}))
         _adopt(model, proto)
         stats["quantized"] = quantized
         stats["layers"] = len(layers)
         if opt("latency") == "off" and (notice := speed_notice(targets.of(ctx))):
             stats["notice"] = notice
+        elif (speed := stats.get("int8_speed")) and speed.get("layers_left_float"):
+            stats["notice"] = (f"{speed['layers_faster']} layers int8, {speed['layers_left_float']} left float: "
+                               f"priced slower as int8 on {speed['target']} (stats int8_speed)")
         return PassResult(True, left.into(stats))
 
 
