@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt.core.errors import GraphoptError
 from graphopt.measure.qdq import Range
 
 __all__ = ["FORMATS", "LAYER_OPS", "PER_CHANNEL_OPSET", "WeightSlots", "at_per_channel_opset", "blockwise_4bit",
@@ -169,8 +170,15 @@ def blockwise_4bit(proto: onnx.ModelProto, *, block_size: int, exclude: Iterable
     """``proto``'s MatMul layers with a constant weight as onnxruntime's ``MatMulNBits``: symmetric 4-bit
     weights with one scale per ``block_size`` weights along the input dimension (round to nearest), the
     activations quantized to 8 bits per block at run time (``accuracy_level`` 4: W4A8) or, without
-    ``int8_activations``, kept float (weight-only). Nodes named in ``exclude`` stay float."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    ``int8_activations``, kept float (weight-only). Nodes named in ``exclude`` stay float.
+
+    onnxruntime's quantizer for it imports ``onnx_ir`` (a runtime dependency of graphopt for that reason,
+    not of onnxruntime); without it this refuses in one line."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        raise GraphoptError(f"W4A8 without convs uses onnxruntime's MatMulNBits quantizer, which cannot be "
+                            f"imported here ({exc}); pip install onnx-ir") from None
 
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
