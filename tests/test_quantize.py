@@ -491,3 +491,11 @@ def test_activation_ranges_stay_within_the_run_budget_and_do_not_depend_on_it(me
     assert small.keys() == whole.keys()
     for name in whole:
         assert (small[name].lo, small[name].hi) == pytest.approx((whole[name].lo, whole[name].hi), rel=1e-6)
+
+
+def test_w4a8_without_convs_refuses_in_one_line_when_the_matmulnbits_quantizer_cannot_load(monkeypatch):
+    from graphopt.compress import ortquant
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization.matmul_nbits_quantizer", None)  # import fails
+    with pytest.raises(graphopt.GraphoptError, match="pip install onnx-ir"):
+        ortquant.blockwise_4bit(_matmul_mlp(), block_size=32)
