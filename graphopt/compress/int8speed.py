@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from graphopt.core.ir import Model, Node
 from graphopt.measure import latency as lat
@@ -162,19 +161,11 @@ def deployed(proto: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> Deployed
     """``proto`` through onnxruntime's optimizer, then run once on ``feed`` (one sample) with every node
     output exposed, for the elements and element types of each tensor."""
     optimized = gort.optimized(proto)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(optimized)
-    known = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for name in node.output:
-            if name and name not in known:
-                probe.graph.output.append(helper.make_empty_tensor_value_info(name))
-                known.add(name)
-    sess = gort.session(probe)
-    names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, dict(feed))
-    elements = {n: int(v.size) for n, v in zip(names, values)}
-    eight_bit = {n for n, v in zip(names, values) if v.dtype in (np.uint8, np.int8)}
+    names = [name for node in optimized.graph.node for name in node.output if name]
+    values = gort.run(gort.session(gort.with_outputs(optimized, names)), feed, names,
+                      what="the optimized graph (int8 pricing)")
+    elements = {n: int(v.size) for n, v in values.items()}
+    eight_bit = {n for n, v in values.items() if v.dtype in (np.uint8, np.int8)}
     return Deployed(optimized, elements, eight_bit)
 
 

@@ -157,8 +157,8 @@ class Quantize(Pass):
                          name)
                 small.add(name)
 
-            def build_dynamic(exclude: set[str]) -> onnx.ModelProto:
-                return ortquant.dynamic(float_proto, exclude=exclude | small, op_types=("MatMul", "Gemm"))
+            build_dynamic = LastBuild(lambda exclude: ortquant.dynamic(float_proto, exclude=exclude | small,
+                                                                      op_types=("MatMul", "Gemm")))
             slower = faster_only(fmodel, layers, build_dynamic, float_proto, data, opt, ctx, stats, left,
                                  dynamic=True)
             proto = build_dynamic(slower)
@@ -177,13 +177,13 @@ class Quantize(Pass):
             if bits != 4:  # W4A8 runs in float on dequantized weights: for size, never for speed
                 fused = [n for n in layers if n.name not in excluded]
 
-                def build_static_excluding(exclude: set[str], fmt=fmt, bits=bits) -> onnx.ModelProto:
-                    return ortquant.static_qdq(float_proto, ranges, fmt=fmt, weight_bits=bits,
-                                               exclude=exclude | excluded)
+                build_static_excluding = LastBuild(
+                    lambda exclude, fmt=fmt, bits=bits: ortquant.static_qdq(
+                        float_proto, ranges, fmt=fmt, weight_bits=bits, exclude=exclude | excluded),
+                    built=proto)  # the format trials' model is the one with nothing more excluded
                 slower = faster_only(fmodel, fused, build_static_excluding, float_proto, data, opt, ctx, stats,
                                      left, dynamic=False)
-                if slower:
-                    proto = build_static_excluding(slower)
+                proto = build_static_excluding(slower)
             if opt("refit") != "rtn":
                 stats["refit"] = refit(proto, fmodel, data, bits, opt, ctx)
             else:
@@ -346,6 +346,22 @@ def narrow_if_saturating(proto: onnx.ModelProto, float_proto: onnx.ModelProto, r
     snr7 = qdq.deployed_snr_db(narrow, feeds)
     trials.append({"format": f"{fmt} (7-bit weights)", "deployed_vs_qdq_snr_db": round(snr7, 1)})
     return narrow, 7
+
+
+class LastBuild:
+    """``build(exclude)`` keeping the last model it built: the speed rule builds, to price it, the model
+    the pass then writes, and starts from the one the format trials built (``built``, for no exclusion).
+    One model kept, not every round's (ResNet-50's QDQ model is 100 MB)."""
+
+    def __init__(self, build: int8speed.Build, built: onnx.ModelProto | None = None) -> None:
+        self._build = build
+        self._last: tuple[frozenset[str], onnx.ModelProto] | None = (frozenset(), built) if built else None
+
+    def __call__(self, exclude: set[str]) -> onnx.ModelProto:
+        key = frozenset(exclude)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._build(set(exclude)))
+        return self._last[1]
 
 
 def faster_only(fmodel: Model, layers: list[Node], build: int8speed.Build, float_proto: onnx.ModelProto,
