@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,10 +53,7 @@ def _pairs(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]
 
 def _smoothed(proto: onnx.ModelProto, pairs, calib) -> onnx.ModelProto:
     names = [first.output[0] for first, _ in pairs]
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(proto)
-    exposed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    sess = gort.session(exposed)
+    sess = gort.session(gort.with_outputs(proto, names))
     peak = {n: 0.0 for n in names}
     for feed in calib.batches(64):
         for n, v in zip(names, sess.run(names, feed)):

@@ -37,7 +37,7 @@ shapes and dtypes, never times.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,17 +98,11 @@ def pricing_shapes(model: Model, feed: Mapping[str, np.ndarray], batch: int) -> 
     return out
 
 
-def layer_prices(model: Model, layers: Iterable[Node], latency: lat.LatencyModel, *, batch: int,
-                 dynamic: bool, rate: float, input_shapes: Mapping[str, Sequence[int]] | None = None
+def layer_prices(layers: Iterable[Node], latency: lat.LatencyModel, table: Any, *, dynamic: bool, rate: float
                  ) -> dict[str, LayerPrice]:
-    """Each layer's :class:`LayerPrice` at ``batch`` and ``input_shapes`` (module docstring, step 1;
-    ``rate`` when the profile has no int8 kinds)."""
-    table = shape_table(model, input_shapes, batch)
-
-    def dims(v):
-        d = table.shape(v)
-        return None if d is None or not all(isinstance(t, int) for t in d) else tuple(int(t) for t in d)
-
+    """Each layer's :class:`LayerPrice` at the shapes of ``table`` (a shape table of the model at the
+    pricing batch; module docstring, step 1; ``rate`` when the profile has no int8 kinds)."""
+    dims = lat.concrete_dims(table)
     out = {}
     for node in layers:
         f = latency.node(node, dims)
@@ -253,8 +247,8 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
     ``build(exclude)`` returns the quantized model with the nodes named in ``exclude`` left float;
     ``feed`` is one sample of the model's inputs; ``target`` names the CPU in the reasons."""
     decision = Decision()
-    shapes = pricing_shapes(model, feed, batch)
-    prices = layer_prices(model, layers, latency, batch=batch, dynamic=dynamic, rate=rate, input_shapes=shapes)
+    table = shape_table(model, pricing_shapes(model, feed, batch), batch)
+    prices = layer_prices(layers, latency, table, dynamic=dynamic, rate=rate)
     for name, p in prices.items():
         if p.float_s is None or p.int8_s is None:
             decision.leave(name, "no int8 price for it (an op or shape the latency model does not cover); "
@@ -294,7 +288,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
                 break
     quantized = [p for name, p in prices.items() if name not in decision.exclude]
     gain = sum(p.gain for p in quantized)
-    total, _ = lat.model_time(model, latency, batch=batch, input_shapes=shapes)
+    total, _ = lat.model_time(model, latency, batch=batch, table=table)
     delta = conv_q - conv_f + other_q - other_f - gain if quantized else 0.0
     if quantized and delta >= 0:
         why = (f"the whole model is priced no faster as int8 on {target} (kernels save {us(gain)} us, "

@@ -400,19 +400,28 @@ def _gemm_node_work(node: Node, dims: Callable[[Value], Dims | None]) -> Work | 
     return gemm_work(int(m), int(k), int(n))
 
 
-def model_time(model: Any, latency: LatencyModel | None = None, *, batch: int = 1,
-               input_shapes: Mapping[str, Sequence[int]] | None = None) -> tuple[float | None, dict[str, float]]:
-    """Predicted seconds of the whole main graph and per node (``None`` total when a node is unknown)."""
-    from graphopt.measure.analysis import shape_table
-
-    latency = latency or load()
-    table = shape_table(model, input_shapes, batch)
-    graph = model.graph
-
+def concrete_dims(table: Any) -> Callable[[Value], Dims | None]:
+    """``value -> its dims`` from a :func:`graphopt.measure.analysis.shape_table`, ``None`` unless every
+    dim is a number (what :func:`node_work` takes)."""
     def dims(v: Value) -> Dims | None:
         d = table.shape(v)
         return None if d is None or not all(isinstance(t, int) for t in d) else tuple(int(t) for t in d)
+    return dims
 
+
+def model_time(model: Any, latency: LatencyModel | None = None, *, batch: int = 1,
+               input_shapes: Mapping[str, Sequence[int]] | None = None, table: Any = None
+               ) -> tuple[float | None, dict[str, float]]:
+    """Predicted seconds of the whole main graph and per node (``None`` total when a node is unknown);
+    ``table``: the shape table to read (one :func:`graphopt.measure.analysis.shape_table` of ``model``
+    at ``batch`` and ``input_shapes``, made here when not given)."""
+    from graphopt.measure.analysis import shape_table
+
+    latency = latency or load()
+    if table is None:
+        table = shape_table(model, input_shapes, batch)
+    graph = model.graph
+    dims = concrete_dims(table)
     per: dict[str, float] = {}
     total: float | None = 0.0
     for node in graph.toposort():
