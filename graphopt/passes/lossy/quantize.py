@@ -157,8 +157,8 @@ class Quantize(Pass):
                          name)
                 small.add(name)
 
-            build_dynamic = LastBuild(lambda exclude: ortquant.dynamic(float_proto, exclude=exclude | small,
-                                                                      op_types=("MatMul", "Gemm")))
+            def build_dynamic(exclude: set[str]) -> onnx.ModelProto:
+                return ortquant.dynamic(float_proto, exclude=exclude | small, op_types=("MatMul", "Gemm"))
             slower = faster_only(fmodel, layers, build_dynamic, float_proto, data, opt, ctx, stats, left,
                                  dynamic=True)
             proto = build_dynamic(slower)
@@ -355,7 +355,7 @@ class LastBuild:
 
     def __init__(self, build: int8speed.Build, built: onnx.ModelProto | None = None) -> None:
         self._build = build
-        self._last: tuple[frozenset[str], onnx.ModelProto] | None = (frozenset(), built) if built else None
+        self._last = (frozenset(), built) if built is not None else None
 
     def __call__(self, exclude: set[str]) -> onnx.ModelProto:
         key = frozenset(exclude)
