@@ -487,3 +487,37 @@ def test_class_loss_mse_matches_the_logits_by_relative_mse():
         _cnn(), ["sparsify"], {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8},
                                "finetune": dict(FT, class_loss="mse")})
     assert changed and stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]
+
+
+def test_ema_ends_with_the_bias_corrected_running_average_of_the_weights():
+    from graphopt.compress.distill.train import Average
+    p = torch.nn.Parameter(torch.zeros(3))
+    avg = Average([p], 0.9)
+    expected, values = torch.zeros(3), [torch.full((3,), float(v)) for v in (4, -2, 7, 1, 5)]
+    for t, value in enumerate(values, start=1):
+        with torch.no_grad():
+            p.copy_(value)
+        avg.update()
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * value
+    avg.copy_to_parameters()
+    torch.testing.assert_close(p.detach(), expected)
+    assert not torch.equal(p.detach(), values[-1])
+    with pytest.raises(ValueError):
+        Average([p], 1.0)
+
+
+def test_ema_option_keeps_the_structure_and_changes_what_is_written():
+    options = {"sparsify": {"density": 0.4, "guard": False, "min_weights": 8}}
+    before, plain, _, _ = _compress_then_finetune(_cnn(), ["sparsify"], {**options, "finetune": FT})
+    _, averaged, stats, changed = _compress_then_finetune(_cnn(), ["sparsify"],
+                                                          {**options, "finetune": dict(FT, ema=0.9)})
+    assert changed and stats["self_check"]["passed"]
+    assert stats["held_out"]["after"]["loss"] < stats["held_out"]["before"]["loss"]
+    _same_structure(before, averaged)
+    a, b, c = _inits(before), _inits(plain), _inits(averaged)
+    w2 = _weight(before, "conv2")
+    assert not np.array_equal(b[w2], c[w2])          # the average is not the last step's weights
+    np.testing.assert_array_equal(a[w2] == 0, c[w2] == 0)   # the average of masked weights keeps the zeros
+    with pytest.raises(OptionError):   # a decay of 1 would never move off the starting weights
+        get_pass("finetune").options["ema"].check(1.0, "finetune.ema")

@@ -20,6 +20,14 @@ Optimiser: Adam with a one-cycle schedule (Smith & Topin 2019: the learning rate
 first 10 % of the steps to ``lr``, then anneals to zero), the schedule the feasibility study of issue
 17 used. The student's float weights train as :mod:`graphopt.compress.distill.interpreter` parametrises
 them; nothing else moves.
+
+Weight averaging (``ema`` = ``d`` > 0, Polyak & Juditsky 1992; the exponential form of Tarvainen &
+Valpola 2017): a shadow copy ``θ̄ ← d·θ̄ + (1 − d)·θ`` follows the parameters after every step, and
+the shadow is what the run ends with (what the held-out gate judges and what is written back). With
+the warm-up bias corrected (``d_t = min(d, (1 + t)/(10 + t))``) the average covers about the last
+``1/(1 − d)`` steps. The average of parameters keeps their structure: a parameter is a free value, a
+masked weight's parameter (the mask applies in the forward) or a codebook, so averaging moves only
+what training moves.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ class Settings:
     match_weight: float = 1.0
     warmup: float = 0.1                # fraction of the steps the one-cycle schedule warms up
     class_loss: str = "kl"             # on class scores: kl (at the temperature) | mse (on the logits)
+    ema: float = 0.0                   # decay of the parameters' running average (0: off)
 
 
 @dataclass
@@ -180,6 +189,29 @@ class Prefetch:
         self.close()
 
 
+class Average:
+    """The exponential running average of ``params`` (the module docstring's ``θ̄``), bias-corrected in
+    its first steps so that it does not lean on the starting point."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.params, self.decay, self.updates = list(params), decay, 0
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        with torch.no_grad():
+            for avg, p in zip(self.shadow, self.params):
+                avg.mul_(d).add_(p.detach(), alpha=1.0 - d)
+
+    def copy_to_parameters(self) -> None:
+        with torch.no_grad():
+            for avg, p in zip(self.shadow, self.params):
+                p.copy_(avg)
+
+
 def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]], kinds: Mapping[str, str],
         settings: Settings, progress: Callable[[int, float], None] | None = None) -> Log:
     """Train ``graph``'s parameters for ``settings.steps`` batches of ``(feeds, teacher outputs)``;
@@ -196,6 +228,7 @@ def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     graph.train(False)   # inference semantics: nothing in the interpreter has a train mode, but say so
+    average = Average(params, settings.ema) if settings.ema > 0 else None
     smoothed = None
     for step in range(settings.steps):
         feeds, labels = next(batches)
@@ -207,11 +240,15 @@ def fit(graph: TorchGraph, batches: Iterator[tuple[Feeds, dict[str, np.ndarray]]
         loss.backward()
         opt.step()
         sched.step()
+        if average is not None:
+            average.update()
         value = float(loss.detach())
         log.losses.append(value)
         smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
         if progress is not None:
             progress(step + 1, smoothed)
+    if average is not None:
+        average.copy_to_parameters()
     log.seconds = time.perf_counter() - started
     log.thread_seconds = time.thread_time() - thread_started
     return log

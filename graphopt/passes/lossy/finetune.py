@@ -94,6 +94,9 @@ class Finetune(Pass):
         "mixup": Option(0.0, "augment: mix image pairs with weights from Beta(mixup, mixup) (0: off); the teacher "
                              "labels the mixed image", float, low=0),
         "weight_decay": Option(0.0, "Adam weight decay", float, low=0),
+        "ema": Option(0.0, "end with the running average of the weights over training, this decay per step "
+                           "(0.999: about the last 1000 steps; 0: off, the last step's weights)", float, low=0,
+                      high=1, high_open=True),
         "threads": Option(0, "torch threads while training (0: the usable cores less the one the teacher's "
                              "thread takes, at least 1)", int, low=0),
         **calibration(holdout=(0.2, "of the calibration samples: never trained on; training is refused when "
@@ -169,7 +172,7 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
         steps = max(1, int(round(opt("epochs") * source.n_samples / batch_size)))
     match = [n.strip() for n in opt("match").split(",") if n.strip()]
     settings = Settings(steps, opt("lr"), opt("temperature"), opt("loss"), opt("weight_decay"), match,
-                        opt("match_weight"), class_loss=opt("class_loss"))
+                        opt("match_weight"), class_loss=opt("class_loss"), ema=opt("ema"))
     check = held if held is not None else source.first()
     check = check.head(min(CHECK_SAMPLES if batch_size == opt("batch_size") else batch_size, check.n_samples))
 
