@@ -14,7 +14,7 @@ The first line names the machine: the CPU kind graphopt detects, the CPU, onnxru
 Command::
 
     python tools/bench_target.py [--models vgg,resnet,mobilenetv2] [--targets auto,avx512] [--target-macs 0.5]
-                                 [--rounds 5] [--runs 20]
+                                 [--rounds 5] [--runs 20] [--option prune_filters.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ def charged_ratio(original, pruned, target: targets.Target) -> float | None:
     return after / before if before and after else None
 
 
-def row(name: str, spec: str, target_macs: float, runs: int, rounds: int) -> list[str]:
+def row(name: str, spec: str, target_macs: float, runs: int, rounds: int, options: list[str] = ()) -> list[str]:
     target = targets.resolve(spec)
     original = load(MODELS / f"{name}.onnx")
     calib = load_data(MODELS / "fmnist_calib.npz", original)
     evaluation = load_data(MODELS / "fmnist_eval.npz", original)
-    proto, stats, seconds = _prune(name, calib, target_macs, {}, target_cpu=spec)
+    proto, stats, seconds = _prune(name, calib, target_macs, list(options), target_cpu=spec)
     kept = " ".join(str(g["channels_after"]) for g in stats["groups"])
     ref, acc = _accuracy(name, proto, evaluation)
     charged = charged_ratio(original, proto, target)
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--target-macs", type=float, default=0.5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--option", action="append", default=[], metavar="PASS.KEY=VALUE",
+                        help="a pass option for every prune (as graphopt optimize --option)")
     args = parser.parse_args()
     host = targets.resolve("auto")
     print(f"Machine: {host.host.cpu if host.host else '?'}, detected CPU kind {host.name} "
@@ -83,7 +85,7 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name in args.models.split(","):
         for spec in args.targets.split(","):
-            print("| " + " | ".join(row(name, spec, args.target_macs, args.runs, args.rounds)) + " |", flush=True)
+            print("| " + " | ".join(row(name, spec, args.target_macs, args.runs, args.rounds, args.option)) + " |", flush=True)
 
 
 if __name__ == "__main__":
