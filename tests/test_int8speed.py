@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.compress import int8speed
+from graphopt.compress import int8speed, ortquant
 from graphopt.core.manager import PassContext, get_pass
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import cpu, latency, qdq, target
@@ -202,3 +202,58 @@ def test_the_console_notice_says_what_the_speed_rule_did():
     assert nothing.stats["notice"].startswith("nothing quantized: on avx2 no layer is priced faster as int8")
     part, _ = _run(_wide_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
     assert part.stats["notice"] == "2 layers int8, 1 left float: priced slower as int8 on avx2 (stats int8_speed)"
+
+
+def _pooled_cnn():
+    """:func:`_wide_cnn` with a 2x2 MaxPool between the small conv and the wide ones (inception's stem)."""
+    proto = _wide_cnn()
+    graph = proto.graph
+    wide1 = next(n for n in graph.node if n.name == "wide1")
+    wide1.input[0] = "p1"
+    at = [n.name for n in graph.node].index("wide1")
+    graph.node.insert(at, helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2],
+                                           strides=[2, 2]))
+    del graph.output[:]
+    graph.output.extend([tensor("y", ["N", 32, 8, 8])])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_the_float_layer_feeding_an_8_bit_nchw_pool_is_quantized_after_all():
+    # as in the first test the small conv is priced slower quantized; left float, its MaxPool would run on
+    # 8-bit tensors in NCHW (onnxruntime's generic pooling), so it is quantized for the pool's sake
+    result, out = _run(_pooled_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
+    assert result.changed and _weighted(out) == {"small", "wide1", "wide2"}
+    speed = result.stats["int8_speed"]
+    assert list(speed["quantized_for_pools"]) == ["small"] and "pool1" in speed["quantized_for_pools"]["small"]
+    assert not int8speed.deployed(out, {"x": _wide_data(1).inputs["x"]}).nchw_pools()
+    assert "small" not in str(result.stats.get("left_alone", ""))
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": _wide_data(8).inputs["x"]}
+    assert _snr(_ort(_pooled_cnn(), feeds)[0], _ort(out, feeds, optimize=True)[0]) > 25
+
+
+def test_an_8_bit_nchw_pool_no_layer_can_be_quantized_for_leaves_the_model_float(monkeypatch):
+    # the same model when no float layer can be found to feed the pool: the pool would stay 8-bit NCHW,
+    # which the prices do not cover, so nothing is quantized
+    monkeypatch.setattr(int8speed, "feeding_layer", lambda *a, **k: None)
+    result, out = _run(_pooled_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
+    assert not result.changed and result.stats["quantized"] == 0 and not qdq.is_quantized(out)
+    reasons = [e["reason"] for e in result.stats["left_alone"]]
+    assert any("pool1 on 8-bit tensors in NCHW" in r and "no float layer left feeds it" in r for r in reasons)
+
+
+def test_feeding_layer_walks_back_through_activations_and_quantize_nodes_only():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv_token_3"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"], name="q"),
+             helper.make_node("MaxPool", ["q"], ["p"], name="pool", kernel_shape=[2, 2]),
+             helper.make_node("Add", ["x", "x"], ["a"], name="add"),
+             helper.make_node("MaxPool", ["a"], ["p2"], name="pool2", kernel_shape=[2, 2]),
+             helper.make_node("MaxPool", ["x"], ["p3"], name="pool3", kernel_shape=[2, 2])]
+    dep = int8speed.Deployed(helper.make_model(helper.make_graph(nodes, "g", [], [])), {}, {"q", "a"})
+    assert int8speed.feeding_layer(dep, nodes[3], {"c0": "conv", "o": "other"}) == "conv"   # by the name
+    assert int8speed.feeding_layer(dep, nodes[3], {"c": "conv"}) == "conv"                  # by the output
+    assert int8speed.feeding_layer(dep, nodes[5], {"c0": "conv"}) is None    # an Add is not a layer's kernel
+    assert int8speed.feeding_layer(dep, nodes[6], {"c0": "conv"}) is None    # a graph input
+    assert [n.name for n in dep.nchw_pools()] == ["pool", "pool2"]     # 8-bit inputs, default domain

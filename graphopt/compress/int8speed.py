@@ -24,6 +24,17 @@ the shipped AVX2 profile has them). Three steps, at ``batch``:
    dequantize and a quantize in the int8 graph: priced 0.94 of float without this term, measured 1.18).
    ``T_q >= T_f``: nothing is quantized.
 
+**No 8-bit pooling in NCHW.** onnxruntime runs an 8-bit MaxPool or AveragePool in the NHWC layout
+(``NhwcMaxPool``, vectorized) where the int8 kernels around it are NHWC; one whose producer stayed
+float runs its generic NCHW pooling, which the profile does not price. On inception (an AVX512-VNNI CPU,
+batch 64) the stem conv, priced 7 % slower as int8, stayed float, and the two 8-bit MaxPools after it
+took 7.8 and 11.6 ms, 74 % of the int8 model's time, against 0.6 ms as ``NhwcMaxPool``: the model ran
+at 2.02 of float time where it was priced faster. Leaving the pool float does not help: onnxruntime's
+QDQ propagation moves the quantize of its consumers above it again. So the float layer that feeds such
+a pool (:meth:`Deployed.nchw_pools`, :func:`feeding_layer`) is quantized after all, and the model built
+and priced again (step 2's rounds); if an 8-bit NCHW pool is still there at the end (no layer feeds it,
+or its region was dropped and came back), nothing is quantized.
+
 A profile without int8 prices (calibrated before graphopt priced int8, or none for the target: MACs)
 prices ``q`` as ``rate * f`` with the target kind's int8 rate (:func:`int8_rate`: 0.5 where the CPU has
 int8 dot products, VNNI or ARM's ``sdot``; 1 otherwise, where onnxruntime's integer kernels peak at
@@ -54,6 +65,8 @@ __all__ = ["KERNEL_OPS", "Decision", "Deployed", "LayerPrice", "Region", "deploy
            "layer_prices", "pricing_shapes", "regions"]
 
 _TOKEN = re.compile(r"_token_\d+$")
+#: Pooling ops onnxruntime runs in NCHW on 8-bit tensors with its generic kernel (NHWC ones are ``Nhwc*``).
+NCHW_POOLS = frozenset({"MaxPool", "AveragePool"})
 
 #: The ops of an optimized graph that are a layer's kernel (priced per layer, float or int8).
 KERNEL_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "ConvInteger", "QLinearConv",
@@ -142,6 +155,11 @@ class Deployed:
                 total += float(latency.time(lat.elementwise_work(max(sizes)).scaled(batch)) or 0.0)
         return total
 
+    def nchw_pools(self) -> list[onnx.NodeProto]:
+        """8-bit MaxPool / AveragePool nodes onnxruntime left in NCHW (its generic pooling; module docstring)."""
+        return [n for n in self.proto.graph.node if n.op_type in NCHW_POOLS and n.domain in ("", "ai.onnx")
+                and n.input and n.input[0] in self.eight_bit]
+
     def convert_seconds(self, node: onnx.NodeProto, latency: lat.LatencyModel, batch: int) -> float:
         """Predicted seconds of one conversion node at ``batch`` (element-wise price without int8 kinds)."""
         sizes = [self.elements.get(t, 0) for t in (*node.input[:1], *node.output[:1])]
@@ -173,6 +191,33 @@ def layer_of(node_name: str, layers: set[str]) -> str | None:
         return base
     fits = [name for name in layers if node_name.startswith(name + "_")]
     return max(fits, key=len) if fits else None
+
+
+#: Nodes between a layer's kernel and a pool that feeds on it: activations, layout and quantize nodes.
+PASS_THROUGH = frozenset({"QuantizeLinear", "DequantizeLinear", "ReorderOutput", "ReorderInput", "Transpose",
+                          "Relu", "Clip", "LeakyRelu", "Sigmoid", "Identity"})
+
+
+def feeding_layer(dep: Deployed, node: onnx.NodeProto, layers: Mapping[str, str], depth: int = 6) -> str | None:
+    """The layer whose kernel computes ``node``'s first input, through at most ``depth`` activation,
+    layout or quantize nodes (:data:`PASS_THROUGH`); ``None`` when another op or a graph input comes first.
+    ``layers`` maps each layer's output tensor to its name: onnxruntime names an NCHWc conv after its
+    output (``a1_nchwc``) and keeps the tensor's name on the reorder after it; a fused kernel keeps the
+    layer's name (:func:`layer_of`)."""
+    producers = {out: n for n in dep.proto.graph.node for out in n.output}
+    current = producers.get(node.input[0]) if node.input else None
+    for _ in range(depth):
+        if current is None:
+            return None
+        named = next((layers[out] for out in current.output if out in layers), None)
+        if named is not None:
+            return named
+        if current.op_type in KERNEL_OPS:
+            return layer_of(current.name, set(layers.values()))
+        if current.op_type not in PASS_THROUGH or not current.input:
+            return None
+        current = producers.get(current.input[0])
+    return None
 
 
 @dataclass
@@ -226,15 +271,23 @@ class Decision:
 
     slower: dict[str, str] = field(default_factory=dict)
     exclude: set[str] = field(default_factory=set)
+    forced: dict[str, str] = field(default_factory=dict)   # layers quantized although priced slower, and why
     stats: dict[str, Any] = field(default_factory=dict)
 
     def leave(self, name: str, why: str) -> None:
         self.slower.setdefault(name, why)
         self.exclude.add(name)
+        self.forced.pop(name, None)
+
+    def force(self, name: str, why: str) -> None:
+        self.slower.pop(name, None)
+        self.exclude.discard(name)
+        self.forced[name] = why
 
 
-#: Rounds of step 2: a region left float can leave a neighbour's edges to be re-priced.
-MAX_ROUNDS = 4
+#: Rounds of step 2: a region left float can leave a neighbour's edges to be re-priced, a layer quantized
+#: for a pool changes its neighbours' edges.
+MAX_ROUNDS = 6
 
 Build = Callable[[set[str]], onnx.ModelProto]
 
@@ -257,7 +310,9 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
             decision.leave(name, f"slower quantized on {target}: its int8 kernel is priced at or above its "
                                  f"float kernel (stats int8_speed.prices); left float")
     names = {n.name for n in model.graph.nodes}
+    layer_outputs = {v.name: n.name for n in layers if n.name in prices for v in n.outputs[:1] if v is not None}
     conv_f = conv_q = other_f = other_q = 0.0
+    dep = None
     if not dynamic:
         base = deployed(float_proto, feed)
         conv_f = sum(base.convert_seconds(n, latency, batch) for n in base.conversions())
@@ -273,6 +328,15 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
             if round_ == MAX_ROUNDS:  # the conversions of the final choice, priced; no more drops
                 break
             dropped = False
+            for pool in dep.nchw_pools():
+                feeder = feeding_layer(dep, pool, layer_outputs)
+                if feeder is not None and feeder in decision.exclude and feeder not in decision.forced:
+                    decision.force(feeder, f"quantized although priced slower: left float, it would make "
+                                           f"onnxruntime run {pool.name} on 8-bit tensors in NCHW (its generic "
+                                           "pooling, many times slower than the NHWC one)")
+                    dropped = True
+            if dropped:
+                continue
             for region in regions(dep, quantized, names - set(prices)):
                 cost = sum(dep.convert_seconds(n, latency, batch) for n in region.conversions)
                 gain = sum(prices[name].gain for name in region.layers)
@@ -287,6 +351,14 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
             if not dropped:
                 break
     quantized = [p for name, p in prices.items() if name not in decision.exclude]
+    slow_pools = [n.name for n in dep.nchw_pools()] if quantized and dep is not None else []
+    if slow_pools:
+        why = (f"onnxruntime would run {', '.join(slow_pools)} on 8-bit tensors in NCHW (its generic pooling, "
+               f"not priced, many times slower than the NHWC one) and no float layer left feeds it; left float")
+        for p in quantized:
+            decision.leave(p.name, why)
+        decision.exclude |= names - set(prices)
+        quantized = []
     gain = sum(p.gain for p in quantized)
     total, _ = lat.model_time(model, latency, batch=batch, table=table)
     delta = conv_q - conv_f + other_q - other_f - gain if quantized else 0.0
@@ -302,6 +374,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
         "batch": batch, "priced_by": ("the profile's int8 kernels" if latency.has_int8 else
                                       f"float prices x {rate} (the profile has no int8 kernels)"),
         "layers_faster": len(quantized), "layers_left_float": len(decision.slower),
+        "quantized_for_pools": dict(decision.forced),
         "conversions_us": us(conv_q - conv_f), "other_ops_us": us(other_q - other_f),
         "float_us": us(total + conv_f) if total is not None else None,
         "int8_us": us(total + conv_f + delta) if total is not None else None,
