@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt.compress import int8speed, ortquant
+from graphopt.compress import int8speed
 from graphopt.core.manager import PassContext, get_pass
 from graphopt.core.onnx_io import from_proto, to_proto
 from graphopt.measure import cpu, latency, qdq, target
