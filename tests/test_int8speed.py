@@ -234,8 +234,8 @@ def test_the_float_layer_feeding_an_8_bit_nchw_pool_is_quantized_after_all():
 
 
 def test_an_8_bit_nchw_pool_no_layer_can_be_quantized_for_leaves_the_model_float(monkeypatch):
-    # the same model when no float layer can be found to feed the pool: the pool would stay 8-bit NCHW,
-    # which the prices do not cover, so nothing is quantized
+    # no float layer found to feed the pool: the pool would stay 8-bit NCHW, which the prices do not
+    # cover, so nothing is quantized, and the reason says why
     monkeypatch.setattr(int8speed, "feeding_layer", lambda *a, **k: None)
     result, out = _run(_pooled_cnn(), _target(_profile(0.33e-10, int8_kernel=3e-6)))
     assert not result.changed and result.stats["quantized"] == 0 and not qdq.is_quantized(out)
@@ -257,3 +257,4 @@ def test_feeding_layer_walks_back_through_activations_and_quantize_nodes_only():
     assert int8speed.feeding_layer(dep, nodes[5], {"c0": "conv"}) is None    # an Add is not a layer's kernel
     assert int8speed.feeding_layer(dep, nodes[6], {"c0": "conv"}) is None    # a graph input
     assert [n.name for n in dep.nchw_pools()] == ["pool", "pool2"]     # 8-bit inputs, default domain
+

@@ -20,8 +20,8 @@ Profiles: the first that exists of
 1. a profile calibrated for the kind with ``graphopt calibrate`` (cached as
    ``$XDG_CACHE_HOME/graphopt/latency-KIND.json``, ``~/.cache/graphopt`` without it) — provided its
    NCHWc block is the target's;
-2. the profile shipped for the kind (``graphopt/data/latency_KIND.json``: AVX2 only, measured on the
-   machine graphopt is developed on);
+2. the profile shipped for the kind (``graphopt/data/latency_KIND.json``: ``avx2`` and ``avx512-vnni``,
+   measured on the machines graphopt has been developed on);
 3. none: the target is *uncalibrated*, and graphopt prices in MACs with the kind's block geometry
    (:meth:`graphopt.measure.latency.LatencyModel.macs_only`), and says so in the report.
 
