@@ -187,3 +187,21 @@ def test_group_units_are_the_block_for_blocked_convs_and_the_lanes_elsewhere():
     arm_nchwc = targets.Target(cpu.KINDS["arm64"], lat.Nchwc(16, 4), lat.load(), "uncalibrated")
     units = group_units(model.graph, groups, arm_nchwc)
     assert (units[by_size[32]], units[by_size[24]], units[by_size[40]]) == (16, 16, 4)
+
+
+def test_a_target_below_one_block_per_group_says_so_and_how_to_go_further():
+    """resnet's groups (16-64 channels) at a third of the MACs on a 16-channel-block target: every group
+    stops at one block (0.525 of the MACs), and the miss says why, not "frozen"."""
+    from pathlib import Path
+
+    import graphopt
+    models = Path(__file__).resolve().parents[1] / "models"
+    result = graphopt.optimize(models / "resnet.onnx", preset="prune", target_macs=0.35,
+                               data=models / "fmnist_calib.npz", target_cpu="avx512", run_verify=False,
+                               options=["prune_filters.near_fastest=0"])
+    target = result.report["target"]
+    assert not target["met"] and target["macs"]["reached"] > 0.5
+    assert "every prunable group is down to one channel unit of avx512 (16 channels" in target["reason"]
+    assert "prune_filters.multiple=8" in target["reason"]
+    groups = next(p["stats"]["groups"] for p in result.report["passes"] if p["name"] == "prune_filters")
+    assert {g["channels_after"] for g in groups} == {16}

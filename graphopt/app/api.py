@@ -398,6 +398,9 @@ def _miss_reason(records: Sequence[Any]) -> str:
         stats = record.stats if isinstance(record.stats, Mapping) else {}
         if stats.get("skipped"):
             return f"{record.name}: {stats['skipped']}"
+        allocation = stats.get("allocation")
+        if isinstance(allocation, Mapping) and allocation.get("not_met"):
+            return f"{record.name}: {allocation['not_met']}"
         left = stats.get("left_alone") or []
         if left:
             worst = max(left, key=lambda e: e.get("count", 1))

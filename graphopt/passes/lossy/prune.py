@@ -1383,7 +1383,7 @@ class PruneFilters(Pass):
         if nothing_passed(trace):
             stats["not_met"] = "no allocation tried was within --max-drop on the held-out samples: nothing pruned"
         elif not alloc.met:
-            stats["not_met"] = "the prunable groups cannot reach the target (the rest of the model is frozen)"
+            stats["not_met"] = _why_not_met(run, problem.units, alloc)
         if trace:
             stats["guard"] = trace
         if guard_off:
@@ -1712,6 +1712,21 @@ class PruneFilters(Pass):
 
 # =============================================================================================
 # the steps' helpers
+
+
+def _why_not_met(run: PruneRun, units: Sequence[budget.Unit], alloc: budget.Allocation) -> str:
+    """Why the allocation stops above the target: every prunable group at its smallest level, which is
+    one of the target CPU's channel units when counts move in them (a count below a unit costs a whole
+    one there), or the rest of the model frozen."""
+    if units and all(alloc.keep.get(u.key) == u.levels[-1] for u in units):
+        steps = sorted({v for k, v in run.units.items() if any(u.key == k for u in units)})
+        if not int(run.opt("multiple")) and steps and max(steps) > 1:
+            cpu = targets.of(run.ctx).name
+            return (f"every prunable group is down to one channel unit of {cpu} ({'/'.join(map(str, steps))} "
+                    f"channels: a count below it costs the whole unit there); prune_filters.multiple="
+                    f"{max(steps) // 2} allows fewer, at that price")
+        return "every prunable group is at its smallest kept count (the rest of the model is frozen)"
+    return "the prunable groups cannot reach the target (the rest of the model is frozen)"
 
 
 def _unit_stats(run: PruneRun) -> dict[str, Any]:
