@@ -161,6 +161,7 @@ def test_relaxed_guard_says_so_in_a_notice(monkeypatch):
     assert result.stats["notice"] == (f"--max-drop 0.5: at the target the held-out calibration samples lost 1.50 "
                                       f"points (re-fitted on the others), so the target was relaxed; "
                                       f"the model keeps {result.stats['macs_ratio']:.2f} of the MACs")
+    assert result.stats["allocation"]["not_met"] == result.stats["notice"]   # the target line's reason
 
 
 def test_the_guard_fits_on_some_samples_and_judges_on_the_others(monkeypatch):

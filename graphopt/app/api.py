@@ -391,7 +391,8 @@ def target_outcome(target_macs: float | None, target_params: float | None, befor
 
 def _miss_reason(records: Sequence[Any]) -> str:
     """The first lossy pass's own account of why it did less: why it skipped, why its allocation stopped
-    short, that its ``--max-drop`` guard relaxed the target, else what it left alone most."""
+    short of the target (``allocation.not_met``: the groups at their floor, or its ``--max-drop`` guard
+    relaxed the target), else what it left alone most."""
     passes = registered()
     for record in records:
         if record.name not in passes or passes[record.name].lossless:
@@ -402,8 +403,6 @@ def _miss_reason(records: Sequence[Any]) -> str:
         allocation = stats.get("allocation")
         if isinstance(allocation, Mapping) and allocation.get("not_met"):
             return f"{record.name}: {allocation['not_met']}"
-        if isinstance(stats.get("notice"), str) and "--max-drop" in stats["notice"]:
-            return f"{record.name}: {stats['notice']}"     # its accuracy guard relaxed the target
         left = stats.get("left_alone") or []
         if left:
             worst = max(left, key=lambda e: e.get("count", 1))

@@ -1707,6 +1707,7 @@ class PruneFilters(Pass):
             stats["left_alone"] = left_alone
         if notice := guard_notice(allocation_stats.get("guard"), run.ctx.max_drop, stats["macs_ratio"]):
             stats["notice"] = notice
+            allocation_stats.setdefault("not_met", notice)   # why the target asked for was not reached
         return stats
 
 
@@ -1719,7 +1720,8 @@ def _why_not_met(run: PruneRun, units: Sequence[budget.Unit], alloc: budget.Allo
     one of the target CPU's channel units when counts move in them (a count below a unit costs a whole
     one there), or the rest of the model frozen."""
     if units and all(alloc.keep.get(u.key) == u.levels[-1] for u in units):
-        steps = sorted({v for k, v in run.units.items() if any(u.key == k for u in units)})
+        keys = {u.key for u in units}
+        steps = sorted({v for k, v in run.units.items() if k in keys})
         if not int(run.opt("multiple")) and steps and max(steps) > 1:
             cpu = targets.of(run.ctx).name
             return (f"every prunable group is down to one channel unit of {cpu} ({'/'.join(map(str, steps))} "
