@@ -226,6 +226,10 @@ def test_train_data_directory_is_streamed_shard_by_shard(tmp_path):
     assert result.stats["training_samples"] == 120 and "3 shards" in result.stats["data"]
     assert result.stats["steps"] == 30   # 16 epochs of 120 samples at batch 64
     assert result.changed
+    assert result.stats["augment"].startswith("none: no shifts or flips on --train-data")
+    ctx = PassContext(options={"finetune": dict(FT, steps=4, augment="on", holdout=0.0)}, data=_data(),
+                      original=from_proto(proto), train_data=tmp_path)
+    assert get_pass("finetune").run(model, ctx).stats["augment"].startswith("shifts up to 2 px")
 
 
 def test_augmentation_fits_the_input_kind():
@@ -238,6 +242,15 @@ def test_augmentation_fits_the_input_kind():
     assert not np.array_equal(out["x"], images.inputs["x"])
     assert sorted(out["x"][0].ravel()) != [] and set(np.unique(out["x"])) <= set(np.unique(images.inputs["x"]))
     assert augment_for(images, "off", 2, True).describe() == "none"
+    # a --train-data set: auto leaves it as it is and says how to augment it; on augments it
+    plain = augment_for(images, "auto", 2, True, training_set=True)
+    assert not plain.active() and plain.describe().startswith("none: ") and "augment=on" in plain.describe()
+    assert np.array_equal(plain(images.feed(0, 2), np.random.default_rng(0))["x"], images.inputs["x"])
+    forced = augment_for(images, "on", 2, True, training_set=True)
+    assert forced.active() and forced.describe().startswith("shifts up to 2 px and horizontal flips")
+    assert augment_for(images, "on", 2, True).describe() == aug.describe()
+    asked = augment_for(images, "auto", 2, True, mixup=1.0, training_set=True)   # an asked-for mixup stays
+    assert asked.describe().startswith("mixup") and asked.shift == 0 and not asked.flip
     flip_only = Augment(0, True, {"x": "nchw"})(images.feed(0, 2), np.random.default_rng(3))["x"]
     assert all(np.array_equal(f, o) or np.array_equal(f, o[..., ::-1])
                for f, o in zip(flip_only, images.inputs["x"]))

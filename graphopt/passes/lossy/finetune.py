@@ -14,8 +14,10 @@ pruned zeros stay zero, a shared weight trains its codebook, low-rank factors tr
 BatchNorm statistics, Clip bounds, Resize scales, shapes and integer tensors stay frozen.
 
 Data: the calibration samples (``--data``) minus the held-out fraction ``holdout``, or ``--train-data``
-(a ``.npz`` file or a directory of shards, streamed). Image inputs are augmented with shifts and flips
-(``augment``, ``shift``, ``flip``); other inputs are not. The run is deterministic for a seed.
+(a ``.npz`` file or a directory of shards, streamed). Image inputs among the calibration samples are
+augmented with shifts and flips (``augment``, ``shift``, ``flip``; a ``--train-data`` set only with
+``augment=on``: :mod:`graphopt.compress.distill.data` says why); other inputs never are. The run is
+deterministic for a seed.
 
 The gates (each leaves the model unchanged and says why in ``skipped``)
 -----------------------------------------------------------------------
@@ -87,8 +89,10 @@ class Finetune(Pass):
                               "variance)", str, ("mse", "cosine")),
         "match": Option("", "intermediate tensors to match too (names in both models, comma-separated)", str),
         "match_weight": Option(1.0, "weight of each matched tensor's loss", float, low=0),
-        "augment": Option("auto", "auto: shifts and flips for image inputs, nothing for others; off: none", str,
-                          ("auto", "off")),
+        "augment": Option("auto", "shifts and flips for image inputs (never others); auto: for the calibration "
+                                  "samples, not for --train-data (a training set is many samples of what the model "
+                                  "meets; BENCHMARKS, issue 17); on: for either; off: none", str,
+                          ("auto", "on", "off")),
         "shift": Option(2, "augment: largest shift in pixels", int, low=0),
         "flip": Option(True, "augment: random horizontal flips", bool),
         "mixup": Option(0.0, "augment: mix image pairs with weights from Beta(mixup, mixup) (0: off); the teacher "
@@ -164,7 +168,8 @@ def _train(model: Model, ctx: PassContext, opt) -> PassResult:
     fit_data, held = _split(ctx.data, opt("holdout"), ctx.train_data is not None)
     source = sources.Source(model, path=ctx.train_data) if ctx.train_data is not None else \
         sources.Source(model, sample=fit_data)
-    augment = sources.augment_for(source.first(), opt("augment"), opt("shift"), opt("flip"), opt("mixup"))
+    augment = sources.augment_for(source.first(), opt("augment"), opt("shift"), opt("flip"), opt("mixup"),
+                                  training_set=ctx.train_data is not None)
     # a model with a static batch dim takes exactly that many samples per run
     batch_size = feed_batch_size(model, opt("batch_size"), source.first())
     steps = opt("steps")
