@@ -21,14 +21,14 @@ on the zoo at 0.35 of the MACs augmentation gained mobilenetv2 0.24 point, and v
 refused by the held-out gate. A training set is many samples of what the model will meet (60,000
 Fashion-MNIST images, 5-6 epochs): the pruned student has no memorising to prevent (its training loss
 equals its held-out loss) and is short of capacity, which shifted and flipped views spend on inputs
-the deployment does not see: mobilenetv2 at 0.35 ended 0.31-0.43 point closer to its teacher without
-them (BENCHMARKS, issue 17, sixth round).
+the deployment does not see: mobilenetv2 at 0.35 ended 0.31-0.44 point closer to its teacher without
+them and resnet 0.31 (the same recipe and seeds; BENCHMARKS, issue 17, sixth round).
 
-An augmented input is a float input of rank 4 whose array looks like images (channels 1, 3 or 4 on axis 1 for NCHW, on
-axis 3 for NHWC, both spatial dims ≥ 8) gets, per sample, a random shift of up to ``shift`` pixels in
-each direction (edge-replicated, so a background stays background) and, with ``flip``, a horizontal
-flip with probability ½. Every other input (token ids and other integer inputs, masks, audio, states)
-is fed as it is: a shifted sentence or a flipped state is not a plausible input.
+Augmented, a float input of rank 4 whose array looks like images (channels 1, 3 or 4 on axis 1 for
+NCHW, on axis 3 for NHWC, both spatial dims ≥ 8) gets, per sample, a random shift of up to ``shift``
+pixels in each direction (edge-replicated, so a background stays background) and, with ``flip``, a
+horizontal flip with probability ½. Every other input (token ids and other integer inputs, masks,
+audio, states) is fed as it is: a shifted sentence or a flipped state is not a plausible input.
 """
 
 from __future__ import annotations
