@@ -25,6 +25,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
@@ -48,7 +49,8 @@ def charged_ratio(original, pruned, target: targets.Target) -> float | None:
     return after / before if before and after else None
 
 
-def row(name: str, spec: str, target_macs: float, runs: int, rounds: int, options: list[str] = ()) -> list[str]:
+def row(name: str, spec: str, target_macs: float, runs: int, rounds: int,
+        options: Sequence[str] = ()) -> list[str]:
     target = targets.resolve(spec)
     original = load(MODELS / f"{name}.onnx")
     calib = load_data(MODELS / "fmnist_calib.npz", original)

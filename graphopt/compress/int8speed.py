@@ -285,6 +285,13 @@ class Decision:
         self.exclude.add(name)
         self.forced.pop(name, None)
 
+    def all_float(self, layers: Iterable[str], others: set[str], why: str) -> None:
+        """Nothing quantized: every one of ``layers`` left float for ``why``, and the ``others`` (the
+        model's nodes that are not priced layers) excluded with them."""
+        for name in layers:
+            self.leave(name, why)
+        self.exclude |= others
+
     def force(self, name: str, why: str) -> None:
         self.slower.pop(name, None)
         self.exclude.discard(name)
@@ -361,9 +368,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
     if slow_pools:
         why = (f"onnxruntime would run {', '.join(slow_pools)} on 8-bit tensors in NCHW (its generic pooling, "
                f"not priced, many times slower than the NHWC one) and no float layer left feeds it; left float")
-        for p in quantized:
-            decision.leave(p.name, why)
-        decision.exclude |= names - set(prices)
+        decision.all_float((p.name for p in quantized), names - set(prices), why)
         quantized = []
     gain = sum(p.gain for p in quantized)
     total, _ = lat.model_time(model, latency, batch=batch, table=table)
@@ -372,9 +377,7 @@ def keep_faster(model: Model, layers: list[Node], build: Build, float_proto: onn
         why = (f"the whole model is priced no faster as int8 on {target} (kernels save {us(gain)} us, "
                f"conversions add {us(conv_q - conv_f)} us and the other ops {us(other_q - other_f)} us); "
                "left float")
-        for p in quantized:
-            decision.leave(p.name, why)
-        decision.exclude |= names - set(prices)
+        decision.all_float((p.name for p in quantized), names - set(prices), why)
         quantized, delta = [], 0.0
     decision.stats = {
         "batch": batch, "priced_by": ("the profile's int8 kernels" if latency.has_int8 else
